@@ -1,0 +1,50 @@
+"""gpuexec: a CUDA-aware multi-process worker executor.
+
+    from gpuexec import Executor, Worker
+
+    class MyWorker(Worker):
+        def forward(self, x):
+            return x * self.rank
+
+    with Executor(MyWorker, world_size=2, device="cpu") as ex:
+        print(ex.collective_rpc("forward", args=(3,)))   # [0, 3]
+"""
+
+from . import errors
+from .errors import (
+    ConfigError,
+    CudaDriverError,
+    ExecutorClosedError,
+    GpuexecError,
+    ProtocolError,
+    RemoteError,
+    RpcTimeoutError,
+    StartMethodError,
+    WorkerDiedError,
+    WorkerStartupError,
+)
+from .executor import Executor, WorkerInfo
+from .ipc.reports import ContextAction, DeviceReport
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "ContextAction",
+    "CudaDriverError",
+    "DeviceReport",
+    "Executor",
+    "ExecutorClosedError",
+    "GpuexecError",
+    "ProtocolError",
+    "RemoteError",
+    "RpcTimeoutError",
+    "StartMethodError",
+    "Worker",
+    "WorkerDiedError",
+    "WorkerInfo",
+    "WorkerStartupError",
+    "__version__",
+    "errors",
+]

@@ -1,0 +1,387 @@
+"""Driver side of the wire: sending calls, pumping replies, noticing dead workers.
+
+::
+
+    caller threads ──encode once──▶ [send lock] ROUTER "req" ──▶ worker DEALERs
+                                                                    │
+    pending table  ◀──dispatch by call id── [pump lock] PULL "rep" ◀─┘
+      │  (call id → PendingCall: ranks still owed, results, Future)
+      └─▶ blocking caller returns / Future completes
+
+Who reads the reply socket: whoever holds the *pump lock*. A blocking
+``collective_rpc`` takes it and pumps replies itself, so the common path has no
+thread hand-off (a hand-off costs tens of microseconds on a busy host). When it
+cannot take the lock it waits on its call's event, completed by the pumping
+thread. The monitor thread pumps only while ``non_block`` futures are
+outstanding and nobody else is pumping, and otherwise sleeps in ``poll`` on the
+process sentinels, so a worker's death is seen at once (no periodic polling) even
+when nobody is waiting. Pollers of both kinds also watch the sentinels, so a
+pumping caller sees a death itself. Late replies (after a timeout or an abandoned
+wait) find no pending call and are dropped and counted.
+
+Fields and the threads that may touch them:
+
+* ``_req``: any thread, under ``_send_lock``.
+* ``_rep``, ``_pump_poller``, ``_decoder``: the thread holding ``_pump_lock``.
+* ``_pending``, ``_n_async``, ``_failure``, ``_closing``: any thread, under ``_lock``.
+* ``_idle_poller``, ``_wake_r``: the monitor thread only.
+* ``stats``: written by the pumping thread, read by anyone (ints, best effort).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from ..errors import ExecutorClosedError, RemoteError, RpcTimeoutError, WorkerDiedError
+from ..ipc.codec import Decoder, Encoder, MalformedMessage
+from ..ipc.messages import Call, Failure, Ping, Reply, Shutdown, ToDriver
+from .launcher import WorkerHandle
+
+log = logging.getLogger("gpuexec")
+
+_WAIT_SLICE_S = 0.002     # a non-pumping waiter re-checks for the pump lock this often
+_MONITOR_PUMP_MS = 5      # the monitor releases the pump lock at least this often
+
+
+@dataclass
+class ChannelStats:
+    calls: int = 0
+    late_replies: int = 0        # replies to calls that timed out or were abandoned
+    malformed: int = 0           # frames that did not decode as a Reply
+
+
+class PendingCall:
+    """One call in flight: which ranks still owe a reply, and what came back."""
+
+    __slots__ = ("call_id", "method", "ranks", "unique_reply_rank", "deadline", "timeout",
+                 "future", "event", "owed", "values", "failures", "done", "value", "error")
+
+    def __init__(self, call_id: int, method: str, ranks: Sequence[int],
+                 unique_reply_rank: int | None, timeout: float | None,
+                 future: Future[Any] | None) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.ranks = ranks
+        self.unique_reply_rank = unique_reply_rank
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.future = future
+        self.event = threading.Event()
+        self.owed = set(ranks)
+        self.values: dict[int, Any] = {}
+        self.failures: dict[int, Failure] = {}
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class DriverChannel:
+    """Sends calls to workers and collects replies; see the module docstring."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], req: zmq.Socket[bytes],
+                 rep: zmq.Socket[bytes], handles: Sequence[WorkerHandle]) -> None:
+        self._ctx = ctx
+        self._req = req
+        self._rep = rep
+        self._handles = handles
+        self._identities = [b"r%d" % h.rank for h in handles]
+        self._encoder = Encoder(allow_pickle=True)
+        self._decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pump_lock = threading.Lock()
+        self._pending: dict[int, PendingCall] = {}
+        self._n_async = 0
+        self._failure: tuple[int, int | None, int | None, str] | None = None
+        self._closing = False
+        self._failure_callbacks: list[Callable[[], None]] = []
+        self.stats = ChannelStats()
+        self._closing_r, self._closing_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sentinels = {h.sentinel: h.rank for h in handles}
+        self._pump_poller = zmq.Poller()
+        self._pump_poller.register(rep, zmq.POLLIN)
+        self._idle_poller = zmq.Poller()
+        self._idle_poller.register(self._wake_r, zmq.POLLIN)
+        for poller in (self._pump_poller, self._idle_poller):
+            poller.register(self._closing_r, zmq.POLLIN)
+            for fd in self._sentinels:
+                poller.register(fd, zmq.POLLIN)
+        self._monitor = threading.Thread(target=self._monitor_loop, name="gpuexec-monitor",
+                                         daemon=True)
+
+    # -- state ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._monitor.start()
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def add_failure_callback(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._failure is None:
+                self._failure_callbacks.append(fn)
+                return
+        fn()
+
+    def _died_error(self) -> WorkerDiedError:
+        """A fresh error for the recorded death (raising one instance twice would chain
+        its tracebacks)."""
+        rank, pid, exitcode, stderr_tail = self._failure or (-1, None, None, "")
+        return WorkerDiedError(rank, pid, exitcode, stderr_tail)
+
+    def check_usable(self) -> None:
+        if self._closing:
+            raise ExecutorClosedError("the executor is shut down")
+        if self._failure is not None:
+            raise self._died_error()
+
+    def _worker_exited(self, rank: int) -> None:
+        """A sentinel fired: record the death and fail every pending call."""
+        handle = self._handles[rank]
+        exitcode = handle.reap(timeout=0.5)
+        with self._lock:
+            if self._closing or self._failure is not None:
+                return
+            self._failure = (rank, handle.pid, exitcode, "")
+            pending = list(self._pending.values())
+            callbacks, self._failure_callbacks = self._failure_callbacks, []
+        for call in pending:
+            self._finish(call, error=self._died_error())
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:
+                log.exception("gpuexec: a failure callback raised")
+
+    # -- sending -------------------------------------------------------------------
+
+    def submit(self, method: str, fn_blob: bytes | None, args: list[Any],
+               kwargs: dict[str, Any], ranks: Sequence[int], unique_reply_rank: int | None,
+               timeout: float | None, non_block: bool) -> PendingCall:
+        self.check_usable()
+        call_id = next(self._ids)
+        future: Future[Any] | None = Future() if non_block else None
+        call = PendingCall(call_id, method, ranks, unique_reply_rank, timeout, future)
+        frames = self._encoder.encode(Call(call_id, method, fn_blob, args, kwargs))
+        if unique_reply_rank is not None and len(ranks) > 1:
+            quiet = self._encoder.encode(Call(call_id, method, fn_blob, args, kwargs, False))
+        else:
+            quiet = frames
+        with self._lock:
+            self._pending[call_id] = call
+            if non_block:
+                self._n_async += 1
+        self.stats.calls += 1
+        self._send(ranks, frames, quiet, unique_reply_rank)
+        if non_block:
+            self._poke()
+        return call
+
+    def _send(self, ranks: Sequence[int], frames: list[Any], quiet: list[Any],
+              unique_reply_rank: int | None) -> None:
+        with self._send_lock:
+            for rank in ranks:
+                out = frames if unique_reply_rank is None or rank == unique_reply_rank else quiet
+                try:
+                    self._req.send_multipart([self._identities[rank], *out], copy=False)
+                except zmq.ZMQError as e:
+                    if e.errno != zmq.EHOSTUNREACH:
+                        raise
+                    # The worker's socket is gone: it is dying. Let its sentinel say how.
+                    self._handles[rank].reap(timeout=1.0)
+                    self._worker_exited(rank)
+                    self.check_usable()
+                    raise
+
+    def ping(self, timeout: float) -> PendingCall:
+        self.check_usable()
+        call = PendingCall(next(self._ids), "check_health", list(range(len(self._handles))),
+                           None, timeout, None)
+        with self._lock:
+            self._pending[call.call_id] = call
+        frames = self._encoder.encode(Ping(call.call_id))
+        self._send(call.ranks, frames, frames, None)
+        return call
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _pump(self, poller: zmq.Poller, timeout_ms: int | None) -> None:
+        """Wait up to ``timeout_ms`` for replies or deaths; caller holds the pump lock."""
+        for sock, _ in poller.poll(timeout_ms):
+            if sock is self._rep:
+                while True:
+                    try:
+                        frames = self._rep.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._dispatch(frames)
+            elif sock in self._sentinels:
+                poller.unregister(sock)
+                self._worker_exited(self._sentinels[sock])
+
+    def _dispatch(self, frames: list[Any]) -> None:
+        try:
+            reply: Reply = self._decoder.decode(frames)
+        except MalformedMessage as e:
+            self.stats.malformed += 1
+            if self.stats.malformed == 1:
+                log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
+            return
+        with self._lock:
+            call = self._pending.get(reply.call_id)
+            if call is None or reply.rank not in call.owed:
+                self.stats.late_replies += 1
+                return
+            call.owed.discard(reply.rank)
+            if reply.error is not None:
+                call.failures[reply.rank] = reply.error
+            else:
+                call.values[reply.rank] = reply.value
+            complete = not call.owed
+        if complete:
+            self._finish(call)
+
+    def _finish(self, call: PendingCall, error: BaseException | None = None) -> None:
+        """Complete ``call`` once, with its results or ``error``."""
+        with self._lock:
+            if call.done:
+                return
+            call.done = True
+            self._pending.pop(call.call_id, None)
+            if call.future is not None:
+                self._n_async -= 1
+        if error is None and call.failures:
+            rank = min(call.failures)
+            f = call.failures[rank]
+            others = len(call.failures) - 1
+            message = f.message + (f" (and {others} more rank(s) failed)" if others else "")
+            error = RemoteError(rank, f.type_name, message, f.traceback, call.method)
+        if error is not None:
+            call.error = error
+        elif call.unique_reply_rank is not None:
+            call.value = call.values[call.unique_reply_rank]
+        else:
+            call.value = [call.values[r] for r in call.ranks]
+        call.event.set()
+        if call.future is not None:
+            if error is not None:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(call.value)
+
+    def _expire(self, call: PendingCall) -> None:
+        missing = sorted(call.owed)
+        self._finish(call, RpcTimeoutError(call.method, call.timeout or 0.0, missing))
+
+    def wait(self, call: PendingCall) -> Any:
+        """Block until ``call`` completes, pumping replies when nobody else does."""
+        try:
+            while not call.done:
+                if call.deadline is not None:
+                    remaining = call.deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._expire(call)
+                        break
+                else:
+                    remaining = 1.0
+                if self._pump_lock.acquire(blocking=False):
+                    try:
+                        if not call.done:
+                            self._pump(self._pump_poller, max(1, int(remaining * 1000 + 0.999)))
+                    finally:
+                        self._pump_lock.release()
+                else:
+                    call.event.wait(min(remaining, _WAIT_SLICE_S))
+        finally:
+            if not call.done:  # KeyboardInterrupt or another exception while waiting
+                self._finish(call, ExecutorClosedError("the wait for this call was interrupted"))
+        return call.outcome()
+
+    # -- monitor thread ------------------------------------------------------------
+
+    def _monitor_loop(self) -> None:
+        while not self._closing:
+            if self._n_async and self._pump_lock.acquire(blocking=False):
+                try:
+                    self._pump(self._pump_poller, _MONITOR_PUMP_MS)
+                finally:
+                    self._pump_lock.release()
+            else:
+                events = self._idle_poller.poll(_MONITOR_PUMP_MS if self._n_async else None)
+                for fd, _ in events:
+                    if fd == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    elif fd in self._sentinels:
+                        self._idle_poller.unregister(fd)
+                        self._worker_exited(self._sentinels[fd])
+            if self._n_async:
+                now = time.monotonic()
+                with self._lock:
+                    expired = [c for c in self._pending.values() if c.future is not None
+                               and c.deadline is not None and c.deadline <= now]
+                for call in expired:
+                    self._expire(call)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def begin_close(self) -> None:
+        """Refuse new calls, fail pending ones, tell the workers to exit."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            pending = list(self._pending.values())
+        os.write(self._closing_w, b"!")
+        for call in pending:
+            self._finish(call, ExecutorClosedError("the executor was shut down during the call"))
+        if self._failure is None:
+            frames = self._encoder.encode(Shutdown())
+            with self._send_lock:
+                for rank, identity in enumerate(self._identities):
+                    if self._handles[rank].exitcode is None:
+                        try:
+                            self._req.send_multipart([identity, *frames], zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
+
+    def close(self) -> None:
+        """Stop the monitor and close the sockets (after the workers are gone)."""
+        if self._monitor.is_alive() and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=5.0)
+        with self._pump_lock, self._send_lock:
+            self._req.close(linger=0)
+            self._rep.close(linger=0)
+            self._ctx.term()
+        for fd in (self._closing_r, self._closing_w, self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,191 @@
+"""The executor's typed configuration, validated before any process starts.
+
+Every argument of :class:`~gpuexec.Executor` lands here; a bad one raises
+:class:`~gpuexec.errors.ConfigError` (a ``ValueError``) and nothing is left to clean up.
+Environment variables are read only here, only when an executor is built, and only as
+documented overrides: ``GPUEXEC_START_METHOD`` (for ``start_method="auto"``) and
+``CUDA_VISIBLE_DEVICES`` (which GPUs exist for us).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from ..errors import ConfigError
+from ..worker.base import Worker
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, without initialising CUDA.
+
+    NVML (pynvml) when installed, else the NVIDIA driver's ``/proc`` entries; then
+    narrowed by ``CUDA_VISIBLE_DEVICES`` (an empty value or ``-1`` hides every GPU).
+    """
+    total = 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            total = int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        total = len(glob.glob("/proc/driver/nvidia/gpus/*"))
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return total
+    count = 0
+    for entry in env.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break  # CUDA stops at the first invalid entry
+        count += 1
+    return min(count, total)
+
+
+@dataclass(frozen=True)
+class WorkerClassRef:
+    """How the worker class reaches the worker: by import path, or by value."""
+
+    path: str            # "module:QualName", or "" when sent by value
+    pickled: bytes = b""
+    name: str = ""
+
+
+def _worker_class_ref(worker_cls: type[Worker] | str) -> WorkerClassRef:
+    if isinstance(worker_cls, str):
+        module, sep, qualname = worker_cls.partition(":")
+        if not sep or not module or not qualname:
+            raise ConfigError(f"worker_cls {worker_cls!r} must look like 'package.module:Class'")
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"worker_cls {worker_cls!r}: cannot import {module!r}: {e}") from e
+        if found is None:
+            raise ConfigError(f"worker_cls {worker_cls!r}: no module named {module!r}")
+        loaded = sys.modules.get(module)
+        if loaded is not None:  # already imported here: check the class too, for free
+            obj: Any = loaded
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
+            if not (isinstance(obj, type) and issubclass(obj, Worker)):
+                raise ConfigError(f"worker_cls {worker_cls!r} is not a gpuexec.Worker subclass")
+        return WorkerClassRef(worker_cls, name=qualname)
+    if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
+        raise ConfigError(
+            f"worker_cls must be a gpuexec.Worker subclass or a 'module:Class' string, "
+            f"not {worker_cls!r}")
+    module = worker_cls.__module__
+    if module == "__main__" or "<locals>" in worker_cls.__qualname__:
+        try:
+            blob = cloudpickle.dumps(worker_cls)
+        except Exception as e:
+            raise ConfigError(f"worker_cls {worker_cls.__qualname__} cannot be pickled: {e}") \
+                from e
+        return WorkerClassRef("", blob, worker_cls.__qualname__)
+    return WorkerClassRef(f"{module}:{worker_cls.__qualname__}", name=worker_cls.__qualname__)
+
+
+def _positive(name: str, value: float | None, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Validated settings; see :class:`~gpuexec.Executor` for their meaning."""
+
+    worker: WorkerClassRef
+    world_size: int
+    device: str                        # resolved: "cuda" or "cpu"
+    start_method: str                  # as requested ("auto" or a method)
+    init_args_pickle: bytes
+    env: dict[str, str]
+    isolate_devices: bool
+    release_stale_contexts: bool
+    ready_timeout: float
+    rpc_timeout: float | None
+    shutdown_timeout: float
+    gpus: tuple[int, ...] = field(default=())  # per rank; empty on CPU
+
+    @classmethod
+    def build(
+        cls,
+        worker_cls: type[Worker] | str,
+        world_size: int | None,
+        *,
+        device: str,
+        start_method: str,
+        worker_args: Sequence[Any],
+        worker_kwargs: Mapping[str, Any] | None,
+        env: Mapping[str, str] | None,
+        isolate_devices: bool,
+        release_stale_contexts: bool,
+        distributed_backend: str | None,
+        ready_timeout: float,
+        rpc_timeout: float | None,
+        shutdown_timeout: float,
+    ) -> ExecutorConfig:
+        if device not in DEVICES:
+            raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+        if not isinstance(start_method, str):
+            raise ConfigError(f"start_method must be a string, not {start_method!r}")
+        if distributed_backend is not None:
+            raise ConfigError(
+                f"distributed_backend={distributed_backend!r} is not supported by this version "
+                "of gpuexec; initialise torch.distributed in your worker's __init__")
+        if world_size is not None and (
+                not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1):
+            raise ConfigError(f"world_size must be an integer >= 1, not {world_size!r}")
+        gpus = visible_gpu_count() if device in ("auto", "cuda") else 0
+        resolved = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
+        if resolved == "cuda":
+            if gpus == 0:
+                raise ConfigError("device='cuda' but no CUDA device is visible "
+                                  "(check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+            size = world_size if world_size is not None else gpus
+            if size > gpus:
+                raise ConfigError(f"world_size={size} needs {size} GPUs but {gpus} are visible")
+        else:
+            size = world_size if world_size is not None else 1
+        if not isinstance(worker_args, (tuple, list)):
+            raise ConfigError(f"worker_args must be a tuple or list, not {type(worker_args)}")
+        if worker_kwargs is not None and not isinstance(worker_kwargs, Mapping):
+            raise ConfigError(f"worker_kwargs must be a mapping, not {type(worker_kwargs)}")
+        env_dict = dict(env or {})
+        for k, v in env_dict.items():
+            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
+                raise ConfigError(f"env entries must be str -> str, got {k!r}: {v!r}")
+        ref = _worker_class_ref(worker_cls)
+        try:
+            init_args = cloudpickle.dumps((tuple(worker_args), dict(worker_kwargs or {})))
+        except Exception as e:
+            raise ConfigError(f"worker_args/worker_kwargs cannot be pickled: {e}") from e
+        return cls(
+            worker=ref,
+            world_size=size,
+            device=resolved,
+            start_method=start_method,
+            init_args_pickle=init_args,
+            env=env_dict,
+            isolate_devices=bool(isolate_devices),
+            release_stale_contexts=bool(release_stale_contexts),
+            ready_timeout=_positive("ready_timeout", ready_timeout) or 0.0,
+            rpc_timeout=_positive("rpc_timeout", rpc_timeout, allow_none=True),
+            shutdown_timeout=_positive("shutdown_timeout", shutdown_timeout) or 0.0,
+            gpus=tuple(range(size)) if resolved == "cuda" else (),
+        )

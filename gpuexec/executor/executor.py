@@ -1,0 +1,345 @@
+"""The :class:`Executor`: one worker process per GPU (or CPU slot), called all at once.
+
+Data flow::
+
+    user thread(s)                         driver process                 workers
+    ─────────────                          ──────────────                 ───────
+    collective_rpc(m, args) ─▶ Call ─encode once─▶ ROUTER "req" ─────▶ DEALER, rank r
+          ▲                                                               │ run m
+          │ results in rank order         pending table ◀── PULL "rep" ◀─┘ Reply(call id, r)
+          └──────────── pumped by the caller itself (or by the monitor for futures)
+
+    monitor thread: sleeps in poll() on the process sentinels (+ the reply socket while
+    non_block futures are outstanding); a worker's exit fails every pending call at once.
+
+* The **constructor** validates every argument (:mod:`.config`), resolves the start
+  method (:mod:`.start_method`), binds the sockets in a private 0700 directory, starts
+  the workers (:mod:`.launcher`) and waits for each one's ``Ready`` (which carries its
+  device report) within ``ready_timeout``; on any failure it stops them all and raises.
+* **Calls** (:mod:`.channel`) are encoded once and routed to the target ranks; the
+  replies are matched by call id, so a timed-out call's late replies are dropped and
+  the executor stays usable.
+* **Shutdown** is idempotent and runs from ``shutdown()``, ``__exit__``, garbage
+  collection and interpreter exit: a Shutdown message, a grace period, SIGTERM, then
+  SIGKILL; then the sockets and the ipc directory go.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Literal, overload
+
+import cloudpickle
+import msgspec
+import zmq
+
+from ..ipc.endpoints import EndpointDir
+from ..ipc.messages import WorkerSpec
+from ..ipc.reports import DeviceReport
+from ..worker.base import Worker
+from .channel import ChannelStats, DriverChannel
+from .config import ExecutorConfig
+from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
+from .start_method import check_not_bootstrapping, resolve_start_method
+
+log = logging.getLogger("gpuexec")
+
+DEFAULT_READY_TIMEOUT = 300.0
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """Where one worker runs."""
+
+    rank: int
+    local_rank: int
+    pid: int
+    device: str          # the device string valid inside the worker ("cuda:0", "cpu")
+    gpu: int | None      # the driver's CUDA ordinal for this worker, None on CPU
+
+
+_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for ex in list(_live):
+        ex.shutdown()
+
+
+class Executor:
+    """Runs one worker process per rank and calls methods on all of them at once.
+
+    ``Executor(worker_cls=Worker, world_size=None, *, device="auto",
+    start_method="auto", worker_args=(), worker_kwargs=None, env=None,
+    isolate_devices=False, release_stale_contexts=True, distributed_backend=None,
+    ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0)``
+
+    * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
+      (imported only in the workers, after their device is set).
+    * ``world_size``: number of workers; default: one per visible GPU, else 1.
+    * ``device``: ``"auto"`` (CUDA when a GPU is visible), ``"cuda"`` or ``"cpu"``.
+    * ``start_method``: ``"auto"``, ``"fork"``, ``"spawn"`` or ``"forkserver"``;
+      ``GPUEXEC_START_METHOD`` overrides ``"auto"``. See :mod:`.start_method`.
+    * ``worker_args`` / ``worker_kwargs``: passed to the worker class's ``__init__``.
+    * ``env``: extra environment variables for every worker (``RANK``,
+      ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` are always set).
+    * ``isolate_devices``: give each worker only its own GPU in
+      ``CUDA_VISIBLE_DEVICES``; default keeps all visible (CUDA IPC needs peers).
+    * ``release_stale_contexts``: release CUDA primary contexts a worker holds on GPUs
+      other than its own (see :mod:`gpuexec.worker.device`).
+    * ``ready_timeout``: seconds for every worker to start; ``rpc_timeout``: default
+      per-call deadline (None: no deadline, liveness is still watched);
+      ``shutdown_timeout``: grace period before workers are terminated.
+
+    Raises :class:`~gpuexec.errors.ConfigError` for bad arguments before any process
+    starts, :class:`~gpuexec.errors.StartMethodError` when the start method cannot
+    work here, :class:`~gpuexec.errors.WorkerStartupError` when a worker fails to start.
+    """
+
+    def __init__(
+        self,
+        worker_cls: type[Worker] | str = Worker,
+        world_size: int | None = None,
+        *,
+        device: str = "auto",
+        start_method: str = "auto",
+        worker_args: Sequence[Any] = (),
+        worker_kwargs: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        isolate_devices: bool = False,
+        release_stale_contexts: bool = True,
+        distributed_backend: str | None = None,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        rpc_timeout: float | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    ) -> None:
+        self._closed = True  # until fully started: shutdown() is then a no-op
+        self._shutdown_lock = threading.Lock()
+        check_not_bootstrapping()
+        self._config = ExecutorConfig.build(
+            worker_cls, world_size, device=device, start_method=start_method,
+            worker_args=worker_args, worker_kwargs=worker_kwargs, env=env,
+            isolate_devices=isolate_devices, release_stale_contexts=release_stale_contexts,
+            distributed_backend=distributed_backend, ready_timeout=ready_timeout,
+            rpc_timeout=rpc_timeout, shutdown_timeout=shutdown_timeout)
+        self._start_method, self._start_method_reason = resolve_start_method(start_method)
+        cfg = self._config
+        endpoints = EndpointDir()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        handles: list[WorkerHandle] = []
+        try:
+            req = ctx.socket(zmq.ROUTER)
+            req.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            req.setsockopt(zmq.SNDHWM, 0)
+            req.setsockopt(zmq.LINGER, 0)
+            req.bind(endpoints.endpoint("req"))
+            rep = ctx.socket(zmq.PULL)
+            rep.setsockopt(zmq.RCVHWM, 0)
+            rep.setsockopt(zmq.LINGER, 0)
+            rep.bind(endpoints.endpoint("rep"))
+            specs = [msgspec.msgpack.encode(self._spec(rank, endpoints))
+                     for rank in range(cfg.world_size)]
+            handles = start_workers(self._start_method, specs)
+            wait_ready(handles, req, self._start_method, cfg.ready_timeout)
+        except BaseException:
+            stop_workers(handles, grace=0.0, term_grace=1.0)
+            ctx.destroy(linger=0)
+            endpoints.close()
+            raise
+        self._endpoints = endpoints
+        self._handles = handles
+        self._channel = DriverChannel(ctx, req, rep, handles)
+        self._channel.start()
+        self._closed = False
+        _live.add(self)
+
+    def _spec(self, rank: int, endpoints: EndpointDir) -> WorkerSpec:
+        cfg = self._config
+        return WorkerSpec(
+            rank=rank, local_rank=rank, world_size=cfg.world_size,
+            local_world_size=cfg.world_size, device=cfg.device,
+            gpu=cfg.gpus[rank] if cfg.gpus else None,
+            isolate_devices=cfg.isolate_devices,
+            release_stale_contexts=cfg.release_stale_contexts,
+            driver_pid=os.getpid(), driver_is_parent=self._start_method != "forkserver",
+            req_endpoint=endpoints.endpoint("req"), rep_endpoint=endpoints.endpoint("rep"),
+            worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
+            init_args_pickle=cfg.init_args_pickle, env=cfg.env)
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return self._config.world_size
+
+    @property
+    def start_method(self) -> str:
+        """The resolved start method (never ``"auto"``)."""
+        return self._start_method
+
+    @property
+    def start_method_reason(self) -> str:
+        """Why :attr:`start_method` was chosen, in one line."""
+        return self._start_method_reason
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo(h.rank, h.rank, h.pid, h.device,
+                           self._config.gpus[h.rank] if self._config.gpus else None)
+                for h in self._handles]
+
+    @property
+    def device_reports(self) -> list[DeviceReport]:
+        """What each worker's ``init_device()`` found and did, in rank order."""
+        return [h.report or DeviceReport(rank=h.rank, device=h.device, ordinal=None)
+                for h in self._handles]
+
+    @property
+    def is_failed(self) -> bool:
+        """True once a worker died; every call then raises ``WorkerDiedError``."""
+        return self._channel.failed
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> ChannelStats:
+        """Counters: calls made, late replies dropped, malformed frames dropped."""
+        return dataclasses.replace(self._channel.stats)
+
+    def register_failure_callback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` once when a worker dies (at once if one already has).
+
+        It runs on the thread that noticed the death (usually the monitor thread):
+        keep it short and do not call back into this executor from it.
+        """
+        self._channel.add_failure_callback(fn)
+
+    # -- calls ---------------------------------------------------------------------
+
+    @overload
+    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+                       ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...,
+                       non_block: Literal[False] = ...) -> list[Any]: ...
+
+    @overload
+    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+                       ranks: Sequence[int] | None = ..., unique_reply_rank: int,
+                       non_block: Literal[False] = ...) -> Any: ...
+
+    @overload
+    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+                       ranks: Sequence[int] | None = ..., unique_reply_rank: int | None = ...,
+                       non_block: Literal[True]) -> Future[Any]: ...
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        ranks: Sequence[int] | None = None,
+        unique_reply_rank: int | None = None,
+        non_block: bool = False,
+    ) -> Any:
+        """Call ``method`` on every worker (or on ``ranks``) and gather the results.
+
+        ``method`` is a method name of the worker class, or a callable run in each
+        worker as ``method(worker, *args, **kwargs)`` (sent with cloudpickle over the
+        private channel). Returns the results in the order of ``ranks`` (default: all
+        ranks in rank order); with ``unique_reply_rank`` only that rank's result (every
+        targeted rank still runs the call and reports errors); with ``non_block=True``
+        a :class:`concurrent.futures.Future` of the same. Do not modify array arguments
+        of a ``non_block`` call before its future is done: they are sent without a copy.
+
+        Raises :class:`~gpuexec.errors.RemoteError` when the method raised in a worker
+        (the lowest failing rank; the workers stay usable), ``RpcTimeoutError`` when
+        ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
+        died, ``ExecutorClosedError`` after shutdown.
+        """
+        if isinstance(method, str):
+            name, blob = method, None
+            if not method:
+                raise ValueError("method name must not be empty")
+        elif callable(method):
+            name = getattr(method, "__qualname__", None) or repr(method)
+            blob = cloudpickle.dumps(method)
+        else:
+            raise TypeError(f"method must be a name or a callable, not {type(method).__name__}")
+        target = self._ranks(ranks)
+        if unique_reply_rank is not None and unique_reply_rank not in target:
+            raise ValueError(f"unique_reply_rank={unique_reply_rank} is not among ranks {target}")
+        if timeout is None:
+            timeout = self._config.rpc_timeout
+        elif not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        call = self._channel.submit(name, blob, list(args), dict(kwargs or {}), target,
+                                    unique_reply_rank, timeout, non_block)
+        if non_block:
+            assert call.future is not None  # noqa: S101 - set by submit for non_block
+            return call.future
+        return self._channel.wait(call)
+
+    def _ranks(self, ranks: Sequence[int] | None) -> list[int]:
+        if ranks is None:
+            return list(range(self.world_size))
+        out = list(ranks)
+        for r in out:
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.world_size:
+                raise ValueError(f"rank {r!r} is out of range for world_size {self.world_size}")
+        if len(set(out)) != len(out) or not out:
+            raise ValueError(f"ranks must be distinct and non-empty, not {out}")
+        return out
+
+    def check_health(self, timeout: float = 10.0) -> None:
+        """Ping every worker; raise ``RpcTimeoutError`` naming the ranks that did not
+        answer within ``timeout``, or ``WorkerDiedError`` if one is gone."""
+        self._channel.wait(self._channel.ping(timeout))
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop every worker and free every resource; idempotent and thread-safe.
+
+        Sends a Shutdown message and waits ``timeout`` (default ``shutdown_timeout``)
+        seconds, then SIGTERM, then SIGKILL. Pending calls fail with
+        ``ExecutorClosedError``; so does every later call.
+        """
+        with self._shutdown_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _live.discard(self)
+        grace = self._config.shutdown_timeout if timeout is None else timeout
+        self._channel.begin_close()
+        stop_workers(self._handles, grace=grace)
+        self._channel.close()
+        self._endpoints.close()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        if not self._closed:
+            self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "failed" if self.is_failed else "running"
+        return (f"<Executor world_size={self.world_size} device={self._config.device} "
+                f"start_method={self._start_method} {state}>")
+

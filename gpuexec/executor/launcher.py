@@ -1,0 +1,170 @@
+"""Starting worker processes, waiting for their handshake, and stopping them.
+
+Start-up handshake (the constructor's thread, before the monitor thread exists)::
+
+    driver                                   worker (one per rank)
+    bind ROUTER "req", PULL "rep"
+    start process(spec) ───────────────────▶ env, watchdog, connect
+                                             init_device, import class, __init__
+    poll ROUTER + sentinels ◀── Ready ────── (or StartupFailed + exit 1)
+
+Shutdown escalation (one log line per step that is needed): the Shutdown message
+and ``grace`` seconds, then SIGTERM and ``term_grace`` seconds, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_sentinels
+from multiprocessing.process import BaseProcess
+import zmq
+
+from ..errors import ProtocolError, StartMethodError, WorkerStartupError
+from ..ipc.codec import Decoder, MalformedMessage
+from ..ipc.messages import PROTOCOL_VERSION, Handshake, Ready, StartupFailed
+from ..ipc.reports import DeviceReport
+from ..worker.process import run_worker
+from .start_method import GUARD_HINT, reimports_main
+
+log = logging.getLogger("gpuexec")
+
+
+@dataclass
+class WorkerHandle:
+    """The driver's view of one worker process."""
+
+    rank: int
+    process: BaseProcess
+    pid: int
+    sentinel: int
+    device: str = ""                      # filled from Ready
+    report: DeviceReport | None = None    # filled from Ready
+    ready: bool = False
+    closed_exitcode: int | None = None    # kept once the process object is closed
+    closed: bool = False
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit code (negative: killed by that signal), None while it runs."""
+        return self.closed_exitcode if self.closed else self.process.exitcode
+
+    def reap(self, timeout: float = 0.0) -> int | None:
+        if not self.closed:
+            self.process.join(timeout)
+        return self.exitcode
+
+
+def start_workers(method: str, specs: Sequence[bytes]) -> list[WorkerHandle]:
+    """Start one process per encoded spec. On error, stops what started and raises."""
+    ctx = multiprocessing.get_context(method)
+    handles: list[WorkerHandle] = []
+    try:
+        for rank, spec in enumerate(specs):
+            p = ctx.Process(target=run_worker, args=(spec,), name=f"gpuexec-worker-{rank}")
+            p.start()
+            if p.pid is None:  # pragma: no cover - start() sets it
+                raise RuntimeError("process did not start")
+            handles.append(WorkerHandle(rank, p, p.pid, p.sentinel))
+    except BaseException as e:
+        stop_workers(handles, grace=0.0)
+        if reimports_main(method) and not isinstance(e, KeyboardInterrupt):
+            raise StartMethodError(
+                f"starting workers with {method!r} failed ({type(e).__name__}: {e}). "
+                + GUARD_HINT.format(method=method)) from e
+        raise
+    return handles
+
+
+def wait_ready(handles: Sequence[WorkerHandle], router: zmq.Socket[bytes], method: str,
+               timeout: float) -> None:
+    """Wait for every worker's Ready; raise ``WorkerStartupError`` on the first failure."""
+    decoder: Decoder[Handshake] = Decoder(Handshake, allow_pickle=False)
+    by_identity = {b"r%d" % h.rank: h for h in handles}
+    by_sentinel = {h.sentinel: h for h in handles}
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    for h in handles:
+        poller.register(h.sentinel, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    waiting = len(handles)
+    while waiting:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            late = [h.rank for h in handles if not h.ready]
+            raise WorkerStartupError(
+                late[0], f"not ready after ready_timeout={timeout:g} s (ranks not ready: {late})")
+        for sock, _ in poller.poll(max(1, int(remaining * 1000))):
+            if sock is router:
+                identity, *frames = router.recv_multipart(copy=False)
+                h = by_identity.get(identity.bytes)
+                try:
+                    msg = decoder.decode(frames)
+                except MalformedMessage as e:
+                    log.warning("gpuexec: dropped a malformed start-up message (%s)", e)
+                    continue
+                if h is None:
+                    continue
+                if msg.protocol != PROTOCOL_VERSION:
+                    raise ProtocolError(
+                        f"worker rank {h.rank} speaks protocol {msg.protocol}, the driver "
+                        f"{PROTOCOL_VERSION}: both must run the same gpuexec version")
+                match msg:
+                    case Ready():
+                        if not h.ready:
+                            h.ready, h.device, h.report = True, msg.device, msg.report
+                            waiting -= 1
+                    case StartupFailed():
+                        raise WorkerStartupError(
+                            h.rank, f"{msg.error.type_name} in {msg.stage}: {msg.error.message}",
+                            msg.error.traceback)
+            else:
+                h = by_sentinel[sock]
+                h.process.join(timeout=1.0)
+                # A StartupFailed may have arrived just before the exit: prefer it.
+                if router.poll(50):
+                    continue
+                poller.unregister(sock)
+                reason = f"exited with code {h.process.exitcode} before it was ready"
+                if reimports_main(method):
+                    reason += ". " + GUARD_HINT.format(method=method)
+                raise WorkerStartupError(h.rank, reason)
+
+
+def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: float = 2.0) -> None:
+    """Wait ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL; reap all."""
+
+    def alive() -> list[WorkerHandle]:
+        return [h for h in handles if not h.closed and h.process.exitcode is None]
+
+    def wait(left: list[WorkerHandle], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while left and (remaining := deadline - time.monotonic()) > 0:
+            wait_sentinels([h.sentinel for h in left], timeout=remaining)
+            left = alive()
+
+    wait(alive(), grace)
+    if left := alive():
+        log.warning("gpuexec: %d worker(s) still running after %.1f s; sending SIGTERM",
+                    len(left), grace)
+        for h in left:
+            h.process.terminate()
+        wait(left, term_grace)
+    if left := alive():
+        log.warning("gpuexec: %d worker(s) ignored SIGTERM; sending SIGKILL", len(left))
+        for h in left:
+            h.process.kill()
+        wait(left, 5.0)
+    for h in handles:
+        if h.closed:
+            continue
+        h.process.join(timeout=0.1)
+        code = h.process.exitcode
+        try:
+            h.process.close()
+        except ValueError:
+            continue  # still running after SIGKILL: unkillable (D state); nothing more to do
+        h.closed_exitcode, h.closed = code, True

@@ -1,0 +1,1 @@
+"""The wire: message types, the codec, private endpoints."""

@@ -1,0 +1,156 @@
+"""Message <-> zmq frames, with numpy arrays and CPU tensors out of band.
+
+A message becomes ``[header, buf_0, buf_1, ...]``: the header is the msgpack of the
+typed message, and every numpy array or CPU torch tensor found in it is replaced by
+a small msgpack extension ``(dtype, shape, frame index)`` whose bytes travel as
+their own zmq frame, sent without copying (``copy=False``) and received as a
+writable view of the zmq message (``np.frombuffer`` / ``torch.frombuffer``). Arrays
+smaller than ``INLINE_LIMIT`` bytes are copied inline: a frame costs more than that.
+
+Non-contiguous arrays are made contiguous (values, dtype and shape arrive intact,
+strides become C order). Anything msgpack cannot represent natively (numpy scalars,
+user classes, sets...) is cloudpickled *only* when the codec was built with
+``allow_pickle=True``, which gpuexec does solely for its private channel to
+processes it started (a 0700 ipc directory). msgpack has one array type: tuples
+arrive as lists.
+
+Decoders are typed (one closed union per socket) and build nothing but the declared
+message types: a frame that does not decode raises :class:`MalformedMessage`, which
+receivers count and drop.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+import cloudpickle
+import msgspec
+
+INLINE_LIMIT = 4096
+
+_EXT_NDARRAY = 1   # payload: [dtype.str, shape, frame index]     (out of band)
+_EXT_TENSOR = 2    # payload: [torch dtype name, shape, frame index]
+_EXT_PICKLE = 3    # payload: cloudpickle bytes (private channel only)
+_EXT_NDARRAY_INLINE = 4  # payload: [dtype.str, shape, raw bytes]
+_EXT_TENSOR_INLINE = 5
+
+Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
+T = TypeVar("T")
+
+
+class MalformedMessage(ValueError):
+    """A frame set that does not decode into the receiver's message union."""
+
+
+def _buffer(frame: Frame) -> memoryview:
+    buf = getattr(frame, "buffer", None)  # zmq.Frame
+    return buf if buf is not None else memoryview(frame)
+
+
+class Encoder:
+    """Encodes messages into frames. Thread-safe (one lock around the shared state)."""
+
+    def __init__(self, *, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self._meta = msgspec.msgpack.Encoder()
+        self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self._lock = threading.Lock()
+        self._frames: list[Frame] = []  # out-of-band frames of the message being encoded
+
+    def encode(self, msg: Any) -> list[Frame]:
+        with self._lock:
+            frames: list[Frame] = [b""]
+            self._frames = frames
+            try:
+                frames[0] = self._enc.encode(msg)
+            finally:
+                self._frames = []
+            return frames
+
+    def _enc_hook(self, obj: Any) -> Any:
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(obj, np.ndarray) and not obj.dtype.hasobject \
+                and obj.dtype.fields is None:
+            arr = np.ascontiguousarray(obj)
+            raw = arr.reshape(-1).view(np.uint8)
+            return self._array_ext(_EXT_NDARRAY, _EXT_NDARRAY_INLINE, arr.dtype.str,
+                                   arr.shape, raw)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor) and obj.layout == torch.strided \
+                and not obj.is_quantized:
+            if obj.device.type != "cpu":
+                raise TypeError(
+                    f"cannot send a tensor on {obj.device}: move it to the CPU first "
+                    "(tensor.cpu()), or share it through CUDA IPC"
+                )
+            t = obj.detach().resolve_conj().resolve_neg().contiguous()
+            raw = t.reshape(-1).view(torch.uint8).numpy()
+            name = str(t.dtype).removeprefix("torch.")
+            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, name, tuple(t.shape), raw)
+        if not self.allow_pickle:
+            raise TypeError(f"cannot send an object of type {type(obj).__qualname__} "
+                            "on a channel that does not allow pickle")
+        return msgspec.msgpack.Ext(_EXT_PICKLE, cloudpickle.dumps(obj))
+
+    def _array_ext(self, code: int, inline_code: int, dtype: str, shape: Sequence[int],
+                   raw: Any) -> msgspec.msgpack.Ext:
+        if raw.nbytes < INLINE_LIMIT:
+            return msgspec.msgpack.Ext(inline_code,
+                                       self._meta.encode((dtype, list(shape), raw.tobytes())))
+        self._frames.append(raw)  # frames[0] is the header: buffer i is frames[i + 1]
+        return msgspec.msgpack.Ext(code, self._meta.encode((dtype, list(shape),
+                                                             len(self._frames) - 2)))
+
+
+class Decoder(Generic[T]):
+    """Decodes frames into one message type (a closed union). One thread at a time."""
+
+    def __init__(self, msg_type: type[T] | Any, *, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self._meta = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
+        self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
+            msg_type, ext_hook=self._ext_hook)
+        self._frames: Sequence[Frame] = ()
+
+    def decode(self, frames: Sequence[Frame]) -> T:
+        if not frames:
+            raise MalformedMessage("empty message")
+        self._frames = frames
+        try:
+            return self._dec.decode(_buffer(frames[0]))
+        except MalformedMessage:
+            raise
+        except Exception as e:  # msgspec errors, bad dtypes, bad indices, bad pickles
+            raise MalformedMessage(f"{type(e).__name__}: {e}") from None
+        finally:
+            self._frames = ()
+
+    def _ext_hook(self, code: int, data: memoryview) -> Any:
+        if code == _EXT_PICKLE:
+            if not self.allow_pickle:
+                raise MalformedMessage("pickle payload on a channel that does not allow it")
+            return cloudpickle.loads(data)
+        if code not in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE, _EXT_TENSOR, _EXT_TENSOR_INLINE):
+            raise MalformedMessage(f"unknown extension type {code}")
+        dtype, shape, where = self._meta.decode(data)
+        if isinstance(where, int):
+            if not 0 <= where < len(self._frames) - 1:
+                raise MalformedMessage(f"array refers to missing frame {where}")
+            buf: Any = _buffer(self._frames[where + 1])
+        else:
+            buf = bytearray(where)  # inline: own a writable copy
+        if code in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE):
+            import numpy as np
+
+            return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+        import torch
+
+        tdtype = getattr(torch, dtype, None)
+        if not isinstance(tdtype, torch.dtype):
+            raise MalformedMessage(f"unknown torch dtype {dtype!r}")
+        if len(buf) == 0:
+            return torch.empty(shape, dtype=tdtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)

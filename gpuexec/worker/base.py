@@ -1,0 +1,70 @@
+"""The :class:`Worker` base class users subclass: one instance lives in each worker process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:
+    from ..ipc.messages import WorkerSpec
+    from ..ipc.reports import DeviceReport
+
+
+class WorkerContext(msgspec.Struct, frozen=True):
+    """Who this worker is; bound to the instance before its ``__init__`` runs."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: str                 # torch device string valid in this process: "cuda:1", "cpu"
+    spec: WorkerSpec
+
+
+class Worker:
+    """Base class of the object each worker process hosts.
+
+    Subclass it and add methods; call them with ``Executor.collective_rpc("name")``.
+    ``rank``, ``local_rank``, ``world_size``, ``local_world_size`` and ``device`` are
+    already set when your ``__init__`` runs, and the device is already selected (and
+    stale CUDA contexts on other GPUs released), so ``torch.empty(..., device=self.device)``
+    in ``__init__`` lands on this worker's GPU. ``__init__`` takes the executor's
+    ``worker_args`` / ``worker_kwargs``; calling ``super().__init__()`` is optional.
+    """
+
+    _gpuexec_ctx: WorkerContext
+
+    def __init__(self) -> None:
+        pass
+
+    @property
+    def rank(self) -> int:
+        return self._gpuexec_ctx.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._gpuexec_ctx.local_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._gpuexec_ctx.world_size
+
+    @property
+    def local_world_size(self) -> int:
+        return self._gpuexec_ctx.local_world_size
+
+    @property
+    def device(self) -> str:
+        return self._gpuexec_ctx.device
+
+    def init_device(self) -> DeviceReport:
+        """Select this worker's device and release stale CUDA primary contexts.
+
+        Runs automatically before the worker class is even imported. It is idempotent:
+        call it again after your code touched another GPU and it releases whatever
+        became stale since (never a context that still holds this process's memory).
+        """
+        from .device import init_device
+
+        return init_device(self._gpuexec_ctx.spec)

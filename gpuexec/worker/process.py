@@ -1,0 +1,200 @@
+"""A worker process from start to exit: the entry point the executor launches.
+
+    spec bytes ──▶ environment, stdio, watchdog ──▶ init_device ──▶ import/unpickle
+    worker class ──▶ __init__ ──▶ Ready ──▶ loop { Call ─▶ run ─▶ Reply } ──▶ Shutdown
+
+The device is selected before the user's worker class is imported or unpickled, so
+import-time CUDA work lands on this worker's GPU. The loop is single-threaded and
+blocks in ``recv`` (no spinning: an idle worker uses no CPU); the watchdog thread
+ends the process if the driver dies. SIGINT is ignored: a Ctrl-C in the terminal
+reaches the whole process group, and it is the driver that decides to shut down.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import msgspec
+import zmq
+
+from ..ipc.codec import Decoder, Encoder, MalformedMessage
+from ..ipc.messages import (
+    PROTOCOL_VERSION,
+    Call,
+    Failure,
+    Ping,
+    Ready,
+    Reply,
+    Shutdown,
+    StartupFailed,
+    ToWorker,
+    WorkerSpec,
+)
+from .base import Worker, WorkerContext
+from .device import init_device, isolate_environment, torch_device
+from .stdio import install_prefix
+from .watchdog import start_watchdog
+
+log = logging.getLogger("gpuexec.worker")
+
+WORKER_ENV_FLAG = "GPUEXEC_WORKER"
+_FN_CACHE_SIZE = 64
+
+
+def failure_from(exc: BaseException) -> Failure:
+    t = type(exc)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    return Failure(name, str(exc), "".join(traceback.format_exception(exc)))
+
+
+def _setup_process(spec: WorkerSpec) -> None:
+    os.environ.update(spec.env)
+    os.environ.update({
+        "RANK": str(spec.rank),
+        "LOCAL_RANK": str(spec.local_rank),
+        "WORLD_SIZE": str(spec.world_size),
+        "LOCAL_WORLD_SIZE": str(spec.local_world_size),
+        WORKER_ENV_FLAG: "1",
+    })
+    isolate_environment(spec)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.enable()
+    install_prefix(spec.rank, os.getpid())
+
+
+def _resolve_class(spec: WorkerSpec) -> type[Worker]:
+    if spec.worker_cls_pickle:
+        cls = cloudpickle.loads(spec.worker_cls_pickle)
+    else:
+        module_name, _, qualname = spec.worker_cls.partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        cls = obj
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise TypeError(f"{spec.worker_cls or cls!r} is not a gpuexec.Worker subclass")
+    return cls
+
+
+def _build_worker(spec: WorkerSpec, cls: type[Worker]) -> Worker:
+    args, kwargs = cloudpickle.loads(spec.init_args_pickle) if spec.init_args_pickle else ((), {})
+    worker = cls.__new__(cls)
+    worker._gpuexec_ctx = WorkerContext(
+        spec.rank, spec.local_rank, spec.world_size, spec.local_world_size,
+        torch_device(spec), spec)
+    worker.__init__(*args, **kwargs)
+    return worker
+
+
+class _Server:
+    """The request loop. Owns the two sockets; single-threaded."""
+
+    def __init__(self, spec: WorkerSpec, worker: Worker, dealer: zmq.Socket[bytes],
+                 push: zmq.Socket[bytes]) -> None:
+        self.rank = spec.rank
+        self.worker = worker
+        self.dealer = dealer
+        self.push = push
+        self.encoder = Encoder(allow_pickle=True)
+        self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=True)
+        self.dropped = 0
+        self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+
+    def serve(self) -> None:
+        while True:
+            frames = self.dealer.recv_multipart(copy=False)
+            try:
+                msg = self.decoder.decode(frames)
+            except MalformedMessage as e:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("dropped a malformed request (%s); counting further ones", e)
+                continue
+            match msg:
+                case Call():
+                    self._reply(self._run(msg), msg.method)
+                case Ping(call_id=call_id):
+                    self._reply(Reply(call_id, self.rank), "ping")
+                case Shutdown():
+                    return
+
+    def _function(self, blob: bytes) -> Callable[..., Any]:
+        fn = self._fns.get(blob)
+        if fn is None:
+            fn = cloudpickle.loads(blob)
+            self._fns[blob] = fn
+            if len(self._fns) > _FN_CACHE_SIZE:
+                self._fns.popitem(last=False)
+        return fn
+
+    def _run(self, call: Call) -> Reply:
+        try:
+            if call.fn is not None:
+                value = self._function(call.fn)(self.worker, *call.args, **call.kwargs)
+            else:
+                method = getattr(self.worker, call.method, None) \
+                    if not call.method.startswith("__") else None
+                if method is None or not callable(method):
+                    raise AttributeError(
+                        f"{type(self.worker).__qualname__} has no method {call.method!r}")
+                value = method(*call.args, **call.kwargs)
+        except Exception as e:
+            return Reply(call.call_id, self.rank, error=failure_from(e))
+        return Reply(call.call_id, self.rank, value if call.want_value else None)
+
+    def _reply(self, reply: Reply, method: str) -> None:
+        try:
+            frames = self.encoder.encode(reply)
+        except Exception as e:  # the return value cannot be sent
+            err = TypeError(f"the result of {method!r} cannot be sent back: {e}")
+            frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure_from(err)))
+        self.push.send_multipart(frames, copy=False)
+
+
+def run_worker(spec_bytes: bytes) -> None:
+    """Process entry point (the target the executor's launcher starts)."""
+    spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    _setup_process(spec)
+    start_watchdog(spec.driver_pid, spec.driver_is_parent)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"r%d" % spec.rank)
+    dealer.setsockopt(zmq.LINGER, 1000)
+    dealer.connect(spec.req_endpoint)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(spec.rep_endpoint)
+    handshake = Encoder(allow_pickle=False)
+    stage = "init_device"
+    try:
+        report = init_device(spec)
+        stage = "import"
+        cls = _resolve_class(spec)
+        stage = "__init__"
+        worker = _build_worker(spec, cls)
+    except BaseException as e:  # SystemExit in __init__ is a start-up failure too
+        dealer.send_multipart(handshake.encode(StartupFailed(
+            PROTOCOL_VERSION, spec.rank, os.getpid(), stage, failure_from(e))))
+        dealer.close(linger=2000)
+        push.close(linger=0)
+        ctx.term()
+        sys.stderr.flush()
+        os._exit(1)
+    dealer.send_multipart(handshake.encode(
+        Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
+    try:
+        _Server(spec, worker, dealer, push).serve()
+    finally:
+        dealer.close()
+        push.close()
+        ctx.term()
