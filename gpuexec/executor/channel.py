@@ -2,7 +2,7 @@
 
 ::
 
-    caller threads ──encode once──▶ [send lock] ROUTER "req" ──▶ worker DEALERs
+    caller threads ──encode once──▶ [send lock] XPUB "req" ──▶ worker SUBs (one send)
                                                                     │
     pending table  ◀──dispatch by call id── [pump lock] PULL "rep" ◀─┘
       │  (call id → PendingCall: ranks still owed, results, Future)
@@ -43,8 +43,8 @@ from typing import Any
 import zmq
 
 from ..errors import ExecutorClosedError, RemoteError, RpcTimeoutError, WorkerDiedError
-from ..ipc.codec import Decoder, Encoder, MalformedMessage
-from ..ipc.messages import Call, Failure, Ping, Reply, Shutdown, ToDriver
+from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_frames, send_frames
+from ..ipc.messages import ALL_TOPIC, Call, Failure, Ping, Reply, Shutdown, ToDriver, rank_topic
 from .launcher import WorkerHandle
 
 log = logging.getLogger("gpuexec")
@@ -76,7 +76,7 @@ class PendingCall:
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.future = future
-        self.event = threading.Event()
+        self.event: threading.Event | None = None  # made by a waiter that is not pumping
         self.owed = set(ranks)
         self.values: dict[int, Any] = {}
         self.failures: dict[int, Failure] = {}
@@ -99,7 +99,7 @@ class DriverChannel:
         self._req = req
         self._rep = rep
         self._handles = handles
-        self._identities = [b"r%d" % h.rank for h in handles]
+        self._topics = [rank_topic(h.rank) for h in handles]
         self._encoder = Encoder(allow_pickle=True)
         self._decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True)
         self._ids = itertools.count(1)
@@ -181,36 +181,26 @@ class DriverChannel:
         call_id = next(self._ids)
         future: Future[Any] | None = Future() if non_block else None
         call = PendingCall(call_id, method, ranks, unique_reply_rank, timeout, future)
-        frames = self._encoder.encode(Call(call_id, method, fn_blob, args, kwargs))
-        if unique_reply_rank is not None and len(ranks) > 1:
-            quiet = self._encoder.encode(Call(call_id, method, fn_blob, args, kwargs, False))
-        else:
-            quiet = frames
+        value_rank = -1 if unique_reply_rank is None else unique_reply_rank
+        frames = self._encoder.encode(Call(call_id, method, fn_blob, args, kwargs, value_rank))
         with self._lock:
             self._pending[call_id] = call
             if non_block:
                 self._n_async += 1
         self.stats.calls += 1
-        self._send(ranks, frames, quiet, unique_reply_rank)
+        self._send(ranks, frames)
         if non_block:
             self._poke()
         return call
 
-    def _send(self, ranks: Sequence[int], frames: list[Any], quiet: list[Any],
-              unique_reply_rank: int | None) -> None:
+    def _send(self, ranks: Sequence[int], frames: list[Any]) -> None:
+        """Publish once for all ranks, or once per targeted rank."""
+        header, buffers = frames[0], frames[1:]
+        topics = [ALL_TOPIC] if len(ranks) == len(self._topics) else \
+            [self._topics[r] for r in ranks]
         with self._send_lock:
-            for rank in ranks:
-                out = frames if unique_reply_rank is None or rank == unique_reply_rank else quiet
-                try:
-                    self._req.send_multipart([self._identities[rank], *out], copy=False)
-                except zmq.ZMQError as e:
-                    if e.errno != zmq.EHOSTUNREACH:
-                        raise
-                    # The worker's socket is gone: it is dying. Let its sentinel say how.
-                    self._handles[rank].reap(timeout=1.0)
-                    self._worker_exited(rank)
-                    self.check_usable()
-                    raise
+            for topic in topics:
+                send_frames(self._req, [topic + header, *buffers])
 
     def ping(self, timeout: float) -> PendingCall:
         self.check_usable()
@@ -218,8 +208,7 @@ class DriverChannel:
                            None, timeout, None)
         with self._lock:
             self._pending[call.call_id] = call
-        frames = self._encoder.encode(Ping(call.call_id))
-        self._send(call.ranks, frames, frames, None)
+        self._send(call.ranks, self._encoder.encode(Ping(call.call_id)))
         return call
 
     def _poke(self) -> None:
@@ -234,12 +223,9 @@ class DriverChannel:
         """Wait up to ``timeout_ms`` for replies or deaths; caller holds the pump lock."""
         for sock, _ in poller.poll(timeout_ms):
             if sock is self._rep:
-                while True:
-                    try:
-                        frames = self._rep.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._dispatch(frames)
+                # Drain what is queued; EVENTS avoids raising zmq.Again per wake-up.
+                while self._rep.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._dispatch(recv_frames(self._rep))
             elif sock in self._sentinels:
                 poller.unregister(sock)
                 self._worker_exited(self._sentinels[sock])
@@ -287,7 +273,8 @@ class DriverChannel:
             call.value = call.values[call.unique_reply_rank]
         else:
             call.value = [call.values[r] for r in call.ranks]
-        call.event.set()
+        if call.event is not None:
+            call.event.set()
         if call.future is not None:
             if error is not None:
                 call.future.set_exception(error)
@@ -316,7 +303,12 @@ class DriverChannel:
                     finally:
                         self._pump_lock.release()
                 else:
-                    call.event.wait(min(remaining, _WAIT_SLICE_S))
+                    with self._lock:
+                        if call.event is None:
+                            call.event = threading.Event()
+                        event = call.event
+                    if not call.done:
+                        event.wait(min(remaining, _WAIT_SLICE_S))
         finally:
             if not call.done:  # KeyboardInterrupt or another exception while waiting
                 self._finish(call, ExecutorClosedError("the wait for this call was interrupted"))
@@ -362,15 +354,7 @@ class DriverChannel:
         os.write(self._closing_w, b"!")
         for call in pending:
             self._finish(call, ExecutorClosedError("the executor was shut down during the call"))
-        if self._failure is None:
-            frames = self._encoder.encode(Shutdown())
-            with self._send_lock:
-                for rank, identity in enumerate(self._identities):
-                    if self._handles[rank].exitcode is None:
-                        try:
-                            self._req.send_multipart([identity, *frames], zmq.NOBLOCK)
-                        except zmq.ZMQError:
-                            pass
+        self._send(range(len(self._topics)), self._encoder.encode(Shutdown()))
 
     def close(self) -> None:
         """Stop the monitor and close the sockets (after the workers are gone)."""

@@ -4,7 +4,7 @@ Data flow::
 
     user thread(s)                         driver process                 workers
     ─────────────                          ──────────────                 ───────
-    collective_rpc(m, args) ─▶ Call ─encode once─▶ ROUTER "req" ─────▶ DEALER, rank r
+    collective_rpc(m, args) ─▶ Call ─encode once─▶ XPUB "req" ───────▶ SUB, rank r
           ▲                                                               │ run m
           │ results in rank order         pending table ◀── PULL "rep" ◀─┘ Reply(call id, r)
           └──────────── pumped by the caller itself (or by the monitor for futures)
@@ -16,7 +16,7 @@ Data flow::
   method (:mod:`.start_method`), binds the sockets in a private 0700 directory, starts
   the workers (:mod:`.launcher`) and waits for each one's ``Ready`` (which carries its
   device report) within ``ready_timeout``; on any failure it stops them all and raises.
-* **Calls** (:mod:`.channel`) are encoded once and routed to the target ranks; the
+* **Calls** (:mod:`.channel`) are encoded once and published once to the target ranks; the
   replies are matched by call id, so a timed-out call's late replies are dropped and
   the executor stays usable.
 * **Shutdown** is idempotent and runs from ``shutdown()``, ``__exit__``, garbage
@@ -136,8 +136,7 @@ class Executor:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         handles: list[WorkerHandle] = []
         try:
-            req = ctx.socket(zmq.ROUTER)
-            req.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            req = ctx.socket(zmq.XPUB)
             req.setsockopt(zmq.SNDHWM, 0)
             req.setsockopt(zmq.LINGER, 0)
             req.bind(endpoints.endpoint("req"))
@@ -148,7 +147,7 @@ class Executor:
             specs = [msgspec.msgpack.encode(self._spec(rank, endpoints))
                      for rank in range(cfg.world_size)]
             handles = start_workers(self._start_method, specs)
-            wait_ready(handles, req, self._start_method, cfg.ready_timeout)
+            wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout)
         except BaseException:
             stop_workers(handles, grace=0.0, term_grace=1.0)
             ctx.destroy(linger=0)

@@ -3,10 +3,12 @@
 Start-up handshake (the constructor's thread, before the monitor thread exists)::
 
     driver                                   worker (one per rank)
-    bind ROUTER "req", PULL "rep"
-    start process(spec) ───────────────────▶ env, watchdog, connect
+    bind XPUB "req", PULL "rep"
+    start process(spec) ───────────────────▶ env, watchdog, connect, subscribe
+    XPUB  ◀── subscription b"\x01r<rank>." ─┘
                                              init_device, import class, __init__
-    poll ROUTER + sentinels ◀── Ready ────── (or StartupFailed + exit 1)
+    PULL  ◀── Ready ──────────────────────── (or StartupFailed + exit 1)
+    poll PULL + XPUB + sentinels until every rank is ready *and* subscribed
 
 Shutdown escalation (one log line per step that is needed): the Shutdown message
 and ``grace`` seconds, then SIGTERM and ``term_grace`` seconds, then SIGKILL.
@@ -25,7 +27,7 @@ import zmq
 
 from ..errors import ProtocolError, StartMethodError, WorkerStartupError
 from ..ipc.codec import Decoder, MalformedMessage
-from ..ipc.messages import PROTOCOL_VERSION, Handshake, Ready, StartupFailed
+from ..ipc.messages import PROTOCOL_VERSION, Handshake, Ready, StartupFailed, rank_topic
 from ..ipc.reports import DeviceReport
 from ..worker.process import run_worker
 from .start_method import GUARD_HINT, reimports_main
@@ -79,33 +81,38 @@ def start_workers(method: str, specs: Sequence[bytes]) -> list[WorkerHandle]:
     return handles
 
 
-def wait_ready(handles: Sequence[WorkerHandle], router: zmq.Socket[bytes], method: str,
-               timeout: float) -> None:
-    """Wait for every worker's Ready; raise ``WorkerStartupError`` on the first failure."""
+def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
+               xpub: zmq.Socket[bytes], method: str, timeout: float) -> None:
+    """Wait until every worker is ready and subscribed; raise ``WorkerStartupError`` on
+    the first failure, naming the rank and carrying its traceback."""
     decoder: Decoder[Handshake] = Decoder(Handshake, allow_pickle=False)
-    by_identity = {b"r%d" % h.rank: h for h in handles}
+    by_rank = {h.rank: h for h in handles}
     by_sentinel = {h.sentinel: h for h in handles}
+    unsubscribed = {b"\x01" + rank_topic(h.rank): h for h in handles}
     poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
+    poller.register(pull, zmq.POLLIN)
+    poller.register(xpub, zmq.POLLIN)
     for h in handles:
         poller.register(h.sentinel, zmq.POLLIN)
     deadline = time.monotonic() + timeout
     waiting = len(handles)
-    while waiting:
+    while waiting or unsubscribed:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            late = [h.rank for h in handles if not h.ready]
+            late = [h.rank for h in handles if not h.ready] or \
+                [h.rank for h in unsubscribed.values()]
             raise WorkerStartupError(
                 late[0], f"not ready after ready_timeout={timeout:g} s (ranks not ready: {late})")
         for sock, _ in poller.poll(max(1, int(remaining * 1000))):
-            if sock is router:
-                identity, *frames = router.recv_multipart(copy=False)
-                h = by_identity.get(identity.bytes)
+            if sock is xpub:
+                unsubscribed.pop(xpub.recv(), None)
+            elif sock is pull:
                 try:
-                    msg = decoder.decode(frames)
+                    msg = decoder.decode([pull.recv()])
                 except MalformedMessage as e:
                     log.warning("gpuexec: dropped a malformed start-up message (%s)", e)
                     continue
+                h = by_rank.get(msg.rank)
                 if h is None:
                     continue
                 if msg.protocol != PROTOCOL_VERSION:
@@ -125,7 +132,7 @@ def wait_ready(handles: Sequence[WorkerHandle], router: zmq.Socket[bytes], metho
                 h = by_sentinel[sock]
                 h.process.join(timeout=1.0)
                 # A StartupFailed may have arrived just before the exit: prefer it.
-                if router.poll(50):
+                if pull.poll(50):
                     continue
                 poller.unregister(sock)
                 reason = f"exited with code {h.process.exitcode} before it was ready"

@@ -41,6 +41,24 @@ Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer prot
 T = TypeVar("T")
 
 
+def send_frames(sock: Any, frames: list[Frame], prefix: list[bytes] | None = None,
+                flags: int = 0) -> None:
+    """Send ``frames`` as one multipart message; zero-copy only where there are buffers
+    (a zero-copy send of a small frame costs more than copying it)."""
+    parts = [*prefix, *frames] if prefix else frames
+    sock.send_multipart(parts, flags, copy=len(frames) == 1)
+
+
+def recv_frames(sock: Any, flags: int = 0) -> list[Frame]:
+    """Receive one multipart message: the header as bytes, buffers as zero-copy frames."""
+    import zmq
+
+    frames: list[Frame] = [sock.recv(flags)]
+    while sock.getsockopt(zmq.RCVMORE):
+        frames.append(sock.recv(copy=False))
+    return frames
+
+
 class MalformedMessage(ValueError):
     """A frame set that does not decode into the receiver's message union."""
 

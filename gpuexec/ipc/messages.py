@@ -6,14 +6,17 @@ Each socket decodes into a closed union, so an unknown or malformed message is a
 
 Sockets and who speaks on them (``ipc://`` endpoints in a private 0700 directory)::
 
-    driver ROUTER "req"  ── Call / Ping / Shutdown ──▶  worker DEALER (identity b"r<rank>")
-    driver ROUTER "req"  ◀── Ready / StartupFailed ──  worker DEALER   (start-up only)
-    driver PULL   "rep"  ◀────────── Reply ──────────  worker PUSH
+    driver XPUB "req"  ── Call / Ping / Shutdown ──────▶  worker SUB (topics b"*", b"r<rank>.")
+    driver PULL "rep"  ◀── Ready / StartupFailed, Reply ──  worker PUSH
 
-Handshake: the worker's first message on its DEALER is ``Ready`` (or ``StartupFailed``)
-and carries ``PROTOCOL_VERSION``; the driver refuses a worker that speaks another one.
-Sending start-up messages on the DEALER also guarantees that the ROUTER knows the
-worker's identity before the first ``Call`` is routed to it.
+A request is published once for all ranks (topic ``ALL_TOPIC``) or once per targeted
+rank (``rank_topic(rank)``); the topic is a prefix of the header frame, so a broadcast
+is a single send whatever the world size. The XPUB socket reports each worker's
+subscription to the driver, which waits for it at start-up: no request is published
+before every worker can receive it (the "slow joiner" problem of PUB/SUB).
+
+Handshake: the worker's first message is ``Ready`` (or ``StartupFailed``) and carries
+``PROTOCOL_VERSION``; the driver refuses a worker that speaks another one.
 
 Worker lifecycle (who moves it):
 
@@ -95,7 +98,7 @@ class Call(msgspec.Struct, frozen=True, tag="call", array_like=True):
     fn: bytes | None                 # cloudpickled callable, run as fn(worker, *args, **kwargs)
     args: list[Any]
     kwargs: dict[str, Any]
-    want_value: bool = True          # False: reply with no value (unique_reply_rank elsewhere)
+    value_rank: int = -1             # >= 0: only that rank sends its value (unique_reply_rank)
 
 
 class Ping(msgspec.Struct, frozen=True, tag="ping", array_like=True):
@@ -111,6 +114,14 @@ class Reply(msgspec.Struct, frozen=True, tag="reply", array_like=True):
     rank: int
     value: Any = None
     error: Failure | None = None
+
+
+ALL_TOPIC = b"*"
+
+
+def rank_topic(rank: int) -> bytes:
+    """The topic of requests for one rank; the trailing dot keeps r1 from matching r12."""
+    return b"r%d." % rank
 
 
 # What each receiver accepts: a decoder is built once per socket for its union.

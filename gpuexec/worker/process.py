@@ -27,8 +27,9 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..ipc.codec import Decoder, Encoder, MalformedMessage
+from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_frames, send_frames
 from ..ipc.messages import (
+    ALL_TOPIC,
     PROTOCOL_VERSION,
     Call,
     Failure,
@@ -39,6 +40,7 @@ from ..ipc.messages import (
     StartupFailed,
     ToWorker,
     WorkerSpec,
+    rank_topic,
 )
 from .base import Worker, WorkerContext
 from .device import init_device, isolate_environment, torch_device
@@ -99,12 +101,13 @@ def _build_worker(spec: WorkerSpec, cls: type[Worker]) -> Worker:
 class _Server:
     """The request loop. Owns the two sockets; single-threaded."""
 
-    def __init__(self, spec: WorkerSpec, worker: Worker, dealer: zmq.Socket[bytes],
+    def __init__(self, spec: WorkerSpec, worker: Worker, sub: zmq.Socket[bytes],
                  push: zmq.Socket[bytes]) -> None:
         self.rank = spec.rank
         self.worker = worker
-        self.dealer = dealer
+        self.sub = sub
         self.push = push
+        self.topic = rank_topic(spec.rank)
         self.encoder = Encoder(allow_pickle=True)
         self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=True)
         self.dropped = 0
@@ -112,7 +115,10 @@ class _Server:
 
     def serve(self) -> None:
         while True:
-            frames = self.dealer.recv_multipart(copy=False)
+            frames = recv_frames(self.sub)
+            header = frames[0]
+            skip = 1 if header[:1] == ALL_TOPIC else len(self.topic)
+            frames[0] = memoryview(header)[skip:]
             try:
                 msg = self.decoder.decode(frames)
             except MalformedMessage as e:
@@ -150,7 +156,8 @@ class _Server:
                 value = method(*call.args, **call.kwargs)
         except Exception as e:
             return Reply(call.call_id, self.rank, error=failure_from(e))
-        return Reply(call.call_id, self.rank, value if call.want_value else None)
+        keep = call.value_rank < 0 or call.value_rank == self.rank
+        return Reply(call.call_id, self.rank, value if keep else None)
 
     def _reply(self, reply: Reply, method: str) -> None:
         try:
@@ -158,7 +165,7 @@ class _Server:
         except Exception as e:  # the return value cannot be sent
             err = TypeError(f"the result of {method!r} cannot be sent back: {e}")
             frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure_from(err)))
-        self.push.send_multipart(frames, copy=False)
+        send_frames(self.push, frames)
 
 
 def run_worker(spec_bytes: bytes) -> None:
@@ -167,11 +174,13 @@ def run_worker(spec_bytes: bytes) -> None:
     _setup_process(spec)
     start_watchdog(spec.driver_pid, spec.driver_is_parent)
     ctx = zmq.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, b"r%d" % spec.rank)
-    dealer.setsockopt(zmq.LINGER, 1000)
-    dealer.connect(spec.req_endpoint)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, ALL_TOPIC)
+    sub.setsockopt(zmq.SUBSCRIBE, rank_topic(spec.rank))
+    sub.connect(spec.req_endpoint)
     push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(spec.rep_endpoint)
     handshake = Encoder(allow_pickle=False)
@@ -183,18 +192,18 @@ def run_worker(spec_bytes: bytes) -> None:
         stage = "__init__"
         worker = _build_worker(spec, cls)
     except BaseException as e:  # SystemExit in __init__ is a start-up failure too
-        dealer.send_multipart(handshake.encode(StartupFailed(
+        push.send_multipart(handshake.encode(StartupFailed(
             PROTOCOL_VERSION, spec.rank, os.getpid(), stage, failure_from(e))))
-        dealer.close(linger=2000)
-        push.close(linger=0)
+        push.close(linger=2000)
+        sub.close(linger=0)
         ctx.term()
         sys.stderr.flush()
         os._exit(1)
-    dealer.send_multipart(handshake.encode(
+    push.send_multipart(handshake.encode(
         Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
     try:
-        _Server(spec, worker, dealer, push).serve()
+        _Server(spec, worker, sub, push).serve()
     finally:
-        dealer.close()
+        sub.close()
         push.close()
         ctx.term()

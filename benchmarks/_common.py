@@ -1,0 +1,64 @@
+"""Shared helpers for the benchmark scripts: percentiles, tables, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_calls(fn: Callable[[], Any], n: int, warmup: int) -> dict[str, float]:
+    """Run ``fn`` ``warmup`` + ``n`` times; p50/p99/mean of the last ``n`` in microseconds."""
+    for _ in range(warmup):
+        fn()
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        lat.append((time.perf_counter() - t) * 1e6)
+    return {"p50_us": statistics.median(lat), "p99_us": percentile(lat, 0.99),
+            "mean_us": statistics.fmean(lat), "n": n}
+
+
+def machine() -> dict[str, Any]:
+    gpu = ""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        gpu = f"{pynvml.nvmlDeviceGetCount()}x {pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))}"
+    except Exception:
+        gpu = "none"
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "gpus": gpu,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -> Path:
+    target = Path(out_dir) if out_dir else RESULTS
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / name
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[f"{c:.1f}" if isinstance(c, float) else str(c)
+                                           for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
