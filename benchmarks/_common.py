@@ -38,7 +38,8 @@ def machine() -> dict[str, Any]:
         import pynvml
 
         pynvml.nvmlInit()
-        gpu = f"{pynvml.nvmlDeviceGetCount()}x {pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))}"
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        gpu = f"{pynvml.nvmlDeviceGetCount()}x {name}"
     except Exception:
         gpu = "none"
     return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -20,12 +20,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import msgspec  # noqa: E402
-import zmq  # noqa: E402
-from _common import machine, print_table, time_calls, write_json  # noqa: E402
+import msgspec
+import zmq
+from _common import machine, print_table, time_calls, write_json
 
-from gpuexec import Executor, Worker  # noqa: E402
-from gpuexec.ipc.messages import Call, Reply  # noqa: E402
+from gpuexec import Executor, Worker
+from gpuexec.ipc.messages import Call, Reply
 
 
 class NoopWorker(Worker):

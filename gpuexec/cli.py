@@ -17,7 +17,7 @@ def doctor() -> int:
     print(f"CUDA driver library: {driver.path if driver else 'not found (no CUDA driver)'}")
     print(f"visible GPUs: {visible_gpu_count()}")
     print(f"this process: {cuda_state().describe()}")
-    method, reason = resolve_start_method("auto")
+    _, reason = resolve_start_method("auto")
     print(f"start_method='auto' would choose: {reason}")
     return 0
 

@@ -69,9 +69,8 @@ class RemoteError(GpuexecError):
     chained as ``__cause__``).
     """
 
-    def __init__(
-        self, rank: int, type_name: str, remote_message: str, remote_traceback: str, method: str = ""
-    ) -> None:
+    def __init__(self, rank: int, type_name: str, remote_message: str, remote_traceback: str,
+                 method: str = "") -> None:
         self.rank = rank
         self.type_name = type_name
         self.remote_message = remote_message

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from fakecuda import FakeCuda, build_fake_libcuda  # tests/ is on sys.path (pytest "prepend")
 
 from gpuexec.errors import CudaDriverError
 from gpuexec.ipc.reports import ContextAction, DeviceReport
@@ -26,11 +27,6 @@ from gpuexec.worker.cuda_driver import (
     load_driver,
 )
 from gpuexec.worker.stale_contexts import release_stale_contexts
-
-try:
-    from tests.fakecuda import FakeCuda, build_fake_libcuda
-except ImportError:  # tests/ is not importable as a package: pytest put tests/ on sys.path
-    from fakecuda import FakeCuda, build_fake_libcuda  # type: ignore[import-not-found,no-redef]
 
 REPO = Path(__file__).resolve().parent.parent
 

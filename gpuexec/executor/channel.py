@@ -63,8 +63,22 @@ class ChannelStats:
 class PendingCall:
     """One call in flight: which ranks still owe a reply, and what came back."""
 
-    __slots__ = ("call_id", "method", "ranks", "unique_reply_rank", "deadline", "timeout",
-                 "future", "event", "owed", "values", "failures", "done", "value", "error")
+    __slots__ = (
+        "call_id",
+        "deadline",
+        "done",
+        "error",
+        "event",
+        "failures",
+        "future",
+        "method",
+        "owed",
+        "ranks",
+        "timeout",
+        "unique_reply_rank",
+        "value",
+        "values",
+    )
 
     def __init__(self, call_id: int, method: str, ranks: Sequence[int],
                  unique_reply_rank: int | None, timeout: float | None,

@@ -287,7 +287,7 @@ class Executor:
         call = self._channel.submit(name, blob, list(args), dict(kwargs or {}), target,
                                     unique_reply_rank, timeout, non_block)
         if non_block:
-            assert call.future is not None  # noqa: S101 - set by submit for non_block
+            assert call.future is not None
             return call.future
         return self._channel.wait(call)
 

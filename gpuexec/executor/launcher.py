@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_sentinels
 from multiprocessing.process import BaseProcess
+from typing import Any
+
 import zmq
 
 from ..errors import ProtocolError, StartMethodError, WorkerStartupError
@@ -62,7 +64,7 @@ class WorkerHandle:
 
 def start_workers(method: str, specs: Sequence[bytes]) -> list[WorkerHandle]:
     """Start one process per encoded spec. On error, stops what started and raises."""
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)  # typeshed's BaseContext lacks Process
     handles: list[WorkerHandle] = []
     try:
         for rank, spec in enumerate(specs):
@@ -112,9 +114,10 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                 except MalformedMessage as e:
                     log.warning("gpuexec: dropped a malformed start-up message (%s)", e)
                     continue
-                h = by_rank.get(msg.rank)
-                if h is None:
+                found = by_rank.get(msg.rank)
+                if found is None:
                     continue
+                h = found
                 if msg.protocol != PROTOCOL_VERSION:
                     raise ProtocolError(
                         f"worker rank {h.rank} speaks protocol {msg.protocol}, the driver "

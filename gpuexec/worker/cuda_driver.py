@@ -95,7 +95,7 @@ class CUuuid(ctypes.Structure):
 
 
 class _Function(NamedTuple):
-    """One row of the table: symbol, C return type, C argument types, older symbol to fall back to."""
+    """One table row: symbol, C return type, C argument types, older symbol to fall back to."""
 
     name: str
     restype: type[ctypes.c_int]
@@ -205,8 +205,9 @@ class CudaDriver:
         return text.value.decode("utf-8", "replace")
 
     def error_name(self, code: int) -> str:
-        """``"CUDA_ERROR_INVALID_DEVICE"`` for 101; ``"CUDA_ERROR_UNKNOWN"`` if the driver can't say.
+        """The name of CUresult ``code`` (101: ``"CUDA_ERROR_INVALID_DEVICE"``).
 
+        ``"CUDA_ERROR_UNKNOWN"`` when the driver does not know the code or cannot say.
         Never raises: it runs while another error is being reported.
         """
         return self._lookup("cuGetErrorName", code) or _UNKNOWN_NAME

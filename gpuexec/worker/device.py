@@ -24,7 +24,7 @@ import time
 
 from ..errors import CudaDriverError
 from ..ipc.messages import WorkerSpec
-from ..ipc.reports import DeviceReport
+from ..ipc.reports import ContextAction, DeviceReport
 
 
 def visible_ordinal(spec: WorkerSpec) -> int:
@@ -83,12 +83,11 @@ def init_device(spec: WorkerSpec) -> DeviceReport:
                             elapsed_ms=(time.perf_counter() - start) * 1e3)
     uuid = ""
     active: list[int] = []
-    actions = []
+    actions: list[ContextAction] = []
     driver_text = ""
     try:
         driver.init()
-        version = driver.driver_version()
-        driver_text = f"CUDA {version // 1000}.{version % 1000 // 10} ({driver.path})"
+        driver_text = driver.describe()
         uuid = driver.device_uuid(driver.device(ordinal))
         policy = "release" if spec.release_stale_contexts else "off"
         active, actions = release_stale_contexts(

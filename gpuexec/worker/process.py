@@ -94,7 +94,7 @@ def _build_worker(spec: WorkerSpec, cls: type[Worker]) -> Worker:
     worker._gpuexec_ctx = WorkerContext(
         spec.rank, spec.local_rank, spec.world_size, spec.local_world_size,
         torch_device(spec), spec)
-    worker.__init__(*args, **kwargs)
+    cls.__init__(worker, *args, **kwargs)
     return worker
 
 

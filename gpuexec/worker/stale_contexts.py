@@ -104,7 +104,7 @@ def _handle(
     if allocated_bytes is not None:
         try:
             in_use = allocated_bytes(ordinal)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             # The caller's callable (torch's allocator): whatever it raises, "unknown" must
             # mean "maybe in use", so no release, and never a failed worker start.
             return ContextAction(

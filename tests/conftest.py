@@ -1,0 +1,81 @@
+"""Shared fixtures: start methods, leak checks."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+def gpuexec_dirs() -> set[str]:
+    """Private ipc directories gpuexec made (wherever it made them)."""
+    roots = {tempfile.gettempdir(), "/tmp"}
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        roots.add(os.environ["XDG_RUNTIME_DIR"])
+    found: set[str] = set()
+    for root in roots:
+        found.update(glob.glob(os.path.join(root, "gpuexec-*")))
+        found.update(glob.glob(os.path.join(root, "gpx-*")))
+    return {d for d in found if "bench" not in d}
+
+
+def _helper_pids() -> set[int]:
+    """multiprocessing's own long-lived helpers (forkserver, resource tracker)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    pids = {getattr(forkserver._forkserver, "_forkserver_pid", None),
+            getattr(resource_tracker._resource_tracker, "_pid", None)}
+    return {p for p in pids if p}
+
+
+def worker_children() -> list[psutil.Process]:
+    """Live descendants of this test process, multiprocessing's helpers excepted."""
+    helpers = _helper_pids()
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in helpers and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child)
+        except psutil.Error:
+            pass
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Pids still alive (not zombies) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return []
+        time.sleep(0.02)
+    return alive
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves worker processes or ipc directories behind."""
+    dirs_before = gpuexec_dirs()
+    pids_before = {p.pid for p in worker_children()}
+    yield
+    leftover = [p.pid for p in worker_children() if p.pid not in pids_before]
+    assert wait_gone(leftover) == [], f"worker processes left running: {leftover}"
+    assert gpuexec_dirs() - dirs_before == set(), "ipc directories left behind"

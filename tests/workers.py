@@ -1,0 +1,80 @@
+"""Worker classes the tests start (importable by path from every start method)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from gpuexec import Worker
+
+
+class EchoWorker(Worker):
+    def __init__(self, tag: str = "", **extra: Any) -> None:
+        self.tag = tag
+        self.extra = extra
+        self.counter = 0
+
+    def whoami(self) -> dict[str, Any]:
+        return {"rank": self.rank, "local_rank": self.local_rank, "world_size": self.world_size,
+                "local_world_size": self.local_world_size, "device": self.device,
+                "pid": os.getpid(), "tag": self.tag, "extra": self.extra}
+
+    def env(self, *names: str) -> dict[str, str | None]:
+        return {n: os.environ.get(n) for n in names}
+
+    def echo(self, *args: Any, **kwargs: Any) -> Any:
+        return {"args": list(args), "kwargs": kwargs}
+
+    def add(self, a: Any, b: Any = 0) -> Any:
+        return a + b + self.rank
+
+    def bump(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def fail(self, message: str = "boom") -> None:
+        raise ValueError(f"{message} on rank {self.rank}")
+
+    def fail_on(self, rank: int) -> int:
+        if self.rank == rank:
+            raise KeyError(f"only rank {rank}")
+        return self.rank
+
+    def shout(self, text: str) -> None:
+        print(text, flush=True)
+        print(text, file=sys.stderr, flush=True)
+
+    def noop(self) -> None:
+        return None
+
+    def exit_now(self, code: int) -> None:
+        os._exit(code)
+
+    def unsendable(self) -> Any:
+        return object.__new__(_Unpicklable)
+
+
+class _Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("this object refuses to be pickled")
+
+
+class BrokenInit(Worker):
+    def __init__(self) -> None:
+        raise RuntimeError("cannot load weights from /nowhere")
+
+
+class ExitInit(Worker):
+    def __init__(self) -> None:
+        os._exit(7)
+
+
+class SlowInit(Worker):
+    def __init__(self, seconds: float) -> None:
+        time.sleep(seconds)
