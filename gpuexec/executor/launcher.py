@@ -32,7 +32,7 @@ from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import PROTOCOL_VERSION, Handshake, Ready, StartupFailed, rank_topic
 from ..ipc.reports import DeviceReport
 from ..worker.process import run_worker
-from .start_method import GUARD_HINT, reimports_main
+from .start_method import GUARD_HINT, main_lacks_guard, reimports_main
 
 log = logging.getLogger("gpuexec")
 
@@ -75,10 +75,10 @@ def start_workers(method: str, specs: Sequence[bytes]) -> list[WorkerHandle]:
             handles.append(WorkerHandle(rank, p, p.pid, p.sentinel))
     except BaseException as e:
         stop_workers(handles, grace=0.0)
-        if reimports_main(method) and not isinstance(e, KeyboardInterrupt):
+        if reimports_main(method) and main_lacks_guard() and isinstance(e, Exception):
             raise StartMethodError(
                 f"starting workers with {method!r} failed ({type(e).__name__}: {e}). "
-                + GUARD_HINT.format(method=method)) from e
+                + GUARD_HINT.format(method=repr(method))) from e
         raise
     return handles
 
@@ -139,8 +139,10 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                     continue
                 poller.unregister(sock)
                 reason = f"exited with code {h.process.exitcode} before it was ready"
-                if reimports_main(method):
-                    reason += ". " + GUARD_HINT.format(method=method)
+                if reimports_main(method) and main_lacks_guard() and \
+                        b"\x01" + rank_topic(h.rank) in unsubscribed:
+                    raise StartMethodError(f"worker rank {h.rank} {reason}: "
+                                           + GUARD_HINT.format(method=repr(method)))
                 raise WorkerStartupError(h.rank, reason)
 
 

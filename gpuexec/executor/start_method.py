@@ -51,7 +51,7 @@ _CUDA_USERS = (
 _warned_auto = False
 
 GUARD_HINT = (
-    "Your script has no `if __name__ == \"__main__\":` guard, and start method {method!r} "
+    "Your script has no `if __name__ == \"__main__\":` guard, and start method {method} "
     "re-imports the main module in every worker, which would create the executor again. "
     "Put the code that creates the Executor under\n\n    if __name__ == \"__main__\":\n\n"
     "or use start_method=\"fork\" (possible while CUDA is not initialised in this process)."
@@ -142,13 +142,29 @@ def resolve_start_method(requested: str) -> tuple[str, str]:
     return "spawn", "spawn: fork is not available on this platform"
 
 
+_GUARD = re.compile(
+    r"""^\s*if\s+(__name__\s*==\s*['"]__main__['"]|['"]__main__['"]\s*==\s*__name__)""",
+    re.MULTILINE)
+
+
 def reimports_main(method: str) -> bool:
     """Whether children started with ``method`` re-import the parent's ``__main__``."""
     if method not in ("spawn", "forkserver"):
         return False
     main = sys.modules.get("__main__")
-    return bool(getattr(main, "__file__", None)) or bool(getattr(getattr(main, "__spec__", None),
-                                                                  "name", None))
+    return bool(getattr(main, "__file__", None))
+
+
+def main_lacks_guard() -> bool:
+    """True when ``__main__`` is a script file with no ``if __name__ == "__main__":``."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path:
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return _GUARD.search(f.read()) is None
+    except OSError:
+        return False
 
 
 def check_not_bootstrapping() -> None:
@@ -158,5 +174,4 @@ def check_not_bootstrapping() -> None:
     module in a spawn or forkserver child; creating an executor then would recurse.
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
-        method = multiprocessing.get_start_method(allow_none=True) or "spawn"
-        raise StartMethodError(GUARD_HINT.format(method=method))
+        raise StartMethodError(GUARD_HINT.format(method="spawn/forkserver"))
