@@ -30,9 +30,14 @@ FAKE_SOURCE = Path(__file__).with_name("fake_libcuda.c")
 
 
 def build_fake_libcuda(
-    tmp_dir: Path, name: str = "libcuda.so.1", defines: Sequence[str] = ()
+    tmp_dir: Path, name: str = "libfakecuda.so.1", defines: Sequence[str] = ()
 ) -> Path:
     """Compile the fake into ``tmp_dir/<variant>/<name>`` and return that path.
+
+    The default name is deliberately *not* ``libcuda.so*``: the binding loads any path,
+    and a library named libcuda mapped into the pytest process would (rightly) make
+    gpuexec refuse ``fork`` in every later test. Tests of that policy pass
+    ``name="libcuda.so.1"`` and load it in a subprocess.
 
     ``defines`` are macro names without ``-D`` (``"OMIT_cuDevicePrimaryCtxRelease_v2"``).
     A build already in ``tmp_dir`` that is newer than the source is reused: pass a

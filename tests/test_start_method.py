@@ -43,7 +43,7 @@ def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def fake_libcuda(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fake_libcuda(tmp_path_factory.mktemp("fakecuda"))
+    return build_fake_libcuda(tmp_path_factory.mktemp("fakecuda"), name="libcuda.so.1")
 
 
 def test_explicit_fork_with_libcuda_mapped_is_refused(fake_libcuda: Path) -> None:

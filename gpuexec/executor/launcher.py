@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_sentinels
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -50,16 +51,21 @@ class WorkerHandle:
     ready: bool = False
     closed_exitcode: int | None = None    # kept once the process object is closed
     closed: bool = False
+    # Two threads reaping at once would lose the exit status (the loser's waitpid fails
+    # and multiprocessing then reports None): every join/poll goes through this lock.
+    reap_lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def exitcode(self) -> int | None:
         """The exit code (negative: killed by that signal), None while it runs."""
-        return self.closed_exitcode if self.closed else self.process.exitcode
+        with self.reap_lock:  # reading Process.exitcode reaps (waitpid)
+            return self.closed_exitcode if self.closed else self.process.exitcode
 
     def reap(self, timeout: float = 0.0) -> int | None:
-        if not self.closed:
-            self.process.join(timeout)
-        return self.exitcode
+        with self.reap_lock:
+            if not self.closed:
+                self.process.join(timeout)
+            return self.exitcode
 
 
 def start_workers(method: str, specs: Sequence[bytes]) -> list[WorkerHandle]:
@@ -133,12 +139,12 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                             msg.error.traceback)
             else:
                 h = by_sentinel[sock]
-                h.process.join(timeout=1.0)
+                h.reap(timeout=1.0)
                 # A StartupFailed may have arrived just before the exit: prefer it.
                 if pull.poll(50):
                     continue
                 poller.unregister(sock)
-                reason = f"exited with code {h.process.exitcode} before it was ready"
+                reason = f"exited with code {h.exitcode} before it was ready"
                 if reimports_main(method) and main_lacks_guard() and \
                         b"\x01" + rank_topic(h.rank) in unsubscribed:
                     raise StartMethodError(f"worker rank {h.rank} {reason}: "
@@ -150,7 +156,7 @@ def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: floa
     """Wait ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL; reap all."""
 
     def alive() -> list[WorkerHandle]:
-        return [h for h in handles if not h.closed and h.process.exitcode is None]
+        return [h for h in handles if h.reap() is None]
 
     def wait(left: list[WorkerHandle], seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -171,12 +177,13 @@ def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: floa
             h.process.kill()
         wait(left, 5.0)
     for h in handles:
-        if h.closed:
-            continue
-        h.process.join(timeout=0.1)
-        code = h.process.exitcode
-        try:
-            h.process.close()
-        except ValueError:
-            continue  # still running after SIGKILL: unkillable (D state); nothing more to do
-        h.closed_exitcode, h.closed = code, True
+        with h.reap_lock:
+            if h.closed:
+                continue
+            h.process.join(timeout=0.1)
+            code = h.process.exitcode
+            try:
+                h.process.close()
+            except ValueError:
+                continue  # still running after SIGKILL: unkillable (D state); nothing to do
+            h.closed_exitcode, h.closed = code, True
