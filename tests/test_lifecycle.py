@@ -89,7 +89,11 @@ def test_ready_timeout(no_leaks: None) -> None:
 
 @pytest.mark.parametrize("how", ["exit", "sigkill", "segfault"])
 def test_worker_death_fails_pending_and_later_calls(how: str, no_leaks: None) -> None:
-    ex = Executor(EchoWorker, 2, device="cpu")
+    with Executor(EchoWorker, 2, device="cpu") as ex:
+        _check_death(ex, how)
+
+
+def _check_death(ex: Executor, how: str) -> None:
     fired: list[int] = []
     ex.register_failure_callback(lambda: fired.append(1))
     victim = ex.workers[1]
@@ -99,7 +103,7 @@ def test_worker_death_fails_pending_and_later_calls(how: str, no_leaks: None) ->
         call = lambda: ex.collective_rpc(  # noqa: E731
             lambda w: __import__("ctypes").string_at(0), ranks=[1])
     else:
-        fut = ex.collective_rpc("sleep", args=(30,), non_block=True)
+        fut = ex.collective_rpc("sleep", args=(30,), ranks=[1], non_block=True)
         os.kill(victim.pid, signal.SIGKILL)
         call = lambda: fut.result(timeout=10)  # noqa: E731
     t = time.monotonic()
@@ -113,10 +117,12 @@ def test_worker_death_fails_pending_and_later_calls(how: str, no_leaks: None) ->
     assert ex.is_failed
     with pytest.raises(WorkerDiedError):
         ex.collective_rpc("noop", ranks=[0])
+    deadline = time.monotonic() + 2  # callbacks run after the calls are failed
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert fired == [1]
     ex.register_failure_callback(lambda: fired.append(2))  # already failed: runs at once
     assert fired == [1, 2]
-    ex.shutdown()
 
 
 def test_remote_error_is_not_a_death(no_leaks: None) -> None:

@@ -5,26 +5,35 @@
     caller threads ──encode once──▶ [send lock] XPUB "req" ──▶ worker SUBs (one send)
                                                                     │
     pending table  ◀──dispatch by call id── [pump lock] PULL "rep" ◀─┘
-      │  (call id → PendingCall: ranks still owed, results, Future)
-      └─▶ blocking caller returns / Future completes
+      │  (call id → PendingCall: ranks still owed, results, Future)     ▲
+      └─▶ blocking caller returns / Future completes                    │ wake-up frame
+                                                                        │ (inproc)
+    monitor thread: poll(sentinels, wake pipe) ── a death or close ─────┘
 
 Who reads the reply socket: whoever holds the *pump lock*. A blocking
-``collective_rpc`` takes it and pumps replies itself, so the common path has no
-thread hand-off (a hand-off costs tens of microseconds on a busy host). When it
-cannot take the lock it waits on its call's event, completed by the pumping
-thread. The monitor thread pumps only while ``non_block`` futures are
-outstanding and nobody else is pumping, and otherwise sleeps in ``poll`` on the
-process sentinels, so a worker's death is seen at once (no periodic polling) even
-when nobody is waiting. Pollers of both kinds also watch the sentinels, so a
-pumping caller sees a death itself. Late replies (after a timeout or an abandoned
-wait) find no pending call and are dropped and counted.
+``collective_rpc`` takes it and receives replies itself with a plain blocking
+``recv`` (``RCVTIMEO`` = its deadline), so the common path has no thread hand-off
+and no poll set to rebuild: both cost tens of microseconds per call on a busy host.
+A caller that cannot take the lock waits on its call's event, completed by the
+pumping thread.
+
+The monitor thread is where a worker's death is noticed (style: one place). It
+sleeps in ``poll`` on the process sentinels, so a death is seen at once with no
+periodic polling, fails every pending call, and pushes an empty *wake-up frame*
+into the reply socket through an inproc endpoint, so that a caller blocked in
+``recv`` returns at once. While ``non_block`` futures are outstanding and nobody
+else pumps, the monitor pumps too (polling sentinels and the reply socket
+together). Late replies (after a timeout or an abandoned wait) find no pending
+call and are dropped and counted.
 
 Fields and the threads that may touch them:
 
 * ``_req``: any thread, under ``_send_lock``.
-* ``_rep``, ``_pump_poller``, ``_decoder``: the thread holding ``_pump_lock``.
-* ``_pending``, ``_n_async``, ``_failure``, ``_closing``: any thread, under ``_lock``.
-* ``_idle_poller``, ``_wake_r``: the monitor thread only.
+* ``_rep``, ``_rcvtimeo``, ``_pump_poller``, ``_decoder``: the thread holding ``_pump_lock``.
+* ``_waker``: any thread, under ``_wake_lock``.
+* ``_pending``, ``_n_async``, ``_failure``, ``_closing``: any thread, under ``_lock``
+  (read without it where a stale value is harmless: the loops re-check).
+* ``_idle_poller``, ``_poke_r``: the monitor thread only.
 * ``stats``: written by the pumping thread, read by anyone (ints, best effort).
 """
 
@@ -126,15 +135,21 @@ class DriverChannel:
         self._closing = False
         self._failure_callbacks: list[Callable[[], None]] = []
         self.stats = ChannelStats()
-        self._closing_r, self._closing_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._rcvtimeo = -1
+        wake_endpoint = f"inproc://gpuexec-wake-{id(self):x}"
+        rep.bind(wake_endpoint)
+        self._wake_lock = threading.Lock()
+        self._waker = ctx.socket(zmq.PUSH)
+        self._waker.setsockopt(zmq.LINGER, 0)
+        self._waker.connect(wake_endpoint)
+        # The monitor sleeps on the sentinels and this pipe ("a future was submitted").
+        self._poke_r, self._poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sentinels = {h.sentinel: h.rank for h in handles}
         self._pump_poller = zmq.Poller()
         self._pump_poller.register(rep, zmq.POLLIN)
         self._idle_poller = zmq.Poller()
-        self._idle_poller.register(self._wake_r, zmq.POLLIN)
+        self._idle_poller.register(self._poke_r, zmq.POLLIN)
         for poller in (self._pump_poller, self._idle_poller):
-            poller.register(self._closing_r, zmq.POLLIN)
             for fd in self._sentinels:
                 poller.register(fd, zmq.POLLIN)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gpuexec-monitor",
@@ -180,6 +195,7 @@ class DriverChannel:
             callbacks, self._failure_callbacks = self._failure_callbacks, []
         for call in pending:
             self._finish(call, error=self._died_error())
+        self._wake()
         for fn in callbacks:
             try:
                 fn()
@@ -226,25 +242,50 @@ class DriverChannel:
         return call
 
     def _poke(self) -> None:
+        """Tell the monitor that a future is outstanding (it may need to pump)."""
         try:
-            os.write(self._wake_w, b"!")
+            os.write(self._poke_w, b"!")
         except BlockingIOError:
             pass
 
+    def _wake(self) -> None:
+        """Make a caller blocked in ``recv`` on the reply socket return now."""
+        with self._wake_lock:
+            if not self._waker.closed:
+                self._waker.send(b"", zmq.NOBLOCK)
+
     # -- receiving -----------------------------------------------------------------
 
-    def _pump(self, poller: zmq.Poller, timeout_ms: int | None) -> None:
-        """Wait up to ``timeout_ms`` for replies or deaths; caller holds the pump lock."""
-        for sock, _ in poller.poll(timeout_ms):
+    def _recv_one(self, timeout_ms: int) -> None:
+        """Receive and dispatch one message within ``timeout_ms`` (-1: no limit).
+
+        The caller holds the pump lock. A blocking ``recv`` is the cheapest way to wait
+        for one socket; deaths and shutdown interrupt it with a wake-up frame.
+        """
+        rep = self._rep
+        if timeout_ms != self._rcvtimeo:
+            rep.setsockopt(zmq.RCVTIMEO, timeout_ms)
+            self._rcvtimeo = timeout_ms
+        try:
+            frames = recv_frames(rep)
+        except zmq.Again:
+            return
+        self._dispatch(frames)
+
+    def _pump(self, timeout_ms: int) -> None:
+        """The monitor's pump: replies and sentinels together; caller holds the pump lock."""
+        for sock, _ in self._pump_poller.poll(timeout_ms):
             if sock is self._rep:
                 # Drain what is queued; EVENTS avoids raising zmq.Again per wake-up.
                 while self._rep.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._dispatch(recv_frames(self._rep))
+                    self._dispatch(recv_frames(self._rep, zmq.NOBLOCK))
             elif sock in self._sentinels:
-                poller.unregister(sock)
+                self._pump_poller.unregister(sock)
                 self._worker_exited(self._sentinels[sock])
 
     def _dispatch(self, frames: list[Any]) -> None:
+        if not frames[0]:
+            return  # a wake-up frame: the waiting loop re-checks its call
         try:
             reply: Reply = self._decoder.decode(frames)
         except MalformedMessage as e:
@@ -309,11 +350,12 @@ class DriverChannel:
                         self._expire(call)
                         break
                 else:
-                    remaining = 1.0
+                    remaining = _WAIT_SLICE_S
                 if self._pump_lock.acquire(blocking=False):
                     try:
                         if not call.done:
-                            self._pump(self._pump_poller, max(1, int(remaining * 1000 + 0.999)))
+                            self._recv_one(-1 if call.deadline is None else
+                                           max(1, int(remaining * 1000 + 0.999)))
                     finally:
                         self._pump_lock.release()
                 else:
@@ -334,15 +376,15 @@ class DriverChannel:
         while not self._closing:
             if self._n_async and self._pump_lock.acquire(blocking=False):
                 try:
-                    self._pump(self._pump_poller, _MONITOR_PUMP_MS)
+                    self._pump(_MONITOR_PUMP_MS)
                 finally:
                     self._pump_lock.release()
             else:
                 events = self._idle_poller.poll(_MONITOR_PUMP_MS if self._n_async else None)
                 for fd, _ in events:
-                    if fd == self._wake_r:
+                    if fd == self._poke_r:
                         try:
-                            os.read(self._wake_r, 4096)
+                            os.read(self._poke_r, 4096)
                         except BlockingIOError:
                             pass
                     elif fd in self._sentinels:
@@ -365,20 +407,22 @@ class DriverChannel:
                 return
             self._closing = True
             pending = list(self._pending.values())
-        os.write(self._closing_w, b"!")
+        self._poke()
         for call in pending:
             self._finish(call, ExecutorClosedError("the executor was shut down during the call"))
+        self._wake()
         self._send(range(len(self._topics)), self._encoder.encode(Shutdown()))
 
     def close(self) -> None:
         """Stop the monitor and close the sockets (after the workers are gone)."""
         if self._monitor.is_alive() and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=5.0)
-        with self._pump_lock, self._send_lock:
+        with self._pump_lock, self._send_lock, self._wake_lock:
+            self._waker.close(linger=0)
             self._req.close(linger=0)
             self._rep.close(linger=0)
             self._ctx.term()
-        for fd in (self._closing_r, self._closing_w, self._wake_r, self._wake_w):
+        for fd in (self._poke_r, self._poke_w):
             try:
                 os.close(fd)
             except OSError:

@@ -45,6 +45,9 @@ def send_frames(sock: Any, frames: list[Frame], prefix: list[bytes] | None = Non
                 flags: int = 0) -> None:
     """Send ``frames`` as one multipart message; zero-copy only where there are buffers
     (a zero-copy send of a small frame costs more than copying it)."""
+    if len(frames) == 1 and not prefix:
+        sock.send(frames[0], flags)
+        return
     parts = [*prefix, *frames] if prefix else frames
     sock.send_multipart(parts, flags, copy=len(frames) == 1)
 
