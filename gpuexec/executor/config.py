@@ -116,7 +116,7 @@ class ExecutorConfig:
     init_args_pickle: bytes
     env: dict[str, str]
     isolate_devices: bool
-    release_stale_contexts: bool
+    stale_context_policy: str          # "release", "reset" or "off"
     ready_timeout: float
     rpc_timeout: float | None
     shutdown_timeout: float
@@ -135,6 +135,7 @@ class ExecutorConfig:
         env: Mapping[str, str] | None,
         isolate_devices: bool,
         release_stale_contexts: bool,
+        stale_context_policy: str,
         distributed_backend: str | None,
         ready_timeout: float,
         rpc_timeout: float | None,
@@ -142,6 +143,9 @@ class ExecutorConfig:
     ) -> ExecutorConfig:
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+        if stale_context_policy not in ("release", "reset"):
+            raise ConfigError(f"stale_context_policy must be 'release' or 'reset', not "
+                              f"{stale_context_policy!r}")
         if not isinstance(start_method, str):
             raise ConfigError(f"start_method must be a string, not {start_method!r}")
         if distributed_backend is not None:
@@ -183,7 +187,7 @@ class ExecutorConfig:
             init_args_pickle=init_args,
             env=env_dict,
             isolate_devices=bool(isolate_devices),
-            release_stale_contexts=bool(release_stale_contexts),
+            stale_context_policy=stale_context_policy if release_stale_contexts else "off",
             ready_timeout=_positive("ready_timeout", ready_timeout) or 0.0,
             rpc_timeout=_positive("rpc_timeout", rpc_timeout, allow_none=True),
             shutdown_timeout=_positive("shutdown_timeout", shutdown_timeout) or 0.0,

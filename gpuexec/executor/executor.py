@@ -79,7 +79,8 @@ class Executor:
 
     ``Executor(worker_cls=Worker, world_size=None, *, device="auto",
     start_method="auto", worker_args=(), worker_kwargs=None, env=None,
-    isolate_devices=False, release_stale_contexts=True, distributed_backend=None,
+    isolate_devices=False, release_stale_contexts=True, stale_context_policy="release",
+    distributed_backend=None,
     ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
@@ -94,7 +95,9 @@ class Executor:
     * ``isolate_devices``: give each worker only its own GPU in
       ``CUDA_VISIBLE_DEVICES``; default keeps all visible (CUDA IPC needs peers).
     * ``release_stale_contexts``: release CUDA primary contexts a worker holds on GPUs
-      other than its own (see :mod:`gpuexec.worker.device`).
+      other than its own (see :mod:`gpuexec.worker.device`); ``stale_context_policy``:
+      ``"release"`` (default) or ``"reset"``, which also resets a context that stays
+      active after the release because another owner in the worker retains it.
     * ``ready_timeout``: seconds for every worker to start; ``rpc_timeout``: default
       per-call deadline (None: no deadline, liveness is still watched);
       ``shutdown_timeout``: grace period before workers are terminated.
@@ -116,6 +119,7 @@ class Executor:
         env: Mapping[str, str] | None = None,
         isolate_devices: bool = False,
         release_stale_contexts: bool = True,
+        stale_context_policy: str = "release",
         distributed_backend: str | None = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         rpc_timeout: float | None = None,
@@ -128,6 +132,7 @@ class Executor:
             worker_cls, world_size, device=device, start_method=start_method,
             worker_args=worker_args, worker_kwargs=worker_kwargs, env=env,
             isolate_devices=isolate_devices, release_stale_contexts=release_stale_contexts,
+            stale_context_policy=stale_context_policy,
             distributed_backend=distributed_backend, ready_timeout=ready_timeout,
             rpc_timeout=rpc_timeout, shutdown_timeout=shutdown_timeout)
         self._start_method, self._start_method_reason = resolve_start_method(start_method)
@@ -167,7 +172,7 @@ class Executor:
             local_world_size=cfg.world_size, device=cfg.device,
             gpu=cfg.gpus[rank] if cfg.gpus else None,
             isolate_devices=cfg.isolate_devices,
-            release_stale_contexts=cfg.release_stale_contexts,
+            stale_context_policy=cfg.stale_context_policy,
             driver_pid=os.getpid(), driver_is_parent=self._start_method != "forkserver",
             req_endpoint=endpoints.endpoint("req"), rep_endpoint=endpoints.endpoint("rep"),
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,

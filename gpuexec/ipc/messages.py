@@ -57,7 +57,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     device: str                      # "cpu" or "cuda"
     gpu: int | None                  # physical CUDA ordinal (driver's numbering), None on CPU
     isolate_devices: bool
-    release_stale_contexts: bool
+    stale_context_policy: str        # "release", "reset" or "off"
     driver_pid: int
     driver_is_parent: bool           # False under forkserver (the server is the parent)
     req_endpoint: str

@@ -52,7 +52,11 @@ class DeviceReport(msgspec.Struct, frozen=True, kw_only=True):
     # ordinals (other than its own) whose primary context was active before any release
     active_before: list[int] = msgspec.field(default_factory=list)
     actions: list[ContextAction] = msgspec.field(default_factory=list)  # one per active_before
-    foreign_mib: dict[int, float] = msgspec.field(default_factory=dict)  # NVML: ordinal -> MiB
+    # NVML, after the release: MiB this worker still holds on GPUs not its own, by NVML
+    # (physical, nvidia-smi) index; non-empty means the hygiene check failed (see warnings)
+    foreign_mib: dict[int, float] = msgspec.field(default_factory=dict)
     freed_mib: float | None = None  # NVML: MiB freed by the releases, None when unknown
+    nvml_index: int | None = None  # own GPU's NVML index, None when NVML is unavailable
+    release_ms: float = 0.0  # time the stale-context check and releases took (driver calls)
     elapsed_ms: float = 0.0  # time device initialisation took in the worker
     warnings: list[str] = msgspec.field(default_factory=list)  # also logged by the worker

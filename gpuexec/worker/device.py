@@ -11,6 +11,13 @@ Order matters, so it is spelled out:
 3. Stale primary contexts on other devices are released through libcuda (see
    :mod:`gpuexec.worker.stale_contexts`), skipping any that still hold this process's
    allocations according to torch's caching allocator.
+4. Hygiene check (NVML, when ``pynvml`` is installed): the memory this process still
+   holds on GPUs other than its own, and what the releases freed, go in the report;
+   anything left is a warning.
+
+The worker runs this twice at start-up: before it imports or unpickles the user's
+class (so import-time CUDA work lands on its own GPU), and again after the class was
+built (to release what the import, the arguments or ``__init__`` left on other GPUs).
 
 With ``device="cpu"`` or without a CUDA driver this is a no-op that still returns a
 report. Nothing here raises for a per-device driver error: it is reported instead.
@@ -18,13 +25,18 @@ report. Nothing here raises for a per-device driver error: it is reported instea
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 
+import msgspec
+
 from ..errors import CudaDriverError
 from ..ipc.messages import WorkerSpec
 from ..ipc.reports import ContextAction, DeviceReport
+
+log = logging.getLogger("gpuexec.worker")
 
 
 def visible_ordinal(spec: WorkerSpec) -> int:
@@ -65,6 +77,7 @@ def init_device(spec: WorkerSpec) -> DeviceReport:
     start = time.perf_counter()
     if spec.device != "cuda":
         return DeviceReport(rank=spec.rank, device="cpu", ordinal=None)
+    from . import nvml
     from .cuda_driver import load_driver
     from .stale_contexts import release_stale_contexts
 
@@ -85,16 +98,48 @@ def init_device(spec: WorkerSpec) -> DeviceReport:
     active: list[int] = []
     actions: list[ContextAction] = []
     driver_text = ""
+    release_ms = 0.0
+    before = nvml.process_mib()
     try:
         driver.init()
         driver_text = driver.describe()
         uuid = driver.device_uuid(driver.device(ordinal))
-        policy = "release" if spec.release_stale_contexts else "off"
+        t = time.perf_counter()
         active, actions = release_stale_contexts(
-            driver, ordinal, policy=policy, allocated_bytes=_torch_allocated)
+            driver, ordinal, policy=spec.stale_context_policy, allocated_bytes=_torch_allocated)
+        release_ms = (time.perf_counter() - t) * 1e3
     except CudaDriverError as e:
         warnings.append(f"stale-context check skipped: {e}")
+    own = nvml.index_of_uuid(uuid)
+    freed: float | None = None
+    foreign: dict[int, float] = {}
+    if own is not None:
+        after = nvml.process_mib()
+        foreign = {i: mib for i, mib in after.items() if i != own and mib > 0}
+        freed = sum(m for i, m in before.items() if i != own) - sum(foreign.values())
+        if foreign:
+            held = ", ".join(f"GPU {i}: {mib:.0f} MiB" for i, mib in sorted(foreign.items()))
+            warnings.append(f"this worker (own GPU {own}) still holds memory on other GPUs "
+                            f"({held}); see the actions for why")
+    for w in warnings:
+        log.warning("gpuexec: %s", w)
     return DeviceReport(
         rank=spec.rank, device=torch_device(spec), ordinal=ordinal, uuid=uuid,
         driver=driver_text, active_before=active, actions=actions, warnings=warnings,
+        foreign_mib=foreign, freed_mib=freed, nvml_index=own, release_ms=release_ms,
         elapsed_ms=(time.perf_counter() - start) * 1e3)
+
+
+def merge_reports(first: DeviceReport, later: DeviceReport) -> DeviceReport:
+    """One report for the start-up passes (before the worker class, and after it was built):
+    the later pass's final state, every pass's actions, times and freed memory summed."""
+    freed = None if first.freed_mib is None and later.freed_mib is None else \
+        (first.freed_mib or 0.0) + (later.freed_mib or 0.0)
+    return msgspec.structs.replace(
+        later,
+        active_before=sorted(set(first.active_before) | set(later.active_before)),
+        actions=[*first.actions, *later.actions],
+        warnings=[w for w in first.warnings if w not in later.warnings] + later.warnings,
+        freed_mib=freed,
+        release_ms=first.release_ms + later.release_ms,
+        elapsed_ms=first.elapsed_ms + later.elapsed_ms)

@@ -43,7 +43,7 @@ from ..ipc.messages import (
     rank_topic,
 )
 from .base import Worker, WorkerContext
-from .device import init_device, isolate_environment, torch_device
+from .device import init_device, isolate_environment, merge_reports, torch_device
 from .stdio import install_prefix
 from .watchdog import start_watchdog
 
@@ -191,6 +191,9 @@ def run_worker(spec_bytes: bytes) -> None:
         cls = _resolve_class(spec)
         stage = "__init__"
         worker = _build_worker(spec, cls)
+        if spec.device == "cuda":
+            stage = "init_device"  # again: release what the import or __init__ left behind
+            report = merge_reports(report, init_device(spec))
     except BaseException as e:  # SystemExit in __init__ is a start-up failure too
         push.send_multipart(handshake.encode(StartupFailed(
             PROTOCOL_VERSION, spec.rank, os.getpid(), stage, failure_from(e))))
