@@ -82,7 +82,7 @@ def test_unknown_class_name_fails_in_worker(no_leaks: None) -> None:
 
 def test_ready_timeout(no_leaks: None) -> None:
     t = time.monotonic()
-    with pytest.raises(WorkerStartupError, match="not ready after ready_timeout=0.5 s"):
+    with pytest.raises(WorkerStartupError, match=r"not ready after ready_timeout=0\.5 s"):
         Executor(SlowInit, 2, device="cpu", worker_args=(30,), ready_timeout=0.5)
     assert time.monotonic() - t < 5
 
