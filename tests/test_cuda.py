@@ -93,8 +93,8 @@ def test_isolate_devices() -> None:
 def test_nccl_allreduce_after_release_and_reinit() -> None:
     with Executor("cuda_workers:GpuWorker", 2, env=TOUCH) as ex:
         ex.collective_rpc("touch", args=(0,), ranks=[1])  # user code makes GPU 0 stale again
-        again = ex.collective_rpc("reinit", ranks=[1])[0]
-        assert [a.action for a in again.actions if a.device == 0] == ["released"]
+        again = ex.collective_rpc("reinit", ranks=[1])[0]  # a Struct arrives as a dict
+        assert [a["action"] for a in again["actions"] if a["device"] == 0] == ["released"]
         out = ex.collective_rpc("nccl_allreduce", args=(_free_port(),), timeout=120)
         assert out == [[3.0] * 4, [3.0] * 4]
 

@@ -102,7 +102,7 @@ class PendingCall:
         self.event: threading.Event | None = None  # made by a waiter that is not pumping
         self.owed = set(ranks)
         self.values: dict[int, Any] = {}
-        self.failures: dict[int, Failure] = {}
+        self.failures: dict[int, Failure] | None = None  # made at the first failure
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
@@ -300,6 +300,8 @@ class DriverChannel:
                 return
             call.owed.discard(reply.rank)
             if reply.error is not None:
+                if call.failures is None:
+                    call.failures = {}
                 call.failures[reply.rank] = reply.error
             else:
                 call.values[reply.rank] = reply.value

@@ -26,21 +26,16 @@ DEVICES = ("auto", "cuda", "cpu")
 
 
 def visible_gpu_count() -> int:
-    """GPUs this process may use, without initialising CUDA.
+    """GPUs this process may use, counted without loading any CUDA or NVML library.
 
-    NVML (pynvml) when installed, else the NVIDIA driver's ``/proc`` entries; then
-    narrowed by ``CUDA_VISIBLE_DEVICES`` (an empty value or ``-1`` hides every GPU).
+    The device nodes ``/dev/nvidia<N>`` (what a container was given), else the NVIDIA
+    driver's ``/proc/driver/nvidia/gpus`` entries; then narrowed by
+    ``CUDA_VISIBLE_DEVICES`` (an empty value or ``-1`` hides every GPU). NVML is not
+    used here on purpose: initialising it maps libcuda into the process, which is the
+    very signal the start-method policy reads as "CUDA is initialised here".
     """
-    total = 0
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            total = int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
+    total = len([p for p in glob.glob("/dev/nvidia*") if p[len("/dev/nvidia"):].isdigit()])
+    if total == 0:
         total = len(glob.glob("/proc/driver/nvidia/gpus/*"))
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is None:

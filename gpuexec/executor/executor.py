@@ -160,6 +160,7 @@ class Executor:
             raise
         self._endpoints = endpoints
         self._handles = handles
+        self._all_ranks = list(range(cfg.world_size))
         self._channel = DriverChannel(ctx, req, rep, handles)
         self._channel.start()
         self._closed = False
@@ -282,23 +283,21 @@ class Executor:
             blob = cloudpickle.dumps(method)
         else:
             raise TypeError(f"method must be a name or a callable, not {type(method).__name__}")
-        target = self._ranks(ranks)
+        target = self._all_ranks if ranks is None else self._ranks(ranks)
         if unique_reply_rank is not None and unique_reply_rank not in target:
             raise ValueError(f"unique_reply_rank={unique_reply_rank} is not among ranks {target}")
         if timeout is None:
             timeout = self._config.rpc_timeout
         elif not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
-        call = self._channel.submit(name, blob, list(args), dict(kwargs or {}), target,
+        call = self._channel.submit(name, blob, list(args), dict(kwargs) if kwargs else {}, target,
                                     unique_reply_rank, timeout, non_block)
         if non_block:
             assert call.future is not None
             return call.future
         return self._channel.wait(call)
 
-    def _ranks(self, ranks: Sequence[int] | None) -> list[int]:
-        if ranks is None:
-            return list(range(self.world_size))
+    def _ranks(self, ranks: Sequence[int]) -> list[int]:
         out = list(ranks)
         for r in out:
             if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.world_size:

@@ -54,10 +54,8 @@ def send_frames(sock: Any, frames: list[Frame], prefix: list[bytes] | None = Non
 
 def recv_frames(sock: Any, flags: int = 0) -> list[Frame]:
     """Receive one multipart message: the header as bytes, buffers as zero-copy frames."""
-    import zmq
-
     frames: list[Frame] = [sock.recv(flags)]
-    while sock.getsockopt(zmq.RCVMORE):
+    while sock.rcvmore:
         frames.append(sock.recv(copy=False))
     return frames
 

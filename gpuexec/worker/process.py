@@ -51,6 +51,7 @@ log = logging.getLogger("gpuexec.worker")
 
 WORKER_ENV_FLAG = "GPUEXEC_WORKER"
 _FN_CACHE_SIZE = 64
+_ALL = ALL_TOPIC[0]
 
 
 def failure_from(exc: BaseException) -> Failure:
@@ -117,7 +118,7 @@ class _Server:
         while True:
             frames = recv_frames(self.sub)
             header = frames[0]
-            skip = 1 if header[:1] == ALL_TOPIC else len(self.topic)
+            skip = 1 if header[0] == _ALL else len(self.topic)
             frames[0] = memoryview(header)[skip:]
             try:
                 msg = self.decoder.decode(frames)
