@@ -52,7 +52,14 @@ from typing import Any
 import zmq
 
 from ..errors import ExecutorClosedError, RemoteError, RpcTimeoutError, WorkerDiedError
-from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_frames, send_frames
+from ..ipc.codec import (
+    Decoder,
+    Encoder,
+    MalformedMessage,
+    recv_frames,
+    recv_more,
+    send_frames,
+)
 from ..ipc.messages import ALL_TOPIC, Call, Failure, Ping, Reply, Shutdown, ToDriver, rank_topic
 from .launcher import WorkerHandle
 
@@ -256,21 +263,27 @@ class DriverChannel:
 
     # -- receiving -----------------------------------------------------------------
 
-    def _recv_one(self, timeout_ms: int) -> None:
-        """Receive and dispatch one message within ``timeout_ms`` (-1: no limit).
+    def _recv_for(self, call: PendingCall, timeout_ms: int) -> None:
+        """Receive and dispatch replies until ``call`` is done (``timeout_ms`` -1), or
+        one message within ``timeout_ms`` (the caller then re-checks its deadline).
 
         The caller holds the pump lock. A blocking ``recv`` is the cheapest way to wait
-        for one socket; deaths and shutdown interrupt it with a wake-up frame.
+        for one socket; deaths and shutdown interrupt it with a wake-up frame. This is
+        the hot path: one loop per reply, nothing re-computed inside it.
         """
         rep = self._rep
+        dispatch = self._dispatch
         if timeout_ms != self._rcvtimeo:
             rep.setsockopt(zmq.RCVTIMEO, timeout_ms)
             self._rcvtimeo = timeout_ms
-        try:
-            frames = recv_frames(rep)
-        except zmq.Again:
-            return
-        self._dispatch(frames)
+        while not call.done:
+            try:
+                header = rep.recv()
+            except zmq.Again:
+                return
+            dispatch(recv_more(rep, header) if rep.rcvmore else [header])
+            if timeout_ms >= 0:
+                return
 
     def _pump(self, timeout_ms: int) -> None:
         """The monitor's pump: replies and sentinels together; caller holds the pump lock."""
@@ -355,9 +368,8 @@ class DriverChannel:
                     remaining = _WAIT_SLICE_S
                 if self._pump_lock.acquire(blocking=False):
                     try:
-                        if not call.done:
-                            self._recv_one(-1 if call.deadline is None else
-                                           max(1, int(remaining * 1000 + 0.999)))
+                        self._recv_for(call, -1 if call.deadline is None else
+                                       max(1, int(remaining * 1000 + 0.999)))
                     finally:
                         self._pump_lock.release()
                 else:

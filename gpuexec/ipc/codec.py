@@ -54,7 +54,13 @@ def send_frames(sock: Any, frames: list[Frame], prefix: list[bytes] | None = Non
 
 def recv_frames(sock: Any, flags: int = 0) -> list[Frame]:
     """Receive one multipart message: the header as bytes, buffers as zero-copy frames."""
-    frames: list[Frame] = [sock.recv(flags)]
+    header = sock.recv(flags)
+    return recv_more(sock, header) if sock.rcvmore else [header]
+
+
+def recv_more(sock: Any, header: bytes) -> list[Frame]:
+    """``[header, *the rest of its multipart message]``, the rest without copying."""
+    frames: list[Frame] = [header, sock.recv(copy=False)]
     while sock.rcvmore:
         frames.append(sock.recv(copy=False))
     return frames
@@ -138,8 +144,9 @@ class Decoder(Generic[T]):
         if not frames:
             raise MalformedMessage("empty message")
         self._frames = frames
+        header = frames[0]
         try:
-            return self._dec.decode(_buffer(frames[0]))
+            return self._dec.decode(header if header.__class__ is bytes else _buffer(header))
         except MalformedMessage:
             raise
         except Exception as e:  # msgspec errors, bad dtypes, bad indices, bad pickles

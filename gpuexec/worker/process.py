@@ -27,7 +27,7 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_frames, send_frames
+from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_more, send_frames
 from ..ipc.messages import (
     ALL_TOPIC,
     PROTOCOL_VERSION,
@@ -115,13 +115,14 @@ class _Server:
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
 
     def serve(self) -> None:
+        sub, decode, topic_len = self.sub, self.decoder.decode, len(self.topic)
         while True:
-            frames = recv_frames(self.sub)
-            header = frames[0]
-            skip = 1 if header[0] == _ALL else len(self.topic)
+            header = sub.recv()
+            skip = 1 if header[0] == _ALL else topic_len
+            frames = recv_more(sub, header) if sub.rcvmore else [header]
             frames[0] = memoryview(header)[skip:]
             try:
-                msg = self.decoder.decode(frames)
+                msg = decode(frames)
             except MalformedMessage as e:
                 self.dropped += 1
                 if self.dropped == 1:
@@ -144,17 +145,18 @@ class _Server:
                 self._fns.popitem(last=False)
         return fn
 
+    def _method(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.worker, name, None) if not name.startswith("__") else None
+        if method is None or not callable(method):
+            raise AttributeError(f"{type(self.worker).__qualname__} has no method {name!r}")
+        return method  # type: ignore[no-any-return]
+
     def _run(self, call: Call) -> Reply:
         try:
             if call.fn is not None:
                 value = self._function(call.fn)(self.worker, *call.args, **call.kwargs)
             else:
-                method = getattr(self.worker, call.method, None) \
-                    if not call.method.startswith("__") else None
-                if method is None or not callable(method):
-                    raise AttributeError(
-                        f"{type(self.worker).__qualname__} has no method {call.method!r}")
-                value = method(*call.args, **call.kwargs)
+                value = self._method(call.method)(*call.args, **call.kwargs)
         except Exception as e:
             return Reply(call.call_id, self.rank, error=failure_from(e))
         keep = call.value_rank < 0 or call.value_rank == self.rank
