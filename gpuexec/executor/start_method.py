@@ -1,10 +1,17 @@
 """Which start method gives working workers from this process, and why.
 
-Signals that CUDA is initialised here, read without any CUDA call (calling ``cuInit``
-in the driver to find out would itself break every forked child):
+What breaks ``fork`` is ``cuInit`` having run in the parent: a forked child then finds
+CUDA dead (``cuInit`` returns 3 there). It is read without any CUDA call (calling
+``cuInit`` to find out would itself break every forked child):
 
-* ``libcuda.so`` mapped into this process (``/proc/self/maps``): any library that
-  loaded the driver (torch, CuPy, Numba, JAX, ...) shows up there;
+* ``libcuda.so`` mapped into this process (``/proc/self/maps``) shows which library
+  *loaded* the driver (torch, CuPy, Numba, JAX, NVML...). Loading is not initialising:
+  measured on an H200 host (``benchmarks/results/h200x2/cuda_maps_probe.txt``),
+  ``import torch`` and ``nvmlInit()`` map libcuda, and a child forked after them runs
+  CUDA fine; so the mapping alone does not refuse ``fork``.
+* ``cuInit`` then maps the driver's device files (``/dev/nvidiactl``, ``/dev/nvidiaN``)
+  into the process: libcuda mapped *and* a device file mapped means the driver is
+  initialised, whichever library called it (``torch.cuda.is_available()`` does).
 * ``torch.cuda.is_initialized()`` when torch is already imported.
 
 Policy (``"auto"``; ``GPUEXEC_START_METHOD`` overrides it when set):
@@ -12,7 +19,7 @@ Policy (``"auto"``; ``GPUEXEC_START_METHOD`` overrides it when set):
 ==========================  ===========  ==========================================
 CUDA in this process        auto         explicit ``fork``
 ==========================  ===========  ==========================================
-not initialised             fork         fork
+not loaded, or loaded only  fork         fork
 initialised                 spawn (one   :class:`~gpuexec.errors.StartMethodError`
                             warning)     naming what loaded CUDA and the fix
 ==========================  ===========  ==========================================
@@ -47,7 +54,10 @@ _CUDA_USERS = (
     (re.compile(r"xla_extension|jaxlib|libjax"), "jax"),
     (re.compile(r"libcudart\.so"), "the CUDA runtime (libcudart)"),
     (re.compile(r"tensorflow"), "tensorflow"),
+    (re.compile(r"libnvidia-ml\.so"), "NVML (pynvml)"),
 )
+# cuInit maps the control device and the GPUs; loading libcuda alone maps neither.
+_DEVICE_FILE = re.compile(r"/dev/nvidia(ctl|\d+)$")
 _warned_auto = False
 
 GUARD_HINT = (
@@ -61,39 +71,52 @@ GUARD_HINT = (
 class CudaState(msgspec.Struct, frozen=True):
     """What this process knows about its own CUDA state, without calling CUDA."""
 
-    libcuda_mapped: bool
+    libcuda_mapped: bool        # the driver library is loaded (not yet a problem for fork)
     libcuda_path: str
-    torch_initialized: bool
+    driver_initialized: bool    # cuInit ran: the driver mapped /dev/nvidiactl or a GPU
+    torch_initialized: bool     # torch.cuda.is_initialized()
     loaded_by: list[str]        # libraries that likely loaded CUDA, e.g. ["torch"]
 
     @property
     def initialized(self) -> bool:
-        return self.libcuda_mapped or self.torch_initialized
+        """True when forked children would find CUDA dead."""
+        return self.driver_initialized or self.torch_initialized
 
     def describe(self) -> str:
+        who = ", ".join(self.loaded_by) or "an unknown library"
+        lib = self.libcuda_path or "libcuda"
         if not self.initialized:
+            if self.libcuda_mapped:
+                return (f"CUDA is loaded but not initialised in this process ({lib} is mapped, "
+                        f"by {who}; cuInit has not run)")
             return "CUDA is not initialised in this process"
         what = []
-        if self.libcuda_mapped:
-            what.append(f"{self.libcuda_path or 'libcuda'} is mapped")
+        if self.driver_initialized:
+            what.append(f"{lib} is mapped and has mapped the GPU device files (cuInit ran)")
         if self.torch_initialized:
             what.append("torch.cuda.is_initialized() is True")
-        who = ", ".join(self.loaded_by) or "an unknown library"
         return f"CUDA is initialised in this process ({'; '.join(what)}; loaded by {who})"
 
 
 def cuda_state(maps_path: str = "/proc/self/maps") -> CudaState:
+    """Read :class:`CudaState` from ``maps_path`` (this process's memory map) and torch."""
     try:
         with open(maps_path) as f:
             maps = f.read()
     except OSError:
         maps = ""
     libcuda = ""
+    devices = False
     loaded_by: list[str] = []
     for line in maps.splitlines():
-        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        name = os.path.basename(path)
-        if not libcuda and re.match(r"libcuda\.so", name):
+        fields = line.split(maxsplit=5)
+        path = fields[5] if len(fields) == 6 else ""
+        if not path:
+            continue
+        if _DEVICE_FILE.match(path):
+            devices = True
+            continue
+        if not libcuda and re.match(r"libcuda\.so", os.path.basename(path)):
             libcuda = path
         for pattern, who in _CUDA_USERS:
             if who not in loaded_by and pattern.search(path):
@@ -107,11 +130,15 @@ def cuda_state(maps_path: str = "/proc/self/maps") -> CudaState:
             torch_init = False
     if torch_init and "torch" not in loaded_by:
         loaded_by.insert(0, "torch")
-    return CudaState(bool(libcuda), libcuda, torch_init, loaded_by if libcuda or torch_init else [])
+    return CudaState(bool(libcuda), libcuda, bool(libcuda) and devices, torch_init,
+                     loaded_by if libcuda or torch_init else [])
 
 
-def resolve_start_method(requested: str) -> tuple[str, str]:
-    """Resolve ``requested`` to a concrete method and a one-line reason; see the table."""
+def resolve_start_method(requested: str, state: CudaState | None = None) -> tuple[str, str]:
+    """Resolve ``requested`` to a concrete method and a one-line reason; see the table.
+
+    ``state`` defaults to this process's :func:`cuda_state`.
+    """
     global _warned_auto
     env = os.environ.get(ENV_START_METHOD, "").strip()
     source = "start_method"
@@ -123,7 +150,8 @@ def resolve_start_method(requested: str) -> tuple[str, str]:
     available = multiprocessing.get_all_start_methods()
     if requested != "auto" and requested not in available:
         raise StartMethodError(f"start method {requested!r} is not available on this platform")
-    state = cuda_state()
+    if state is None:
+        state = cuda_state()
     if requested == "fork" and state.initialized:
         raise StartMethodError(
             f"start_method='fork' would give workers whose CUDA is dead: {state.describe()}. "
@@ -138,7 +166,7 @@ def resolve_start_method(requested: str) -> tuple[str, str]:
                         state.describe())
         return "spawn", f"spawn: {state.describe()}, so fork is unsafe"
     if "fork" in available:
-        return "fork", "fork: CUDA is not initialised in this process (fastest safe start)"
+        return "fork", f"fork: {state.describe()} (fastest safe start)"
     return "spawn", "spawn: fork is not available on this platform"
 
 
