@@ -81,11 +81,22 @@ class Encoder:
     def __init__(self, *, allow_pickle: bool) -> None:
         self.allow_pickle = allow_pickle
         self._meta = msgspec.msgpack.Encoder()
+        self._plain = msgspec.msgpack.Encoder()  # no hook: messages of plain data only
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._lock = threading.Lock()
         self._frames: list[Frame] = []  # out-of-band frames of the message being encoded
 
     def encode(self, msg: Any) -> list[Frame]:
+        """``[header, *buffers]`` for ``msg``.
+
+        Most messages hold plain data only: they are encoded without the hook, the lock or
+        the frame list (the hot path); anything else raises ``TypeError`` there and takes
+        the full path.
+        """
+        try:
+            return [self._plain.encode(msg)]
+        except TypeError:
+            pass
         with self._lock:
             frames: list[Frame] = [b""]
             self._frames = frames
