@@ -149,3 +149,34 @@ def test_many_cycles_leave_nothing(no_leaks: None) -> None:
         with Executor(EchoWorker, 2, device="cpu") as ex:
             assert ex.collective_rpc("add", args=(i,)) == [i, i + 1]
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+
+
+def test_died_error_carries_the_last_stderr_lines(no_leaks: None) -> None:
+    with Executor(EchoWorker, 2, device="cpu") as ex:
+        with pytest.raises(WorkerDiedError) as info:
+            ex.collective_rpc("say_then_exit", args=("last words of rank one", 4), ranks=[1])
+    assert info.value.exitcode == 4
+    assert "last words of rank one" in info.value.stderr_tail
+    assert "last stderr lines" in str(info.value)
+
+
+def test_segfault_traceback_reaches_the_error(no_leaks: None) -> None:
+    with Executor(EchoWorker, 1, device="cpu") as ex:
+        with pytest.raises(WorkerDiedError) as info:
+            ex.collective_rpc(lambda w: __import__("ctypes").string_at(0))
+    assert info.value.signal_name == "SIGSEGV"
+    assert "Segmentation fault" in info.value.stderr_tail
+
+
+@pytest.mark.parametrize("how", ["shutdown", "sigterm"])
+def test_worker_children_are_reaped(how: str, no_leaks: None) -> None:
+    ex = Executor(EchoWorker, 1, device="cpu")
+    child = ex.collective_rpc("spawn_child")[0]
+    assert wait_gone([child], timeout=0.1) == [child]  # running
+    if how == "sigterm":
+        os.kill(ex.workers[0].pid, signal.SIGTERM)
+        with pytest.raises(WorkerDiedError) as info:
+            ex.collective_rpc("noop", timeout=5)
+        assert info.value.exitcode == 128 + signal.SIGTERM
+    ex.shutdown()
+    assert wait_gone([child], timeout=2) == []

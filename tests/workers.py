@@ -56,6 +56,16 @@ class EchoWorker(Worker):
     def exit_now(self, code: int) -> None:
         os._exit(code)
 
+    def spawn_child(self) -> int:
+        import subprocess
+
+        self.child = subprocess.Popen(["sleep", "60"])
+        return self.child.pid
+
+    def say_then_exit(self, text: str, code: int) -> None:
+        print(text, file=sys.stderr, flush=True)
+        os._exit(code)
+
     def unsendable(self) -> Any:
         return object.__new__(_Unpicklable)
 

@@ -124,11 +124,13 @@ class DriverChannel:
     """Sends calls to workers and collects replies; see the module docstring."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], req: zmq.Socket[bytes],
-                 rep: zmq.Socket[bytes], handles: Sequence[WorkerHandle]) -> None:
+                 rep: zmq.Socket[bytes], handles: Sequence[WorkerHandle],
+                 stderr_tail: Callable[[int], str] = lambda rank: "") -> None:
         self._ctx = ctx
         self._req = req
         self._rep = rep
         self._handles = handles
+        self._stderr_tail = stderr_tail  # rank -> the dead worker's last stderr lines
         self._topics = [rank_topic(h.rank) for h in handles]
         self._encoder = Encoder(allow_pickle=True)
         self._decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True)
@@ -194,10 +196,13 @@ class DriverChannel:
         """A sentinel fired: record the death and fail every pending call."""
         handle = self._handles[rank]
         exitcode = handle.reap(timeout=0.5)
+        if self._closing or self._failure is not None:
+            return
+        tail = self._stderr_tail(rank)
         with self._lock:
             if self._closing or self._failure is not None:
                 return
-            self._failure = (rank, handle.pid, exitcode, "")
+            self._failure = (rank, handle.pid, exitcode, tail)
             pending = list(self._pending.values())
             callbacks, self._failure_callbacks = self._failure_callbacks, []
         for call in pending:

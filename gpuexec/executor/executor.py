@@ -30,6 +30,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ from ..ipc.endpoints import EndpointDir
 from ..ipc.messages import WorkerSpec
 from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
+from ..worker.stdio import read_tail, stderr_record_path
 from .channel import ChannelStats, DriverChannel
 from .config import ExecutorConfig
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
@@ -72,6 +74,24 @@ _live: weakref.WeakSet[Executor] = weakref.WeakSet()
 def _shutdown_all() -> None:
     for ex in list(_live):
         ex.shutdown()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM to the driver: stop every executor, then die of SIGTERM as asked."""
+    log.warning("gpuexec: SIGTERM: shutting down %d executor(s)", len(_live))
+    for ex in list(_live):
+        ex.shutdown(timeout=1.0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm_handler() -> None:
+    """Install :func:`_on_sigterm`, only in the main thread and only over the default
+    action: an application's own SIGTERM handler is left alone (it runs its own
+    shutdown, and interpreter exit still shuts executors down through atexit)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class Executor:
@@ -152,7 +172,8 @@ class Executor:
             specs = [msgspec.msgpack.encode(self._spec(rank, endpoints))
                      for rank in range(cfg.world_size)]
             handles = start_workers(self._start_method, specs)
-            wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout)
+            wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
+                       lambda rank: read_tail(stderr_record_path(endpoints.path, rank)))
         except BaseException:
             stop_workers(handles, grace=0.0, term_grace=1.0)
             ctx.destroy(linger=0)
@@ -161,10 +182,13 @@ class Executor:
         self._endpoints = endpoints
         self._handles = handles
         self._all_ranks = list(range(cfg.world_size))
-        self._channel = DriverChannel(ctx, req, rep, handles)
+        self._channel = DriverChannel(ctx, req, rep, handles,
+                                      lambda rank: read_tail(stderr_record_path(
+                                          endpoints.path, rank)))
         self._channel.start()
         self._closed = False
         _live.add(self)
+        _install_sigterm_handler()
 
     def _spec(self, rank: int, endpoints: EndpointDir) -> WorkerSpec:
         cfg = self._config
@@ -177,7 +201,8 @@ class Executor:
             driver_pid=os.getpid(), driver_is_parent=self._start_method != "forkserver",
             req_endpoint=endpoints.endpoint("req"), rep_endpoint=endpoints.endpoint("rep"),
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
-            init_args_pickle=cfg.init_args_pickle, env=cfg.env)
+            init_args_pickle=cfg.init_args_pickle, env=cfg.env,
+            stderr_record=stderr_record_path(endpoints.path, rank))
 
     # -- properties ----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_sentinels
 from multiprocessing.process import BaseProcess
@@ -90,7 +90,8 @@ def start_workers(method: str, specs: Sequence[bytes]) -> list[WorkerHandle]:
 
 
 def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
-               xpub: zmq.Socket[bytes], method: str, timeout: float) -> None:
+               xpub: zmq.Socket[bytes], method: str, timeout: float,
+               stderr_tail: Callable[[int], str] = lambda rank: "") -> None:
     """Wait until every worker is ready and subscribed; raise ``WorkerStartupError`` on
     the first failure, naming the rank and carrying its traceback."""
     decoder: Decoder[Handshake] = Decoder(Handshake, allow_pickle=False)
@@ -149,6 +150,9 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                         b"\x01" + rank_topic(h.rank) in unsubscribed:
                     raise StartMethodError(f"worker rank {h.rank} {reason}: "
                                            + GUARD_HINT.format(method=repr(method)))
+                tail = stderr_tail(h.rank)
+                if tail:
+                    reason += "\n--- last stderr lines of the worker ---\n" + tail
                 raise WorkerStartupError(h.rank, reason)
 
 

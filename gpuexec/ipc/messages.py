@@ -66,6 +66,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     worker_cls_pickle: bytes = b""   # cloudpickle of the class when it is not importable
     init_args_pickle: bytes = b""    # cloudpickle of (worker_args, worker_kwargs)
     env: dict[str, str] = {}
+    stderr_record: str = ""          # file the worker copies its stderr to ("" = none)
 
 
 class Failure(msgspec.Struct, frozen=True, array_like=True):

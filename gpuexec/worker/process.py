@@ -12,7 +12,6 @@ reaches the whole process group, and it is the driver that decides to shut down.
 
 from __future__ import annotations
 
-import faulthandler
 import importlib
 import logging
 import os
@@ -45,7 +44,7 @@ from ..ipc.messages import (
 from .base import Worker, WorkerContext
 from .device import init_device, isolate_environment, merge_reports, torch_device
 from .stdio import install_prefix
-from .watchdog import start_watchdog
+from .watchdog import kill_children, start_watchdog
 
 log = logging.getLogger("gpuexec.worker")
 
@@ -71,8 +70,14 @@ def _setup_process(spec: WorkerSpec) -> None:
     })
     isolate_environment(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    faulthandler.enable()
-    install_prefix(spec.rank, os.getpid())
+    signal.signal(signal.SIGTERM, _terminated)
+    install_prefix(spec.rank, os.getpid(), spec.stderr_record)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (the driver's shutdown escalation): take our own children along."""
+    kill_children()
+    os._exit(128 + signum)
 
 
 def _resolve_class(spec: WorkerSpec) -> type[Worker]:
@@ -210,6 +215,7 @@ def run_worker(spec_bytes: bytes) -> None:
     try:
         _Server(spec, worker, sub, push).serve()
     finally:
+        kill_children()
         sub.close()
         push.close()
         ctx.term()

@@ -1,24 +1,63 @@
-"""Rank-prefixed stdout/stderr in workers, so interleaved logs stay readable.
+"""Rank-prefixed stdout/stderr in workers, and a stderr record the driver can read.
 
-Every line a worker prints starts with ``(rank N pid P)``. Logging handlers that the
-worker inherited (fork) and that point at the old streams are moved to the new ones.
-Native code writing to fd 1/2 directly (faulthandler, C libraries) is not prefixed.
+Every line a worker prints through Python starts with ``(rank N pid P)``. Logging
+handlers the worker inherited (fork) that point at the old streams are moved to the
+new ones.
+
+What a worker wrote to stderr is also appended to a *stderr record*: a file in the
+executor's private 0700 directory. When a worker dies, the driver reads its last lines
+from there for :class:`~gpuexec.errors.WorkerDiedError` — a file rather than a pipe
+because it survives the worker's death and needs no reader. ``faulthandler`` writes
+there too, so a segfault's Python traceback reaches the error message even though the
+process is gone. The record is kept under ``RECORD_LIMIT`` bytes by starting over when
+it grows past it (the tail is what matters). Native code writing to fd 2 directly
+(C libraries) reaches the terminal but not the record.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import os
 import sys
 import threading
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
+
+RECORD_LIMIT = 1 << 20
+
+
+def stderr_record_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"stderr.{rank}")
+
+
+def read_tail(path: str, max_lines: int = 20, max_bytes: int = 16384) -> str:
+    """The last lines of a stderr record ("" when there is none).
+
+    A faulthandler dump ("Fatal Python error: ...", most recent call first) is kept from
+    its first line, where the fault is, rather than cut to its last lines."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    fatal = text.rfind("Fatal Python error")
+    if fatal >= 0:
+        return "\n".join(text[fatal:].splitlines()[:2 * max_lines])
+    return "\n".join(text.splitlines()[-max_lines:])
 
 
 class PrefixedStream:
-    """A text stream that prefixes every line written through it."""
+    """A text stream that prefixes every line written through it (and copies stderr
+    lines to the record)."""
 
-    def __init__(self, stream: TextIO, prefix: str) -> None:
+    def __init__(self, stream: TextIO, prefix: str, record: BinaryIO | None = None) -> None:
         self._stream = stream
         self._prefix = prefix
+        self._record = record
         self._at_line_start = True
         self._lock = threading.Lock()
 
@@ -32,22 +71,49 @@ class PrefixedStream:
                     out.append(self._prefix)
                 out.append(line)
                 self._at_line_start = line.endswith("\n")
-            self._stream.write("".join(out))
+            text = "".join(out)
+            self._stream.write(text)
+            if self._record is not None:
+                self._append(text)
         return len(s)
+
+    def _append(self, text: str) -> None:
+        rec = self._record
+        if rec is None:
+            return
+        try:
+            if rec.tell() > RECORD_LIMIT:
+                rec.seek(0)
+                rec.truncate()
+            rec.write(text.encode("utf-8", "replace"))
+            rec.flush()
+        except (OSError, ValueError):
+            self._record = None  # the directory is gone (shutdown): stop recording
 
     def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding...
         return getattr(self._stream, name)
 
 
-def install_prefix(rank: int, pid: int) -> None:
+def install_prefix(rank: int, pid: int, record_path: str | None = None) -> None:
+    """Prefix this worker's stdout/stderr; record stderr and faulthandler output."""
     prefix = f"(rank {rank} pid {pid}) "
+    record: BinaryIO | None = None
+    if record_path:
+        try:
+            record = open(record_path, "ab", buffering=0)
+        except OSError:
+            record = None
+    if record is not None:
+        faulthandler.enable(file=record, all_threads=True)
+    else:
+        faulthandler.enable()
     old = {id(sys.stdout): "stdout", id(sys.stderr): "stderr"}
     new: dict[str, Any] = {}
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is None or isinstance(stream, PrefixedStream):
             continue
-        new[name] = PrefixedStream(stream, prefix)
+        new[name] = PrefixedStream(stream, prefix, record if name == "stderr" else None)
         setattr(sys, name, new[name])
     for handler in logging.root.handlers:
         if isinstance(handler, logging.StreamHandler):

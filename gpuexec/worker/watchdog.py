@@ -7,7 +7,12 @@ in a long call. The pidfd is opened first thing in the worker and the driver's p
 checked against ``getppid()`` afterwards where the driver is the parent, which closes
 the race of a driver dying before the watchdog starts. Without pidfd support the
 thread polls the driver's liveness every 100 ms instead. Before exiting, the worker
-kills its own child processes (psutil, when installed) so that none is orphaned.
+kills its own child processes so that none is orphaned.
+
+Why not ``prctl(PR_SET_PDEATHSIG)``: it fires when the *thread* that started the
+worker exits, not the driver process, so an executor built in a short-lived thread
+would lose its workers; and under forkserver the worker's parent is not the driver.
+A pidfd of the driver has neither problem.
 """
 
 from __future__ import annotations
@@ -20,23 +25,45 @@ import threading
 EXIT_DRIVER_GONE = 70
 
 
-def _kill_children() -> None:
+def descendants(pid: int) -> list[int]:
+    """Pids of every live descendant of ``pid``, read from ``/proc`` (Linux)."""
+    children: dict[int, list[int]] = {}
     try:
-        import psutil
-    except ImportError:
-        return
-    try:
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        pass
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def kill_children() -> None:
+    """SIGKILL every descendant of this worker, so that none outlives it."""
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _driver_gone() -> None:
-    _kill_children()
+    kill_children()
     os._exit(EXIT_DRIVER_GONE)
 
 
