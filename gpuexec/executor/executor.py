@@ -77,12 +77,16 @@ def _shutdown_all() -> None:
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM to the driver: stop every executor, then die of SIGTERM as asked."""
-    log.warning("gpuexec: SIGTERM: shutting down %d executor(s)", len(_live))
-    for ex in list(_live):
-        ex.shutdown(timeout=1.0)
+    """SIGTERM to the driver: exit (code 143) through ``SystemExit``.
+
+    The handler runs in the main thread at whatever point it was interrupted, possibly
+    inside a call holding an executor's locks, so it must not shut executors down
+    itself: unwinding runs ``__exit__`` and then the atexit shutdown of every executor.
+    A second SIGTERM kills at once (the default action is restored).
+    """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    log.warning("gpuexec: SIGTERM: exiting; shutting down %d executor(s)", len(_live))
+    raise SystemExit(128 + signum)
 
 
 def _install_sigterm_handler() -> None:
