@@ -32,6 +32,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"ready_timeout": 0}, "ready_timeout must be a positive number"),
     ({"rpc_timeout": -1}, "rpc_timeout must be a positive number"),
     ({"shutdown_timeout": "5"}, "shutdown_timeout must be a positive number"),
+    ({"terminate_timeout": 0}, "terminate_timeout must be a positive number"),
     ({"stale_context_policy": "nuke"}, "stale_context_policy must be 'release' or 'reset'"),
     ({"distributed_backend": "nccl"}, "distributed_backend='nccl' is not supported"),
 ]

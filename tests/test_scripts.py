@@ -58,3 +58,15 @@ def test_demo_runs_and_checks_its_computation() -> None:
     assert "start method: fork" in r.stdout
     assert r.stdout.count("matches the driver's reference") == 2
     assert "p50" in r.stdout and "p99" in r.stdout
+
+
+def test_doctor_without_gpu_reports_the_rest() -> None:
+    r = subprocess.run([sys.executable, "-m", "gpuexec", "doctor"], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                            "CUDA_VISIBLE_DEVICES": "", "GPUEXEC_LIBCUDA": "/nonexistent.so"})
+    assert r.returncode == 0, r.stderr
+    assert "this process: CUDA is not initialised in this process" in r.stdout
+    assert "start_method='auto' would choose: fork" in r.stdout
+    assert "visible GPUs: 0" in r.stdout
+    assert "CUDA driver: not found" in r.stdout

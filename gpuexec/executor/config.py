@@ -115,6 +115,7 @@ class ExecutorConfig:
     ready_timeout: float
     rpc_timeout: float | None
     shutdown_timeout: float
+    terminate_timeout: float
     gpus: tuple[int, ...] = field(default=())  # per rank; empty on CPU
 
     @classmethod
@@ -135,6 +136,7 @@ class ExecutorConfig:
         ready_timeout: float,
         rpc_timeout: float | None,
         shutdown_timeout: float,
+        terminate_timeout: float,
     ) -> ExecutorConfig:
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
@@ -186,5 +188,6 @@ class ExecutorConfig:
             ready_timeout=_positive("ready_timeout", ready_timeout) or 0.0,
             rpc_timeout=_positive("rpc_timeout", rpc_timeout, allow_none=True),
             shutdown_timeout=_positive("shutdown_timeout", shutdown_timeout) or 0.0,
+            terminate_timeout=_positive("terminate_timeout", terminate_timeout) or 0.0,
             gpus=tuple(range(size)) if resolved == "cuda" else (),
         )

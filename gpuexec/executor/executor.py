@@ -55,6 +55,7 @@ log = logging.getLogger("gpuexec")
 
 DEFAULT_READY_TIMEOUT = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+DEFAULT_TERMINATE_TIMEOUT = 2.0
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -105,7 +106,7 @@ class Executor:
     start_method="auto", worker_args=(), worker_kwargs=None, env=None,
     isolate_devices=False, release_stale_contexts=True, stale_context_policy="release",
     distributed_backend=None,
-    ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0)``
+    ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0, terminate_timeout=2.0)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -124,7 +125,8 @@ class Executor:
       active after the release because another owner in the worker retains it.
     * ``ready_timeout``: seconds for every worker to start; ``rpc_timeout``: default
       per-call deadline (None: no deadline, liveness is still watched);
-      ``shutdown_timeout``: grace period before workers are terminated.
+      ``shutdown_timeout``: grace period after the Shutdown message before SIGTERM;
+      ``terminate_timeout``: grace period after SIGTERM before SIGKILL.
 
     Raises :class:`~gpuexec.errors.ConfigError` for bad arguments before any process
     starts, :class:`~gpuexec.errors.StartMethodError` when the start method cannot
@@ -148,6 +150,7 @@ class Executor:
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         rpc_timeout: float | None = None,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
@@ -158,7 +161,8 @@ class Executor:
             isolate_devices=isolate_devices, release_stale_contexts=release_stale_contexts,
             stale_context_policy=stale_context_policy,
             distributed_backend=distributed_backend, ready_timeout=ready_timeout,
-            rpc_timeout=rpc_timeout, shutdown_timeout=shutdown_timeout)
+            rpc_timeout=rpc_timeout, shutdown_timeout=shutdown_timeout,
+            terminate_timeout=terminate_timeout)
         self._start_method, self._start_method_reason = resolve_start_method(start_method)
         cfg = self._config
         endpoints = EndpointDir()
@@ -356,7 +360,7 @@ class Executor:
         _live.discard(self)
         grace = self._config.shutdown_timeout if timeout is None else timeout
         self._channel.begin_close()
-        stop_workers(self._handles, grace=grace)
+        stop_workers(self._handles, grace=grace, term_grace=self._config.terminate_timeout)
         self._channel.close()
         self._endpoints.close()
 
