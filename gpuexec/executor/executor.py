@@ -86,16 +86,25 @@ def _on_sigterm(signum: int, frame: object) -> None:
     A second SIGTERM kills at once (the default action is restored).
     """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getpid() != _sigterm_owner:  # a child forked by other code inherited it
+        os.kill(os.getpid(), signum)
+        return
     log.warning("gpuexec: SIGTERM: exiting; shutting down %d executor(s)", len(_live))
     raise SystemExit(128 + signum)
+
+
+_sigterm_owner = 0  # pid of the process that installed _on_sigterm
 
 
 def _install_sigterm_handler() -> None:
     """Install :func:`_on_sigterm`, only in the main thread and only over the default
     action: an application's own SIGTERM handler is left alone (it runs its own
-    shutdown, and interpreter exit still shuts executors down through atexit)."""
+    shutdown, and interpreter exit still shuts executors down through atexit). Children
+    forked by other code inherit the handler; in them it acts as the default action."""
+    global _sigterm_owner
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        _sigterm_owner = os.getpid()
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
