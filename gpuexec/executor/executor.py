@@ -104,8 +104,25 @@ def _install_sigterm_handler() -> None:
     global _sigterm_owner
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if not _sigterm_owner:
+            os.register_at_fork(after_in_child=_default_sigterm_in_child)
         _sigterm_owner = os.getpid()
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _default_sigterm_in_child() -> None:
+    """A child forked by any code gets SIGTERM's default action back: a Python-level
+    handler only runs between bytecodes, so a child stuck in a C-level wait (a
+    multiprocessing Pool worker on a lock) would never die of ``Pool.terminate()``."""
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _uninstall_sigterm_handler() -> None:
+    """Give SIGTERM its default action back once no executor is left."""
+    if not _live and threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Executor:
@@ -219,7 +236,7 @@ class Executor:
             req_endpoint=endpoints.endpoint("req"), rep_endpoint=endpoints.endpoint("rep"),
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
             init_args_pickle=cfg.init_args_pickle, env=cfg.env,
-            stderr_record=stderr_record_path(endpoints.path, rank))
+            stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path)
 
     # -- properties ----------------------------------------------------------------
 
@@ -372,6 +389,7 @@ class Executor:
         stop_workers(self._handles, grace=grace, term_grace=self._config.terminate_timeout)
         self._channel.close()
         self._endpoints.close()
+        _uninstall_sigterm_handler()
 
     def __enter__(self) -> Executor:
         return self

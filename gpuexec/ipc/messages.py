@@ -67,6 +67,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     init_args_pickle: bytes = b""    # cloudpickle of (worker_args, worker_kwargs)
     env: dict[str, str] = {}
     stderr_record: str = ""          # file the worker copies its stderr to ("" = none)
+    ipc_dir: str = ""                # the private directory; removed if the driver dies
 
 
 class Failure(msgspec.Struct, frozen=True, array_like=True):

@@ -180,7 +180,7 @@ def run_worker(spec_bytes: bytes) -> None:
     """Process entry point (the target the executor's launcher starts)."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     _setup_process(spec)
-    start_watchdog(spec.driver_pid, spec.driver_is_parent)
+    start_watchdog(spec.driver_pid, spec.driver_is_parent, spec.ipc_dir)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import threading
 
@@ -62,8 +63,10 @@ def kill_children() -> None:
             pass
 
 
-def _driver_gone() -> None:
+def _driver_gone(ipc_dir: str) -> None:
     kill_children()
+    if ipc_dir:  # nobody else will remove the dead driver's private directory
+        shutil.rmtree(ipc_dir, ignore_errors=True)
     os._exit(EXIT_DRIVER_GONE)
 
 
@@ -77,27 +80,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_watchdog(driver_pid: int, driver_is_parent: bool) -> None:
-    """Start the watchdog thread; exit at once if the driver is already gone."""
+def start_watchdog(driver_pid: int, driver_is_parent: bool, ipc_dir: str = "") -> None:
+    """Start the watchdog thread; exit at once if the driver is already gone. A worker
+    that outlives its driver also removes the driver's ``ipc_dir``."""
     pidfd: int | None
     try:
         pidfd = os.pidfd_open(driver_pid)
     except ProcessLookupError:
-        _driver_gone()
+        _driver_gone(ipc_dir)
         return
     except (AttributeError, OSError):
         pidfd = None
     if (driver_is_parent and os.getppid() != driver_pid) or not _alive(driver_pid):
-        _driver_gone()
+        _driver_gone(ipc_dir)
 
     def watch() -> None:
         if pidfd is not None:
             while True:
                 ready, _, _ = select.select([pidfd], [], [])
                 if ready:
-                    _driver_gone()
+                    _driver_gone(ipc_dir)
         while _alive(driver_pid) and (not driver_is_parent or os.getppid() == driver_pid):
             threading.Event().wait(0.1)
-        _driver_gone()
+        _driver_gone(ipc_dir)
 
     threading.Thread(target=watch, name="gpuexec-watchdog", daemon=True).start()
