@@ -151,7 +151,8 @@ def pool_baseline(trials: int) -> list[dict[str, Any]]:
     inherit anything an Executor installed in this one (gpuexec's SIGTERM handler)."""
     code = ("import json, sys; import failure_detection as f; "
             "print(json.dumps(f._pool_trials(int(sys.argv[1]))), flush=True)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen([sys.executable, "-c", code, str(trials)], stdout=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
     try:
@@ -194,7 +195,8 @@ def _gone(pid: int) -> bool:
 
 def driver_death_once(method: str) -> float:
     """One trial: milliseconds from the driver's SIGKILL to its last worker gone."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, method], stdout=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
     workers: list[psutil.Process] = []

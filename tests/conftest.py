@@ -16,6 +16,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 START_METHODS = ["fork", "spawn", "forkserver"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a Python subprocess of a test: this checkout and ``tests/`` first
+    on the path, then whatever path this run already had (site dirs of a GPU host)."""
+    path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in path if p),
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    env.update(extra)
+    return env
 
 
 def gpuexec_dirs() -> set[str]:

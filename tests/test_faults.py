@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import START_METHODS, gpuexec_dirs, wait_gone, worker_children
+from conftest import START_METHODS, gpuexec_dirs, subprocess_env, wait_gone, worker_children
 from workers import EchoWorker
 
 from gpuexec import Executor, RpcTimeoutError, WorkerDiedError
@@ -58,7 +58,7 @@ class Driver:
 
     def __init__(self, script: str) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{TESTS}"
+        env["PYTHONPATH"] = subprocess_env()["PYTHONPATH"]
         env.pop("GPUEXEC_START_METHOD", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

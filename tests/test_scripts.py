@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GUARD = '''
@@ -27,7 +28,7 @@ def _script(tmp_path: Path, method: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / f"noguard_{method}.py"
     path.write_text(NO_GUARD.format(method=method))
     return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                          timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          timeout=60, env=subprocess_env())
 
 
 @pytest.mark.parametrize("method", ["auto", "fork"])
@@ -52,8 +53,7 @@ def test_script_without_guard_gets_exact_fix(tmp_path: Path, method: str) -> Non
 def test_demo_runs_and_checks_its_computation() -> None:
     r = subprocess.run([sys.executable, "-m", "gpuexec", "demo", "--calls", "200"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                            "CUDA_VISIBLE_DEVICES": ""})
+                       env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 0, r.stderr
     assert "start method: fork" in r.stdout
     assert r.stdout.count("matches the driver's reference") == 2
@@ -63,8 +63,8 @@ def test_demo_runs_and_checks_its_computation() -> None:
 def test_doctor_without_gpu_reports_the_rest() -> None:
     r = subprocess.run([sys.executable, "-m", "gpuexec", "doctor"], capture_output=True,
                        text=True, timeout=60, cwd=ROOT,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                            "CUDA_VISIBLE_DEVICES": "", "GPUEXEC_LIBCUDA": "/nonexistent.so"})
+                       env=subprocess_env(CUDA_VISIBLE_DEVICES="",
+                                          GPUEXEC_LIBCUDA="/nonexistent.so"))
     assert r.returncode == 0, r.stderr
     assert "this process: CUDA is not initialised in this process" in r.stdout
     assert "start_method='auto' would choose: fork" in r.stdout

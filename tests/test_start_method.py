@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from fakecuda import build_fake_libcuda
 
 from gpuexec import StartMethodError
@@ -65,7 +66,7 @@ def _run(code: str, prefix: str = "", timeout: float = 120) -> subprocess.Comple
     return subprocess.run([sys.executable, "-c", prefix + textwrap.dedent(code)],
                           cwd=ROOT / "tests",
                           capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "PATH": "/usr/bin:/bin"})
+                          env=subprocess_env())
 
 
 @pytest.fixture(scope="module")
