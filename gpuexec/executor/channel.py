@@ -237,6 +237,10 @@ class DriverChannel:
 
     def _send(self, ranks: Sequence[int], frames: list[Any]) -> None:
         """Publish once for all ranks, or once per targeted rank."""
+        if len(frames) == 1 and len(ranks) == len(self._topics):  # the common case
+            with self._send_lock:
+                self._req.send(ALL_TOPIC + frames[0])
+            return
         header, buffers = frames[0], frames[1:]
         topics = [ALL_TOPIC] if len(ranks) == len(self._topics) else \
             [self._topics[r] for r in ranks]
@@ -302,10 +306,12 @@ class DriverChannel:
                 self._worker_exited(self._sentinels[sock])
 
     def _dispatch(self, frames: list[Any]) -> None:
-        if not frames[0]:
+        header = frames[0]
+        if not header:
             return  # a wake-up frame: the waiting loop re-checks its call
         try:
-            reply: Reply = self._decoder.decode(frames)
+            reply: Reply = self._decoder.decode(frames) if len(frames) > 1 else \
+                self._decoder.decode_header(header)
         except MalformedMessage as e:
             self.stats.malformed += 1
             if self.stats.malformed == 1:

@@ -165,6 +165,15 @@ class Decoder(Generic[T]):
         finally:
             self._frames = ()
 
+    def decode_header(self, header: Any) -> T:
+        """Decode a message that came as a single frame (no out-of-band buffers)."""
+        try:
+            return self._dec.decode(header)
+        except MalformedMessage:
+            raise
+        except Exception as e:
+            raise MalformedMessage(f"{type(e).__name__}: {e}") from None
+
     def _ext_hook(self, code: int, data: memoryview) -> Any:
         if code == _EXT_PICKLE:
             if not self.allow_pickle:

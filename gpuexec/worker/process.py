@@ -120,14 +120,20 @@ class _Server:
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
 
     def serve(self) -> None:
-        sub, decode, topic_len = self.sub, self.decoder.decode, len(self.topic)
+        sub, topic_len = self.sub, len(self.topic)
+        decode, decode_header = self.decoder.decode, self.decoder.decode_header
         while True:
             header = sub.recv()
-            skip = 1 if header[0] == _ALL else topic_len
-            frames = recv_more(sub, header) if sub.rcvmore else [header]
-            frames[0] = memoryview(header)[skip:]
+            if not header:  # nothing a driver sends; drain any further parts below
+                header = b"\x00"
+            body = memoryview(header)[1 if header[0] == _ALL else topic_len:]
             try:
-                msg = decode(frames)
+                if sub.rcvmore:
+                    frames = recv_more(sub, header)
+                    frames[0] = body
+                    msg = decode(frames)
+                else:
+                    msg = decode_header(body)
             except MalformedMessage as e:
                 self.dropped += 1
                 if self.dropped == 1:
