@@ -7,9 +7,12 @@ who holds memory where) and are skipped with fewer than two GPUs.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import subprocess_env
 
 from gpuexec import Executor
 from gpuexec.executor.config import visible_gpu_count
@@ -101,13 +104,22 @@ def test_nccl_allreduce_after_release_and_reinit() -> None:
 
 @need2
 def test_cuda_tensor_in_worker_args_is_in_use_not_crashed() -> None:
-    import torch
-
-    t = torch.ones(1024, device="cuda:0")
-    # The driver itself now has CUDA (this test runs last): auto must not fork.
-    with Executor("cuda_workers:GpuWorker", 2, worker_args=(t,)) as ex:
-        assert ex.start_method != "fork"
-        rep = ex.device_reports[1]
-        assert [a.action for a in rep.actions if a.device == 0] == ["in_use"]
-        assert any("still holds memory" in w for w in rep.warnings)
-        assert ex.collective_rpc("matmul", args=(64,), ranks=[1])[0] > 0
+    # In a subprocess: the driver itself initialises CUDA here, which must not leak
+    # into the other tests of this process (they use fork).
+    script = """
+import torch
+from gpuexec import Executor
+t = torch.ones(1024, device="cuda:0")
+with Executor("cuda_workers:GpuWorker", 2, worker_args=(t,)) as ex:
+    rep = ex.device_reports[1]
+    print("METHOD", ex.start_method)
+    print("ACTIONS", [a.action for a in rep.actions if a.device == 0])
+    print("WARNED", any("still holds memory" in w for w in rep.warnings))
+    print("COMPUTES", ex.collective_rpc("matmul", args=(64,), ranks=[1])[0] > 0)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=180, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    assert "METHOD spawn" in r.stdout  # CUDA is initialised in the driver: never fork
+    assert "ACTIONS ['in_use']" in r.stdout
+    assert "WARNED True" in r.stdout and "COMPUTES True" in r.stdout

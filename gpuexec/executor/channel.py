@@ -57,7 +57,7 @@ from ..ipc.codec import (
     Encoder,
     MalformedMessage,
     recv_frames,
-    recv_more,
+    recv_rest,
     send_frames,
 )
 from ..ipc.messages import ALL_TOPIC, Call, Failure, Ping, Reply, Shutdown, ToDriver, rank_topic
@@ -287,10 +287,10 @@ class DriverChannel:
             self._rcvtimeo = timeout_ms
         while not call.done:
             try:
-                header = rep.recv()
+                first = rep.recv(copy=False)
             except zmq.Again:
                 return
-            dispatch(recv_more(rep, header) if rep.rcvmore else [header])
+            dispatch(recv_rest(rep, first.bytes) if first.more else [first.bytes])
             if timeout_ms >= 0:
                 return
 

@@ -26,7 +26,7 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_more, send_frames
+from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_rest, send_frames
 from ..ipc.messages import (
     ALL_TOPIC,
     PROTOCOL_VERSION,
@@ -123,13 +123,12 @@ class _Server:
         sub, topic_len = self.sub, len(self.topic)
         decode, decode_header = self.decoder.decode, self.decoder.decode_header
         while True:
-            header = sub.recv()
-            if not header:  # nothing a driver sends; drain any further parts below
-                header = b"\x00"
+            first = sub.recv(copy=False)
+            header = first.bytes or b"\x00"  # an empty frame is nothing a driver sends
             body = memoryview(header)[1 if header[0] == _ALL else topic_len:]
             try:
-                if sub.rcvmore:
-                    frames = recv_more(sub, header)
+                if first.more:
+                    frames = recv_rest(sub, header)
                     frames[0] = body
                     msg = decode(frames)
                 else:
