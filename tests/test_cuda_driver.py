@@ -687,3 +687,41 @@ def test_unknown_action_is_rejected_on_decode() -> None:
     )
     with pytest.raises(msgspec.ValidationError, match="action"):
         msgspec.json.decode(raw, type=ContextAction)
+
+
+# --- device selection without a GPU: the environment a worker gets -------------------
+
+def _spec(gpu: int, isolate: bool) -> object:
+    from gpuexec.ipc.messages import WorkerSpec
+
+    return WorkerSpec(rank=gpu, local_rank=gpu, world_size=4, local_world_size=4,
+                      device="cuda", gpu=gpu, isolate_devices=isolate,
+                      stale_context_policy="release", driver_pid=1, driver_is_parent=True,
+                      req_endpoint="", rep_endpoint="", worker_cls="m:C")
+
+
+@pytest.mark.parametrize("parent,gpu,expected", [
+    (None, 1, "1"), ("3,5,7", 1, "5"), ("GPU-aaa,GPU-bbb", 0, "GPU-aaa"), (" 2 , 6 ", 1, "6"),
+])
+def test_isolate_devices_respects_the_drivers_cuda_visible_devices(
+        parent: str | None, gpu: int, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuexec.worker.device import isolate_environment, torch_device
+
+    if parent is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    spec = _spec(gpu, isolate=True)
+    isolate_environment(spec)  # type: ignore[arg-type]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+    assert torch_device(spec) == "cuda:0"  # type: ignore[arg-type]
+
+
+def test_all_visible_keeps_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuexec.worker.device import isolate_environment, torch_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    spec = _spec(1, isolate=False)
+    isolate_environment(spec)  # type: ignore[arg-type]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+    assert torch_device(spec) == "cuda:1"  # type: ignore[arg-type]
