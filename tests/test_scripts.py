@@ -31,7 +31,7 @@ def _script(tmp_path: Path, method: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, env=subprocess_env())
 
 
-@pytest.mark.parametrize("method", ["auto", "fork"])
+@pytest.mark.parametrize("method", ["auto", "zygote", "subprocess", "fork"])
 def test_script_without_guard_works_where_main_is_not_reimported(tmp_path: Path,
                                                                 method: str) -> None:
     r = _script(tmp_path, method)
@@ -55,7 +55,7 @@ def test_demo_runs_and_checks_its_computation() -> None:
                        capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 0, r.stderr
-    assert "start method: fork" in r.stdout
+    assert "start method: zygote" in r.stdout
     assert r.stdout.count("matches the driver's reference") == 2
     assert "p50" in r.stdout and "p99" in r.stdout
 
@@ -67,6 +67,6 @@ def test_doctor_without_gpu_reports_the_rest() -> None:
                                           GPUEXEC_LIBCUDA="/nonexistent.so"))
     assert r.returncode == 0, r.stderr
     assert "this process: CUDA is not initialised in this process" in r.stdout
-    assert "start_method='auto' would choose: fork" in r.stdout
+    assert "start_method='auto' would choose: zygote" in r.stdout
     assert "visible GPUs: 0" in r.stdout
     assert "CUDA driver: not found" in r.stdout

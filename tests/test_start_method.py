@@ -47,12 +47,19 @@ def test_cuda_state_reads_maps(tmp_path: Path) -> None:
     assert not _state(tmp_path, LIBC + CTL).initialized
 
 
-def test_policy_table(tmp_path: Path) -> None:
+def test_policy_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = _state(tmp_path, LIBCUDA + LIBC)
     init = _state(tmp_path, LIBCUDA + CTL)
-    assert resolve_start_method("auto", loaded)[0] == "fork"
+    assert resolve_start_method("auto", loaded)[0] == "zygote"
+    assert resolve_start_method("auto", init)[0] == "zygote"
     assert resolve_start_method("fork", loaded)[0] == "fork"
-    assert resolve_start_method("auto", init)[0] == "spawn"
+    import gpuexec.executor.start_method as sm
+
+    monkeypatch.setattr(sm, "zygote_available", lambda: False)  # an old kernel
+    assert resolve_start_method("auto", loaded)[0] == "fork"
+    assert resolve_start_method("auto", init)[0] == "subprocess"
+    with pytest.raises(StartMethodError, match="not available"):
+        resolve_start_method("zygote", loaded)
     assert resolve_start_method("spawn", init) == ("spawn", "spawn requested (start_method)")
     with pytest.raises(StartMethodError, match="would give workers whose CUDA is dead"):
         resolve_start_method("fork", init)
@@ -86,6 +93,7 @@ def _initialised(maps_path="/proc/self/maps"):
     return _real(out.name)
 sm.cuda_state = _initialised
 """
+NO_ZYGOTE = "sm.zygote_available = lambda: False  # an old kernel without pidfds\n"
 
 
 def test_libcuda_loaded_but_not_initialised_still_forks(fake_libcuda: Path) -> None:
@@ -93,13 +101,14 @@ def test_libcuda_loaded_but_not_initialised_still_forks(fake_libcuda: Path) -> N
         import ctypes
         ctypes.CDLL({str(fake_libcuda)!r})  # any library named libcuda counts
         from gpuexec import Executor
+        from gpuexec.executor.start_method import cuda_state
+        print("STATE", cuda_state().describe())
         for method in ("auto", "fork"):
             with Executor("workers:EchoWorker", 2, device="cpu", start_method=method) as ex:
                 print("METHOD", ex.start_method, ex.collective_rpc("add", args=(1,)))
-                print("REASON", ex.start_method_reason)
     """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("METHOD fork [1, 2]") == 2
+    assert "METHOD zygote [1, 2]" in r.stdout and "METHOD fork [1, 2]" in r.stdout
     assert "loaded but not initialised" in r.stdout
 
 
@@ -119,7 +128,9 @@ def test_explicit_fork_with_cuda_initialised_is_refused(fake_libcuda: Path) -> N
     assert "start_method='spawn'" in r.stdout
 
 
-def test_auto_with_cuda_initialised_uses_spawn_with_one_warning(fake_libcuda: Path) -> None:
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "no-zygote"])
+def test_auto_with_cuda_initialised_never_forks_the_driver(fake_libcuda: Path,
+                                                           zygote: bool) -> None:
     r = _run(f"""
         import ctypes
         ctypes.CDLL({str(fake_libcuda)!r})
@@ -129,8 +140,12 @@ def test_auto_with_cuda_initialised_uses_spawn_with_one_warning(fake_libcuda: Pa
                 with Executor("workers:EchoWorker", 2, device="cpu") as ex:
                     print("METHOD", ex.start_method, ex.collective_rpc("add", args=(1,)))
                     print("REASON", ex.start_method_reason)
-    """, prefix=INITIALISED)
+    """, prefix=INITIALISED + ("" if zygote else NO_ZYGOTE))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("METHOD spawn [1, 2]") == 2
-    assert "cuInit ran" in r.stdout
-    assert r.stderr.count("starting workers with 'spawn'") == 1
+    if zygote:  # the zygote never had CUDA: its forks are clean
+        assert r.stdout.count("METHOD zygote [1, 2]") == 2
+        assert "warm zygote" in r.stdout
+    else:
+        assert r.stdout.count("METHOD subprocess [1, 2]") == 2
+        assert "cuInit ran" in r.stdout
+        assert r.stderr.count("starting workers with 'subprocess'") == 1

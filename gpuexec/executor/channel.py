@@ -62,6 +62,7 @@ from ..ipc.codec import (
 )
 from ..ipc.messages import ALL_TOPIC, Call, Failure, Ping, Reply, Shutdown, ToDriver, rank_topic
 from .launcher import WorkerHandle
+from .processes import UNKNOWN_EXIT
 
 log = logging.getLogger("gpuexec")
 
@@ -196,6 +197,8 @@ class DriverChannel:
         """A sentinel fired: record the death and fail every pending call."""
         handle = self._handles[rank]
         exitcode = handle.reap(timeout=0.5)
+        if exitcode == UNKNOWN_EXIT:
+            exitcode = None
         if self._closing or self._failure is not None:
             return
         tail = self._stderr_tail(rank)

@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +50,8 @@ from ..worker.stdio import read_tail, stderr_record_path
 from .channel import ChannelStats, DriverChannel
 from .config import ExecutorConfig
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
-from .start_method import check_not_bootstrapping, resolve_start_method
+from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
+from .zygote import ZygoteClient, ZygoteError, close_zygotes, default_preload, get_zygote
 
 log = logging.getLogger("gpuexec")
 
@@ -75,6 +77,7 @@ _live: weakref.WeakSet[Executor] = weakref.WeakSet()
 def _shutdown_all() -> None:
     for ex in list(_live):
         ex.shutdown()
+    close_zygotes()
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -132,14 +135,18 @@ class Executor:
     start_method="auto", worker_args=(), worker_kwargs=None, env=None,
     isolate_devices=False, release_stale_contexts=True, stale_context_policy="release",
     distributed_backend=None,
-    ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0, terminate_timeout=2.0)``
+    ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0, terminate_timeout=2.0,
+    preload=None)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
     * ``world_size``: number of workers; default: one per visible GPU, else 1.
     * ``device``: ``"auto"`` (CUDA when a GPU is visible), ``"cuda"`` or ``"cpu"``.
-    * ``start_method``: ``"auto"``, ``"fork"``, ``"spawn"`` or ``"forkserver"``;
-      ``GPUEXEC_START_METHOD`` overrides ``"auto"``. See :mod:`.start_method`.
+    * ``start_method``: ``"auto"``, ``"zygote"``, ``"subprocess"``, ``"fork"``,
+      ``"spawn"`` or ``"forkserver"``; ``GPUEXEC_START_METHOD`` overrides ``"auto"``. See
+      :mod:`.start_method`. ``preload``: modules the zygote imports before forking
+      workers (default: torch, when installed); one zygote per preload list is kept
+      for the life of the driver and reused by later executors.
     * ``worker_args`` / ``worker_kwargs``: passed to the worker class's ``__init__``.
     * ``env``: extra environment variables for every worker (``RANK``,
       ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` are always set).
@@ -177,6 +184,7 @@ class Executor:
         rpc_timeout: float | None = None,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
+        preload: Sequence[str] | None = None,
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
@@ -191,6 +199,9 @@ class Executor:
             terminate_timeout=terminate_timeout)
         self._start_method, self._start_method_reason = resolve_start_method(start_method)
         cfg = self._config
+        zygote = None
+        if self._start_method == "zygote":
+            zygote = self._zygote(preload, start_method)
         endpoints = EndpointDir()
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         handles: list[WorkerHandle] = []
@@ -205,7 +216,7 @@ class Executor:
             rep.bind(endpoints.endpoint("rep"))
             specs = [msgspec.msgpack.encode(self._spec(rank, endpoints))
                      for rank in range(cfg.world_size)]
-            handles = start_workers(self._start_method, specs)
+            handles = start_workers(self._start_method, specs, zygote)
             wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
                        lambda rank: read_tail(stderr_record_path(endpoints.path, rank)))
         except BaseException:
@@ -224,6 +235,24 @@ class Executor:
         _live.add(self)
         _install_sigterm_handler()
 
+    def _zygote(self, preload: Sequence[str] | None, requested: str) -> ZygoteClient | None:
+        """The zygote to fork from; when ``auto`` chose it and it cannot start, fall back
+        (and say why in :attr:`start_method_reason`)."""
+        modules = tuple(preload) if preload is not None else default_preload()
+        try:
+            zygote, warm = get_zygote(modules, self._config.ready_timeout)
+        except ZygoteError as e:
+            if requested != "auto" or os.environ.get("GPUEXEC_START_METHOD"):
+                raise
+            self._start_method = fallback_method()
+            self._start_method_reason = f"{self._start_method}: the zygote failed ({e})"
+            log.warning("gpuexec: %s", self._start_method_reason)
+            return None
+        self._start_method_reason += (
+            f"; {'warm' if warm else 'new'} zygote pid {zygote.pid}, preloaded "
+            f"{', '.join(zygote.hello.preloaded) or 'nothing'}")
+        return zygote
+
     def _spec(self, rank: int, endpoints: EndpointDir) -> WorkerSpec:
         cfg = self._config
         return WorkerSpec(
@@ -232,11 +261,13 @@ class Executor:
             gpu=cfg.gpus[rank] if cfg.gpus else None,
             isolate_devices=cfg.isolate_devices,
             stale_context_policy=cfg.stale_context_policy,
-            driver_pid=os.getpid(), driver_is_parent=self._start_method != "forkserver",
+            driver_pid=os.getpid(),
+            driver_is_parent=self._start_method not in ("forkserver", "zygote"),
             req_endpoint=endpoints.endpoint("req"), rep_endpoint=endpoints.endpoint("rep"),
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
             init_args_pickle=cfg.init_args_pickle, env=cfg.env,
-            stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path)
+            stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path,
+            sys_path=[p for p in sys.path if p])
 
     # -- properties ----------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_sentinels
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
@@ -33,7 +32,9 @@ from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import PROTOCOL_VERSION, Handshake, Ready, StartupFailed, rank_topic
 from ..ipc.reports import DeviceReport
 from ..worker.process import run_worker
+from .processes import ProcessLike, start_subprocess
 from .start_method import GUARD_HINT, main_lacks_guard, reimports_main
+from .zygote import ZygoteClient
 
 log = logging.getLogger("gpuexec")
 
@@ -43,7 +44,7 @@ class WorkerHandle:
     """The driver's view of one worker process."""
 
     rank: int
-    process: BaseProcess
+    process: ProcessLike
     pid: int
     sentinel: int
     device: str = ""                      # filled from Ready
@@ -68,17 +69,27 @@ class WorkerHandle:
             return self.exitcode
 
 
-def start_workers(method: str, specs: Sequence[bytes]) -> list[WorkerHandle]:
+def start_workers(method: str, specs: Sequence[bytes],
+                  zygote: ZygoteClient | None = None) -> list[WorkerHandle]:
     """Start one process per encoded spec. On error, stops what started and raises."""
-    ctx: Any = multiprocessing.get_context(method)  # typeshed's BaseContext lacks Process
     handles: list[WorkerHandle] = []
     try:
         for rank, spec in enumerate(specs):
-            p = ctx.Process(target=run_worker, args=(spec,), name=f"gpuexec-worker-{rank}")
-            p.start()
-            if p.pid is None:  # pragma: no cover - start() sets it
+            proc: ProcessLike
+            if method == "subprocess":
+                proc = start_subprocess(spec)
+            elif method == "zygote":
+                if zygote is None:
+                    raise ValueError("start method 'zygote' needs a zygote")
+                proc = zygote.spawn(spec)
+            else:
+                ctx: Any = multiprocessing.get_context(method)  # typeshed lacks .Process
+                proc = ctx.Process(target=run_worker, args=(spec,),
+                                   name=f"gpuexec-worker-{rank}")
+                proc.start()  # type: ignore[attr-defined]
+            if proc.pid is None:  # pragma: no cover - started processes have one
                 raise RuntimeError("process did not start")
-            handles.append(WorkerHandle(rank, p, p.pid, p.sentinel))
+            handles.append(WorkerHandle(rank, proc, proc.pid, proc.sentinel))
     except BaseException as e:
         stop_workers(handles, grace=0.0)
         if reimports_main(method) and main_lacks_guard() and isinstance(e, Exception):

@@ -14,19 +14,27 @@ CUDA dead (``cuInit`` returns 3 there). It is read without any CUDA call (callin
   initialised, whichever library called it (``torch.cuda.is_available()`` does).
 * ``torch.cuda.is_initialized()`` when torch is already imported.
 
+Methods: ``zygote`` (gpuexec's: workers fork from a pre-warmed interpreter that has
+imported torch but never CUDA nor the user's ``__main__``; see
+:mod:`gpuexec.executor.zygote`), ``subprocess`` (gpuexec's: a fresh interpreter per
+worker), and multiprocessing's ``fork``, ``spawn``, ``forkserver``.
+
 Policy (``"auto"``; ``GPUEXEC_START_METHOD`` overrides it when set):
 
-==========================  ===========  ==========================================
-CUDA in this process        auto         explicit ``fork``
-==========================  ===========  ==========================================
-not loaded, or loaded only  fork         fork
-initialised                 spawn (one   :class:`~gpuexec.errors.StartMethodError`
-                            warning)     naming what loaded CUDA and the fix
-==========================  ===========  ==========================================
+==========================  ==================  ===================================
+CUDA in this process        auto                explicit ``fork``
+==========================  ==================  ===================================
+not loaded, or loaded only  zygote (else fork)  fork
+initialised                 zygote (else        :class:`~gpuexec.errors.StartMethodError`
+                            subprocess, with    naming what loaded CUDA and the fix
+                            one warning)
+==========================  ==================  ===================================
 
-``fork`` is preferred when safe: it is the fastest start and needs no ``__main__``
-guard. ``spawn`` and ``forkserver`` re-import the user's ``__main__`` in each child;
-:func:`check_not_bootstrapping` turns the resulting recursion into a clear error.
+The zygote is preferred where pidfds exist (Linux >= 5.3): it needs no ``__main__``
+guard, never inherits CUDA state, and a warm one starts workers at fork speed. When it
+cannot start, ``auto`` falls back as the table says. ``spawn`` and ``forkserver``
+re-import the user's ``__main__`` in each child; :func:`check_not_bootstrapping` turns
+the resulting recursion into a clear error.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 
 import msgspec
@@ -43,7 +52,8 @@ from ..errors import StartMethodError
 
 log = logging.getLogger("gpuexec")
 
-START_METHODS = ("auto", "fork", "spawn", "forkserver")
+START_METHODS = ("auto", "zygote", "subprocess", "fork", "spawn", "forkserver")
+_OWN_METHODS = ("zygote", "subprocess")  # gpuexec's launchers, not multiprocessing's
 ENV_START_METHOD = "GPUEXEC_START_METHOD"
 
 # Libraries that load libcuda, by the file name they map (what to tell the user).
@@ -147,7 +157,11 @@ def resolve_start_method(requested: str, state: CudaState | None = None) -> tupl
     if requested not in START_METHODS:
         raise StartMethodError(
             f"unknown {source} {requested!r}; expected one of {', '.join(START_METHODS)}")
-    available = multiprocessing.get_all_start_methods()
+    available = [*multiprocessing.get_all_start_methods()]
+    if zygote_available():
+        available += _OWN_METHODS
+    elif sys.platform.startswith("linux") or sys.platform == "darwin":
+        available.append("subprocess")
     if requested != "auto" and requested not in available:
         raise StartMethodError(f"start method {requested!r} is not available on this platform")
     if state is None:
@@ -159,20 +173,42 @@ def resolve_start_method(requested: str, state: CudaState | None = None) -> tupl
             "or create the Executor before anything touches CUDA.")
     if requested != "auto":
         return requested, f"{requested} requested ({source})"
+    if "zygote" in available:
+        return "zygote", ("zygote: workers fork from a pre-warmed interpreter that never "
+                          "imported __main__ nor initialised CUDA (fast, guard-free, CUDA-safe)")
     if state.initialized:
         if not _warned_auto:
             _warned_auto = True
-            log.warning("gpuexec: %s; starting workers with 'spawn' instead of 'fork'",
+            log.warning("gpuexec: %s; starting workers with 'subprocess' instead of 'fork'",
                         state.describe())
-        return "spawn", f"spawn: {state.describe()}, so fork is unsafe"
+        return "subprocess", f"subprocess: {state.describe()}, so fork is unsafe"
     if "fork" in available:
         return "fork", f"fork: {state.describe()} (fastest safe start)"
-    return "spawn", "spawn: fork is not available on this platform"
+    return "subprocess", "subprocess: fork is not available on this platform"
 
 
 _GUARD = re.compile(
     r"""^\s*if\s+(__name__\s*==\s*['"]__main__['"]|['"]__main__['"]\s*==\s*__name__)""",
     re.MULTILINE)
+
+
+def zygote_available() -> bool:
+    """The zygote needs pidfds (Linux >= 5.3) to watch and signal workers it forked."""
+    if not (sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+            and hasattr(signal, "pidfd_send_signal")):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+def fallback_method(state: CudaState | None = None) -> str:
+    """What ``auto`` uses when the zygote cannot start: fork while it is safe, else a
+    fresh interpreter per worker (guard-free, unlike spawn)."""
+    state = cuda_state() if state is None else state
+    return "subprocess" if state.initialized else "fork"
 
 
 def reimports_main(method: str) -> bool:

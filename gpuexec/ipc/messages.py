@@ -68,6 +68,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     env: dict[str, str] = {}
     stderr_record: str = ""          # file the worker copies its stderr to ("" = none)
     ipc_dir: str = ""                # the private directory; removed if the driver dies
+    sys_path: list[str] = []         # the driver's sys.path, for workers in a fresh interpreter
 
 
 class Failure(msgspec.Struct, frozen=True, array_like=True):
@@ -116,6 +117,54 @@ class Reply(msgspec.Struct, frozen=True, tag="reply", array_like=True):
     rank: int
     value: Any = None
     error: Failure | None = None
+
+
+# -- the zygote's control channel (a Unix socket pair with the driver) -----------------
+#
+#   driver                                  zygote
+#   start zygote (python -m gpuexec.worker.zygote) ──▶ preload, check, ZygoteHello
+#   SpawnWorker(spec, environment, cwd) ──────────▶ fork ──▶ the child runs the worker
+#              ◀── WorkerForked(pid) + its pidfd (SCM_RIGHTS)
+#              ◀── WorkerExited(pid, exit code)    (whenever a child is reaped)
+#   StopZygote ───────────────────────────────────▶ exit (also when the driver dies)
+
+
+class ZygoteHello(msgspec.Struct, frozen=True, tag="zygote_hello"):
+    protocol: int
+    pid: int
+    preloaded: list[str]             # modules imported
+    failed: dict[str, str]           # module -> why it could not be imported
+    threads: int                     # Python threads of the zygote: must be 1 to fork
+    native_threads: int              # all threads (idle BLAS pools and the like)
+    cuda: str                        # its CUDA state, in words
+    cuda_initialized: bool           # must be False: forked children need a clean CUDA
+
+
+class SpawnWorker(msgspec.Struct, frozen=True, tag="spawn_worker"):
+    """Fork a worker; the driver's stdout and stderr travel with it as descriptors."""
+
+    request_id: int
+    spec: bytes                      # an encoded WorkerSpec
+    environ: dict[str, str]          # the driver's environment now
+    cwd: str
+
+
+class WorkerForked(msgspec.Struct, frozen=True, tag="worker_forked"):
+    request_id: int
+    pid: int                         # a pidfd of it travels with this message
+
+
+class WorkerExited(msgspec.Struct, frozen=True, tag="worker_exited"):
+    pid: int
+    exitcode: int                    # negative: killed by that signal
+
+
+class StopZygote(msgspec.Struct, frozen=True, tag="stop_zygote"):
+    pass
+
+
+ToZygote = SpawnWorker | StopZygote
+FromZygote = ZygoteHello | WorkerForked | WorkerExited
 
 
 ALL_TOPIC = b"*"

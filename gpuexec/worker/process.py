@@ -60,6 +60,9 @@ def failure_from(exc: BaseException) -> Failure:
 
 
 def _setup_process(spec: WorkerSpec) -> None:
+    for entry in reversed(spec.sys_path):  # the driver's import path, ahead of ours
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
     os.environ.update(spec.env)
     os.environ.update({
         "RANK": str(spec.rank),

@@ -1,0 +1,241 @@
+"""Driver side of the zygote launcher (start_method ``"zygote"``).
+
+One zygote per driver process and preload list, started on first use as a fresh
+interpreter (see :mod:`gpuexec.worker.zygote`) and reused by every later executor: the
+first executor pays one interpreter start and ``import torch``, every later one only a
+``fork`` per worker ("warm start"). A zygote that died is replaced at the next start; the
+workers it already forked are not orphaned by that (they watch the driver, not the
+zygote), but their exit codes can no longer be known.
+
+Workers forked by the zygote are its children, not the driver's: the driver watches each
+through a pidfd the zygote sends along (race-free: opened by the parent before it could
+reap the child), signals it with ``pidfd_send_signal`` (never a recycled pid), and learns
+its exit code from the zygote's ``WorkerExited`` messages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+
+from ..errors import GpuexecError
+from ..ipc.framing import recv_message, send_message
+from ..ipc.messages import (
+    PROTOCOL_VERSION,
+    FromZygote,
+    SpawnWorker,
+    StopZygote,
+    WorkerExited,
+    WorkerForked,
+    ZygoteHello,
+)
+from .processes import UNKNOWN_EXIT, child_env
+
+log = logging.getLogger("gpuexec")
+
+
+class ZygoteError(GpuexecError):
+    """The zygote could not be started or is not safe to fork from."""
+
+
+class ZygoteClient:
+    """The driver's handle on one zygote. Thread-safe (one lock for the channel)."""
+
+    def __init__(self, preload: tuple[str, ...], timeout: float) -> None:
+        self.preload = preload
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = ours
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._exits: dict[int, int] = {}  # pid -> exit code, from WorkerExited
+        self._pidfds: dict[int, int] = {}  # pid -> the pidfd that came with WorkerForked
+        self._decoder = msgspec.msgpack.Decoder(FromZygote)
+        t = time.perf_counter()
+        self._popen = subprocess.Popen(
+            [sys.executable, "-m", "gpuexec.worker.zygote", str(theirs.fileno()),
+             str(os.getpid()), *preload],
+            pass_fds=[theirs.fileno()], env=child_env(), stdin=subprocess.DEVNULL)
+        theirs.close()
+        try:
+            hello = self._recv(timeout)
+        except Exception:
+            self.close()
+            raise
+        if not isinstance(hello, ZygoteHello) or hello.protocol != PROTOCOL_VERSION:
+            self.close()
+            raise ZygoteError(f"the zygote answered {hello!r}")
+        self.hello = hello
+        self.start_seconds = time.perf_counter() - t
+        if hello.cuda_initialized or hello.threads != 1:
+            self.close()
+            raise ZygoteError(
+                f"the zygote is not safe to fork from after preloading {list(preload)}: "
+                f"{hello.cuda}; {hello.threads} Python thread(s)")
+        if hello.failed:
+            log.warning("gpuexec: the zygote could not preload %s", hello.failed)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    def alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def _recv(self, timeout: float | None) -> object:
+        """One message (the caller holds the lock, or is the constructor)."""
+        if timeout is not None:
+            ready, _, _ = select.select([self._sock], [], [], timeout)
+            if not ready:
+                raise ZygoteError(f"the zygote did not answer within {timeout:g} s")
+        try:
+            data, fds = recv_message(self._sock)
+        except (EOFError, ConnectionError) as e:
+            raise ZygoteError(f"the zygote (pid {self._popen.pid}) is gone") from e
+        msg = self._decoder.decode(data)
+        if isinstance(msg, WorkerForked) and fds:
+            self._pidfds[msg.pid] = fds[0]
+            for fd in fds[1:]:
+                os.close(fd)
+        else:
+            for fd in fds:
+                os.close(fd)
+        if isinstance(msg, WorkerExited):
+            self._exits[msg.pid] = msg.exitcode
+        return msg
+
+    def spawn(self, spec: bytes, timeout: float = 30.0) -> ZygoteProcess:
+        """Fork a worker running ``spec``; its environment is this process's, now."""
+        with self._lock:
+            request_id = next(self._ids)
+            send_message(self._sock, msgspec.msgpack.encode(
+                SpawnWorker(request_id, spec, dict(os.environ), os.getcwd())),
+                [1, 2])  # the worker writes where this process writes, now
+            deadline = time.monotonic() + timeout
+            while True:
+                msg = self._recv(max(0.0, deadline - time.monotonic()))
+                if isinstance(msg, WorkerForked) and msg.request_id == request_id:
+                    fd = self._pidfds.pop(msg.pid, -1)
+                    if fd < 0:
+                        raise ZygoteError("the zygote sent no pidfd for its child")
+                    return ZygoteProcess(self, msg.pid, fd)
+
+    def exitcode(self, pid: int) -> int | None:
+        """The exit code of a child that has exited (None while unknown)."""
+        with self._lock:
+            while pid not in self._exits:
+                ready, _, _ = select.select([self._sock], [], [], 0.5)
+                if not ready:
+                    return None
+                try:
+                    self._recv(None)
+                except ZygoteError:
+                    return None
+            return self._exits.get(pid)
+
+    def close(self) -> None:
+        try:
+            send_message(self._sock, msgspec.msgpack.encode(StopZygote()))
+        except OSError:
+            pass
+        try:
+            self._popen.wait(5)
+        except subprocess.TimeoutExpired:
+            self._popen.kill()
+            self._popen.wait()
+        self._sock.close()
+
+
+class ZygoteProcess:
+    """A worker forked by the zygote, with the ``ProcessLike`` interface."""
+
+    def __init__(self, zygote: ZygoteClient, pid: int, pidfd: int) -> None:
+        self._zygote = zygote
+        self.pid = pid
+        self._pidfd = pidfd
+        self._exitcode: int | None = None
+        self._exited = False
+
+    @property
+    def sentinel(self) -> int:
+        return self._pidfd
+
+    def _has_exited(self) -> bool:
+        if not self._exited and self._pidfd >= 0:
+            ready, _, _ = select.select([self._pidfd], [], [], 0)
+            self._exited = bool(ready)
+        return self._exited
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while running; once exited, the code the zygote reported (-255 when the
+        zygote died first and the code cannot be known)."""
+        if self._exitcode is None and self._has_exited():
+            code = self._zygote.exitcode(self.pid)
+            self._exitcode = code if code is not None else UNKNOWN_EXIT
+        return self._exitcode
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._pidfd >= 0:
+            select.select([self._pidfd], [], [], timeout)
+
+    def _signal(self, signum: int) -> None:
+        if self._pidfd >= 0 and not self._has_exited():
+            try:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if not self._has_exited():
+            raise ValueError("cannot close a running process")
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+_zygotes: dict[tuple[str, ...], ZygoteClient] = {}
+_zygotes_lock = threading.Lock()
+
+
+def default_preload() -> tuple[str, ...]:
+    """torch when it is installed: the import every GPU worker pays, paid once here."""
+    return ("torch",) if importlib.util.find_spec("torch") is not None else ()
+
+
+def get_zygote(preload: tuple[str, ...], timeout: float) -> tuple[ZygoteClient, bool]:
+    """The live zygote for ``preload`` (started or replaced when needed), and whether it
+    was already running (a warm start)."""
+    with _zygotes_lock:
+        zygote = _zygotes.get(preload)
+        if zygote is not None and zygote.alive():
+            return zygote, True
+        if zygote is not None:
+            log.warning("gpuexec: the zygote (pid %d) died; starting a new one", zygote.pid)
+            zygote.close()
+        zygote = ZygoteClient(preload, timeout)
+        _zygotes[preload] = zygote
+        return zygote, False
+
+
+def close_zygotes() -> None:
+    with _zygotes_lock:
+        for zygote in _zygotes.values():
+            zygote.close()
+        _zygotes.clear()
