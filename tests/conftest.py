@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-START_METHODS = ["fork", "spawn", "forkserver"]
+START_METHODS = ["zygote", "subprocess", "fork", "spawn", "forkserver"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
