@@ -120,6 +120,6 @@ with Executor("cuda_workers:GpuWorker", 2, worker_args=(t,)) as ex:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=180, env=subprocess_env())
     assert r.returncode == 0, r.stderr
-    assert "METHOD spawn" in r.stdout  # CUDA is initialised in the driver: never fork
+    assert "METHOD zygote" in r.stdout  # CUDA is initialised in the driver: never fork it
     assert "ACTIONS ['in_use']" in r.stdout
     assert "WARNED True" in r.stdout and "COMPUTES True" in r.stdout
