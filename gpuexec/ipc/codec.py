@@ -41,15 +41,13 @@ Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer prot
 T = TypeVar("T")
 
 
-def send_frames(sock: Any, frames: list[Frame], prefix: list[bytes] | None = None,
-                flags: int = 0) -> None:
+def send_frames(sock: Any, frames: list[Frame], flags: int = 0) -> None:
     """Send ``frames`` as one multipart message; zero-copy only where there are buffers
     (a zero-copy send of a small frame costs more than copying it)."""
-    if len(frames) == 1 and not prefix:
+    if len(frames) == 1:
         sock.send(frames[0], flags)
-        return
-    parts = [*prefix, *frames] if prefix else frames
-    sock.send_multipart(parts, flags, copy=len(frames) == 1)
+    else:
+        sock.send_multipart(frames, flags, copy=False)
 
 
 def recv_frames(sock: Any, flags: int = 0) -> list[Frame]:
