@@ -1,0 +1,284 @@
+"""A bounded shared-memory ring: one writer, ``n_readers`` readers, every message read by
+every reader (a broadcast), with an adaptive spin and then a futex sleep.
+
+Layout of the segment (little-endian; each hot word on its own 64-byte cache line)::
+
+    offset 0      magic "GPXRING1", version, n_slots, slot_size, n_readers
+    offset 64     write_seq  u64   messages published so far (the writer's only word)
+    offset 72     futex      u32   low 32 bits of write_seq: what readers sleep on
+    offset 128+64*i  reader i: read_seq u64 (messages it has released), sleeping u32
+    data_offset   n_slots slots of slot_size bytes: [length u32][pad u32][payload]
+
+Message ``seq`` lives in slot ``seq % n_slots``. Slot states, as the writer and reader i
+see them (who moves each transition):
+
+    ===========  ==============================================  ====================
+    state        condition                                       next
+    ===========  ==============================================  ====================
+    free         every read_seq_i > seq - n_slots                writer fills it
+    written      payload stored, write_seq == seq (not yet       writer publishes
+                 published)
+    readable     write_seq > seq, read_seq_i == seq              reader i reads it in
+                                                                 place, then releases
+    released     read_seq_i > seq for every i                    free again
+    ===========  ==============================================  ====================
+
+The writer never overwrites a slot some reader has not released (backpressure: it waits,
+with a deadline). A reader reads in place (zero copy) until it calls :meth:`release`.
+
+Waiting, reader side: spin on ``write_seq`` for ``spin`` seconds (a back-to-back call
+keeps spin latency), then set its ``sleeping`` flag, re-check, and ``FUTEX_WAIT`` on the
+futex word (an idle reader costs no CPU). The writer, after publishing, wakes the futex
+only if some reader sleeps. Dekker-style, each side stores its own word, fences, then
+reads the other's: either the writer sees the flag or the reader sees the new sequence.
+Every futex wait also has a timeout, so even a lost wake-up is bounded.
+
+Memory ordering: payload stores must be visible before ``write_seq`` (release), and a
+reader must read ``write_seq`` before the payload (acquire). Pure Python has no fence
+instruction; :func:`fence` takes and releases a lock, whose atomic read-modify-write is a
+full barrier on x86 (``lock``-prefixed) and an acquire/release pair on ARM (CPython's
+mutexes), which is what the publish/consume order needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from . import futex
+
+MAGIC = b"GPXRING1"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIII")   # magic, version, n_slots, slot_size, n_readers
+_WRITE_SEQ_OFF = 64
+_FUTEX_OFF = 72
+_READERS_OFF = 128
+_LINE = 64
+_SLOT_HEADER = 8
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+SHM_DIR = "/dev/shm"
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A memory barrier, from Python: see the module docstring."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class RingSpec(msgspec.Struct, frozen=True):
+    """How a reader finds a ring: sent to workers in their start-up spec."""
+
+    path: str
+    n_slots: int
+    slot_size: int
+    n_readers: int
+
+
+class RingTimeout(TimeoutError):
+    """A ring operation's deadline passed."""
+
+
+def _data_offset(n_readers: int) -> int:
+    end = _READERS_OFF + _LINE * n_readers
+    return (end + 4095) // 4096 * 4096
+
+
+def segment_size(n_slots: int, slot_size: int, n_readers: int) -> int:
+    return _data_offset(n_readers) + n_slots * slot_size
+
+
+class _Mapped:
+    """The mapping shared by writer and reader."""
+
+    def __init__(self, path: str, size: int | None) -> None:
+        """Create ``path`` with ``size`` bytes, or open it as it is (``size`` None)."""
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size is not None else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if size is not None:
+                os.ftruncate(fd, size)
+            else:
+                size = os.fstat(fd).st_size
+            if size < _READERS_OFF:
+                raise ValueError(f"{path} is too small to be a ring")
+            self.mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.mm)
+        buf = (ctypes.c_char * size).from_buffer(self.mm)
+        self.base = ctypes.addressof(buf)  # for futex calls on words of the segment
+        del buf
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:  # a reader still holds a zero-copy view; the OS unmaps at exit
+            pass
+
+
+class RingWriter:
+    """The single writer of a ring. Not thread-safe: one thread writes (the caller's lock)."""
+
+    def __init__(self, n_readers: int, *, n_slots: int = 8, slot_size: int = 1 << 20,
+                 directory: str = SHM_DIR) -> None:
+        if n_readers < 1 or n_slots < 2 or slot_size < 64:
+            raise ValueError("a ring needs a reader, two slots and slots of 64 bytes or more")
+        path = os.path.join(directory, f"gpuexec-ring-{secrets.token_hex(8)}")
+        size = segment_size(n_slots, slot_size, n_readers)
+        self._m = _Mapped(path, size)
+        self.spec = RingSpec(path, n_slots, slot_size, n_readers)
+        _HEADER.pack_into(self._m.view, 0, MAGIC, VERSION, n_slots, slot_size, n_readers)
+        self._seq = 0
+        self._data = _data_offset(n_readers)
+        self._readers = [_READERS_OFF + _LINE * i for i in range(n_readers)]
+        self.max_message = slot_size - _SLOT_HEADER
+
+    def unlink(self) -> None:
+        """Remove the name from /dev/shm; mappings stay valid until unmapped. Called
+        once every reader has opened the ring, so that no crash can leave it behind."""
+        try:
+            os.unlink(self.spec.path)
+        except FileNotFoundError:
+            pass
+
+    def _min_read_seq(self) -> int:
+        view = self._m.view
+        return min(int(_U64.unpack_from(view, off)[0]) for off in self._readers)
+
+    def write(self, payload: bytes | memoryview, timeout: float | None = None,
+              alive: Callable[[], bool] | None = None) -> bool:
+        """Publish ``payload`` to every reader. False when it does not fit in a slot (send
+        it another way). Waits while the ring is full; raises :class:`RingTimeout` after
+        ``timeout`` or as soon as ``alive()`` is false."""
+        n = len(payload)
+        if n > self.max_message:
+            return False
+        seq = self._seq
+        if seq >= self.spec.n_slots and self._min_read_seq() <= seq - self.spec.n_slots:
+            self._wait_for_space(seq, timeout, alive)
+        view = self._m.view
+        off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
+        _U32.pack_into(view, off, n)
+        view[off + _SLOT_HEADER:off + _SLOT_HEADER + n] = payload
+        fence()  # the payload before the sequence (release)
+        self._seq = seq + 1
+        _U64.pack_into(view, _WRITE_SEQ_OFF, seq + 1)
+        _U32.pack_into(view, _FUTEX_OFF, (seq + 1) & 0xFFFFFFFF)
+        fence()  # the sequence before reading the sleeping flags (Dekker)
+        if futex.available():
+            for off in self._readers:
+                if _U32.unpack_from(view, off + 8)[0]:
+                    futex.wake(self._m.base + _FUTEX_OFF)
+                    break
+        return True
+
+    def _wait_for_space(self, seq: int, timeout: float | None,
+                        alive: Callable[[], bool] | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        nap = 1e-5
+        while self._min_read_seq() <= seq - self.spec.n_slots:
+            if alive is not None and not alive():
+                raise RingTimeout("a reader is gone")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RingTimeout(f"the ring stayed full for {timeout:g} s (a slow reader)")
+            time.sleep(nap)
+            nap = min(nap * 2, 1e-3)
+
+    def close(self) -> None:
+        self.unlink()
+        self._m.close()
+
+
+class RingReader:
+    """Reader ``index`` of a ring. Not thread-safe: one thread reads."""
+
+    def __init__(self, spec: RingSpec, index: int, *, spin: float = 100e-6) -> None:
+        if not 0 <= index < spec.n_readers:
+            raise ValueError(f"reader index {index} out of range")
+        self._m = _Mapped(spec.path, None)
+        magic, version, n_slots, slot_size, n_readers = _HEADER.unpack_from(self._m.view, 0)
+        if (magic, version, n_slots, slot_size, n_readers) != \
+                (MAGIC, VERSION, spec.n_slots, spec.slot_size, spec.n_readers) or \
+                len(self._m.mm) != segment_size(n_slots, slot_size, n_readers):
+            self._m.close()
+            raise ValueError(f"{spec.path} is not the ring described by {spec}")
+        self.spec = spec
+        self.spin = spin
+        self._off = _READERS_OFF + _LINE * index
+        self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
+        self._data = _data_offset(n_readers)
+        self._holding = False
+
+    def _published(self) -> int:
+        return int(_U64.unpack_from(self._m.view, _WRITE_SEQ_OFF)[0])
+
+    def poll(self) -> bool:
+        """Whether a message is waiting (no wait)."""
+        return self._published() > self._seq
+
+    def read(self, timeout: float | None = None) -> memoryview | None:
+        """The next message, read in place (valid until :meth:`release`); None when
+        ``timeout`` passes first."""
+        if self._holding:
+            raise RuntimeError("release() the previous message first")
+        seq = self._seq
+        view = self._m.view
+        if self._published() <= seq and not self._wait(seq, timeout):
+            return None
+        fence()  # the sequence before the payload (acquire)
+        off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
+        n = _U32.unpack_from(view, off)[0]
+        self._holding = True
+        return view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
+
+    def release(self) -> None:
+        """Done with the message: its slot may be overwritten."""
+        if not self._holding:
+            return
+        self._holding = False
+        fence()  # finish reading before the writer may reuse the slot
+        self._seq += 1
+        _U64.pack_into(self._m.view, self._off, self._seq)
+
+    def _wait(self, seq: int, timeout: float | None) -> bool:
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        view = self._m.view
+        spin_until = start + self.spin
+        while time.monotonic() < spin_until:
+            if self._published() > seq:
+                return True
+        flag = self._off + 8
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            nap = 0.05 if deadline is None else min(0.05, deadline - now)
+            _U32.pack_into(view, flag, 1)
+            fence()  # the flag before re-reading the sequence (Dekker)
+            expected = _U32.unpack_from(view, _FUTEX_OFF)[0]
+            if self._published() > seq:
+                _U32.pack_into(view, flag, 0)
+                return True
+            if futex.available():
+                futex.wait(self._m.base + _FUTEX_OFF, expected, nap)
+            else:
+                time.sleep(min(nap, 1e-3))
+            _U32.pack_into(view, flag, 0)
+            if self._published() > seq:
+                return True
+
+    def close(self) -> None:
+        self._m.close()

@@ -1,0 +1,160 @@
+"""The shared-memory ring: broadcast, wrap-around, backpressure, overflow, sleeping
+readers, concurrency across processes, cleanup of /dev/shm."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import time
+
+import pytest
+
+from gpuexec.ipc import futex
+from gpuexec.ipc.shm_ring import RingReader, RingSpec, RingTimeout, RingWriter
+
+SEED = int(os.environ.get("GPUEXEC_TEST_SEED", random.randrange(1 << 30)))
+
+
+def test_broadcast_wraparound_and_in_place_reads() -> None:
+    w = RingWriter(3, n_slots=4, slot_size=256)
+    readers = [RingReader(w.spec, i) for i in range(3)]
+    w.unlink()
+    assert not os.path.exists(w.spec.path)  # mappings live on without the name
+    for k in range(25):  # six times around the ring
+        assert w.write(f"message {k}".encode())
+        for r in readers:
+            view = r.read(timeout=1)
+            assert view is not None and bytes(view) == f"message {k}".encode()
+            view.release()
+            r.release()
+    assert all(not r.poll() for r in readers)
+    for r in readers:
+        r.close()
+    w.close()
+
+
+def test_oversized_message_is_refused_for_another_path() -> None:
+    w = RingWriter(1, n_slots=2, slot_size=128)
+    r = RingReader(w.spec, 0)
+    assert w.max_message == 120
+    assert not w.write(b"x" * 121)
+    assert w.write(b"y" * 120)
+    view = r.read(timeout=1)
+    assert view is not None and bytes(view) == b"y" * 120
+    view.release()
+    r.close()
+    w.close()
+
+
+def test_backpressure_from_a_slow_reader() -> None:
+    w = RingWriter(2, n_slots=2, slot_size=64)
+    fast, slow = RingReader(w.spec, 0), RingReader(w.spec, 1)
+    for k in range(2):
+        assert w.write(bytes([k]))
+    t = time.monotonic()
+    with pytest.raises(RingTimeout, match="slow reader"):
+        w.write(b"\x02", timeout=0.1)  # both slots still held by the slow reader
+    assert 0.08 < time.monotonic() - t < 2
+    for r in (fast, slow):
+        for _ in range(2):
+            assert r.read(timeout=1) is not None
+            r.release()
+    assert w.write(b"\x02", timeout=1)
+    with pytest.raises(RingTimeout, match="gone"):
+        w.write(b"\x03", timeout=1)
+        w.write(b"\x04", timeout=5, alive=lambda: False)
+    for r in (fast, slow):
+        r.close()
+    w.close()
+
+
+def test_read_timeout_and_sleeping_reader_is_woken() -> None:
+    w = RingWriter(1, n_slots=4, slot_size=64)
+    r = RingReader(w.spec, 0, spin=0)
+    t = time.monotonic()
+    assert r.read(timeout=0.1) is None
+    assert 0.08 < time.monotonic() - t < 1
+    import threading
+
+    got: list[tuple[bytes, float]] = []
+
+    def reader() -> None:
+        view = r.read(timeout=5)
+        got.append((bytes(view) if view is not None else b"", time.monotonic()))
+
+    th = threading.Thread(target=reader)
+    th.start()
+    time.sleep(0.2)  # asleep in the futex by now
+    sent = time.monotonic()
+    w.write(b"wake up")
+    th.join(5)
+    assert got and got[0][0] == b"wake up"
+    assert got[0][1] - sent < 0.04  # woken, not a timed nap (naps are 50 ms)
+    r.close()
+    w.close()
+
+
+def test_wrong_spec_and_index_are_refused() -> None:
+    w = RingWriter(2, n_slots=2, slot_size=64)
+    with pytest.raises(ValueError, match="out of range"):
+        RingReader(w.spec, 2)
+    bad = RingSpec(w.spec.path, 4, 64, 2)
+    with pytest.raises(ValueError, match="is not the ring"):
+        RingReader(bad, 0)
+    w.close()
+    with pytest.raises(FileNotFoundError):
+        RingReader(w.spec, 0)
+
+
+def _consume(spec: RingSpec, index: int, count: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    r = RingReader(spec, index, spin=20e-6)
+    total = 0
+    rng = random.Random(index)
+    for k in range(count):
+        view = r.read(timeout=10)
+        assert view is not None
+        data = bytes(view)
+        view.release()
+        assert data[:4] == k.to_bytes(4, "little"), (k, data[:4])
+        assert data[4:] == bytes([k % 251]) * (len(data) - 4)
+        total += len(data)
+        if rng.random() < 0.05:
+            time.sleep(0.001)  # now and then a slow reader
+        r.release()
+    r.close()
+    out.put((index, total))
+
+
+def test_many_readers_in_other_processes_see_every_message_in_order() -> None:
+    print(f"seed {SEED}")
+    rng = random.Random(SEED)
+    n_readers, count = 3, 2000
+    w = RingWriter(n_readers, n_slots=4, slot_size=4096)
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_consume, args=(w.spec, i, count, out))
+             for i in range(n_readers)]
+    for p in procs:
+        p.start()
+    expected = 0
+    for k in range(count):
+        size = rng.randrange(0, 4000)
+        msg = k.to_bytes(4, "little") + bytes([k % 251]) * size
+        assert w.write(msg, timeout=20)
+        expected += len(msg)
+    totals = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert totals == {i: expected for i in range(n_readers)}
+    w.close()
+    assert not os.path.exists(w.spec.path)
+
+
+def test_futex_is_available_on_linux_x86_and_arm() -> None:
+    import platform
+    import sys
+
+    if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64"):
+        assert futex.available()
