@@ -22,9 +22,10 @@ TORCH_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, t
                 torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
 
 
-@pytest.fixture(scope="module")
-def ex() -> Iterator[Executor]:
-    with Executor(EchoWorker, 2, device="cpu", start_method="fork") as executor:
+@pytest.fixture(scope="module", params=["zmq", "shm"])
+def ex(request: pytest.FixtureRequest) -> Iterator[Executor]:
+    with Executor(EchoWorker, 2, device="cpu", start_method="fork",
+                  transport=request.param) as executor:
         yield executor
 
 

@@ -12,13 +12,14 @@ from workers import EchoWorker
 
 from gpuexec import Executor, RemoteError, RpcTimeoutError
 
-CASES = [(m, n) for m in START_METHODS for n in (1, 2, 4)]
+CASES = [(m, n, "zmq") for m in START_METHODS for n in (1, 2, 4)] + \
+    [(m, n, "shm") for m in ("zygote", "fork") for n in (1, 2, 4)]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{n}" for m, n in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{n}-{t}" for m, n, t in CASES])
 def ex(request: pytest.FixtureRequest) -> Iterator[Executor]:
-    method, n = request.param
-    executor = Executor(EchoWorker, n, device="cpu", start_method=method,
+    method, n, transport = request.param
+    executor = Executor(EchoWorker, n, device="cpu", start_method=method, transport=transport,
                         worker_args=("t",), worker_kwargs={"alpha": 1},
                         env={"GPUEXEC_TEST_EXTRA": "yes"})
     pids = [w.pid for w in executor.workers]

@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ from typing import Any
 import zmq
 
 from ..errors import ExecutorClosedError, RemoteError, RpcTimeoutError, WorkerDiedError
+from ..ipc import packets
 from ..ipc.codec import (
     Decoder,
     Encoder,
@@ -61,13 +63,17 @@ from ..ipc.codec import (
     send_frames,
 )
 from ..ipc.messages import ALL_TOPIC, Call, Failure, Ping, Reply, Shutdown, ToDriver, rank_topic
+from ..ipc.shm_ring import RingReader, RingTimeout
 from .launcher import WorkerHandle
 from .processes import UNKNOWN_EXIT
+from .shm_path import ShmDriverPath
 
 log = logging.getLogger("gpuexec")
 
 _WAIT_SLICE_S = 0.002     # a non-pumping waiter re-checks for the pump lock this often
 _MONITOR_PUMP_MS = 5      # the monitor releases the pump lock at least this often
+_RING_FULL_S = 60.0       # how long a request may wait for room in the ring
+_OVERFLOW_RECV_MS = 10_000  # a reply announced in its ring is already on its way
 
 
 @dataclass
@@ -126,8 +132,12 @@ class DriverChannel:
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], req: zmq.Socket[bytes],
                  rep: zmq.Socket[bytes], handles: Sequence[WorkerHandle],
-                 stderr_tail: Callable[[int], str] = lambda rank: "") -> None:
+                 stderr_tail: Callable[[int], str] = lambda rank: "",
+                 shm: ShmDriverPath | None = None) -> None:
         self._ctx = ctx
+        self._shm = shm  # the shared-memory path; None: ZeroMQ only
+        self._shm_decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True,
+                                                       copy_buffers=True)
         self._req = req
         self._rep = rep
         self._handles = handles
@@ -240,6 +250,9 @@ class DriverChannel:
 
     def _send(self, ranks: Sequence[int], frames: list[Any]) -> None:
         """Publish once for all ranks, or once per targeted rank."""
+        if self._shm is not None:
+            self._send_shm(ranks, frames)
+            return
         if len(frames) == 1 and len(ranks) == len(self._topics):  # the common case
             with self._send_lock:
                 self._req.send(ALL_TOPIC + frames[0])
@@ -250,6 +263,30 @@ class DriverChannel:
         with self._send_lock:
             for topic in topics:
                 send_frames(self._req, [topic + header, *buffers])
+
+    def _send_shm(self, ranks: Sequence[int], frames: list[Any]) -> None:
+        """One packet in the request ring; too big for a slot: ZeroMQ, and a marker."""
+        shm = self._shm
+        if shm is None:  # pragma: no cover - callers check
+            return
+        targets = None if len(ranks) == len(self._topics) else ranks
+        alive = self.failed_or_closing_not
+        with self._send_lock:
+            try:
+                if shm.request.write(packets.pack(frames, targets), _RING_FULL_S, alive):
+                    return
+                header, buffers = frames[0], frames[1:]
+                topics = [ALL_TOPIC] if targets is None else [self._topics[r] for r in ranks]
+                for topic in topics:
+                    send_frames(self._req, [topic + header, *buffers])
+                shm.request.write(packets.pack_marker(targets), _RING_FULL_S, alive)
+            except RingTimeout as e:
+                self.check_usable()
+                raise RpcTimeoutError("send", _RING_FULL_S, list(ranks)) from e
+
+    def failed_or_closing_not(self) -> bool:
+        """False once the executor failed or is closing (ends waits for ring space)."""
+        return self._failure is None and not self._closing
 
     def ping(self, timeout: float) -> PendingCall:
         self.check_usable()
@@ -268,10 +305,13 @@ class DriverChannel:
             pass
 
     def _wake(self) -> None:
-        """Make a caller blocked in ``recv`` on the reply socket return now."""
+        """Make a caller blocked in ``recv`` on the reply socket (or asleep on the
+        doorbell) return now."""
         with self._wake_lock:
             if not self._waker.closed:
                 self._waker.send(b"", zmq.NOBLOCK)
+            if self._shm is not None:
+                self._shm.doorbell.ring()
 
     # -- receiving -----------------------------------------------------------------
 
@@ -283,6 +323,9 @@ class DriverChannel:
         for one socket; deaths and shutdown interrupt it with a wake-up frame. This is
         the hot path: one loop per reply, nothing re-computed inside it.
         """
+        if self._shm is not None:
+            self._recv_shm(call, None if timeout_ms < 0 else timeout_ms / 1000)
+            return
         rep = self._rep
         dispatch = self._dispatch
         if timeout_ms != self._rcvtimeo:
@@ -297,8 +340,69 @@ class DriverChannel:
             if timeout_ms >= 0:
                 return
 
+    def _recv_shm(self, call: PendingCall | None, timeout: float | None) -> None:
+        """Replies from the reply rings until ``call`` is done (or one round when ``call``
+        is None), spinning ``spin`` seconds after the last reply, then asleep on the
+        doorbell; returns after ``timeout`` seconds at most (None: no limit)."""
+        shm = self._shm
+        if shm is None:  # pragma: no cover - callers check
+            return
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        spin_until = now + shm.spin
+        readers = shm.replies
+        while call is None or not call.done:
+            got = False
+            for reader in readers:
+                if reader.poll():
+                    self._dispatch_packet(reader)
+                    got = True
+            now = time.monotonic()
+            if got:
+                if call is None:
+                    return
+                spin_until = now + shm.spin
+                continue
+            if deadline is not None and now >= deadline:
+                return
+            if now < spin_until:
+                continue
+            nap = 0.05 if deadline is None else min(0.05, deadline - now)
+            shm.doorbell.wait(lambda: shm.ready_reply() or (call is not None and call.done)
+                              or self._closing, nap)
+            if self._closing or (call is None and not shm.ready_reply()):
+                return
+
+    def _dispatch_packet(self, reader: RingReader) -> None:
+        view = reader.read(0)
+        if view is None:  # pragma: no cover - polled first
+            return
+        try:
+            kind, frames = packets.unpack(view)
+            if kind == packets.BY_ZMQ:
+                reader.release()
+                if self._rcvtimeo != _OVERFLOW_RECV_MS:
+                    self._rep.setsockopt(zmq.RCVTIMEO, _OVERFLOW_RECV_MS)
+                    self._rcvtimeo = _OVERFLOW_RECV_MS
+                self._dispatch(recv_frames(self._rep))
+                return
+            self._dispatch(frames, self._shm_decoder)
+        except (ValueError, struct.error) as e:
+            self.stats.malformed += 1
+            log.warning("gpuexec: dropped a malformed reply packet (%s)", e)
+        finally:
+            view.release()
+            reader.release()
+
     def _pump(self, timeout_ms: int) -> None:
         """The monitor's pump: replies and sentinels together; caller holds the pump lock."""
+        if self._shm is not None:
+            self._recv_shm(None, timeout_ms / 1000)
+            for fd, _ in self._idle_poller.poll(0):
+                if fd in self._sentinels:
+                    self._idle_poller.unregister(fd)
+                    self._worker_exited(self._sentinels[fd])
+            return
         for sock, _ in self._pump_poller.poll(timeout_ms):
             if sock is self._rep:
                 # Drain what is queued; EVENTS avoids raising zmq.Again per wake-up.
@@ -308,13 +412,14 @@ class DriverChannel:
                 self._pump_poller.unregister(sock)
                 self._worker_exited(self._sentinels[sock])
 
-    def _dispatch(self, frames: list[Any]) -> None:
+    def _dispatch(self, frames: list[Any], decoder: Decoder[ToDriver] | None = None) -> None:
         header = frames[0]
         if not header:
             return  # a wake-up frame: the waiting loop re-checks its call
+        decoder = self._decoder if decoder is None else decoder
         try:
-            reply: Reply = self._decoder.decode(frames) if len(frames) > 1 else \
-                self._decoder.decode_header(header)
+            reply: Reply = decoder.decode(frames) if len(frames) > 1 else \
+                decoder.decode_header(header)
         except MalformedMessage as e:
             self.stats.malformed += 1
             if self.stats.malformed == 1:
@@ -450,6 +555,8 @@ class DriverChannel:
             self._req.close(linger=0)
             self._rep.close(linger=0)
             self._ctx.term()
+            if self._shm is not None:
+                self._shm.close()
         for fd in (self._poke_r, self._poke_w):
             try:
                 os.close(fd)

@@ -42,14 +42,16 @@ import cloudpickle
 import msgspec
 import zmq
 
+from ..errors import ConfigError
 from ..ipc.endpoints import EndpointDir
-from ..ipc.messages import WorkerSpec
+from ..ipc.messages import ShmSpec, WorkerSpec
 from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
 from ..worker.stdio import read_tail, stderr_record_path
 from .channel import ChannelStats, DriverChannel
 from .config import ExecutorConfig
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
+from .shm_path import ShmDriverPath, shm_room
 from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
 from .zygote import ZygoteClient, ZygoteError, close_zygotes, default_preload, get_zygote
 
@@ -185,6 +187,7 @@ class Executor:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
         preload: Sequence[str] | None = None,
+        transport: str = "zmq",
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
@@ -199,13 +202,17 @@ class Executor:
             terminate_timeout=terminate_timeout)
         self._start_method, self._start_method_reason = resolve_start_method(start_method)
         cfg = self._config
+        self._transport = self._pick_transport(transport)
         zygote = None
         if self._start_method == "zygote":
             zygote = self._zygote(preload, start_method)
         endpoints = EndpointDir()
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         handles: list[WorkerHandle] = []
+        shm: ShmDriverPath | None = None
         try:
+            if self._transport == "shm":
+                shm = ShmDriverPath(cfg.world_size)
             req = ctx.socket(zmq.XPUB)
             req.setsockopt(zmq.SNDHWM, 0)
             req.setsockopt(zmq.LINGER, 0)
@@ -214,12 +221,17 @@ class Executor:
             rep.setsockopt(zmq.RCVHWM, 0)
             rep.setsockopt(zmq.LINGER, 0)
             rep.bind(endpoints.endpoint("rep"))
-            specs = [msgspec.msgpack.encode(self._spec(rank, endpoints))
-                     for rank in range(cfg.world_size)]
+            specs = [msgspec.msgpack.encode(self._spec(
+                rank, endpoints, shm.spec_for(rank) if shm is not None else None))
+                for rank in range(cfg.world_size)]
             handles = start_workers(self._start_method, specs, zygote)
             wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
                        lambda rank: read_tail(stderr_record_path(endpoints.path, rank)))
+            if shm is not None:
+                shm.unlink()  # every worker has mapped the rings: no crash can leak them
         except BaseException:
+            if shm is not None:
+                shm.close()
             stop_workers(handles, grace=0.0, term_grace=1.0)
             ctx.destroy(linger=0)
             endpoints.close()
@@ -229,7 +241,7 @@ class Executor:
         self._all_ranks = list(range(cfg.world_size))
         self._channel = DriverChannel(ctx, req, rep, handles,
                                       lambda rank: read_tail(stderr_record_path(
-                                          endpoints.path, rank)))
+                                          endpoints.path, rank)), shm)
         self._channel.start()
         self._closed = False
         _live.add(self)
@@ -253,7 +265,27 @@ class Executor:
             f"{', '.join(zygote.hello.preloaded) or 'nothing'}")
         return zygote
 
-    def _spec(self, rank: int, endpoints: EndpointDir) -> WorkerSpec:
+    def _pick_transport(self, transport: str) -> str:
+        """``"zmq"``, ``"shm"`` (shared-memory rings; an error when /dev/shm has no room),
+        or ``"auto"`` (shm when /dev/shm has room, else zmq with one log line)."""
+        if transport not in ("auto", "shm", "zmq"):
+            raise ConfigError(f"unknown transport {transport!r}; expected auto, shm or zmq")
+        if transport == "zmq":
+            return "zmq"
+        room = shm_room(self._config.world_size)
+        if room and transport == "shm":
+            raise ConfigError(f"transport='shm' is not possible here: {room}")
+        if room:
+            log.warning("gpuexec: using ZeroMQ instead of shared memory: %s", room)
+            return "zmq"
+        return "shm"
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` (shared-memory rings) or ``"zmq"``."""
+        return self._transport
+
+    def _spec(self, rank: int, endpoints: EndpointDir, shm: ShmSpec | None) -> WorkerSpec:
         cfg = self._config
         return WorkerSpec(
             rank=rank, local_rank=rank, world_size=cfg.world_size,
@@ -267,7 +299,7 @@ class Executor:
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
             init_args_pickle=cfg.init_args_pickle, env=cfg.env,
             stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path,
-            sys_path=[p for p in sys.path if p])
+            sys_path=[p for p in sys.path if p], shm=shm)
 
     # -- properties ----------------------------------------------------------------
 

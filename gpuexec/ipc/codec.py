@@ -149,8 +149,12 @@ class Encoder:
 class Decoder(Generic[T]):
     """Decodes frames into one message type (a closed union). One thread at a time."""
 
-    def __init__(self, msg_type: type[T] | Any, *, allow_pickle: bool) -> None:
+    def __init__(self, msg_type: type[T] | Any, *, allow_pickle: bool,
+                 copy_buffers: bool = False) -> None:
         self.allow_pickle = allow_pickle
+        # True when frames are views of memory that will be reused (a ring slot): arrays
+        # are then copied out instead of aliasing it.
+        self.copy_buffers = copy_buffers
         self._meta = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
         self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
             msg_type, ext_hook=self._ext_hook)
@@ -191,6 +195,8 @@ class Decoder(Generic[T]):
             if not 0 <= where < len(self._frames) - 1:
                 raise MalformedMessage(f"array refers to missing frame {where}")
             buf: Any = _buffer(self._frames[where + 1])
+            if self.copy_buffers:
+                buf = bytearray(buf)
         else:
             buf = bytearray(where)  # inline: own a writable copy
         if code in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE):

@@ -42,8 +42,18 @@ from typing import Any
 import msgspec
 
 from .reports import DeviceReport
+from .shm_ring import RingSpec
 
 PROTOCOL_VERSION = 1
+
+
+class ShmSpec(msgspec.Struct, frozen=True):
+    """A worker's shared-memory path: the request ring (it is reader ``rank``), its own
+    reply ring (it is the writer) and the driver's doorbell."""
+
+    request: RingSpec
+    reply: RingSpec
+    doorbell: str
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,6 +79,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     stderr_record: str = ""          # file the worker copies its stderr to ("" = none)
     ipc_dir: str = ""                # the private directory; removed if the driver dies
     sys_path: list[str] = []         # the driver's sys.path, for workers in a fresh interpreter
+    shm: ShmSpec | None = None       # the shared-memory path, None: ZeroMQ only
 
 
 class Failure(msgspec.Struct, frozen=True, array_like=True):

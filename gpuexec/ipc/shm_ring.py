@@ -145,6 +145,26 @@ class RingWriter:
         self._readers = [_READERS_OFF + _LINE * i for i in range(n_readers)]
         self.max_message = slot_size - _SLOT_HEADER
 
+    @classmethod
+    def attach(cls, spec: RingSpec) -> RingWriter:
+        """Become the writer of a ring another process created (and may already have
+        unlinked: attach before that)."""
+        self = cls.__new__(cls)
+        self._m = _Mapped(spec.path, None)
+        if len(self._m.mm) != segment_size(spec.n_slots, spec.slot_size, spec.n_readers):
+            self._m.close()
+            raise ValueError(f"{spec.path} is not the ring described by {spec}")
+        self.spec = spec
+        self._seq = int(_U64.unpack_from(self._m.view, _WRITE_SEQ_OFF)[0])
+        self._data = _data_offset(spec.n_readers)
+        self._readers = [_READERS_OFF + _LINE * i for i in range(spec.n_readers)]
+        self.max_message = spec.slot_size - _SLOT_HEADER
+        return self
+
+    def detach(self) -> None:
+        """Unmap without removing the name (the creator hands the ring to its writer)."""
+        self._m.close()
+
     def unlink(self) -> None:
         """Remove the name from /dev/shm; mappings stay valid until unmapped. Called
         once every reader has opened the ring, so that no crash can leave it behind."""
@@ -157,7 +177,7 @@ class RingWriter:
         view = self._m.view
         return min(int(_U64.unpack_from(view, off)[0]) for off in self._readers)
 
-    def write(self, payload: bytes | memoryview, timeout: float | None = None,
+    def write(self, payload: bytes | bytearray | memoryview, timeout: float | None = None,
               alive: Callable[[], bool] | None = None) -> bool:
         """Publish ``payload`` to every reader. False when it does not fit in a slot (send
         it another way). Waits while the ring is full; raises :class:`RingTimeout` after
@@ -281,4 +301,58 @@ class RingReader:
                 return True
 
     def close(self) -> None:
+        self._m.close()
+
+
+class Doorbell:
+    """A futex word many writers ring and one waiter sleeps on (the driver waiting for
+    replies from several rings). Ringing is ``counter += 1`` (a lost increment between
+    two writers is harmless: only "it changed" matters, and every ring wakes anyway when
+    the waiter sleeps)."""
+
+    SIZE = 128
+    _COUNTER = 0
+    _SLEEPING = 64
+
+    def __init__(self, path: str, create: bool) -> None:
+        self.path = path
+        self._m = _Mapped(path, self.SIZE if create else None)
+
+    @classmethod
+    def create(cls, directory: str = SHM_DIR) -> Doorbell:
+        return cls(os.path.join(directory, f"gpuexec-bell-{secrets.token_hex(8)}"), True)
+
+    def ring(self) -> None:
+        view = self._m.view
+        _U32.pack_into(view, self._COUNTER, (_U32.unpack_from(view, self._COUNTER)[0] + 1)
+                       & 0xFFFFFFFF)
+        fence()
+        if _U32.unpack_from(view, self._SLEEPING)[0] and futex.available():
+            futex.wake(self._m.base + self._COUNTER)
+
+    def wait(self, ready: Callable[[], bool], timeout: float) -> bool:
+        """Sleep until ``ready()`` (checked after announcing the sleep) or ``timeout``."""
+        view = self._m.view
+        _U32.pack_into(view, self._SLEEPING, 1)
+        fence()
+        expected = _U32.unpack_from(view, self._COUNTER)[0]
+        try:
+            if ready():
+                return True
+            if futex.available():
+                futex.wait(self._m.base + self._COUNTER, expected, timeout)
+            else:
+                time.sleep(min(timeout, 1e-3))
+        finally:
+            _U32.pack_into(view, self._SLEEPING, 0)
+        return ready()
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.unlink()
         self._m.close()

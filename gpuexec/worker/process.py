@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import signal
+import struct
 import sys
 import traceback
 from collections import OrderedDict
@@ -26,6 +27,7 @@ import cloudpickle
 import msgspec
 import zmq
 
+from ..ipc import packets
 from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_rest, send_frames
 from ..ipc.messages import (
     ALL_TOPIC,
@@ -35,12 +37,14 @@ from ..ipc.messages import (
     Ping,
     Ready,
     Reply,
+    ShmSpec,
     Shutdown,
     StartupFailed,
     ToWorker,
     WorkerSpec,
     rank_topic,
 )
+from ..ipc.shm_ring import Doorbell, RingReader, RingWriter
 from .base import Worker, WorkerContext
 from .device import init_device, isolate_environment, merge_reports, torch_device
 from .stdio import install_prefix
@@ -50,6 +54,7 @@ log = logging.getLogger("gpuexec.worker")
 
 WORKER_ENV_FLAG = "GPUEXEC_WORKER"
 _FN_CACHE_SIZE = 64
+_SHM_SPIN_S = 100e-6  # spin this long for the next request before sleeping on the futex
 _ALL = ALL_TOPIC[0]
 
 
@@ -111,35 +116,65 @@ class _Server:
     """The request loop. Owns the two sockets; single-threaded."""
 
     def __init__(self, spec: WorkerSpec, worker: Worker, sub: zmq.Socket[bytes],
-                 push: zmq.Socket[bytes]) -> None:
+                 push: zmq.Socket[bytes], shm: _ShmWorkerPath | None) -> None:
         self.rank = spec.rank
         self.worker = worker
         self.sub = sub
         self.push = push
+        self.shm = shm
         self.topic = rank_topic(spec.rank)
         self.encoder = Encoder(allow_pickle=True)
         self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=True)
+        self.shm_decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=True,
+                                                      copy_buffers=True)
         self.dropped = 0
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
 
+    def _drop(self, e: Exception) -> None:
+        self.dropped += 1
+        if self.dropped == 1:
+            log.warning("dropped a malformed request (%s); counting further ones", e)
+
+    def _next_zmq(self) -> ToWorker | None:
+        sub = self.sub
+        first = sub.recv(copy=False)
+        header = first.bytes or b"\x00"  # an empty frame is nothing a driver sends
+        body = memoryview(header)[1 if header[0] == _ALL else len(self.topic):]
+        try:
+            if first.more:
+                frames = recv_rest(sub, header)
+                frames[0] = body
+                return self.decoder.decode(frames)
+            return self.decoder.decode_header(body)
+        except MalformedMessage as e:
+            self._drop(e)
+            return None
+
+    def _next_shm(self, shm: _ShmWorkerPath) -> ToWorker | None:
+        view = shm.request.read()
+        if view is None:  # pragma: no cover - no timeout was given
+            return None
+        try:
+            if not packets.for_rank(view, self.rank):
+                return None
+            kind, frames = packets.unpack(view)
+            if kind == packets.BY_ZMQ:
+                return self._next_zmq()
+            if len(frames) > 1:
+                return self.shm_decoder.decode(frames)
+            return self.shm_decoder.decode_header(frames[0])
+        except (MalformedMessage, ValueError, struct.error) as e:
+            self._drop(e)
+            return None
+        finally:
+            view.release()
+            shm.request.release()
+
     def serve(self) -> None:
-        sub, topic_len = self.sub, len(self.topic)
-        decode, decode_header = self.decoder.decode, self.decoder.decode_header
+        shm = self.shm
         while True:
-            first = sub.recv(copy=False)
-            header = first.bytes or b"\x00"  # an empty frame is nothing a driver sends
-            body = memoryview(header)[1 if header[0] == _ALL else topic_len:]
-            try:
-                if first.more:
-                    frames = recv_rest(sub, header)
-                    frames[0] = body
-                    msg = decode(frames)
-                else:
-                    msg = decode_header(body)
-            except MalformedMessage as e:
-                self.dropped += 1
-                if self.dropped == 1:
-                    log.warning("dropped a malformed request (%s); counting further ones", e)
+            msg = self._next_zmq() if shm is None else self._next_shm(shm)
+            if msg is None:
                 continue
             match msg:
                 case Call():
@@ -181,7 +216,23 @@ class _Server:
         except Exception as e:  # the return value cannot be sent
             err = TypeError(f"the result of {method!r} cannot be sent back: {e}")
             frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure_from(err)))
-        send_frames(self.push, frames)
+        shm = self.shm
+        if shm is None:
+            send_frames(self.push, frames)
+            return
+        if not shm.reply.write(packets.pack(frames, None)):
+            send_frames(self.push, frames)  # too big for a slot: ZeroMQ, and a marker
+            shm.reply.write(packets.pack_marker(None))
+        shm.doorbell.ring()
+
+
+class _ShmWorkerPath:
+    """The worker's ends of the shared-memory path (see gpuexec.executor.shm_path)."""
+
+    def __init__(self, spec: ShmSpec, rank: int) -> None:
+        self.request = RingReader(spec.request, rank, spin=_SHM_SPIN_S)
+        self.reply = RingWriter.attach(spec.reply)
+        self.doorbell = Doorbell(spec.doorbell, create=False)
 
 
 def run_worker(spec_bytes: bytes) -> None:
@@ -199,6 +250,7 @@ def run_worker(spec_bytes: bytes) -> None:
     push.setsockopt(zmq.SNDHWM, 0)
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(spec.rep_endpoint)
+    shm = _ShmWorkerPath(spec.shm, spec.rank) if spec.shm is not None else None
     handshake = Encoder(allow_pickle=False)
     stage = "init_device"
     try:
@@ -221,7 +273,7 @@ def run_worker(spec_bytes: bytes) -> None:
     push.send_multipart(handshake.encode(
         Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
     try:
-        _Server(spec, worker, sub, push).serve()
+        _Server(spec, worker, sub, push, shm).serve()
     finally:
         kill_children()
         sub.close()

@@ -1,0 +1,82 @@
+"""The driver's shared-memory path to its workers (``transport="shm"``).
+
+Requests: one broadcast ring, written once whatever the world size; every worker reads
+every packet and skips those not addressed to it. Replies: one ring per worker (its only
+writer) and a doorbell that every worker rings after a reply, on which the driver sleeps
+once it has spun ``spin`` seconds in vain. A message too big for a slot goes by ZeroMQ
+and a marker takes its place in the ring, which keeps the order. The segments are
+created here and unlinked from /dev/shm as soon as every worker has mapped them, so no
+crash of any process can leave one behind.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..ipc.messages import ShmSpec
+from ..ipc.shm_ring import SHM_DIR, Doorbell, RingReader, RingSpec, RingWriter, segment_size
+
+REQUEST_SLOTS = 8
+REPLY_SLOTS = 4
+SLOT_SIZE = 1 << 20
+
+
+def shm_bytes_needed(world_size: int) -> int:
+    return segment_size(REQUEST_SLOTS, SLOT_SIZE, world_size) + \
+        world_size * segment_size(REPLY_SLOTS, SLOT_SIZE, 1) + Doorbell.SIZE
+
+
+def shm_room(world_size: int, directory: str = SHM_DIR) -> str:
+    """"" when /dev/shm can hold the rings twice over, else why not."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as e:
+        return f"{directory} is not usable ({e})"
+    free = st.f_bavail * st.f_frsize
+    need = 2 * shm_bytes_needed(world_size)
+    if free < need:
+        return f"{directory} has {free >> 20} MiB free, the rings need {need >> 20} MiB"
+    return ""
+
+
+class ShmDriverPath:
+    """The rings and the doorbell, from the driver's side."""
+
+    def __init__(self, world_size: int, spin: float = 100e-6) -> None:
+        self.request = RingWriter(world_size, n_slots=REQUEST_SLOTS, slot_size=SLOT_SIZE)
+        self.doorbell = Doorbell.create()
+        self.replies: list[RingReader] = []
+        self._reply_specs: list[RingSpec] = []
+        try:
+            for _ in range(world_size):
+                writer = RingWriter(1, n_slots=REPLY_SLOTS, slot_size=SLOT_SIZE)
+                self._reply_specs.append(writer.spec)
+                self.replies.append(RingReader(writer.spec, 0, spin=spin))
+                writer.detach()  # the worker becomes its writer
+        except BaseException:
+            self.close()
+            raise
+        self.spin = spin
+
+    def spec_for(self, rank: int) -> ShmSpec:
+        return ShmSpec(self.request.spec, self._reply_specs[rank], self.doorbell.path)
+
+    def unlink(self) -> None:
+        """Every worker has mapped the segments: remove their names."""
+        self.request.unlink()
+        self.doorbell.unlink()
+        for spec in self._reply_specs:
+            try:
+                os.unlink(spec.path)
+            except FileNotFoundError:
+                pass
+
+    def ready_reply(self) -> bool:
+        return any(r.poll() for r in self.replies)
+
+    def close(self) -> None:
+        self.unlink()
+        for r in self.replies:
+            r.close()
+        self.request.close()
+        self.doorbell.close()

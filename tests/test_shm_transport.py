@@ -1,0 +1,74 @@
+"""The executor over shared-memory rings (transport="shm"): failures wake sleeping
+waiters, nothing is left in /dev/shm, the fallback to ZeroMQ."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from workers import EchoWorker
+
+from gpuexec import ConfigError, Executor, ExecutorClosedError, WorkerDiedError
+
+
+def _ours() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("gpuexec-")}
+
+
+def test_no_segment_is_left_in_dev_shm_while_running_or_after() -> None:
+    before = _ours()
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        assert ex.transport == "shm"
+        assert _ours() == before  # unlinked once every worker mapped them
+        assert ex.collective_rpc("add", args=(1,)) == [1, 2]
+    assert _ours() == before
+
+
+def test_worker_death_wakes_a_caller_asleep_on_the_doorbell() -> None:
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        victim = ex.workers[1].pid
+        threading.Timer(0.3, os.kill, (victim, signal.SIGKILL)).start()
+        t = time.monotonic()
+        with pytest.raises(WorkerDiedError) as info:
+            ex.collective_rpc("sleep", args=(30,))
+        assert time.monotonic() - t < 2.0
+        assert info.value.signal_name == "SIGKILL"
+
+
+def test_shutdown_from_another_thread_wakes_the_caller() -> None:
+    ex = Executor(EchoWorker, 2, device="cpu", transport="shm", shutdown_timeout=0.2)
+    threading.Timer(0.3, ex.shutdown).start()
+    t = time.monotonic()
+    with pytest.raises(ExecutorClosedError):
+        ex.collective_rpc("sleep", args=(30,))
+    assert time.monotonic() - t < 3.0
+
+
+def test_large_messages_overflow_to_zeromq_in_order() -> None:
+    import numpy as np
+
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        big = np.arange(600_000, dtype=np.float64)  # 4.6 MiB: more than a slot
+        futs = [ex.collective_rpc(lambda w, a, i: (i, float(a.sum())), args=(big if i % 2
+                                  else big[:10], i), non_block=True) for i in range(10)]
+        got = [f.result(timeout=30) for f in futs]
+        assert [g[0][0] for g in got] == list(range(10))
+        assert got[1][0][1] == float(big.sum()) and got[0][0][1] == float(big[:10].sum())
+
+
+def test_transport_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+                          ) -> None:
+    with pytest.raises(ConfigError, match="unknown transport 'pigeon'"):
+        Executor(EchoWorker, 1, device="cpu", transport="pigeon")
+    import gpuexec.executor.executor as executor_module
+
+    monkeypatch.setattr(executor_module, "shm_room", lambda n: "/dev/shm has 1 MiB free")
+    with pytest.raises(ConfigError, match="transport='shm' is not possible here"):
+        Executor(EchoWorker, 1, device="cpu", transport="shm")
+    with Executor(EchoWorker, 1, device="cpu", transport="auto") as ex:
+        assert ex.transport == "zmq"
+        assert ex.collective_rpc("add", args=(1,)) == [1]
+    assert "using ZeroMQ instead of shared memory: /dev/shm has 1 MiB free" in caplog.text
