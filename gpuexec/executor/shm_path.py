@@ -42,7 +42,7 @@ def shm_room(world_size: int, directory: str = SHM_DIR) -> str:
 class ShmDriverPath:
     """The rings and the doorbell, from the driver's side."""
 
-    def __init__(self, world_size: int, spin: float = 100e-6) -> None:
+    def __init__(self, world_size: int, spin: float = 2e-3) -> None:
         self.request = RingWriter(world_size, n_slots=REQUEST_SLOTS, slot_size=SLOT_SIZE)
         self.doorbell = Doorbell.create()
         self.replies: list[RingReader] = []
