@@ -42,11 +42,15 @@ def gpuexec_dirs() -> set[str]:
 
 
 def _helper_pids() -> set[int]:
-    """multiprocessing's own long-lived helpers (forkserver, resource tracker)."""
+    """Long-lived helpers: multiprocessing's forkserver and resource tracker, and
+    gpuexec's zygotes."""
     from multiprocessing import forkserver, resource_tracker
+
+    from gpuexec.executor import zygote
 
     pids = {getattr(forkserver._forkserver, "_forkserver_pid", None),
             getattr(resource_tracker._resource_tracker, "_pid", None)}
+    pids |= {z.pid for z in zygote._zygotes.values()}  # lives as long as this process
     return {p for p in pids if p}
 
 

@@ -544,7 +544,10 @@ class DriverChannel:
         for call in pending:
             self._finish(call, ExecutorClosedError("the executor was shut down during the call"))
         self._wake()
-        self._send(range(len(self._topics)), self._encoder.encode(Shutdown()))
+        try:
+            self._send(range(len(self._topics)), self._encoder.encode(Shutdown()))
+        except Exception as e:  # a full ring or a dead worker: SIGTERM follows anyway
+            log.debug("gpuexec: could not send Shutdown (%s)", e)
 
     def close(self) -> None:
         """Stop the monitor and close the sockets (after the workers are gone)."""

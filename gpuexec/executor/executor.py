@@ -138,7 +138,7 @@ class Executor:
     isolate_devices=False, release_stale_contexts=True, stale_context_policy="release",
     distributed_backend=None,
     ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0, terminate_timeout=2.0,
-    preload=None)``
+    preload=None, transport="auto")``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -149,6 +149,8 @@ class Executor:
       :mod:`.start_method`. ``preload``: modules the zygote imports before forking
       workers (default: torch, when installed); one zygote per preload list is kept
       for the life of the driver and reused by later executors.
+    * ``transport``: ``"auto"`` (shared-memory rings when /dev/shm has room, else
+      ZeroMQ), ``"shm"`` or ``"zmq"``; see :mod:`.shm_path`.
     * ``worker_args`` / ``worker_kwargs``: passed to the worker class's ``__init__``.
     * ``env``: extra environment variables for every worker (``RANK``,
       ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` are always set).
@@ -187,7 +189,7 @@ class Executor:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
         preload: Sequence[str] | None = None,
-        transport: str = "zmq",
+        transport: str = "auto",
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
