@@ -72,3 +72,45 @@ def test_transport_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCap
         assert ex.transport == "zmq"
         assert ex.collective_rpc("add", args=(1,)) == [1]
     assert "using ZeroMQ instead of shared memory: /dev/shm has 1 MiB free" in caplog.text
+
+
+def _in_payload_mapping(worker: object, x: object) -> bool:
+    address = x.__array_interface__["data"][0]  # type: ignore[attr-defined]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return "memfd:gpuexec-payload" in line
+    return False
+
+
+def test_large_broadcast_arrays_are_shared_not_copied_and_freed() -> None:
+    import numpy as np
+    import torch
+
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        a = np.arange(1 << 19, dtype=np.float64)  # 4 MiB: a shared-memory payload
+        # Mapped, not copied: the array's memory lies in a mapping of the driver's file.
+        assert ex.collective_rpc(_in_payload_mapping, args=(a,)) == [True, True]
+        # Copy-on-write: a worker that writes changes only its own pages.
+        assert ex.collective_rpc(lambda w, x: (x.__setitem__(0, w.rank + 7), float(x[0]))[1],
+                                 args=(a,)) == [7.0, 8.0]
+        assert a[0] == 0.0
+        # A worker may keep it after the call: the mapping outlives the driver's descriptor.
+        ex.collective_rpc(lambda w, x: setattr(w, "kept", x), args=(a,))
+        assert ex.collective_rpc(lambda w: float(w.kept.sum())) == [float(a.sum())] * 2
+        t = torch.arange(1 << 20, dtype=torch.float32)
+        assert ex.collective_rpc(lambda w, x: float(x.sum()), args=(t,)) == \
+            [float(t.sum())] * 2
+        assert _payload_fds() == 0  # closed as each call completed
+    assert _ours() == set()
+
+
+def _payload_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += "memfd:gpuexec-payload" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return count

@@ -53,7 +53,7 @@ from typing import Any
 import zmq
 
 from ..errors import ExecutorClosedError, RemoteError, RpcTimeoutError, WorkerDiedError
-from ..ipc import packets
+from ..ipc import packets, shm_payload
 from ..ipc.codec import (
     Decoder,
     Encoder,
@@ -97,6 +97,7 @@ class PendingCall:
         "method",
         "owed",
         "ranks",
+        "segments",
         "timeout",
         "unique_reply_rank",
         "value",
@@ -120,6 +121,7 @@ class PendingCall:
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
+        self.segments: list[int] = []  # shared-memory payloads to close once complete
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -143,7 +145,8 @@ class DriverChannel:
         self._handles = handles
         self._stderr_tail = stderr_tail  # rank -> the dead worker's last stderr lines
         self._topics = [rank_topic(h.rank) for h in handles]
-        self._encoder = Encoder(allow_pickle=True)
+        self._encoder = Encoder(allow_pickle=True,
+                                shm_payloads=shm is not None and shm_payload.available())
         self._decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -237,13 +240,18 @@ class DriverChannel:
         future: Future[Any] | None = Future() if non_block else None
         call = PendingCall(call_id, method, ranks, unique_reply_rank, timeout, future)
         value_rank = -1 if unique_reply_rank is None else unique_reply_rank
-        frames = self._encoder.encode(Call(call_id, method, fn_blob, args, kwargs, value_rank))
+        frames, call.segments = self._encoder.encode_with_segments(
+            Call(call_id, method, fn_blob, args, kwargs, value_rank))
         with self._lock:
             self._pending[call_id] = call
             if non_block:
                 self._n_async += 1
         self.stats.calls += 1
-        self._send(ranks, frames)
+        try:
+            self._send(ranks, frames)
+        except BaseException as e:
+            self._finish(call, e)
+            raise
         if non_block:
             self._poke()
         return call
@@ -450,6 +458,9 @@ class DriverChannel:
             self._pending.pop(call.call_id, None)
             if call.future is not None:
                 self._n_async -= 1
+        for fd in call.segments:  # every target has mapped its payloads (or never will)
+            os.close(fd)
+        call.segments = []
         if error is None and call.failures:
             rank = min(call.failures)
             f = call.failures[rank]

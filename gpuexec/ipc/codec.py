@@ -21,6 +21,7 @@ receivers count and drop.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 import msgspec
 
+from . import shm_payload
+
 INLINE_LIMIT = 4096
 
 _EXT_NDARRAY = 1   # payload: [dtype.str, shape, frame index]     (out of band)
@@ -36,6 +39,8 @@ _EXT_TENSOR = 2    # payload: [torch dtype name, shape, frame index]
 _EXT_PICKLE = 3    # payload: cloudpickle bytes (private channel only)
 _EXT_NDARRAY_INLINE = 4  # payload: [dtype.str, shape, raw bytes]
 _EXT_TENSOR_INLINE = 5
+_EXT_NDARRAY_SHM = 6  # payload: [dtype.str, shape, driver pid, fd, nbytes] (shm_payload)
+_EXT_TENSOR_SHM = 7
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
 T = TypeVar("T")
@@ -83,8 +88,12 @@ def _buffer(frame: Frame) -> memoryview:
 class Encoder:
     """Encodes messages into frames. Thread-safe (one lock around the shared state)."""
 
-    def __init__(self, *, allow_pickle: bool) -> None:
+    def __init__(self, *, allow_pickle: bool, shm_payloads: bool = False) -> None:
         self.allow_pickle = allow_pickle
+        # True: arrays of PAYLOAD_THRESHOLD bytes or more go into shared-memory segments
+        # (see shm_payload); encode_with_segments then returns their descriptors.
+        self.shm_payloads = shm_payloads
+        self._segments: list[int] = []
         self._meta = msgspec.msgpack.Encoder()
         self._plain = msgspec.msgpack.Encoder()  # no hook: messages of plain data only
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
@@ -102,14 +111,29 @@ class Encoder:
             return [self._plain.encode(msg)]
         except TypeError:
             pass
+        return self.encode_with_segments(msg)[0]
+
+    def encode_with_segments(self, msg: Any) -> tuple[list[Frame], list[int]]:
+        """``(frames, segment descriptors)``: the caller closes the descriptors once every
+        receiver has mapped them (the call is complete)."""
+        try:
+            return [self._plain.encode(msg)], []
+        except TypeError:
+            pass
         with self._lock:
             frames: list[Frame] = [b""]
             self._frames = frames
+            self._segments = []
             try:
                 frames[0] = self._enc.encode(msg)
+            except BaseException:
+                for fd in self._segments:
+                    os.close(fd)
+                raise
             finally:
                 self._frames = []
-            return frames
+            segments, self._segments = self._segments, []
+            return frames, segments
 
     def _enc_hook(self, obj: Any) -> Any:
         np = sys.modules.get("numpy")
@@ -118,7 +142,7 @@ class Encoder:
             arr = np.ascontiguousarray(obj)
             raw = arr.reshape(-1).view(np.uint8)
             return self._array_ext(_EXT_NDARRAY, _EXT_NDARRAY_INLINE, arr.dtype.str,
-                                   arr.shape, raw)
+                                   arr.shape, raw, _EXT_NDARRAY_SHM)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor) and obj.layout == torch.strided \
                 and not obj.is_quantized:
@@ -130,14 +154,20 @@ class Encoder:
             t = obj.detach().resolve_conj().resolve_neg().contiguous()
             raw = t.reshape(-1).view(torch.uint8).numpy()
             name = str(t.dtype).removeprefix("torch.")
-            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, name, tuple(t.shape), raw)
+            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, name, tuple(t.shape), raw,
+                                   _EXT_TENSOR_SHM)
         if not self.allow_pickle:
             raise TypeError(f"cannot send an object of type {type(obj).__qualname__} "
                             "on a channel that does not allow pickle")
         return msgspec.msgpack.Ext(_EXT_PICKLE, cloudpickle.dumps(obj))
 
     def _array_ext(self, code: int, inline_code: int, dtype: str, shape: Sequence[int],
-                   raw: Any) -> msgspec.msgpack.Ext:
+                   raw: Any, shm_code: int) -> msgspec.msgpack.Ext:
+        if self.shm_payloads and raw.nbytes >= shm_payload.PAYLOAD_THRESHOLD:
+            fd = shm_payload.write_segment(raw)
+            self._segments.append(fd)
+            return msgspec.msgpack.Ext(shm_code, self._meta.encode(
+                (dtype, list(shape), os.getpid(), fd, raw.nbytes)))
         if raw.nbytes < INLINE_LIMIT:
             return msgspec.msgpack.Ext(inline_code,
                                        self._meta.encode((dtype, list(shape), raw.tobytes())))
@@ -156,6 +186,7 @@ class Decoder(Generic[T]):
         # are then copied out instead of aliasing it.
         self.copy_buffers = copy_buffers
         self._meta = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
+        self._shm_meta = msgspec.msgpack.Decoder(tuple[str, list[int], int, int, int])
         self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
             msg_type, ext_hook=self._ext_hook)
         self._frames: Sequence[Frame] = ()
@@ -188,26 +219,38 @@ class Decoder(Generic[T]):
             if not self.allow_pickle:
                 raise MalformedMessage("pickle payload on a channel that does not allow it")
             return cloudpickle.loads(data)
+        buf: Any
+        if code in (_EXT_NDARRAY_SHM, _EXT_TENSOR_SHM):
+            if not self.allow_pickle:  # the private channel only, like pickle
+                raise MalformedMessage("shared-memory payload on an untrusted channel")
+            dtype, shape, pid, fd, nbytes = self._shm_meta.decode(data)
+            buf = shm_payload.map_segment(pid, fd, nbytes)
+            return _array(dtype, shape, buf, code == _EXT_TENSOR_SHM)
         if code not in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE, _EXT_TENSOR, _EXT_TENSOR_INLINE):
             raise MalformedMessage(f"unknown extension type {code}")
         dtype, shape, where = self._meta.decode(data)
         if isinstance(where, int):
             if not 0 <= where < len(self._frames) - 1:
                 raise MalformedMessage(f"array refers to missing frame {where}")
-            buf: Any = _buffer(self._frames[where + 1])
+            buf = _buffer(self._frames[where + 1])
             if self.copy_buffers:
                 buf = bytearray(buf)
         else:
             buf = bytearray(where)  # inline: own a writable copy
-        if code in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE):
-            import numpy as np
+        return _array(dtype, shape, buf, code in (_EXT_TENSOR, _EXT_TENSOR_INLINE))
 
-            return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
-        import torch
 
-        tdtype = getattr(torch, dtype, None)
-        if not isinstance(tdtype, torch.dtype):
-            raise MalformedMessage(f"unknown torch dtype {dtype!r}")
-        if len(buf) == 0:
-            return torch.empty(shape, dtype=tdtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
+def _array(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
+    """A numpy array or CPU tensor over ``buf``, without copying it."""
+    if not tensor:
+        import numpy as np
+
+        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+    import torch
+
+    tdtype = getattr(torch, dtype, None)
+    if not isinstance(tdtype, torch.dtype):
+        raise MalformedMessage(f"unknown torch dtype {dtype!r}")
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=tdtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
