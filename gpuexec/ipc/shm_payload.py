@@ -19,22 +19,48 @@ from typing import Any
 PAYLOAD_THRESHOLD = 1 << 20
 
 
+PARALLEL_COPY = 64 << 20   # above this, the one copy is split across threads
+_COPY_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
 def write_segment(raw: Any) -> int:
-    """A memory file holding the bytes of ``raw`` (a buffer); returns its descriptor."""
+    """A memory file holding the bytes of ``raw`` (a buffer); returns its descriptor.
+
+    This copy is the broadcast's only one. Large payloads are copied by several threads
+    (numpy releases the GIL while copying), which also spreads the page faults of the
+    fresh file over several cores: one thread alone tops out near 2 GB/s.
+    """
     data = memoryview(raw).cast("B")
     fd = os.memfd_create("gpuexec-payload", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, data.nbytes)
-        try:
-            os.posix_fallocate(fd, 0, data.nbytes)  # allocate at once, not page by page
-        except OSError:
-            pass  # the copy below faults the pages in instead
         with mmap.mmap(fd, data.nbytes) as mm:
-            mm[:] = data
+            if data.nbytes < PARALLEL_COPY or _COPY_THREADS == 1:
+                mm[:] = data
+            else:
+                _parallel_copy(mm, data)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _parallel_copy(mm: mmap.mmap, data: memoryview) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    dst = np.frombuffer(mm, dtype=np.uint8)
+    src = np.frombuffer(data, dtype=np.uint8)
+    step = -(-data.nbytes // _COPY_THREADS)
+    step += -step % 4096
+
+    def copy(start: int) -> None:
+        dst[start:start + step] = src[start:start + step]
+
+    with ThreadPoolExecutor(_COPY_THREADS) as pool:
+        list(pool.map(copy, range(0, data.nbytes, step)))
+    # dst and src go with this frame, before the caller closes the mapping
 
 
 def map_segment(pid: int, fd: int, size: int) -> mmap.mmap:
