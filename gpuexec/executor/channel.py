@@ -10,6 +10,12 @@
                                                                         │ (inproc)
     monitor thread: poll(sentinels, wake pipe) ── a death or close ─────┘
 
+With ``transport="shm"`` (:mod:`.shm_path`) the same flow runs through shared memory:
+the request is one packet in a broadcast ring instead of an XPUB send, replies come from
+per-worker rings, and the caller spins, then sleeps on the doorbell futex instead of
+``recv``; deaths and shutdown ring the doorbell instead of sending the wake-up frame.
+ZeroMQ still carries what does not fit a slot (a marker in the ring keeps the order).
+
 Who reads the reply socket: whoever holds the *pump lock*. A blocking
 ``collective_rpc`` takes it and receives replies itself with a plain blocking
 ``recv`` (``RCVTIMEO`` = its deadline), so the common path has no thread hand-off

@@ -9,6 +9,9 @@ Data flow::
           │ results in rank order         pending table ◀── PULL "rep" ◀─┘ Reply(call id, r)
           └──────────── pumped by the caller itself (or by the monitor for futures)
 
+    (transport="shm": a broadcast ring in shared memory instead of XPUB, per-worker reply
+    rings and a doorbell futex instead of PULL; arrays of 1 MiB+ in a memfd every worker maps)
+
     monitor thread: sleeps in poll() on the process sentinels (+ the reply socket while
     non_block futures are outstanding); a worker's exit fails every pending call at once.
 
