@@ -9,6 +9,7 @@ host. Usage: ``python benchmarks/rpc_latency.py [--sizes 1,2,4,8] [--calls 3000]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing as mp
 import os
 import sys
@@ -89,6 +90,63 @@ def bare_pyzmq(n_workers: int, calls: int, warmup: int) -> dict[str, float]:
     return out
 
 
+def _pipe_echo(conn: Any) -> None:
+    while True:
+        msg = conn.recv_bytes()
+        if msg == b"stop":
+            return
+        conn.send_bytes(msg)
+
+
+def mp_pipe(n_workers: int, calls: int, warmup: int) -> dict[str, float]:
+    """``multiprocessing.Pipe`` to each worker: the same bytes out, the reply back."""
+    ctx = mp.get_context("fork")
+    pairs = [ctx.Pipe() for _ in range(n_workers)]
+    procs = [ctx.Process(target=_pipe_echo, args=(child,)) for _, child in pairs]
+    for p in procs:
+        p.start()
+    msg = msgspec.msgpack.encode(Call(1, "noop", None, [], {}))
+
+    def once() -> None:
+        for parent, _ in pairs:
+            parent.send_bytes(msg)
+        for parent, _ in pairs:
+            parent.recv_bytes()
+
+    out = time_calls(once, calls, warmup)
+    for parent, _ in pairs:
+        parent.send_bytes(b"stop")
+    for p in procs:
+        p.join(5)
+    return out
+
+
+def _noop() -> None:
+    return None
+
+
+def process_pool(n_workers: int, calls: int, warmup: int, loky: bool = False
+                 ) -> dict[str, float]:
+    """One no-op task per worker through ``ProcessPoolExecutor`` (or loky's)."""
+    if loky:
+        from loky import get_reusable_executor
+
+        pool: Any = get_reusable_executor(max_workers=n_workers)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork"))
+
+    def once() -> None:
+        for f in [pool.submit(_noop) for _ in range(n_workers)]:
+            f.result()
+
+    out = time_calls(once, calls // 4, warmup // 4)
+    if not loky:
+        pool.shutdown()
+    return out
+
+
 def gpuexec_rpc(n_workers: int, calls: int, warmup: int, transport: str = "zmq"
                 ) -> dict[str, float]:
     with Executor(NoopWorker, n_workers, device="cpu", start_method="fork",
@@ -135,7 +193,9 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
         [n for n in (1, 2, 4, 8) if n <= 4 or n + 1 <= cpus]
     rows: list[list[Any]] = []
+    baselines: list[list[Any]] = []
     results: list[dict[str, Any]] = []
+    have_loky = importlib.util.find_spec("loky") is not None
     for n in sizes:
         best: dict[str, dict[str, float]] = {}
         runs: list[tuple[str, Any]] = [
@@ -147,6 +207,12 @@ def main() -> int:
                 if name not in best or r["p50_us"] < best[name]["p50_us"]:
                     best[name] = r
         ratio = best["gpuexec"]["p50_us"] / best["bare_pyzmq"]["p50_us"]
+        best["mp_pipe"] = mp_pipe(n, args.calls, args.warmup)
+        best["process_pool"] = process_pool(n, args.calls, args.warmup)
+        if have_loky:
+            best["loky"] = process_pool(n, args.calls, args.warmup, loky=True)
+        baselines.append([n, best["mp_pipe"]["p50_us"], best["process_pool"]["p50_us"],
+                          best["loky"]["p50_us"] if have_loky else "-"])
         gap = {t: spaced(n, t, args.gap_ms / 1000, args.spaced_calls) for t in ("zmq", "shm")}
         rows.append([n, best["bare_pyzmq"]["p50_us"], best["bare_pyzmq"]["p99_us"],
                      best["gpuexec"]["p50_us"], best["gpuexec"]["p99_us"], f"{ratio:.2f}x",
@@ -158,6 +224,12 @@ def main() -> int:
     print_table(["world", "bare p50 us", "bare p99 us", "zmq p50 us", "zmq p99 us",
                  "zmq/bare", "shm p50 us", "shm p99 us", f"{args.gap_ms:g}ms-gap zmq p50",
                  "gap shm p50", "gap shm worker CPU %"], rows)
+    print_table(["world", "mp.Pipe p50 us", "ProcessPoolExecutor p50 us", "loky p50 us"],
+                baselines)
+    if not have_loky:
+        print("note: loky not installed: skipped")
+    if importlib.util.find_spec("vllm") is None:
+        print("note: vllm not importable: MessageQueue skipped")
     print("targets: issue 2: zmq/bare <= 1.3x; issue 6: shm p50 <= 15 us (1-4 workers), "
           "<= 25 us (8); with gaps: shm p50 <= 50 us and worker CPU <= 5%")
     path = write_json("rpc_latency.json", {"machine": machine(), "calls": args.calls,

@@ -19,6 +19,8 @@ from ..ipc.shm_ring import SHM_DIR, Doorbell, RingReader, RingSpec, RingWriter, 
 REQUEST_SLOTS = 8
 REPLY_SLOTS = 4
 SLOT_SIZE = 1 << 20
+DRIVER_SPIN_S = 2e-3    # the driver, only while a call is in flight
+WORKER_SPIN_S = 100e-6  # a worker, after each request (an idle worker sleeps)
 
 
 def shm_bytes_needed(world_size: int) -> int:
@@ -42,7 +44,13 @@ def shm_room(world_size: int, directory: str = SHM_DIR) -> str:
 class ShmDriverPath:
     """The rings and the doorbell, from the driver's side."""
 
-    def __init__(self, world_size: int, spin: float = 2e-3) -> None:
+    def __init__(self, world_size: int, spin: float | None = None) -> None:
+        # Spinning pays only with a core for every spinner: on a host with no more cores
+        # than the driver and its workers, a spinner would take the core a worker needs.
+        roomy = (os.cpu_count() or 1) >= world_size + 1
+        if spin is None:
+            spin = DRIVER_SPIN_S if roomy else 0.0
+        self.worker_spin = WORKER_SPIN_S if roomy else 0.0
         self.request = RingWriter(world_size, n_slots=REQUEST_SLOTS, slot_size=SLOT_SIZE)
         self.doorbell = Doorbell.create()
         self.replies: list[RingReader] = []
@@ -59,7 +67,8 @@ class ShmDriverPath:
         self.spin = spin
 
     def spec_for(self, rank: int) -> ShmSpec:
-        return ShmSpec(self.request.spec, self._reply_specs[rank], self.doorbell.path)
+        return ShmSpec(self.request.spec, self._reply_specs[rank], self.doorbell.path,
+                       self.worker_spin)
 
     def unlink(self) -> None:
         """Every worker has mapped the segments: remove their names."""

@@ -54,6 +54,7 @@ class ShmSpec(msgspec.Struct, frozen=True):
     request: RingSpec
     reply: RingSpec
     doorbell: str
+    spin: float = 100e-6             # seconds to spin for the next request before sleeping
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):

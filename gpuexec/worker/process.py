@@ -54,7 +54,6 @@ log = logging.getLogger("gpuexec.worker")
 
 WORKER_ENV_FLAG = "GPUEXEC_WORKER"
 _FN_CACHE_SIZE = 64
-_SHM_SPIN_S = 100e-6  # spin this long for the next request before sleeping on the futex
 _ALL = ALL_TOPIC[0]
 
 
@@ -230,7 +229,7 @@ class _ShmWorkerPath:
     """The worker's ends of the shared-memory path (see gpuexec.executor.shm_path)."""
 
     def __init__(self, spec: ShmSpec, rank: int) -> None:
-        self.request = RingReader(spec.request, rank, spin=_SHM_SPIN_S)
+        self.request = RingReader(spec.request, rank, spin=spec.spin)
         self.reply = RingWriter.attach(spec.reply)
         self.doorbell = Doorbell(spec.doorbell, create=False)
 
