@@ -263,42 +263,38 @@ class DriverChannel:
         return call
 
     def _send(self, ranks: Sequence[int], frames: list[Any]) -> None:
-        """Publish once for all ranks, or once per targeted rank."""
-        if self._shm is not None:
-            self._send_shm(ranks, frames)
-            return
-        if len(frames) == 1 and len(ranks) == len(self._topics):  # the common case
-            with self._send_lock:
-                self._req.send(ALL_TOPIC + frames[0])
+        """Send a request to ``ranks`` over the shared-memory ring or ZeroMQ."""
+        with self._send_lock:
+            if self._shm is not None:
+                self._send_shm(self._shm, ranks, frames)
+            else:
+                self._publish(ranks, frames)
+
+    def _publish(self, ranks: Sequence[int], frames: list[Any]) -> None:
+        """Publish on ZeroMQ once for all ranks, or once per targeted rank (caller holds
+        the send lock)."""
+        every = len(ranks) == len(self._topics)
+        if len(frames) == 1 and every:  # the common case
+            self._req.send(ALL_TOPIC + frames[0])
             return
         header, buffers = frames[0], frames[1:]
-        topics = [ALL_TOPIC] if len(ranks) == len(self._topics) else \
-            [self._topics[r] for r in ranks]
-        with self._send_lock:
-            for topic in topics:
-                send_frames(self._req, [topic + header, *buffers])
+        for topic in [ALL_TOPIC] if every else [self._topics[r] for r in ranks]:
+            send_frames(self._req, [topic + header, *buffers])
 
-    def _send_shm(self, ranks: Sequence[int], frames: list[Any]) -> None:
-        """One packet in the request ring; too big for a slot: ZeroMQ, and a marker."""
-        shm = self._shm
-        if shm is None:  # pragma: no cover - callers check
-            return
+    def _send_shm(self, shm: ShmDriverPath, ranks: Sequence[int], frames: list[Any]) -> None:
+        """One packet in the request ring; too big for a slot: ZeroMQ, and a marker (caller
+        holds the send lock)."""
         targets = None if len(ranks) == len(self._topics) else ranks
-        alive = self.failed_or_closing_not
-        with self._send_lock:
-            try:
-                if shm.request.write(packets.pack(frames, targets), _RING_FULL_S, alive):
-                    return
-                header, buffers = frames[0], frames[1:]
-                topics = [ALL_TOPIC] if targets is None else [self._topics[r] for r in ranks]
-                for topic in topics:
-                    send_frames(self._req, [topic + header, *buffers])
-                shm.request.write(packets.pack_marker(targets), _RING_FULL_S, alive)
-            except RingTimeout as e:
-                self.check_usable()
-                raise RpcTimeoutError("send", _RING_FULL_S, list(ranks)) from e
+        try:
+            if shm.request.write(packets.pack(frames, targets), _RING_FULL_S, self._usable):
+                return
+            self._publish(ranks, frames)
+            shm.request.write(packets.pack_marker(targets), _RING_FULL_S, self._usable)
+        except RingTimeout as e:
+            self.check_usable()
+            raise RpcTimeoutError("send", _RING_FULL_S, list(ranks)) from e
 
-    def failed_or_closing_not(self) -> bool:
+    def _usable(self) -> bool:
         """False once the executor failed or is closing (ends waits for ring space)."""
         return self._failure is None and not self._closing
 

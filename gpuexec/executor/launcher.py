@@ -73,6 +73,8 @@ def start_workers(method: str, specs: Sequence[bytes],
                   zygote: ZygoteClient | None = None) -> list[WorkerHandle]:
     """Start one process per encoded spec. On error, stops what started and raises."""
     handles: list[WorkerHandle] = []
+    ctx: Any = None if method in ("subprocess", "zygote") else \
+        multiprocessing.get_context(method)  # typeshed's BaseContext lacks .Process
     try:
         for rank, spec in enumerate(specs):
             proc: ProcessLike
@@ -83,7 +85,6 @@ def start_workers(method: str, specs: Sequence[bytes],
                     raise ValueError("start method 'zygote' needs a zygote")
                 proc = zygote.spawn(spec)
             else:
-                ctx: Any = multiprocessing.get_context(method)  # typeshed lacks .Process
                 proc = ctx.Process(target=run_worker, args=(spec,),
                                    name=f"gpuexec-worker-{rank}")
                 proc.start()  # type: ignore[attr-defined]

@@ -141,7 +141,7 @@ class ZygoteClient:
                     self._recv(None)
                 except ZygoteError:
                     return None
-            return self._exits.get(pid)
+            return self._exits.pop(pid)  # asked once per child: ZygoteProcess keeps it
 
     def close(self) -> None:
         try:

@@ -101,21 +101,17 @@ class Encoder:
         self._frames: list[Frame] = []  # out-of-band frames of the message being encoded
 
     def encode(self, msg: Any) -> list[Frame]:
-        """``[header, *buffers]`` for ``msg``.
+        """``[header, *buffers]`` for ``msg`` (an encoder without shared-memory payloads)."""
+        return self.encode_with_segments(msg)[0]
+
+    def encode_with_segments(self, msg: Any) -> tuple[list[Frame], list[int]]:
+        """``(frames, segment descriptors)``: the caller closes the descriptors once every
+        receiver has mapped them (the call is complete).
 
         Most messages hold plain data only: they are encoded without the hook, the lock or
         the frame list (the hot path); anything else raises ``TypeError`` there and takes
         the full path.
         """
-        try:
-            return [self._plain.encode(msg)]
-        except TypeError:
-            pass
-        return self.encode_with_segments(msg)[0]
-
-    def encode_with_segments(self, msg: Any) -> tuple[list[Frame], list[int]]:
-        """``(frames, segment descriptors)``: the caller closes the descriptors once every
-        receiver has mapped them (the call is complete)."""
         try:
             return [self._plain.encode(msg)], []
         except TypeError:

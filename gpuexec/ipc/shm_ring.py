@@ -136,29 +136,29 @@ class RingWriter:
         if n_readers < 1 or n_slots < 2 or slot_size < 64:
             raise ValueError("a ring needs a reader, two slots and slots of 64 bytes or more")
         path = os.path.join(directory, f"gpuexec-ring-{secrets.token_hex(8)}")
-        size = segment_size(n_slots, slot_size, n_readers)
-        self._m = _Mapped(path, size)
-        self.spec = RingSpec(path, n_slots, slot_size, n_readers)
-        _HEADER.pack_into(self._m.view, 0, MAGIC, VERSION, n_slots, slot_size, n_readers)
-        self._seq = 0
-        self._data = _data_offset(n_readers)
-        self._readers = [_READERS_OFF + _LINE * i for i in range(n_readers)]
-        self.max_message = slot_size - _SLOT_HEADER
+        spec = RingSpec(path, n_slots, slot_size, n_readers)
+        mapped = _Mapped(path, segment_size(n_slots, slot_size, n_readers))
+        _HEADER.pack_into(mapped.view, 0, MAGIC, VERSION, n_slots, slot_size, n_readers)
+        self._bind(spec, mapped)
+
+    def _bind(self, spec: RingSpec, mapped: _Mapped) -> None:
+        self._m = mapped
+        self.spec = spec
+        self._seq = int(_U64.unpack_from(mapped.view, _WRITE_SEQ_OFF)[0])
+        self._data = _data_offset(spec.n_readers)
+        self._readers = [_READERS_OFF + _LINE * i for i in range(spec.n_readers)]
+        self.max_message = spec.slot_size - _SLOT_HEADER
 
     @classmethod
     def attach(cls, spec: RingSpec) -> RingWriter:
         """Become the writer of a ring another process created (and may already have
         unlinked: attach before that)."""
-        self = cls.__new__(cls)
-        self._m = _Mapped(spec.path, None)
-        if len(self._m.mm) != segment_size(spec.n_slots, spec.slot_size, spec.n_readers):
-            self._m.close()
+        mapped = _Mapped(spec.path, None)
+        if len(mapped.mm) != segment_size(spec.n_slots, spec.slot_size, spec.n_readers):
+            mapped.close()
             raise ValueError(f"{spec.path} is not the ring described by {spec}")
-        self.spec = spec
-        self._seq = int(_U64.unpack_from(self._m.view, _WRITE_SEQ_OFF)[0])
-        self._data = _data_offset(spec.n_readers)
-        self._readers = [_READERS_OFF + _LINE * i for i in range(spec.n_readers)]
-        self.max_message = spec.slot_size - _SLOT_HEADER
+        self = cls.__new__(cls)
+        self._bind(spec, mapped)
         return self
 
     def detach(self) -> None:
