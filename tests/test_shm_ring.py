@@ -37,11 +37,11 @@ def test_broadcast_wraparound_and_in_place_reads() -> None:
 def test_oversized_message_is_refused_for_another_path() -> None:
     w = RingWriter(1, n_slots=2, slot_size=128)
     r = RingReader(w.spec, 0)
-    assert w.max_message == 120
-    assert not w.write(b"x" * 121)
-    assert w.write(b"y" * 120)
+    assert w.max_message == 112  # 128 less the slot header
+    assert not w.write(b"x" * 113)
+    assert w.write(b"y" * 112)
     view = r.read(timeout=1)
-    assert view is not None and bytes(view) == b"y" * 120
+    assert view is not None and bytes(view) == b"y" * 112
     view.release()
     r.close()
     w.close()

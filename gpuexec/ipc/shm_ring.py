@@ -7,7 +7,8 @@ Layout of the segment (little-endian; each hot word on its own 64-byte cache lin
     offset 64     write_seq  u64   messages published so far (the writer's only word)
     offset 72     futex      u32   low 32 bits of write_seq: what readers sleep on
     offset 128+64*i  reader i: read_seq u64 (messages it has released), sleeping u32
-    data_offset   n_slots slots of slot_size bytes: [length u32][pad u32][payload]
+    data_offset   n_slots slots of slot_size bytes:
+                  [length u32][pad u32][published u64: CLOCK_MONOTONIC ns][payload]
 
 Message ``seq`` lives in slot ``seq % n_slots``. Slot states, as the writer and reader i
 see them (who moves each transition):
@@ -31,7 +32,10 @@ keeps spin latency), then set its ``sleeping`` flag, re-check, and ``FUTEX_WAIT`
 futex word (an idle reader costs no CPU). The writer, after publishing, wakes the futex
 only if some reader sleeps. Dekker-style, each side stores its own word, fences, then
 reads the other's: either the writer sees the flag or the reader sees the new sequence.
-Every futex wait also has a timeout, so even a lost wake-up is bounded.
+Every futex wait also has a timeout, so even a lost wake-up is bounded. A reader given an
+:class:`~gpuexec.ipc.forecast.ArrivalForecast` learns the gap between publish times and,
+when requests come regularly, sleeps only until just before the next one is due and
+spins across its expected arrival (see that module).
 
 Memory ordering: payload stores must be visible before ``write_seq`` (release), and a
 reader must read ``write_seq`` before the payload (acquire). Pure Python has no fence
@@ -54,15 +58,17 @@ from collections.abc import Callable
 import msgspec
 
 from . import futex
+from .forecast import ArrivalForecast
 
 MAGIC = b"GPXRING1"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<8sIIII")   # magic, version, n_slots, slot_size, n_readers
 _WRITE_SEQ_OFF = 64
 _FUTEX_OFF = 72
 _READERS_OFF = 128
 _LINE = 64
-_SLOT_HEADER = 8
+_SLOT_HEADER = 16
+_PUBLISHED_OFF = 8      # in a slot: the publish time, CLOCK_MONOTONIC ns
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 SHM_DIR = "/dev/shm"
@@ -191,6 +197,7 @@ class RingWriter:
         view = self._m.view
         off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
         _U32.pack_into(view, off, n)
+        _U64.pack_into(view, off + _PUBLISHED_OFF, time.monotonic_ns())
         view[off + _SLOT_HEADER:off + _SLOT_HEADER + n] = payload
         fence()  # the payload before the sequence (release)
         self._seq = seq + 1
@@ -224,7 +231,8 @@ class RingWriter:
 class RingReader:
     """Reader ``index`` of a ring. Not thread-safe: one thread reads."""
 
-    def __init__(self, spec: RingSpec, index: int, *, spin: float = 100e-6) -> None:
+    def __init__(self, spec: RingSpec, index: int, *, spin: float = 100e-6,
+                 forecast: ArrivalForecast | None = None) -> None:
         if not 0 <= index < spec.n_readers:
             raise ValueError(f"reader index {index} out of range")
         self._m = _Mapped(spec.path, None)
@@ -236,6 +244,7 @@ class RingReader:
             raise ValueError(f"{spec.path} is not the ring described by {spec}")
         self.spec = spec
         self.spin = spin
+        self.forecast = forecast
         self._off = _READERS_OFF + _LINE * index
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
         self._data = _data_offset(n_readers)
@@ -260,6 +269,8 @@ class RingReader:
         fence()  # the sequence before the payload (acquire)
         off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
         n = _U32.unpack_from(view, off)[0]
+        if self.forecast is not None:
+            self.forecast.observe(_U64.unpack_from(view, off + _PUBLISHED_OFF)[0] * 1e-9)
         self._holding = True
         return view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
 
@@ -275,30 +286,50 @@ class RingReader:
     def _wait(self, seq: int, timeout: float | None) -> bool:
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        view = self._m.view
-        spin_until = start + self.spin
+        window = self.forecast.window() if self.forecast is not None else None
+        # Spin after a message unless the forecast says the next one is far off.
+        spin_until = start + self.spin if window is None or window[0] < start + self.spin \
+            else start
         while time.monotonic() < spin_until:
             if self._published() > seq:
                 return True
-        flag = self._off + 8
+        if window is not None and self.forecast is not None:
+            wake_at, spin_until = window
+            if deadline is not None:
+                wake_at, spin_until = min(wake_at, deadline), min(spin_until, deadline)
+            now = time.monotonic()
+            while wake_at > now:
+                if self._sleep(seq, wake_at - now):
+                    return True
+                now = time.monotonic()
+                if now >= wake_at:
+                    self.forecast.woke(wake_at, now)
+            while time.monotonic() < spin_until:
+                if self._published() > seq:
+                    return True
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return False
-            nap = 0.05 if deadline is None else min(0.05, deadline - now)
-            _U32.pack_into(view, flag, 1)
-            fence()  # the flag before re-reading the sequence (Dekker)
-            expected = _U32.unpack_from(view, _FUTEX_OFF)[0]
-            if self._published() > seq:
-                _U32.pack_into(view, flag, 0)
+            if self._sleep(seq, 0.05 if deadline is None else min(0.05, deadline - now)):
                 return True
-            if futex.available():
-                futex.wait(self._m.base + _FUTEX_OFF, expected, nap)
-            else:
-                time.sleep(min(nap, 1e-3))
+
+    def _sleep(self, seq: int, nap: float) -> bool:
+        """Futex sleep up to ``nap`` seconds; True once message ``seq`` is published."""
+        view = self._m.view
+        flag = self._off + 8
+        _U32.pack_into(view, flag, 1)
+        fence()  # the flag before re-reading the sequence (Dekker)
+        expected = _U32.unpack_from(view, _FUTEX_OFF)[0]
+        if self._published() > seq:
             _U32.pack_into(view, flag, 0)
-            if self._published() > seq:
-                return True
+            return True
+        if futex.available():
+            futex.wait(self._m.base + _FUTEX_OFF, expected, nap)
+        else:
+            time.sleep(min(nap, 1e-3))
+        _U32.pack_into(view, flag, 0)
+        return self._published() > seq
 
     def close(self) -> None:
         self._m.close()

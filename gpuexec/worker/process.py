@@ -29,6 +29,7 @@ import zmq
 
 from ..ipc import packets
 from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_rest, send_frames
+from ..ipc.forecast import ArrivalForecast
 from ..ipc.messages import (
     ALL_TOPIC,
     PROTOCOL_VERSION,
@@ -229,7 +230,10 @@ class _ShmWorkerPath:
     """The worker's ends of the shared-memory path (see gpuexec.executor.shm_path)."""
 
     def __init__(self, spec: ShmSpec, rank: int) -> None:
-        self.request = RingReader(spec.request, rank, spin=spec.spin)
+        # Forecasting arrivals means spinning around them: only where spinning is allowed
+        # (the driver sets spin 0 on a host without a core for every spinner).
+        self.request = RingReader(spec.request, rank, spin=spec.spin,
+                                  forecast=ArrivalForecast() if spec.spin > 0 else None)
         self.reply = RingWriter.attach(spec.reply)
         self.doorbell = Doorbell(spec.doorbell, create=False)
 

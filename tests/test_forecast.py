@@ -1,0 +1,92 @@
+"""The arrival forecast that lets a worker sleep through regular gaps and spin across
+the expected arrival (gpuexec.ipc.forecast), and a ring reader using it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from gpuexec.ipc.forecast import MAX_DUTY, MIN_MARGIN, ArrivalForecast
+from gpuexec.ipc.shm_ring import RingReader, RingWriter
+
+
+def feed(f: ArrivalForecast, gaps: list[float], start: float = 100.0) -> float:
+    t = start
+    f.observe(t)
+    for g in gaps:
+        t += g
+        f.observe(t)
+    return t
+
+
+def test_no_forecast_without_history() -> None:
+    f = ArrivalForecast()
+    assert f.window() is None
+    f.observe(1.0)
+    assert f.window() is None  # one arrival says nothing about the gap
+
+
+def test_regular_stream_is_forecast_around_the_expected_arrival() -> None:
+    f = ArrivalForecast()
+    last = feed(f, [5e-3] * 20)
+    window = f.window()
+    assert window is not None
+    wake_at, spin_until = window
+    assert wake_at < last + 5e-3 < spin_until
+    assert last + 5e-3 - wake_at >= MIN_MARGIN * 0.99
+    assert spin_until - wake_at <= MAX_DUTY * 5e-3 + 1e-9  # the spin budget holds
+
+
+def test_oversleep_moves_the_wake_up_earlier() -> None:
+    f = ArrivalForecast()
+    feed(f, [5e-3] * 20)
+    before = f.window()
+    for _ in range(30):
+        f.woke(1.0, 1.0 + 40e-6)
+    after = f.window()
+    assert before is not None and after is not None
+    assert after[0] < before[0] - 30e-6
+    assert after[1] == before[1]
+
+
+def test_irregular_or_sparse_streams_are_not_forecast() -> None:
+    irregular = ArrivalForecast()
+    feed(irregular, [1e-3, 9e-3] * 20)
+    assert irregular.window() is None  # jitter too large for the spin budget
+    tight = ArrivalForecast()
+    feed(tight, [100e-6] * 20)
+    assert tight.window() is None  # back to back: the plain spin after a message covers it
+    idle = ArrivalForecast()
+    feed(idle, [5.0] * 5)
+    assert idle.window() is None
+    backwards = ArrivalForecast()
+    feed(backwards, [5e-3, -1.0, 5e-3])
+    assert backwards.window() is not None  # a clock oddity is ignored, not learned
+
+
+def test_reader_with_forecast_gets_every_message_of_a_periodic_stream() -> None:
+    w = RingWriter(1, n_slots=4, slot_size=256)
+    f = ArrivalForecast()
+    r = RingReader(w.spec, 0, spin=50e-6, forecast=f)
+    got: list[bytes] = []
+
+    def read() -> None:
+        for _ in range(40):
+            view = r.read(timeout=5)
+            assert view is not None
+            got.append(bytes(view))
+            view.release()
+            r.release()
+
+    t = threading.Thread(target=read)
+    t.start()
+    sent = []
+    for i in range(40):
+        time.sleep(2e-3 if i % 7 else 6e-3)  # mostly regular, with outliers
+        sent.append(b"m%d" % i)
+        assert w.write(sent[-1], timeout=5)
+    t.join(10)
+    assert not t.is_alive()
+    assert got == sent
+    r.close()
+    w.close()
