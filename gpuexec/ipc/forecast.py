@@ -13,50 +13,48 @@ slot, CLOCK_MONOTONIC is one clock for every process) and:
     phase                what the reader does
     ===================  ===============================================================
     sleep until          futex sleep (a request that comes early still wakes it) until
-    ``wake_at``          ``expected - margin - oversleep``
-    spin until           poll the ring until ``expected + margin``
+    ``wake_at``          the window opens, less the expected oversleep
+    spin until           poll the ring until the window closes
     ``spin_until``
     sleep                futex sleep without a forecast, as before
     ===================  ===============================================================
 
-``margin`` covers the gap's jitter (3x its running mean absolute deviation, at least
-``MIN_MARGIN``); ``oversleep`` is how late the timed sleeps actually ended (running mean).
-A forecast is offered only when the spin it costs (``2 * margin + oversleep error``) stays
-within ``MAX_DUTY`` of the gap, so irregular traffic degrades to plain sleeping (the idle
-CPU target holds whatever the traffic) and never to spinning.
+The window spans the middle three quarters of the last ``HISTORY`` gaps (order
+statistics, so one late call or a pause does not blow it up), widened by ``MIN_MARGIN``
+each side and moved earlier by ``oversleep``, how late timed sleeps actually end (running
+mean). A forecast is offered only when the expected spin (half the window: from its
+opening to the typical arrival) stays within ``MAX_DUTY`` of the gap, so
+irregular traffic degrades to plain sleeping (the idle CPU target holds whatever the
+traffic) and never to spinning; back-to-back traffic (gaps under ``MIN_GAP``) is left to
+the plain spin after each message.
 """
 
 from __future__ import annotations
 
-MIN_MARGIN = 25e-6      # seconds of spin either side of the expected arrival, at least
-MAX_DUTY = 0.03         # spin at most this share of the gap
+from collections import deque
+
+MIN_MARGIN = 20e-6      # seconds of spin either side of the window, at least
+MAX_DUTY = 0.03         # expected spin at most this share of the gap
+MIN_GAP = 500e-6        # shorter gaps: the plain spin after a message covers them
 MAX_GAP = 1.0           # gaps longer than this are not forecast (idle, not serving)
-_ALPHA = 0.125          # weight of a new sample in the running means
+HISTORY = 32            # gaps remembered
+_ALPHA = 0.125          # weight of a new sample in the running mean of the oversleep
 
 
 class ArrivalForecast:
-    """Running estimates of one stream's inter-arrival gap, its jitter and the reader's
-    oversleep. Not thread-safe: one reader owns it."""
+    """The last gaps of one stream and the reader's oversleep. Not thread-safe: one
+    reader owns it."""
 
     def __init__(self) -> None:
         self._last: float | None = None   # publish time of the latest message
-        self._gap: float | None = None    # running mean of the gap
-        self._jitter = 0.0                # running mean absolute deviation of the gap
+        self._gaps: deque[float] = deque(maxlen=HISTORY)
         self._oversleep = 0.0             # running mean of (woke - asked to wake)
 
     def observe(self, published: float) -> None:
         """A message published at ``published`` (time.monotonic seconds) arrived."""
         last, self._last = self._last, published
-        if last is None:
-            return
-        gap = published - last
-        if gap <= 0:
-            return
-        if self._gap is None:
-            self._gap = gap
-            return
-        self._jitter += _ALPHA * (abs(gap - self._gap) - self._jitter)
-        self._gap += _ALPHA * (gap - self._gap)
+        if last is not None and published > last:
+            self._gaps.append(published - last)
 
     def woke(self, asked: float, woke: float) -> None:
         """A timed sleep meant to end at ``asked`` ended at ``woke``."""
@@ -65,10 +63,12 @@ class ArrivalForecast:
     def window(self) -> tuple[float, float] | None:
         """``(wake_at, spin_until)`` for the next message, or None when the stream is not
         regular enough to forecast within the spin budget."""
-        if self._last is None or self._gap is None or self._gap > MAX_GAP:
+        gaps = self._gaps
+        if self._last is None or len(gaps) < 4 or not MIN_GAP <= gaps[-1] <= MAX_GAP:
             return None
-        margin = max(MIN_MARGIN, 3.0 * self._jitter)
-        if 2.0 * margin > MAX_DUTY * self._gap:
+        ordered = sorted(gaps)
+        cut = len(ordered) // 8
+        lo, hi = ordered[cut] - MIN_MARGIN, ordered[-1 - cut] + MIN_MARGIN
+        if hi - lo > 2.0 * MAX_DUTY * ordered[len(ordered) // 2]:
             return None
-        expected = self._last + self._gap
-        return expected - margin - self._oversleep, expected + margin
+        return self._last + lo - self._oversleep, self._last + hi

@@ -27,7 +27,7 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..ipc import packets
+from ..ipc import futex, packets
 from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_rest, send_frames
 from ..ipc.forecast import ArrivalForecast
 from ..ipc.messages import (
@@ -232,8 +232,11 @@ class _ShmWorkerPath:
     def __init__(self, spec: ShmSpec, rank: int) -> None:
         # Forecasting arrivals means spinning around them: only where spinning is allowed
         # (the driver sets spin 0 on a host without a core for every spinner).
-        self.request = RingReader(spec.request, rank, spin=spec.spin,
-                                  forecast=ArrivalForecast() if spec.spin > 0 else None)
+        forecast = None
+        if spec.spin > 0:
+            forecast = ArrivalForecast()
+            futex.set_timer_slack(1000)  # this (the serving) thread's timed sleeps on time
+        self.request = RingReader(spec.request, rank, spin=spec.spin, forecast=forecast)
         self.reply = RingWriter.attach(spec.reply)
         self.doorbell = Doorbell(spec.doorbell, create=False)
 
