@@ -57,25 +57,29 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-class TPMLPWorker(Worker):
-    """One tensor-parallel shard of the MLP; ``d_hidden`` must divide by ``world_size``."""
+class MLPShard:
+    """Rank ``rank``'s shard of the MLP on ``device``, with its forward step; plain Python,
+    so a baseline without gpuexec (``benchmarks/tp_step.py``) runs the very same code.
+    ``d_hidden`` must divide by ``world_size``."""
 
-    def __init__(self, seed: int = 0, d_in: int = 256, d_hidden: int = 1024,
-                 d_out: int = 256) -> None:
-        if d_hidden % self.world_size:
-            raise ValueError(f"d_hidden={d_hidden} does not divide by world_size="
-                             f"{self.world_size}")
+    def __init__(self, rank: int, world_size: int, device: str, seed: int = 0,
+                 d_in: int = 256, d_hidden: int = 1024, d_out: int = 256,
+                 threads: int | None = None) -> None:
+        if threads is not None:  # CPU shards: one core each instead of all of them
+            torch.set_num_threads(threads)
+        if d_hidden % world_size:
+            raise ValueError(f"d_hidden={d_hidden} does not divide by world_size={world_size}")
         full = build_weights(seed, d_in, d_hidden, d_out)
-        per = d_hidden // self.world_size
-        rows = slice(self.rank * per, (self.rank + 1) * per)
-        dev = self.device
-        self.w1 = full.w1[rows].contiguous().to(dev)     # column-parallel: output rows
-        self.b1 = full.b1[rows].contiguous().to(dev)
-        self.w2 = full.w2[:, rows].contiguous().to(dev)  # row-parallel: input columns
-        self.b2 = full.b2.to(dev)                        # added once, after the reduce
-        self.on_cuda = dev.startswith("cuda")
+        per = d_hidden // world_size
+        rows = slice(rank * per, (rank + 1) * per)
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.w1 = full.w1[rows].contiguous().to(device)     # column-parallel: output rows
+        self.b1 = full.b1[rows].contiguous().to(device)
+        self.w2 = full.w2[:, rows].contiguous().to(device)  # row-parallel: input columns
+        self.b2 = full.b2.to(device)                        # added once, after the reduce
+        self.on_cuda = device.startswith("cuda")
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         y = F.gelu(x.to(self.device) @ self.w1.T + self.b1) @ self.w2.T
@@ -85,16 +89,30 @@ class TPMLPWorker(Worker):
             dist.all_reduce(y)
         return y + self.b2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The full output (every rank has it; call with ``unique_reply_rank=0``)."""
-        return self._forward(x).cpu()
-
     def timed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        """``forward`` plus the seconds it took inside this worker (device synchronised);
-        only rank 0 sends the output back."""
+        """The forward step and the seconds it took here (device synchronised); the output
+        (on the CPU) only on rank 0."""
         t = time.perf_counter()
-        y = self._forward(x)
+        y = self.forward(x)
         if self.on_cuda:
             torch.cuda.synchronize()
         out = y.cpu() if self.rank == 0 else None
         return out, time.perf_counter() - t
+
+
+class TPMLPWorker(Worker):
+    """A gpuexec worker hosting this rank's :class:`MLPShard`."""
+
+    def __init__(self, seed: int = 0, d_in: int = 256, d_hidden: int = 1024,
+                 d_out: int = 256, threads: int | None = None) -> None:
+        self.shard = MLPShard(self.rank, self.world_size, self.device, seed, d_in, d_hidden,
+                              d_out, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full output (every rank has it; call with ``unique_reply_rank=0``)."""
+        return self.shard.forward(x).cpu()
+
+    def timed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """``forward`` plus the seconds it took inside this worker; only rank 0 sends the
+        output back."""
+        return self.shard.timed_forward(x)
