@@ -67,6 +67,16 @@ def test_tp_mlp_through_the_public_api(no_leaks: None) -> None:
     assert relative_error(one, ref) <= 1e-5 and seconds > 0
 
 
+def test_serving_loop_example_serves_every_request() -> None:
+    r = subprocess.run([sys.executable, str(EXAMPLES / "serving_loop.py"), "--world-size", "2",
+                        "--device", "cpu", "--requests", "256", "--clients", "16"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stderr
+    assert "served 256 requests from 16 clients" in r.stdout
+    assert "requests/s" in r.stdout and "steps/s" in r.stdout
+
+
 # -- the process group ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -202,7 +212,7 @@ def test_nccl_group_through_the_public_api() -> None:
     with Executor(TPMLPWorker, 2, device="cuda", distributed_backend="nccl",
                   worker_args=(5, *dims)) as ex:
         outs = ex.collective_rpc("forward", args=(x,))
-        backends = ex.collective_rpc(lambda w: __import__("torch.distributed").distributed
-                                     .get_backend())
+        backends = ex.collective_rpc(lambda w: str(__import__("torch.distributed").distributed
+                                                   .get_backend()))
     assert backends == ["nccl", "nccl"]
     assert all(relative_error(o, ref) <= 1e-5 for o in outs)
