@@ -51,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     device, backend = resolve(args.device, args.backend)
     dims = (args.d_in, args.d_hidden, args.d_out)
     x = make_input(args.seed, args.batch, args.d_in)
-    ref = reference_forward(build_weights(args.seed, *dims), x)
     t = time.perf_counter()
     with Executor(TPMLPWorker, args.world_size, device=device, distributed_backend=backend,
                   worker_args=(args.seed, *dims)) as ex:
         started = time.perf_counter() - t
         outs = ex.collective_rpc("forward", args=(x,))
+    # The reference runs only now: a driver that ran multi-threaded torch kernels before
+    # forking gives children whose first parallel kernel can hang (OpenMP is not
+    # fork-safe), which matters where start_method="auto" falls back to fork.
+    ref = reference_forward(build_weights(args.seed, *dims), x)
     err = max(relative_error(out, ref) for out in outs)  # every rank holds the output
     print(f"tensor-parallel MLP {args.d_in}->{args.d_hidden}->{args.d_out}, batch "
           f"{args.batch}: world_size={args.world_size} device={device} backend={backend} "
