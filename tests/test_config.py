@@ -34,7 +34,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"shutdown_timeout": "5"}, "shutdown_timeout must be a positive number"),
     ({"terminate_timeout": 0}, "terminate_timeout must be a positive number"),
     ({"stale_context_policy": "nuke"}, "stale_context_policy must be 'release' or 'reset'"),
-    ({"distributed_backend": "nccl"}, "distributed_backend='nccl' is not supported"),
+    ({"distributed_backend": "nccl"}, "distributed_backend='nccl' needs CUDA workers"),
 ]
 
 

@@ -52,7 +52,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -482,6 +482,11 @@ class DriverChannel:
                 call.future.set_exception(error)
             else:
                 call.future.set_result(call.value)
+
+    def abandon(self, call: PendingCall) -> None:
+        """Give up on ``call`` (its awaiting task was cancelled): it leaves the pending
+        table now, so its replies are dropped and counted as late, as after a timeout."""
+        self._finish(call, CancelledError(f"the call to {call.method!r} was abandoned"))
 
     def _expire(self, call: PendingCall) -> None:
         missing = sorted(call.owed)

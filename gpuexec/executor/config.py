@@ -20,7 +20,10 @@ from typing import Any
 import cloudpickle
 
 from ..errors import ConfigError
+from ..ipc.messages import DistributedSpec
 from ..worker.base import Worker
+from ..worker.extension import extension_clashes
+from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT, distributed_spec
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -58,35 +61,38 @@ class WorkerClassRef:
     name: str = ""
 
 
-def _worker_class_ref(worker_cls: type[Worker] | str) -> WorkerClassRef:
+def _worker_class_ref(worker_cls: type | str, arg: str = "worker_cls",
+                      base: type = Worker) -> WorkerClassRef:
+    """Validate a class given as an object or a ``"module:Class"`` string (``arg`` names
+    the argument in errors); it must subclass ``base`` (``object``: any class)."""
+    kind = "a class" if base is object else "a gpuexec.Worker subclass"
     if isinstance(worker_cls, str):
         module, sep, qualname = worker_cls.partition(":")
         if not sep or not module or not qualname:
-            raise ConfigError(f"worker_cls {worker_cls!r} must look like 'package.module:Class'")
+            raise ConfigError(f"{arg} {worker_cls!r} must look like 'package.module:Class'")
         try:
             found = importlib.util.find_spec(module)
         except (ImportError, ValueError) as e:
-            raise ConfigError(f"worker_cls {worker_cls!r}: cannot import {module!r}: {e}") from e
+            raise ConfigError(f"{arg} {worker_cls!r}: cannot import {module!r}: {e}") from e
         if found is None:
-            raise ConfigError(f"worker_cls {worker_cls!r}: no module named {module!r}")
+            raise ConfigError(f"{arg} {worker_cls!r}: no module named {module!r}")
         loaded = sys.modules.get(module)
         if loaded is not None:  # already imported here: check the class too, for free
             obj: Any = loaded
             for part in qualname.split("."):
                 obj = getattr(obj, part, None)
-            if not (isinstance(obj, type) and issubclass(obj, Worker)):
-                raise ConfigError(f"worker_cls {worker_cls!r} is not a gpuexec.Worker subclass")
+            if not (isinstance(obj, type) and issubclass(obj, base)):
+                raise ConfigError(f"{arg} {worker_cls!r} is not {kind}")
         return WorkerClassRef(worker_cls, name=qualname)
-    if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
+    if not (isinstance(worker_cls, type) and issubclass(worker_cls, base)):
         raise ConfigError(
-            f"worker_cls must be a gpuexec.Worker subclass or a 'module:Class' string, "
-            f"not {worker_cls!r}")
+            f"{arg} must be {kind} or a 'module:Class' string, not {worker_cls!r}")
     module = worker_cls.__module__
     if module == "__main__" or "<locals>" in worker_cls.__qualname__:
         try:
             blob = cloudpickle.dumps(worker_cls)
         except Exception as e:
-            raise ConfigError(f"worker_cls {worker_cls.__qualname__} cannot be pickled: {e}") \
+            raise ConfigError(f"{arg} {worker_cls.__qualname__} cannot be pickled: {e}") \
                 from e
         return WorkerClassRef("", blob, worker_cls.__qualname__)
     return WorkerClassRef(f"{module}:{worker_cls.__qualname__}", name=worker_cls.__qualname__)
@@ -117,6 +123,9 @@ class ExecutorConfig:
     shutdown_timeout: float
     terminate_timeout: float
     gpus: tuple[int, ...] = field(default=())  # per rank; empty on CPU
+    extension: WorkerClassRef | None = None    # worker_extension_cls, None: none
+    distributed: DistributedSpec | None = None  # the settled rendezvous, None: no group
+    max_concurrent_batches: int = 2            # async calls outstanding per event loop
 
     @classmethod
     def build(
@@ -137,6 +146,11 @@ class ExecutorConfig:
         rpc_timeout: float | None,
         shutdown_timeout: float,
         terminate_timeout: float,
+        worker_extension_cls: type | str | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        distributed_timeout: float = DEFAULT_DISTRIBUTED_TIMEOUT,
+        max_concurrent_batches: int = 2,
     ) -> ExecutorConfig:
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
@@ -145,10 +159,6 @@ class ExecutorConfig:
                               f"{stale_context_policy!r}")
         if not isinstance(start_method, str):
             raise ConfigError(f"start_method must be a string, not {start_method!r}")
-        if distributed_backend is not None:
-            raise ConfigError(
-                f"distributed_backend={distributed_backend!r} is not supported by this version "
-                "of gpuexec; initialise torch.distributed in your worker's __init__")
         if world_size is not None and (
                 not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1):
             raise ConfigError(f"world_size must be an integer >= 1, not {world_size!r}")
@@ -172,6 +182,23 @@ class ExecutorConfig:
             if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
                 raise ConfigError(f"env entries must be str -> str, got {k!r}: {v!r}")
         ref = _worker_class_ref(worker_cls)
+        extension = None
+        if worker_extension_cls is not None:
+            extension = _worker_class_ref(worker_extension_cls, "worker_extension_cls", object)
+            if isinstance(worker_cls, type) and isinstance(worker_extension_cls, type):
+                clashes = extension_clashes(worker_cls, worker_extension_cls)
+                if clashes:  # strings are imported, and checked, only in the workers
+                    raise ConfigError(
+                        f"worker_extension_cls {worker_extension_cls.__qualname__} defines "
+                        f"{', '.join(clashes)}, which {worker_cls.__qualname__} already has: "
+                        "an extension may only add methods")
+        if not isinstance(max_concurrent_batches, int) or \
+                isinstance(max_concurrent_batches, bool) or max_concurrent_batches < 1:
+            raise ConfigError(f"max_concurrent_batches must be an integer >= 1, not "
+                              f"{max_concurrent_batches!r}")
+        distributed = distributed_spec(
+            distributed_backend, resolved, master_addr=master_addr, master_port=master_port,
+            timeout=distributed_timeout, env=env_dict)
         try:
             init_args = cloudpickle.dumps((tuple(worker_args), dict(worker_kwargs or {})))
         except Exception as e:
@@ -190,4 +217,7 @@ class ExecutorConfig:
             shutdown_timeout=_positive("shutdown_timeout", shutdown_timeout) or 0.0,
             terminate_timeout=_positive("terminate_timeout", terminate_timeout) or 0.0,
             gpus=tuple(range(size)) if resolved == "cuda" else (),
+            extension=extension,
+            distributed=distributed,
+            max_concurrent_batches=max_concurrent_batches,
         )

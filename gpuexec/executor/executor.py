@@ -51,9 +51,11 @@ from ..ipc.messages import ShmSpec, WorkerSpec
 from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
 from ..worker.stdio import read_tail, stderr_record_path
-from .channel import ChannelStats, DriverChannel
+from .aio import AsyncSlots, await_call
+from .channel import ChannelStats, DriverChannel, PendingCall
 from .config import ExecutorConfig
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
+from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
 from .shm_path import ShmDriverPath, shm_room
 from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
 from .zygote import ZygoteClient, ZygoteError, close_zygotes, default_preload, get_zygote
@@ -141,7 +143,8 @@ class Executor:
     isolate_devices=False, release_stale_contexts=True, stale_context_policy="release",
     distributed_backend=None,
     ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0, terminate_timeout=2.0,
-    preload=None, transport="auto")``
+    preload=None, transport="auto", worker_extension_cls=None, master_addr=None,
+    master_port=None, distributed_timeout=300.0, max_concurrent_batches=2)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -163,6 +166,25 @@ class Executor:
       other than its own (see :mod:`gpuexec.worker.device`); ``stale_context_policy``:
       ``"release"`` (default) or ``"reset"``, which also resets a context that stays
       active after the release because another owner in the worker retains it.
+    * ``worker_extension_cls``: a mixin class (or ``"module:Class"``) whose methods are
+      added to the worker class in each worker: the worker hosts a subclass of
+      ``(worker_extension_cls, worker_cls)``, composed after both were imported. It may
+      only *add*: a name the worker class already has (or an ``__init__``) is a clash,
+      a ``ConfigError`` before any process starts when both are class objects, a
+      ``WorkerStartupError`` at start-up when either is a string (strings are imported
+      only in the workers). See :mod:`gpuexec.worker.extension`.
+    * ``distributed_backend``: ``"nccl"`` (CUDA workers) or ``"gloo"`` (CPU or CUDA):
+      every worker joins the torch.distributed default process group right after its
+      device is set, before the worker class is imported, through the ``env://``
+      rendezvous (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` are set in
+      its environment); the group is destroyed when the worker shuts down.
+      ``master_addr`` (default ``127.0.0.1``) and ``master_port`` (default: a free port,
+      picked by binding port 0 and releasing it; see :mod:`.rendezvous` for that race)
+      say where rank 0 hosts the rendezvous. ``distributed_timeout`` (seconds) bounds the
+      rendezvous and every collective; a failed rendezvous is a ``WorkerStartupError``
+      naming the rank.
+    * ``max_concurrent_batches``: how many :meth:`collective_rpc_async` calls one event
+      loop may have outstanding (default 2); further ones wait for a slot.
     * ``ready_timeout``: seconds for every worker to start; ``rpc_timeout``: default
       per-call deadline (None: no deadline, liveness is still watched);
       ``shutdown_timeout``: grace period after the Shutdown message before SIGTERM;
@@ -193,6 +215,11 @@ class Executor:
         terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
         preload: Sequence[str] | None = None,
         transport: str = "auto",
+        worker_extension_cls: type | str | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        distributed_timeout: float = DEFAULT_DISTRIBUTED_TIMEOUT,
+        max_concurrent_batches: int = 2,
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
@@ -204,7 +231,11 @@ class Executor:
             stale_context_policy=stale_context_policy,
             distributed_backend=distributed_backend, ready_timeout=ready_timeout,
             rpc_timeout=rpc_timeout, shutdown_timeout=shutdown_timeout,
-            terminate_timeout=terminate_timeout)
+            terminate_timeout=terminate_timeout, worker_extension_cls=worker_extension_cls,
+            master_addr=master_addr, master_port=master_port,
+            distributed_timeout=distributed_timeout,
+            max_concurrent_batches=max_concurrent_batches)
+        self._async_slots = AsyncSlots(self._config.max_concurrent_batches)
         self._start_method, self._start_method_reason = resolve_start_method(start_method)
         cfg = self._config
         self._transport = self._pick_transport(transport)
@@ -304,7 +335,10 @@ class Executor:
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
             init_args_pickle=cfg.init_args_pickle, env=cfg.env,
             stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path,
-            sys_path=[p for p in sys.path if p], shm=shm)
+            sys_path=[p for p in sys.path if p], shm=shm,
+            worker_extension_cls=cfg.extension.path if cfg.extension else "",
+            worker_extension_pickle=cfg.extension.pickled if cfg.extension else b"",
+            distributed=cfg.distributed)
 
     # -- properties ----------------------------------------------------------------
 
@@ -401,6 +435,56 @@ class Executor:
         ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
         died, ``ExecutorClosedError`` after shutdown.
         """
+        call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
+        if non_block:
+            assert call.future is not None
+            return call.future
+        return self._channel.wait(call)
+
+    @overload
+    async def collective_rpc_async(
+            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+            ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...) -> list[Any]: ...
+
+    @overload
+    async def collective_rpc_async(
+            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+            ranks: Sequence[int] | None = ..., unique_reply_rank: int) -> Any: ...
+
+    async def collective_rpc_async(
+        self,
+        method: str | Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        ranks: Sequence[int] | None = None,
+        unique_reply_rank: int | None = None,
+    ) -> Any:
+        """:meth:`collective_rpc` for an asyncio event loop (a serving engine's): the same
+        arguments, results and errors, awaited without blocking the loop and without a
+        thread per call (see :mod:`.aio`).
+
+        At most ``max_concurrent_batches`` calls of one loop are outstanding; later ones
+        wait for a slot before they are sent. Workers run calls one at a time in the order
+        they were sent, so two calls in flight do not compute in parallel: the second is
+        already queued at the workers while the first computes, which hides its dispatch
+        and the first one's gather. Cancelling the awaiting task abandons the call: its
+        late replies are dropped and counted (:meth:`stats`), the executor stays usable.
+        Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
+        ``ExecutorClosedError`` as :meth:`collective_rpc` does.
+        """
+        async with self._async_slots.for_running_loop():
+            call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
+            return await await_call(call, self._channel.abandon)
+
+    def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any] | None, timeout: float | None,
+                ranks: Sequence[int] | None, unique_reply_rank: int | None,
+                non_block: bool) -> PendingCall:
+        """Validate a call's arguments and send it; the caller waits for it."""
         if isinstance(method, str):
             name, blob = method, None
             if not method:
@@ -417,12 +501,8 @@ class Executor:
             timeout = self._config.rpc_timeout
         elif not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
-        call = self._channel.submit(name, blob, list(args), dict(kwargs) if kwargs else {}, target,
-                                    unique_reply_rank, timeout, non_block)
-        if non_block:
-            assert call.future is not None
-            return call.future
-        return self._channel.wait(call)
+        return self._channel.submit(name, blob, list(args), dict(kwargs) if kwargs else {},
+                                    target, unique_reply_rank, timeout, non_block)
 
     def _ranks(self, ranks: Sequence[int]) -> list[int]:
         out = list(ranks)

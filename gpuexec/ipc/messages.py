@@ -57,6 +57,16 @@ class ShmSpec(msgspec.Struct, frozen=True):
     spin: float = 100e-6             # seconds to spin for the next request before sleeping
 
 
+class DistributedSpec(msgspec.Struct, frozen=True):
+    """The torch.distributed default process group every worker joins right after
+    ``init_device`` (``MASTER_ADDR`` / ``MASTER_PORT`` rendezvous, ``env://``)."""
+
+    backend: str                     # "nccl" or "gloo"
+    master_addr: str
+    master_port: int
+    timeout: float                   # seconds: the rendezvous and every collective
+
+
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker process needs to start; encoded by the driver, decoded first
     thing in the worker, before any user code is imported or unpickled."""
@@ -81,6 +91,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     ipc_dir: str = ""                # the private directory; removed if the driver dies
     sys_path: list[str] = []         # the driver's sys.path, for workers in a fresh interpreter
     shm: ShmSpec | None = None       # the shared-memory path, None: ZeroMQ only
+    worker_extension_cls: str = ""   # "module:QualName" of a mixin composed over worker_cls
+    worker_extension_pickle: bytes = b""  # cloudpickle of the mixin when it is not importable
+    distributed: DistributedSpec | None = None  # None: no torch.distributed process group
 
 
 class Failure(msgspec.Struct, frozen=True, array_like=True):

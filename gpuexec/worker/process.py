@@ -1,7 +1,8 @@
 """A worker process from start to exit: the entry point the executor launches.
 
-    spec bytes ──▶ environment, stdio, watchdog ──▶ init_device ──▶ import/unpickle
-    worker class ──▶ __init__ ──▶ Ready ──▶ loop { Call ─▶ run ─▶ Reply } ──▶ Shutdown
+    spec bytes ──▶ environment, stdio, watchdog ──▶ init_device ──▶ torch.distributed
+    group (when asked) ──▶ import/unpickle worker class (+ extension mixin) ──▶ __init__
+    ──▶ Ready ──▶ loop { Call ─▶ run ─▶ Reply } ──▶ Shutdown ──▶ group destroyed
 
 The device is selected before the user's worker class is imported or unpickled, so
 import-time CUDA work lands on this worker's GPU. The loop is single-threaded and
@@ -48,6 +49,8 @@ from ..ipc.messages import (
 from ..ipc.shm_ring import Doorbell, RingReader, RingWriter
 from .base import Worker, WorkerContext
 from .device import init_device, isolate_environment, merge_reports, torch_device
+from .distributed import destroy_process_group, distributed_environment, init_process_group
+from .extension import compose
 from .stdio import install_prefix
 from .watchdog import kill_children, start_watchdog
 
@@ -75,6 +78,7 @@ def _setup_process(spec: WorkerSpec) -> None:
         "WORLD_SIZE": str(spec.world_size),
         "LOCAL_WORLD_SIZE": str(spec.local_world_size),
         WORKER_ENV_FLAG: "1",
+        **distributed_environment(spec),
     })
     isolate_environment(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -88,18 +92,29 @@ def _terminated(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _load_class(path: str, pickled: bytes) -> Any:
+    if pickled:
+        return cloudpickle.loads(pickled)
+    module_name, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _resolve_class(spec: WorkerSpec) -> type[Worker]:
-    if spec.worker_cls_pickle:
-        cls = cloudpickle.loads(spec.worker_cls_pickle)
-    else:
-        module_name, _, qualname = spec.worker_cls.partition(":")
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        cls = obj
+    cls = _load_class(spec.worker_cls, spec.worker_cls_pickle)
     if not (isinstance(cls, type) and issubclass(cls, Worker)):
         raise TypeError(f"{spec.worker_cls or cls!r} is not a gpuexec.Worker subclass")
     return cls
+
+
+def _extend_class(spec: WorkerSpec, cls: type[Worker]) -> type[Worker]:
+    """``cls`` with the worker extension mixed in (``cls`` itself when there is none)."""
+    if not spec.worker_extension_cls and not spec.worker_extension_pickle:
+        return cls
+    extension = _load_class(spec.worker_extension_cls, spec.worker_extension_pickle)
+    return compose(cls, extension)
 
 
 def _build_worker(spec: WorkerSpec, cls: type[Worker]) -> Worker:
@@ -261,8 +276,12 @@ def run_worker(spec_bytes: bytes) -> None:
     stage = "init_device"
     try:
         report = init_device(spec)
+        stage = "init_distributed"
+        init_process_group(spec)
         stage = "import"
         cls = _resolve_class(spec)
+        stage = "worker_extension_cls"
+        cls = _extend_class(spec, cls)
         stage = "__init__"
         worker = _build_worker(spec, cls)
         if spec.device == "cuda":
@@ -281,6 +300,7 @@ def run_worker(spec_bytes: bytes) -> None:
     try:
         _Server(spec, worker, sub, push, shm).serve()
     finally:
+        destroy_process_group(spec)
         kill_children()
         sub.close()
         push.close()

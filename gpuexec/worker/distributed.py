@@ -1,0 +1,77 @@
+"""The torch.distributed default process group of a worker (``distributed_backend``).
+
+    driver: MASTER_ADDR / MASTER_PORT chosen ──▶ WorkerSpec.distributed
+    worker: environment (RANK, WORLD_SIZE, MASTER_*) ──▶ init_device ──▶ init_process_group
+            (env:// rendezvous: rank 0 hosts the TCP store, the others connect to it)
+            ──▶ import worker class ──▶ __init__ ... serve ... ──▶ destroy_process_group
+
+The group is made before the user's worker class is imported, so its ``__init__`` can
+already use collectives (load a sharded checkpoint, broadcast a config). torch is
+imported only here and only when a backend was asked for: a worker without one never
+pays for it. A rendezvous that fails (an occupied port, an unreachable address, a peer
+that never came) raises within ``timeout`` with the rank, backend and address in the
+message; the driver turns it into ``WorkerStartupError`` and stops the other ranks,
+which may still be blocked in the rendezvous (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import logging
+from typing import Any
+
+from ..ipc.messages import WorkerSpec
+from .device import torch_device
+
+log = logging.getLogger("gpuexec.worker")
+
+
+def distributed_environment(spec: WorkerSpec) -> dict[str, str]:
+    """``MASTER_ADDR`` and ``MASTER_PORT`` for the ``env://`` rendezvous (empty when no
+    backend was asked for); ``RANK`` and ``WORLD_SIZE`` are always set by the worker."""
+    d = spec.distributed
+    if d is None:
+        return {}
+    return {"MASTER_ADDR": d.master_addr, "MASTER_PORT": str(d.master_port)}
+
+
+def init_process_group(spec: WorkerSpec) -> None:
+    """Join the default process group; raise ``RuntimeError`` naming this rank on failure.
+
+    NCCL gets ``device_id`` (where this torch accepts it), which binds the communicator to
+    this worker's GPU at once instead of guessing it at the first collective.
+    """
+    d = spec.distributed
+    if d is None:
+        return
+    import torch
+    import torch.distributed as dist
+
+    kwargs: dict[str, Any] = {}
+    if d.backend == "nccl" and \
+            "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = torch.device(torch_device(spec))
+    try:
+        dist.init_process_group(
+            d.backend, init_method="env://", rank=spec.rank, world_size=spec.world_size,
+            timeout=datetime.timedelta(seconds=d.timeout), **kwargs)
+    except Exception as e:
+        raise RuntimeError(
+            f"rank {spec.rank} of {spec.world_size}: torch.distributed {d.backend} "
+            f"rendezvous at {d.master_addr}:{d.master_port} failed (distributed_timeout="
+            f"{d.timeout:g} s): {type(e).__name__}: {e}") from e
+
+
+def destroy_process_group(spec: WorkerSpec) -> None:
+    """Leave the default process group at shutdown (a no-op when none was made or the user
+    already destroyed it); a failure is logged, never raised: the worker is exiting."""
+    if spec.distributed is None:
+        return
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as e:
+        log.warning("gpuexec: destroying the torch.distributed process group failed: %s", e)
