@@ -105,6 +105,7 @@ def test_reader_with_forecast_gets_every_message_of_a_periodic_stream() -> None:
 
 
 def test_timer_slack_is_set_for_the_calling_thread() -> None:
+    import os
     import subprocess
     import sys
 
@@ -114,6 +115,8 @@ def test_timer_slack_is_set_for_the_calling_thread() -> None:
         pytest.skip("no futex/prctl here")
     code = ("from gpuexec.ipc import futex; assert futex.set_timer_slack(1000); "
             "print(open('/proc/self/timerslack_ns').read().strip())")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={"PYTHONPATH": "."})
+                         check=True, env=env)
     assert out.stdout.strip() == "1000"
