@@ -23,6 +23,8 @@ from ..errors import ConfigError
 from ..worker.base import Worker
 
 DEVICES = ("auto", "cuda", "cpu")
+DEFAULT_MAX_INFLIGHT_CALLS = 1024
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 32  # 4 GiB per frame
 
 
 def visible_gpu_count() -> int:
@@ -117,6 +119,9 @@ class ExecutorConfig:
     shutdown_timeout: float
     terminate_timeout: float
     gpus: tuple[int, ...] = field(default=())  # per rank; empty on CPU
+    allow_callables: bool = True       # False: no callables, nothing pickled to workers
+    max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes per ZeroMQ frame
 
     @classmethod
     def build(
@@ -137,6 +142,9 @@ class ExecutorConfig:
         rpc_timeout: float | None,
         shutdown_timeout: float,
         terminate_timeout: float,
+        allow_callables: bool = True,
+        max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> ExecutorConfig:
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
@@ -171,6 +179,12 @@ class ExecutorConfig:
         for k, v in env_dict.items():
             if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
                 raise ConfigError(f"env entries must be str -> str, got {k!r}: {v!r}")
+        if not isinstance(allow_callables, bool):
+            raise ConfigError(f"allow_callables must be True or False, not {allow_callables!r}")
+        for name, limit in (("max_inflight_calls", max_inflight_calls),
+                            ("max_message_size", max_message_size)):
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, not {limit!r}")
         ref = _worker_class_ref(worker_cls)
         try:
             init_args = cloudpickle.dumps((tuple(worker_args), dict(worker_kwargs or {})))
@@ -190,4 +204,7 @@ class ExecutorConfig:
             shutdown_timeout=_positive("shutdown_timeout", shutdown_timeout) or 0.0,
             terminate_timeout=_positive("terminate_timeout", terminate_timeout) or 0.0,
             gpus=tuple(range(size)) if resolved == "cuda" else (),
+            allow_callables=allow_callables,
+            max_inflight_calls=max_inflight_calls,
+            max_message_size=max_message_size,
         )
