@@ -382,10 +382,9 @@ class DriverChannel:
             inflight_waits=stats.inflight_waits)
 
     def send_raw(self, frames: list[bytes]) -> None:
-        """Test hook (the fuzz tests): publish ``frames`` to every worker as they are,
-        after the broadcast topic, bypassing the encoder."""
-        with self._send_lock:
-            send_frames(self._req, [ALL_TOPIC + frames[0], *frames[1:]])
+        """Test hook (the fuzz tests): send ``frames`` to every worker as they are,
+        bypassing the encoder, by the transport in use (ring packet or ZeroMQ)."""
+        self._send(range(len(self._topics)), frames)
 
     def _send(self, ranks: Sequence[int], frames: list[Any]) -> None:
         """Send a request to ``ranks`` over the shared-memory ring or ZeroMQ."""
