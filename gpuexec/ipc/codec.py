@@ -193,11 +193,13 @@ class Decoder(Generic[T]):
     """Decodes frames into one message type (a closed union). One thread at a time."""
 
     def __init__(self, msg_type: type[T] | Any, *, allow_pickle: bool,
-                 copy_buffers: bool = False, allow_shm: bool | None = None) -> None:
+                 copy_buffers: bool = False, allow_shm: bool | None = None,
+                 shm_pid: int = 0) -> None:
         self.allow_pickle = allow_pickle
         # Shared-memory payloads (memory files of the driver): on the private channel
         # only, like pickle, unless set apart (a worker refusing pickle still maps them).
         self.allow_shm = allow_pickle if allow_shm is None else allow_shm
+        self.shm_pid = shm_pid  # > 0: map payloads of this process (the driver) only
         # True when frames are views of memory that will be reused (a ring slot): arrays
         # are then copied out instead of aliasing it.
         self.copy_buffers = copy_buffers
@@ -252,6 +254,8 @@ class Decoder(Generic[T]):
                                        "pickle_refused")
             dtype, shape, pid, fd, nbytes = self._shm_meta.decode(data)
             _check_size(dtype, shape, nbytes, code == _EXT_TENSOR_SHM)
+            if self.shm_pid > 0 and pid != self.shm_pid:
+                raise MalformedMessage(f"payload of pid {pid}, not the driver's", "bad_buffer")
             try:
                 buf = shm_payload.map_segment(pid, fd, nbytes)
             except (OSError, ValueError) as e:

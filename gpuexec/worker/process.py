@@ -130,10 +130,11 @@ class _Server:
         self.allow_callables = spec.allow_callables
         self.max_message_size = spec.max_message_size
         self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=spec.allow_callables,
-                                                  allow_shm=True)
+                                                  allow_shm=True, shm_pid=spec.driver_pid)
         self.shm_decoder: Decoder[ToWorker] = Decoder(ToWorker,
                                                       allow_pickle=spec.allow_callables,
-                                                      copy_buffers=True, allow_shm=True)
+                                                      copy_buffers=True, allow_shm=True,
+                                                      shm_pid=spec.driver_pid)
         self.dropped = 0
         self.dropped_by_reason: dict[str, int] = {}  # sent to the driver with each Pong
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
