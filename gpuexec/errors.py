@@ -14,10 +14,12 @@ import signal
 from collections.abc import Sequence
 
 __all__ = [
+    "CallRefusedError",
     "ConfigError",
     "CudaDriverError",
     "ExecutorClosedError",
     "GpuexecError",
+    "InflightLimitError",
     "ProtocolError",
     "RemoteError",
     "RpcTimeoutError",
@@ -168,6 +170,35 @@ class RpcTimeoutError(GpuexecError, TimeoutError):
             f"{method!r} timed out after {timeout:g} s; ranks that did not answer: "
             f"{list(self.ranks)}"
         )
+
+
+class InflightLimitError(RpcTimeoutError):
+    """The call waited its whole timeout for a free slot and was never sent.
+
+    An executor runs at most ``max_inflight_calls`` calls at once (a bound on the
+    memory of queued requests and replies); a further call waits for one to finish.
+    Nothing reached any worker, so retrying is safe. ``ranks`` is empty; ``limit`` is
+    the executor's ``max_inflight_calls``.
+    """
+
+    def __init__(self, method: str, timeout: float, limit: int) -> None:
+        super().__init__(method, timeout, ())
+        self.limit = limit
+        self.args = (f"{method!r} was not sent: max_inflight_calls={limit} calls were still "
+                     f"running after {timeout:g} s (raise the limit or the timeout, or wait "
+                     f"for earlier calls)",)
+
+    def __reduce__(self) -> tuple[type[InflightLimitError], tuple[str, float, int]]:
+        return (type(self), (self.method, self.timeout, self.limit))
+
+
+class CallRefusedError(GpuexecError, PermissionError):
+    """The executor's security settings refuse this call; nothing was sent.
+
+    Raised for a callable passed to ``collective_rpc`` by an executor built with
+    ``allow_callables=False``: pass the name of a method of the worker class instead
+    (or build the executor with ``allow_callables=True``, the default).
+    """
 
 
 class ExecutorClosedError(GpuexecError):

@@ -16,6 +16,13 @@ per-worker rings, and the caller spins, then sleeps on the doorbell futex instea
 ``recv``; deaths and shutdown ring the doorbell instead of sending the wake-up frame.
 ZeroMQ still carries what does not fit a slot (a marker in the ring keeps the order).
 
+Bounded: at most ``max_inflight_calls`` calls are in flight (a semaphore of slots,
+taken in ``submit`` before anything is encoded, given back when the call completes,
+fails or times out); a caller that finds none free waits up to its own timeout and then
+gets :class:`~gpuexec.errors.InflightLimitError`, so queued requests and replies (and
+the pending table) stay bounded by the limit instead of by the callers' patience.
+Health pings take no slot: ``check_health`` works on a saturated executor.
+
 Who reads the reply socket: whoever holds the *pump lock*. A blocking
 ``collective_rpc`` takes it and receives replies itself with a plain blocking
 ``recv`` (``RCVTIMEO`` = its deadline), so the common path has no thread hand-off
@@ -40,7 +47,9 @@ Fields and the threads that may touch them:
 * ``_pending``, ``_n_async``, ``_failure``, ``_closing``: any thread, under ``_lock``
   (read without it where a stale value is harmless: the loops re-check).
 * ``_idle_poller``, ``_poke_r``: the monitor thread only.
-* ``stats``: written by the pumping thread, read by anyone (ints, best effort).
+* ``stats``: written by the pumping thread (``calls`` and ``inflight_waits`` by callers),
+  read by anyone through :meth:`DriverChannel.snapshot` (best effort).
+* ``_slots``: any thread (a semaphore); ``_auth``: the owner's thread (start, close).
 """
 
 from __future__ import annotations
@@ -53,12 +62,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
-from ..errors import ExecutorClosedError, RemoteError, RpcTimeoutError, WorkerDiedError
+from ..errors import (
+    ExecutorClosedError,
+    InflightLimitError,
+    RemoteError,
+    RpcTimeoutError,
+    WorkerDiedError,
+)
 from ..ipc import packets, shm_payload
 from ..ipc.codec import (
     Decoder,
@@ -68,8 +83,19 @@ from ..ipc.codec import (
     recv_rest,
     send_frames,
 )
-from ..ipc.messages import ALL_TOPIC, Call, Failure, Ping, Reply, Shutdown, ToDriver, rank_topic
+from ..ipc.messages import (
+    ALL_TOPIC,
+    Call,
+    Failure,
+    Ping,
+    Pong,
+    Reply,
+    Shutdown,
+    ToDriver,
+    rank_topic,
+)
 from ..ipc.shm_ring import RingReader, RingTimeout
+from ..ipc.zap import ZapHandler
 from .launcher import WorkerHandle
 from .processes import UNKNOWN_EXIT
 from .shm_path import ShmDriverPath
@@ -80,13 +106,33 @@ _WAIT_SLICE_S = 0.002     # a non-pumping waiter re-checks for the pump lock thi
 _MONITOR_PUMP_MS = 5      # the monitor releases the pump lock at least this often
 _RING_FULL_S = 60.0       # how long a request may wait for room in the ring
 _OVERFLOW_RECV_MS = 10_000  # a reply announced in its ring is already on its way
+_SLOT_WAIT_S = 0.1          # a caller waiting for a slot re-checks liveness this often
 
 
 @dataclass
 class ChannelStats:
+    """What the channel counted. Drops are never raised: they are counted here (and
+    logged once), so a stream of garbage costs a counter, not a crash."""
+
     calls: int = 0
     late_replies: int = 0        # replies to calls that timed out or were abandoned
-    malformed: int = 0           # frames that did not decode as a Reply
+    malformed: int = 0           # frames the driver dropped, every reason together
+    # ... by reason: MalformedMessage.reason, "empty" or "packet" (a bad ring packet)
+    malformed_by_reason: dict[str, int] = field(default_factory=dict)
+    # rank -> reason -> requests that worker dropped, as of its last Pong (check_health)
+    worker_malformed: dict[int, dict[str, int]] = field(default_factory=dict)
+    refused_connections: int = 0  # peers the ZAP handler turned away (no/wrong key, pid)
+    inflight_waits: int = 0      # calls that had to wait for a free slot (backpressure)
+
+    @property
+    def worker_malformed_total(self) -> int:
+        return sum(sum(r.values()) for r in self.worker_malformed.values())
+
+    def count(self, reason: str) -> int:
+        """Record one dropped frame; returns the new total."""
+        self.malformed_by_reason[reason] = self.malformed_by_reason.get(reason, 0) + 1
+        self.malformed += 1
+        return self.malformed
 
 
 class PendingCall:
@@ -104,6 +150,7 @@ class PendingCall:
         "owed",
         "ranks",
         "segments",
+        "slot",
         "timeout",
         "unique_reply_rank",
         "value",
@@ -128,6 +175,7 @@ class PendingCall:
         self.value: Any = None
         self.error: BaseException | None = None
         self.segments: list[int] = []  # shared-memory payloads to close once complete
+        self.slot = False  # holds one of the channel's in-flight slots until finished
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -141,8 +189,14 @@ class DriverChannel:
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], req: zmq.Socket[bytes],
                  rep: zmq.Socket[bytes], handles: Sequence[WorkerHandle],
                  stderr_tail: Callable[[int], str] = lambda rank: "",
-                 shm: ShmDriverPath | None = None) -> None:
+                 shm: ShmDriverPath | None = None, *, allow_pickle: bool = True,
+                 max_inflight_calls: int = 1024, max_message_size: int = -1,
+                 auth: ZapHandler | None = None) -> None:
         self._ctx = ctx
+        self._auth = auth  # the ZAP handler of ctx, stopped before ctx is terminated
+        self._max_inflight = max_inflight_calls
+        self._slots = threading.BoundedSemaphore(max_inflight_calls)
+        self._max_message_size = max_message_size  # -1: no limit
         self._shm = shm  # the shared-memory path; None: ZeroMQ only
         self._shm_decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True,
                                                        copy_buffers=True)
@@ -151,7 +205,9 @@ class DriverChannel:
         self._handles = handles
         self._stderr_tail = stderr_tail  # rank -> the dead worker's last stderr lines
         self._topics = [rank_topic(h.rank) for h in handles]
-        self._encoder = Encoder(allow_pickle=True,
+        # allow_pickle=False (allow_callables=False): arguments that need pickle are
+        # refused at encode time, before anything is sent.
+        self._encoder = Encoder(allow_pickle=allow_pickle,
                                 shm_payloads=shm is not None and shm_payload.available())
         self._decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True)
         self._ids = itertools.count(1)
@@ -165,6 +221,9 @@ class DriverChannel:
         self._failure_callbacks: list[Callable[[], None]] = []
         self.stats = ChannelStats()
         self._rcvtimeo = -1
+        # A wake-up frame is this random token: an empty (or any other) frame from a
+        # peer is counted as malformed, never taken for a wake-up.
+        self._wake_token = os.urandom(16)
         wake_endpoint = f"inproc://gpuexec-wake-{id(self):x}"
         rep.bind(wake_endpoint)
         self._wake_lock = threading.Lock()
@@ -245,9 +304,17 @@ class DriverChannel:
         call_id = next(self._ids)
         future: Future[Any] | None = Future() if non_block else None
         call = PendingCall(call_id, method, ranks, unique_reply_rank, timeout, future)
+        self._take_slot(call)
         value_rank = -1 if unique_reply_rank is None else unique_reply_rank
-        frames, call.segments = self._encoder.encode_with_segments(
-            Call(call_id, method, fn_blob, args, kwargs, value_rank))
+        try:
+            frames, call.segments = self._encoder.encode_with_segments(
+                Call(call_id, method, fn_blob, args, kwargs, value_rank))
+            self._check_sizes(frames)
+        except BaseException:
+            for fd in call.segments:
+                os.close(fd)
+            self._release_slot(call)
+            raise
         with self._lock:
             self._pending[call_id] = call
             if non_block:
@@ -261,6 +328,63 @@ class DriverChannel:
         if non_block:
             self._poke()
         return call
+
+    def _take_slot(self, call: PendingCall) -> None:
+        """Wait for one of the ``max_inflight_calls`` slots, until the call's deadline
+        (``InflightLimitError``), a death or shutdown (their errors)."""
+        slots = self._slots
+        if not slots.acquire(blocking=False):
+            self.stats.inflight_waits += 1
+            while True:
+                wait = _SLOT_WAIT_S
+                if call.deadline is not None:
+                    wait = min(wait, call.deadline - time.monotonic())
+                    if wait <= 0:
+                        raise InflightLimitError(call.method, call.timeout or 0.0,
+                                                 self._max_inflight)
+                if slots.acquire(timeout=wait):
+                    break
+                self.check_usable()
+        call.slot = True
+        try:
+            self.check_usable()
+        except BaseException:
+            call.slot = False
+            slots.release()
+            raise
+
+    def _release_slot(self, call: PendingCall) -> None:
+        with self._lock:
+            held, call.slot = call.slot, False
+        if held:
+            self._slots.release()
+
+    def _check_sizes(self, frames: list[Any]) -> None:
+        """Refuse a frame the workers' sockets would refuse (``MAXMSGSIZE`` drops the
+        connection, and every message on it)."""
+        limit = self._max_message_size
+        if limit < 0 or (len(frames) == 1 and len(frames[0]) <= limit):
+            return
+        for frame in frames:
+            size = memoryview(frame).nbytes
+            if size > limit:
+                raise ValueError(f"a message frame of {size} bytes is over "
+                                 f"max_message_size={limit}")
+
+    def snapshot(self) -> ChannelStats:
+        """A copy of the counters, with the ZAP handler's refusals."""
+        stats = self.stats
+        return ChannelStats(
+            calls=stats.calls, late_replies=stats.late_replies, malformed=stats.malformed,
+            malformed_by_reason=dict(stats.malformed_by_reason),
+            worker_malformed={r: dict(d) for r, d in stats.worker_malformed.items()},
+            refused_connections=self._auth.denied if self._auth is not None else 0,
+            inflight_waits=stats.inflight_waits)
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        """Test hook (the fuzz tests): send ``frames`` to every worker as they are,
+        bypassing the encoder, by the transport in use (ring packet or ZeroMQ)."""
+        self._send(range(len(self._topics)), frames)
 
     def _send(self, ranks: Sequence[int], frames: list[Any]) -> None:
         """Send a request to ``ranks`` over the shared-memory ring or ZeroMQ."""
@@ -319,7 +443,7 @@ class DriverChannel:
         doorbell) return now."""
         with self._wake_lock:
             if not self._waker.closed:
-                self._waker.send(b"", zmq.NOBLOCK)
+                self._waker.send(self._wake_token, zmq.NOBLOCK)
             if self._shm is not None:
                 self._shm.doorbell.ring()
 
@@ -398,8 +522,8 @@ class DriverChannel:
                 return
             self._dispatch(frames, self._shm_decoder)
         except (ValueError, struct.error) as e:
-            self.stats.malformed += 1
-            log.warning("gpuexec: dropped a malformed reply packet (%s)", e)
+            if self.stats.count(getattr(e, "reason", "packet")) == 1:
+                log.warning("gpuexec: dropped a malformed reply packet (%s)", e)
         finally:
             view.release()
             reader.release()
@@ -424,15 +548,16 @@ class DriverChannel:
 
     def _dispatch(self, frames: list[Any], decoder: Decoder[ToDriver] | None = None) -> None:
         header = frames[0]
-        if not header:
+        if header == self._wake_token and len(frames) == 1:
             return  # a wake-up frame: the waiting loop re-checks its call
         decoder = self._decoder if decoder is None else decoder
         try:
-            reply: Reply = decoder.decode(frames) if len(frames) > 1 else \
+            if not header:
+                raise MalformedMessage("empty frame", "empty")
+            reply: Reply | Pong = decoder.decode(frames) if len(frames) > 1 else \
                 decoder.decode_header(header)
         except MalformedMessage as e:
-            self.stats.malformed += 1
-            if self.stats.malformed == 1:
+            if self.stats.count(e.reason) == 1:
                 log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
             return
         with self._lock:
@@ -441,7 +566,10 @@ class DriverChannel:
                 self.stats.late_replies += 1
                 return
             call.owed.discard(reply.rank)
-            if reply.error is not None:
+            if isinstance(reply, Pong):
+                self.stats.worker_malformed[reply.rank] = dict(reply.dropped)
+                call.values[reply.rank] = None
+            elif reply.error is not None:
                 if call.failures is None:
                     call.failures = {}
                 call.failures[reply.rank] = reply.error
@@ -460,6 +588,9 @@ class DriverChannel:
             self._pending.pop(call.call_id, None)
             if call.future is not None:
                 self._n_async -= 1
+            held, call.slot = call.slot, False
+        if held:
+            self._slots.release()
         for fd in call.segments:  # every target has mapped its payloads (or never will)
             os.close(fd)
         call.segments = []
@@ -575,6 +706,8 @@ class DriverChannel:
             self._waker.close(linger=0)
             self._req.close(linger=0)
             self._rep.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
             self._ctx.term()
             if self._shm is not None:
                 self._shm.close()

@@ -26,6 +26,8 @@ from ..worker.extension import extension_clashes
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT, distributed_spec
 
 DEVICES = ("auto", "cuda", "cpu")
+DEFAULT_MAX_INFLIGHT_CALLS = 1024
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 32  # 4 GiB per frame
 
 
 def visible_gpu_count() -> int:
@@ -126,6 +128,9 @@ class ExecutorConfig:
     extension: WorkerClassRef | None = None    # worker_extension_cls, None: none
     distributed: DistributedSpec | None = None  # the settled rendezvous, None: no group
     max_concurrent_batches: int = 2            # async calls outstanding per event loop
+    allow_callables: bool = True       # False: no callables, nothing pickled to workers
+    max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes per ZeroMQ frame
 
     @classmethod
     def build(
@@ -151,6 +156,9 @@ class ExecutorConfig:
         master_port: int | None = None,
         distributed_timeout: float = DEFAULT_DISTRIBUTED_TIMEOUT,
         max_concurrent_batches: int = 2,
+        allow_callables: bool = True,
+        max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> ExecutorConfig:
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
@@ -181,6 +189,12 @@ class ExecutorConfig:
         for k, v in env_dict.items():
             if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
                 raise ConfigError(f"env entries must be str -> str, got {k!r}: {v!r}")
+        if not isinstance(allow_callables, bool):
+            raise ConfigError(f"allow_callables must be True or False, not {allow_callables!r}")
+        for name, limit in (("max_inflight_calls", max_inflight_calls),
+                            ("max_message_size", max_message_size)):
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, not {limit!r}")
         ref = _worker_class_ref(worker_cls)
         extension = None
         if worker_extension_cls is not None:
@@ -220,4 +234,7 @@ class ExecutorConfig:
             extension=extension,
             distributed=distributed,
             max_concurrent_batches=max_concurrent_batches,
+            allow_callables=allow_callables,
+            max_inflight_calls=max_inflight_calls,
+            max_message_size=max_message_size,
         )

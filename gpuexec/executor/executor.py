@@ -11,6 +11,8 @@ Data flow::
 
     (transport="shm": a broadcast ring in shared memory instead of XPUB, per-worker reply
     rings and a doorbell futex instead of PULL; arrays of 1 MiB+ in a memfd every worker maps)
+    (transport="tcp": the same sockets on tcp://host:<port>, CURVE-encrypted; the driver is
+    the CURVE server and its ZAP handler admits only this executor's workers' keys)
 
     monitor thread: sleeps in poll() on the process sentinels (+ the reply socket while
     non_block futures are outstanding); a worker's exit fails every pending call at once.
@@ -30,7 +32,6 @@ Data flow::
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import os
 import signal
@@ -45,15 +46,17 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..errors import ConfigError
+from ..errors import CallRefusedError, ConfigError
+from ..ipc.curve import CurveServer, bind_tcp, check_host
 from ..ipc.endpoints import EndpointDir
 from ..ipc.messages import ShmSpec, WorkerSpec
 from ..ipc.reports import DeviceReport
+from ..ipc.zap import ZapHandler, guard, own_process_tree
 from ..worker.base import Worker
 from ..worker.stdio import read_tail, stderr_record_path
 from .aio import AsyncSlots, await_call
 from .channel import ChannelStats, DriverChannel, PendingCall
-from .config import ExecutorConfig
+from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
 from .shm_path import ShmDriverPath, shm_room
@@ -143,8 +146,10 @@ class Executor:
     isolate_devices=False, release_stale_contexts=True, stale_context_policy="release",
     distributed_backend=None,
     ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0, terminate_timeout=2.0,
-    preload=None, transport="auto", worker_extension_cls=None, master_addr=None,
-    master_port=None, distributed_timeout=300.0, max_concurrent_batches=2)``
+    preload=None, transport="auto", host="127.0.0.1", allow_callables=True,
+    max_inflight_calls=1024, max_message_size=4 GiB, worker_extension_cls=None,
+    master_addr=None, master_port=None, distributed_timeout=300.0,
+    max_concurrent_batches=2)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -156,7 +161,18 @@ class Executor:
       workers (default: torch, when installed); one zygote per preload list is kept
       for the life of the driver and reused by later executors.
     * ``transport``: ``"auto"`` (shared-memory rings when /dev/shm has room, else
-      ZeroMQ), ``"shm"`` or ``"zmq"``; see :mod:`.shm_path`.
+      ZeroMQ), ``"shm"`` or ``"zmq"`` (``ipc://`` in a private 0700 directory; only
+      this process and its descendants may connect), or ``"tcp"`` (ZeroMQ over
+      ``tcp://host:<random port>`` with CURVE encryption and authentication; keys are
+      made per executor). See :mod:`.shm_path`, :mod:`gpuexec.ipc.curve`, SECURITY.md.
+    * ``host``: the address the driver binds with ``transport="tcp"`` (default
+      loopback); wildcards (``0.0.0.0``, ``*``, ``::``) are refused.
+    * ``allow_callables``: False refuses callables in :meth:`collective_rpc`
+      (``CallRefusedError``) and arguments that need pickle, and the workers refuse to
+      unpickle anything that arrives: no code travels after start-up.
+    * ``max_inflight_calls``: calls in flight at once; a further call waits for a slot
+      up to its timeout (then ``InflightLimitError``). ``max_message_size``: bytes per
+      ZeroMQ frame, enforced by both ends (the receiving sockets' ``MAXMSGSIZE``).
     * ``worker_args`` / ``worker_kwargs``: passed to the worker class's ``__init__``.
     * ``env``: extra environment variables for every worker (``RANK``,
       ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` are always set).
@@ -220,6 +236,10 @@ class Executor:
         master_port: int | None = None,
         distributed_timeout: float = DEFAULT_DISTRIBUTED_TIMEOUT,
         max_concurrent_batches: int = 2,
+        host: str = "127.0.0.1",
+        allow_callables: bool = True,
+        max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
@@ -234,8 +254,13 @@ class Executor:
             terminate_timeout=terminate_timeout, worker_extension_cls=worker_extension_cls,
             master_addr=master_addr, master_port=master_port,
             distributed_timeout=distributed_timeout,
-            max_concurrent_batches=max_concurrent_batches)
+            max_concurrent_batches=max_concurrent_batches, allow_callables=allow_callables,
+            max_inflight_calls=max_inflight_calls, max_message_size=max_message_size)
         self._async_slots = AsyncSlots(self._config.max_concurrent_batches)
+        try:
+            host = check_host(host)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self._start_method, self._start_method_reason = resolve_start_method(start_method)
         cfg = self._config
         self._transport = self._pick_transport(transport)
@@ -246,19 +271,37 @@ class Executor:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         handles: list[WorkerHandle] = []
         shm: ShmDriverPath | None = None
+        # Who may connect (before any socket binds): tcp, this executor's CURVE keys;
+        # ipc, this process and its descendants (see gpuexec.ipc.zap).
+        curve: CurveServer | None = None
+        auth: ZapHandler | None = None
         try:
+            curve = CurveServer(ctx, cfg.world_size) if self._transport == "tcp" else None
+            auth = curve.handler if curve is not None else \
+                ZapHandler(ctx, ipc_peer=own_process_tree)
+            auth.start()
             if self._transport == "shm":
                 shm = ShmDriverPath(cfg.world_size)
             req = ctx.socket(zmq.XPUB)
             req.setsockopt(zmq.SNDHWM, 0)
             req.setsockopt(zmq.LINGER, 0)
-            req.bind(endpoints.endpoint("req"))
             rep = ctx.socket(zmq.PULL)
             rep.setsockopt(zmq.RCVHWM, 0)
             rep.setsockopt(zmq.LINGER, 0)
-            rep.bind(endpoints.endpoint("rep"))
+            rep.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
+            if curve is not None:
+                curve.secure(req)
+                curve.secure(rep)
+                req_endpoint, rep_endpoint = bind_tcp(req, host), bind_tcp(rep, host)
+            else:
+                guard(req)
+                guard(rep)
+                req_endpoint, rep_endpoint = endpoints.endpoint("req"), endpoints.endpoint("rep")
+                req.bind(req_endpoint)
+                rep.bind(rep_endpoint)
             specs = [msgspec.msgpack.encode(self._spec(
-                rank, endpoints, shm.spec_for(rank) if shm is not None else None))
+                rank, endpoints, shm.spec_for(rank) if shm is not None else None,
+                req_endpoint, rep_endpoint, curve))
                 for rank in range(cfg.world_size)]
             handles = start_workers(self._start_method, specs, zygote)
             wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
@@ -269,15 +312,21 @@ class Executor:
             if shm is not None:
                 shm.close()
             stop_workers(handles, grace=0.0, term_grace=1.0)
+            if auth is not None:
+                auth.stop()
             ctx.destroy(linger=0)
             endpoints.close()
             raise
         self._endpoints = endpoints
         self._handles = handles
         self._all_ranks = list(range(cfg.world_size))
+        self._endpoint_names = (req_endpoint, rep_endpoint)
         self._channel = DriverChannel(ctx, req, rep, handles,
                                       lambda rank: read_tail(stderr_record_path(
-                                          endpoints.path, rank)), shm)
+                                          endpoints.path, rank)), shm,
+                                      allow_pickle=cfg.allow_callables,
+                                      max_inflight_calls=cfg.max_inflight_calls,
+                                      max_message_size=cfg.max_message_size, auth=auth)
         self._channel.start()
         self._closed = False
         _live.add(self)
@@ -302,12 +351,14 @@ class Executor:
         return zygote
 
     def _pick_transport(self, transport: str) -> str:
-        """``"zmq"``, ``"shm"`` (shared-memory rings; an error when /dev/shm has no room),
-        or ``"auto"`` (shm when /dev/shm has room, else zmq with one log line)."""
-        if transport not in ("auto", "shm", "zmq"):
-            raise ConfigError(f"unknown transport {transport!r}; expected auto, shm or zmq")
-        if transport == "zmq":
-            return "zmq"
+        """``"zmq"``, ``"tcp"`` (ZeroMQ with CURVE; never shared memory), ``"shm"``
+        (shared-memory rings; an error when /dev/shm has no room), or ``"auto"`` (shm
+        when /dev/shm has room, else zmq with one log line)."""
+        if transport not in ("auto", "shm", "zmq", "tcp"):
+            raise ConfigError(
+                f"unknown transport {transport!r}; expected auto, shm, zmq or tcp")
+        if transport in ("zmq", "tcp"):
+            return transport
         room = shm_room(self._config.world_size)
         if room and transport == "shm":
             raise ConfigError(f"transport='shm' is not possible here: {room}")
@@ -318,10 +369,16 @@ class Executor:
 
     @property
     def transport(self) -> str:
-        """``"shm"`` (shared-memory rings) or ``"zmq"``."""
+        """``"shm"`` (shared-memory rings), ``"zmq"`` (ipc) or ``"tcp"`` (CURVE)."""
         return self._transport
 
-    def _spec(self, rank: int, endpoints: EndpointDir, shm: ShmSpec | None) -> WorkerSpec:
+    @property
+    def endpoints(self) -> tuple[str, str]:
+        """The driver's bound request and reply endpoints (``ipc://`` or ``tcp://``)."""
+        return self._endpoint_names
+
+    def _spec(self, rank: int, endpoints: EndpointDir, shm: ShmSpec | None,
+              req_endpoint: str, rep_endpoint: str, curve: CurveServer | None) -> WorkerSpec:
         cfg = self._config
         return WorkerSpec(
             rank=rank, local_rank=rank, world_size=cfg.world_size,
@@ -331,14 +388,16 @@ class Executor:
             stale_context_policy=cfg.stale_context_policy,
             driver_pid=os.getpid(),
             driver_is_parent=self._start_method not in ("forkserver", "zygote"),
-            req_endpoint=endpoints.endpoint("req"), rep_endpoint=endpoints.endpoint("rep"),
+            req_endpoint=req_endpoint, rep_endpoint=rep_endpoint,
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
             init_args_pickle=cfg.init_args_pickle, env=cfg.env,
             stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path,
             sys_path=[p for p in sys.path if p], shm=shm,
             worker_extension_cls=cfg.extension.path if cfg.extension else "",
             worker_extension_pickle=cfg.extension.pickled if cfg.extension else b"",
-            distributed=cfg.distributed)
+            distributed=cfg.distributed,
+            curve=curve.client(rank) if curve is not None else None,
+            allow_callables=cfg.allow_callables, max_message_size=cfg.max_message_size)
 
     # -- properties ----------------------------------------------------------------
 
@@ -378,8 +437,10 @@ class Executor:
         return self._closed
 
     def stats(self) -> ChannelStats:
-        """Counters: calls made, late replies dropped, malformed frames dropped."""
-        return dataclasses.replace(self._channel.stats)
+        """Counters (a copy): calls made, late replies dropped, malformed frames the driver
+        dropped (in total and by reason), connections refused, calls that waited for a
+        slot, and what each worker dropped as of the last :meth:`check_health`."""
+        return self._channel.snapshot()
 
     def register_failure_callback(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` once when a worker dies (at once if one already has).
@@ -491,6 +552,10 @@ class Executor:
                 raise ValueError("method name must not be empty")
         elif callable(method):
             name = getattr(method, "__qualname__", None) or repr(method)
+            if not self._config.allow_callables:
+                raise CallRefusedError(
+                    f"callable {name!r} refused: this executor was built with "
+                    "allow_callables=False; call a method of the worker class by name")
             blob = cloudpickle.dumps(method)
         else:
             raise TypeError(f"method must be a name or a callable, not {type(method).__name__}")
@@ -515,7 +580,8 @@ class Executor:
 
     def check_health(self, timeout: float = 10.0) -> None:
         """Ping every worker; raise ``RpcTimeoutError`` naming the ranks that did not
-        answer within ``timeout``, or ``WorkerDiedError`` if one is gone."""
+        answer within ``timeout``, or ``WorkerDiedError`` if one is gone. Each answer
+        carries what that worker dropped so far (see :meth:`stats`)."""
         self._channel.wait(self._channel.ping(timeout))
 
     # -- shutdown ------------------------------------------------------------------

@@ -16,7 +16,9 @@ arrive as lists.
 
 Decoders are typed (one closed union per socket) and build nothing but the declared
 message types: a frame that does not decode raises :class:`MalformedMessage`, which
-receivers count and drop.
+receivers count (by its ``reason``) and drop. Every out-of-band buffer is checked
+against its declared dtype and shape (the byte counts must match exactly, so a huge
+declared shape allocates nothing), and a message must use every frame it came with.
 """
 
 from __future__ import annotations
@@ -77,7 +79,22 @@ def recv_rest(sock: Any, header: bytes) -> list[Frame]:
 
 
 class MalformedMessage(ValueError):
-    """A frame set that does not decode into the receiver's message union."""
+    """A frame set that does not decode into the receiver's message union.
+
+    ``reason`` says which check failed, for the receivers' drop counters: ``"empty"``,
+    ``"undecodable"`` (not msgpack, truncated, trailing bytes), ``"unknown_type"`` (a
+    tag or fields the receiver does not accept), ``"bad_buffer"`` (an array whose
+    frame is missing or whose size does not match its dtype and shape),
+    ``"extra_frames"`` (frames no array refers to), ``"pickle_refused"`` (a pickle or
+    shared-memory payload on a channel that does not allow it), ``"bad_pickle"``.
+    """
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_MAX_NDIM = 64
 
 
 def _buffer(frame: Frame) -> memoryview:
@@ -176,8 +193,13 @@ class Decoder(Generic[T]):
     """Decodes frames into one message type (a closed union). One thread at a time."""
 
     def __init__(self, msg_type: type[T] | Any, *, allow_pickle: bool,
-                 copy_buffers: bool = False) -> None:
+                 copy_buffers: bool = False, allow_shm: bool | None = None,
+                 shm_pid: int = 0) -> None:
         self.allow_pickle = allow_pickle
+        # Shared-memory payloads (memory files of the driver): on the private channel
+        # only, like pickle, unless set apart (a worker refusing pickle still maps them).
+        self.allow_shm = allow_pickle if allow_shm is None else allow_shm
+        self.shm_pid = shm_pid  # > 0: map payloads of this process (the driver) only
         # True when frames are views of memory that will be reused (a ring slot): arrays
         # are then copied out instead of aliasing it.
         self.copy_buffers = copy_buffers
@@ -186,20 +208,26 @@ class Decoder(Generic[T]):
         self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
             msg_type, ext_hook=self._ext_hook)
         self._frames: Sequence[Frame] = ()
+        self._used: set[int] = set()  # out-of-band frames the message referred to
 
     def decode(self, frames: Sequence[Frame]) -> T:
         if not frames:
-            raise MalformedMessage("empty message")
+            raise MalformedMessage("empty message", "empty")
         self._frames = frames
+        self._used = set()
         header = frames[0]
         try:
-            return self._dec.decode(header if header.__class__ is bytes else _buffer(header))
+            msg = self._dec.decode(header if header.__class__ is bytes else _buffer(header))
         except MalformedMessage:
             raise
         except Exception as e:  # msgspec errors, bad dtypes, bad indices, bad pickles
-            raise MalformedMessage(f"{type(e).__name__}: {e}") from None
+            raise _malformed(e) from None
         finally:
             self._frames = ()
+        if len(self._used) != len(frames) - 1:
+            raise MalformedMessage(f"{len(frames) - 1 - len(self._used)} frame(s) that no "
+                                   "array refers to", "extra_frames")
+        return msg
 
     def decode_header(self, header: Any) -> T:
         """Decode a message that came as a single frame (no out-of-band buffers)."""
@@ -208,32 +236,87 @@ class Decoder(Generic[T]):
         except MalformedMessage:
             raise
         except Exception as e:
-            raise MalformedMessage(f"{type(e).__name__}: {e}") from None
+            raise _malformed(e) from None
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:
         if code == _EXT_PICKLE:
             if not self.allow_pickle:
-                raise MalformedMessage("pickle payload on a channel that does not allow it")
-            return cloudpickle.loads(data)
+                raise MalformedMessage("pickle payload on a channel that does not allow it",
+                                       "pickle_refused")
+            try:
+                return cloudpickle.loads(data)
+            except Exception as e:
+                raise MalformedMessage(f"{type(e).__name__}: {e}", "bad_pickle") from None
         buf: Any
         if code in (_EXT_NDARRAY_SHM, _EXT_TENSOR_SHM):
-            if not self.allow_pickle:  # the private channel only, like pickle
-                raise MalformedMessage("shared-memory payload on an untrusted channel")
+            if not self.allow_shm:  # the private channel only, like pickle
+                raise MalformedMessage("shared-memory payload on an untrusted channel",
+                                       "pickle_refused")
             dtype, shape, pid, fd, nbytes = self._shm_meta.decode(data)
-            buf = shm_payload.map_segment(pid, fd, nbytes)
+            _check_size(dtype, shape, nbytes, code == _EXT_TENSOR_SHM)
+            if self.shm_pid > 0 and pid != self.shm_pid:
+                raise MalformedMessage(f"payload of pid {pid}, not the driver's", "bad_buffer")
+            try:
+                buf = shm_payload.map_segment(pid, fd, nbytes)
+            except (OSError, ValueError) as e:
+                raise MalformedMessage(f"cannot map payload: {e}", "bad_buffer") from None
             return _array(dtype, shape, buf, code == _EXT_TENSOR_SHM)
         if code not in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE, _EXT_TENSOR, _EXT_TENSOR_INLINE):
-            raise MalformedMessage(f"unknown extension type {code}")
+            raise MalformedMessage(f"unknown extension type {code}", "unknown_type")
         dtype, shape, where = self._meta.decode(data)
         if isinstance(where, int):
-            if not 0 <= where < len(self._frames) - 1:
-                raise MalformedMessage(f"array refers to missing frame {where}")
+            if not 0 <= where < len(self._frames) - 1 or where in self._used:
+                raise MalformedMessage(f"array refers to missing frame {where}", "bad_buffer")
+            self._used.add(where)
             buf = _buffer(self._frames[where + 1])
+            _check_size(dtype, shape, buf.nbytes, code == _EXT_TENSOR)
             if self.copy_buffers:
                 buf = bytearray(buf)
         else:
+            _check_size(dtype, shape, len(where), code == _EXT_TENSOR_INLINE)
             buf = bytearray(where)  # inline: own a writable copy
         return _array(dtype, shape, buf, code in (_EXT_TENSOR, _EXT_TENSOR_INLINE))
+
+
+def _malformed(e: Exception) -> MalformedMessage:
+    """The drop reason of an error raised while decoding."""
+    if isinstance(e, msgspec.ValidationError):
+        reason = "unknown_type"
+    elif isinstance(e, msgspec.DecodeError):
+        reason = "undecodable"
+    else:  # raised by numpy or torch while building an array
+        reason = "bad_buffer"
+    return MalformedMessage(f"{type(e).__name__}: {e}", reason)
+
+
+def _check_size(dtype: str, shape: list[int], nbytes: int, tensor: bool) -> None:
+    """The buffer must hold exactly ``prod(shape)`` items of ``dtype`` (checked before
+    anything is allocated or viewed, so a huge declared shape costs nothing)."""
+    if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
+        raise MalformedMessage(f"bad array shape {shape[:8]}", "bad_buffer")
+    if tensor:
+        import torch
+
+        tdtype = getattr(torch, dtype, None)
+        if not isinstance(tdtype, torch.dtype):
+            raise MalformedMessage(f"unknown torch dtype {dtype!r}", "bad_buffer")
+        itemsize = tdtype.itemsize
+    else:
+        import numpy as np
+
+        try:
+            npdtype = np.dtype(dtype)
+        except Exception:
+            raise MalformedMessage(f"unknown numpy dtype {dtype!r}", "bad_buffer") from None
+        if npdtype.hasobject or npdtype.fields is not None or npdtype.itemsize == 0:
+            raise MalformedMessage(f"refused numpy dtype {dtype!r}", "bad_buffer")
+        itemsize = npdtype.itemsize
+    count = 1
+    for d in shape:
+        count *= d
+    if count * itemsize != nbytes:
+        raise MalformedMessage(f"array of {shape[:8]} x {dtype} declared over a buffer of "
+                               f"{nbytes} bytes", "bad_buffer")
 
 
 def _array(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
@@ -246,7 +329,7 @@ def _array(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
 
     tdtype = getattr(torch, dtype, None)
     if not isinstance(tdtype, torch.dtype):
-        raise MalformedMessage(f"unknown torch dtype {dtype!r}")
+        raise MalformedMessage(f"unknown torch dtype {dtype!r}", "bad_buffer")
     if len(buf) == 0:
         return torch.empty(shape, dtype=tdtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)

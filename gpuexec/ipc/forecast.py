@@ -23,11 +23,12 @@ The window spans the middle three quarters of the last ``HISTORY`` gaps (order
 statistics, so one late call or a pause does not blow it up), widened by ``MIN_MARGIN``
 each side, and opened earlier by how late timed sleeps actually end (measured: about 80
 us on an idle H200 host even with a 1 us timer slack, the cost of leaving a deep C-state;
-the 90th percentile of the last ``HISTORY`` wake-ups, since waking late is a miss). A forecast is offered only when the expected spin (half the window: from its
-opening to the typical arrival) stays within ``MAX_DUTY`` of the gap, so
-irregular traffic degrades to plain sleeping (the idle CPU target holds whatever the
-traffic) and never to spinning; back-to-back traffic (gaps under ``MIN_GAP``) is left to
-the plain spin after each message.
+the 90th percentile of the last ``HISTORY`` wake-ups, since waking late is a miss).
+A forecast is offered only when the expected spin (half the window: from its opening to
+the typical arrival) stays within ``MAX_DUTY`` of the gap, so irregular traffic degrades
+to plain sleeping (the idle CPU target holds whatever the traffic) and never to
+spinning; back-to-back traffic (gaps under ``MIN_GAP``) is left to the plain spin after
+each message.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ The three rooms (``executor``, ``worker``, ``ipc``) meet only through these type
 Each socket decodes into a closed union, so an unknown or malformed message is a
 ``msgspec.ValidationError`` that the receiver drops and counts, never an unpickle.
 
-Sockets and who speaks on them (``ipc://`` endpoints in a private 0700 directory)::
+Sockets and who speaks on them (``ipc://`` endpoints in a private 0700 directory, or
+``tcp://`` with CURVE: see :mod:`gpuexec.ipc.curve` and :mod:`gpuexec.ipc.zap`)::
 
-    driver XPUB "req"  ── Call / Ping / Shutdown ──────▶  worker SUB (topics b"*", b"r<rank>.")
-    driver PULL "rep"  ◀── Ready / StartupFailed, Reply ──  worker PUSH
+    driver XPUB "req"  ── Call / Ping / Shutdown ─────────▶  worker SUB (b"*", b"r<rank>.")
+    driver PULL "rep"  ◀── Ready / StartupFailed, Reply / Pong ──  worker PUSH
 
 A request is published once for all ranks (topic ``ALL_TOPIC``) or once per targeted
 rank (``rank_topic(rank)``); the topic is a prefix of the header frame, so a broadcast
@@ -41,6 +42,7 @@ from typing import Any
 
 import msgspec
 
+from .curve import CurveClient
 from .reports import DeviceReport
 from .shm_ring import RingSpec
 
@@ -94,6 +96,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     worker_extension_cls: str = ""   # "module:QualName" of a mixin composed over worker_cls
     worker_extension_pickle: bytes = b""  # cloudpickle of the mixin when it is not importable
     distributed: DistributedSpec | None = None  # None: no torch.distributed process group
+    curve: CurveClient | None = None  # tcp: CURVE keys to connect with; None on ipc
+    allow_callables: bool = True     # False: refuse callables and pickled arguments
+    max_message_size: int = -1       # bytes per frame, received and sent; -1: no limit
 
 
 class Failure(msgspec.Struct, frozen=True, array_like=True):
@@ -142,6 +147,14 @@ class Reply(msgspec.Struct, frozen=True, tag="reply", array_like=True):
     rank: int
     value: Any = None
     error: Failure | None = None
+
+
+class Pong(msgspec.Struct, frozen=True, tag="pong", array_like=True):
+    """The answer to a Ping: the worker is alive, and what it dropped so far."""
+
+    call_id: int
+    rank: int
+    dropped: dict[str, int]          # malformed or refused requests, by reason
 
 
 # -- the zygote's control channel (a Unix socket pair with the driver) -----------------
@@ -203,4 +216,4 @@ def rank_topic(rank: int) -> bytes:
 # What each receiver accepts: a decoder is built once per socket for its union.
 ToWorker = Call | Ping | Shutdown
 Handshake = Ready | StartupFailed
-ToDriver = Reply
+ToDriver = Reply | Pong

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from typing import Any
 
 PAYLOAD_THRESHOLD = 1 << 20
@@ -65,8 +66,13 @@ def _parallel_copy(mm: mmap.mmap, data: memoryview) -> None:
 
 def map_segment(pid: int, fd: int, size: int) -> mmap.mmap:
     """Map another process's memory file, copy-on-write."""
-    local = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
+    # O_NONBLOCK: a descriptor that is a FIFO must not block the open; only a regular
+    # file (a memfd) large enough is mapped.
+    local = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
     try:
+        st = os.fstat(local)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < size:
+            raise ValueError(f"fd {fd} of pid {pid} is not a payload of {size} bytes")
         return mmap.mmap(local, size, flags=mmap.MAP_PRIVATE,
                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:

@@ -30,6 +30,7 @@ import zmq
 
 from ..ipc import futex, packets
 from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_rest, send_frames
+from ..ipc.curve import secure_client
 from ..ipc.forecast import ArrivalForecast
 from ..ipc.messages import (
     ALL_TOPIC,
@@ -37,6 +38,7 @@ from ..ipc.messages import (
     Call,
     Failure,
     Ping,
+    Pong,
     Ready,
     Reply,
     ShmSpec,
@@ -139,14 +141,24 @@ class _Server:
         self.shm = shm
         self.topic = rank_topic(spec.rank)
         self.encoder = Encoder(allow_pickle=True)
-        self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=True)
-        self.shm_decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=True,
-                                                      copy_buffers=True)
+        # allow_callables=False: nothing that arrives is unpickled (a pickled argument
+        # runs code as surely as a callable does); arrays in shared memory still map.
+        self.allow_callables = spec.allow_callables
+        self.max_message_size = spec.max_message_size
+        self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=spec.allow_callables,
+                                                  allow_shm=True, shm_pid=spec.driver_pid)
+        self.shm_decoder: Decoder[ToWorker] = Decoder(ToWorker,
+                                                      allow_pickle=spec.allow_callables,
+                                                      copy_buffers=True, allow_shm=True,
+                                                      shm_pid=spec.driver_pid)
         self.dropped = 0
+        self.dropped_by_reason: dict[str, int] = {}  # sent to the driver with each Pong
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
 
-    def _drop(self, e: Exception) -> None:
+    def _drop(self, e: Exception, reason: str = "") -> None:
         self.dropped += 1
+        reason = reason or getattr(e, "reason", "") or "packet"
+        self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + 1
         if self.dropped == 1:
             log.warning("dropped a malformed request (%s); counting further ones", e)
 
@@ -195,7 +207,7 @@ class _Server:
                 case Call():
                     self._reply(self._run(msg), msg.method)
                 case Ping(call_id=call_id):
-                    self._reply(Reply(call_id, self.rank), "ping")
+                    self._reply(Pong(call_id, self.rank, dict(self.dropped_by_reason)), "ping")
                 case Shutdown():
                     return
 
@@ -216,6 +228,11 @@ class _Server:
 
     def _run(self, call: Call) -> Reply:
         try:
+            if call.fn is not None and not self.allow_callables:
+                # Defence in depth: the driver refuses these before sending.
+                self._drop(PermissionError("a callable arrived"), "callable_refused")
+                raise PermissionError("this executor was built with allow_callables=False: "
+                                      "the worker does not unpickle callables")
             if call.fn is not None:
                 value = self._function(call.fn)(self.worker, *call.args, **call.kwargs)
             else:
@@ -225,9 +242,10 @@ class _Server:
         keep = call.value_rank < 0 or call.value_rank == self.rank
         return Reply(call.call_id, self.rank, value if keep else None)
 
-    def _reply(self, reply: Reply, method: str) -> None:
+    def _reply(self, reply: Reply | Pong, method: str) -> None:
         try:
             frames = self.encoder.encode(reply)
+            _check_sizes(frames, self.max_message_size)
         except Exception as e:  # the return value cannot be sent
             err = TypeError(f"the result of {method!r} cannot be sent back: {e}")
             frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure_from(err)))
@@ -239,6 +257,16 @@ class _Server:
             send_frames(self.push, frames)  # too big for a slot: ZeroMQ, and a marker
             shm.reply.write(packets.pack_marker(None))
         shm.doorbell.ring()
+
+
+def _check_sizes(frames: list[Any], limit: int) -> None:
+    """Refuse to send a frame the driver's socket would refuse (``MAXMSGSIZE``: it would
+    drop the connection, and the reply with it)."""
+    if limit >= 0:
+        for frame in frames:
+            size = memoryview(frame).nbytes
+            if size > limit:
+                raise ValueError(f"a frame of {size} bytes is over max_message_size={limit}")
 
 
 class _ShmWorkerPath:
@@ -264,12 +292,16 @@ def run_worker(spec_bytes: bytes) -> None:
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.MAXMSGSIZE, spec.max_message_size)
     sub.setsockopt(zmq.SUBSCRIBE, ALL_TOPIC)
     sub.setsockopt(zmq.SUBSCRIBE, rank_topic(spec.rank))
-    sub.connect(spec.req_endpoint)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 0)
     push.setsockopt(zmq.LINGER, 1000)
+    if spec.curve is not None:  # tcp: CURVE, keys from the private start-up channel
+        secure_client(sub, spec.curve)
+        secure_client(push, spec.curve)
+    sub.connect(spec.req_endpoint)
     push.connect(spec.rep_endpoint)
     shm = _ShmWorkerPath(spec.shm, spec.rank) if spec.shm is not None else None
     handshake = Encoder(allow_pickle=False)
