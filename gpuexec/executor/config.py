@@ -124,7 +124,7 @@ class ExecutorConfig:
     rpc_timeout: float | None
     shutdown_timeout: float
     terminate_timeout: float
-    gpus: tuple[int, ...] = field(default=())  # per rank; empty on CPU
+    gpus: tuple[int, ...] = field(default=())  # per rank (Ray: 0, its one GPU); () on CPU
     extension: WorkerClassRef | None = None    # worker_extension_cls, None: none
     distributed: DistributedSpec | None = None  # the settled rendezvous, None: no group
     max_concurrent_batches: int = 2            # async calls outstanding per event loop
@@ -159,7 +159,10 @@ class ExecutorConfig:
         allow_callables: bool = True,
         max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        remote_devices: bool = False,
     ) -> ExecutorConfig:
+        """``remote_devices``: the workers' GPUs are not this host's (``backend="ray"``):
+        ``device="cuda"`` needs no local GPU and ``world_size`` must be given."""
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
         if stale_context_policy not in ("release", "reset"):
@@ -172,7 +175,11 @@ class ExecutorConfig:
             raise ConfigError(f"world_size must be an integer >= 1, not {world_size!r}")
         gpus = visible_gpu_count() if device in ("auto", "cuda") else 0
         resolved = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
-        if resolved == "cuda":
+        if remote_devices:
+            if world_size is None:
+                raise ConfigError("give world_size: the workers' devices are not on this host")
+            size = world_size
+        elif resolved == "cuda":
             if gpus == 0:
                 raise ConfigError("device='cuda' but no CUDA device is visible "
                                   "(check nvidia-smi and CUDA_VISIBLE_DEVICES)")
@@ -230,7 +237,8 @@ class ExecutorConfig:
             rpc_timeout=_positive("rpc_timeout", rpc_timeout, allow_none=True),
             shutdown_timeout=_positive("shutdown_timeout", shutdown_timeout) or 0.0,
             terminate_timeout=_positive("terminate_timeout", terminate_timeout) or 0.0,
-            gpus=tuple(range(size)) if resolved == "cuda" else (),
+            gpus=(0,) * size if remote_devices and resolved == "cuda" else
+            tuple(range(size)) if resolved == "cuda" else (),
             extension=extension,
             distributed=distributed,
             max_concurrent_batches=max_concurrent_batches,

@@ -32,6 +32,7 @@ Data flow::
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import signal
@@ -58,6 +59,7 @@ from .aio import AsyncSlots, await_call
 from .channel import ChannelStats, DriverChannel, PendingCall
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
+from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
 from .shm_path import ShmDriverPath, shm_room
 from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
@@ -236,10 +238,12 @@ class Executor:
         master_port: int | None = None,
         distributed_timeout: float = DEFAULT_DISTRIBUTED_TIMEOUT,
         max_concurrent_batches: int = 2,
-        host: str = "127.0.0.1",
+        host: str | None = None,
         allow_callables: bool = True,
         max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        backend: str = "mp",
+        ray_resources: Mapping[str, float] | None = None,
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
@@ -255,19 +259,49 @@ class Executor:
             master_addr=master_addr, master_port=master_port,
             distributed_timeout=distributed_timeout,
             max_concurrent_batches=max_concurrent_batches, allow_callables=allow_callables,
-            max_inflight_calls=max_inflight_calls, max_message_size=max_message_size)
+            max_inflight_calls=max_inflight_calls, max_message_size=max_message_size,
+            remote_devices=backend == "ray")
         self._async_slots = AsyncSlots(self._config.max_concurrent_batches)
+        cfg = self._config
+        self._backend = backend
+        self._slots: list[Slot] | None = None
+        ray_workers: RayWorkers | None = None
+        zygote = None
+        if backend == "ray":
+            bundle = check_bundle(ray_resources if ray_resources is not None else
+                                  {"GPU": 1} if cfg.device == "cuda" else {"CPU": 1})
+            if transport not in ("auto", "tcp"):
+                raise ConfigError(f"backend='ray' talks to its actors over tcp + CURVE, not "
+                                  f"transport={transport!r}")
+            ray = import_ray()
+            self._transport = "tcp"
+            self._start_method = "ray"
+            self._start_method_reason = f"ray: one actor per rank, bundles of {bundle}"
+        elif backend == "mp":
+            if ray_resources is not None:
+                raise ConfigError("ray_resources is for backend='ray'")
+            self._start_method, self._start_method_reason = resolve_start_method(start_method)
+            self._transport = self._pick_transport(transport)
+        else:
+            raise ConfigError(f"unknown backend {backend!r}; expected 'mp' or 'ray'")
         try:
-            host = check_host(host)
+            host = check_host(host if host is not None else "127.0.0.1")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self._start_method, self._start_method_reason = resolve_start_method(start_method)
-        cfg = self._config
-        self._transport = self._pick_transport(transport)
-        zygote = None
-        if self._start_method == "zygote":
+        if backend == "ray":
+            # The first process of this executor starts here: placing the actors.
+            ray_workers = RayWorkers(cfg.world_size, bundle, cfg.ready_timeout)
+            self._slots = ray_workers.slots
+            if host == "127.0.0.1" and len({s.node_id for s in self._slots}) > 1:
+                host = ray.util.get_node_ip_address()  # actors on other nodes connect here
+            if cfg.distributed is not None and cfg.distributed.master_addr == "127.0.0.1" \
+                    and master_addr is None:
+                cfg = self._config = dataclasses.replace(cfg, distributed=dataclasses.replace(
+                    cfg.distributed, master_addr=host))  # rank 0 runs on the driver's node
+        elif self._start_method == "zygote":
             zygote = self._zygote(preload, start_method)
-        endpoints = EndpointDir()
+        self._ray_workers = ray_workers
+        endpoints = self._endpoints = EndpointDir()
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         handles: list[WorkerHandle] = []
         shm: ShmDriverPath | None = None
@@ -303,27 +337,29 @@ class Executor:
                 rank, endpoints, shm.spec_for(rank) if shm is not None else None,
                 req_endpoint, rep_endpoint, curve))
                 for rank in range(cfg.world_size)]
-            handles = start_workers(self._start_method, specs, zygote)
+            if ray_workers is not None:
+                handles = ray_workers.serve(specs)
+            else:
+                handles = start_workers(self._start_method, specs, zygote)
             wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
-                       lambda rank: read_tail(stderr_record_path(endpoints.path, rank)))
+                       self._stderr_tail)
             if shm is not None:
                 shm.unlink()  # every worker has mapped the rings: no crash can leak them
         except BaseException:
             if shm is not None:
                 shm.close()
             stop_workers(handles, grace=0.0, term_grace=1.0)
+            if ray_workers is not None:
+                ray_workers.close()
             if auth is not None:
                 auth.stop()
             ctx.destroy(linger=0)
             endpoints.close()
             raise
-        self._endpoints = endpoints
         self._handles = handles
         self._all_ranks = list(range(cfg.world_size))
         self._endpoint_names = (req_endpoint, rep_endpoint)
-        self._channel = DriverChannel(ctx, req, rep, handles,
-                                      lambda rank: read_tail(stderr_record_path(
-                                          endpoints.path, rank)), shm,
+        self._channel = DriverChannel(ctx, req, rep, handles, self._stderr_tail, shm,
                                       allow_pickle=cfg.allow_callables,
                                       max_inflight_calls=cfg.max_inflight_calls,
                                       max_message_size=cfg.max_message_size, auth=auth)
@@ -380,13 +416,14 @@ class Executor:
     def _spec(self, rank: int, endpoints: EndpointDir, shm: ShmSpec | None,
               req_endpoint: str, rep_endpoint: str, curve: CurveServer | None) -> WorkerSpec:
         cfg = self._config
+        slot = self._slots[rank] if self._slots is not None else None
         return WorkerSpec(
-            rank=rank, local_rank=rank, world_size=cfg.world_size,
-            local_world_size=cfg.world_size, device=cfg.device,
-            gpu=cfg.gpus[rank] if cfg.gpus else None,
-            isolate_devices=cfg.isolate_devices,
+            rank=rank, local_rank=slot.local_rank if slot else rank, world_size=cfg.world_size,
+            local_world_size=slot.local_world_size if slot else cfg.world_size,
+            device=cfg.device, gpu=cfg.gpus[rank] if cfg.gpus else None,
+            isolate_devices=cfg.isolate_devices and slot is None,  # Ray already isolates
             stale_context_policy=cfg.stale_context_policy,
-            driver_pid=os.getpid(),
+            driver_pid=0 if slot else os.getpid(),  # Ray ties its actors to this driver
             driver_is_parent=self._start_method not in ("forkserver", "zygote"),
             req_endpoint=req_endpoint, rep_endpoint=rep_endpoint,
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
@@ -415,8 +452,26 @@ class Executor:
         """Why :attr:`start_method` was chosen, in one line."""
         return self._start_method_reason
 
+    def _stderr_tail(self, rank: int) -> str:
+        """The last stderr lines of ``rank`` (a Ray actor on another node has none
+        here), and Ray's account of an actor's death."""
+        tail = read_tail(stderr_record_path(self._endpoints.path, rank))
+        if self._ray_workers is not None:
+            reason = self._ray_workers.processes[rank].reason
+            tail = f"{tail}\n{reason}".strip() if reason else tail
+        return tail
+
+    @property
+    def backend(self) -> str:
+        """``"mp"`` (local processes) or ``"ray"`` (Ray actors)."""
+        return self._backend
+
     @property
     def workers(self) -> list[WorkerInfo]:
+        if self._slots is not None:
+            return [WorkerInfo(h.rank, self._slots[h.rank].local_rank, h.pid, h.device,
+                               self._config.gpus[h.rank] if self._config.gpus else None)
+                    for h in self._handles]
         return [WorkerInfo(h.rank, h.rank, h.pid, h.device,
                            self._config.gpus[h.rank] if self._config.gpus else None)
                 for h in self._handles]
@@ -601,6 +656,8 @@ class Executor:
         grace = self._config.shutdown_timeout if timeout is None else timeout
         self._channel.begin_close()
         stop_workers(self._handles, grace=grace, term_grace=self._config.terminate_timeout)
+        if self._ray_workers is not None:
+            self._ray_workers.close()
         self._channel.close()
         self._endpoints.close()
         _uninstall_sigterm_handler()

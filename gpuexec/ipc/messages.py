@@ -81,7 +81,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     gpu: int | None                  # physical CUDA ordinal (driver's numbering), None on CPU
     isolate_devices: bool
     stale_context_policy: str        # "release", "reset" or "off"
-    driver_pid: int
+    driver_pid: int                  # 0: none to watch (Ray ties an actor to its driver)
     driver_is_parent: bool           # False under forkserver (the server is the parent)
     req_endpoint: str
     rep_endpoint: str

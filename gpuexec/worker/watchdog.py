@@ -82,7 +82,10 @@ def _alive(pid: int) -> bool:
 
 def start_watchdog(driver_pid: int, driver_is_parent: bool, ipc_dir: str = "") -> None:
     """Start the watchdog thread; exit at once if the driver is already gone. A worker
-    that outlives its driver also removes the driver's ``ipc_dir``."""
+    that outlives its driver also removes the driver's ``ipc_dir``. ``driver_pid`` 0:
+    nothing to watch here (a Ray actor, which Ray ties to its driver)."""
+    if driver_pid <= 0:
+        return
     pidfd: int | None
     try:
         pidfd = os.pidfd_open(driver_pid)

@@ -1,0 +1,113 @@
+"""``collective_rpc`` through the Ray backend against plain Ray actor calls.
+
+Same run, same Ray cluster (a local one unless ``RAY_ADDRESS`` is set), world sizes 1, 2,
+4: a no-op ``collective_rpc`` over gpuexec's ZeroMQ tcp + CURVE path to actors placed by
+the backend, against ``ray.get([a.noop.remote() for a in actors])`` on plain Ray actors
+placed the same way (one bundle each). Also: the time from SIGKILL of an actor to
+``WorkerDiedError`` in a pending call (the [ray] issue's target is 1 s).
+Usage: ``python benchmarks/ray_backend.py [--sizes 1,2,4] [--calls 2000] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ray
+from _common import machine, print_table, time_calls, write_json
+
+from gpuexec import Executor, Worker
+from gpuexec.errors import WorkerDiedError
+
+
+class NoopWorker(Worker):
+    def noop(self) -> None:
+        return None
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@ray.remote(num_cpus=0.01)
+class PlainActor:
+    def noop(self) -> None:
+        return None
+
+
+def plain_ray(n: int, calls: int, warmup: int) -> dict[str, float]:
+    actors = [PlainActor.remote() for _ in range(n)]  # type: ignore[attr-defined]
+    ray.get([a.noop.remote() for a in actors])
+    out = time_calls(lambda: ray.get([a.noop.remote() for a in actors]), calls, warmup)
+    for a in actors:
+        ray.kill(a)
+    return out
+
+
+def gpuexec_ray(n: int, calls: int, warmup: int) -> dict[str, float]:
+    with Executor(NoopWorker, n, device="cpu", backend="ray",
+                  ray_resources={"CPU": 0.01}) as ex:
+        return time_calls(lambda: ex.collective_rpc("noop"), calls, warmup)
+
+
+def _kill(pid: int, when: list[float]) -> None:
+    when.append(time.monotonic())
+    os.kill(pid, signal.SIGKILL)
+
+
+def death_detection(trials: int) -> list[float]:
+    out = []
+    for _ in range(trials):
+        with Executor(NoopWorker, 2, device="cpu", backend="ray",
+                      ray_resources={"CPU": 0.01}) as ex:
+            killed: list[float] = []
+            threading.Timer(0.3, _kill, args=(ex.workers[1].pid, killed)).start()
+            try:
+                ex.collective_rpc("sleep", args=(30,))
+            except WorkerDiedError:
+                out.append((time.monotonic() - killed[0]) * 1e3)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", default="1,2,4")
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--death-trials", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    ray.init(log_to_driver=False)
+    rows: list[list[Any]] = []
+    results = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        plain = plain_ray(n, args.calls, args.warmup)
+        ours = gpuexec_ray(n, args.calls, args.warmup)
+        ratio = plain["p50_us"] / ours["p50_us"]
+        rows.append([n, plain["p50_us"], plain["p99_us"], ours["p50_us"], ours["p99_us"],
+                     f"{ratio:.1f}x"])
+        results.append({"world_size": n, "plain_ray": plain, "gpuexec_ray": ours,
+                        "speedup_p50": ratio})
+    print_table(["world", "ray.get(actors) p50 us", "p99 us", "gpuexec ray p50 us",
+                 "p99 us", "gpuexec faster"], rows)
+    deaths = sorted(death_detection(args.death_trials))
+    if deaths:
+        print(f"actor SIGKILL -> WorkerDiedError: p50 {deaths[len(deaths) // 2]:.0f} ms, "
+              f"max {deaths[-1]:.0f} ms over {len(deaths)} trials (target 1000 ms)")
+    path = write_json("ray_backend.json", {"machine": machine(), "results": results,
+                                           "death_detection_ms": deaths}, args.out)
+    print(f"wrote {path}")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
