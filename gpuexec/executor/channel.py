@@ -410,10 +410,10 @@ class DriverChannel:
         holds the send lock)."""
         targets = None if len(ranks) == len(self._topics) else ranks
         try:
-            if shm.request.write(packets.pack(frames, targets), _RING_FULL_S, self._usable):
+            if shm.request.write(packets.pack(frames, targets), _RING_FULL_S, self._draining):
                 return
             self._publish(ranks, frames)
-            shm.request.write(packets.pack_marker(targets), _RING_FULL_S, self._usable)
+            shm.request.write(packets.pack_marker(targets), _RING_FULL_S, self._draining)
         except RingTimeout as e:
             self.check_usable()
             raise RpcTimeoutError("send", _RING_FULL_S, list(ranks)) from e
@@ -421,6 +421,18 @@ class DriverChannel:
     def _usable(self) -> bool:
         """False once the executor failed or is closing (ends waits for ring space)."""
         return self._failure is None and not self._closing
+
+    def _draining(self) -> bool:
+        """:meth:`_usable`, called while a sender waits for room in the request ring;
+        it also drains the reply rings when nobody pumps. Without this, workers blocked
+        on a full reply ring (replies nobody waits for: late ones, or a burst) would
+        never free request slots while the sender holds the send lock."""
+        if self._pump_lock.acquire(blocking=False):
+            try:
+                self._recv_shm(None, 0)
+            finally:
+                self._pump_lock.release()
+        return self._usable()
 
     def ping(self, timeout: float) -> PendingCall:
         self.check_usable()
