@@ -707,8 +707,9 @@ def test_isolate_devices_respects_the_drivers_cuda_visible_devices(
         parent: str | None, gpu: int, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from gpuexec.worker.device import isolate_environment, torch_device
 
-    if parent is None:
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if parent is None:  # set first, so that monkeypatch undoes what the test writes
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
     spec = _spec(gpu, isolate=True)

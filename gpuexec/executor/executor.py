@@ -140,6 +140,21 @@ def _uninstall_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _stderr_tail(endpoints: EndpointDir, ray_workers: RayWorkers | None
+                 ) -> Callable[[int], str]:
+    """``rank -> `` its last stderr lines (a Ray actor on another node has none here) and
+    Ray's account of an actor's death. Not a bound method: the channel's threads hold it,
+    and must not keep the executor alive (garbage collection shuts it down)."""
+
+    def tail(rank: int) -> str:
+        text = read_tail(stderr_record_path(endpoints.path, rank))
+        if ray_workers is not None and ray_workers.processes[rank].reason:
+            text = f"{text}\n{ray_workers.processes[rank].reason}".strip()
+        return text
+
+    return tail
+
+
 class Executor:
     """Runs one worker process per rank and calls methods on all of them at once.
 
@@ -342,7 +357,7 @@ class Executor:
             else:
                 handles = start_workers(self._start_method, specs, zygote)
             wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
-                       self._stderr_tail)
+                       _stderr_tail(endpoints, ray_workers))
             if shm is not None:
                 shm.unlink()  # every worker has mapped the rings: no crash can leak them
         except BaseException:
@@ -359,7 +374,8 @@ class Executor:
         self._handles = handles
         self._all_ranks = list(range(cfg.world_size))
         self._endpoint_names = (req_endpoint, rep_endpoint)
-        self._channel = DriverChannel(ctx, req, rep, handles, self._stderr_tail, shm,
+        self._channel = DriverChannel(ctx, req, rep, handles,
+                                      _stderr_tail(endpoints, ray_workers), shm,
                                       allow_pickle=cfg.allow_callables,
                                       max_inflight_calls=cfg.max_inflight_calls,
                                       max_message_size=cfg.max_message_size, auth=auth)
@@ -451,15 +467,6 @@ class Executor:
     def start_method_reason(self) -> str:
         """Why :attr:`start_method` was chosen, in one line."""
         return self._start_method_reason
-
-    def _stderr_tail(self, rank: int) -> str:
-        """The last stderr lines of ``rank`` (a Ray actor on another node has none
-        here), and Ray's account of an actor's death."""
-        tail = read_tail(stderr_record_path(self._endpoints.path, rank))
-        if self._ray_workers is not None:
-            reason = self._ray_workers.processes[rank].reason
-            tail = f"{tail}\n{reason}".strip() if reason else tail
-        return tail
 
     @property
     def backend(self) -> str:
