@@ -1,5 +1,6 @@
 """The executor over shared-memory rings (transport="shm"): failures wake sleeping
-waiters, nothing is left in /dev/shm, the fallback to ZeroMQ."""
+waiters, no segment outlives the processes that use it (even a driver killed during
+start-up), the fallback to ZeroMQ."""
 
 from __future__ import annotations
 
@@ -18,13 +19,78 @@ def _ours() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith("gpuexec-")}
 
 
-def test_no_segment_is_left_in_dev_shm_while_running_or_after() -> None:
+_SEGMENTS = ("memfd:gpuexec-ring", "memfd:gpuexec-bell")
+
+
+def _holds_segment(pid: int | str) -> bool:
+    """Whether process ``pid`` maps a ring or doorbell segment or holds its descriptor."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            if any(s in line for line in f for s in _SEGMENTS):
+                return True
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(_SEGMENTS):
+                return True
+    except OSError:  # gone, or not ours to read
+        pass
+    return False
+
+
+def _segment_users() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _holds_segment(p)}
+
+
+def test_segments_are_never_named_and_die_with_their_users() -> None:
     before = _ours()
+    users_before = _segment_users()
     with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
         assert ex.transport == "shm"
-        assert _ours() == before  # unlinked once every worker mapped them
+        assert _ours() == before  # nothing named in /dev/shm, ever
         assert ex.collective_rpc("add", args=(1,)) == [1, 2]
+        # Every worker maps them; the driver gave up its descriptors once all had.
+        assert all(_holds_segment(w.pid) for w in ex.workers)
+        assert not any(os.readlink(f"/proc/self/fd/{fd}").startswith(_SEGMENTS)
+                       for fd in os.listdir("/proc/self/fd")
+                       if os.path.exists(f"/proc/self/fd/{fd}"))
+    assert _segment_users() - users_before - {os.getpid()} == set()
     assert _ours() == before
+
+
+KILLED_IN_START_UP = """
+import os, sys
+from gpuexec import Executor
+from workers import SlowInit
+Executor(SlowInit, 2, device="cpu", transport="shm", worker_args=(60,))
+"""
+
+
+def test_driver_killed_during_start_up_leaves_no_segment() -> None:
+    import subprocess
+    import sys
+
+    import psutil
+    from conftest import subprocess_env, wait_gone
+
+    users_before = _segment_users()
+    named_before = _ours()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_START_UP], env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline:  # both inside __init__
+            workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                       if _holds_segment(c.pid)]
+            time.sleep(0.05)
+        assert len(workers) == 2, "the workers never mapped the rings"
+        assert _holds_segment(proc.pid)  # the driver still holds the paths
+        proc.kill()
+        proc.wait(10)
+        assert wait_gone(workers, timeout=10) == []  # their watchdog saw the driver go
+        assert _segment_users() - users_before - {os.getpid()} == set()
+        assert _ours() == named_before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_worker_death_wakes_a_caller_asleep_on_the_doorbell() -> None:

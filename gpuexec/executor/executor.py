@@ -163,10 +163,10 @@ class Executor:
     isolate_devices=False, release_stale_contexts=True, stale_context_policy="release",
     distributed_backend=None,
     ready_timeout=300.0, rpc_timeout=None, shutdown_timeout=5.0, terminate_timeout=2.0,
-    preload=None, transport="auto", host="127.0.0.1", allow_callables=True,
+    preload=None, transport="auto", host=None, allow_callables=True,
     max_inflight_calls=1024, max_message_size=4 GiB, worker_extension_cls=None,
     master_addr=None, master_port=None, distributed_timeout=300.0,
-    max_concurrent_batches=2)``
+    max_concurrent_batches=2, backend="mp", ray_resources=None)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -177,13 +177,19 @@ class Executor:
       :mod:`.start_method`. ``preload``: modules the zygote imports before forking
       workers (default: torch, when installed); one zygote per preload list is kept
       for the life of the driver and reused by later executors.
-    * ``transport``: ``"auto"`` (shared-memory rings when /dev/shm has room, else
+    * ``transport``: ``"auto"`` (shared-memory rings when shared memory is available, else
       ZeroMQ), ``"shm"`` or ``"zmq"`` (``ipc://`` in a private 0700 directory; only
       this process and its descendants may connect), or ``"tcp"`` (ZeroMQ over
       ``tcp://host:<random port>`` with CURVE encryption and authentication; keys are
       made per executor). See :mod:`.shm_path`, :mod:`gpuexec.ipc.curve`, SECURITY.md.
+    * ``backend``: ``"mp"`` (default: local worker processes) or ``"ray"`` (one Ray actor
+      per rank, placed by a placement group of ``ray_resources`` bundles, default
+      ``{"GPU": 1}`` on CUDA and ``{"CPU": 1}`` on CPU; ranks on the driver's node come
+      first, ``local_rank`` counts per node; tcp + CURVE; ``world_size`` required). See
+      :mod:`.ray_backend`.
     * ``host``: the address the driver binds with ``transport="tcp"`` (default
-      loopback); wildcards (``0.0.0.0``, ``*``, ``::``) are refused.
+      loopback; with ``backend="ray"`` and actors on other nodes, this node's Ray IP);
+      wildcards (``0.0.0.0``, ``*``, ``::``) are refused.
     * ``allow_callables``: False refuses callables in :meth:`collective_rpc`
       (``CallRefusedError``) and arguments that need pickle, and the workers refuse to
       unpickle anything that arrives: no code travels after start-up.
@@ -404,8 +410,8 @@ class Executor:
 
     def _pick_transport(self, transport: str) -> str:
         """``"zmq"``, ``"tcp"`` (ZeroMQ with CURVE; never shared memory), ``"shm"``
-        (shared-memory rings; an error when /dev/shm has no room), or ``"auto"`` (shm
-        when /dev/shm has room, else zmq with one log line)."""
+        (shared-memory rings; an error when shared memory is not available), or ``"auto"``
+        (shm when it is, else zmq with one log line)."""
         if transport not in ("auto", "shm", "zmq", "tcp"):
             raise ConfigError(
                 f"unknown transport {transport!r}; expected auto, shm, zmq or tcp")

@@ -5,8 +5,10 @@ every packet and skips those not addressed to it. Replies: one ring per worker (
 writer) and a doorbell that every worker rings after a reply, on which the driver sleeps
 once it has spun ``spin`` seconds in vain. A message too big for a slot goes by ZeroMQ
 and a marker takes its place in the ring, which keeps the order. The segments are
-created here and unlinked from /dev/shm as soon as every worker has mapped them, so no
-crash of any process can leave one behind.
+anonymous memory files created here (see :class:`gpuexec.ipc.shm_ring._Mapped`), which
+workers open through this process's /proc entry until every worker has mapped them;
+nothing is ever named in /dev/shm, so no crash of any process, even during start-up, can
+leave one behind.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 
 from ..ipc.messages import ShmSpec
-from ..ipc.shm_ring import SHM_DIR, Doorbell, RingReader, RingSpec, RingWriter, segment_size
+from ..ipc.shm_ring import Doorbell, RingReader, RingWriter, segment_size
 
 REQUEST_SLOTS = 8
 REPLY_SLOTS = 4
@@ -28,16 +30,20 @@ def shm_bytes_needed(world_size: int) -> int:
         world_size * segment_size(REPLY_SLOTS, SLOT_SIZE, 1) + Doorbell.SIZE
 
 
-def shm_room(world_size: int, directory: str = SHM_DIR) -> str:
-    """"" when /dev/shm can hold the rings twice over, else why not."""
+def shm_room(world_size: int) -> str:
+    """"" when shared memory can hold the rings twice over, else why not."""
+    if not hasattr(os, "memfd_create"):
+        return "os.memfd_create is not available"
     try:
-        st = os.statvfs(directory)
-    except OSError as e:
-        return f"{directory} is not usable ({e})"
-    free = st.f_bavail * st.f_frsize
+        os.close(os.memfd_create("gpuexec-probe", os.MFD_CLOEXEC))
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) << 10 for line in f
+                             if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError) as e:
+        return f"shared memory is not usable ({e})"
     need = 2 * shm_bytes_needed(world_size)
-    if free < need:
-        return f"{directory} has {free >> 20} MiB free, the rings need {need >> 20} MiB"
+    if available < need:
+        return f"{available >> 20} MiB of memory available, the rings need {need >> 20} MiB"
     return ""
 
 
@@ -54,11 +60,11 @@ class ShmDriverPath:
         self.request = RingWriter(world_size, n_slots=REQUEST_SLOTS, slot_size=SLOT_SIZE)
         self.doorbell = Doorbell.create()
         self.replies: list[RingReader] = []
-        self._reply_specs: list[RingSpec] = []
+        self._reply_writers: list[RingWriter] = []  # detached: the paths workers attach to
         try:
             for _ in range(world_size):
                 writer = RingWriter(1, n_slots=REPLY_SLOTS, slot_size=SLOT_SIZE)
-                self._reply_specs.append(writer.spec)
+                self._reply_writers.append(writer)
                 self.replies.append(RingReader(writer.spec, 0, spin=spin))
                 writer.detach()  # the worker becomes its writer
         except BaseException:
@@ -67,18 +73,15 @@ class ShmDriverPath:
         self.spin = spin
 
     def spec_for(self, rank: int) -> ShmSpec:
-        return ShmSpec(self.request.spec, self._reply_specs[rank], self.doorbell.path,
+        return ShmSpec(self.request.spec, self._reply_writers[rank].spec, self.doorbell.path,
                        self.worker_spin)
 
     def unlink(self) -> None:
-        """Every worker has mapped the segments: remove their names."""
+        """Every worker has mapped the segments: give up their paths."""
         self.request.unlink()
         self.doorbell.unlink()
-        for spec in self._reply_specs:
-            try:
-                os.unlink(spec.path)
-            except FileNotFoundError:
-                pass
+        for writer in self._reply_writers:
+            writer.unlink()
 
     def ready_reply(self) -> bool:
         return any(r.poll() for r in self.replies)

@@ -3,7 +3,7 @@
 A futex lets a process sleep in the kernel until another process changes a 32-bit word
 in memory they share and wakes it: the blocking half of the shared-memory ring's
 "spin a little, then sleep" (:mod:`gpuexec.ipc.shm_ring`). Shared (not ``PRIVATE``)
-operations are used because the word lives in a ``/dev/shm`` mapping of several
+operations are used because the word lives in a shared-memory mapping of several
 processes. Every wait has a timeout, so a lost wake-up costs at most that long and can
 never hang a process.
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import secrets
 import struct
 import threading
 import time
@@ -71,7 +70,6 @@ _SLOT_HEADER = 16
 _PUBLISHED_OFF = 8      # in a slot: the publish time, CLOCK_MONOTONIC ns
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
-SHM_DIR = "/dev/shm"
 
 _fence_lock = threading.Lock()
 
@@ -105,12 +103,28 @@ def segment_size(n_slots: int, slot_size: int, n_readers: int) -> int:
 
 
 class _Mapped:
-    """The mapping shared by writer and reader."""
+    """The mapping shared by writer and reader.
 
-    def __init__(self, path: str, size: int | None) -> None:
-        """Create ``path`` with ``size`` bytes, or open it as it is (``size`` None)."""
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size is not None else 0)
-        fd = os.open(path, flags, 0o600)
+    Segments are anonymous memory files (``memfd_create``), never names in /dev/shm: the
+    creator keeps the file descriptor open and other processes of the user open the file
+    through ``/proc/<creator pid>/fd/<fd>`` (the segment's "path") until the creator calls
+    :meth:`unlink`, which closes that descriptor. From then on the memory lives exactly as
+    long as some process maps it, so no crash of any process, even before every worker
+    attached, can leave a segment behind.
+    """
+
+    def __init__(self, path: str | None, size: int | None, name: str = "gpuexec") -> None:
+        """Create a segment of ``size`` bytes (``path`` None), or open ``path``."""
+        self.fd = -1  # the creator's descriptor, which keeps the path valid
+        if path is None:
+            if size is None:
+                raise ValueError("a new segment needs a size")
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            self.fd = os.dup(fd)
+            path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.path = path
         try:
             if size is not None:
                 os.ftruncate(fd, size)
@@ -119,6 +133,9 @@ class _Mapped:
             if size < _READERS_OFF:
                 raise ValueError(f"{path} is too small to be a ring")
             self.mm = mmap.mmap(fd, size)
+        except BaseException:
+            self.unlink()
+            raise
         finally:
             os.close(fd)
         self.view = memoryview(self.mm)
@@ -126,7 +143,14 @@ class _Mapped:
         self.base = ctypes.addressof(buf)  # for futex calls on words of the segment
         del buf
 
+    def unlink(self) -> None:
+        """The creator gives up the path: nobody can open the segment any more."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
+        self.unlink()
         self.view.release()
         try:
             self.mm.close()
@@ -137,15 +161,12 @@ class _Mapped:
 class RingWriter:
     """The single writer of a ring. Not thread-safe: one thread writes (the caller's lock)."""
 
-    def __init__(self, n_readers: int, *, n_slots: int = 8, slot_size: int = 1 << 20,
-                 directory: str = SHM_DIR) -> None:
+    def __init__(self, n_readers: int, *, n_slots: int = 8, slot_size: int = 1 << 20) -> None:
         if n_readers < 1 or n_slots < 2 or slot_size < 64:
             raise ValueError("a ring needs a reader, two slots and slots of 64 bytes or more")
-        path = os.path.join(directory, f"gpuexec-ring-{secrets.token_hex(8)}")
-        spec = RingSpec(path, n_slots, slot_size, n_readers)
-        mapped = _Mapped(path, segment_size(n_slots, slot_size, n_readers))
+        mapped = _Mapped(None, segment_size(n_slots, slot_size, n_readers), "gpuexec-ring")
         _HEADER.pack_into(mapped.view, 0, MAGIC, VERSION, n_slots, slot_size, n_readers)
-        self._bind(spec, mapped)
+        self._bind(RingSpec(mapped.path, n_slots, slot_size, n_readers), mapped)
 
     def _bind(self, spec: RingSpec, mapped: _Mapped) -> None:
         self._m = mapped
@@ -168,16 +189,16 @@ class RingWriter:
         return self
 
     def detach(self) -> None:
-        """Unmap without removing the name (the creator hands the ring to its writer)."""
+        """Unmap, keeping the path open until :meth:`unlink` (the creator hands the ring
+        to a writer in another process)."""
+        fd, self._m.fd = self._m.fd, -1
         self._m.close()
+        self._m.fd = fd
 
     def unlink(self) -> None:
-        """Remove the name from /dev/shm; mappings stay valid until unmapped. Called
-        once every reader has opened the ring, so that no crash can leave it behind."""
-        try:
-            os.unlink(self.spec.path)
-        except FileNotFoundError:
-            pass
+        """Give up the path (see :class:`_Mapped`); mappings stay valid until unmapped.
+        Called once every reader and the writer have opened the ring."""
+        self._m.unlink()
 
     def _min_read_seq(self) -> int:
         view = self._m.view
@@ -224,7 +245,6 @@ class RingWriter:
             nap = min(nap * 2, 1e-3)
 
     def close(self) -> None:
-        self.unlink()
         self._m.close()
 
 
@@ -345,13 +365,14 @@ class Doorbell:
     _COUNTER = 0
     _SLEEPING = 64
 
-    def __init__(self, path: str, create: bool) -> None:
-        self.path = path
-        self._m = _Mapped(path, self.SIZE if create else None)
+    def __init__(self, path: str | None) -> None:
+        """Open the doorbell at ``path``, or create one (``path`` None)."""
+        self._m = _Mapped(path, self.SIZE if path is None else None, "gpuexec-bell")
+        self.path = self._m.path
 
     @classmethod
-    def create(cls, directory: str = SHM_DIR) -> Doorbell:
-        return cls(os.path.join(directory, f"gpuexec-bell-{secrets.token_hex(8)}"), True)
+    def create(cls) -> Doorbell:
+        return cls(None)
 
     def ring(self) -> None:
         view = self._m.view
@@ -379,11 +400,7 @@ class Doorbell:
         return ready()
 
     def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._m.unlink()
 
     def close(self) -> None:
-        self.unlink()
         self._m.close()

@@ -281,7 +281,7 @@ class _ShmWorkerPath:
             futex.set_timer_slack(1000)  # this (the serving) thread's timed sleeps on time
         self.request = RingReader(spec.request, rank, spin=spec.spin, forecast=forecast)
         self.reply = RingWriter.attach(spec.reply)
-        self.doorbell = Doorbell(spec.doorbell, create=False)
+        self.doorbell = Doorbell(spec.doorbell)
 
 
 def run_worker(spec_bytes: bytes) -> None:
