@@ -427,11 +427,9 @@ class DriverChannel:
         it also drains the reply rings when nobody pumps. Without this, workers blocked
         on a full reply ring (replies nobody waits for: late ones, or a burst) would
         never free request slots while the sender holds the send lock."""
-        if self._pump_lock.acquire(blocking=False):
-            try:
+        if not self._pump_lock.locked():
+            with self._pump_lock:  # see wait(): never acquire() + try on a caller's thread
                 self._recv_shm(None, 0)
-            finally:
-                self._pump_lock.release()
         return self._usable()
 
     def ping(self, timeout: float) -> PendingCall:
@@ -646,12 +644,14 @@ class DriverChannel:
                         break
                 else:
                     remaining = _WAIT_SLICE_S
-                if self._pump_lock.acquire(blocking=False):
-                    try:
+                if not self._pump_lock.locked():
+                    # ``with``, not ``acquire(blocking=False)`` + ``try``: a Ctrl-C arriving
+                    # right after acquire() returned would leave the lock taken forever
+                    # (every later wait and the shutdown would hang); ``with`` has no such
+                    # gap. Losing the race to another pumper costs a wait for its slice.
+                    with self._pump_lock:
                         self._recv_for(call, -1 if call.deadline is None else
                                        max(1, int(remaining * 1000 + 0.999)))
-                    finally:
-                        self._pump_lock.release()
                 else:
                     with self._lock:
                         if call.event is None:

@@ -76,8 +76,8 @@ _fence_lock = threading.Lock()
 
 def fence() -> None:
     """A memory barrier, from Python: see the module docstring."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+    with _fence_lock:  # not acquire()/release(): a signal between them would keep it
+        pass
 
 
 class RingSpec(msgspec.Struct, frozen=True):
