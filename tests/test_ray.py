@@ -146,6 +146,9 @@ def test_collective_rpc_across_two_nodes_with_rank_layout(cluster: Any) -> None:
         pids = [w.pid for w in ex.workers]
     assert _gone(pids) == []
     assert _resources_back()
+    from ray.util.placement_group import placement_group_table
+
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
 
 def test_killed_actor_fails_pending_call_with_worker_died(cluster: Any) -> None:

@@ -322,8 +322,13 @@ class Executor:
         elif self._start_method == "zygote":
             zygote = self._zygote(preload, start_method)
         self._ray_workers = ray_workers
-        endpoints = self._endpoints = EndpointDir()
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            endpoints = self._endpoints = EndpointDir()
+            ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        except BaseException:
+            if ray_workers is not None:
+                ray_workers.close()
+            raise
         handles: list[WorkerHandle] = []
         shm: ShmDriverPath | None = None
         # Who may connect (before any socket binds): tcp, this executor's CURVE keys;
