@@ -87,9 +87,18 @@ class Driver:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.proc.poll() is not None and self.lines.empty()):
-                time.sleep(0.2)  # let the stderr reader catch up
+                state = ""
+                if self.proc.poll() is None:  # still running: where is it stuck, and why?
+                    try:
+                        with open(f"/proc/{self.proc.pid}/status") as f:
+                            state = "".join(x for x in f if x.startswith(("Sig", "Shd")))
+                        self.proc.send_signal(signal.SIGUSR1)  # faulthandler: all stacks
+                    except OSError:
+                        pass
+                time.sleep(0.5)  # let the stderr reader catch up
                 raise AssertionError(f"driver never printed {word!r} (exit "
-                                     f"{self.proc.poll()}); stderr:\n{''.join(self.stderr)}")
+                                     f"{self.proc.poll()}); {state}stderr:\n"
+                                     f"{''.join(self.stderr)}")
             try:
                 t, line = self.lines.get(timeout=min(remaining, 0.1))
             except queue.Empty:
@@ -138,7 +147,8 @@ def driver() -> Iterator[Callable[[str], Driver]]:
 
 
 PREAMBLE = """
-import json, os, signal, sys, time
+import faulthandler, json, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's post-mortem
 from gpuexec import Executor
 from workers import EchoWorker
 
