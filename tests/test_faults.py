@@ -254,6 +254,9 @@ def test_user_sigterm_handler_is_left_alone(driver: Callable[[str], Driver]) -> 
 
 
 SIGINT_DRIVER = PREAMBLE + """
+# Ctrl-C as in a terminal, also when the tests run as a background job (which starts
+# every child with SIGINT ignored: the driver would never see this test's SIGINT).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 t = None
 try:
     with Executor(EchoWorker, 2, device="cpu", start_method="fork",
