@@ -237,8 +237,8 @@ class ExecutorConfig:
             rpc_timeout=_positive("rpc_timeout", rpc_timeout, allow_none=True),
             shutdown_timeout=_positive("shutdown_timeout", shutdown_timeout) or 0.0,
             terminate_timeout=_positive("terminate_timeout", terminate_timeout) or 0.0,
-            gpus=(0,) * size if remote_devices and resolved == "cuda" else
-            tuple(range(size)) if resolved == "cuda" else (),
+            gpus=() if resolved != "cuda" else (0,) * size if remote_devices else
+            tuple(range(size)),
             extension=extension,
             distributed=distributed,
             max_concurrent_batches=max_concurrent_batches,

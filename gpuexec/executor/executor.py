@@ -287,6 +287,7 @@ class Executor:
         self._backend = backend
         self._slots: list[Slot] | None = None
         ray_workers: RayWorkers | None = None
+        self._ray_workers = ray_workers
         zygote = None
         if backend == "ray":
             bundle = check_bundle(ray_resources if ray_resources is not None else
@@ -309,26 +310,10 @@ class Executor:
             host = check_host(host if host is not None else "127.0.0.1")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if backend == "ray":
-            # The first process of this executor starts here: placing the actors.
-            ray_workers = RayWorkers(cfg.world_size, bundle, cfg.ready_timeout)
-            self._slots = ray_workers.slots
-            if host == "127.0.0.1" and len({s.node_id for s in self._slots}) > 1:
-                host = ray.util.get_node_ip_address()  # actors on other nodes connect here
-            if cfg.distributed is not None and cfg.distributed.master_addr == "127.0.0.1" \
-                    and master_addr is None:
-                cfg = self._config = dataclasses.replace(cfg, distributed=dataclasses.replace(
-                    cfg.distributed, master_addr=host))  # rank 0 runs on the driver's node
-        elif self._start_method == "zygote":
+        if self._start_method == "zygote":
             zygote = self._zygote(preload, start_method)
-        self._ray_workers = ray_workers
-        try:
-            endpoints = self._endpoints = EndpointDir()
-            ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        except BaseException:
-            if ray_workers is not None:
-                ray_workers.close()
-            raise
+        endpoints = self._endpoints = EndpointDir()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         handles: list[WorkerHandle] = []
         shm: ShmDriverPath | None = None
         # Who may connect (before any socket binds): tcp, this executor's CURVE keys;
@@ -336,6 +321,16 @@ class Executor:
         curve: CurveServer | None = None
         auth: ZapHandler | None = None
         try:
+            if backend == "ray":
+                # The first processes of this executor start here: placing the actors.
+                ray_workers = self._ray_workers = RayWorkers(cfg.world_size, bundle,
+                                                             cfg.ready_timeout)
+                self._slots = ray_workers.slots
+                if host == "127.0.0.1" and len({s.node_id for s in self._slots}) > 1:
+                    host = ray.util.get_node_ip_address()  # actors on other nodes connect
+                if cfg.distributed is not None and master_addr is None:
+                    cfg = self._config = dataclasses.replace(cfg, distributed=dataclasses.replace(
+                        cfg.distributed, master_addr=host))  # rank 0 runs on the driver's node
             curve = CurveServer(ctx, cfg.world_size) if self._transport == "tcp" else None
             auth = curve.handler if curve is not None else \
                 ZapHandler(ctx, ipc_peer=own_process_tree)
@@ -486,12 +481,9 @@ class Executor:
 
     @property
     def workers(self) -> list[WorkerInfo]:
-        if self._slots is not None:
-            return [WorkerInfo(h.rank, self._slots[h.rank].local_rank, h.pid, h.device,
-                               self._config.gpus[h.rank] if self._config.gpus else None)
-                    for h in self._handles]
-        return [WorkerInfo(h.rank, h.rank, h.pid, h.device,
-                           self._config.gpus[h.rank] if self._config.gpus else None)
+        slots = self._slots
+        return [WorkerInfo(h.rank, slots[h.rank].local_rank if slots else h.rank, h.pid,
+                           h.device, self._config.gpus[h.rank] if self._config.gpus else None)
                 for h in self._handles]
 
     @property

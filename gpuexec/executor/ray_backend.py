@@ -245,7 +245,7 @@ class RayWorkers:
         self._stop.set()
         for proc in self.processes:
             proc.kill()
-            proc.finished(UNKNOWN_EXIT if proc.exitcode is None else proc.exitcode)
+            proc.finished(UNKNOWN_EXIT)  # no-op for one already finished
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(2 * _WATCH_S + 1)
         from ray.util.placement_group import remove_placement_group

@@ -151,6 +151,10 @@ class _Mapped:
 
     def close(self) -> None:
         self.unlink()
+        self.unmap()
+
+    def unmap(self) -> None:
+        """Unmap, keeping the creator's descriptor (and so the path) open."""
         self.view.release()
         try:
             self.mm.close()
@@ -191,9 +195,7 @@ class RingWriter:
     def detach(self) -> None:
         """Unmap, keeping the path open until :meth:`unlink` (the creator hands the ring
         to a writer in another process)."""
-        fd, self._m.fd = self._m.fd, -1
-        self._m.close()
-        self._m.fd = fd
+        self._m.unmap()
 
     def unlink(self) -> None:
         """Give up the path (see :class:`_Mapped`); mappings stay valid until unmapped.
