@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 ifneq ($(HAS_GPU),1)
 	echo "torch==$(TORCH_VERSION)+cpu" > $(CPU_CONSTRAINT)
 endif
-	$(PY) -m pip install -q -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT)) -e '.[dev,ray]'
+	$(PY) -m pip install -q -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT)) -e '.[dev,ray,bench]'
 	@if [ "$(HAS_GPU)" != 1 ] && $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
 	  echo "error: CUDA wheels were installed on a machine without a GPU" >&2; exit 1; fi
 	touch $(STAMP)

@@ -3,6 +3,7 @@ two-node cluster with fake GPU resources (ray.cluster_utils.Cluster)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,9 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import subprocess_env
 
 from gpuexec import Executor, Worker
-from gpuexec.errors import ConfigError, WorkerDiedError, WorkerStartupError
+from gpuexec.errors import ConfigError, RemoteError, WorkerDiedError, WorkerStartupError
+from gpuexec.executor.config import visible_gpu_count
 from gpuexec.executor.ray_backend import Slot, plan_ranks
 
 # -- rank layout (no Ray needed) ---------------------------------------------------
@@ -86,7 +89,10 @@ class BrokenWorker(Worker):
 def cluster() -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    # "driver_node": a resource of the head (where the driver connects) alone, to place
+    # actors on the driver's node on purpose.
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 2, "resources": {"driver_node": 2}})
     c.add_node(num_cpus=2, num_gpus=2)
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
@@ -149,6 +155,44 @@ def test_collective_rpc_across_two_nodes_with_rank_layout(cluster: Any) -> None:
     from ray.util.placement_group import placement_group_table
 
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+LOCAL_BUNDLE = {"GPU": 1, "driver_node": 1}  # on the driver's node, for sure
+
+
+def test_actors_on_the_driver_node_use_the_shared_memory_rings(cluster: Any) -> None:
+    import numpy as np
+
+    driver_node = ray.get_runtime_context().get_node_id()
+    with Executor(WhereWorker, 2, device="cpu", backend="ray",
+                  ray_resources=LOCAL_BUNDLE) as ex:
+        assert ex.transport == "shm"
+        assert ex.endpoints[0].startswith("tcp://")  # ZeroMQ, for the overflow, stays tcp
+        info = ex.collective_rpc("where")
+        assert [i["node"] for i in info] == [driver_node] * 2
+        assert [i["local_rank"] for i in info] == [0, 1]
+        assert ex.collective_rpc("add", args=(1, 2)) == [3, 4]
+        # 4 MiB: a zero-copy payload (a memory file the actors map through /proc), and
+        # 3 MiB of bytes: over a 1 MiB ring slot, so it travels by tcp + CURVE in order.
+        arr = np.arange(1 << 19, dtype=np.float64)
+        blob = bytes(range(256)) * (3 << 12)
+        got = ex.collective_rpc(lambda w, a, b: [float(a.sum()), len(b), b[-3:]],
+                                args=(arr, blob))
+        assert got == [[float(arr.sum()), len(blob), blob[-3:]]] * 2
+        with pytest.raises(RemoteError, match="nope"):
+            ex.collective_rpc("fail")
+        victim = ex.workers[0].pid
+        threading.Timer(0.5, os.kill, args=(victim, signal.SIGKILL)).start()
+        with pytest.raises(WorkerDiedError) as err:
+            ex.collective_rpc("sleep", args=(60,))
+        assert err.value.rank == 0
+    assert _resources_back()
+    with Executor(WhereWorker, 2, device="cpu", backend="ray", ray_resources=LOCAL_BUNDLE,
+                  transport="tcp") as ex:
+        assert ex.transport == "tcp"
+        assert ex.collective_rpc("add", args=(1, 2)) == [3, 4]
+    with pytest.raises(ConfigError, match=r"'auto'.*or 'tcp'"):
+        Executor(WhereWorker, 2, device="cpu", backend="ray", transport="shm")
 
 
 def test_killed_actor_fails_pending_call_with_worker_died(cluster: Any) -> None:
@@ -216,7 +260,9 @@ def test_tcp_peer_without_the_curve_key_is_ignored(cluster: Any, key: str) -> No
 
     from gpuexec.ipc.messages import Reply
 
-    with Executor(WhereWorker, 2, device="cpu", backend="ray", ray_resources=GPU_BUNDLE) as ex:
+    with Executor(WhereWorker, 2, device="cpu", backend="ray", ray_resources=GPU_BUNDLE,
+                  transport="tcp") as ex:  # requests on tcp, where the peer listens
+        assert ex.transport == "tcp"
         req, rep = ex.endpoints
         assert req.startswith("tcp://") and rep.startswith("tcp://")
         before = ex.stats()
@@ -250,3 +296,45 @@ def test_tcp_peer_without_the_curve_key_is_ignored(cluster: Any, key: str) -> No
             ctx.destroy(linger=0)
         after = ex.stats()
         assert (after.malformed, after.late_replies) == (before.malformed, before.late_replies)
+
+
+# -- on real GPUs (a lent GPU host; skipped elsewhere) ------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(visible_gpu_count() < 2, reason="needs two CUDA GPUs")
+def test_actors_on_real_gpus_run_nccl_tensor_parallel_over_the_rings(tmp_path: Any) -> None:
+    """A Ray cluster of this host's real GPUs (its own, in a subprocess): one GPU per
+    actor, ``init_device`` on ordinal 0 of each actor's CUDA_VISIBLE_DEVICES, NCCL tensor
+    parallelism across the actors, calls on the shared-memory rings."""
+    script = tmp_path / "gpu_driver.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, ray
+        from gpuexec import Executor
+        from tp_mlp import TPMLPWorker, build_weights, make_input, reference_forward
+        from tp_mlp import relative_error
+        ray.init(num_cpus=4, log_to_driver=False)
+        dims = (64, 256, 32)
+        x = make_input(5, 8, dims[0])
+        ref = reference_forward(build_weights(5, *dims), x)
+        with Executor(TPMLPWorker, 2, device="cuda", backend="ray",
+                      distributed_backend="nccl", worker_args=(5, *dims)) as ex:
+            outs = ex.collective_rpc("forward", args=(x,))
+            where = ex.collective_rpc(lambda w: {
+                "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                "device": str(w.device),
+                "backend": __import__("torch.distributed").distributed.get_backend()})
+            print(json.dumps({"transport": ex.transport, "where": where,
+                              "devices": [w.device for w in ex.workers],
+                              "errors": [relative_error(o, ref) for o in outs]}))
+        ray.shutdown()
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, **subprocess_env()})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["transport"] == "shm"
+    assert [w["backend"] for w in out["where"]] == ["nccl", "nccl"]
+    assert [w["device"] for w in out["where"]] == ["cuda:0", "cuda:0"] == out["devices"]
+    assert len({w["visible"] for w in out["where"]}) == 2  # one GPU each, distinct
+    assert all(e <= 1e-5 for e in out["errors"])

@@ -69,9 +69,10 @@ def test_backpressure_from_a_slow_reader() -> None:
     w.close()
 
 
-def test_read_timeout_and_sleeping_reader_is_woken() -> None:
-    w = RingWriter(1, n_slots=4, slot_size=64)
-    r = RingReader(w.spec, 0, spin=0)
+@pytest.mark.parametrize("n_readers", [1, 70])  # 70: the flags fill more than one line
+def test_read_timeout_and_sleeping_reader_is_woken(n_readers: int) -> None:
+    w = RingWriter(n_readers, n_slots=4, slot_size=64)
+    r = RingReader(w.spec, n_readers - 1, spin=0)  # the last flag, on the last line
     t = time.monotonic()
     assert r.read(timeout=0.1) is None
     assert 0.08 < time.monotonic() - t < 1
@@ -91,6 +92,35 @@ def test_read_timeout_and_sleeping_reader_is_woken() -> None:
     th.join(5)
     assert got and got[0][0] == b"wake up"
     assert got[0][1] - sent < 0.04  # woken, not a timed nap (naps are 50 ms)
+    r.close()
+    w.close()
+
+
+def test_claim_and_publish_fill_a_slot_in_place() -> None:
+    w = RingWriter(1, n_slots=2, slot_size=64)
+    r = RingReader(w.spec, 0)
+    assert w.claim(49) is None  # over max_message (48): for another path
+    slot = w.claim(5)
+    assert slot is not None
+    slot[:] = b"first"
+    with pytest.raises(RuntimeError, match="nothing claimed"):
+        w.publish()
+        w.publish()
+    assert r.try_read() is not None
+    r.release()
+    abandoned = w.claim(3)  # an exception while filling: never published ...
+    assert abandoned is not None and r.try_read() is None
+    slot = w.claim(6)  # ... and the next claim takes the same slot again
+    assert slot is not None
+    with pytest.raises(ValueError, match="released"):
+        abandoned[0] = 1  # the stale claim can no longer write into the slot
+    slot[:] = b"second"
+    w.publish()
+    view = r.try_read()
+    assert view is not None and bytes(view) == b"second"
+    view.release()
+    r.release()
+    assert r.try_read() is None
     r.close()
     w.close()
 

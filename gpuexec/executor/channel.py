@@ -410,7 +410,7 @@ class DriverChannel:
         holds the send lock)."""
         targets = None if len(ranks) == len(self._topics) else ranks
         try:
-            if shm.request.write(packets.pack(frames, targets), _RING_FULL_S, self._draining):
+            if packets.put(shm.request, frames, targets, _RING_FULL_S, self._draining):
                 return
             self._publish(ranks, frames)
             shm.request.write(packets.pack_marker(targets), _RING_FULL_S, self._draining)
@@ -498,8 +498,9 @@ class DriverChannel:
         while call is None or not call.done:
             got = False
             for reader in readers:
-                if reader.poll():
-                    self._dispatch_packet(reader)
+                view = reader.try_read()
+                if view is not None:
+                    self._dispatch_packet(reader, view)
                     got = True
             now = time.monotonic()
             if got:
@@ -517,10 +518,7 @@ class DriverChannel:
             if self._closing or (call is None and not shm.ready_reply()):
                 return
 
-    def _dispatch_packet(self, reader: RingReader) -> None:
-        view = reader.read(0)
-        if view is None:  # pragma: no cover - polled first
-            return
+    def _dispatch_packet(self, reader: RingReader, view: memoryview) -> None:
         try:
             kind, frames = packets.unpack(view)
             if kind == packets.BY_ZMQ:

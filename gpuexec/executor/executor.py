@@ -185,8 +185,10 @@ class Executor:
     * ``backend``: ``"mp"`` (default: local worker processes) or ``"ray"`` (one Ray actor
       per rank, placed by a placement group of ``ray_resources`` bundles, default
       ``{"GPU": 1}`` on CUDA and ``{"CPU": 1}`` on CPU; ranks on the driver's node come
-      first, ``local_rank`` counts per node; tcp + CURVE; ``world_size`` required). See
-      :mod:`.ray_backend`.
+      first, ``local_rank`` counts per node; ``world_size`` required). ``transport``
+      ``"auto"``: the shared-memory rings when every actor landed on the driver's node
+      (ZeroMQ, for start-up and what overflows a slot, stays tcp + CURVE), else tcp +
+      CURVE for all; ``"tcp"``: never shared memory. See :mod:`.ray_backend`.
     * ``host``: the address the driver binds with ``transport="tcp"`` (default
       loopback; with ``backend="ray"`` and actors on other nodes, this node's Ray IP);
       wildcards (``0.0.0.0``, ``*``, ``::``) are refused.
@@ -293,10 +295,11 @@ class Executor:
             bundle = check_bundle(ray_resources if ray_resources is not None else
                                   {"GPU": 1} if cfg.device == "cuda" else {"CPU": 1})
             if transport not in ("auto", "tcp"):
-                raise ConfigError(f"backend='ray' talks to its actors over tcp + CURVE, not "
-                                  f"transport={transport!r}")
+                raise ConfigError(
+                    f"backend='ray' takes transport 'auto' (shared memory when every actor "
+                    f"is on the driver's node, else tcp + CURVE) or 'tcp', not {transport!r}")
             ray = import_ray()
-            self._transport = "tcp"
+            self._transport = "tcp"  # "shm" once placed, if every actor is on this node
             self._start_method = "ray"
             self._start_method_reason = f"ray: one actor per rank, bundles of {bundle}"
         elif backend == "mp":
@@ -326,12 +329,16 @@ class Executor:
                 ray_workers = self._ray_workers = RayWorkers(cfg.world_size, bundle,
                                                              cfg.ready_timeout)
                 self._slots = ray_workers.slots
-                if host == "127.0.0.1" and len({s.node_id for s in self._slots}) > 1:
-                    host = ray.util.get_node_ip_address()  # actors on other nodes connect
+                if not ray_workers.all_local:
+                    if host == "127.0.0.1":
+                        host = ray.util.get_node_ip_address()  # actors elsewhere connect
+                elif transport == "auto" and not shm_room(cfg.world_size):
+                    self._transport = "shm"  # the rings; ZeroMQ stays tcp + CURVE
                 if cfg.distributed is not None and master_addr is None:
                     cfg = self._config = dataclasses.replace(cfg, distributed=dataclasses.replace(
                         cfg.distributed, master_addr=host))  # rank 0 runs on the driver's node
-            curve = CurveServer(ctx, cfg.world_size) if self._transport == "tcp" else None
+            curve = CurveServer(ctx, cfg.world_size) \
+                if self._transport == "tcp" or backend == "ray" else None
             auth = curve.handler if curve is not None else \
                 ZapHandler(ctx, ipc_peer=own_process_tree)
             auth.start()
@@ -445,8 +452,9 @@ class Executor:
             device=cfg.device, gpu=cfg.gpus[rank] if cfg.gpus else None,
             isolate_devices=cfg.isolate_devices and slot is None,  # Ray already isolates
             stale_context_policy=cfg.stale_context_policy,
-            driver_pid=0 if slot else os.getpid(),  # Ray ties its actors to this driver
-            driver_is_parent=self._start_method not in ("forkserver", "zygote"),
+            # An actor on another node cannot watch this pid (Ray ties it to the driver).
+            driver_pid=0 if slot and not self._on_driver_node(slot) else os.getpid(),
+            driver_is_parent=self._start_method not in ("forkserver", "zygote", "ray"),
             req_endpoint=req_endpoint, rep_endpoint=rep_endpoint,
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
             init_args_pickle=cfg.init_args_pickle, env=cfg.env,
@@ -457,6 +465,9 @@ class Executor:
             distributed=cfg.distributed,
             curve=curve.client(rank) if curve is not None else None,
             allow_callables=cfg.allow_callables, max_message_size=cfg.max_message_size)
+
+    def _on_driver_node(self, slot: Slot) -> bool:
+        return self._ray_workers is not None and slot.node_id == self._ray_workers.driver_node
 
     # -- properties ----------------------------------------------------------------
 

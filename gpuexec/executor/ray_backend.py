@@ -16,9 +16,13 @@ Data flow::
 Everything after placement is the executor's usual path: the same start-up handshake,
 :class:`~gpuexec.executor.channel.DriverChannel`, errors and shutdown escalation, over
 ZeroMQ tcp with CURVE (:mod:`gpuexec.ipc.curve`); pickle never arrives on tcp unless the
-peer holds this executor's keys. Each actor runs the same ``init_device``: Ray sets its
-``CUDA_VISIBLE_DEVICES`` to the GPU of its bundle, so its own device is ordinal 0 and
-stale contexts on any other visible device are still released.
+peer holds this executor's keys. When every bundle is on the driver's node
+(:attr:`RayWorkers.all_local`), the executor adds the shared-memory rings of
+:mod:`.shm_path` (actors open them through the driver's /proc entry, like local workers:
+same host, same user) and keeps tcp + CURVE for the rest. Each actor runs the same
+``init_device``: Ray sets its ``CUDA_VISIBLE_DEVICES`` to the GPU of its bundle, so its
+own device is ordinal 0 and stale contexts on any other visible device are still
+released.
 
 Lifecycle of one actor, as this module sees it:
 
@@ -196,8 +200,11 @@ class RayWorkers:
                     f"Ray could not place {world_size} bundles of {dict(bundle)} within "
                     f"{timeout:g} s; the cluster has {ray.cluster_resources()}"))
             nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+            self.driver_node = str(ray.get_runtime_context().get_node_id())
             self.slots = plan_ranks({int(b): str(n) for b, n in nodes.items()},
-                                    ray.get_runtime_context().get_node_id())
+                                    self.driver_node)
+            # Every actor shares the driver's host: the shared-memory rings can serve them.
+            self.all_local = all(s.node_id == self.driver_node for s in self.slots)
             cls = ray.remote(RayWorkerActor)
             actors = [cls.options(
                 num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),

@@ -10,19 +10,28 @@ Packet layout (little-endian)::
     frames         the frames, back to back
 
 A packet is read in place from the ring slot; the frames are memoryviews of it (the
-decoder copies what it keeps, so the slot can be released right after decoding).
+decoder copies what it keeps, so the slot can be released right after decoding). It is
+also written in place: :func:`measure` sizes it, the ring hands out the slot, and
+:func:`write_into` fills it, so a message is copied once, from the encoder's buffer into
+shared memory, with no packet assembled on the way. A single frame to every rank (almost
+every request and reply) takes a precompiled header.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .shm_ring import RingWriter
 
 INLINE = 0
 BY_ZMQ = 1
 _HEAD = struct.Struct("<BH")
 _N = struct.Struct("<H")
+_ONE = struct.Struct("<BHHI")  # kind, mask_len 0, one frame, its length
+_LEN = struct.Struct("<I")
 
 
 def _mask(targets: Sequence[int] | None) -> bytes:
@@ -34,15 +43,40 @@ def _mask(targets: Sequence[int] | None) -> bytes:
     return bytes(out)
 
 
-def pack(frames: Sequence[Any], targets: Sequence[int] | None) -> bytearray:
-    """The packet for ``frames`` (``targets`` None: every rank)."""
-    mask = _mask(targets)
+def measure(frames: Sequence[Any], targets: Sequence[int] | None
+            ) -> tuple[bytes, list[memoryview], int]:
+    """``(head, frame views, packet size)`` for :func:`write_into`."""
     views = [memoryview(f).cast("B") for f in frames]
-    lengths = struct.pack(f"<{len(views)}I", *(v.nbytes for v in views))
-    out = bytearray(_HEAD.pack(INLINE, len(mask)) + mask + _N.pack(len(views)) + lengths)
+    if targets is None and len(views) == 1:
+        n = views[0].nbytes
+        return _ONE.pack(INLINE, 0, 1, n), views, _ONE.size + n
+    mask = _mask(targets)
+    head = _HEAD.pack(INLINE, len(mask)) + mask + _N.pack(len(views)) + \
+        struct.pack(f"<{len(views)}I", *(v.nbytes for v in views))
+    return head, views, len(head) + sum(v.nbytes for v in views)
+
+
+def write_into(buf: memoryview, head: bytes, views: Sequence[memoryview]) -> None:
+    """Fill ``buf`` (exactly the size :func:`measure` gave) with the packet."""
+    pos = len(head)
+    buf[:pos] = head
     for v in views:
-        out += v
-    return out
+        end = pos + v.nbytes
+        buf[pos:end] = v
+        pos = end
+
+
+def put(ring: RingWriter, frames: Sequence[Any], targets: Sequence[int] | None,
+        timeout: float | None = None, alive: Callable[[], bool] | None = None) -> bool:
+    """Write the packet for ``frames`` straight into ``ring``'s next slot and publish it;
+    False when it does not fit in a slot (see :meth:`RingWriter.write`)."""
+    head, views, size = measure(frames, targets)
+    slot = ring.claim(size, timeout, alive)
+    if slot is None:
+        return False
+    write_into(slot, head, views)
+    ring.publish()
+    return True
 
 
 def pack_marker(targets: Sequence[int] | None) -> bytes:
@@ -67,6 +101,12 @@ def unpack(packet: memoryview) -> tuple[int, list[memoryview]]:
     pos = _HEAD.size + mask_len
     (n,) = _N.unpack_from(packet, pos)
     pos += _N.size
+    if n == 1:  # the common case, without building a format
+        (length,) = _LEN.unpack_from(packet, pos)
+        pos += 4
+        if pos + length > len(packet):
+            raise ValueError("truncated packet")
+        return kind, [packet[pos:pos + length]]
     lengths = struct.unpack_from(f"<{n}I", packet, pos)
     pos += 4 * n
     frames = []

@@ -1,14 +1,22 @@
 """A bounded shared-memory ring: one writer, ``n_readers`` readers, every message read by
 every reader (a broadcast), with an adaptive spin and then a futex sleep.
 
-Layout of the segment (little-endian; each hot word on its own 64-byte cache line)::
+Layout of the segment (little-endian; hot words of different writers on different
+64-byte cache lines)::
 
     offset 0      magic "GPXRING1", version, n_slots, slot_size, n_readers
     offset 64     write_seq  u64   messages published so far (the writer's only word)
     offset 72     futex      u32   low 32 bits of write_seq: what readers sleep on
-    offset 128+64*i  reader i: read_seq u64 (messages it has released), sleeping u32
+    offset 128    sleeping   u8 x n_readers (lines of 64): reader i sleeps on the futex
+    readers_off + 64*i   reader i: read_seq u64 (messages it has released)
     data_offset   n_slots slots of slot_size bytes:
                   [length u32][pad u32][published u64: CLOCK_MONOTONIC ns][payload]
+
+The sleeping flags share lines (a reader writes its flag only on its way to and from
+sleep), so the writer checks every reader with one cache-line read per publish instead of
+one per reader; the writer also remembers the slowest reader's position and reads the
+readers' lines again only when that says the ring may be full. Both matter with many
+readers: each read of a line another core wrote costs a cache miss.
 
 Message ``seq`` lives in slot ``seq % n_slots``. Slot states, as the writer and reader i
 see them (who moves each transition):
@@ -60,11 +68,11 @@ from . import futex
 from .forecast import ArrivalForecast
 
 MAGIC = b"GPXRING1"
-VERSION = 2
+VERSION = 3
 _HEADER = struct.Struct("<8sIIII")   # magic, version, n_slots, slot_size, n_readers
 _WRITE_SEQ_OFF = 64
 _FUTEX_OFF = 72
-_READERS_OFF = 128
+_SLEEPING_OFF = 128
 _LINE = 64
 _SLOT_HEADER = 16
 _PUBLISHED_OFF = 8      # in a slot: the publish time, CLOCK_MONOTONIC ns
@@ -93,8 +101,12 @@ class RingTimeout(TimeoutError):
     """A ring operation's deadline passed."""
 
 
+def _readers_offset(n_readers: int) -> int:
+    return _SLEEPING_OFF + _LINE * ((n_readers + _LINE - 1) // _LINE)
+
+
 def _data_offset(n_readers: int) -> int:
-    end = _READERS_OFF + _LINE * n_readers
+    end = _readers_offset(n_readers) + _LINE * n_readers
     return (end + 4095) // 4096 * 4096
 
 
@@ -130,7 +142,7 @@ class _Mapped:
                 os.ftruncate(fd, size)
             else:
                 size = os.fstat(fd).st_size
-            if size < _READERS_OFF:
+            if size < _SLEEPING_OFF:
                 raise ValueError(f"{path} is too small to be a ring")
             self.mm = mmap.mmap(fd, size)
         except BaseException:
@@ -177,8 +189,13 @@ class RingWriter:
         self.spec = spec
         self._seq = int(_U64.unpack_from(mapped.view, _WRITE_SEQ_OFF)[0])
         self._data = _data_offset(spec.n_readers)
-        self._readers = [_READERS_OFF + _LINE * i for i in range(spec.n_readers)]
+        first = _readers_offset(spec.n_readers)
+        self._readers = [first + _LINE * i for i in range(spec.n_readers)]
+        self._sleeping = slice(_SLEEPING_OFF, _SLEEPING_OFF + spec.n_readers)
+        self._awake = bytes(spec.n_readers)
+        self._min_read = 0  # the slowest reader's read_seq when last looked at
         self.max_message = spec.slot_size - _SLOT_HEADER
+        self._claimed: memoryview | None = None  # the slot between claim() and publish()
 
     @classmethod
     def attach(cls, spec: RingSpec) -> RingWriter:
@@ -204,35 +221,60 @@ class RingWriter:
 
     def _min_read_seq(self) -> int:
         view = self._m.view
-        return min(int(_U64.unpack_from(view, off)[0]) for off in self._readers)
+        self._min_read = min(int(_U64.unpack_from(view, off)[0]) for off in self._readers)
+        return self._min_read
 
     def write(self, payload: bytes | bytearray | memoryview, timeout: float | None = None,
               alive: Callable[[], bool] | None = None) -> bool:
         """Publish ``payload`` to every reader. False when it does not fit in a slot (send
         it another way). Waits while the ring is full; raises :class:`RingTimeout` after
         ``timeout`` or as soon as ``alive()`` is false."""
-        n = len(payload)
-        if n > self.max_message:
+        slot = self.claim(len(payload), timeout, alive)
+        if slot is None:
             return False
+        slot[:] = payload
+        self.publish()
+        return True
+
+    def claim(self, n: int, timeout: float | None = None,
+              alive: Callable[[], bool] | None = None) -> memoryview | None:
+        """The next slot's ``n`` payload bytes, to fill in place and then :meth:`publish`
+        (the two halves of :meth:`write`, for a writer that can build its message
+        straight into shared memory); None when ``n`` does not fit in a slot. Waits for
+        room like :meth:`write`. A claim never published (an exception while filling
+        it) is dropped by the next claim: the sequence had not moved."""
+        if self._claimed is not None:
+            self._claimed.release()
+            self._claimed = None
+        if n > self.max_message:
+            return None
         seq = self._seq
-        if seq >= self.spec.n_slots and self._min_read_seq() <= seq - self.spec.n_slots:
+        oldest = seq - self.spec.n_slots  # the message whose slot this one takes
+        if self._min_read <= oldest and self._min_read_seq() <= oldest:
             self._wait_for_space(seq, timeout, alive)
         view = self._m.view
         off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
         _U32.pack_into(view, off, n)
+        self._claimed = view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
+        return self._claimed
+
+    def publish(self) -> None:
+        """Make the claimed slot readable and wake sleeping readers."""
+        slot, self._claimed = self._claimed, None
+        if slot is None:
+            raise RuntimeError("nothing claimed")
+        slot.release()
+        view = self._m.view
+        seq = self._seq
+        off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
         _U64.pack_into(view, off + _PUBLISHED_OFF, time.monotonic_ns())
-        view[off + _SLOT_HEADER:off + _SLOT_HEADER + n] = payload
         fence()  # the payload before the sequence (release)
         self._seq = seq + 1
         _U64.pack_into(view, _WRITE_SEQ_OFF, seq + 1)
         _U32.pack_into(view, _FUTEX_OFF, (seq + 1) & 0xFFFFFFFF)
         fence()  # the sequence before reading the sleeping flags (Dekker)
-        if futex.available():
-            for off in self._readers:
-                if _U32.unpack_from(view, off + 8)[0]:
-                    futex.wake(self._m.base + _FUTEX_OFF)
-                    break
-        return True
+        if view[self._sleeping] != self._awake and futex.available():
+            futex.wake(self._m.base + _FUTEX_OFF)
 
     def _wait_for_space(self, seq: int, timeout: float | None,
                         alive: Callable[[], bool] | None) -> None:
@@ -247,6 +289,9 @@ class RingWriter:
             nap = min(nap * 2, 1e-3)
 
     def close(self) -> None:
+        if self._claimed is not None:
+            self._claimed.release()
+            self._claimed = None
         self._m.close()
 
 
@@ -267,7 +312,8 @@ class RingReader:
         self.spec = spec
         self.spin = spin
         self.forecast = forecast
-        self._off = _READERS_OFF + _LINE * index
+        self._off = _readers_offset(n_readers) + _LINE * index
+        self._flag = _SLEEPING_OFF + index
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
         self._data = _data_offset(n_readers)
         self._holding = False
@@ -284,12 +330,23 @@ class RingReader:
         ``timeout`` passes first."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
-        seq = self._seq
-        view = self._m.view
-        if self._published() <= seq and not self._wait(seq, timeout):
+        if self._published() <= self._seq and not self._wait(self._seq, timeout):
             return None
+        return self._take()
+
+    def try_read(self) -> memoryview | None:
+        """The next message if one is waiting, else None at once (:meth:`poll` and
+        :meth:`read` in one look at the sequence: the driver's loop over reply rings)."""
+        if self._holding:
+            raise RuntimeError("release() the previous message first")
+        if self._published() <= self._seq:
+            return None
+        return self._take()
+
+    def _take(self) -> memoryview:
+        view = self._m.view
         fence()  # the sequence before the payload (acquire)
-        off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
+        off = self._data + (self._seq % self.spec.n_slots) * self.spec.slot_size
         n = _U32.unpack_from(view, off)[0]
         if self.forecast is not None:
             self.forecast.observe(_U64.unpack_from(view, off + _PUBLISHED_OFF)[0] * 1e-9)
@@ -339,18 +396,18 @@ class RingReader:
     def _sleep(self, seq: int, nap: float) -> bool:
         """Futex sleep up to ``nap`` seconds; True once message ``seq`` is published."""
         view = self._m.view
-        flag = self._off + 8
-        _U32.pack_into(view, flag, 1)
+        flag = self._flag
+        view[flag] = 1
         fence()  # the flag before re-reading the sequence (Dekker)
         expected = _U32.unpack_from(view, _FUTEX_OFF)[0]
         if self._published() > seq:
-            _U32.pack_into(view, flag, 0)
+            view[flag] = 0
             return True
         if futex.available():
             futex.wait(self._m.base + _FUTEX_OFF, expected, nap)
         else:
             time.sleep(min(nap, 1e-3))
-        _U32.pack_into(view, flag, 0)
+        view[flag] = 0
         return self._published() > seq
 
     def close(self) -> None:
@@ -359,9 +416,13 @@ class RingReader:
 
 class Doorbell:
     """A futex word many writers ring and one waiter sleeps on (the driver waiting for
-    replies from several rings). Ringing is ``counter += 1`` (a lost increment between
-    two writers is harmless: only "it changed" matters, and every ring wakes anyway when
-    the waiter sleeps)."""
+    replies from several rings). A ring touches the shared counter only while the waiter
+    sleeps: a writer publishes its message, fences, and reads the sleeping flag; the
+    waiter sets the flag, fences, and checks for messages before it sleeps (Dekker), so
+    either the waiter sees the message or the writer sees the flag and wakes it. When the
+    driver spins, replies from many workers therefore do not fight over one cache line.
+    Ringing is then ``counter += 1`` (a lost increment between two writers is harmless:
+    only "it changed" matters, and every ring that sees the flag wakes)."""
 
     SIZE = 128
     _COUNTER = 0
@@ -377,11 +438,14 @@ class Doorbell:
         return cls(None)
 
     def ring(self) -> None:
+        """Wake the waiter if it sleeps; call after publishing what it waits for."""
         view = self._m.view
+        fence()  # what was published before reading the flag (Dekker)
+        if not _U32.unpack_from(view, self._SLEEPING)[0]:
+            return
         _U32.pack_into(view, self._COUNTER, (_U32.unpack_from(view, self._COUNTER)[0] + 1)
                        & 0xFFFFFFFF)
-        fence()
-        if _U32.unpack_from(view, self._SLEEPING)[0] and futex.available():
+        if futex.available():
             futex.wake(self._m.base + self._COUNTER)
 
     def wait(self, ready: Callable[[], bool], timeout: float) -> bool:

@@ -253,7 +253,7 @@ class _Server:
         if shm is None:
             send_frames(self.push, frames)
             return
-        if not shm.reply.write(packets.pack(frames, None)):
+        if not packets.put(shm.reply, frames, None):
             send_frames(self.push, frames)  # too big for a slot: ZeroMQ, and a marker
             shm.reply.write(packets.pack_marker(None))
         shm.doorbell.ring()
