@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import subprocess_env
+from conftest import ROOT, subprocess_env
 
 from gpuexec import Executor, Worker
 from gpuexec.errors import ConfigError, RemoteError, WorkerDiedError, WorkerStartupError
@@ -195,6 +195,22 @@ def test_actors_on_the_driver_node_use_the_shared_memory_rings(cluster: Any) -> 
         Executor(WhereWorker, 2, device="cpu", backend="ray", transport="shm")
 
 
+def test_torch_distributed_group_across_actors(cluster: Any) -> None:
+    with Executor(WhereWorker, 2, device="cpu", backend="ray", ray_resources=LOCAL_BUNDLE,
+                  distributed_backend="gloo") as ex:
+        sums = ex.collective_rpc(_all_reduce_rank)
+    assert sums == [1.0, 1.0]  # ranks 0 + 1, summed in both
+
+
+def _all_reduce_rank(worker: Worker) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(worker.rank)])
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def test_killed_actor_fails_pending_call_with_worker_died(cluster: Any) -> None:
     with Executor(WhereWorker, 2, device="cpu", backend="ray", ray_resources=GPU_BUNDLE) as ex:
         victim = ex.workers[1].pid
@@ -308,8 +324,10 @@ def test_actors_on_real_gpus_run_nccl_tensor_parallel_over_the_rings(tmp_path: A
     actor, ``init_device`` on ordinal 0 of each actor's CUDA_VISIBLE_DEVICES, NCCL tensor
     parallelism across the actors, calls on the shared-memory rings."""
     script = tmp_path / "gpu_driver.py"
-    script.write_text(textwrap.dedent("""
-        import json, os, ray
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(ROOT / "examples")!r})
+        import ray
         from gpuexec import Executor
         from tp_mlp import TPMLPWorker, build_weights, make_input, reference_forward
         from tp_mlp import relative_error
@@ -320,13 +338,13 @@ def test_actors_on_real_gpus_run_nccl_tensor_parallel_over_the_rings(tmp_path: A
         with Executor(TPMLPWorker, 2, device="cuda", backend="ray",
                       distributed_backend="nccl", worker_args=(5, *dims)) as ex:
             outs = ex.collective_rpc("forward", args=(x,))
-            where = ex.collective_rpc(lambda w: {
+            where = ex.collective_rpc(lambda w: {{
                 "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                 "device": str(w.device),
-                "backend": __import__("torch.distributed").distributed.get_backend()})
-            print(json.dumps({"transport": ex.transport, "where": where,
+                "backend": __import__("torch.distributed").distributed.get_backend()}})
+            print(json.dumps({{"transport": ex.transport, "where": where,
                               "devices": [w.device for w in ex.workers],
-                              "errors": [relative_error(o, ref) for o in outs]}))
+                              "errors": [relative_error(o, ref) for o in outs]}}))
         ray.shutdown()
     """))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,

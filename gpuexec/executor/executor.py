@@ -335,8 +335,9 @@ class Executor:
                 elif transport == "auto" and not shm_room(cfg.world_size):
                     self._transport = "shm"  # the rings; ZeroMQ stays tcp + CURVE
                 if cfg.distributed is not None and master_addr is None:
-                    cfg = self._config = dataclasses.replace(cfg, distributed=dataclasses.replace(
-                        cfg.distributed, master_addr=host))  # rank 0 runs on the driver's node
+                    # rank 0 runs on the driver's node
+                    dist = msgspec.structs.replace(cfg.distributed, master_addr=host)
+                    cfg = self._config = dataclasses.replace(cfg, distributed=dist)
             curve = CurveServer(ctx, cfg.world_size) \
                 if self._transport == "tcp" or backend == "ray" else None
             auth = curve.handler if curve is not None else \
