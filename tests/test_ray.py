@@ -331,7 +331,7 @@ def test_actors_on_real_gpus_run_nccl_tensor_parallel_over_the_rings(tmp_path: A
         from gpuexec import Executor
         from tp_mlp import TPMLPWorker, build_weights, make_input, reference_forward
         from tp_mlp import relative_error
-        ray.init(num_cpus=4, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, log_to_driver=False)  # its own, with the GPUs
         dims = (64, 256, 32)
         x = make_input(5, 8, dims[0])
         ref = reference_forward(build_weights(5, *dims), x)
