@@ -10,13 +10,16 @@ import time
 
 import pytest
 
-from gpuexec.ipc import futex
+from gpuexec.ipc import futex, shm_ring
 from gpuexec.ipc.shm_ring import RingReader, RingSpec, RingTimeout, RingWriter
 
 SEED = int(os.environ.get("GPUEXEC_TEST_SEED", random.randrange(1 << 30)))
 
 
-def test_broadcast_wraparound_and_in_place_reads() -> None:
+@pytest.mark.parametrize("weak_order", [False, True])  # True: the fences ARM takes
+def test_broadcast_wraparound_and_in_place_reads(weak_order: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm_ring, "WEAK_ORDER", weak_order)
     w = RingWriter(3, n_slots=4, slot_size=256)
     readers = [RingReader(w.spec, i) for i in range(3)]
     w.unlink()
