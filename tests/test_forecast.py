@@ -51,6 +51,46 @@ def test_oversleep_moves_the_wake_up_earlier() -> None:
     assert after[1] == before[1]
 
 
+def test_a_few_late_wake_ups_still_move_the_wake_up_earlier() -> None:
+    # Every worker of a call must be awake in time: the lead covers all but the latest
+    # wake-up of the history, not just 90% of them.
+    f = ArrivalForecast()
+    feed(f, [5e-3] * 20)
+    for late in [40e-6] * 29 + [150e-6] * 3:
+        f.woke(1.0, 1.0 + late)
+    window = f.window()
+    on_time = ArrivalForecast()
+    feed(on_time, [5e-3] * 20)
+    for _ in range(32):
+        on_time.woke(1.0, 1.0 + 40e-6)
+    usual = on_time.window()
+    assert window is not None and usual is not None
+    assert window[0] <= usual[0] - 100e-6  # 150 us early, not 40
+
+
+def test_a_driver_that_waits_after_each_reply_is_forecast_from_the_reply() -> None:
+    # The driver sleeps 5 ms after each call returns; calls take 50 or 450 us, so the
+    # gaps between requests spread over 400 us (beyond the spin budget) while the time
+    # from each reply to the next request stays 5 ms.
+    f = ArrivalForecast()
+    t = 100.0
+    for i in range(20):
+        f.observe(t)
+        replied = t + (50e-6 if i % 2 else 450e-6)
+        f.replied(replied)
+        t = replied + 5e-3
+    window = f.window()
+    assert window is not None
+    assert window[0] < replied + 5e-3 < window[1]
+    assert window[1] - window[0] <= 2 * MAX_DUTY * 5e-3 + 1e-9
+    only_requests = ArrivalForecast()  # the same arrivals, replies not reported
+    t = 100.0
+    for i in range(20):
+        only_requests.observe(t)
+        t += (50e-6 if i % 2 else 450e-6) + 5e-3
+    assert only_requests.window() is None
+
+
 def test_irregular_or_sparse_streams_are_not_forecast() -> None:
     irregular = ArrivalForecast()
     feed(irregular, [1e-3, 9e-3] * 20)

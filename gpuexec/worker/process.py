@@ -19,6 +19,7 @@ import os
 import signal
 import struct
 import sys
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -257,6 +258,8 @@ class _Server:
             send_frames(self.push, frames)  # too big for a slot: ZeroMQ, and a marker
             shm.reply.write(packets.pack_marker(None))
         shm.doorbell.ring()
+        if shm.forecast is not None:  # the next request may be timed from this reply
+            shm.forecast.replied(time.monotonic())
 
 
 def _check_sizes(frames: list[Any], limit: int) -> None:
@@ -279,6 +282,7 @@ class _ShmWorkerPath:
         if spec.spin > 0:
             forecast = ArrivalForecast()
             futex.set_timer_slack(1000)  # this (the serving) thread's timed sleeps on time
+        self.forecast = forecast
         self.request = RingReader(spec.request, rank, spin=spec.spin, forecast=forecast)
         self.reply = RingWriter.attach(spec.reply)
         self.doorbell = Doorbell(spec.doorbell)
