@@ -160,3 +160,15 @@ def test_timer_slack_is_set_for_the_calling_thread() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=env)
     assert out.stdout.strip() == "1000"
+
+
+def test_the_early_wake_up_is_cut_to_the_spin_budget() -> None:
+    from gpuexec.ipc.forecast import SPIN_BUDGET
+
+    f = ArrivalForecast()
+    last = feed(f, [5e-3] * 20)
+    for _ in range(32):
+        f.woke(1.0, 1.0 + 2e-3)  # a host that oversleeps by 2 ms: not worth following
+    window = f.window()
+    assert window is not None
+    assert last + 5e-3 - window[0] <= SPIN_BUDGET * 5e-3 + 1e-9  # spin within budget

@@ -33,8 +33,10 @@ reply to it; see :class:`ArrivalForecast`) and the tighter series is used. A for
 offered only when the expected spin (half the window: from its opening to
 the typical arrival) stays within ``MAX_DUTY`` of the gap, so irregular traffic degrades
 to plain sleeping (the idle CPU target holds whatever the traffic) and never to
-spinning; back-to-back traffic (gaps under ``MIN_GAP``) is left to the plain spin after
-each message.
+spinning; and the early wake-up is cut where it would take the expected spin, lead
+included, past ``SPIN_BUDGET`` of the gap (the 5% idle-CPU target, with the wake-ups' own
+cost, comes before latency). Back-to-back traffic (gaps under ``MIN_GAP``) is left to the
+plain spin after each message.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from collections import deque
 
 MIN_MARGIN = 20e-6      # seconds of spin either side of the window, at least
 MAX_DUTY = 0.03         # expected spin at most this share of the gap
+SPIN_BUDGET = 0.045     # ... and with the early wake-up (lead) added, at most this share
 MIN_GAP = 500e-6        # shorter gaps: the plain spin after a message covers them
 MAX_GAP = 1.0           # gaps longer than this are not forecast (idle, not serving)
 HISTORY = 32            # gaps remembered
@@ -58,18 +61,19 @@ class _Gaps:
         if gap > 0:  # a clock oddity is ignored, not learned
             self.gaps.append(gap)
 
-    def window(self) -> tuple[float, float] | None:
-        """``(lo, hi)`` after the anchor, or None when the series is not regular enough
-        to forecast within the spin budget."""
+    def window(self) -> tuple[float, float, float] | None:
+        """``(lo, hi, typical)`` after the anchor, or None when the series is not regular
+        enough to forecast within the spin budget."""
         gaps = self.gaps
         if len(gaps) < 4 or not MIN_GAP <= gaps[-1] <= MAX_GAP:
             return None
         ordered = sorted(gaps)
         cut = len(ordered) // 8
         lo, hi = ordered[cut] - MIN_MARGIN, ordered[-1 - cut] + MIN_MARGIN
-        if hi - lo > 2.0 * MAX_DUTY * ordered[len(ordered) // 2]:
+        typical = ordered[len(ordered) // 2]
+        if hi - lo > 2.0 * MAX_DUTY * typical:
             return None
-        return lo, hi
+        return lo, hi, typical
 
 
 class ArrivalForecast:
@@ -114,14 +118,19 @@ class ArrivalForecast:
     def window(self) -> tuple[float, float] | None:
         """``(wake_at, spin_until)`` for the next message, or None when neither series is
         regular enough to forecast within the spin budget."""
-        best: tuple[float, float] | None = None
+        best: tuple[float, float, float, float] | None = None
         for anchor, gaps in ((self._last, self._since_request),
                              (self._replied, self._since_reply)):
             if anchor is None:
                 continue
             w = gaps.window()
             if w is not None and (best is None or w[1] - w[0] < best[1] - best[0]):
-                best = (anchor + w[0], anchor + w[1])
+                lo, hi, typical = w
+                best = (anchor + lo, anchor + hi, typical, typical - lo)
         if best is None:
             return None
-        return best[0] - self._lead, best[1]
+        opens, closes, typical, to_arrival = best
+        # The idle-CPU target comes first: a lead that would make the expected spin (from
+        # waking to the typical arrival) exceed SPIN_BUDGET of the gap is cut to fit.
+        lead = min(self._lead, max(0.0, SPIN_BUDGET * typical - to_arrival))
+        return opens - lead, closes
