@@ -11,6 +11,7 @@ Data flow::
     actor.serve.remote(spec r) ─────────────────────────────────────────▶ run_worker(spec):
         (tcp endpoints + CURVE keys, through Ray's channel)                init_device,
     XPUB/PULL on tcp://host:port (CURVE) ◀──────── connect, Ready ─────── class, loop
+    all actors on the driver's node: + request/reply rings (memfds via /proc) ◀──▶ loop
     watcher thread: ray.wait(serve refs) ─▶ rank r's pipe readable (its "sentinel")
 
 Everything after placement is the executor's usual path: the same start-up handshake,
@@ -19,10 +20,11 @@ ZeroMQ tcp with CURVE (:mod:`gpuexec.ipc.curve`); pickle never arrives on tcp un
 peer holds this executor's keys. When every bundle is on the driver's node
 (:attr:`RayWorkers.all_local`), the executor adds the shared-memory rings of
 :mod:`.shm_path` (actors open them through the driver's /proc entry, like local workers:
-same host, same user) and keeps tcp + CURVE for the rest. Each actor runs the same
-``init_device``: Ray sets its ``CUDA_VISIBLE_DEVICES`` to the GPU of its bundle, so its
-own device is ordinal 0 and stale contexts on any other visible device are still
-released.
+same host, same user) and keeps tcp + CURVE for the rest. A placement across nodes uses
+tcp for every actor: a call waits for all its ranks, so the remote ones bound it anyway.
+Each actor runs the same ``init_device``: Ray sets its ``CUDA_VISIBLE_DEVICES`` to the GPU
+of its bundle, so its own device is ordinal 0 and stale contexts on any other visible
+device are still released.
 
 Lifecycle of one actor, as this module sees it:
 
