@@ -191,3 +191,34 @@ def test_futex_is_available_on_linux_x86_and_arm() -> None:
 
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64"):
         assert futex.available()
+
+
+def test_packets_single_frame_fast_path_and_general_walk_agree() -> None:
+    from gpuexec.ipc import packets
+
+    w = RingWriter(1, n_slots=4, slot_size=256)
+    r = RingReader(w.spec, 0)
+    cases: list[tuple[list[bytes], list[int] | None]] = [
+        ([b"one frame"], None), ([b""], None), ([b"head", b"buffer"], None), ([b"x"], [0])]
+    for frames, targets in cases:
+        assert packets.put(w, frames, targets)
+        view = r.try_read()
+        assert view is not None
+        kind, walked = packets.unpack(view)
+        assert kind == packets.INLINE and [bytes(f) for f in walked] == frames
+        fast = packets.single_frame(view)
+        if len(frames) == 1 and targets is None:
+            assert fast is not None and bytes(fast) == frames[0]
+        else:
+            assert fast is None  # several frames or a target mask: the general walk
+        del walked, fast
+        view.release()
+        r.release()
+    packet = packets.measure([b"abc"], None)[0] + b"abc"
+    assert packets.single_frame(memoryview(packet)) is not None
+    bad = bytearray(packet)
+    bad[5] += 1  # the declared length no longer matches the slot: truncated
+    with pytest.raises(ValueError, match="truncated"):
+        packets.single_frame(memoryview(bytes(bad)))
+    r.close()
+    w.close()

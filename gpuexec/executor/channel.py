@@ -497,11 +497,16 @@ class DriverChannel:
         readers = shm.replies
         while call is None or not call.done:
             got = False
+            replies: list[Reply | Pong] = []
             for reader in readers:
                 view = reader.try_read()
                 if view is not None:
-                    self._dispatch_packet(reader, view)
                     got = True
+                    reply = self._decode_packet(reader, view)
+                    if reply is not None:
+                        replies.append(reply)
+            if replies:  # every ring's reply of this pass under one take of the lock
+                self._deliver(replies)
             now = time.monotonic()
             if got:
                 if call is None:
@@ -518,8 +523,13 @@ class DriverChannel:
             if self._closing or (call is None and not shm.ready_reply()):
                 return
 
-    def _dispatch_packet(self, reader: RingReader, view: memoryview) -> None:
+    def _decode_packet(self, reader: RingReader, view: memoryview) -> Reply | Pong | None:
+        """The reply in a ring packet, released from the ring; None when it was dropped,
+        or when it came by ZeroMQ (then already delivered)."""
         try:
+            frame = packets.single_frame(view)
+            if frame is not None:  # the common case: one frame, nothing to walk
+                return self._decode([frame], self._shm_decoder)
             kind, frames = packets.unpack(view)
             if kind == packets.BY_ZMQ:
                 reader.release()
@@ -527,11 +537,12 @@ class DriverChannel:
                     self._rep.setsockopt(zmq.RCVTIMEO, _OVERFLOW_RECV_MS)
                     self._rcvtimeo = _OVERFLOW_RECV_MS
                 self._dispatch(recv_frames(self._rep))
-                return
-            self._dispatch(frames, self._shm_decoder)
+                return None
+            return self._decode(frames, self._shm_decoder)
         except (ValueError, struct.error) as e:
             if self.stats.count(getattr(e, "reason", "packet")) == 1:
                 log.warning("gpuexec: dropped a malformed reply packet (%s)", e)
+            return None
         finally:
             view.release()
             reader.release()
@@ -554,37 +565,51 @@ class DriverChannel:
                 self._pump_poller.unregister(sock)
                 self._worker_exited(self._sentinels[sock])
 
-    def _dispatch(self, frames: list[Any], decoder: Decoder[ToDriver] | None = None) -> None:
+    def _dispatch(self, frames: list[Any]) -> None:
+        """A message from the reply socket: decode and deliver it."""
+        reply = self._decode(frames, self._decoder)
+        if reply is not None:
+            self._deliver([reply])
+
+    def _decode(self, frames: list[Any], decoder: Decoder[ToDriver]) -> Reply | Pong | None:
+        """The reply in ``frames``; None for a wake-up frame or a malformed message
+        (counted, logged once)."""
         header = frames[0]
         if header == self._wake_token and len(frames) == 1:
-            return  # a wake-up frame: the waiting loop re-checks its call
-        decoder = self._decoder if decoder is None else decoder
+            return None  # a wake-up frame: the waiting loop re-checks its call
         try:
             if not header:
                 raise MalformedMessage("empty frame", "empty")
-            reply: Reply | Pong = decoder.decode(frames) if len(frames) > 1 else \
+            return decoder.decode(frames) if len(frames) > 1 else \
                 decoder.decode_header(header)
         except MalformedMessage as e:
             if self.stats.count(e.reason) == 1:
                 log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
-            return
+            return None
+
+    def _deliver(self, replies: list[Reply | Pong]) -> None:
+        """Record ``replies`` in their calls (one take of the lock) and finish the calls
+        they complete."""
+        complete = []
         with self._lock:
-            call = self._pending.get(reply.call_id)
-            if call is None or reply.rank not in call.owed:
-                self.stats.late_replies += 1
-                return
-            call.owed.discard(reply.rank)
-            if isinstance(reply, Pong):
-                self.stats.worker_malformed[reply.rank] = dict(reply.dropped)
-                call.values[reply.rank] = None
-            elif reply.error is not None:
-                if call.failures is None:
-                    call.failures = {}
-                call.failures[reply.rank] = reply.error
-            else:
-                call.values[reply.rank] = reply.value
-            complete = not call.owed
-        if complete:
+            for reply in replies:
+                call = self._pending.get(reply.call_id)
+                if call is None or reply.rank not in call.owed:
+                    self.stats.late_replies += 1
+                    continue
+                call.owed.discard(reply.rank)
+                if isinstance(reply, Pong):
+                    self.stats.worker_malformed[reply.rank] = dict(reply.dropped)
+                    call.values[reply.rank] = None
+                elif reply.error is not None:
+                    if call.failures is None:
+                        call.failures = {}
+                    call.failures[reply.rank] = reply.error
+                else:
+                    call.values[reply.rank] = reply.value
+                if not call.owed:
+                    complete.append(call)
+        for call in complete:
             self._finish(call)
 
     def _finish(self, call: PendingCall, error: BaseException | None = None) -> None:
