@@ -222,3 +222,32 @@ def test_packets_single_frame_fast_path_and_general_walk_agree() -> None:
         packets.single_frame(memoryview(bytes(bad)))
     r.close()
     w.close()
+
+
+def test_doorbell_wakes_a_sleeping_waiter_and_costs_nothing_without_one() -> None:
+    import threading
+
+    from gpuexec.ipc.shm_ring import Doorbell
+
+    bell = Doorbell.create()
+    other = Doorbell(bell.path)  # a worker's view of the same doorbell
+    for _ in range(1000):
+        other.ring()  # nobody waits: nothing to wake (the waiter below still is woken)
+    published = threading.Event()
+    woke: list[float] = []
+
+    def waiter() -> None:
+        bell.wait(published.is_set, 5.0)
+        woke.append(time.monotonic())
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    time.sleep(0.2)  # asleep on the futex by now
+    sent = time.monotonic()
+    published.set()  # what the waiter waits for, then the ring (as a worker does)
+    other.ring()
+    th.join(5)
+    assert woke and woke[0] - sent < 0.5  # woken, not the 5 s timeout
+    other.close()
+    bell.unlink()
+    bell.close()
