@@ -124,10 +124,6 @@ class ChannelStats:
     refused_connections: int = 0  # peers the ZAP handler turned away (no/wrong key, pid)
     inflight_waits: int = 0      # calls that had to wait for a free slot (backpressure)
 
-    @property
-    def worker_malformed_total(self) -> int:
-        return sum(sum(r.values()) for r in self.worker_malformed.values())
-
     def count(self, reason: str) -> int:
         """Record one dropped frame; returns the new total."""
         self.malformed_by_reason[reason] = self.malformed_by_reason.get(reason, 0) + 1

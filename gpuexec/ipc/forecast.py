@@ -118,19 +118,13 @@ class ArrivalForecast:
     def window(self) -> tuple[float, float] | None:
         """``(wake_at, spin_until)`` for the next message, or None when neither series is
         regular enough to forecast within the spin budget."""
-        best: tuple[float, float, float, float] | None = None
-        for anchor, gaps in ((self._last, self._since_request),
-                             (self._replied, self._since_reply)):
-            if anchor is None:
-                continue
-            w = gaps.window()
-            if w is not None and (best is None or w[1] - w[0] < best[1] - best[0]):
-                lo, hi, typical = w
-                best = (anchor + lo, anchor + hi, typical, typical - lo)
-        if best is None:
+        found = [(anchor, w) for anchor, gaps in ((self._last, self._since_request),
+                                                  (self._replied, self._since_reply))
+                 if anchor is not None and (w := gaps.window()) is not None]
+        if not found:
             return None
-        opens, closes, typical, to_arrival = best
+        anchor, (lo, hi, typical) = min(found, key=lambda f: f[1][1] - f[1][0])
         # The idle-CPU target comes first: a lead that would make the expected spin (from
         # waking to the typical arrival) exceed SPIN_BUDGET of the gap is cut to fit.
-        lead = min(self._lead, max(0.0, SPIN_BUDGET * typical - to_arrival))
-        return opens - lead, closes
+        lead = min(self._lead, max(0.0, SPIN_BUDGET * typical - (typical - lo)))
+        return anchor + lo - lead, anchor + hi
