@@ -15,10 +15,14 @@ from collections.abc import Sequence
 
 __all__ = [
     "CallRefusedError",
+    "CheckpointError",
+    "CheckpointTimeoutError",
+    "CheckpointUnsupportedError",
     "ConfigError",
     "CudaDriverError",
     "ExecutorClosedError",
     "GpuexecError",
+    "HeldCallTimeoutError",
     "InflightLimitError",
     "ProtocolError",
     "RemoteError",
@@ -222,3 +226,76 @@ class CudaDriverError(GpuexecError):
 
     def __reduce__(self) -> tuple[type[CudaDriverError], tuple[str, int, str, str]]:
         return (type(self), (self.function, self.code, self.name, self.text))
+
+
+class CheckpointUnsupportedError(GpuexecError):
+    """``suspend()`` cannot work for this executor; nothing was touched.
+
+    Raised before any worker is locked: CPU workers (no GPU state to park), Ray actors, a
+    driver without the checkpoint API (NVIDIA driver 570 or newer), or a worker whose
+    device report says it is not checkpointable. ``reasons`` maps rank to why (``-1`` for
+    the whole executor).
+    """
+
+    def __init__(self, reasons: dict[int, str]) -> None:
+        self.reasons = dict(reasons)
+        lines = [reason if rank < 0 else f"rank {rank}: {reason}"
+                 for rank, reason in sorted(reasons.items())]
+        super().__init__("suspend is not possible here: " + "; ".join(lines))
+
+    def __reduce__(self) -> tuple[type[CheckpointUnsupportedError], tuple[dict[int, str]]]:
+        return (type(self), (self.reasons,))
+
+
+class CheckpointError(GpuexecError):
+    """A ``suspend()`` or ``resume()`` failed on at least one rank.
+
+    ``operation`` is ``"suspend"`` or ``"resume"``; ``failures`` maps each failing rank to
+    the driver's error (:class:`CudaDriverError`: function, CUresult code, name and text);
+    ``states`` maps every rank to its checkpoint state after the rollback (``"running"``
+    where it succeeded). ``reason`` is set instead of ``failures`` when the controller
+    process itself failed. After a failed suspend, ranks the driver let go back run again;
+    if any rank is not ``"running"``, the executor stays suspended (calls held) and
+    ``resume()`` may be retried; ``shutdown()`` always works.
+    """
+
+    def __init__(self, operation: str, failures: dict[int, CudaDriverError],
+                 states: dict[int, str], reason: str = "") -> None:
+        self.operation = operation
+        self.failures = dict(failures)
+        self.states = dict(states)
+        self.reason = reason
+        parts = [f"rank {rank}: {e.function} failed: {e.name} ({e.code}): {e.text}"
+                 for rank, e in sorted(failures.items())]
+        if reason:
+            parts.append(reason)
+        by_state: dict[str, list[int]] = {}
+        for rank, state in sorted(states.items()):
+            by_state.setdefault(state, []).append(rank)
+        now = ", ".join(f"{state}: ranks {ranks}" for state, ranks in by_state.items())
+        super().__init__(f"{operation} failed: " + "; ".join(parts) +
+                         (f" (afterwards {now})" if now else ""))
+
+    def __reduce__(self) -> tuple[type[CheckpointError],
+                                  tuple[str, dict[int, CudaDriverError], dict[int, str], str]]:
+        return (type(self), (self.operation, self.failures, self.states, self.reason))
+
+
+class CheckpointTimeoutError(CheckpointError, TimeoutError):
+    """``suspend()``/``resume()`` ran out of its ``timeout``; the ranks were rolled back as
+    after any :class:`CheckpointError` (``states`` says where each one is)."""
+
+
+class HeldCallTimeoutError(RpcTimeoutError):
+    """The call was held, unsent, while the executor was suspended, and its timeout passed.
+
+    Nothing reached any worker, so retrying is safe. ``ranks`` is empty.
+    """
+
+    def __init__(self, method: str, timeout: float) -> None:
+        super().__init__(method, timeout, ())
+        self.args = (f"{method!r} was not sent: the executor stayed suspended for the whole "
+                     f"timeout of {timeout:g} s (call resume(), or give a longer timeout)",)
+
+    def __reduce__(self) -> tuple[type[HeldCallTimeoutError], tuple[str, float]]:
+        return (type(self), (self.method, self.timeout))

@@ -35,13 +35,35 @@
  *   fake_device_calls(int dev)                    calls of any symbol that named ordinal dev
  *   fake_is_initialized()
  *
+ * Checkpoint entry points (cuCheckpointProcess*): they act on other processes by pid and are
+ * called from gpuexec's checkpoint controller, a process a test cannot reach with the control
+ * API above, so they are scripted through files named by the environment instead:
+ *   - a per-pid state machine (at most FAKE_MAX_PIDS pids): any live pid starts RUNNING;
+ *     lock RUNNING->LOCKED, checkpoint LOCKED->CHECKPOINTED, restore CHECKPOINTED->LOCKED,
+ *     unlock LOCKED->RUNNING; a call in another state returns CUDA_ERROR_ILLEGAL_STATE (401);
+ *     a pid that is not alive gives CUDA_ERROR_INVALID_VALUE (1); NULL args are accepted
+ *     (they are optional), non-zero reserved bytes give CUDA_ERROR_INVALID_VALUE.
+ *   - $FAKECUDA_CHECKPOINT_SCRIPT: re-read at every checkpoint call; each line
+ *     `<symbol> <pid or *> <CUresult> [delay_ms]` makes that call sleep delay_ms, then return
+ *     the CUresult without changing the state (0: sleep, then behave normally). The first
+ *     matching line wins; a line stays in force until the test rewrites the file.
+ *   - $FAKECUDA_CHECKPOINT_LOG: every checkpoint call appends `<symbol> <pid> <CUresult>\n`,
+ *     so a test can check the order of the calls across processes.
+ *   - a lock's timeoutMs is honoured for a scripted delay: a lock delayed longer than its
+ *     timeout returns CUDA_ERROR_TIMEOUT (909) after timeoutMs.
+ *
  * Build variants with symbols missing: -DOMIT_<symbol>, for example
  * -DOMIT_cuDevicePrimaryCtxRelease_v2 (tests the fallback to the unversioned name) or
  * -DOMIT_cuDevicePrimaryCtxRelease_v2 -DOMIT_cuDevicePrimaryCtxRelease (no release at all).
  */
 
+#include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -58,6 +80,36 @@ typedef struct CUuuid_st {
 #define CUDA_ERROR_INVALID_DEVICE 101
 #define CUDA_ERROR_NO_DEVICE 100
 #define CUDA_ERROR_INVALID_CONTEXT 201
+#define CUDA_ERROR_ILLEGAL_STATE 401
+#define CUDA_ERROR_TIMEOUT 909
+#define FAKE_MAX_PIDS 256
+
+typedef struct {
+    unsigned int timeoutMs;
+    unsigned int reserved0;
+    unsigned long long reserved1[7];
+} CUcheckpointLockArgs;
+typedef struct {
+    unsigned long long reserved[8];
+} CUcheckpointCheckpointArgs;
+typedef struct {
+    CUuuid oldUuid;
+    CUuuid newUuid;
+} CUcheckpointGpuPair;
+typedef struct {
+    CUcheckpointGpuPair *gpuPairs;
+    unsigned int gpuPairsCount;
+    char reserved[52 - sizeof(CUcheckpointGpuPair *)];
+    unsigned long long reserved1;
+} CUcheckpointRestoreArgs;
+typedef struct {
+    unsigned long long reserved[8];
+} CUcheckpointUnlockArgs;
+_Static_assert(sizeof(CUcheckpointLockArgs) == 64, "cuda.h: 64 bytes");
+_Static_assert(sizeof(CUcheckpointCheckpointArgs) == 64, "cuda.h: 64 bytes");
+_Static_assert(sizeof(CUcheckpointRestoreArgs) == 64, "cuda.h: 64 bytes");
+_Static_assert(sizeof(CUcheckpointUnlockArgs) == 64, "cuda.h: 64 bytes");
+enum { ST_RUNNING = 0, ST_LOCKED = 1, ST_CHECKPOINTED = 2, ST_FAILED = 3 };
 
 /* Every symbol the fake can export, whether or not this variant omits it. */
 #define FAKE_FUNCTIONS(X)               \
@@ -73,6 +125,11 @@ typedef struct CUuuid_st {
     X(cuDevicePrimaryCtxRelease_v2)     \
     X(cuDevicePrimaryCtxReset)          \
     X(cuDevicePrimaryCtxReset_v2)       \
+    X(cuCheckpointProcessLock)          \
+    X(cuCheckpointProcessCheckpoint)    \
+    X(cuCheckpointProcessRestore)       \
+    X(cuCheckpointProcessUnlock)        \
+    X(cuCheckpointProcessGetState)      \
     X(cuGetErrorName)                   \
     X(cuGetErrorString)
 
@@ -117,6 +174,9 @@ static const struct {
     {101, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
     {201, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
     {304, "CUDA_ERROR_OPERATING_SYSTEM", "OS call failed or operation not supported on this OS"},
+    {401, "CUDA_ERROR_ILLEGAL_STATE", "the operation is not permitted in the current state"},
+    {801, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {909, "CUDA_ERROR_TIMEOUT", "wait operation timed out"},
     {999, "CUDA_ERROR_UNKNOWN", "unknown error"},
 };
 
@@ -384,5 +444,152 @@ CUresult cuGetErrorName(CUresult error, const char **name) {
 #ifndef OMIT_cuGetErrorString
 CUresult cuGetErrorString(CUresult error, const char **text) {
     return error_lookup(F_cuGetErrorString, error, text, 1);
+}
+#endif
+
+/* ---- checkpoint entry points (see the top of the file) --------------------------------- */
+
+static struct {
+    int pid;
+    int state;
+} PIDS[FAKE_MAX_PIDS];
+static int n_pids;
+static pthread_mutex_t pid_lock = PTHREAD_MUTEX_INITIALIZER; /* the controller calls in threads */
+
+/* The state slot of pid (made RUNNING on first sight), or NULL when the pid is not alive. */
+static int *pid_state(int pid) {
+    if (pid <= 0 || kill(pid, 0) != 0) return NULL;
+    for (int i = 0; i < n_pids; i++)
+        if (PIDS[i].pid == pid) return &PIDS[i].state;
+    if (n_pids >= FAKE_MAX_PIDS) return NULL;
+    PIDS[n_pids].pid = pid;
+    PIDS[n_pids].state = ST_RUNNING;
+    return &PIDS[n_pids++].state;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+}
+
+/* The scripted outcome of (symbol, pid): 1, with code and delay set, when a line matches. */
+static int scripted(const char *symbol, int pid, int *code, long *delay) {
+    const char *path = getenv("FAKECUDA_CHECKPOINT_SCRIPT");
+    if (path == NULL || *path == '\0') return 0;
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return 0;
+    char line[256], fn[128], who[32];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f) != NULL) {
+        int rc = 0;
+        long ms = 0;
+        int n = sscanf(line, "%127s %31s %d %ld", fn, who, &rc, &ms);
+        if (n < 3 || strcmp(fn, symbol) != 0) continue;
+        if (strcmp(who, "*") != 0 && atoi(who) != pid) continue;
+        *code = rc;
+        *delay = n >= 4 ? ms : 0;
+        found = 1;
+    }
+    fclose(f);
+    return found;
+}
+
+static CUresult logged(const char *symbol, int pid, CUresult rc) {
+    const char *path = getenv("FAKECUDA_CHECKPOINT_LOG");
+    if (path != NULL && *path != '\0') {
+        FILE *f = fopen(path, "a");
+        if (f != NULL) {
+            fprintf(f, "%s %d %d\n", symbol, pid, rc);
+            fclose(f);
+        }
+    }
+    return rc;
+}
+
+static int all_zero(const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        if (b[i]) return 0;
+    return 1;
+}
+
+/* One transition from `from` to `to`, with the script, the log and the counters. */
+static CUresult transition(int function, int pid, int from, int to, unsigned int timeout_ms) {
+    const char *symbol = FUNCTION_NAMES[function];
+    CUresult rc = enter(function, -1);
+    if (rc != CUDA_SUCCESS) return logged(symbol, pid, rc);
+    if (!S.initialized) return logged(symbol, pid, CUDA_ERROR_NOT_INITIALIZED);
+    int code = 0;
+    long delay = 0;
+    if (scripted(symbol, pid, &code, &delay)) {
+        if (timeout_ms > 0 && delay > (long)timeout_ms) {
+            sleep_ms(timeout_ms);
+            return logged(symbol, pid, CUDA_ERROR_TIMEOUT);
+        }
+        if (delay > 0) sleep_ms(delay);
+        if (code != CUDA_SUCCESS) return logged(symbol, pid, code);
+    }
+    pthread_mutex_lock(&pid_lock);
+    int *state = pid_state(pid);
+    if (state == NULL)
+        rc = CUDA_ERROR_INVALID_VALUE;
+    else if (*state != from)
+        rc = CUDA_ERROR_ILLEGAL_STATE;
+    else
+        *state = to;
+    pthread_mutex_unlock(&pid_lock);
+    return logged(symbol, pid, rc);
+}
+
+#ifndef OMIT_cuCheckpointProcessLock
+CUresult cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args) {
+    if (args != NULL && (args->reserved0 || !all_zero(args->reserved1, sizeof args->reserved1)))
+        return logged("cuCheckpointProcessLock", pid, CUDA_ERROR_INVALID_VALUE);
+    return transition(F_cuCheckpointProcessLock, pid, ST_RUNNING, ST_LOCKED,
+                      args != NULL ? args->timeoutMs : 0);
+}
+#endif
+
+#ifndef OMIT_cuCheckpointProcessCheckpoint
+CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args) {
+    if (args != NULL && !all_zero(args, sizeof *args))
+        return logged("cuCheckpointProcessCheckpoint", pid, CUDA_ERROR_INVALID_VALUE);
+    return transition(F_cuCheckpointProcessCheckpoint, pid, ST_LOCKED, ST_CHECKPOINTED, 0);
+}
+#endif
+
+#ifndef OMIT_cuCheckpointProcessRestore
+CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args) {
+    if (args != NULL && (args->gpuPairs != NULL || args->gpuPairsCount != 0 ||
+                         !all_zero(args->reserved, sizeof args->reserved) || args->reserved1))
+        return logged("cuCheckpointProcessRestore", pid, CUDA_ERROR_INVALID_VALUE);
+    return transition(F_cuCheckpointProcessRestore, pid, ST_CHECKPOINTED, ST_LOCKED, 0);
+}
+#endif
+
+#ifndef OMIT_cuCheckpointProcessUnlock
+CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args) {
+    if (args != NULL && !all_zero(args, sizeof *args))
+        return logged("cuCheckpointProcessUnlock", pid, CUDA_ERROR_INVALID_VALUE);
+    return transition(F_cuCheckpointProcessUnlock, pid, ST_LOCKED, ST_RUNNING, 0);
+}
+#endif
+
+#ifndef OMIT_cuCheckpointProcessGetState
+CUresult cuCheckpointProcessGetState(int pid, int *out) {
+    CUresult rc = enter(F_cuCheckpointProcessGetState, -1);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (!S.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (out == NULL) return CUDA_ERROR_INVALID_VALUE;
+    int code = 0;
+    long delay = 0;
+    if (scripted("cuCheckpointProcessGetState", pid, &code, &delay) && code != CUDA_SUCCESS)
+        return code;
+    pthread_mutex_lock(&pid_lock);
+    int *state = pid_state(pid);
+    if (state != NULL) *out = *state;
+    pthread_mutex_unlock(&pid_lock);
+    return state == NULL ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
 }
 #endif

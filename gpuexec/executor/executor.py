@@ -31,6 +31,7 @@ Data flow::
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import dataclasses
 import logging
@@ -48,6 +49,7 @@ import msgspec
 import zmq
 
 from ..errors import CallRefusedError, ConfigError
+from ..ipc.checkpoint import SuspendReport
 from ..ipc.curve import CurveServer, bind_tcp, check_host
 from ..ipc.endpoints import EndpointDir
 from ..ipc.messages import ShmSpec, WorkerSpec
@@ -58,11 +60,13 @@ from ..worker.stdio import read_tail, stderr_record_path
 from .aio import AsyncSlots, await_call
 from .channel import ChannelStats, DriverChannel, PendingCall
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
+from .hold import CallGate
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
 from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
 from .shm_path import ShmDriverPath, shm_room
 from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
+from .suspension import Suspension, refusal
 from .zygote import ZygoteClient, ZygoteError, close_zygotes, default_preload, get_zygote
 
 log = logging.getLogger("gpuexec")
@@ -153,6 +157,11 @@ def _stderr_tail(endpoints: EndpointDir, ray_workers: RayWorkers | None
         return text
 
     return tail
+
+
+def _method_name(method: str | Callable[..., Any]) -> str:
+    return method if isinstance(method, str) else \
+        getattr(method, "__qualname__", None) or repr(method)
 
 
 class Executor:
@@ -394,6 +403,11 @@ class Executor:
                                       max_inflight_calls=cfg.max_inflight_calls,
                                       max_message_size=cfg.max_message_size, auth=auth)
         self._channel.start()
+        # calls made while suspended wait at the gate, unsent (see .hold and .suspension)
+        self._gate = CallGate(self._channel.check_usable)
+        self._channel.add_failure_callback(self._gate.poke)
+        self._suspension = Suspension(self._gate, [(h.rank, h.pid) for h in handles],
+                                      refusal(cfg.device, backend, self.device_reports))
         self._closed = False
         _live.add(self)
         _install_sigterm_handler()
@@ -573,6 +587,15 @@ class Executor:
         ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
         died, ``ExecutorClosedError`` after shutdown.
         """
+        if self._gate.holding:  # suspended: the call waits in the driver, unsent (see .hold)
+            def send(left: float | None) -> Any:
+                call = self._submit(method, args, kwargs, left, ranks, unique_reply_rank,
+                                    non_block)
+                return call.future if non_block else self._channel.wait(call)
+            wait = self._call_timeout(timeout)
+            name = _method_name(method)
+            return self._gate.defer(send, wait, name) if non_block else \
+                send(self._gate.hold(wait, name))
         call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
         if non_block:
             assert call.future is not None
@@ -614,6 +637,9 @@ class Executor:
         Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
         ``ExecutorClosedError`` as :meth:`collective_rpc` does.
         """
+        if self._gate.holding:  # suspended: wait here, unsent, until resume (see .hold)
+            timeout = await self._gate.hold_async(self._call_timeout(timeout),
+                                                  _method_name(method))
         async with self._async_slots.for_running_loop():
             call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
             return await await_call(call, self._channel.abandon)
@@ -646,6 +672,13 @@ class Executor:
         return self._channel.submit(name, blob, list(args), dict(kwargs) if kwargs else {},
                                     target, unique_reply_rank, timeout, non_block)
 
+    def _call_timeout(self, timeout: float | None) -> float | None:
+        if timeout is None:
+            return self._config.rpc_timeout
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        return timeout
+
     def _ranks(self, ranks: Sequence[int]) -> list[int]:
         out = list(ranks)
         for r in out:
@@ -660,6 +693,51 @@ class Executor:
         answer within ``timeout``, or ``WorkerDiedError`` if one is gone. Each answer
         carries what that worker dropped so far (see :meth:`stats`)."""
         self._channel.wait(self._channel.ping(timeout))
+
+    # -- suspend / resume (see .suspension) ------------------------------------------
+
+    @property
+    def is_suspended(self) -> bool:
+        """True from a successful :meth:`suspend` until :meth:`resume` (calls are held)."""
+        return self._suspension.suspended
+
+    def suspend(self, timeout: float | None = None) -> list[SuspendReport]:
+        """Park every worker's GPU state in host memory and free the GPUs.
+
+        Uses the CUDA driver's checkpoint API (NVIDIA driver 570+) from a controller
+        process started on first use, so it works for any memory the worker's code holds.
+        Every rank is locked before any is checkpointed. Until :meth:`resume`, calls wait
+        in the driver, unsent (each bounded by its own timeout: ``HeldCallTimeoutError``);
+        :meth:`check_health` still answers. Returns one :class:`SuspendReport` per rank;
+        suspending a suspended executor changes nothing (``changed=False``).
+
+        Raises ``CheckpointUnsupportedError`` before touching any worker (CPU workers,
+        no checkpoint API, a worker its device report calls not checkpointable);
+        ``CheckpointError`` naming each failing rank's CUresult after rolling the others
+        back to running (``CheckpointTimeoutError`` when ``timeout`` ran out);
+        ``WorkerDiedError`` / ``ExecutorClosedError`` as any call.
+        """
+        self._channel.check_usable()
+        return self._suspension.suspend(self._call_timeout(timeout))
+
+    def resume(self, timeout: float | None = None) -> list[SuspendReport]:
+        """Bring every worker's GPU state back (same addresses) and release held calls.
+
+        Every rank is restored before any is unlocked. Resuming a running executor changes
+        nothing (``changed=False``). On ``CheckpointError`` the executor stays suspended
+        and ``resume()`` may be retried; ``shutdown()`` always works.
+        """
+        self._channel.check_usable()
+        return self._suspension.resume(self._call_timeout(timeout))
+
+    async def suspend_async(self, timeout: float | None = None) -> list[SuspendReport]:
+        """:meth:`suspend` without blocking the event loop (it runs in a thread; a
+        cancelled await does not stop the suspend under way)."""
+        return await asyncio.to_thread(self.suspend, timeout)
+
+    async def resume_async(self, timeout: float | None = None) -> list[SuspendReport]:
+        """:meth:`resume` without blocking the event loop (see :meth:`suspend_async`)."""
+        return await asyncio.to_thread(self.resume, timeout)
 
     # -- shutdown ------------------------------------------------------------------
 
@@ -677,7 +755,11 @@ class Executor:
         _live.discard(self)
         grace = self._config.shutdown_timeout if timeout is None else timeout
         self._channel.begin_close()
+        self._gate.poke()
+        if self._suspension.suspended:
+            grace = 0.0  # a parked worker's exit path would block in CUDA until unlocked
         stop_workers(self._handles, grace=grace, term_grace=self._config.terminate_timeout)
+        self._suspension.close()
         if self._ray_workers is not None:
             self._ray_workers.close()
         self._channel.close()

@@ -60,3 +60,8 @@ class DeviceReport(msgspec.Struct, frozen=True, kw_only=True):
     release_ms: float = 0.0  # time the stale-context check and releases took (driver calls)
     elapsed_ms: float = 0.0  # time device initialisation took in the worker
     warnings: list[str] = msgspec.field(default_factory=list)  # also logged by the worker
+    # Executor.suspend() can park this worker: a CUDA worker, a driver with the checkpoint
+    # API (570+), no primary context left active on another GPU; else checkpoint_detail
+    # says why not
+    checkpointable: bool = False
+    checkpoint_detail: str = "not a CUDA worker"

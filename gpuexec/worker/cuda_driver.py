@@ -45,6 +45,20 @@ usable for what it has (a driver without ``cuDevicePrimaryCtxReset`` can still r
 and makes the failure a per-device report entry instead of a failed worker start.
 Without ``cuGetErrorName`` / ``cuGetErrorString`` errors read ``CUDA_ERROR_UNKNOWN`` /
 ``unknown error (code N)``.
+
+Checkpoint entry points (driver 570 and newer)
+----------------------------------------------
+``cuCheckpointProcessLock/Checkpoint/Restore/Unlock/GetState(pid, args)`` act on *another*
+process's CUDA state; gpuexec calls them only from its checkpoint controller
+(:mod:`gpuexec.worker.checkpoint_controller`), never from a worker on itself. Their
+argument structs are 64 bytes each, laid out as in ``cuda.h`` (CUDA 12.8+):
+``CUcheckpointLockArgs {unsigned timeoutMs; unsigned reserved0; cuuint64_t reserved1[7]}``,
+``CUcheckpointCheckpointArgs {cuuint64_t reserved[8]}``,
+``CUcheckpointRestoreArgs {CUcheckpointGpuPair *gpuPairs; unsigned gpuPairsCount;
+char reserved[52 - sizeof(void *)]; cuuint64_t reserved1}`` and
+``CUcheckpointUnlockArgs {cuuint64_t reserved[8]}``; reserved bytes must be zero, which a
+fresh ctypes struct is. A driver without them binds as usual and reports
+:attr:`CudaDriver.supports_checkpoint` False.
 """
 
 from __future__ import annotations
@@ -59,9 +73,11 @@ from typing import NamedTuple
 from gpuexec.errors import CudaDriverError
 
 __all__ = [
+    "CHECKPOINT_FUNCTIONS",
     "CUDA_SUCCESS",
     "DEFAULT_LIBRARY",
     "LIBCUDA_ENV",
+    "PROCESS_STATES",
     "SYMBOL_NOT_FOUND",
     "CudaDriver",
     "load_driver",
@@ -94,6 +110,53 @@ class CUuuid(ctypes.Structure):
     _fields_ = [("bytes", ctypes.c_ubyte * _UUID_LEN)]
 
 
+class CUcheckpointLockArgs(ctypes.Structure):
+    """Arguments of ``cuCheckpointProcessLock``: ``timeoutMs`` 0 waits without limit."""
+
+    _fields_ = [("timeoutMs", ctypes.c_uint), ("reserved0", ctypes.c_uint),
+                ("reserved1", ctypes.c_uint64 * 7)]
+
+
+class CUcheckpointCheckpointArgs(ctypes.Structure):
+    """Arguments of ``cuCheckpointProcessCheckpoint`` (all reserved, zero)."""
+
+    _fields_ = [("reserved", ctypes.c_uint64 * 8)]
+
+
+class CUcheckpointGpuPair(ctypes.Structure):
+    """One GPU remapping for a restore: the uuid checkpointed from, the uuid restored to."""
+
+    _fields_ = [("oldUuid", CUuuid), ("newUuid", CUuuid)]
+
+
+class CUcheckpointRestoreArgs(ctypes.Structure):
+    """Arguments of ``cuCheckpointProcessRestore``; no pairs: restore to the same GPUs."""
+
+    _fields_ = [("gpuPairs", ctypes.POINTER(CUcheckpointGpuPair)),
+                ("gpuPairsCount", ctypes.c_uint),
+                ("reserved", ctypes.c_char * (52 - ctypes.sizeof(ctypes.c_void_p))),
+                ("reserved1", ctypes.c_uint64)]
+
+
+class CUcheckpointUnlockArgs(ctypes.Structure):
+    """Arguments of ``cuCheckpointProcessUnlock`` (all reserved, zero)."""
+
+    _fields_ = [("reserved", ctypes.c_uint64 * 8)]
+
+
+PROCESS_STATES = ("running", "locked", "checkpointed", "failed")
+"""``CUprocessState`` by value: ``CU_PROCESS_STATE_RUNNING`` (0) ... ``FAILED`` (3)."""
+
+CHECKPOINT_FUNCTIONS = (
+    "cuCheckpointProcessLock",
+    "cuCheckpointProcessCheckpoint",
+    "cuCheckpointProcessRestore",
+    "cuCheckpointProcessUnlock",
+    "cuCheckpointProcessGetState",
+)
+"""The entry points :attr:`CudaDriver.supports_checkpoint` needs (libcuda of driver 570+)."""
+
+
 class _Function(NamedTuple):
     """One table row: symbol, C return type, C argument types, older symbol to fall back to."""
 
@@ -119,6 +182,15 @@ _FUNCTIONS: tuple[_Function, ...] = (
     _Function("cuDevicePrimaryCtxGetState", CUresult, (CUdevice, _c_uint_p, _c_int_p)),
     _Function("cuDevicePrimaryCtxRelease_v2", CUresult, (CUdevice,), "cuDevicePrimaryCtxRelease"),
     _Function("cuDevicePrimaryCtxReset_v2", CUresult, (CUdevice,), "cuDevicePrimaryCtxReset"),
+    _Function("cuCheckpointProcessLock", CUresult,
+              (ctypes.c_int, ctypes.POINTER(CUcheckpointLockArgs))),
+    _Function("cuCheckpointProcessCheckpoint", CUresult,
+              (ctypes.c_int, ctypes.POINTER(CUcheckpointCheckpointArgs))),
+    _Function("cuCheckpointProcessRestore", CUresult,
+              (ctypes.c_int, ctypes.POINTER(CUcheckpointRestoreArgs))),
+    _Function("cuCheckpointProcessUnlock", CUresult,
+              (ctypes.c_int, ctypes.POINTER(CUcheckpointUnlockArgs))),
+    _Function("cuCheckpointProcessGetState", CUresult, (ctypes.c_int, _c_int_p)),
     _Function("cuGetErrorName", CUresult, (CUresult, _c_char_pp)),
     _Function("cuGetErrorString", CUresult, (CUresult, _c_char_pp)),
 )
@@ -276,6 +348,42 @@ class CudaDriver:
     def primary_ctx_reset(self, dev: int) -> None:
         """Destroy every allocation and all state of the primary context, whoever retains it."""
         self._call("cuDevicePrimaryCtxReset_v2", dev)
+
+    # -- checkpoint entry points: act on another process by pid ---------------------------
+
+    @property
+    def supports_checkpoint(self) -> bool:
+        """Every entry point of :data:`CHECKPOINT_FUNCTIONS` is exported (driver 570+)."""
+        return all(self._functions[name] is not None for name in CHECKPOINT_FUNCTIONS)
+
+    def checkpoint_lock(self, pid: int, timeout_ms: int = 0) -> None:
+        """RUNNING -> LOCKED: block ``pid``'s new CUDA calls and wait for its submitted work.
+
+        ``timeout_ms`` 0 waits without limit; otherwise the driver gives up (an error)."""
+        args = CUcheckpointLockArgs(timeoutMs=max(0, min(timeout_ms, 2**32 - 1)))
+        self._call("cuCheckpointProcessLock", pid, ctypes.byref(args))
+
+    def checkpoint_checkpoint(self, pid: int) -> None:
+        """LOCKED -> CHECKPOINTED: copy ``pid``'s device memory to host memory, free the GPU."""
+        args = CUcheckpointCheckpointArgs()
+        self._call("cuCheckpointProcessCheckpoint", pid, ctypes.byref(args))
+
+    def checkpoint_restore(self, pid: int) -> None:
+        """CHECKPOINTED -> LOCKED: device memory back, at the same addresses, same GPUs."""
+        args = CUcheckpointRestoreArgs()
+        self._call("cuCheckpointProcessRestore", pid, ctypes.byref(args))
+
+    def checkpoint_unlock(self, pid: int) -> None:
+        """LOCKED -> RUNNING: ``pid``'s CUDA calls proceed."""
+        args = CUcheckpointUnlockArgs()
+        self._call("cuCheckpointProcessUnlock", pid, ctypes.byref(args))
+
+    def process_state(self, pid: int) -> str:
+        """``pid``'s checkpoint state: one of :data:`PROCESS_STATES`, or ``"state N"``."""
+        state = ctypes.c_int(-1)
+        self._call("cuCheckpointProcessGetState", pid, ctypes.byref(state))
+        value = state.value
+        return PROCESS_STATES[value] if 0 <= value < len(PROCESS_STATES) else f"state {value}"
 
 
 def load_driver(path: str | None = None) -> CudaDriver | None:

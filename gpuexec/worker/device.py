@@ -93,6 +93,7 @@ def init_device(spec: WorkerSpec) -> DeviceReport:
     if driver is None:
         return DeviceReport(rank=spec.rank, device=torch_device(spec), ordinal=ordinal,
                             warnings=["no CUDA driver (libcuda.so.1) could be loaded"],
+                            checkpoint_detail="no CUDA driver (libcuda.so.1) could be loaded",
                             elapsed_ms=(time.perf_counter() - start) * 1e3)
     uuid = ""
     active: list[int] = []
@@ -123,11 +124,33 @@ def init_device(spec: WorkerSpec) -> DeviceReport:
                             f"({held}); see the actions for why")
     for w in warnings:
         log.warning("gpuexec: %s", w)
+    why_not = _not_checkpointable(driver.supports_checkpoint, driver_text, actions)
     return DeviceReport(
         rank=spec.rank, device=torch_device(spec), ordinal=ordinal, uuid=uuid,
         driver=driver_text, active_before=active, actions=actions, warnings=warnings,
         foreign_mib=foreign, freed_mib=freed, nvml_index=own, release_ms=release_ms,
-        elapsed_ms=(time.perf_counter() - start) * 1e3)
+        elapsed_ms=(time.perf_counter() - start) * 1e3, checkpointable=not why_not,
+        checkpoint_detail=why_not)
+
+
+def _not_checkpointable(api: bool, driver_text: str, actions: list[ContextAction]) -> str:
+    """Why the driver's checkpoint API cannot park this worker; "" when it can.
+
+    A primary context left active on a GPU the worker does not own is part of the
+    process's CUDA state too: a checkpoint would park it and a restore would need that GPU
+    as well, and such leftovers are what made restores of forked workers fail. Releasing
+    them at start-up (the default) is what makes a worker checkpointable.
+    """
+    if not driver_text:
+        return "the CUDA driver could not be initialised"
+    if not api:
+        return (f"{driver_text} has no checkpoint API (cuCheckpointProcess*: NVIDIA driver "
+                "570 or newer)")
+    stale = sorted({a.device for a in actions if a.action not in ("released", "reset")})
+    if stale:
+        return (f"primary contexts still active on GPUs {stale} besides its own (see the "
+                "actions; stale_context_policy='reset' releases contexts retained elsewhere)")
+    return ""
 
 
 def merge_reports(first: DeviceReport, later: DeviceReport) -> DeviceReport:
