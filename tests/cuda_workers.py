@@ -45,3 +45,73 @@ class GpuWorker(Worker):
 
     def reinit(self) -> Any:
         return self.init_device()
+
+
+class ParkedWorker(GpuWorker):
+    """Holds what a suspend must keep: a big tensor, cuBLAS state and a captured CUDA graph.
+
+    :meth:`load` records reference results; :meth:`verify` recomputes them after a resume
+    and compares bit for bit. :meth:`pinned_offload` / :meth:`pinned_reload` are the
+    by-hand baseline: the big tensor copied to pinned host memory and its device storage
+    freed, then the reverse (the graph's tensors cannot be moved that way: a replay
+    reads the addresses it captured).
+    """
+
+    def load(self, gib: float, n: int = 4096) -> dict[str, Any]:
+        dev = self.device
+        g = torch.Generator(device=dev).manual_seed(1234 + self.rank)
+        self.big = torch.rand(int(gib * 2**30) // 4, device=dev, generator=g)
+        self.a = torch.randn(n, n, device=dev, generator=g)
+        self.b = torch.randn(n, n, device=dev, generator=g)
+        self.mm_ref = self.a @ self.b  # creates the cuBLAS handle and workspace
+        self.x = torch.randn(n, n, device=dev, generator=g)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                torch.relu(self.x @ self.a)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.y = torch.relu(self.x @ self.a) + 1.0
+        self.graph.replay()
+        torch.cuda.synchronize()
+        self.y_ref = self.y.clone()
+        self.y.zero_()  # a replay after resume must recompute it
+        self.big_sum = float(torch.sum(self.big, dtype=torch.float64))
+        torch.cuda.synchronize()
+        return {"pid": os.getpid(), "big_bytes": self.big.numel() * 4,
+                "reserved_bytes": torch.cuda.memory_reserved(dev)}
+
+    def verify(self) -> dict[str, bool]:
+        self.graph.replay()
+        mm = self.a @ self.b
+        torch.cuda.synchronize()
+        return {"graph": bool(torch.equal(self.y, self.y_ref)),
+                "matmul": bool(torch.equal(mm, self.mm_ref)),
+                "data": float(torch.sum(self.big, dtype=torch.float64)) == self.big_sum}
+
+    def pinned_offload(self) -> dict[str, float]:
+        import time
+
+        t = time.perf_counter()
+        self.host = torch.empty(self.big.shape, dtype=self.big.dtype, pin_memory=True)
+        alloc = time.perf_counter() - t
+        t = time.perf_counter()
+        self.host.copy_(self.big, non_blocking=True)
+        torch.cuda.synchronize()
+        copy = time.perf_counter() - t
+        self.big.untyped_storage().resize_(0)
+        torch.cuda.empty_cache()
+        return {"alloc_s": alloc, "copy_s": copy, "free_s": time.perf_counter() - t - copy}
+
+    def pinned_reload(self) -> dict[str, float]:
+        import time
+
+        t = time.perf_counter()
+        self.big.untyped_storage().resize_(self.host.numel() * 4)
+        self.big.copy_(self.host, non_blocking=True)
+        torch.cuda.synchronize()
+        copy = time.perf_counter() - t
+        del self.host
+        return {"copy_s": copy}

@@ -34,6 +34,7 @@
  *   fake_calls(const char *fn)                    calls of that exact symbol (-1 if unknown)
  *   fake_device_calls(int dev)                    calls of any symbol that named ordinal dev
  *   fake_is_initialized()
+ * (fake_reset also forgets every pid's checkpoint state.)
  *
  * Checkpoint entry points (cuCheckpointProcess*): they act on other processes by pid and are
  * called from gpuexec's checkpoint controller, a process a test cannot reach with the control
@@ -158,6 +159,14 @@ static struct {
     int n_errors;
 } S;
 
+/* checkpoint states by pid; the controller calls from several threads, hence the mutex */
+static struct {
+    int pid;
+    int state;
+} PIDS[FAKE_MAX_PIDS];
+static int n_pids;
+static pthread_mutex_t pid_lock = PTHREAD_MUTEX_INITIALIZER;
+
 static const struct {
     int code;
     const char *name;
@@ -184,6 +193,7 @@ static const struct {
 
 void fake_reset(void) {
     memset(&S, 0, sizeof S);
+    n_pids = 0;
     S.device_count = 2;
     S.driver_version = 12080;
 }
@@ -449,12 +459,6 @@ CUresult cuGetErrorString(CUresult error, const char **text) {
 
 /* ---- checkpoint entry points (see the top of the file) --------------------------------- */
 
-static struct {
-    int pid;
-    int state;
-} PIDS[FAKE_MAX_PIDS];
-static int n_pids;
-static pthread_mutex_t pid_lock = PTHREAD_MUTEX_INITIALIZER; /* the controller calls in threads */
 
 /* The state slot of pid (made RUNNING on first sight), or NULL when the pid is not alive. */
 static int *pid_state(int pid) {

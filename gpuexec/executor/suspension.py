@@ -80,6 +80,7 @@ log = logging.getLogger("gpuexec")
 CONTROLLER_MODULE = "gpuexec.worker.checkpoint_controller"
 _START_TIMEOUT = 60.0  # interpreter start + libcuda load + cuInit
 _CLOSE_TIMEOUT = 2.0
+_UNCLEAR = ("unknown", "failed")  # states after which the driver's real state is a guess
 
 
 class ControllerClient:
@@ -236,10 +237,13 @@ class Suspension:
     def _roll_back(self, last: dict[int, PidResult], operation: str) -> dict[int, str]:
         """Bring every rank back to running where the driver allows; return their states."""
         states: dict[int, str] = {r: res.state for r, res in last.items()}
-        back = self._step("restore", [r for r, s in states.items() if s == "checkpointed"],
-                          operation)
+        # a rank the driver cannot describe (a failed checkpoint) gets both calls: the wrong
+        # one for its real state fails harmlessly with CUDA_ERROR_ILLEGAL_STATE
+        parked = (*_UNCLEAR, "checkpointed")
+        back = self._step("restore", [r for r, s in states.items() if s in parked], operation)
         states.update({r: res.state for r, res in back.items()})
-        again = self._step("unlock", [r for r, s in states.items() if s == "locked"], operation)
+        held = (*_UNCLEAR, "locked")
+        again = self._step("unlock", [r for r, s in states.items() if s in held], operation)
         states.update({r: res.state for r, res in again.items()})
         stuck = {r: s for r, s in states.items() if s != "running"}
         if stuck:
@@ -337,9 +341,10 @@ def _record(steps: dict[int, dict[str, float]], name: str, results: dict[int, Pi
 def _report(rank: int, pid: int, operation: Literal["suspend", "resume"],
             steps: dict[str, float], before: PidResult, after: PidResult,
             sign: int) -> SuspendReport:
-    """``sign`` -1: report GPU MiB freed (before - after); +1: taken back (after - before)."""
-    gpu = None if before.gpu_mib is None or after.gpu_mib is None else \
-        sign * (after.gpu_mib - before.gpu_mib)
+    """``sign`` -1: report GPU MiB freed (before - after); +1: taken back (after - before).
+    None when NVML saw the pid on no GPU either time (another pid namespace)."""
+    gpu = None if before.gpu_mib is None or after.gpu_mib is None or \
+        before.gpu_mib == after.gpu_mib == 0 else sign * (after.gpu_mib - before.gpu_mib)
     host = None if before.rss_bytes is None or after.rss_bytes is None else \
         after.rss_bytes - before.rss_bytes
     return SuspendReport(rank=rank, pid=pid, operation=operation, state=after.state,
