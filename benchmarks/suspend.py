@@ -7,9 +7,12 @@ CUDA graph (``tests/cuda_workers.py:ParkedWorker``). Measured in the same run, p
   restore / unlock times (from the reports), GPU memory freed (NVML, whole device), and
   whether graph replay, a matmul and the big tensor are bit-identical after resume;
 * the baseline an engine would write itself: the big tensor copied to pinned host memory
-  and its device storage freed, then allocated and copied back (pinned allocation timed
-  apart: an engine can keep the buffer). It cannot move the graph's tensors (a replay
-  reads the captured addresses) nor cuBLAS or NCCL state; the checkpoint moves everything.
+  and its device storage freed, then allocated and copied back (pinning, with
+  ``cudaHostRegister``, timed apart: an engine can keep the buffer). It cannot move the
+  graph's tensors (a replay reads the captured addresses) nor cuBLAS or NCCL state; the
+  checkpoint moves everything;
+* a probe: a worker that keeps pinned host memory from torch's caching host allocator,
+  suspended (does the driver's checkpoint accept it?).
 
 GB/s: bytes the worker had reserved on the GPU (checkpoint) or the tensor's bytes
 (baseline) over the copy time. Usage: ``python benchmarks/suspend.py [--gib 1 8 32]
@@ -85,12 +88,37 @@ def measure(gib: float) -> dict[str, Any]:
         return row
 
 
+def pinned_probe() -> dict[str, Any]:
+    """Suspend a worker that keeps 64 MiB of torch-pinned host memory."""
+    from gpuexec.errors import CheckpointError
+
+    with Executor("cuda_workers:ParkedWorker", 1, device="cuda") as ex:
+        ex.collective_rpc("load", args=(0.25,))
+        ex.collective_rpc("pin", args=(64,))
+        try:
+            ex.suspend(timeout=60)
+        except CheckpointError as e:
+            return {"suspended": False, "error": str(e), "states": e.states,
+                    "usable_after": _usable(ex)}
+        ex.resume(timeout=60)
+        return {"suspended": True, "intact": ex.collective_rpc("verify")[0]}
+
+
+def _usable(ex: Executor) -> Any:
+    try:
+        return ex.collective_rpc("verify", timeout=20)[0]
+    except Exception as e:  # recorded, not raised: this is the probe's result
+        return f"{type(e).__name__}: {e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, nargs="+", default=[1.0, 8.0, 32.0])
     parser.add_argument("--out", default=None, help="directory for suspend.json")
     args = parser.parse_args()
     rows = [measure(g) for g in args.gib]
+    probe = pinned_probe()
+    print(f"pinned-memory probe: {probe}")
     print_table(
         ["GiB", "suspend s", "resume s", "freed MiB", "ckpt GB/s", "restore GB/s",
          "pinned out GB/s", "pinned in GB/s", "pin alloc s", "intact (ckpt/pinned)"],
@@ -100,7 +128,8 @@ def main() -> None:
           r["pinned"]["reload_gbps"], r["pinned"]["alloc_s"],
           f"{all(r['checkpoint']['intact'].values())}/{all(r['pinned']['intact'].values())}"]
          for r in rows])
-    path = write_json("suspend.json", {"machine": machine(), "rows": rows}, args.out)
+    path = write_json("suspend.json", {"machine": machine(), "rows": rows,
+                                        "pinned_probe": probe}, args.out)
     print(f"wrote {path}")
 
 

@@ -52,9 +52,11 @@ class ParkedWorker(GpuWorker):
 
     :meth:`load` records reference results; :meth:`verify` recomputes them after a resume
     and compares bit for bit. :meth:`pinned_offload` / :meth:`pinned_reload` are the
-    by-hand baseline: the big tensor copied to pinned host memory and its device storage
-    freed, then the reverse (the graph's tensors cannot be moved that way: a replay
-    reads the addresses it captured).
+    by-hand baseline: the big tensor copied to page-locked host memory and its device
+    storage freed, then the reverse (the graph's tensors cannot be moved that way: a
+    replay reads the addresses it captured). The host buffer is pinned with
+    ``cudaHostRegister`` and unpinned afterwards rather than taken from torch's pinned
+    cache, which keeps it page-locked (see :meth:`pin`).
     """
 
     def load(self, gib: float, n: int = 4096) -> dict[str, Any]:
@@ -78,24 +80,41 @@ class ParkedWorker(GpuWorker):
         torch.cuda.synchronize()
         self.y_ref = self.y.clone()
         self.y.zero_()  # a replay after resume must recompute it
-        self.big_sum = float(torch.sum(self.big, dtype=torch.float64))
-        torch.cuda.synchronize()
+        self.big_sum = self._checksum()
+        torch.cuda.empty_cache()
         return {"pid": os.getpid(), "big_bytes": self.big.numel() * 4,
                 "reserved_bytes": torch.cuda.memory_reserved(dev)}
+
+    def _checksum(self) -> float:
+        """Sum of the big tensor in float64, in slices (no full-size temporary)."""
+        total = sum(float(torch.sum(part, dtype=torch.float64)) for part in self.big.split(2**26))
+        torch.cuda.synchronize()
+        return total
 
     def verify(self) -> dict[str, bool]:
         self.graph.replay()
         mm = self.a @ self.b
         torch.cuda.synchronize()
-        return {"graph": bool(torch.equal(self.y, self.y_ref)),
-                "matmul": bool(torch.equal(mm, self.mm_ref)),
-                "data": float(torch.sum(self.big, dtype=torch.float64)) == self.big_sum}
+        out = {"graph": bool(torch.equal(self.y, self.y_ref)),
+               "matmul": bool(torch.equal(mm, self.mm_ref)),
+               "data": self._checksum() == self.big_sum}
+        del mm
+        torch.cuda.empty_cache()
+        return out
+
+    def pin(self, mib: int) -> int:
+        """Keep ``mib`` MiB of pinned host memory from torch's caching host allocator."""
+        self.pinned = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=True)
+        return int(self.pinned.numel())
 
     def pinned_offload(self) -> dict[str, float]:
         import time
 
+        cudart = torch.cuda.cudart()
         t = time.perf_counter()
-        self.host = torch.empty(self.big.shape, dtype=self.big.dtype, pin_memory=True)
+        self.host = torch.empty(self.big.shape, dtype=self.big.dtype)
+        torch.cuda.check_error(cudart.cudaHostRegister(self.host.data_ptr(),
+                                                       self.host.numel() * 4, 0))
         alloc = time.perf_counter() - t
         t = time.perf_counter()
         self.host.copy_(self.big, non_blocking=True)
@@ -103,7 +122,7 @@ class ParkedWorker(GpuWorker):
         copy = time.perf_counter() - t
         self.big.untyped_storage().resize_(0)
         torch.cuda.empty_cache()
-        return {"alloc_s": alloc, "copy_s": copy, "free_s": time.perf_counter() - t - copy}
+        return {"alloc_s": alloc, "copy_s": copy}
 
     def pinned_reload(self) -> dict[str, float]:
         import time
@@ -113,5 +132,6 @@ class ParkedWorker(GpuWorker):
         self.big.copy_(self.host, non_blocking=True)
         torch.cuda.synchronize()
         copy = time.perf_counter() - t
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr()))
         del self.host
         return {"copy_s": copy}
