@@ -348,5 +348,6 @@ def _report(rank: int, pid: int, operation: Literal["suspend", "resume"],
     host = None if before.rss_bytes is None or after.rss_bytes is None else \
         after.rss_bytes - before.rss_bytes
     return SuspendReport(rank=rank, pid=pid, operation=operation, state=after.state,
-                         changed=True, seconds=sum(steps.values()), steps=steps, gpu_mib=gpu,
+                         changed=bool(steps), seconds=sum(steps.values()), steps=steps,
+                         gpu_mib=gpu,
                          host_bytes=host)
