@@ -11,8 +11,9 @@ CUDA graph (``tests/cuda_workers.py:ParkedWorker``). Measured in the same run, p
   ``cudaHostRegister``, timed apart: an engine can keep the buffer). It cannot move the
   graph's tensors (a replay reads the captured addresses) nor cuBLAS or NCCL state; the
   checkpoint moves everything;
-* a probe: a worker that keeps pinned host memory from torch's caching host allocator,
-  suspended (does the driver's checkpoint accept it?).
+* probes: a worker that holds pinned host memory from torch's caching host allocator
+  (kept, or freed back to torch's cache), suspended: does the checkpoint accept it, and
+  what does a failure leave behind?
 
 GB/s: bytes the worker had reserved on the GPU (checkpoint) or the tensor's bytes
 (baseline) over the copy time. Usage: ``python benchmarks/suspend.py [--gib 1 8 32]
@@ -88,20 +89,31 @@ def measure(gib: float) -> dict[str, Any]:
         return row
 
 
-def pinned_probe() -> dict[str, Any]:
-    """Suspend a worker that keeps 64 MiB of torch-pinned host memory."""
+def pinned_probe(mib: int, keep: bool) -> dict[str, Any]:
+    """Suspend a worker holding ``mib`` MiB of torch-pinned host memory (``keep`` False:
+    freed back to torch's pinned cache, which stays page-locked)."""
     from gpuexec.errors import CheckpointError
 
     with Executor("cuda_workers:ParkedWorker", 1, device="cuda") as ex:
-        ex.collective_rpc("load", args=(0.25,))
-        ex.collective_rpc("pin", args=(64,))
+        ex.collective_rpc("load", args=(1.0,))
+        ex.collective_rpc("pin", args=(mib, keep))
+        out: dict[str, Any] = {"pinned_mib": mib, "kept": keep}
         try:
             ex.suspend(timeout=60)
         except CheckpointError as e:
-            return {"suspended": False, "error": str(e), "states": e.states,
-                    "usable_after": _usable(ex)}
+            out.update(suspended=False, error=str(e), states=e.states,
+                       usable_after=_usable(ex))
+            try:
+                out["resume_after_failure"] = [r.state for r in ex.resume(timeout=60)]
+            except Exception as e2:  # recorded: what a user would see
+                out["resume_after_failure"] = f"{type(e2).__name__}: {e2}"
+            t = time.perf_counter()
+            ex.shutdown()
+            out["shutdown_s"] = time.perf_counter() - t
+            return out
         ex.resume(timeout=60)
-        return {"suspended": True, "intact": ex.collective_rpc("verify")[0]}
+        out.update(suspended=True, intact=ex.collective_rpc("verify")[0])
+        return out
 
 
 def _usable(ex: Executor) -> Any:
@@ -115,10 +127,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, nargs="+", default=[1.0, 8.0, 32.0])
     parser.add_argument("--out", default=None, help="directory for suspend.json")
+    parser.add_argument("--probes", default="64:keep,1024:keep,1024:free",
+                        help="pinned-memory probes, MiB:keep|free, comma-separated ('' none)")
     args = parser.parse_args()
     rows = [measure(g) for g in args.gib]
-    probe = pinned_probe()
-    print(f"pinned-memory probe: {probe}")
+    probes = []
+    for item in filter(None, args.probes.split(",")):
+        mib, how = item.split(":")
+        probes.append(pinned_probe(int(mib), how == "keep"))
+        print(f"pinned-memory probe: {probes[-1]}")
     print_table(
         ["GiB", "suspend s", "resume s", "freed MiB", "ckpt GB/s", "restore GB/s",
          "pinned out GB/s", "pinned in GB/s", "pin alloc s", "intact (ckpt/pinned)"],
@@ -129,7 +146,7 @@ def main() -> None:
           f"{all(r['checkpoint']['intact'].values())}/{all(r['pinned']['intact'].values())}"]
          for r in rows])
     path = write_json("suspend.json", {"machine": machine(), "rows": rows,
-                                        "pinned_probe": probe}, args.out)
+                                        "pinned_probes": probes}, args.out)
     print(f"wrote {path}")
 
 

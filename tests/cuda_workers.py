@@ -102,10 +102,15 @@ class ParkedWorker(GpuWorker):
         torch.cuda.empty_cache()
         return out
 
-    def pin(self, mib: int) -> int:
-        """Keep ``mib`` MiB of pinned host memory from torch's caching host allocator."""
-        self.pinned = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=True)
-        return int(self.pinned.numel())
+    def pin(self, mib: int, keep: bool = True) -> int:
+        """``mib`` MiB of pinned host memory from torch's caching host allocator, filled
+        from the GPU; ``keep`` False frees it at once (torch's cache keeps it pinned)."""
+        pinned = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=True)
+        pinned.copy_(self.big.view(torch.uint8)[: pinned.numel()], non_blocking=True)
+        torch.cuda.synchronize()
+        if keep:
+            self.pinned = pinned
+        return int(pinned.numel())
 
     def pinned_offload(self) -> dict[str, float]:
         import time

@@ -33,8 +33,10 @@ def _process_mib(pid: int) -> float:
     return total
 
 
-def test_suspend_frees_the_gpu_and_resume_keeps_graph_matmul_and_data() -> None:
-    with Executor("cuda_workers:ParkedWorker", 1, device="cuda") as ex:
+@pytest.mark.parametrize("start_method", ["auto", "fork"])
+def test_suspend_frees_the_gpu_and_resume_keeps_graph_matmul_and_data(start_method: str) -> None:
+    with Executor("cuda_workers:ParkedWorker", 1, device="cuda",
+                  start_method=start_method) as ex:
         report = ex.device_reports[0]
         assert report.checkpointable, report.checkpoint_detail
         loaded = ex.collective_rpc("load", args=(2.0,), unique_reply_rank=0)
@@ -55,6 +57,10 @@ def test_suspend_frees_the_gpu_and_resume_keeps_graph_matmul_and_data() -> None:
         assert (res.state, res.changed) == ("running", True)
         assert pending.result(timeout=60) == [{"graph": True, "matmul": True, "data": True}]
         assert _process_mib(pid) >= 2048
+        assert ex.collective_rpc("verify") == [{"graph": True, "matmul": True, "data": True}]
+        for _ in range(2):  # again and again: nothing accumulates
+            assert [r.state for r in ex.suspend(timeout=120)] == ["checkpointed"]
+            assert [r.state for r in ex.resume(timeout=120)] == ["running"]
         assert ex.collective_rpc("verify") == [{"graph": True, "matmul": True, "data": True}]
         print(f"suspend {sus}\nresume {res}")
         # the driver parks device memory in the worker's own host memory
