@@ -33,7 +33,7 @@ def _process_mib(pid: int) -> float:
     return total
 
 
-@pytest.mark.parametrize("start_method", ["auto", "fork"])
+@pytest.mark.parametrize("start_method", ["fork", "auto"])  # fork first: NVML comes later
 def test_suspend_frees_the_gpu_and_resume_keeps_graph_matmul_and_data(start_method: str) -> None:
     with Executor("cuda_workers:ParkedWorker", 1, device="cuda",
                   start_method=start_method) as ex:
