@@ -24,6 +24,7 @@ from .errors import (
     WorkerStartupError,
 )
 from .executor import Executor, WorkerInfo
+from .ipc.checkpoint import SuspendReport
 from .ipc.reports import ContextAction, DeviceReport
 from .worker import Worker
 
@@ -41,6 +42,7 @@ __all__ = [
     "RemoteError",
     "RpcTimeoutError",
     "StartMethodError",
+    "SuspendReport",
     "Worker",
     "WorkerDiedError",
     "WorkerInfo",

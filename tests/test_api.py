@@ -12,7 +12,7 @@ def test_all_names_resolve_and_are_exactly_the_public_surface() -> None:
     assert sorted(gpuexec.__all__) == sorted([
         "ConfigError", "ContextAction", "CudaDriverError", "DeviceReport", "Executor",
         "ExecutorClosedError", "GpuexecError", "ProtocolError", "RemoteError",
-        "RpcTimeoutError", "StartMethodError", "Worker", "WorkerDiedError", "WorkerInfo",
+        "RpcTimeoutError", "StartMethodError", "SuspendReport", "Worker", "WorkerDiedError", "WorkerInfo",
         "WorkerStartupError", "__version__", "errors"])
     for name in gpuexec.__all__:
         assert getattr(gpuexec, name) is not None
