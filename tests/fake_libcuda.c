@@ -49,7 +49,8 @@
  *     the CUresult without changing the state (0: sleep, then behave normally). The first
  *     matching line wins; a line stays in force until the test rewrites the file.
  *   - $FAKECUDA_CHECKPOINT_LOG: every checkpoint call appends `<symbol> <pid> <CUresult>\n`,
- *     so a test can check the order of the calls across processes.
+ *     so a test can check the order of the calls across processes; a scripted delay first
+ *     appends `<symbol> <pid> -1` ("under way") before it sleeps.
  *   - a lock's timeoutMs is honoured for a scripted delay: a lock delayed longer than its
  *     timeout returns CUDA_ERROR_TIMEOUT (909) after timeoutMs.
  *
@@ -528,10 +529,14 @@ static CUresult transition(int function, int pid, int from, int to, unsigned int
     long delay = 0;
     if (scripted(symbol, pid, &code, &delay)) {
         if (timeout_ms > 0 && delay > (long)timeout_ms) {
+            logged(symbol, pid, -1);
             sleep_ms(timeout_ms);
             return logged(symbol, pid, CUDA_ERROR_TIMEOUT);
         }
-        if (delay > 0) sleep_ms(delay);
+        if (delay > 0) {
+            logged(symbol, pid, -1); /* "under way": a test may act during the delay */
+            sleep_ms(delay);
+        }
         if (code != CUDA_SUCCESS) return logged(symbol, pid, code);
     }
     pthread_mutex_lock(&pid_lock);

@@ -256,7 +256,7 @@ def test_suspend_locks_all_before_checkpointing_any_and_resume_restores_all_firs
     assert all(set(r.steps) == {"restore", "unlock"} for r in reports)
     assert not ex.is_suspended
     calls = script.calls()
-    assert all(code == 0 for _, _, code in calls)
+    assert all(code == 0 for _, _, code in calls)  # no delays scripted: no "under way" lines
     symbols = [c[0] for c in calls]
     assert symbols == [LOCK] * 3 + [CKPT] * 3 + [RESTORE] * 3 + [UNLOCK] * 3
     for symbol in (LOCK, CKPT, RESTORE, UNLOCK):
@@ -395,6 +395,48 @@ def test_restore_failure_leaves_the_rank_parked_and_resume_can_be_retried(
         ("running", False, set()), ("running", False, set()),
         ("running", True, {"restore", "unlock"})]
     assert ex.collective_rpc("bump") == [1, 1, 1]
+
+
+def test_controller_dying_mid_step_is_a_checkpoint_error_and_resume_recovers(
+        ex: Executor, script: Script) -> None:
+    script.fail(LOCK, "*", 0, delay_ms=60_000)
+    errors: list[BaseException] = []
+
+    def suspend() -> None:
+        try:
+            ex.suspend()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=suspend)
+    thread.start()
+    while thread.is_alive() and (LOCK, pids(ex)[0], -1) not in script.calls():  # under way
+        threading.Event().wait(0.01)
+    (controller,) = [p for p in psutil.Process().children()
+                     if "checkpoint_controller" in " ".join(p.cmdline())]
+    controller.kill()
+    thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], CheckpointError), errors
+    assert "checkpoint controller" in str(errors[0]) and errors[0].failures == {}
+    assert ex.is_suspended  # the workers may be locked: calls stay held
+    script.clear()
+    assert [r.state for r in ex.resume()] == ["running"] * 3  # a new controller
+    assert ex.collective_rpc("bump") == [1, 1, 1]
+
+
+def test_errors_survive_pickling_with_their_fields() -> None:
+    import pickle
+
+    failure = CudaDriverError(CKPT, 2, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
+    e = pickle.loads(pickle.dumps(CheckpointTimeoutError("suspend", {1: failure},
+                                                         {0: "running", 1: "locked"}, "late")))
+    assert type(e) is CheckpointTimeoutError and isinstance(e, TimeoutError)
+    assert (e.operation, e.failures[1].name, e.states, e.reason) == (
+        "suspend", "CUDA_ERROR_OUT_OF_MEMORY", {0: "running", 1: "locked"}, "late")
+    held = pickle.loads(pickle.dumps(HeldCallTimeoutError("forward", 2.0)))
+    assert (held.method, held.timeout, held.ranks) == ("forward", 2.0, ())
+    refused = pickle.loads(pickle.dumps(CheckpointUnsupportedError({-1: "CPU workers"})))
+    assert refused.reasons == {-1: "CPU workers"} and "CPU workers" in str(refused)
 
 
 # -- deaths and shutdown -----------------------------------------------------------------

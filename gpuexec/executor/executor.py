@@ -164,6 +164,13 @@ def _method_name(method: str | Callable[..., Any]) -> str:
         getattr(method, "__qualname__", None) or repr(method)
 
 
+def _no_default(timeout: float | None) -> float | None:
+    """A suspend/resume timeout: None waits as long as the driver takes (not rpc_timeout)."""
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive, not {timeout!r}")
+    return timeout
+
+
 class Executor:
     """Runs one worker process per rank and calls methods on all of them at once.
 
@@ -718,7 +725,7 @@ class Executor:
         ``WorkerDiedError`` / ``ExecutorClosedError`` as any call.
         """
         self._channel.check_usable()
-        return self._suspension.suspend(self._call_timeout(timeout))
+        return self._suspension.suspend(_no_default(timeout))
 
     def resume(self, timeout: float | None = None) -> list[SuspendReport]:
         """Bring every worker's GPU state back (same addresses) and release held calls.
@@ -728,7 +735,7 @@ class Executor:
         and ``resume()`` may be retried; ``shutdown()`` always works.
         """
         self._channel.check_usable()
-        return self._suspension.resume(self._call_timeout(timeout))
+        return self._suspension.resume(_no_default(timeout))
 
     async def suspend_async(self, timeout: float | None = None) -> list[SuspendReport]:
         """:meth:`suspend` without blocking the event loop (it runs in a thread; a
