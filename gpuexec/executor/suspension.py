@@ -37,8 +37,10 @@ steps; a checkpoint or restore under way cannot be interrupted through the drive
 so it finishes (or fails) first, and the rollback then runs. ``suspend()`` twice and
 ``resume()`` of a running executor return at once, with ``changed=False`` reports.
 
-Fields: ``state``, ``_controller`` are touched under ``_lock`` only (suspend, resume,
-close); ``_lock`` is taken before the gate's condition, never after.
+Fields: ``state``, ``_controller`` are written under ``_lock`` by the thread in
+suspend/resume, except that ``close()`` (shutdown's thread) sets ``state`` to ``closed``
+and takes the controller away without the lock (see there); ``suspended`` is read by any
+thread. ``_lock`` is taken before the gate's condition, never after.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from ..errors import (
     CheckpointTimeoutError,
     CheckpointUnsupportedError,
     CudaDriverError,
+    ExecutorClosedError,
 )
 from ..ipc.checkpoint import (
     FromController,
@@ -94,9 +97,12 @@ class ControllerClient:
             [sys.executable, "-m", CONTROLLER_MODULE, str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(), close_fds=True)
         self._decoder = msgspec.msgpack.Decoder(FromController)
-        assert self._popen.stdin is not None and self._popen.stdout is not None
-        self._in = self._popen.stdin.fileno()  # requests go here
-        self._out = self._popen.stdout.fileno()  # replies come from here
+        stdin, stdout = self._popen.stdin, self._popen.stdout
+        if stdin is None or stdout is None:  # cannot happen with PIPE; keeps the types honest
+            raise RuntimeError("the checkpoint controller has no pipes")
+        self._stdin, self._stdout = stdin, stdout
+        self._in = stdin.fileno()  # requests go here
+        self._out = stdout.fileno()  # replies come from here
         try:
             hello = self._decoder.decode(read_frame(self._out, time.monotonic() + timeout))
         except (EOFError, TimeoutError, msgspec.DecodeError, ValueError) as e:
@@ -127,16 +133,16 @@ class ControllerClient:
         return reply.results
 
     def close(self) -> None:
-        """EOF on its stdin (it exits), then SIGKILL if it does not within a moment."""
+        """EOF on its stdin (it exits after the call under way), SIGKILL if it does not
+        within a moment; a thread waiting for its reply then gets EOF (ControllerGone)."""
         popen = self._popen
-        for stream in (popen.stdin, popen.stdout):
-            if stream is not None:
-                stream.close()
+        self._stdin.close()
         try:
             popen.wait(_CLOSE_TIMEOUT)
         except subprocess.TimeoutExpired:
             popen.kill()
             popen.wait()
+        self._stdout.close()
 
 
 class ControllerGone(Exception):
@@ -159,13 +165,14 @@ class Suspension:
         self._lock = threading.Lock()
         self.state: Literal["running", "suspended", "closed"] = "running"
         self._controller: ControllerClient | None = None
-        self._stuck: dict[int, str] = {}  # rank -> state, for ranks a rollback left behind
 
     @property
     def suspended(self) -> bool:
         return self.state == "suspended"
 
     def _client(self) -> ControllerClient:
+        if self.state == "closed":
+            raise ExecutorClosedError("the executor is shut down")
         if self._controller is None:
             controller = ControllerClient()
             if not controller.hello.ok:
@@ -178,13 +185,13 @@ class Suspension:
               timeout_ms: int = 0) -> dict[int, PidResult]:
         if not ranks:
             return {}
-        assert self._controller is not None
+        controller = self._client()  # a new one if the last died (a rollback still runs)
         try:
-            results = self._controller.step(op, [self._pids[r] for r in ranks], timeout_ms)
+            results = controller.step(op, [self._pids[r] for r in ranks], timeout_ms)
         except ControllerGone as e:
-            self._controller.close()
+            controller.close()
             self._controller = None
-            if op != "state":  # the workers may be locked or parked: hold calls until resume
+            if op != "state" and self.state != "closed":  # workers may be parked: hold calls
                 self.state = "suspended"
             raise CheckpointError(operation, {}, {r: "unknown" for r in self._ranks},
                                   str(e)) from None
@@ -250,7 +257,6 @@ class Suspension:
             log.error("gpuexec: %s rollback left ranks %s not running; the executor stays "
                       "suspended (resume() retries, shutdown() always works)", operation, stuck)
             self.state = "suspended"
-            self._stuck = stuck
         else:
             self.state = "running"
         return states
@@ -279,11 +285,9 @@ class Suspension:
             states.update({r: res.state for r, res in unlocked.items()})
             after = {r: unlocked.get(r) or restored.get(r) or before[r] for r in ranks}
             if failed or any(s != "running" for s in states.values()):
-                self._stuck = {r: s for r, s in states.items() if s != "running"}
                 raise self._error("resume", failed, states, timeout,
                                   not failed and _passed(deadline), after)
             self.state = "running"
-            self._stuck = {}
             self._gate.open()
             return [_report(r, self._pids[r], "resume", steps[r], before[r], after[r], sign=1)
                     for r in ranks]
@@ -305,12 +309,13 @@ class Suspension:
         return CheckpointError(operation, failed, states)
 
     def close(self) -> None:
-        """Stop the controller (the executor shuts down; its workers are gone)."""
-        with self._lock:
-            self.state = "closed"
-            if self._controller is not None:
-                self._controller.close()
-                self._controller = None
+        """Stop the controller (the executor shuts down; its workers are gone). Not under
+        ``_lock``: a suspend stuck in a driver call must not hold shutdown up; killing the
+        controller ends that call's wait (ControllerGone), and ``closed`` stops a new one."""
+        self.state = "closed"
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            controller.close()
 
 
 def refusal(device: str, backend: str, reports: Sequence[DeviceReport]) -> dict[int, str]:

@@ -36,6 +36,7 @@ __all__ = [
     "StepName",
     "StepReply",
     "SuspendReport",
+    "ToController",
     "encode_frame",
     "read_frame",
 ]
