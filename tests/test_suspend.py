@@ -424,6 +424,20 @@ def test_controller_dying_mid_step_is_a_checkpoint_error_and_resume_recovers(
     assert ex.collective_rpc("bump") == [1, 1, 1]
 
 
+def test_resume_waits_for_a_suspend_under_way_only_up_to_its_timeout(
+        ex: Executor, script: Script) -> None:
+    script.fail(LOCK, pids(ex)[0], 0, delay_ms=1000)
+    thread = threading.Thread(target=ex.suspend)
+    thread.start()
+    while thread.is_alive() and (LOCK, pids(ex)[0], -1) not in script.calls():
+        threading.Event().wait(0.01)
+    with pytest.raises(CheckpointTimeoutError, match="still under way"):
+        ex.resume(timeout=0.05)
+    thread.join(30)
+    assert ex.is_suspended
+    assert [r.state for r in ex.resume()] == ["running"] * 3
+
+
 def test_errors_survive_pickling_with_their_fields() -> None:
     import pickle
 

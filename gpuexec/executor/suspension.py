@@ -32,10 +32,12 @@ under ``_lock``)::
     running/suspended ──a rank could not be brought back──▶ suspended (resume retries it)
     any ──shutdown──▶ closed (workers killed: a parked worker cannot exit cleanly)
 
-``timeout`` bounds the lock (the driver's own ``timeoutMs``) and is checked between
-steps; a checkpoint or restore under way cannot be interrupted through the driver API,
-so it finishes (or fails) first, and the rollback then runs. ``suspend()`` twice and
-``resume()`` of a running executor return at once, with ``changed=False`` reports.
+``timeout`` bounds the wait for another suspend/resume under way and, for a suspend, the
+lock (the driver's own ``timeoutMs``); it is checked between lock and checkpoint. A
+checkpoint or restore under way cannot be interrupted through the driver API, so it
+finishes (or fails) first, and the rollback then runs; a resume always runs to its end.
+``suspend()`` twice and ``resume()`` of a running executor return at once, with
+``changed=False`` reports.
 
 Fields: ``state``, ``_controller`` are written under ``_lock`` by the thread in
 suspend/resume, except that ``close()`` (shutdown's thread) sets ``state`` to ``closed``
@@ -199,13 +201,20 @@ class Suspension:
 
     # -- suspend ---------------------------------------------------------------------
 
+    def _acquire(self, operation: str, timeout: float | None) -> None:
+        """Take ``_lock``, waiting at most ``timeout`` for a suspend/resume under way."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise CheckpointTimeoutError(operation, {}, {}, f"another suspend or resume was "
+                                         f"still under way after {timeout:g} s")
+
     def suspend(self, timeout: float | None) -> list[SuspendReport]:
-        with self._lock:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._acquire("suspend", timeout)
+        try:
             if self.state == "suspended":
                 return self._unchanged("suspend", "checkpointed")
             if self._refused:
                 raise CheckpointUnsupportedError(self._refused)
-            deadline = None if timeout is None else time.monotonic() + timeout
             self._client()  # CheckpointUnsupportedError here touches no worker
             self._gate.close()
             try:
@@ -213,6 +222,8 @@ class Suspension:
             finally:
                 if self.state == "running":
                     self._gate.open()
+        finally:
+            self._lock.release()
 
     def _suspend(self, timeout: float | None, deadline: float | None) -> list[SuspendReport]:
         ranks = self._ranks
@@ -230,28 +241,34 @@ class Suspension:
         late = not failed and _passed(deadline)
         if failed or late:
             states = self._roll_back(lock, "suspend")
-            raise self._error("suspend", failed, states, timeout, late, lock)
+            raise self._error("suspend", failed, states, timeout, late)
         done = self._step("checkpoint", ranks, "suspend")
         _record(steps, "checkpoint", done)
         failed = {r: _driver_error(res) for r, res in done.items() if res.code != 0}
         if failed:
             states = self._roll_back(done, "suspend")
-            raise self._error("suspend", failed, states, timeout, False, done)
+            raise self._error("suspend", failed, states, timeout, False)
         self.state = "suspended"
         return [_report(r, self._pids[r], "suspend", steps[r], before[r], done[r], sign=-1)
                 for r in ranks]
 
+    def _back_to_running(self, states: dict[int, str], operation: str
+                         ) -> tuple[dict[int, PidResult], dict[int, PidResult]]:
+        """Restore the parked ranks, then unlock the locked ones; ``states`` is updated.
+        A rank in an unclear state gets both calls: the one that does not fit its real
+        state fails harmlessly (``CUDA_ERROR_ILLEGAL_STATE``)."""
+        back = self._step("restore", [r for r, s in states.items()
+                                      if s in (*_UNCLEAR, "checkpointed")], operation)
+        states.update({r: res.state for r, res in back.items()})
+        again = self._step("unlock", [r for r, s in states.items()
+                                      if s in (*_UNCLEAR, "locked")], operation)
+        states.update({r: res.state for r, res in again.items()})
+        return back, again
+
     def _roll_back(self, last: dict[int, PidResult], operation: str) -> dict[int, str]:
         """Bring every rank back to running where the driver allows; return their states."""
         states: dict[int, str] = {r: res.state for r, res in last.items()}
-        # a rank the driver cannot describe (a failed checkpoint) gets both calls: the wrong
-        # one for its real state fails harmlessly with CUDA_ERROR_ILLEGAL_STATE
-        parked = (*_UNCLEAR, "checkpointed")
-        back = self._step("restore", [r for r, s in states.items() if s in parked], operation)
-        states.update({r: res.state for r, res in back.items()})
-        held = (*_UNCLEAR, "locked")
-        again = self._step("unlock", [r for r, s in states.items() if s in held], operation)
-        states.update({r: res.state for r, res in again.items()})
+        self._back_to_running(states, operation)
         stuck = {r: s for r, s in states.items() if s != "running"}
         if stuck:
             log.error("gpuexec: %s rollback left ranks %s not running; the executor stays "
@@ -264,33 +281,33 @@ class Suspension:
     # -- resume ----------------------------------------------------------------------
 
     def resume(self, timeout: float | None) -> list[SuspendReport]:
-        with self._lock:
+        """Drive every rank back to running from wherever it is (so a failed resume can
+        simply be retried). ``timeout`` bounds the wait for a suspend under way; a resume
+        itself runs to the end: stopping between restore and unlock would only leave
+        ranks locked."""
+        self._acquire("resume", timeout)
+        try:
             if self.state != "suspended":
                 return self._unchanged("resume", "running")
-            deadline = None if timeout is None else time.monotonic() + timeout
             ranks = self._ranks
             self._client()
             before = self._step("state", ranks, "resume")
-            steps: dict[int, dict[str, float]] = {r: {} for r in ranks}
-            restored = self._step(
-                "restore", [r for r in ranks if before[r].state == "checkpointed"], "resume")
-            _record(steps, "restore", restored)
-            failed = {r: _driver_error(res) for r, res in restored.items() if res.code != 0}
             states: dict[int, str] = {r: res.state for r, res in before.items()}
-            states.update({r: res.state for r, res in restored.items()})
-            unlocked = self._step("unlock", [r for r in ranks if states[r] == "locked"],
-                                  "resume")
+            restored, unlocked = self._back_to_running(states, "resume")
+            steps: dict[int, dict[str, float]] = {r: {} for r in ranks}
+            _record(steps, "restore", restored)
             _record(steps, "unlock", unlocked)
-            failed.update({r: _driver_error(res) for r, res in unlocked.items() if res.code})
-            states.update({r: res.state for r, res in unlocked.items()})
-            after = {r: unlocked.get(r) or restored.get(r) or before[r] for r in ranks}
-            if failed or any(s != "running" for s in states.values()):
-                raise self._error("resume", failed, states, timeout,
-                                  not failed and _passed(deadline), after)
+            failed = {r: _driver_error(res) for res_map in (restored, unlocked)
+                      for r, res in res_map.items() if res.code != 0 and states[r] != "running"}
+            if any(s != "running" for s in states.values()):
+                raise self._error("resume", failed, states, timeout, False)
             self.state = "running"
             self._gate.open()
+            after = {r: unlocked.get(r) or restored.get(r) or before[r] for r in ranks}
             return [_report(r, self._pids[r], "resume", steps[r], before[r], after[r], sign=1)
                     for r in ranks]
+        finally:
+            self._lock.release()
 
     # -- the rest --------------------------------------------------------------------
 
@@ -301,7 +318,7 @@ class Suspension:
 
     @staticmethod
     def _error(operation: str, failed: dict[int, CudaDriverError], states: dict[int, str],
-               timeout: float | None, late: bool, last: dict[int, PidResult]) -> CheckpointError:
+               timeout: float | None, late: bool) -> CheckpointError:
         timed_out = late or any(e.name == "CUDA_ERROR_TIMEOUT" for e in failed.values())
         if timed_out:
             return CheckpointTimeoutError(
