@@ -282,8 +282,10 @@ class CheckpointError(GpuexecError):
 
 
 class CheckpointTimeoutError(CheckpointError, TimeoutError):
-    """``suspend()``/``resume()`` ran out of its ``timeout``; the ranks were rolled back as
-    after any :class:`CheckpointError` (``states`` says where each one is)."""
+    """``suspend()``/``resume()`` ran out of its ``timeout``: the driver's lock timed out
+    or the time was gone after the lock (the ranks were rolled back as after any
+    :class:`CheckpointError`; ``states`` says where each one is), or another suspend or
+    resume was still under way (then nothing was touched and ``states`` is empty)."""
 
 
 class HeldCallTimeoutError(RpcTimeoutError):
