@@ -33,12 +33,15 @@ if [ "$1 $2 $3" = "-m pip install" ]; then
     *" torch "*)
       case " $* " in
         *" --index-url "*) [ "$FAKE_CPU_INDEX_DOWN" = 1 ] && exit 1 ;;
-        *) [ "$FAKE_LOCAL_CPU_TORCH" = 1 ] || { echo "ERROR: No matching distribution found for torch" >&2; exit 1; } ;;
+        *) [ "$FAKE_LOCAL_CPU_TORCH" = 1 ] && exit 0
+           echo "ERROR: No matching distribution found for torch" >&2; exit 1 ;;
       esac ;;
   esac
   exit 0
 fi
-if [ "$1 $2 $3" = "-m pip list" ] && [ "$FAKE_NVIDIA" = 1 ]; then echo "nvidia-cublas-cu12 12.8.4.1"; fi
+if [ "$1 $2 $3" = "-m pip list" ] && [ "$FAKE_NVIDIA" = 1 ]; then
+  echo "nvidia-cublas-cu12 12.8.4.1"
+fi
 exit 0
 """
 
