@@ -35,7 +35,8 @@ ifneq ($(HAS_GPU),1)
 	echo "torch==$(TORCH_VERSION)+cpu" > $(CPU_CONSTRAINT)
 	$(PIP) install -q $(CONSTRAINTS) torch >$(VENV)/torch-install.log 2>&1 || { \
 	  echo "torch $(TORCH_VERSION)+cpu is not on the configured indexes (see $(VENV)/torch-install.log); using $(TORCH_CPU_INDEX)"; \
-	  $(PIP) install -q $(CONSTRAINTS) --index-url $(TORCH_CPU_INDEX) --extra-index-url $(PUBLIC_INDEX) torch; }
+	  $(PIP) install -q $(CONSTRAINTS) --index-url $(TORCH_CPU_INDEX) --extra-index-url $(PUBLIC_INDEX) torch || { \
+	  echo "error: no CPU build of torch $(TORCH_VERSION) could be installed; make TORCH_CPU_INDEX=<a reachable mirror of $(TORCH_CPU_INDEX)> or put the wheel in pip's find-links" >&2; exit 1; }; }
 endif
 	$(PIP) install -q $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	@if [ "$(HAS_GPU)" != 1 ] && $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then \

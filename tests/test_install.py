@@ -104,6 +104,7 @@ def test_cpu_machine_with_only_public_indexes_uses_pytorchs_cpu_index(tmp_path: 
 def test_cpu_machine_fails_when_no_cpu_build_can_be_had(tmp_path: Path) -> None:
     r, lines, venv = _make(tmp_path, "", FAKE_CPU_INDEX_DOWN="1")
     assert r.returncode != 0
+    assert f"error: no CPU build of torch {_torch_pin()} could be installed" in r.stderr
     assert len(_torch_installs(lines)) == 2
     assert not any("-e ." in ln for ln in lines)  # never falls through to a CUDA torch
     assert not (venv / ".installed").exists()
