@@ -64,7 +64,8 @@ def positive_int(text: str) -> int:
 def build_parser(prog: str = "gpuexec") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="gpuexec: a CUDA-aware multi-process worker executor.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,doctor}",
+                                help="what to do")
     demo = sub.add_parser(
         "demo", help="start workers, check a matrix product on each, time no-op calls",
         description="Start workers, run a seeded matrix product on every rank and check it "
