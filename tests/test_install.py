@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -151,21 +152,63 @@ def test_requirements_name_no_torch() -> None:
         assert not core & set(names), f"extra {name} repeats a core requirement"
 
 
-def _built_wheel(tmp_path: Path) -> Path:
-    """The wheel, built from a copy of the package (the checkout stays clean)."""
-    src = tmp_path / "src"
+@dataclass(frozen=True)
+class NoTorchVenv:
+    wheel: Path
+    python: Path
+    env: dict[str, str]  # a clean environment: nothing of the checkout or this run's site
+    cwd: Path
+
+    def run(self, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=120,
+                              env={**self.env, **env}, cwd=self.cwd)
+
+
+@pytest.fixture(scope="module")
+def no_torch_venv(tmp_path_factory: pytest.TempPathFactory) -> NoTorchVenv:
+    """The wheel, built from a copy of the package (the checkout stays clean), installed
+    into a fresh venv (not --system-site-packages) with the pinned versions of its
+    requirements and nothing else."""
+    tmp = tmp_path_factory.mktemp("no_torch")
+    src = tmp / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "gpuexec", src / "gpuexec",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    out = tmp_path / "dist"
+    out = tmp / "dist"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                         "--no-build-isolation", "-w", str(out), str(src)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     [wheel] = out.glob("gpuexec-*.whl")
-    return wheel
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    py = venv / "bin" / "python"
+    pip_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
+                        "-c", str(ROOT / "constraints.txt"), str(wheel)],
+                       capture_output=True, text=True, timeout=180, env=pip_env)
+    assert r.returncode == 0, r.stderr
+    env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+           "HOME": str(tmp)}
+    return NoTorchVenv(wheel, py, env, tmp)
+
+
+def test_wheel_holds_the_package_its_license_and_no_torch_requirement(
+        no_torch_venv: NoTorchVenv) -> None:
+    with zipfile.ZipFile(no_torch_venv.wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    outside = [n for n in names
+               if not n.startswith("gpuexec/") and not re.match(r"gpuexec-[^/]+\.dist-info/", n)]
+    assert outside == []
+    assert "gpuexec/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    torch_reqs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: torch")]
+    assert torch_reqs == ['Requires-Dist: torch>=2.1; extra == "torch"']
+    assert "License-Expression: Apache-2.0" in meta and "Project-URL: " in meta
 
 
 GUARD_FREE = """
@@ -188,44 +231,52 @@ except MissingDependencyError as e:
 """
 
 
-def test_wheel_installs_and_runs_without_torch(tmp_path: Path) -> None:
-    wheel = _built_wheel(tmp_path)
-    with zipfile.ZipFile(wheel) as z:
-        names = z.namelist()
-        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    outside = [n for n in names
-               if not n.startswith("gpuexec/") and not re.match(r"gpuexec-[^/]+\.dist-info/", n)]
-    assert outside == []
-    assert "gpuexec/py.typed" in names
-    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    torch_reqs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: torch")]
-    assert torch_reqs == ['Requires-Dist: torch>=2.1; extra == "torch"']
-
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=60)
-    py = venv / "bin" / "python"
-    pip_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                        "-c", str(ROOT / "constraints.txt"), str(wheel)],
-                       capture_output=True, text=True, timeout=180, env=pip_env)
-    assert r.returncode == 0, r.stderr
-    # A clean environment: nothing of the checkout or of this run's site on the path.
-    env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "HOME": str(tmp_path)}
-    run = dict(capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    r = subprocess.run([str(py), "-c", "import torch"], **run)  # type: ignore[call-overload]
+def test_guard_free_script_runs_two_workers_without_torch(no_torch_venv: NoTorchVenv) -> None:
+    v = no_torch_venv
+    r = v.run(str(v.python), "-c", "import torch")
     assert r.returncode == 1 and "No module named 'torch'" in r.stderr
-    script = tmp_path / "noguard.py"
+    script = v.cwd / "noguard.py"
     script.write_text(GUARD_FREE)
-    r = subprocess.run([str(py), str(script)], **run)  # type: ignore[call-overload]
+    r = v.run(str(v.python), str(script))
     assert r.returncode == 0, r.stderr
     assert "results [[0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 4.0, 6.0]]" in r.stdout
     assert "refused: distributed_backend='gloo' needs torch, which is not installed here: " \
            "pip install 'gpuexec[torch]'" in r.stdout
-    r = subprocess.run([str(venv / "bin" / "gpuexec"), "demo", "--calls", "0"], **run)  # type: ignore[call-overload]
+
+
+def test_console_script_without_torch(no_torch_venv: NoTorchVenv) -> None:
+    gpuexec = str(no_torch_venv.python.parent / "gpuexec")
+    r = no_torch_venv.run(gpuexec, "demo", "--calls", "0")
     assert r.returncode == 2 and r.stderr.startswith("usage: gpuexec demo")
-    r = subprocess.run([str(venv / "bin" / "gpuexec"), "demo", "--calls", "20"], **run)  # type: ignore[call-overload]
+    r = no_torch_venv.run(gpuexec, "demo", "--calls", "20")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("matches the driver's reference") == 2
     assert "not installed" in r.stdout and "Traceback" not in r.stderr
+
+
+LIBCUDA_DEVICE = """
+import ctypes, os, sys
+from gpuexec.ipc.messages import WorkerSpec
+from gpuexec.worker.device import init_device
+
+fake = ctypes.CDLL(os.environ["GPUEXEC_LIBCUDA"])
+fake.fake_set_device_count(2)
+fake.fake_set_active(1, 1)   # a stale primary context on GPU 1
+spec = WorkerSpec(rank=0, local_rank=0, world_size=1, local_world_size=1, device="cuda",
+                  gpu=0, isolate_devices=False, stale_context_policy="release", driver_pid=0,
+                  driver_is_parent=False, req_endpoint="", rep_endpoint="", worker_cls="")
+report = init_device(spec)
+print(report.device, [(a.device, a.action) for a in report.actions], report.warnings,
+      "torch" in sys.modules, fake.fake_get_refcount(1))
+"""
+
+
+def test_cuda_device_handling_through_libcuda_without_torch(no_torch_venv: NoTorchVenv,
+                                                            tmp_path: Path) -> None:
+    from fakecuda import build_fake_libcuda
+
+    lib = build_fake_libcuda(tmp_path)
+    r = no_torch_venv.run(str(no_torch_venv.python), "-c", LIBCUDA_DEVICE,
+                          GPUEXEC_LIBCUDA=str(lib))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "cuda:0 [(1, 'released')] [] False 0"
