@@ -33,10 +33,11 @@ try:
 except ModuleNotFoundError:
     sys.exit("this example needs torch: pip install 'gpuexec[torch]'")
 
-from tensor_parallel_mlp import add_model_options, positive_int, resolve
+from tensor_parallel_mlp import add_model_options, resolve
 from tp_mlp import TPMLPWorker, build_weights, reference_forward, relative_error
 
 from gpuexec import ConfigError, Executor
+from gpuexec.cli import positive_int
 
 
 class StepCounter:

@@ -25,20 +25,10 @@ except ModuleNotFoundError:
 from tp_mlp import TPMLPWorker, build_weights, make_input, reference_forward, relative_error
 
 from gpuexec import ConfigError, Executor
+from gpuexec.cli import positive_int
 from gpuexec.executor.config import visible_gpu_count
 
 TOLERANCE = 1e-5
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (anything else is a usage error, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
