@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
 PYTHON ?= python3
-VENV   ?= .venv
+VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
