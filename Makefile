@@ -2,28 +2,44 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+EXTRAS := torch,dev,ray,bench
 
-# No GPU here (no nvidia-smi that answers): pin torch's CPU build so pip never pulls
-# the CUDA wheels. The version comes from constraints.txt, the one place it is pinned.
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH_VERSION := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' constraints.txt)
+# gpuexec itself needs no torch; the tests and the examples do. constraints.txt is the one
+# place its version is pinned. With a GPU (an nvidia-smi that answers) PyPI's default
+# build is the right one. Without a GPU only torch's CPU build may be installed: PyPI has
+# none of those (+cpu), so torch is installed first, alone, constrained to
+# torch==<version>+cpu, from the configured indexes (a mirror or a local wheel directory
+# may hold it), and else from PyTorch's CPU index with the public index for its own
+# dependencies. Every later install keeps that constraint, and a final check fails the
+# set-up if any CUDA (nvidia-*) wheel got in anyway.
+HAS_GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_VERSION := $(shell sed -n 's/^torch==\([^ ;\#]*\).*/\1/p' constraints.txt)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PUBLIC_INDEX    ?= https://pypi.org/simple
 ifeq ($(HAS_GPU),1)
 CPU_CONSTRAINT :=
 else
 CPU_CONSTRAINT := $(VENV)/cpu-constraints.txt
 endif
+CONSTRAINTS := -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT))
 
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PIP) install -q --upgrade pip
 ifneq ($(HAS_GPU),1)
+	@test -n "$(TORCH_VERSION)" || { echo "error: constraints.txt pins no torch==<version>" >&2; exit 1; }
 	echo "torch==$(TORCH_VERSION)+cpu" > $(CPU_CONSTRAINT)
+	$(PIP) install -q $(CONSTRAINTS) torch >$(VENV)/torch-install.log 2>&1 || { \
+	  echo "torch $(TORCH_VERSION)+cpu is not on the configured indexes (see $(VENV)/torch-install.log); using $(TORCH_CPU_INDEX)"; \
+	  $(PIP) install -q $(CONSTRAINTS) --index-url $(TORCH_CPU_INDEX) --extra-index-url $(PUBLIC_INDEX) torch || { \
+	  echo "error: no CPU build of torch $(TORCH_VERSION) could be installed; make TORCH_CPU_INDEX=<a reachable mirror of $(TORCH_CPU_INDEX)> or put the wheel in pip's find-links" >&2; exit 1; }; }
 endif
-	$(PY) -m pip install -q -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT)) -e '.[dev,ray,bench]'
-	@if [ "$(HAS_GPU)" != 1 ] && $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
+	$(PIP) install -q $(CONSTRAINTS) -e '.[$(EXTRAS)]'
+	@if [ "$(HAS_GPU)" != 1 ] && $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then \
 	  echo "error: CUDA wheels were installed on a machine without a GPU" >&2; exit 1; fi
 	touch $(STAMP)
 

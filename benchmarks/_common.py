@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Default output: a directory git ignores. The committed results under results/ are
+# written there on purpose, with --out.
+OUT = Path(__file__).resolve().parent / "out"
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -47,8 +50,14 @@ def machine() -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def add_out_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="directory for the JSON (default: benchmarks/out/, which git "
+                         "ignores)")
+
+
 def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -> Path:
-    target = Path(out_dir) if out_dir else RESULTS
+    target = Path(out_dir) if out_dir else OUT
     target.mkdir(parents=True, exist_ok=True)
     path = target / name
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

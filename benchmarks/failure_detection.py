@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil
-from _common import machine, print_table, write_json
+from _common import add_out_option, machine, print_table, write_json
 
 from gpuexec import Executor, Worker, WorkerDiedError
 
@@ -233,11 +233,12 @@ def driver_death_once(method: str) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--trials", type=int, default=20)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=20, help="kills per measurement")
     ap.add_argument("--methods", default="fork",
                     help="start methods for (a) and (b), comma-separated")
-    ap.add_argument("--out", default=None, help="directory for the JSON (default results/)")
+    add_out_option(ap)
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     # Each (a) trial shuts down an executor whose rank 0 is still in its 30 s call:
@@ -275,7 +276,7 @@ def main() -> int:
 
     print_table(["measurement", "n", "p50 ms", "max ms", "target", "met"], rows)
     elapsed = time.monotonic() - t_start
-    print(f"targets: (a) median <= {TARGET_A_MS:g} ms; (b) every trial <= {TARGET_B_MS:g} ms; "
+    print(f"target: (a) median <= {TARGET_A_MS:g} ms; (b) every trial <= {TARGET_B_MS:g} ms; "
           f"run took {elapsed:.1f} s")
     path = write_json("failure_detection.json", {
         "machine": machine(), "trials": args.trials, "methods": methods,

@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, print_table, write_json
+from _common import add_out_option, machine, print_table, write_json
 
 import gpuexec.ipc.forecast as forecast
 from gpuexec import Executor, Worker
@@ -74,11 +74,12 @@ def measure(world: int, gap_s: float, calls: int, busy: bool, use_forecast: bool
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--world", type=int, default=1)
-    ap.add_argument("--gap-ms", type=float, default=5.0)
-    ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--out", default=None)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=1, help="workers")
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="spacing of the calls, ms")
+    ap.add_argument("--calls", type=int, default=300, help="timed calls per set-up")
+    add_out_option(ap)
     args = ap.parse_args()
     gap = args.gap_ms / 1000
     setups: list[tuple[str, float, bool, bool]] = [

@@ -5,8 +5,8 @@ array and answered. gpuexec writes a large array once into shared memory that ev
 worker maps without a copy (``transport="shm"``); ``transport="zmq"`` sends it as
 zero-copy ZeroMQ frames. Baselines in the same run: ``multiprocessing.Pipe`` (pickled
 per worker), ``concurrent.futures.ProcessPoolExecutor`` (one task per worker), loky
-(when installed) and vLLM's ``MessageQueue`` (when vllm is importable; skipped with a
-note otherwise). Target (issue 6): 1 GiB to 4 workers at 10 GB/s effective or more.
+(the ``bench`` extra; skipped with a note when not installed).
+Target: 1 GiB to 4 workers at 10 GB/s effective or more.
 Usage: ``python benchmarks/payload.py [--world 4] [--sizes-mib 1,64,1024] [--out DIR]``.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from _common import machine, print_table, write_json
+from _common import add_out_option, machine, print_table, write_json
 
 from gpuexec import Executor, Worker
 
@@ -99,18 +99,19 @@ def bench_pool(world: int, arr: np.ndarray, repeats: int, loky: bool) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--world", type=int, default=4)
-    ap.add_argument("--sizes-mib", default="1,64,1024")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=None)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=4, help="workers receiving the array")
+    ap.add_argument("--sizes-mib", default="1,64,1024", metavar="MIB,MIB,...",
+                    help="array sizes in MiB")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="sends per size and method, best kept (at most 2 for 1 GiB)")
+    add_out_option(ap)
     args = ap.parse_args()
     notes = []
     have_loky = importlib.util.find_spec("loky") is not None
     if not have_loky:
         notes.append("loky not installed: skipped")
-    if importlib.util.find_spec("vllm") is None:
-        notes.append("vllm not importable: MessageQueue skipped")
     rows: list[list[Any]] = []
     results = []
     for mib in (int(x) for x in args.sizes_mib.split(",")):

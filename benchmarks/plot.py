@@ -58,8 +58,10 @@ def _payload(data: dict[str, Any], out: Path, plt: Any) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("directory", type=Path)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("directory", type=Path,
+                    help="where rpc_latency.json / payload.json are; the PNGs go beside them")
     args = ap.parse_args()
     try:
         import matplotlib

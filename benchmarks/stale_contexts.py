@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, machine, print_table, write_json  # noqa: E402
 
 from gpuexec import Executor  # noqa: E402
 from gpuexec.executor.config import visible_gpu_count  # noqa: E402
@@ -57,8 +57,9 @@ def measure(release: bool, world: int) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=None)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_option(ap)
     args = ap.parse_args()
     world = visible_gpu_count()
     if world < 2:
@@ -72,8 +73,8 @@ def main() -> int:
     on = [r for r in rows if r["release"]]
     worst_foreign = max(r["foreign_mib"] for r in on)
     worst_ms = max(r["release_ms"] for r in on)
-    print(f"release on: max foreign MiB {worst_foreign:.0f} (target 0), "
-          f"max release time {worst_ms:.2f} ms (target <= 5 ms)")
+    print(f"release on: max foreign MiB {worst_foreign:.0f} (target: 0), "
+          f"max release time {worst_ms:.2f} ms (target: <= 5 ms)")
     path = write_json("stale_contexts.json", {"machine": machine(), "world_size": world,
                                               "rows": rows, "targets": {"foreign_mib": 0,
                                                                         "release_ms": 5}},

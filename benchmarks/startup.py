@@ -7,7 +7,7 @@ itself. The floor, measured in the same run, is CUDA's own initialisation: a pro
 that has already imported torch, timed from its first CUDA call to a ready context on
 its device (CPU hosts have no floor). On GPU hosts ``isolate_devices=True`` is also
 timed (warm zygote), to see whether one visible device per worker shortens CUDA's
-initialisation. Targets (issue 5): warm zygote within 1.3x of the floor at 4 GPUs and at
+initialisation. Targets: warm zygote within 1.3x of the floor at 4 GPUs and at
 least 3x faster than spawn; on CPU at least 3x faster than spawn.
 Usage: ``python benchmarks/startup.py [--sizes 1,2,4] [--repeats 3] [--out DIR]``.
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, machine, print_table, write_json  # noqa: E402
 
 from gpuexec import Worker  # noqa: E402
 from gpuexec.executor.config import visible_gpu_count  # noqa: E402
@@ -85,10 +85,12 @@ def measure(method: str, world: int, isolate: bool, count: int) -> list[float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", default="")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="", metavar="N,N,...",
+                    help="world sizes (default: 1, 2, 4, 8 up to the GPU count; 1, 2, 4 on CPU)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh drivers per configuration")
-    ap.add_argument("--out", default=None)
+    add_out_option(ap)
     args = ap.parse_args()
     gpus = visible_gpu_count()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
@@ -124,7 +126,7 @@ def main() -> int:
     print_table(heads, rows)
     if floor:
         print(f"floor (CUDA init in a process that imported torch): {floor:.3f} s")
-    print("targets: zygote warm >= 3x faster than spawn; on 4 GPUs within 1.3x of the floor")
+    print("target: zygote warm >= 3x faster than spawn; on 4 GPUs within 1.3x of the floor")
     path = write_json("startup.json", {"machine": machine(), "floor_s": floor,
                                        "repeats": args.repeats, "results": results}, args.out)
     print(f"wrote {path}")

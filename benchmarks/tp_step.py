@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import torch  # noqa: E402
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, machine, print_table, write_json  # noqa: E402
 from tp_mlp import MLPShard, TPMLPWorker, make_input  # noqa: E402
 
 from gpuexec import Executor  # noqa: E402
@@ -135,15 +135,16 @@ def run_pipe(n: int, device: str, backend: str, dims: tuple[int, int, int],
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--sizes", default="1,2,4")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="gloo on cpu, NCCL on cuda")
+    ap.add_argument("--sizes", default="1,2,4", metavar="N,N,...", help="world sizes")
+    ap.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
+    ap.add_argument("--warmup", type=int, default=30, help="untimed steps before them")
+    ap.add_argument("--batch", type=int, default=32, help="rows of the input")
     ap.add_argument("--dims", default="1024,4096,1024", help="d_in,d_hidden,d_out")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per worker (default: 1 on cpu, torch's own on cuda)")
-    ap.add_argument("--out", default=None, help="directory for the JSON (default results/)")
+    add_out_option(ap)
     args = ap.parse_args()
     threads = args.threads if args.threads is not None else \
         (1 if args.device == "cpu" else None)

@@ -28,11 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
-from tensor_parallel_mlp import resolve
+try:
+    import torch
+except ModuleNotFoundError:
+    sys.exit("this example needs torch: pip install 'gpuexec[torch]'")
+
+from tensor_parallel_mlp import add_model_options, resolve
 from tp_mlp import TPMLPWorker, build_weights, reference_forward, relative_error
 
-from gpuexec import Executor
+from gpuexec import ConfigError, Executor
+from gpuexec.cli import positive_int
 
 
 class StepCounter:
@@ -100,15 +105,22 @@ async def client(engine: Engine, inputs: torch.Tensor, outputs: list[torch.Tenso
         outputs[i] = await req.done
 
 
+def shares(requests: int, clients: int) -> list[int]:
+    """How many requests each client sends: every request is sent, none twice."""
+    per, extra = divmod(requests, clients)
+    return [per + (1 if c < extra else 0) for c in range(clients)]
+
+
 async def serve(ex: Executor, args: argparse.Namespace,
                 inputs: torch.Tensor) -> tuple[list[torch.Tensor | None], float, int]:
     engine = Engine(ex, args.max_batch, args.max_concurrent_batches)
     outputs: list[torch.Tensor | None] = [None] * len(inputs)
-    per = len(inputs) // args.clients
+    counts = shares(len(inputs), args.clients)
+    firsts = [sum(counts[:c]) for c in range(args.clients)]
     runner = asyncio.create_task(engine.run())
     t = time.perf_counter()
-    await asyncio.gather(*[client(engine, inputs, outputs, c * per, per)
-                           for c in range(args.clients)])
+    await asyncio.gather(*[client(engine, inputs, outputs, first, count)
+                           for first, count in zip(firsts, counts, strict=True) if count])
     wall = time.perf_counter() - t
     runner.cancel()
     return outputs, wall, engine.steps
@@ -116,33 +128,46 @@ async def serve(ex: Executor, args: argparse.Namespace,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=None)
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-concurrent-batches", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
+    p.add_argument("--requests", type=positive_int, default=2000, metavar="N",
+                   help="requests served in the measured run (default: 2000)")
+    p.add_argument("--clients", type=positive_int, default=64, metavar="N",
+                   help="closed-loop clients, each with one request outstanding; more "
+                        "clients than requests leaves the extra ones idle (default: 64)")
+    p.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
+                   help="most requests in one forward step (default: 32)")
+    p.add_argument("--max-concurrent-batches", type=positive_int, default=2, metavar="N",
+                   help="forward steps in flight at once (default: 2)")
     args = p.parse_args(argv)
-    device, backend = resolve(args.device, args.backend)
-    args.requests -= args.requests % args.clients
     dims = (256, 1024, 256)
+    if dims[1] % args.world_size:
+        p.error(f"--world-size {args.world_size} must divide the hidden size {dims[1]}")
+    device, backend = resolve(args.device, args.backend)
     inputs = torch.randn(args.requests, dims[0], generator=torch.Generator().manual_seed(1))
-    with Executor(TPMLPWorker, args.world_size, device=device, distributed_backend=backend,
-                  worker_args=(args.seed, *dims), worker_extension_cls=StepCounter,
-                  max_concurrent_batches=args.max_concurrent_batches) as ex:
-        asyncio.run(serve(ex, args, inputs[: args.clients]))  # warm-up
+    clients = min(args.clients, args.requests)
+    try:
+        ex = Executor(TPMLPWorker, args.world_size, device=device, distributed_backend=backend,
+                      worker_args=(args.seed, *dims), worker_extension_cls=StepCounter,
+                      max_concurrent_batches=args.max_concurrent_batches)
+    except ConfigError as e:  # e.g. --device cuda without a GPU: refused before any start
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    with ex:
+        asyncio.run(serve(ex, args, inputs[:clients]))  # warm-up: one request per client
+        before = ex.collective_rpc("steps_served")
         outputs, wall, steps = asyncio.run(serve(ex, args, inputs))
-        served = ex.collective_rpc("steps_served")
-    got = torch.stack([o for o in outputs if o is not None])
-    err = relative_error(got, reference_forward(build_weights(args.seed, *dims), inputs))
-    print(f"served {args.requests} requests from {args.clients} clients on {args.world_size} "
-          f"{device} worker(s) ({backend}), {args.max_concurrent_batches} step(s) in flight")
-    print(f"{steps} steps, mean batch {args.requests / steps:.1f}, {wall:.2f} s: "
-          f"{args.requests / wall:.0f} requests/s, {steps / wall:.0f} steps/s")
-    print(f"steps counted by the extension per rank: {served}; relative error {err:.2e}")
-    return 0 if err <= 1e-5 and len(got) == args.requests else 1
+        after = ex.collective_rpc("steps_served")
+    counted = [a - b for a, b in zip(after, before, strict=True)]
+    got = [o for o in outputs if o is not None]
+    err = relative_error(torch.stack(got),
+                         reference_forward(build_weights(args.seed, *dims), inputs))
+    print(f"served {len(got)} of {args.requests} requests from {clients} clients on "
+          f"{args.world_size} {device} worker(s) ({backend}), "
+          f"{args.max_concurrent_batches} step(s) in flight")
+    print(f"{steps} steps, mean batch {len(got) / steps:.1f}, {wall:.2f} s: "
+          f"{len(got) / wall:.0f} requests/s, {steps / wall:.0f} steps/s")
+    print(f"steps counted by the extension per rank: {counted}; relative error {err:.2e}")
+    return 0 if err <= 1e-5 and len(got) == args.requests and \
+        all(c == steps for c in counted) else 1
 
 
 if __name__ == "__main__":

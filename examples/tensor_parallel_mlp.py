@@ -17,26 +17,47 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+try:
+    import torch  # noqa: F401  (the model is torch; gpuexec itself does not need it)
+except ModuleNotFoundError:
+    sys.exit("this example needs torch: pip install 'gpuexec[torch]'")
+
 from tp_mlp import TPMLPWorker, build_weights, make_input, reference_forward, relative_error
 
-from gpuexec import Executor
+from gpuexec import ConfigError, Executor
+from gpuexec.cli import positive_int
 from gpuexec.executor.config import visible_gpu_count
 
 TOLERANCE = 1e-5
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options both examples share: workers, device, backend, seed."""
+    p.add_argument("--world-size", type=positive_int, default=2, metavar="N",
+                   help="tensor-parallel workers; must divide the hidden size (default: 2)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="where the workers compute (default: auto, cuda when a GPU is visible)")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                   help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights (default: 0)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=None,
-                   help="default: nccl on cuda, gloo on cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--d-in", type=int, default=256)
-    p.add_argument("--d-hidden", type=int, default=1024)
-    p.add_argument("--d-out", type=int, default=256)
-    return p.parse_args(argv)
+    add_model_options(p)
+    p.add_argument("--batch", type=positive_int, default=32, metavar="N",
+                   help="rows of the input (default: 32)")
+    p.add_argument("--d-in", type=positive_int, default=256, metavar="N",
+                   help="input features (default: 256)")
+    p.add_argument("--d-hidden", type=positive_int, default=1024, metavar="N",
+                   help="hidden features, split across the workers (default: 1024)")
+    p.add_argument("--d-out", type=positive_int, default=256, metavar="N",
+                   help="output features (default: 256)")
+    args = p.parse_args(argv)
+    if args.d_hidden % args.world_size:
+        p.error(f"--d-hidden {args.d_hidden} does not divide by --world-size "
+                f"{args.world_size}")
+    return args
 
 
 def resolve(device: str, backend: str | None) -> tuple[str, str]:
@@ -52,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     dims = (args.d_in, args.d_hidden, args.d_out)
     x = make_input(args.seed, args.batch, args.d_in)
     t = time.perf_counter()
-    with Executor(TPMLPWorker, args.world_size, device=device, distributed_backend=backend,
-                  worker_args=(args.seed, *dims)) as ex:
+    try:
+        ex = Executor(TPMLPWorker, args.world_size, device=device, distributed_backend=backend,
+                      worker_args=(args.seed, *dims))
+    except ConfigError as e:  # e.g. --device cuda without a GPU: refused before any start
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
+    with ex:
         started = time.perf_counter() - t
         outs = ex.collective_rpc("forward", args=(x,))
     # The reference runs only now: a driver that ran multi-threaded torch kernels before

@@ -1,4 +1,9 @@
-"""``python -m gpuexec demo | doctor``."""
+"""The ``gpuexec`` command (also ``python -m gpuexec``): ``demo`` and ``doctor``.
+
+Argument errors exit with status 2 and a one-line usage message (argparse), never a
+traceback; values that cannot work (``--calls 0``, ``--world-size 0``) are refused
+before any worker starts.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ def doctor() -> int:
     """What this machine and this process look like to gpuexec."""
     from .executor.config import visible_gpu_count
     from .executor.start_method import cuda_state, resolve_start_method
+    from .optional import torch_installed
     from .worker import nvml
     from .worker.cuda_driver import load_driver
 
@@ -19,6 +25,9 @@ def doctor() -> int:
     _, reason = resolve_start_method("auto")
     print(f"this process: {state.describe()}")
     print(f"start_method='auto' would choose: {reason}")
+    print("torch: " + ("installed" if torch_installed() else
+                       "not installed (tensor payloads and distributed_backend need it: "
+                       "pip install 'gpuexec[torch]')"))
     gpus = visible_gpu_count()
     print(f"visible GPUs: {gpus}")
     driver = load_driver()
@@ -41,18 +50,49 @@ def doctor() -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpuexec")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="start workers, run a few calls, print a report")
-    demo.add_argument("--world-size", type=int, default=None)
-    demo.add_argument("--calls", type=int, default=2000)
-    sub.add_parser("doctor", help="report CUDA and start-method facts")
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (anything else is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def build_parser(prog: str = "gpuexec") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="gpuexec: a CUDA-aware multi-process worker executor.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,doctor}",
+                                help="what to do")
+    demo = sub.add_parser(
+        "demo", help="start workers, check a matrix product on each, time no-op calls",
+        description="Start workers, run a seeded matrix product on every rank and check it "
+                    "against the driver's own result, then time no-op collective_rpc calls.")
+    demo.add_argument("--world-size", type=positive_int, default=None, metavar="N",
+                      help="number of workers (default: one per visible GPU, else 2 on "
+                           "the CPU)")
+    demo.add_argument("--calls", type=positive_int, default=2000, metavar="N",
+                      help="no-op calls timed for the p50/p99 round trip (default: 2000)")
+    sub.add_parser("doctor", help="report CUDA, torch and start-method facts",
+                   description="Report what this machine and this process look like to "
+                               "gpuexec: CUDA state, the start method 'auto' picks, GPUs, "
+                               "the CUDA driver, processes holding memory on several GPUs.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gpuexec") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
+        from .errors import ConfigError
 
-        return run_demo(args.world_size, args.calls)
+        try:
+            return run_demo(args.world_size, args.calls)
+        except ConfigError as e:  # e.g. more workers than GPUs: a usage error, not a crash
+            parser.exit(2, f"{prog} demo: error: {e}\n")
     return doctor()
 
 

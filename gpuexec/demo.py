@@ -7,37 +7,52 @@ import statistics
 import time
 from typing import Any
 
+import numpy as np
+
 from .executor import Executor
 from .executor.config import visible_gpu_count
+from .optional import torch_installed
 from .worker import Worker
 
 
 class DemoWorker(Worker):
-    """Builds a seeded matrix on its device and multiplies it: real work on every rank."""
+    """Multiplies a seeded matrix on its device: real work on every rank (torch on the
+    worker's device when torch is installed, numpy on the CPU otherwise)."""
 
     def info(self) -> dict[str, Any]:
-        import torch
-
         return {"rank": self.rank, "pid": os.getpid(), "device": self.device,
-                "torch": torch.__version__, "env_rank": os.environ.get("RANK")}
+                "torch": _torch_version(), "env_rank": os.environ.get("RANK")}
 
     def matmul_checksum(self, seed: int, n: int) -> float:
+        a = _matrix(seed + self.rank, n)
+        if not torch_installed():
+            return float(np.trace(a @ a.T))
         import torch
 
-        g = torch.Generator().manual_seed(seed + self.rank)
-        a = torch.randn(n, n, generator=g, dtype=torch.float64).to(self.device)
-        return float((a @ a.T).trace().item())
+        t = torch.from_numpy(a).to(self.device)
+        return float((t @ t.T).trace().item())
 
     def noop(self) -> None:
         return None
 
 
-def reference_checksum(seed: int, rank: int, n: int) -> float:
+def _torch_version() -> str:
+    if not torch_installed():
+        return "not installed"
     import torch
 
-    g = torch.Generator().manual_seed(seed + rank)
-    a = torch.randn(n, n, generator=g, dtype=torch.float64)
-    return float((a @ a.T).trace().item())
+    return str(torch.__version__)
+
+
+def _matrix(seed: int, n: int) -> Any:
+    """The same n x n float64 matrix in the driver and in the worker of that seed."""
+    return np.random.default_rng(seed).standard_normal((n, n))
+
+
+def reference_checksum(seed: int, rank: int, n: int) -> float:
+    """trace(A A^T) of rank ``rank``'s matrix, computed in the driver with numpy."""
+    a = _matrix(seed + rank, n)
+    return float(np.trace(a @ a.T))
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -46,8 +61,12 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def run_demo(world_size: int | None = None, calls: int = 2000) -> int:
+    """Run the demo; ``world_size`` None means one worker per visible GPU, else 2 CPU
+    workers. Returns the exit status (1 when a worker's result differs)."""
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, not {calls}")
     gpus = visible_gpu_count()
-    size = world_size or (gpus if gpus else 2)
+    size = world_size if world_size is not None else (gpus if gpus else 2)
     t0 = time.perf_counter()
     with Executor(DemoWorker, size, device="auto") as ex:
         started = time.perf_counter() - t0

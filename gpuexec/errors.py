@@ -24,6 +24,7 @@ __all__ = [
     "GpuexecError",
     "HeldCallTimeoutError",
     "InflightLimitError",
+    "MissingDependencyError",
     "ProtocolError",
     "RemoteError",
     "RpcTimeoutError",
@@ -54,6 +55,23 @@ class StartMethodError(ConfigError):
 
 class ProtocolError(GpuexecError):
     """A peer speaks another protocol version (a worker from another gpuexec install)."""
+
+
+class MissingDependencyError(GpuexecError, ImportError):
+    """A feature needs an optional package that is not installed (torch, ray...).
+
+    The core runs without them; this names the feature that asked, the package and the
+    extra that installs it (``pip install 'gpuexec[torch]'``). Attributes: ``feature``,
+    ``package``, ``extra``.
+    """
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        self.feature = feature
+        self.package = package
+        self.extra = extra
+        super().__init__(f"{feature} needs {package}, which is not installed here: "
+                         f"pip install 'gpuexec[{extra}]' (or install {package} yourself)",
+                         name=package)
 
 
 class _RemoteTraceback(Exception):

@@ -73,7 +73,7 @@ def test_serving_loop_example_serves_every_request() -> None:
                        capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 0, r.stderr
-    assert "served 256 requests from 16 clients" in r.stdout
+    assert "served 256 of 256 requests from 16 clients" in r.stdout
     assert "requests/s" in r.stdout and "steps/s" in r.stdout
 
 

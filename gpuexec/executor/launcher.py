@@ -169,7 +169,10 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
 
 
 def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: float = 2.0) -> None:
-    """Wait ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL; reap all."""
+    """Wait ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL; reap all.
+
+    ``grace=0`` is a deliberate stop (a start-up that failed, already reported): the
+    SIGTERM is then not worth a warning of its own."""
 
     def alive() -> list[WorkerHandle]:
         return [h for h in handles if h.reap() is None]
@@ -182,8 +185,9 @@ def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: floa
 
     wait(alive(), grace)
     if left := alive():
-        log.warning("gpuexec: %d worker(s) still running after %.1f s; sending SIGTERM",
-                    len(left), grace)
+        if grace > 0:
+            log.warning("gpuexec: %d worker(s) still running after %.1f s; sending SIGTERM",
+                        len(left), grace)
         for h in left:
             h.process.terminate()
         wait(left, term_grace)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import socket
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingDependencyError
 from ..ipc.messages import DistributedSpec
+from ..optional import torch_installed
 
 BACKENDS = ("nccl", "gloo")
 DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -50,6 +51,8 @@ def distributed_spec(backend: str | None, device: str, *, master_addr: str | Non
     if backend not in BACKENDS:
         raise ConfigError(f"unknown distributed_backend {backend!r}; expected "
                           f"{' or '.join(BACKENDS)} (or None)")
+    if not torch_installed():
+        raise MissingDependencyError(f"distributed_backend={backend!r}", "torch", "torch")
     if backend == "nccl" and device != "cuda":
         raise ConfigError("distributed_backend='nccl' needs CUDA workers, but the device is "
                           f"{device!r}; use 'gloo' on CPU")

@@ -219,9 +219,10 @@ def reimports_main(method: str) -> bool:
     return bool(getattr(main, "__file__", None))
 
 
-def main_lacks_guard() -> bool:
-    """True when ``__main__`` is a script file with no ``if __name__ == "__main__":``."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
+def main_lacks_guard(module: str = "__main__") -> bool:
+    """True when ``module`` (``__main__``, or ``__mp_main__`` while a spawn or forkserver
+    child re-imports it) is a script file with no ``if __name__ == "__main__":``."""
+    path = getattr(sys.modules.get(module), "__file__", None)
     if not path:
         return False
     try:
@@ -238,4 +239,8 @@ def check_not_bootstrapping() -> None:
     module in a spawn or forkserver child; creating an executor then would recurse.
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
+        if main_lacks_guard("__mp_main__"):
+            # The driver reads the same script, finds the same missing guard and raises
+            # the one error the user reads; a traceback per worker would only repeat it.
+            raise SystemExit(1)
         raise StartMethodError(GUARD_HINT.format(method="spawn/forkserver"))

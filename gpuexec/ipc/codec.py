@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 import msgspec
 
+from ..optional import require_torch
 from . import shm_payload
 
 INLINE_LIMIT = 4096
@@ -295,8 +296,7 @@ def _check_size(dtype: str, shape: list[int], nbytes: int, tensor: bool) -> None
     if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
         raise MalformedMessage(f"bad array shape {shape[:8]}", "bad_buffer")
     if tensor:
-        import torch
-
+        torch = require_torch("receiving a torch tensor")
         tdtype = getattr(torch, dtype, None)
         if not isinstance(tdtype, torch.dtype):
             raise MalformedMessage(f"unknown torch dtype {dtype!r}", "bad_buffer")
@@ -325,7 +325,7 @@ def _array(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
         import numpy as np
 
         return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
-    import torch
+    torch = require_torch("receiving a torch tensor")
 
     tdtype = getattr(torch, dtype, None)
     if not isinstance(tdtype, torch.dtype):

@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 from ..ipc.messages import WorkerSpec
+from ..optional import require_torch
 from .device import torch_device
 
 log = logging.getLogger("gpuexec.worker")
@@ -45,7 +46,7 @@ def init_process_group(spec: WorkerSpec) -> None:
     d = spec.distributed
     if d is None:
         return
-    import torch
+    torch = require_torch(f"distributed_backend={d.backend!r}")
     import torch.distributed as dist
 
     kwargs: dict[str, Any] = {}

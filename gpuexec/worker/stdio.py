@@ -9,9 +9,11 @@ executor's private 0700 directory. When a worker dies, the driver reads its last
 from there for :class:`~gpuexec.errors.WorkerDiedError` — a file rather than a pipe
 because it survives the worker's death and needs no reader. ``faulthandler`` writes
 there too, so a segfault's Python traceback reaches the error message even though the
-process is gone. The record is kept under ``RECORD_LIMIT`` bytes by starting over when
-it grows past it (the tail is what matters). Native code writing to fd 2 directly
-(C libraries) reaches the terminal but not the record.
+process is gone. faulthandler writes raw to a file descriptor, without the prefix, so the
+record starts with a header line that carries it, and :func:`read_tail` puts it in front
+of every dump line. The record is kept under ``RECORD_LIMIT`` bytes by starting over when
+it grows past it (the tail is what matters; the header is written again). Native code
+writing to fd 2 directly (C libraries) reaches the terminal but not the record.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import re
 import sys
 import threading
 from typing import Any, BinaryIO, TextIO
 
 RECORD_LIMIT = 1 << 20
+RECORD_HEADER = "gpuexec: stderr record of this worker"
+_PREFIX = re.compile(r"\(rank \d+ pid \d+\) ")
 
 
 def stderr_record_path(directory: str, rank: int) -> str:
@@ -31,7 +36,8 @@ def stderr_record_path(directory: str, rank: int) -> str:
 
 
 def read_tail(path: str, max_lines: int = 20, max_bytes: int = 16384) -> str:
-    """The last lines of a stderr record ("" when there is none).
+    """The last lines of a stderr record ("" when there is none), each with the worker's
+    ``(rank N pid P)`` prefix.
 
     A faulthandler dump ("Fatal Python error: ...", most recent call first) is kept from
     its first line, where the fault is, rather than cut to its last lines."""
@@ -44,10 +50,17 @@ def read_tail(path: str, max_lines: int = 20, max_bytes: int = 16384) -> str:
     except OSError:
         return ""
     text = data.decode("utf-8", "replace")
+    found = _PREFIX.search(text)
+    prefix = found.group(0) if found else ""
     fatal = text.rfind("Fatal Python error")
     if fatal >= 0:
-        return "\n".join(text[fatal:].splitlines()[:2 * max_lines])
-    return "\n".join(text.splitlines()[-max_lines:])
+        lines = text[fatal:].splitlines()[:2 * max_lines]
+    else:
+        lines = [ln for ln in text.splitlines()
+                 if ln != prefix + RECORD_HEADER][-max_lines:]
+    # Lines without the prefix are faulthandler's (everything else went through Python).
+    return "\n".join(ln if not prefix or _PREFIX.match(ln) else (prefix + ln).rstrip(" ")
+                     for ln in lines)
 
 
 class PrefixedStream:
@@ -85,6 +98,7 @@ class PrefixedStream:
             if rec.tell() > RECORD_LIMIT:
                 rec.seek(0)
                 rec.truncate()
+                rec.write(f"{self._prefix}{RECORD_HEADER}\n".encode())
             rec.write(text.encode("utf-8", "replace"))
             rec.flush()
         except (OSError, ValueError):
@@ -104,6 +118,10 @@ def install_prefix(rank: int, pid: int, record_path: str | None = None) -> None:
         except OSError:
             record = None
     if record is not None:
+        try:
+            record.write(f"{prefix}{RECORD_HEADER}\n".encode())
+        except OSError:
+            pass
         faulthandler.enable(file=record, all_threads=True)
     else:
         faulthandler.enable()

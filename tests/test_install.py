@@ -1,0 +1,282 @@
+"""Installing gpuexec: the Makefile's set-up logic and the built wheel in a venv without torch.
+
+The Makefile is run for real with a stand-in ``python`` that records every pip command
+and answers the way each kind of machine would (a local CPU wheel, only PyPI, CUDA wheels
+slipping in), so a change to the set-up cannot silently re-break a fresh machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+PUBLIC_INDEX = "https://pypi.org/simple"
+
+# Stands in for python3 (and, copied into the venv, for its python): `-m venv DIR` makes
+# DIR/bin/python, every `-m pip` command is logged; `pip install ... torch` without
+# --index-url fails unless FAKE_LOCAL_CPU_TORCH=1 (PyPI serves no +cpu build), with it
+# fails when FAKE_CPU_INDEX_DOWN=1; `pip list` shows a CUDA wheel when FAKE_NVIDIA=1.
+FAKE_PYTHON = r"""#!/bin/bash
+echo "$*" >> "$FAKE_LOG"
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0; fi
+if [ "$1 $2 $3" = "-m pip install" ]; then
+  case " $* " in
+    *" torch "*)
+      case " $* " in
+        *" --index-url "*) [ "$FAKE_CPU_INDEX_DOWN" = 1 ] && exit 1 ;;
+        *) [ "$FAKE_LOCAL_CPU_TORCH" = 1 ] && exit 0
+           echo "ERROR: No matching distribution found for torch" >&2; exit 1 ;;
+      esac ;;
+  esac
+  exit 0
+fi
+if [ "$1 $2 $3" = "-m pip list" ] && [ "$FAKE_NVIDIA" = 1 ]; then
+  echo "nvidia-cublas-cu12 12.8.4.1"
+fi
+exit 0
+"""
+
+
+def _torch_pin() -> str:
+    pins = re.findall(r"^torch==(\S+)", (ROOT / "constraints.txt").read_text(), re.M)
+    assert len(pins) == 1, "constraints.txt must pin torch exactly once"
+    return pins[0]
+
+
+def _make(tmp_path: Path, has_gpu: str, **fake: str) -> tuple[subprocess.CompletedProcess[str],
+                                                                list[str], Path]:
+    if shutil.which("make") is None:
+        pytest.fail("make is not installed")
+    fake_py = tmp_path / "python3"
+    fake_py.write_text(FAKE_PYTHON)
+    fake_py.chmod(0o755)
+    log = tmp_path / "pip.log"
+    venv = tmp_path / "venv"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FAKE_LOG": str(log), **fake}
+    r = subprocess.run(["make", "-C", str(ROOT), f"{venv}/.installed", f"VENV={venv}",
+                        f"PYTHON={fake_py}", f"HAS_GPU={has_gpu}"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    lines = log.read_text().splitlines() if log.exists() else []
+    return r, lines, venv
+
+
+def _torch_installs(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if ln.startswith("-m pip install") and ln.endswith(" torch")]
+
+
+def test_cpu_machine_takes_a_local_cpu_wheel_first(tmp_path: Path) -> None:
+    r, lines, venv = _make(tmp_path, "", FAKE_LOCAL_CPU_TORCH="1")
+    assert r.returncode == 0, r.stderr
+    assert (venv / "cpu-constraints.txt").read_text().strip() == f"torch=={_torch_pin()}+cpu"
+    cons = f"-c constraints.txt -c {venv}/cpu-constraints.txt"
+    [torch] = _torch_installs(lines)
+    assert cons in torch and "--index-url" not in torch
+    final = lines[-2]  # then `pip list` of the guard
+    assert final.startswith("-m pip install") and cons in final
+    assert "-e .[torch,dev,ray,bench]" in final
+    assert lines.index(torch) < lines.index(final)  # torch alone, before the rest
+    assert (venv / ".installed").exists()
+
+
+def test_cpu_machine_with_only_public_indexes_uses_pytorchs_cpu_index(tmp_path: Path) -> None:
+    r, lines, venv = _make(tmp_path, "")
+    assert r.returncode == 0, r.stderr
+    first, second = _torch_installs(lines)
+    assert "--index-url" not in first
+    assert f"--index-url {CPU_INDEX} --extra-index-url {PUBLIC_INDEX}" in second
+    assert f"-c constraints.txt -c {venv}/cpu-constraints.txt" in second
+    assert f"torch {_torch_pin()}+cpu is not on the configured indexes" in r.stdout
+    # The first attempt's pip error goes to a log, not the user's terminal.
+    assert "No matching distribution" not in r.stdout + r.stderr
+    assert "No matching distribution" in (venv / "torch-install.log").read_text()
+    assert (venv / ".installed").exists()
+
+
+def test_cpu_machine_fails_when_no_cpu_build_can_be_had(tmp_path: Path) -> None:
+    r, lines, venv = _make(tmp_path, "", FAKE_CPU_INDEX_DOWN="1")
+    assert r.returncode != 0
+    assert f"error: no CPU build of torch {_torch_pin()} could be installed" in r.stderr
+    assert len(_torch_installs(lines)) == 2
+    assert not any("-e ." in ln for ln in lines)  # never falls through to a CUDA torch
+    assert not (venv / ".installed").exists()
+
+
+def test_cuda_wheels_on_a_machine_without_gpu_fail_the_setup(tmp_path: Path) -> None:
+    r, _, venv = _make(tmp_path, "", FAKE_LOCAL_CPU_TORCH="1", FAKE_NVIDIA="1")
+    assert r.returncode != 0
+    assert "error: CUDA wheels were installed on a machine without a GPU" in r.stderr
+    assert not (venv / ".installed").exists()
+
+
+def test_gpu_machine_installs_the_default_build_in_one_step(tmp_path: Path) -> None:
+    r, lines, venv = _make(tmp_path, "1", FAKE_NVIDIA="1")
+    assert r.returncode == 0, r.stderr
+    installs = [ln for ln in lines if ln.startswith("-m pip install") and "-e ." in ln]
+    assert installs == ["-m pip install -q -c constraints.txt -e .[torch,dev,ray,bench]"]
+    assert not _torch_installs(lines)
+    assert "+cpu" not in "\n".join(lines) and CPU_INDEX not in "\n".join(lines)
+    assert not (venv / "cpu-constraints.txt").exists()
+
+
+def test_dry_run_reads_the_torch_version_from_constraints() -> None:
+    r = subprocess.run(["make", "-C", str(ROOT), "-n", "-B", "/nonexistent-venv/.installed",
+                        "VENV=/nonexistent-venv", "HAS_GPU="],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f'echo "torch=={_torch_pin()}+cpu" > /nonexistent-venv/cpu-constraints.txt' \
+        in r.stdout
+    assert f"--index-url {CPU_INDEX}" in r.stdout
+
+
+def test_requirements_name_no_torch() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("torch")]
+    extras = project["optional-dependencies"]
+    assert extras["torch"] == ["torch>=2.1"]
+    for name, reqs in extras.items():
+        names = [re.split(r"[<>=!~\[; ]", r)[0].lower() for r in reqs]
+        assert len(names) == len(set(names)), name
+        core = {re.split(r"[<>=!~\[; ]", d)[0].lower() for d in project["dependencies"]}
+        assert not core & set(names), f"extra {name} repeats a core requirement"
+
+
+@dataclass(frozen=True)
+class NoTorchVenv:
+    wheel: Path
+    python: Path
+    env: dict[str, str]  # a clean environment: nothing of the checkout or this run's site
+    cwd: Path
+
+    def run(self, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=120,
+                              env={**self.env, **env}, cwd=self.cwd)
+
+
+@pytest.fixture(scope="module")
+def no_torch_venv(tmp_path_factory: pytest.TempPathFactory) -> NoTorchVenv:
+    """The wheel, built from a copy of the package (the checkout stays clean), installed
+    into a fresh venv (not --system-site-packages) with the pinned versions of its
+    requirements and nothing else."""
+    tmp = tmp_path_factory.mktemp("no_torch")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "gpuexec", src / "gpuexec",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = tmp / "dist"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(out), str(src)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    [wheel] = out.glob("gpuexec-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    py = venv / "bin" / "python"
+    pip_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
+                        "-c", str(ROOT / "constraints.txt"), str(wheel)],
+                       capture_output=True, text=True, timeout=180, env=pip_env)
+    assert r.returncode == 0, r.stderr
+    env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+           "HOME": str(tmp)}
+    return NoTorchVenv(wheel, py, env, tmp)
+
+
+def test_wheel_holds_the_package_its_license_and_no_torch_requirement(
+        no_torch_venv: NoTorchVenv) -> None:
+    with zipfile.ZipFile(no_torch_venv.wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    outside = [n for n in names
+               if not n.startswith("gpuexec/") and not re.match(r"gpuexec-[^/]+\.dist-info/", n)]
+    assert outside == []
+    assert "gpuexec/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    torch_reqs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: torch")]
+    assert torch_reqs == ['Requires-Dist: torch>=2.1; extra == "torch"']
+    assert "License-Expression: Apache-2.0" in meta and "Project-URL: " in meta
+
+
+GUARD_FREE = """
+from gpuexec import Executor, Worker
+from gpuexec.errors import MissingDependencyError
+import numpy as np
+
+class W(Worker):
+    def scaled(self, a):
+        return a * (self.rank + 1)
+
+ex = Executor(W, 2, device="cpu")
+out = ex.collective_rpc("scaled", args=(np.arange(4.0),))
+print("results", [o.tolist() for o in out], ex.start_method)
+ex.shutdown()
+try:
+    Executor(W, 2, device="cpu", distributed_backend="gloo")
+except MissingDependencyError as e:
+    print("refused:", e)
+"""
+
+
+def test_guard_free_script_runs_two_workers_without_torch(no_torch_venv: NoTorchVenv) -> None:
+    v = no_torch_venv
+    r = v.run(str(v.python), "-c", "import torch")
+    assert r.returncode == 1 and "No module named 'torch'" in r.stderr
+    script = v.cwd / "noguard.py"
+    script.write_text(GUARD_FREE)
+    r = v.run(str(v.python), str(script))
+    assert r.returncode == 0, r.stderr
+    assert "results [[0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 4.0, 6.0]]" in r.stdout
+    assert "refused: distributed_backend='gloo' needs torch, which is not installed here: " \
+           "pip install 'gpuexec[torch]'" in r.stdout
+
+
+def test_console_script_without_torch(no_torch_venv: NoTorchVenv) -> None:
+    gpuexec = str(no_torch_venv.python.parent / "gpuexec")
+    r = no_torch_venv.run(gpuexec, "demo", "--calls", "0")
+    assert r.returncode == 2 and r.stderr.startswith("usage: gpuexec demo")
+    r = no_torch_venv.run(gpuexec, "demo", "--calls", "20")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("matches the driver's reference") == 2
+    assert "not installed" in r.stdout and "Traceback" not in r.stderr
+
+
+LIBCUDA_DEVICE = """
+import ctypes, os, sys
+from gpuexec.ipc.messages import WorkerSpec
+from gpuexec.worker.device import init_device
+
+fake = ctypes.CDLL(os.environ["GPUEXEC_LIBCUDA"])
+fake.fake_set_device_count(2)
+fake.fake_set_active(1, 1)   # a stale primary context on GPU 1
+spec = WorkerSpec(rank=0, local_rank=0, world_size=1, local_world_size=1, device="cuda",
+                  gpu=0, isolate_devices=False, stale_context_policy="release", driver_pid=0,
+                  driver_is_parent=False, req_endpoint="", rep_endpoint="", worker_cls="")
+report = init_device(spec)
+print(report.device, [(a.device, a.action) for a in report.actions], report.warnings,
+      "torch" in sys.modules, fake.fake_get_refcount(1))
+"""
+
+
+def test_cuda_device_handling_through_libcuda_without_torch(no_torch_venv: NoTorchVenv,
+                                                            tmp_path: Path) -> None:
+    from fakecuda import build_fake_libcuda
+
+    lib = build_fake_libcuda(tmp_path)
+    r = no_torch_venv.run(str(no_torch_venv.python), "-c", LIBCUDA_DEVICE,
+                          GPUEXEC_LIBCUDA=str(lib))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "cuda:0 [(1, 'released')] [] False 0"
