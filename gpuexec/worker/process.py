@@ -56,8 +56,8 @@ from .base import Worker, WorkerContext
 from .device import init_device, isolate_environment, merge_reports, torch_device
 from .distributed import destroy_process_group, distributed_environment, init_process_group
 from .extension import compose
-from .stdio import install_prefix
 from .guardian import kill_children, start_guardian, stop_guardian
+from .stdio import install_prefix
 from .watchdog import start_watchdog
 
 log = logging.getLogger("gpuexec.worker")
