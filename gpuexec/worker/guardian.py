@@ -148,13 +148,14 @@ def start_guardian(driver_pid: int, driver_is_parent: bool, ipc_dir: str) -> Non
     if (driver_is_parent and os.getppid() != driver_pid) or not alive(driver_pid):
         _driver_gone_early(ipc_dir)
     worker = _pidfd(me)
+    libc = _libc()  # loaded here: the loader's lock is not taken after the fork
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            _guard(me, driver_pid, driver, worker, ipc_dir)
+            _guard(me, driver_pid, driver, worker, ipc_dir, libc)
             code = 0  # only where the group could not be signalled
         except BaseException:
             traceback.print_exc()
@@ -185,7 +186,7 @@ def _driver_gone_early(ipc_dir: str) -> None:
 
 
 def _guard(worker_pid: int, driver_pid: int, driver: int | None, worker: int | None,
-           ipc_dir: str) -> None:
+           ipc_dir: str, libc: ctypes.CDLL | None) -> None:
     """The guardian's whole life (in the forked child). Never returns normally: it ends
     in the SIGKILL of its own process group."""
     keep = sorted(fd for fd in (driver, worker) if fd is not None)
@@ -200,7 +201,8 @@ def _guard(worker_pid: int, driver_pid: int, driver: int | None, worker: int | N
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # only SIGKILL ends a guardian
-    _set_name(GUARDIAN_NAME)
+    if libc is not None:  # the name ps and top show
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(GUARDIAN_NAME), 0, 0, 0)
     if driver is not None and worker is not None:
         poller = select.poll()  # not select(): descriptor numbers may pass 1024
         poller.register(driver, select.POLLIN)
@@ -230,12 +232,13 @@ def _max_fd() -> int:
         return os.sysconf("SC_OPEN_MAX")
 
 
-def _set_name(name: bytes) -> None:
-    """The name ``ps``/``top`` show (Linux; nothing elsewhere)."""
+def _libc() -> ctypes.CDLL | None:
+    """This process's own symbols, libc's ``prctl`` among them (Linux; None elsewhere)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(None)  # the process's own symbols: libc's prctl among them
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        libc = ctypes.CDLL(None)
+        libc.prctl  # noqa: B018 - present?
     except (OSError, AttributeError):
-        pass
+        return None
+    return libc
