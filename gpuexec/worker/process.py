@@ -9,8 +9,9 @@ The device is selected before the user's worker class is imported or unpickled, 
 import-time CUDA work lands on this worker's GPU. The loop is single-threaded and
 blocks in ``recv`` (no spinning: an idle worker uses no CPU); the guardian process
 (:mod:`.guardian`) ends the worker and everything it started if the driver dies, and
-what it started if the worker dies. SIGINT is ignored: a Ctrl-C in the terminal
-reaches the whole process group, and it is the driver that decides to shut down.
+what it started if the worker dies. SIGINT is ignored: it is the driver that decides
+to shut down (a worker leads its own process group, so a terminal's Ctrl-C, which goes
+to the foreground group, does not reach it anyway; a Ray actor's group is Ray's).
 """
 
 from __future__ import annotations
