@@ -84,6 +84,18 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 # -- the driver is SIGKILLed ----------------------------------------------------------------
 
+def _kill_driver(d: Driver, everything: list[psutil.Process],
+                 record_property: Callable[[str, Any], None]) -> None:
+    """SIGKILL the driver; every process in ``everything`` must be gone within BOUND_S,
+    and the driver's private directory too."""
+    t0 = time.monotonic()
+    os.kill(d.proc.pid, signal.SIGKILL)
+    elapsed, left = _all_gone(everything, t0, BOUND_S)
+    record_property("all_gone_s", round(elapsed, 4))
+    assert left == [], f"still running {BOUND_S:g} s after the driver's SIGKILL: {left}"
+    assert not os.path.exists(d.ipc_dir)
+
+
 GIL_DRIVER = PREAMBLE + """
 from test_orphans import _hold_gil, _spawn, _wait_file
 ex = Executor(EchoWorker, 2, device="cpu", start_method={method!r}, preload=())
@@ -109,12 +121,7 @@ def test_driver_sigkill_ends_a_worker_that_holds_the_gil(
     time.sleep(0.1)  # rank 1 is inside its 60 s C call
     everything = _descendants(d.proc.pid)  # workers, guardians, helpers, grandchildren
     assert set(d.pids) | set(kids) <= {p.pid for p in everything}
-    t0 = time.monotonic()
-    os.kill(d.proc.pid, signal.SIGKILL)
-    elapsed, left = _all_gone(everything, t0, BOUND_S)
-    record_property("all_gone_s", round(elapsed, 4))
-    assert left == [], f"still running {BOUND_S:g} s after the driver's SIGKILL: {left}"
-    assert not os.path.exists(d.ipc_dir)
+    _kill_driver(d, everything, record_property)
 
 
 SHUTDOWN_DRIVER = PREAMBLE + """
@@ -144,12 +151,7 @@ def test_driver_sigkill_during_shutdown_leaves_nothing(
     assert wait_gone([d.pids[0], *kids[:2]], timeout=BOUND_S) == []  # rank 0 stopped
     everything = _descendants(d.proc.pid)
     assert {d.pids[1], *kids[2:]} <= {p.pid for p in everything}
-    t0 = time.monotonic()
-    os.kill(d.proc.pid, signal.SIGKILL)
-    elapsed, left = _all_gone(everything, t0, BOUND_S)
-    record_property("all_gone_s", round(elapsed, 4))
-    assert left == [], f"still running {BOUND_S:g} s after the driver's SIGKILL: {left}"
-    assert not os.path.exists(d.ipc_dir)
+    _kill_driver(d, everything, record_property)
 
 
 # -- a worker dies ----------------------------------------------------------------------------
