@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -216,3 +217,24 @@ def test_a_worker_leads_its_own_group_with_one_guardian(no_leaks: None) -> None:
         assert ex.collective_rpc("noop") == [None, None]
         guard_pids = [psutil.Process(w.pid).children()[0].pid for w in ex.workers]
     assert wait_gone(guard_pids, timeout=BOUND_S) == []
+
+
+@pytest.mark.parametrize("method", ["fork", "subprocess"])
+def test_workers_outlive_the_thread_that_built_their_executor(method: str,
+                                                              no_leaks: None) -> None:
+    """What ends a worker is its driver *process* exiting, never the end of the thread
+    that started it (as ``PR_SET_PDEATHSIG`` would)."""
+    made: list[Executor] = []
+    builder = threading.Thread(target=lambda: made.append(
+        Executor(EchoWorker, 2, device="cpu", start_method=method)))
+    builder.start()
+    builder.join()
+    (ex,) = made
+    try:
+        task = f"/proc/self/task/{builder.native_id}"
+        while os.path.exists(task):  # the kernel has ended the thread itself
+            time.sleep(0.001)
+        assert ex.collective_rpc("add", args=(1,)) == [1, 2]
+        assert ex.collective_rpc("add", args=(2,)) == [2, 3]
+    finally:
+        ex.shutdown()

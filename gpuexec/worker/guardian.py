@@ -20,8 +20,8 @@ the driver exits    reads W's descendant tree from ``/proc`` (with those that le
 (any way, SIGKILL   group), SIGKILLs W, then that tree, removes the dead driver's private
 included)           directory, then SIGKILLs the process group W (itself included)
 W exits (any way:   SIGKILLs the process group W: every process W started that is still in
-crash, SIGKILL,     it, wherever it was reparented (itself included)
-OOM kill)
+crash, SIGKILL,     it, wherever it was reparented (itself included; init reaps it, or a
+OOM kill)           driver that runs as pid 1 without an init, as it would any orphan)
 W stops cleanly     W kills its descendants, then the guardian last, and reaps it (no
 (shutdown, SIGTERM) zombie left for init, or for a driver that runs as pid 1)
 ==================  =====================================================================
@@ -57,6 +57,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import NoReturn
 
 EXIT_DRIVER_GONE = 70
 GUARDIAN_NAME = b"gpuexec-guard"
@@ -179,7 +180,7 @@ def stop_guardian() -> None:
             pass
 
 
-def _driver_gone_early(ipc_dir: str) -> None:
+def _driver_gone_early(ipc_dir: str) -> NoReturn:
     if ipc_dir:  # nobody else will remove the dead driver's private directory
         shutil.rmtree(ipc_dir, ignore_errors=True)
     os._exit(EXIT_DRIVER_GONE)
