@@ -4,7 +4,7 @@ Start-up handshake (the constructor's thread, before the monitor thread exists):
 
     driver                                   worker (one per rank)
     bind XPUB "req", PULL "rep"
-    start process(spec) ───────────────────▶ env, watchdog, connect, subscribe
+    start process(spec) ───────────────────▶ own group + guardian, env, connect, subscribe
     XPUB  ◀── subscription b"\x01r<rank>." ─┘
                                              init_device, import class, __init__
     PULL  ◀── Ready ──────────────────────── (or StartupFailed + exit 1)

@@ -44,7 +44,9 @@ fails pending calls through the same path as a dead process (measured in
 ``benchmarks/ray_backend.py``). ``close()`` kills every actor (``ray.kill``: Ray has no
 gentler signal for an actor busy in ``serve``) and removes the placement group; if the
 driver process dies instead, Ray kills the actors it owns and removes its placement
-groups itself.
+groups itself (within Ray's own detection time); on the driver's node each actor's
+watchdog thread (:mod:`gpuexec.worker.watchdog`) ends it at once unless it holds the GIL.
+Actors get no guardian process nor a process group of their own: their processes are Ray's.
 """
 
 from __future__ import annotations

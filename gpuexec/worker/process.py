@@ -1,14 +1,17 @@
 """A worker process from start to exit: the entry point the executor launches.
 
-    spec bytes ──▶ environment, stdio, watchdog ──▶ init_device ──▶ torch.distributed
+    spec bytes ──▶ own process group + guardian ──▶ environment, stdio ──▶ init_device
+    ──▶ torch.distributed
     group (when asked) ──▶ import/unpickle worker class (+ extension mixin) ──▶ __init__
     ──▶ Ready ──▶ loop { Call ─▶ run ─▶ Reply } ──▶ Shutdown ──▶ group destroyed
 
 The device is selected before the user's worker class is imported or unpickled, so
 import-time CUDA work lands on this worker's GPU. The loop is single-threaded and
-blocks in ``recv`` (no spinning: an idle worker uses no CPU); the watchdog thread
-ends the process if the driver dies. SIGINT is ignored: a Ctrl-C in the terminal
-reaches the whole process group, and it is the driver that decides to shut down.
+blocks in ``recv`` (no spinning: an idle worker uses no CPU); the guardian process
+(:mod:`.guardian`) ends the worker and everything it started if the driver dies, and
+what it started if the worker dies. SIGINT is ignored: it is the driver that decides
+to shut down (a worker leads its own process group, so a terminal's Ctrl-C, which goes
+to the foreground group, does not reach it anyway; a Ray actor's group is Ray's).
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ from .base import Worker, WorkerContext
 from .device import init_device, isolate_environment, merge_reports, torch_device
 from .distributed import destroy_process_group, distributed_environment, init_process_group
 from .extension import compose
+from .guardian import kill_children, start_guardian, stop_guardian
 from .stdio import install_prefix
-from .watchdog import kill_children, start_watchdog
+from .watchdog import start_watchdog
 
 log = logging.getLogger("gpuexec.worker")
 
@@ -92,6 +96,7 @@ def _setup_process(spec: WorkerSpec) -> None:
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM (the driver's shutdown escalation): take our own children along."""
     kill_children()
+    stop_guardian()
     os._exit(128 + signum)
 
 
@@ -288,11 +293,16 @@ class _ShmWorkerPath:
         self.doorbell = Doorbell(spec.doorbell)
 
 
-def run_worker(spec_bytes: bytes) -> None:
-    """Process entry point (the target the executor's launcher starts)."""
+def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
+    """Process entry point (the target the executor's launcher starts). ``own_process``
+    False: the process is someone else's (a Ray actor's), so it gets no process group
+    of its own nor a guardian, only a watchdog thread."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    if own_process:
+        start_guardian(spec.driver_pid, spec.driver_is_parent, spec.ipc_dir)
     _setup_process(spec)
-    start_watchdog(spec.driver_pid, spec.driver_is_parent, spec.ipc_dir)
+    if not own_process:
+        start_watchdog(spec.driver_pid, spec.ipc_dir)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
@@ -330,6 +340,8 @@ def run_worker(spec_bytes: bytes) -> None:
         sub.close(linger=0)
         ctx.term()
         sys.stderr.flush()
+        kill_children()
+        stop_guardian()
         os._exit(1)
     push.send_multipart(handshake.encode(
         Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
@@ -341,3 +353,4 @@ def run_worker(spec_bytes: bytes) -> None:
         sub.close()
         push.close()
         ctx.term()
+        stop_guardian()

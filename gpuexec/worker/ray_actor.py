@@ -28,4 +28,4 @@ class RayWorkerActor:
     def serve(self, spec: bytes) -> None:
         """Run the worker until the driver's Shutdown (returns) or a start-up failure
         (the process exits after reporting it; Ray then reports the actor dead)."""
-        run_worker(spec)
+        run_worker(spec, own_process=False)  # Ray's process: no group, no guardian

@@ -1,18 +1,15 @@
-"""Parent-death watchdog: a worker never outlives its driver.
+"""Parent-death watchdog thread, for workers in processes gpuexec does not own (Ray actors).
 
-A daemon thread blocks on a pidfd of the driver (``pidfd_open``, Linux >= 5.3): it
-becomes readable the moment the driver exits, for any reason including SIGKILL, and
-the thread then ends the worker with ``os._exit`` even while the main thread is busy
-in a long call. The pidfd is opened first thing in the worker and the driver's pid is
-checked against ``getppid()`` afterwards where the driver is the parent, which closes
-the race of a driver dying before the watchdog starts. Without pidfd support the
-thread polls the driver's liveness every 100 ms instead. Before exiting, the worker
-kills its own child processes so that none is orphaned.
-
-Why not ``prctl(PR_SET_PDEATHSIG)``: it fires when the *thread* that started the
-worker exits, not the driver process, so an executor built in a short-lived thread
-would lose its workers; and under forkserver the worker's parent is not the driver.
-A pidfd of the driver has neither problem.
+A worker that gpuexec started is guarded by a separate process instead (see
+:mod:`gpuexec.worker.guardian`), which acts even while the worker holds the GIL. A Ray
+actor's process belongs to Ray: gpuexec neither moves it to a process group of its own
+nor forks beside it, and Ray ends a job's actors when the job's driver exits. On the
+driver's node this thread ends the actor sooner: it blocks on a pidfd of the driver
+(Linux >= 5.3), which becomes readable the moment the driver exits for any reason
+including SIGKILL, and then kills the actor's own children and ends it with ``os._exit``,
+even while the main thread is busy in a long call that releases the GIL. A call that
+holds the GIL delays it until the call returns (or Ray's own clean-up ends the actor).
+Without pidfd support the thread polls the driver's liveness every 100 ms instead.
 """
 
 from __future__ import annotations
@@ -20,47 +17,9 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import signal
 import threading
 
-EXIT_DRIVER_GONE = 70
-
-
-def descendants(pid: int) -> list[int]:
-    """Pids of every live descendant of ``pid``, read from ``/proc`` (Linux)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    out: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def kill_children() -> None:
-    """SIGKILL every descendant of this worker, so that none outlives it."""
-    for pid in descendants(os.getpid()):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+from .guardian import EXIT_DRIVER_GONE, alive, kill_children
 
 
 def _driver_gone(ipc_dir: str) -> None:
@@ -70,20 +29,10 @@ def _driver_gone(ipc_dir: str) -> None:
     os._exit(EXIT_DRIVER_GONE)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def start_watchdog(driver_pid: int, driver_is_parent: bool, ipc_dir: str = "") -> None:
-    """Start the watchdog thread; exit at once if the driver is already gone. A worker
+def start_watchdog(driver_pid: int, ipc_dir: str = "") -> None:
+    """Start the watchdog thread; exit at once if the driver is already gone. An actor
     that outlives its driver also removes the driver's ``ipc_dir``. ``driver_pid`` 0:
-    nothing to watch here (a Ray actor, which Ray ties to its driver)."""
+    nothing to watch here (an actor on another node, which Ray ties to its driver)."""
     if driver_pid <= 0:
         return
     pidfd: int | None
@@ -94,16 +43,16 @@ def start_watchdog(driver_pid: int, driver_is_parent: bool, ipc_dir: str = "") -
         return
     except (AttributeError, OSError):
         pidfd = None
-    if (driver_is_parent and os.getppid() != driver_pid) or not _alive(driver_pid):
+    if not alive(driver_pid):
         _driver_gone(ipc_dir)
 
     def watch() -> None:
         if pidfd is not None:
-            while True:
-                ready, _, _ = select.select([pidfd], [], [])
-                if ready:
-                    _driver_gone(ipc_dir)
-        while _alive(driver_pid) and (not driver_is_parent or os.getppid() == driver_pid):
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
+            _driver_gone(ipc_dir)
+        while alive(driver_pid):
             threading.Event().wait(0.1)
         _driver_gone(ipc_dir)
 

@@ -121,7 +121,7 @@ def serve(control: socket.socket, driver_pid: int, preload: list[str]) -> None:
     while True:
         ready, _, _ = select.select(watched, [], [])
         if driver in ready:
-            return  # the driver is gone; the workers see it too and exit
+            return  # the driver is gone; each worker's guardian ends that worker
         if wake_r in ready:
             try:
                 os.read(wake_r, 4096)
@@ -161,6 +161,11 @@ def main(argv: list[str]) -> None:
     control = socket.socket(fileno=int(argv[0]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     serve(control, int(argv[1]), argv[2:])
+    # No interpreter finalisation: with torch imported it takes about a second, which
+    # the driver's exit would wait for, or which a dead driver's zygote would outlive it by.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
