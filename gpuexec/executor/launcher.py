@@ -70,20 +70,28 @@ class WorkerHandle:
 
 
 def start_workers(method: str, specs: Sequence[bytes],
-                  zygote: ZygoteClient | None = None) -> list[WorkerHandle]:
-    """Start one process per encoded spec. On error, stops what started and raises."""
+                  zygote: ZygoteClient | None = None, deadline: float | None = None,
+                  ready_timeout: float = 0.0) -> list[WorkerHandle]:
+    """Start one process per encoded spec, by ``deadline`` (``time.monotonic()``; the
+    executor's ``ready_timeout`` bounds the whole start). On error, stops what started
+    and raises."""
     handles: list[WorkerHandle] = []
     ctx: Any = None if method in ("subprocess", "zygote") else \
         multiprocessing.get_context(method)  # typeshed's BaseContext lacks .Process
     try:
         for rank, spec in enumerate(specs):
+            left = 30.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerStartupError(
+                    rank, f"not started within ready_timeout={ready_timeout:g} s "
+                    f"({rank} of {len(specs)} workers were started)")
             proc: ProcessLike
             if method == "subprocess":
                 proc = start_subprocess(spec)
             elif method == "zygote":
                 if zygote is None:
                     raise ValueError("start method 'zygote' needs a zygote")
-                proc = zygote.spawn(spec)
+                proc = zygote.spawn(spec, left)
             else:
                 proc = ctx.Process(target=run_worker, args=(spec,),
                                    name=f"gpuexec-worker-{rank}")
@@ -103,9 +111,11 @@ def start_workers(method: str, specs: Sequence[bytes],
 
 def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                xpub: zmq.Socket[bytes], method: str, timeout: float,
-               stderr_tail: Callable[[int], str] = lambda rank: "") -> None:
-    """Wait until every worker is ready and subscribed; raise ``WorkerStartupError`` on
-    the first failure, naming the rank and carrying its traceback."""
+               stderr_tail: Callable[[int], str] = lambda rank: "",
+               deadline: float | None = None) -> None:
+    """Wait until every worker is ready and subscribed, by ``deadline`` (default:
+    ``timeout`` from now); raise ``WorkerStartupError`` on the first failure, naming the
+    rank and carrying its traceback."""
     decoder: Decoder[Handshake] = Decoder(Handshake, allow_pickle=False)
     by_rank = {h.rank: h for h in handles}
     by_sentinel = {h.sentinel: h for h in handles}
@@ -115,7 +125,8 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
     poller.register(xpub, zmq.POLLIN)
     for h in handles:
         poller.register(h.sentinel, zmq.POLLIN)
-    deadline = time.monotonic() + timeout
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     waiting = len(handles)
     while waiting or unsubscribed:
         remaining = deadline - time.monotonic()

@@ -18,10 +18,11 @@ A pidfd of the driver has neither problem.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import threading
+
+from ..ipc.fdwait import readable
 
 EXIT_DRIVER_GONE = 70
 
@@ -100,8 +101,7 @@ def start_watchdog(driver_pid: int, driver_is_parent: bool, ipc_dir: str = "") -
     def watch() -> None:
         if pidfd is not None:
             while True:
-                ready, _, _ = select.select([pidfd], [], [])
-                if ready:
+                if readable([pidfd], None):
                     _driver_gone(ipc_dir)
         while _alive(driver_pid) and (not driver_is_parent or os.getppid() == driver_pid):
             threading.Event().wait(0.1)
