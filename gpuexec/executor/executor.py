@@ -59,7 +59,7 @@ from ..worker.stdio import read_tail, stderr_record_path
 from .aio import AsyncSlots, await_call
 from .channel import ChannelStats, DriverChannel, PendingCall
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
-from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
+from .launcher import WorkerHandle, disown_in_fork, start_workers, stop_workers, wait_ready
 from .ownership import Ownership
 from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
@@ -99,6 +99,8 @@ def _forget_live_in_child() -> None:
     """A fork's copy of the registry lists the parent's executors: exiting the child must
     not shut them down (see :mod:`.ownership`)."""
     global _live
+    for ex in list(_live):
+        disown_in_fork(ex._handles)
     _live = weakref.WeakSet()
 
 

@@ -109,6 +109,16 @@ def start_workers(method: str, specs: Sequence[bytes],
     return handles
 
 
+def disown_in_fork(handles: Sequence[WorkerHandle]) -> None:
+    """In a fork of the driver: the workers started by ``multiprocessing`` are listed as
+    this process's children too, and multiprocessing's exit handler would try to join
+    them (an error at exit) or terminate them (daemons). They are the driver's: unlist."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        for h in handles:
+            children.discard(h.process)
+
+
 def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                xpub: zmq.Socket[bytes], method: str, timeout: float,
                stderr_tail: Callable[[int], str] = lambda rank: "",
