@@ -713,6 +713,19 @@ class DriverChannel:
         with self._lock:
             if call.done:
                 return
+            if error is None and call.failures:
+                rank = min(call.failures)
+                f = call.failures[rank]
+                others = len(call.failures) - 1
+                message = f.message + (f" (and {others} more rank(s) failed)" if others else "")
+                error = RemoteError(rank, f.type_name, message, f.traceback, call.method)
+            if error is not None:
+                call.error = error
+            elif call.unique_reply_rank is not None:
+                call.value = call.values[call.unique_reply_rank]
+            else:
+                call.value = [call.values[r] for r in call.ranks]
+            # Last: a waiter that reads ``done`` without the lock then reads the outcome.
             call.done = True
             self._pending.pop(call.call_id, None)
             if call.future is not None:
@@ -723,18 +736,6 @@ class DriverChannel:
         for fd in call.segments:  # every target has mapped its payloads (or never will)
             os.close(fd)
         call.segments = []
-        if error is None and call.failures:
-            rank = min(call.failures)
-            f = call.failures[rank]
-            others = len(call.failures) - 1
-            message = f.message + (f" (and {others} more rank(s) failed)" if others else "")
-            error = RemoteError(rank, f.type_name, message, f.traceback, call.method)
-        if error is not None:
-            call.error = error
-        elif call.unique_reply_rank is not None:
-            call.value = call.values[call.unique_reply_rank]
-        else:
-            call.value = [call.values[r] for r in call.ranks]
         if call.event is not None:
             call.event.set()
         if call.future is not None:
