@@ -91,7 +91,7 @@ def start_workers(method: str, specs: Sequence[bytes],
             elif method == "zygote":
                 if zygote is None:
                     raise ValueError("start method 'zygote' needs a zygote")
-                proc = zygote.spawn(spec, left)
+                proc = zygote.spawn(spec)  # its own bound: a fork asked for is waited for
             else:
                 proc = ctx.Process(target=run_worker, args=(spec,),
                                    name=f"gpuexec-worker-{rank}")
