@@ -501,7 +501,8 @@ class DriverChannel:
         if threading.current_thread() is self._monitor and \
                 self._pump_lock.acquire(blocking=False):
             try:
-                self._recv_shm(None, 0)
+                if not self._released:
+                    self._recv_shm(None, 0)
             finally:
                 self._pump_lock.release()
             self._settle()

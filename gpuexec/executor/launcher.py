@@ -80,8 +80,7 @@ def start_workers(method: str, specs: Sequence[bytes],
         multiprocessing.get_context(method)  # typeshed's BaseContext lacks .Process
     try:
         for rank, spec in enumerate(specs):
-            left = 30.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise WorkerStartupError(
                     rank, f"not started within ready_timeout={ready_timeout:g} s "
                     f"({rank} of {len(specs)} workers were started)")
