@@ -635,6 +635,7 @@ class Executor:
         Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
         ``ExecutorClosedError`` as :meth:`collective_rpc` does.
         """
+        self._owner.check()  # before the slots' lock, which a fork may find held
         async with self._async_slots.for_running_loop():
             call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
             return await await_call(call, self._channel.abandon)
