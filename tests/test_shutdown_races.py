@@ -142,6 +142,21 @@ def test_shutdown_in_a_done_callback(transport: str, no_leaks: None) -> None:
         ex.collective_rpc("add", args=(1,))
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_done_callback_may_make_calls(transport: str, no_leaks: None) -> None:
+    with Executor(GateWorker, 2, device="cpu", transport=transport) as ex:
+        done = threading.Event()
+        seen: list[Any] = []
+
+        def on_done(fut: Future[Any]) -> None:
+            seen.append(ex.collective_rpc("add", args=(fut.result()[1],)))
+            done.set()
+
+        ex.collective_rpc("add", args=(1,), non_block=True).add_done_callback(on_done)
+        assert done.wait(JOIN_S), "a call inside a done callback hung"
+        assert seen == [[2, 3]]
+
+
 class _Senders:
     """Calls made one by one on threads of their own, until one waits for room in the
     request ring (collective_rpc returns only once the request is in the ring)."""

@@ -133,7 +133,8 @@ log = logging.getLogger("gpuexec")
 
 _WAIT_SLICE_S = 0.002     # a non-pumping waiter re-checks for the pump lock this often
 _MONITOR_PUMP_MS = 5      # the monitor releases the pump lock at least this often
-_RING_NAP_S = 1e-3        # a request waiting for room in the ring re-checks this often
+_RING_NAP_S = (1e-5, 1e-3)  # a request waiting for room in the ring re-checks after
+                            # this nap, doubled from the first to the last
 _RAW_SEND_S = 60.0        # send_raw (a test hook, no call): how long it waits for room
 _OVERFLOW_RECV_MS = 10_000  # a reply announced in its ring is already on its way
 _SLOT_WAIT_S = 0.1          # a caller waiting for a slot re-checks liveness this often
@@ -444,6 +445,7 @@ class DriverChannel:
         shm = self._shm
         targets = None if shm is None or len(ranks) == len(self._topics) else ranks
         waiting = False
+        nap = _RING_NAP_S[0]
         try:
             while True:
                 with self._send_lock:
@@ -467,8 +469,8 @@ class DriverChannel:
                         self._draining += 1
                     self._poke()
                 self._drain_if_monitor()
-                time.sleep(_RING_NAP_S if deadline is None else
-                           max(0.0, min(_RING_NAP_S, deadline - now)))
+                time.sleep(nap if deadline is None else max(0.0, min(nap, deadline - now)))
+                nap = min(nap * 2, _RING_NAP_S[1])
         finally:
             if waiting:
                 with self._lock:
