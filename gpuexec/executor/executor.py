@@ -185,7 +185,8 @@ class Executor:
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
-    * ``world_size``: number of workers; default: one per visible GPU, else 1.
+    * ``world_size``: number of workers, at most ``MAX_WORLD_SIZE`` (1,024; see
+      :mod:`.config`); default: one per visible GPU, else 1.
     * ``device``: ``"auto"`` (CUDA when a GPU is visible), ``"cuda"`` or ``"cpu"``.
     * ``start_method``: ``"auto"``, ``"zygote"``, ``"subprocess"``, ``"fork"``,
       ``"spawn"`` or ``"forkserver"``; ``GPUEXEC_START_METHOD`` overrides ``"auto"``. See
@@ -241,8 +242,9 @@ class Executor:
       naming the rank.
     * ``max_concurrent_batches``: how many :meth:`collective_rpc_async` calls one event
       loop may have outstanding (default 2); further ones wait for a slot.
-    * ``ready_timeout``: seconds for every worker to start; ``rpc_timeout``: default
-      per-call deadline (None: no deadline, liveness is still watched);
+    * ``ready_timeout``: seconds for the whole start (zygote, placement, launching and
+      every worker's handshake); ``rpc_timeout``: default per-call deadline (None or
+      ``inf``: no deadline, liveness is still watched);
       ``shutdown_timeout``: grace period after the Shutdown message before SIGTERM;
       ``terminate_timeout``: grace period after SIGTERM before SIGKILL.
 
