@@ -21,9 +21,11 @@ __all__ = [
     "ConfigError",
     "CudaDriverError",
     "ExecutorClosedError",
+    "ForeignProcessError",
     "GpuexecError",
     "HeldCallTimeoutError",
     "InflightLimitError",
+    "InvalidArgumentError",
     "MissingDependencyError",
     "ProtocolError",
     "RemoteError",
@@ -225,6 +227,37 @@ class CallRefusedError(GpuexecError, PermissionError):
 
 class ExecutorClosedError(GpuexecError):
     """The executor was shut down; build a new one to make more calls."""
+
+
+class InvalidArgumentError(GpuexecError, ValueError, TypeError):
+    """An argument of a call (``collective_rpc``, ``check_health``...) is invalid; nothing
+    was sent to any worker.
+
+    Both a ``ValueError`` and a ``TypeError``, so that code written against the plain
+    built-in errors these checks once raised keeps catching them.
+    """
+
+
+class ForeignProcessError(GpuexecError):
+    """The executor belongs to another process: this one is a fork of its owner.
+
+    An executor's workers, sockets, shared-memory rings and zygote belong to the process
+    that built it. A forked child (``os.fork``, a ``multiprocessing`` fork child, a web
+    server's worker processes) inherits a copy of the object but must not use it: the
+    parent is still using all of it. Build an executor in the child instead. Attributes:
+    ``owner_pid`` (the process that built it) and ``pid`` (this process).
+    """
+
+    def __init__(self, owner_pid: int, pid: int) -> None:
+        self.owner_pid = owner_pid
+        self.pid = pid
+        super().__init__(
+            f"this executor belongs to process {owner_pid}, which built it; it cannot be "
+            f"used in process {pid}, a fork of it (its workers, sockets and shared memory "
+            "are the owner's): build a new Executor in this process")
+
+    def __reduce__(self) -> tuple[type[ForeignProcessError], tuple[int, int]]:
+        return (type(self), (self.owner_pid, self.pid))
 
 
 class CudaDriverError(GpuexecError):

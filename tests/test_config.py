@@ -15,6 +15,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"world_size": -2}, "world_size must be an integer >= 1"),
     ({"world_size": True}, "world_size must be an integer >= 1"),
     ({"world_size": "2"}, "world_size must be an integer >= 1"),
+    ({"world_size": 10**6}, "world_size=1000000 is over the maximum of 1024"),
     ({"device": "tpu"}, "unknown device 'tpu'"),
     ({"device": "cuda"}, "no CUDA device is visible"),
     ({"start_method": "thread"}, "unknown start_method 'thread'"),

@@ -39,14 +39,41 @@ else pumps, the monitor pumps too (polling sentinels and the reply socket
 together). Late replies (after a timeout or an abandoned wait) find no pending
 call and are dropped and counted.
 
+User code never runs under the channel's locks: a ``Future`` completed by a pumping
+thread is *settled* (its result set, so its done callbacks run) only after that thread
+let go of the pump lock (the monitor: right after its pump; a blocking caller: it pokes
+the monitor, which settles it), and failure callbacks run on the monitor between pumps.
+So a callback may call anything, ``shutdown()`` included.
+
+A request that finds the shared-memory ring full waits *outside* the send lock, until
+its call's deadline (the same deadline as the rest of the call), a death or shutdown;
+the monitor drains the reply rings meanwhile (workers blocked on a full reply ring would
+otherwise never read the requests that free the ring).
+
+Locks, in the only order they may be nested (a thread holding one may take only those
+listed after it)::
+
+    _pump_lock ─▶ _send_lock ─▶ _wake_lock        _lock: a leaf (nothing taken under it)
+
+* ``_pump_lock``: who reads replies (the reply socket, the reply rings, the decoders).
+  Taken by a blocking caller in :meth:`wait`, by the monitor, and by :meth:`close`.
+* ``_send_lock``: who writes requests (the XPUB socket, the request ring). Held only
+  while a request is written, never while waiting for room or for another lock.
+* ``_wake_lock``: the inproc wake-up socket and the doorbell, against close.
+* ``_lock``: the pending table and the state flags; held for a few statements only.
+
 Fields and the threads that may touch them:
 
 * ``_req``: any thread, under ``_send_lock``.
 * ``_rep``, ``_rcvtimeo``, ``_pump_poller``, ``_decoder``: the thread holding ``_pump_lock``.
 * ``_waker``: any thread, under ``_wake_lock``.
-* ``_pending``, ``_n_async``, ``_failure``, ``_closing``: any thread, under ``_lock``
-  (read without it where a stale value is harmless: the loops re-check).
-* ``_idle_poller``, ``_poke_r``: the monitor thread only.
+* ``_released``: set by :meth:`close` under all three; read under either of them (a
+  thread that gets a lock after close must not touch a socket or a ring).
+* ``_pending``, ``_n_async``, ``_failure``, ``_closing``, ``_draining``: any thread, under
+  ``_lock`` (read without it where a stale value is harmless: the loops re-check).
+* ``_unsettled``: futures completed under the pump lock, waiting to be settled; any
+  thread appends or pops (a deque: both are atomic).
+* ``_idle_poller``, ``_poke_r``, ``_due_callbacks``: the monitor thread only.
 * ``stats``: written by the pumping thread (``calls`` and ``inflight_waits`` by callers),
   read by anyone through :meth:`DriverChannel.snapshot` (best effort).
 * ``_slots``: any thread (a semaphore); ``_auth``: the owner's thread (start, close).
@@ -60,8 +87,9 @@ import os
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +98,7 @@ import zmq
 from ..errors import (
     ExecutorClosedError,
     InflightLimitError,
+    InvalidArgumentError,
     RemoteError,
     RpcTimeoutError,
     WorkerDiedError,
@@ -104,7 +133,9 @@ log = logging.getLogger("gpuexec")
 
 _WAIT_SLICE_S = 0.002     # a non-pumping waiter re-checks for the pump lock this often
 _MONITOR_PUMP_MS = 5      # the monitor releases the pump lock at least this often
-_RING_FULL_S = 60.0       # how long a request may wait for room in the ring
+_RING_NAP_S = (1e-5, 1e-3)  # a request waiting for room in the ring re-checks after
+                            # this nap, doubled from the first to the last
+_RAW_SEND_S = 60.0        # send_raw (a test hook, no call): how long it waits for room
 _OVERFLOW_RECV_MS = 10_000  # a reply announced in its ring is already on its way
 _SLOT_WAIT_S = 0.1          # a caller waiting for a slot re-checks liveness this often
 
@@ -214,7 +245,11 @@ class DriverChannel:
         self._n_async = 0
         self._failure: tuple[int, int | None, int | None, str] | None = None
         self._closing = False
+        self._released = False  # close() closed the sockets and rings
+        self._draining = 0  # requests waiting for room in the ring: the monitor drains
+        self._unsettled: deque[PendingCall] = deque()  # futures to settle outside locks
         self._failure_callbacks: list[Callable[[], None]] = []
+        self._due_callbacks: list[Callable[[], None]] = []  # the monitor runs them
         self.stats = ChannelStats()
         self._rcvtimeo = -1
         # A wake-up frame is this random token: an empty (or any other) frame from a
@@ -282,9 +317,15 @@ class DriverChannel:
             self._failure = (rank, handle.pid, exitcode, tail)
             pending = list(self._pending.values())
             callbacks, self._failure_callbacks = self._failure_callbacks, []
-        for call in pending:
-            self._finish(call, error=self._died_error())
+        for call in pending:  # the monitor may hold the pump lock: settled by the monitor
+            self._finish(call, error=self._died_error(), settle=False)
         self._wake()
+        self._due_callbacks.extend(callbacks)  # run by the monitor, outside every lock
+
+    def _run_due_callbacks(self) -> None:
+        """Failure callbacks, on the monitor thread with no lock held (they may call
+        anything, shutdown included)."""
+        callbacks, self._due_callbacks = self._due_callbacks, []
         for fn in callbacks:
             try:
                 fn()
@@ -306,24 +347,37 @@ class DriverChannel:
             frames, call.segments = self._encoder.encode_with_segments(
                 Call(call_id, method, fn_blob, args, kwargs, value_rank))
             self._check_sizes(frames)
+            self._register(call)
         except BaseException:
             for fd in call.segments:
                 os.close(fd)
+            call.segments = []
             self._release_slot(call)
             raise
-        with self._lock:
-            self._pending[call_id] = call
-            if non_block:
-                self._n_async += 1
         self.stats.calls += 1
-        try:
-            self._send(ranks, frames)
-        except BaseException as e:
-            self._finish(call, e)
-            raise
+        self._send_call(call, frames)
         if non_block:
             self._poke()
         return call
+
+    def _register(self, call: PendingCall) -> None:
+        """Enter ``call`` in the pending table, unless the channel is closing: under the
+        lock :meth:`begin_close` takes, so that every call is either failed by it or
+        refused here, never left waiting for workers that were told to exit."""
+        with self._lock:
+            if self._closing:
+                raise ExecutorClosedError("the executor is shut down")
+            self._pending[call.call_id] = call
+            if call.future is not None:
+                self._n_async += 1
+
+    def _send_call(self, call: PendingCall, frames: list[Any]) -> None:
+        """Send a registered call; on failure it is finished with the error, raised."""
+        try:
+            self._send(call.ranks, frames, call.deadline, call)
+        except BaseException as e:
+            self._finish(call, e)
+            raise
 
     def _take_slot(self, call: PendingCall) -> None:
         """Wait for one of the ``max_inflight_calls`` slots, until the call's deadline
@@ -364,8 +418,8 @@ class DriverChannel:
         for frame in frames:
             size = memoryview(frame).nbytes
             if size > limit:
-                raise ValueError(f"a message frame of {size} bytes is over "
-                                 f"max_message_size={limit}")
+                raise InvalidArgumentError(f"a message frame of {size} bytes is over "
+                                           f"max_message_size={limit}")
 
     def snapshot(self) -> ChannelStats:
         """A copy of the counters, with the ZAP handler's refusals."""
@@ -380,15 +434,80 @@ class DriverChannel:
     def send_raw(self, frames: list[bytes]) -> None:
         """Test hook (the fuzz tests): send ``frames`` to every worker as they are,
         bypassing the encoder, by the transport in use (ring packet or ZeroMQ)."""
-        self._send(range(len(self._topics)), frames)
+        self._send(range(len(self._topics)), frames, time.monotonic() + _RAW_SEND_S)
 
-    def _send(self, ranks: Sequence[int], frames: list[Any]) -> None:
-        """Send a request to ``ranks`` over the shared-memory ring or ZeroMQ."""
-        with self._send_lock:
-            if self._shm is not None:
-                self._send_shm(self._shm, ranks, frames)
-            else:
-                self._publish(ranks, frames)
+    def _send(self, ranks: Sequence[int], frames: list[Any], deadline: float | None,
+              call: PendingCall | None = None) -> None:
+        """Send a request to ``ranks`` over the shared-memory ring or ZeroMQ, waiting for
+        room in the ring until ``deadline`` (``time.monotonic()``; None: no limit) and
+        then raising ``RpcTimeoutError`` (for ``call``), or ``ExecutorClosedError`` /
+        ``WorkerDiedError`` as soon as the channel closes or fails."""
+        shm = self._shm
+        targets = None if shm is None or len(ranks) == len(self._topics) else ranks
+        waiting = False
+        nap = _RING_NAP_S[0]
+        try:
+            while True:
+                with self._send_lock:
+                    if self._released:
+                        raise ExecutorClosedError("the executor is shut down")
+                    if shm is None:
+                        self._publish(ranks, frames)
+                        return
+                    if self._put(shm, ranks, targets, frames):
+                        return
+                # The ring is full: wait for room outside the send lock.
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    what = call.method if call is not None else "send"
+                    timeout = call.timeout if call is not None else 0.0
+                    raise RpcTimeoutError(what, timeout or 0.0, list(ranks))
+                self.check_usable()
+                if not waiting:
+                    waiting = True
+                    with self._lock:
+                        self._draining += 1
+                    self._poke()
+                self._drain_if_monitor()
+                time.sleep(nap if deadline is None else max(0.0, min(nap, deadline - now)))
+                nap = min(nap * 2, _RING_NAP_S[1])
+        finally:
+            if waiting:
+                with self._lock:
+                    self._draining -= 1
+
+    def _put(self, shm: ShmDriverPath, ranks: Sequence[int], targets: Sequence[int] | None,
+             frames: list[Any]) -> bool:
+        """One packet in the request ring; too big for a slot: ZeroMQ, and a marker that
+        keeps the order. False when the ring has no room now (caller holds the send
+        lock, and waits without it)."""
+        ring = shm.request
+        try:
+            if packets.put(ring, frames, targets, 0):
+                return True
+            marker = packets.pack_marker(targets)
+            slot = ring.claim(len(marker), 0)  # room for the marker before the message
+        except RingTimeout:
+            return False
+        if slot is None:  # pragma: no cover - a marker always fits a slot
+            raise RuntimeError("the ring's slots cannot hold a marker")
+        self._publish(ranks, frames)
+        slot[:] = marker
+        ring.publish()
+        return True
+
+    def _drain_if_monitor(self) -> None:
+        """A request waiting for room on the monitor thread itself (a callback made the
+        call): nobody else would drain the reply rings, so drain them here (the monitor
+        takes no signals: a non-blocking acquire cannot be torn by a KeyboardInterrupt)."""
+        if threading.current_thread() is self._monitor and \
+                self._pump_lock.acquire(blocking=False):
+            try:
+                if not self._released:
+                    self._recv_shm(None, 0)
+            finally:
+                self._pump_lock.release()
+            self._settle()
 
     def _publish(self, ranks: Sequence[int], frames: list[Any]) -> None:
         """Publish on ZeroMQ once for all ranks, or once per targeted rank (caller holds
@@ -401,55 +520,32 @@ class DriverChannel:
         for topic in [ALL_TOPIC] if every else [self._topics[r] for r in ranks]:
             send_frames(self._req, [topic + header, *buffers])
 
-    def _send_shm(self, shm: ShmDriverPath, ranks: Sequence[int], frames: list[Any]) -> None:
-        """One packet in the request ring; too big for a slot: ZeroMQ, and a marker (caller
-        holds the send lock)."""
-        targets = None if len(ranks) == len(self._topics) else ranks
-        try:
-            if packets.put(shm.request, frames, targets, _RING_FULL_S, self._draining):
-                return
-            self._publish(ranks, frames)
-            shm.request.write(packets.pack_marker(targets), _RING_FULL_S, self._draining)
-        except RingTimeout as e:
-            self.check_usable()
-            raise RpcTimeoutError("send", _RING_FULL_S, list(ranks)) from e
-
-    def _usable(self) -> bool:
-        """False once the executor failed or is closing (ends waits for ring space)."""
-        return self._failure is None and not self._closing
-
-    def _draining(self) -> bool:
-        """:meth:`_usable`, called while a sender waits for room in the request ring;
-        it also drains the reply rings when nobody pumps. Without this, workers blocked
-        on a full reply ring (replies nobody waits for: late ones, or a burst) would
-        never free request slots while the sender holds the send lock."""
-        if not self._pump_lock.locked():
-            with self._pump_lock:  # see wait(): never acquire() + try on a caller's thread
-                self._recv_shm(None, 0)
-        return self._usable()
-
-    def ping(self, timeout: float) -> PendingCall:
+    def ping(self, timeout: float | None) -> PendingCall:
         self.check_usable()
         call = PendingCall(next(self._ids), "check_health", list(range(len(self._handles))),
                            None, timeout, None)
-        with self._lock:
-            self._pending[call.call_id] = call
-        self._send(call.ranks, self._encoder.encode(Ping(call.call_id)))
+        self._register(call)
+        self._send_call(call, self._encoder.encode(Ping(call.call_id)))
         return call
 
     def _poke(self) -> None:
-        """Tell the monitor that a future is outstanding (it may need to pump)."""
-        try:
-            os.write(self._poke_w, b"!")
-        except BlockingIOError:
-            pass
+        """Tell the monitor that a future is outstanding (it may need to pump), that a
+        request waits for room in the ring, or that futures wait to be settled."""
+        with self._wake_lock:  # never a write to a closed (or reused) descriptor
+            if self._released:
+                return
+            try:
+                os.write(self._poke_w, b"!")
+            except BlockingIOError:
+                pass
 
     def _wake(self) -> None:
         """Make a caller blocked in ``recv`` on the reply socket (or asleep on the
         doorbell) return now."""
         with self._wake_lock:
-            if not self._waker.closed:
-                self._waker.send(self._wake_token, zmq.NOBLOCK)
+            if self._released:
+                return
+            self._waker.send(self._wake_token, zmq.NOBLOCK)
             if self._shm is not None:
                 self._shm.doorbell.ring()
 
@@ -586,7 +682,7 @@ class DriverChannel:
     def _deliver(self, replies: list[Reply | Pong]) -> None:
         """Record ``replies`` in their calls (one take of the lock) and finish the calls
         they complete."""
-        complete = []
+        complete: list[PendingCall] = []
         with self._lock:
             for reply in replies:
                 call = self._pending.get(reply.call_id)
@@ -605,14 +701,34 @@ class DriverChannel:
                     call.values[reply.rank] = reply.value
                 if not call.owed:
                     complete.append(call)
-        for call in complete:
-            self._finish(call)
+        deferred = False
+        for call in complete:  # the caller holds the pump lock: no user code here
+            self._finish(call, settle=False)
+            deferred = deferred or call.future is not None
+        if deferred and threading.current_thread() is not self._monitor:
+            self._poke()  # a blocking caller pumps: the monitor settles the futures now
 
-    def _finish(self, call: PendingCall, error: BaseException | None = None) -> None:
-        """Complete ``call`` once, with its results or ``error``."""
+    def _finish(self, call: PendingCall, error: BaseException | None = None,
+                settle: bool = True) -> None:
+        """Complete ``call`` once, with its results or ``error``. Its future is settled
+        now, or with ``settle=False`` (the caller holds the pump lock) queued for
+        :meth:`_settle`, so that its done callbacks never run under a channel lock."""
         with self._lock:
             if call.done:
                 return
+            if error is None and call.failures:
+                rank = min(call.failures)
+                f = call.failures[rank]
+                others = len(call.failures) - 1
+                message = f.message + (f" (and {others} more rank(s) failed)" if others else "")
+                error = RemoteError(rank, f.type_name, message, f.traceback, call.method)
+            if error is not None:
+                call.error = error
+            elif call.unique_reply_rank is not None:
+                call.value = call.values[call.unique_reply_rank]
+            else:
+                call.value = [call.values[r] for r in call.ranks]
+            # Last: a waiter that reads ``done`` without the lock then reads the outcome.
             call.done = True
             self._pending.pop(call.call_id, None)
             if call.future is not None:
@@ -623,25 +739,36 @@ class DriverChannel:
         for fd in call.segments:  # every target has mapped its payloads (or never will)
             os.close(fd)
         call.segments = []
-        if error is None and call.failures:
-            rank = min(call.failures)
-            f = call.failures[rank]
-            others = len(call.failures) - 1
-            message = f.message + (f" (and {others} more rank(s) failed)" if others else "")
-            error = RemoteError(rank, f.type_name, message, f.traceback, call.method)
-        if error is not None:
-            call.error = error
-        elif call.unique_reply_rank is not None:
-            call.value = call.values[call.unique_reply_rank]
-        else:
-            call.value = [call.values[r] for r in call.ranks]
         if call.event is not None:
             call.event.set()
         if call.future is not None:
-            if error is not None:
-                call.future.set_exception(error)
+            if settle:
+                self._settle_one(call)
             else:
-                call.future.set_result(call.value)
+                self._unsettled.append(call)
+
+    def _settle(self) -> None:
+        """Settle the futures queued by pumping threads; any thread holding no lock."""
+        unsettled = self._unsettled
+        while unsettled:
+            try:
+                call = unsettled.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            self._settle_one(call)
+
+    @staticmethod
+    def _settle_one(call: PendingCall) -> None:
+        future = call.future
+        if future is None:
+            return
+        try:
+            if call.error is not None:
+                future.set_exception(call.error)
+            else:
+                future.set_result(call.value)
+        except InvalidStateError:  # the caller cancelled the Future: nobody waits for it
+            pass
 
     def abandon(self, call: PendingCall) -> None:
         """Give up on ``call`` (its awaiting task was cancelled): it leaves the pending
@@ -671,6 +798,8 @@ class DriverChannel:
                     with self._pump_lock:
                         self._recv_for(call, -1 if call.deadline is None else
                                        max(1, int(remaining * 1000 + 0.999)))
+                    if self._unsettled:
+                        self._settle()
                 else:
                     with self._lock:
                         if call.event is None:
@@ -686,30 +815,44 @@ class DriverChannel:
     # -- monitor thread ------------------------------------------------------------
 
     def _monitor_loop(self) -> None:
-        while not self._closing:
-            if self._n_async and self._pump_lock.acquire(blocking=False):
-                try:
-                    self._pump(_MONITOR_PUMP_MS)
-                finally:
-                    self._pump_lock.release()
-            else:
-                events = self._idle_poller.poll(_MONITOR_PUMP_MS if self._n_async else None)
-                for fd, _ in events:
-                    if fd == self._poke_r:
-                        try:
-                            os.read(self._poke_r, 4096)
-                        except BlockingIOError:
-                            pass
-                    elif fd in self._sentinels:
-                        self._idle_poller.unregister(fd)
-                        self._worker_exited(self._sentinels[fd])
-            if self._n_async:
-                now = time.monotonic()
-                with self._lock:
-                    expired = [c for c in self._pending.values() if c.future is not None
-                               and c.deadline is not None and c.deadline <= now]
-                for call in expired:
-                    self._expire(call)
+        try:
+            while not self._closing:
+                self._monitor_round()
+        finally:
+            self._settle()
+
+    def _monitor_round(self) -> None:
+        """One round of the monitor: pump (futures outstanding or a request waiting for
+        room) or sleep on the sentinels and the poke pipe; expire futures; then, holding
+        no lock, settle futures and run failure callbacks. Those may shut the channel
+        down: nothing after them touches a socket."""
+        busy = self._n_async or self._draining
+        if busy and self._pump_lock.acquire(blocking=False):
+            try:
+                self._pump(_MONITOR_PUMP_MS)
+            finally:
+                self._pump_lock.release()
+        else:
+            events = self._idle_poller.poll(_MONITOR_PUMP_MS if busy else None)
+            for fd, _ in events:
+                if fd == self._poke_r:
+                    try:
+                        os.read(self._poke_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif fd in self._sentinels:
+                    self._idle_poller.unregister(fd)
+                    self._worker_exited(self._sentinels[fd])
+        if self._n_async:
+            now = time.monotonic()
+            with self._lock:
+                expired = [c for c in self._pending.values() if c.future is not None
+                           and c.deadline is not None and c.deadline <= now]
+            for call in expired:
+                self._expire(call)
+        self._settle()
+        if self._due_callbacks:
+            self._run_due_callbacks()
 
     # -- shutdown ------------------------------------------------------------------
 
@@ -723,17 +866,27 @@ class DriverChannel:
         self._poke()
         for call in pending:
             self._finish(call, ExecutorClosedError("the executor was shut down during the call"))
+        self._settle()
         self._wake()
-        try:
-            self._send(range(len(self._topics)), self._encoder.encode(Shutdown()))
-        except Exception as e:  # a full ring or a dead worker: SIGTERM follows anyway
+        try:  # only if the ring has room now: a full ring or a dead worker gets SIGTERM
+            self._send(range(len(self._topics)), self._encoder.encode(Shutdown()),
+                       time.monotonic())
+        except Exception as e:
             log.debug("gpuexec: could not send Shutdown (%s)", e)
 
     def close(self) -> None:
-        """Stop the monitor and close the sockets (after the workers are gone)."""
+        """Stop the monitor and close the sockets and rings (after the workers are gone).
+
+        Any thread, a callback's included (none runs under a channel lock). Threads still
+        inside a call leave it at once (their calls were failed by :meth:`begin_close`);
+        one that takes a lock after this finds ``_released`` and touches nothing.
+        """
         if self._monitor.is_alive() and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=5.0)
         with self._pump_lock, self._send_lock, self._wake_lock:
+            if self._released:
+                return
+            self._released = True
             self._waker.close(linger=0)
             self._req.close(linger=0)
             self._rep.close(linger=0)
@@ -742,8 +895,9 @@ class DriverChannel:
             self._ctx.term()
             if self._shm is not None:
                 self._shm.close()
-        for fd in (self._poke_r, self._poke_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            for fd in (self._poke_r, self._poke_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._settle()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,12 @@ from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT, distributed_spec
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_MAX_INFLIGHT_CALLS = 1024
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 32  # 4 GiB per frame
+# The most workers one executor runs. Each rank is a process this driver starts, watches
+# (a descriptor in every poll) and waits for on every call, and over shared memory it has
+# its own 4 MiB reply ring: 1,024 is far more than a node's GPUs or the ranks one driver
+# usefully drives, and a mistyped size (10**6) is refused instead of starting processes
+# until the machine falls over.
+MAX_WORLD_SIZE = 1024
 
 
 def visible_gpu_count() -> int:
@@ -101,9 +108,12 @@ def _worker_class_ref(worker_cls: type | str, arg: str = "worker_cls",
 
 
 def _positive(name: str, value: float | None, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
+    """A positive finite number of seconds; with ``allow_none`` (a deadline that may be
+    absent), None or ``inf``: None."""
+    if allow_none and (value is None or (isinstance(value, float) and value == math.inf)):
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
+            or not math.isfinite(value):
         raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
     return float(value)
 
@@ -173,6 +183,9 @@ class ExecutorConfig:
         if world_size is not None and (
                 not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1):
             raise ConfigError(f"world_size must be an integer >= 1, not {world_size!r}")
+        if world_size is not None and world_size > MAX_WORLD_SIZE:
+            raise ConfigError(f"world_size={world_size} is over the maximum of "
+                              f"{MAX_WORLD_SIZE} workers per executor")
         gpus = visible_gpu_count() if device in ("auto", "cuda") else 0
         resolved = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
         if remote_devices:

@@ -39,6 +39,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -48,7 +49,7 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..errors import CallRefusedError, ConfigError
+from ..errors import CallRefusedError, ConfigError, InvalidArgumentError
 from ..ipc.checkpoint import SuspendReport
 from ..ipc.curve import CurveServer, bind_tcp, check_host
 from ..ipc.endpoints import EndpointDir
@@ -61,12 +62,14 @@ from .aio import AsyncSlots, await_call
 from .channel import ChannelStats, DriverChannel, PendingCall
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
 from .hold import CallGate
-from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
+from .launcher import WorkerHandle, disown_in_fork, start_workers, stop_workers, wait_ready
+from .ownership import Ownership
 from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
 from .shm_path import ShmDriverPath, shm_room
 from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
 from .suspension import Suspension, refusal
+from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_ranks
 from .zygote import ZygoteClient, ZygoteError, close_zygotes, default_preload, get_zygote
 
 log = logging.getLogger("gpuexec")
@@ -94,6 +97,18 @@ def _shutdown_all() -> None:
     for ex in list(_live):
         ex.shutdown()
     close_zygotes()
+
+
+def _forget_live_in_child() -> None:
+    """A fork's copy of the registry lists the parent's executors: exiting the child must
+    not shut them down (see :mod:`.ownership`)."""
+    global _live
+    for ex in list(_live):
+        disown_in_fork(ex._handles)
+    _live = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_live_in_child)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -186,7 +201,8 @@ class Executor:
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
-    * ``world_size``: number of workers; default: one per visible GPU, else 1.
+    * ``world_size``: number of workers, at most ``MAX_WORLD_SIZE`` (1,024; see
+      :mod:`.config`); default: one per visible GPU, else 1.
     * ``device``: ``"auto"`` (CUDA when a GPU is visible), ``"cuda"`` or ``"cpu"``.
     * ``start_method``: ``"auto"``, ``"zygote"``, ``"subprocess"``, ``"fork"``,
       ``"spawn"`` or ``"forkserver"``; ``GPUEXEC_START_METHOD`` overrides ``"auto"``. See
@@ -242,8 +258,9 @@ class Executor:
       naming the rank.
     * ``max_concurrent_batches``: how many :meth:`collective_rpc_async` calls one event
       loop may have outstanding (default 2); further ones wait for a slot.
-    * ``ready_timeout``: seconds for every worker to start; ``rpc_timeout``: default
-      per-call deadline (None: no deadline, liveness is still watched);
+    * ``ready_timeout``: seconds for the whole start (zygote, placement, launching and
+      every worker's handshake); ``rpc_timeout``: default per-call deadline (None or
+      ``inf``: no deadline, liveness is still watched);
       ``shutdown_timeout``: grace period after the Shutdown message before SIGTERM;
       ``terminate_timeout``: grace period after SIGTERM before SIGKILL.
 
@@ -286,6 +303,7 @@ class Executor:
     ) -> None:
         self._closed = True  # until fully started: shutdown() is then a no-op
         self._shutdown_lock = threading.Lock()
+        self._owner = Ownership()  # forks of this process may not use or stop it
         check_not_bootstrapping()
         self._config = ExecutorConfig.build(
             worker_cls, world_size, device=device, start_method=start_method,
@@ -300,6 +318,8 @@ class Executor:
             max_concurrent_batches=max_concurrent_batches, allow_callables=allow_callables,
             max_inflight_calls=max_inflight_calls, max_message_size=max_message_size,
             remote_devices=backend == "ray")
+        # ready_timeout bounds the whole start (zygote, placement, launching, handshakes).
+        deadline = time.monotonic() + self._config.ready_timeout
         self._async_slots = AsyncSlots(self._config.max_concurrent_batches)
         cfg = self._config
         self._backend = backend
@@ -330,7 +350,7 @@ class Executor:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self._start_method == "zygote":
-            zygote = self._zygote(preload, start_method)
+            zygote = self._zygote(preload, start_method, deadline)
         endpoints = self._endpoints = EndpointDir()
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         handles: list[WorkerHandle] = []
@@ -342,8 +362,8 @@ class Executor:
         try:
             if backend == "ray":
                 # The first processes of this executor start here: placing the actors.
-                ray_workers = self._ray_workers = RayWorkers(cfg.world_size, bundle,
-                                                             cfg.ready_timeout)
+                ray_workers = self._ray_workers = RayWorkers(
+                    cfg.world_size, bundle, max(0.0, deadline - time.monotonic()))
                 self._slots = ray_workers.slots
                 if not ray_workers.all_local:
                     if host == "127.0.0.1":
@@ -385,9 +405,10 @@ class Executor:
             if ray_workers is not None:
                 handles = ray_workers.serve(specs)
             else:
-                handles = start_workers(self._start_method, specs, zygote)
+                handles = start_workers(self._start_method, specs, zygote, deadline,
+                                        cfg.ready_timeout)
             wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
-                       _stderr_tail(endpoints, ray_workers))
+                       _stderr_tail(endpoints, ray_workers), deadline)
             if shm is not None:
                 shm.unlink()  # every worker has mapped the rings: no crash can leak them
         except BaseException:
@@ -419,12 +440,13 @@ class Executor:
         _live.add(self)
         _install_sigterm_handler()
 
-    def _zygote(self, preload: Sequence[str] | None, requested: str) -> ZygoteClient | None:
+    def _zygote(self, preload: Sequence[str] | None, requested: str,
+                deadline: float) -> ZygoteClient | None:
         """The zygote to fork from; when ``auto`` chose it and it cannot start, fall back
         (and say why in :attr:`start_method_reason`)."""
         modules = tuple(preload) if preload is not None else default_preload()
         try:
-            zygote, warm = get_zygote(modules, self._config.ready_timeout)
+            zygote, warm = get_zygote(modules, max(0.0, deadline - time.monotonic()))
         except ZygoteError as e:
             if requested != "auto" or os.environ.get("GPUEXEC_START_METHOD"):
                 raise
@@ -543,9 +565,10 @@ class Executor:
     def register_failure_callback(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` once when a worker dies (at once if one already has).
 
-        It runs on the thread that noticed the death (usually the monitor thread):
-        keep it short and do not call back into this executor from it.
+        It runs on the thread that noticed the death (usually the monitor thread), with
+        none of the executor's locks held: keep it short; it may call :meth:`shutdown`.
         """
+        self._owner.check()
         self._channel.add_failure_callback(fn)
 
     # -- calls ---------------------------------------------------------------------
@@ -644,6 +667,7 @@ class Executor:
         Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
         ``ExecutorClosedError`` as :meth:`collective_rpc` does.
         """
+        self._owner.check()  # before the slots' lock, which a fork may find held
         if self._gate.holding:  # suspended: wait here, unsent, until resume (see .hold)
             timeout = await self._gate.hold_async(self._call_timeout(timeout),
                                                   _method_name(method))
@@ -655,51 +679,44 @@ class Executor:
                 kwargs: Mapping[str, Any] | None, timeout: float | None,
                 ranks: Sequence[int] | None, unique_reply_rank: int | None,
                 non_block: bool) -> PendingCall:
-        """Validate a call's arguments and send it; the caller waits for it."""
+        """Validate a call's arguments (:mod:`.validate`) and send it; the caller waits
+        for it."""
+        self._owner.check()
         if isinstance(method, str):
-            name, blob = method, None
+            name = method
             if not method:
-                raise ValueError("method name must not be empty")
+                raise InvalidArgumentError("method name must not be empty")
         elif callable(method):
             name = getattr(method, "__qualname__", None) or repr(method)
             if not self._config.allow_callables:
                 raise CallRefusedError(
                     f"callable {name!r} refused: this executor was built with "
                     "allow_callables=False; call a method of the worker class by name")
-            blob = cloudpickle.dumps(method)
         else:
-            raise TypeError(f"method must be a name or a callable, not {type(method).__name__}")
-        target = self._all_ranks if ranks is None else self._ranks(ranks)
-        if unique_reply_rank is not None and unique_reply_rank not in target:
-            raise ValueError(f"unique_reply_rank={unique_reply_rank} is not among ranks {target}")
-        if timeout is None:
-            timeout = self._config.rpc_timeout
-        elif not timeout > 0:
-            raise ValueError(f"timeout must be positive, not {timeout!r}")
-        return self._channel.submit(name, blob, list(args), dict(kwargs) if kwargs else {},
-                                    target, unique_reply_rank, timeout, non_block)
+            raise InvalidArgumentError(
+                f"method must be a name or a callable, not {type(method).__name__}")
+        call_list, call_dict = call_args(args), call_kwargs(kwargs)
+        size = self.world_size
+        target = self._all_ranks if ranks is None else target_ranks(ranks, size)
+        value_rank = reply_rank(unique_reply_rank, target, size)
+        deadline = self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
+        flag("non_block", non_block)
+        # pickled last: every check above is cheap
+        blob = None if isinstance(method, str) else cloudpickle.dumps(method)
+        return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
+                                    deadline, non_block)
 
     def _call_timeout(self, timeout: float | None) -> float | None:
-        if timeout is None:
-            return self._config.rpc_timeout
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, not {timeout!r}")
-        return timeout
-
-    def _ranks(self, ranks: Sequence[int]) -> list[int]:
-        out = list(ranks)
-        for r in out:
-            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.world_size:
-                raise ValueError(f"rank {r!r} is out of range for world_size {self.world_size}")
-        if len(set(out)) != len(out) or not out:
-            raise ValueError(f"ranks must be distinct and non-empty, not {out}")
-        return out
+        """The call's deadline in seconds (``rpc_timeout`` when None), checked."""
+        return self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
 
     def check_health(self, timeout: float = 10.0) -> None:
         """Ping every worker; raise ``RpcTimeoutError`` naming the ranks that did not
-        answer within ``timeout``, or ``WorkerDiedError`` if one is gone. Each answer
-        carries what that worker dropped so far (see :meth:`stats`)."""
-        self._channel.wait(self._channel.ping(timeout))
+        answer within ``timeout`` (a positive number of seconds; None or ``inf``: no
+        deadline), or ``WorkerDiedError`` if one is gone. Each answer carries what that
+        worker dropped so far (see :meth:`stats`)."""
+        self._owner.check()
+        self._channel.wait(self._channel.ping(seconds("timeout", timeout)))
 
     # -- suspend / resume (see .suspension) ------------------------------------------
 
@@ -753,25 +770,42 @@ class Executor:
 
         Sends a Shutdown message and waits ``timeout`` (default ``shutdown_timeout``)
         seconds, then SIGTERM, then SIGKILL. Pending calls fail with
-        ``ExecutorClosedError``; so does every later call.
+        ``ExecutorClosedError``; so does every later call, and every call racing with
+        the shutdown on another thread. Safe from any thread, from a failure callback
+        and from a future's done callback. In a fork of the process that built the
+        executor it does nothing (the workers are the owner's; see :mod:`.ownership`).
         """
+        if not self._owner.here():
+            return
         with self._shutdown_lock:
             if self._closed:
                 return
             self._closed = True
         _live.discard(self)
         grace = self._config.shutdown_timeout if timeout is None else timeout
-        self._channel.begin_close()
-        self._gate.poke()
+        ray_workers = self._ray_workers
         if self._suspension.suspended:
             grace = 0.0  # a parked worker's exit path would block in CUDA until unlocked
-        stop_workers(self._handles, grace=grace, term_grace=self._config.terminate_timeout)
-        self._suspension.close()
-        if self._ray_workers is not None:
-            self._ray_workers.close()
-        self._channel.close()
-        self._endpoints.close()
-        _uninstall_sigterm_handler()
+        steps: list[Callable[[], object]] = [
+            self._channel.begin_close,
+            self._gate.poke,
+            lambda: stop_workers(self._handles, grace=grace,
+                                 term_grace=self._config.terminate_timeout),
+            self._suspension.close,
+            ray_workers.close if ray_workers is not None else lambda: None,
+            self._channel.close,
+            self._endpoints.close,
+            _uninstall_sigterm_handler,
+        ]
+        error: BaseException | None = None
+        for step in steps:  # each step runs even when an earlier one raised
+            try:
+                step()
+            except BaseException as e:
+                log.warning("gpuexec: a shutdown step failed: %r", e)
+                error = error or e
+        if error is not None:
+            raise error
 
     def __enter__(self) -> Executor:
         return self

@@ -70,20 +70,27 @@ class WorkerHandle:
 
 
 def start_workers(method: str, specs: Sequence[bytes],
-                  zygote: ZygoteClient | None = None) -> list[WorkerHandle]:
-    """Start one process per encoded spec. On error, stops what started and raises."""
+                  zygote: ZygoteClient | None = None, deadline: float | None = None,
+                  ready_timeout: float = 0.0) -> list[WorkerHandle]:
+    """Start one process per encoded spec, by ``deadline`` (``time.monotonic()``; the
+    executor's ``ready_timeout`` bounds the whole start). On error, stops what started
+    and raises."""
     handles: list[WorkerHandle] = []
     ctx: Any = None if method in ("subprocess", "zygote") else \
         multiprocessing.get_context(method)  # typeshed's BaseContext lacks .Process
     try:
         for rank, spec in enumerate(specs):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WorkerStartupError(
+                    rank, f"not started within ready_timeout={ready_timeout:g} s "
+                    f"({rank} of {len(specs)} workers were started)")
             proc: ProcessLike
             if method == "subprocess":
                 proc = start_subprocess(spec)
             elif method == "zygote":
                 if zygote is None:
                     raise ValueError("start method 'zygote' needs a zygote")
-                proc = zygote.spawn(spec)
+                proc = zygote.spawn(spec)  # its own bound: a fork asked for is waited for
             else:
                 proc = ctx.Process(target=run_worker, args=(spec,),
                                    name=f"gpuexec-worker-{rank}")
@@ -101,11 +108,23 @@ def start_workers(method: str, specs: Sequence[bytes],
     return handles
 
 
+def disown_in_fork(handles: Sequence[WorkerHandle]) -> None:
+    """In a fork of the driver: the workers started by ``multiprocessing`` are listed as
+    this process's children too, and multiprocessing's exit handler would try to join
+    them (an error at exit) or terminate them (daemons). They are the driver's: unlist."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        for h in handles:
+            children.discard(h.process)
+
+
 def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                xpub: zmq.Socket[bytes], method: str, timeout: float,
-               stderr_tail: Callable[[int], str] = lambda rank: "") -> None:
-    """Wait until every worker is ready and subscribed; raise ``WorkerStartupError`` on
-    the first failure, naming the rank and carrying its traceback."""
+               stderr_tail: Callable[[int], str] = lambda rank: "",
+               deadline: float | None = None) -> None:
+    """Wait until every worker is ready and subscribed, by ``deadline`` (default:
+    ``timeout`` from now); raise ``WorkerStartupError`` on the first failure, naming the
+    rank and carrying its traceback."""
     decoder: Decoder[Handshake] = Decoder(Handshake, allow_pickle=False)
     by_rank = {h.rank: h for h in handles}
     by_sentinel = {h.sentinel: h for h in handles}
@@ -115,7 +134,8 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
     poller.register(xpub, zmq.POLLIN)
     for h in handles:
         poller.register(h.sentinel, zmq.POLLIN)
-    deadline = time.monotonic() + timeout
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     waiting = len(handles)
     while waiting or unsubscribed:
         remaining = deadline - time.monotonic()

@@ -19,7 +19,6 @@ import importlib.util
 import itertools
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ import time
 import msgspec
 
 from ..errors import GpuexecError
+from ..ipc.fdwait import readable
 from ..ipc.framing import recv_message, send_message
 from ..ipc.messages import (
     PROTOCOL_VERSION,
@@ -95,8 +95,7 @@ class ZygoteClient:
     def _recv(self, timeout: float | None) -> object:
         """One message (the caller holds the lock, or is the constructor)."""
         if timeout is not None:
-            ready, _, _ = select.select([self._sock], [], [], timeout)
-            if not ready:
+            if not readable([self._sock.fileno()], timeout):
                 raise ZygoteError(f"the zygote did not answer within {timeout:g} s")
         try:
             data, fds = recv_message(self._sock)
@@ -134,8 +133,7 @@ class ZygoteClient:
         """The exit code of a child that has exited (None while unknown)."""
         with self._lock:
             while pid not in self._exits:
-                ready, _, _ = select.select([self._sock], [], [], 0.5)
-                if not ready:
+                if not readable([self._sock.fileno()], 0.5):
                     return None
                 try:
                     self._recv(None)
@@ -172,8 +170,7 @@ class ZygoteProcess:
 
     def _has_exited(self) -> bool:
         if not self._exited and self._pidfd >= 0:
-            ready, _, _ = select.select([self._pidfd], [], [], 0)
-            self._exited = bool(ready)
+            self._exited = bool(readable([self._pidfd], 0))
         return self._exited
 
     @property
@@ -187,7 +184,7 @@ class ZygoteProcess:
 
     def join(self, timeout: float | None = None) -> None:
         if self._pidfd >= 0:
-            select.select([self._pidfd], [], [], timeout)
+            readable([self._pidfd], timeout)
 
     def _signal(self, signum: int) -> None:
         if self._pidfd >= 0 and not self._has_exited():
@@ -239,3 +236,20 @@ def close_zygotes() -> None:
         for zygote in _zygotes.values():
             zygote.close()
         _zygotes.clear()
+
+
+_inherited: list[ZygoteClient] = []  # a fork's copies of the parent's zygotes, never used
+
+
+def _forget_zygotes_in_child() -> None:
+    """A fork of the driver must not talk to the driver's zygotes (their socket is shared:
+    both would read its replies) nor stop them at exit: it drops them untouched (kept
+    referenced, so not even their socket is closed) and starts its own when it needs one.
+    The lock may have been held by a parent thread at the moment of the fork."""
+    global _zygotes_lock, _zygotes
+    _inherited.extend(_zygotes.values())
+    _zygotes = {}
+    _zygotes_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_zygotes_in_child)

@@ -20,12 +20,13 @@ Only processes of the same user hold the two pipe ends; nothing here is ever pic
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 from typing import Literal
 
 import msgspec
+
+from .fdwait import readable
 
 __all__ = [
     "FromController",
@@ -136,7 +137,7 @@ def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
     while size:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not readable([fd], left):
                 raise TimeoutError("no answer from the checkpoint controller in time")
         data = os.read(fd, size)
         if not data:

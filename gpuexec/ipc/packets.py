@@ -9,6 +9,10 @@ Packet layout (little-endian)::
     lengths        n x u32
     frames         the frames, back to back
 
+A message of more than ``MAX_FRAMES`` frames (the count is a u16) does not fit a packet
+whatever its size: like a message too big for a slot, it goes by ZeroMQ, which has no
+such limit, with a marker in the ring.
+
 A packet is read in place from the ring slot; the frames are memoryviews of it (the
 decoder copies what it keeps, so the slot can be released right after decoding). It is
 also written in place: :func:`measure` sizes it, the ring hands out the slot, and
@@ -32,6 +36,7 @@ _HEAD = struct.Struct("<BH")
 _N = struct.Struct("<H")
 _ONE = struct.Struct("<BHHI")  # kind, mask_len 0, one frame, its length
 _LEN = struct.Struct("<I")
+MAX_FRAMES = 0xFFFF  # frames one packet can count
 
 
 def _mask(targets: Sequence[int] | None) -> bytes:
@@ -69,7 +74,10 @@ def write_into(buf: memoryview, head: bytes, views: Sequence[memoryview]) -> Non
 def put(ring: RingWriter, frames: Sequence[Any], targets: Sequence[int] | None,
         timeout: float | None = None, alive: Callable[[], bool] | None = None) -> bool:
     """Write the packet for ``frames`` straight into ``ring``'s next slot and publish it;
-    False when it does not fit in a slot (see :meth:`RingWriter.write`)."""
+    False when it does not fit in a slot (see :meth:`RingWriter.write`) or has more than
+    ``MAX_FRAMES`` frames."""
+    if len(frames) > MAX_FRAMES:
+        return False
     head, views, size = measure(frames, targets)
     slot = ring.claim(size, timeout, alive)
     if slot is None:

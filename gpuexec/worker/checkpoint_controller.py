@@ -131,7 +131,7 @@ def run_step(driver: CudaDriver, step: Step) -> StepReply:
 
 def serve(driver_pid: int, stdin: int, stdout: int) -> None:
     """The controller's loop; returns at EOF on ``stdin``."""
-    start_watchdog(driver_pid, driver_is_parent=True)
+    start_watchdog(driver_pid)
     greeting, driver = hello()
     os.write(stdout, encode_frame(greeting))
     if driver is None:

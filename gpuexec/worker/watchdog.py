@@ -15,10 +15,10 @@ Without pidfd support the thread polls the driver's liveness every 100 ms instea
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import threading
 
+from ..ipc.fdwait import readable
 from .guardian import EXIT_DRIVER_GONE, alive, kill_children
 
 
@@ -48,9 +48,7 @@ def start_watchdog(driver_pid: int, ipc_dir: str = "") -> None:
 
     def watch() -> None:
         if pidfd is not None:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            poller.poll()
+            readable([pidfd], None)
             _driver_gone(ipc_dir)
         while alive(driver_pid):
             threading.Event().wait(0.1)

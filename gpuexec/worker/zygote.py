@@ -17,7 +17,7 @@ worker costs a ``fork`` instead of an interpreter start and an ``import torch``.
 
 The zygote runs no Python thread of its own on purpose (a fork copies only the calling thread, and
 a lock held by another thread would stay locked in the child forever): it waits with
-one ``select`` on the control socket, a pidfd of the driver (it exits when the driver
+one ``poll`` on the control socket, a pidfd of the driver (it exits when the driver
 does) and a SIGCHLD wake-up pipe (it reaps its children and reports their exit codes).
 """
 
@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import importlib
 import os
-import select
 import signal
 import socket
 import sys
 import threading
 import traceback
-from typing import Any
 
 import msgspec
 
+from ..ipc.fdwait import readable
 from ..ipc.framing import recv_message, send_message
 from ..ipc.messages import (
     PROTOCOL_VERSION,
@@ -117,9 +116,9 @@ def serve(control: socket.socket, driver_pid: int, preload: list[str]) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     decoder = msgspec.msgpack.Decoder(ToZygote)
-    watched: list[Any] = [control, driver, wake_r]
+    watched = [control.fileno(), driver, wake_r]
     while True:
-        ready, _, _ = select.select(watched, [], [])
+        ready = readable(watched, None)
         if driver in ready:
             return  # the driver is gone; each worker's guardian ends that worker
         if wake_r in ready:
@@ -136,7 +135,7 @@ def serve(control: socket.socket, driver_pid: int, preload: list[str]) -> None:
                     break
                 send_message(control, msgspec.msgpack.encode(
                     WorkerExited(pid, _exit_code(status))))
-        if control in ready:
+        if control.fileno() in ready:
             try:
                 data, fds = recv_message(control)
             except (EOFError, ConnectionError):
