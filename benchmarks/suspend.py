@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, machine, print_table, write_json  # noqa: E402
 
 from gpuexec import Executor  # noqa: E402
 
@@ -126,7 +126,7 @@ def _usable(ex: Executor) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, nargs="+", default=[1.0, 8.0, 32.0])
-    parser.add_argument("--out", default=None, help="directory for suspend.json")
+    add_out_option(parser)
     parser.add_argument("--probes", default="64:keep,1024:keep,1024:free",
                         help="pinned-memory probes, MiB:keep|free, comma-separated ('' none)")
     args = parser.parse_args()
