@@ -18,27 +18,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 START_METHODS = ["zygote", "subprocess", "fork", "spawn", "forkserver"]
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every private directory this test run makes (its own executors', its subprocess
+# drivers' and their workers') lands in one directory of its own, set before anything
+# reads the environment: the leak checks then count only what this run made, never the
+# directories of another gpuexec user or test run on the same machine.
+RUN_DIR = tempfile.mkdtemp(prefix="gxtest-")
+os.environ["XDG_RUNTIME_DIR"] = RUN_DIR
+os.environ["TMPDIR"] = RUN_DIR
+tempfile.tempdir = None  # re-read TMPDIR
+
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a Python subprocess of a test: this checkout and ``tests/`` first
     on the path, then whatever path this run already had (site dirs of a GPU host)."""
     path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {"PYTHONPATH": os.pathsep.join(p for p in path if p),
-           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "XDG_RUNTIME_DIR": RUN_DIR, "TMPDIR": RUN_DIR}
     env.update(extra)
     return env
 
 
 def gpuexec_dirs() -> set[str]:
-    """Private ipc directories gpuexec made (wherever it made them)."""
-    roots = {tempfile.gettempdir(), "/tmp"}
+    """Private ipc directories this test run's executors made: under :data:`RUN_DIR`,
+    or under a runtime directory a test chose itself (the ``/tmp/gpx-*`` fallback for a
+    path too long for a socket is shared with others, so it is not counted)."""
+    roots = {RUN_DIR, tempfile.gettempdir()}
     if os.environ.get("XDG_RUNTIME_DIR"):
         roots.add(os.environ["XDG_RUNTIME_DIR"])
     found: set[str] = set()
     for root in roots:
         found.update(glob.glob(os.path.join(root, "gpuexec-*")))
-        found.update(glob.glob(os.path.join(root, "gpx-*")))
     return {d for d in found if "bench" not in d}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove this run's directory (a leak has been reported by its test already)."""
+    import shutil
+
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 def _helper_pids() -> set[int]:

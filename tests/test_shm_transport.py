@@ -36,23 +36,30 @@ def _holds_segment(pid: int | str) -> bool:
     return False
 
 
-def _segment_users() -> set[int]:
-    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _holds_segment(p)}
+def _tree(pid: int) -> set[int]:
+    """``pid`` and its live descendants: the processes a test made (a leak check that
+    counted every process on the host would blame other test runs' executors)."""
+    import psutil
+
+    try:
+        return {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return {pid}
 
 
 def test_segments_are_never_named_and_die_with_their_users() -> None:
     before = _ours()
-    users_before = _segment_users()
     with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
         assert ex.transport == "shm"
         assert _ours() == before  # nothing named in /dev/shm, ever
         assert ex.collective_rpc("add", args=(1,)) == [1, 2]
         # Every worker maps them; the driver gave up its descriptors once all had.
         assert all(_holds_segment(w.pid) for w in ex.workers)
+        made = set().union(*(_tree(w.pid) for w in ex.workers))
         assert not any(os.readlink(f"/proc/self/fd/{fd}").startswith(_SEGMENTS)
                        for fd in os.listdir("/proc/self/fd")
                        if os.path.exists(f"/proc/self/fd/{fd}"))
-    assert _segment_users() - users_before - {os.getpid()} == set()
+    assert [p for p in made if _holds_segment(p)] == []
     assert _ours() == before
 
 
@@ -71,7 +78,6 @@ def test_driver_killed_during_start_up_leaves_no_segment() -> None:
     import psutil
     from conftest import subprocess_env, wait_gone
 
-    users_before = _segment_users()
     named_before = _ours()
     proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_START_UP], env=subprocess_env())
     try:
@@ -83,10 +89,11 @@ def test_driver_killed_during_start_up_leaves_no_segment() -> None:
             time.sleep(0.05)
         assert len(workers) == 2, "the workers never mapped the rings"
         assert _holds_segment(proc.pid)  # the driver still holds the paths
+        made = _tree(proc.pid) - {proc.pid}
         proc.kill()
         proc.wait(10)
         assert wait_gone(workers, timeout=10) == []  # their watchdog saw the driver go
-        assert _segment_users() - users_before - {os.getpid()} == set()
+        assert [p for p in made if _holds_segment(p)] == []
         assert _ours() == named_before
     finally:
         if proc.poll() is None:
