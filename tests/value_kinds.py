@@ -174,7 +174,10 @@ class ValueWorker(Worker):
         return [i for i, (x, y) in enumerate(zip(value, expected, strict=True))
                 if not same(x, y)]
 
-    def return_boom(self) -> Any:
+    def return_boom(self, on_rank: int = -1) -> Any:
+        """A result the driver cannot unpickle (from rank ``on_rank`` only, if given)."""
+        if on_rank >= 0 and on_rank != self.rank:
+            return None
         return {"ok": 1, "bad": [_Boom()]}
 
     def return_exit_on_load(self) -> Any:
