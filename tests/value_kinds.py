@@ -9,7 +9,7 @@ import enum
 import importlib
 import math
 import sys
-from collections import OrderedDict, deque, namedtuple
+from collections import deque, namedtuple
 from decimal import Decimal
 from pathlib import Path
 from typing import Any

@@ -212,8 +212,9 @@ class Encoder:
         if msg.__class__ is Call:
             kwargs = {}
             for k, v in msg.kwargs.items():
-                if type(k) is not str or (walk.careful and type(walk.value(k, "kwargs")) is not str):
-                    raise walk.error(k, "kwargs", "keyword argument names must be str")
+                if type(k) is not str or (walk.careful and not values.utf8(k)):
+                    raise walk.error(k, "kwargs", "keyword argument names must be str "
+                                     "(without lone surrogates)")
                 kwargs[k] = walk.value(v, ("kwargs", k, "k"))
             return msgspec.structs.replace(msg, args=walk.value(msg.args, "args"), kwargs=kwargs)
         if msg.__class__ is Reply:
@@ -231,175 +232,6 @@ class Encoder:
             return True
         self._frames.append(raw)
         return False
-
-    def _array(self, obj: Any) -> msgspec.msgpack.Ext | None:
-        """The extension for an array or tensor carried as one (None: pickle it)."""
-        np = sys.modules.get("numpy")
-        if np is not None and obj.__class__ is np.ndarray:  # subclasses (masked...) pickle
-            dtype = obj.dtype
-            ok = self._dtypes.get(dtype)
-            if ok is None:
-                ok = self._dtypes[dtype] = not dtype.hasobject and dtype.fields is None \
-                    and dtype.itemsize > 0 and np.dtype(dtype.str) == dtype
-            if not ok:
-                return None
-            # Not ascontiguousarray: it turns a 0-d array into a 1-d one.
-            arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
-            raw = arr.reshape(-1).view(np.uint8)
-            return self._array_ext(_EXT_NDARRAY, _EXT_NDARRAY_INLINE, dtype.str,
-                                   arr.shape, raw, _EXT_NDARRAY_SHM)
-        torch = sys.modules.get("torch")
-        if torch is not None and obj.__class__ is torch.Tensor:  # nn.Parameter pickles
-            if obj.layout != torch.strided or obj.is_quantized or obj.requires_grad:
-                return None  # pickle keeps what the raw bytes would lose
-            if obj.device.type != "cpu":
-                raise values.Refused(
-                    f"a tensor on {obj.device} cannot be sent: move it to the CPU first "
-                    "(tensor.cpu()), or share it through CUDA IPC")
-            t = obj.resolve_conj().resolve_neg().contiguous()
-            raw = t.reshape(-1).view(torch.uint8).numpy()
-            name = str(t.dtype).removeprefix("torch.")
-            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, name, tuple(t.shape), raw,
-                                   _EXT_TENSOR_SHM)
-        return None
-
-    def _array_ext(self, code: int, inline_code: int, dtype: str, shape: Sequence[int],
-                   raw: Any, shm_code: int) -> msgspec.msgpack.Ext:
-        if self.shm_payloads and raw.nbytes >= shm_payload.PAYLOAD_THRESHOLD:
-            fd = shm_payload.write_segment(raw)
-            self._segments.append(fd)
-            return msgspec.msgpack.Ext(shm_code, self._meta.encode(
-                (dtype, list(shape), os.getpid(), fd, raw.nbytes)))
-        if raw.nbytes < INLINE_LIMIT:
-            return msgspec.msgpack.Ext(inline_code,
-                                       self._meta.encode((dtype, list(shape), raw.tobytes())))
-        self._frames.append(raw)  # frames[0] is the header: buffer i is frames[i + 1]
-        return msgspec.msgpack.Ext(code, self._meta.encode((dtype, list(shape),
-                                                             len(self._frames) - 2)))
-
-
-class Decoder(Generic[T]):
-    """Decodes frames into one message type (a closed union). One thread at a time.
-
-    A frame set whose structure is broken raises :class:`MalformedMessage` (the receiver
-    drops and counts it); one whose envelope decodes but a value does not raises
-    :class:`UndecodableValue` with the envelope (the receiver answers that call with a
-    typed error). ``where`` names this process in the reasons ("the driver").
-    """
-
-    def __init__(self, msg_type: type[T] | Any, *, allow_pickle: bool,
-                 copy_buffers: bool = False, allow_shm: bool | None = None,
-                 shm_pid: int = 0, where: str = "this process") -> None:
-        self.allow_pickle = allow_pickle
-        # Shared-memory payloads (memory files of the driver): on the private channel
-        # only, like pickle, unless set apart (a worker refusing pickle still maps them).
-        self.allow_shm = allow_pickle if allow_shm is None else allow_shm
-        self.shm_pid = shm_pid  # > 0: map payloads of this process (the driver) only
-        # True when frames are views of memory that will be reused (a ring slot): arrays
-        # are then copied out instead of aliasing it.
-        self.copy_buffers = copy_buffers
-        self.where = where
-        self._meta = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
-        self._shm_meta = msgspec.msgpack.Decoder(tuple[str, list[int], int, int, int])
-        self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
-            msg_type, ext_hook=self._ext_hook)
-        self._any: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
-            ext_hook=self._ext_hook)
-        self._rebuild = values.Rebuild(self._any.decode, self._oob, allow_pickle, where,
-                                       MalformedMessage)
-        self._frames: Sequence[Frame] = ()
-        self._used: set[int] = set()  # out-of-band frames the message referred to
-        self._faults: list[values.Unrebuilt] = []  # values of this message not rebuilt
-
-    def decode(self, frames: Sequence[Frame]) -> T:
-        if not frames:
-            raise MalformedMessage("empty message", "empty")
-        self._frames = frames
-        self._used = set()
-        header = frames[0]
-        try:
-            msg = self._decode(header if header.__class__ is bytes else _buffer(header))
-        finally:
-            self._frames = ()
-        if len(self._used) != len(frames) - 1:
-            raise MalformedMessage(f"{len(frames) - 1 - len(self._used)} frame(s) that no "
-                                   "array refers to", "extra_frames")
-        return self._checked(msg)
-
-    def decode_header(self, header: Any) -> T:
-        """Decode a message that came as a single frame (no out-of-band buffers)."""
-        return self._checked(self._decode(header))
-
-    def _decode(self, header: Any) -> T:
-        self._faults = []
-        try:
-            return self._dec.decode(header)
-        except MalformedMessage:
-            raise
-        except Exception as e:  # msgspec errors, bad dtypes, bad indices
-            raise _malformed(e) from None
-
-    def _checked(self, msg: T) -> T:
-        if self._faults:
-            fault, self._faults = self._faults[0], []
-            raise UndecodableValue(msg, fault)
-        return msg
-
-    def _oob(self, first: int, count: int) -> list[Any]:
-        """The out-of-band buffers of a pickle (frames ``first`` .. ``first+count-1``)."""
-        if count == 0:
-            return []
-        if first < 0 or count < 0 or first + count > len(self._frames) - 1:
-            raise MalformedMessage("pickle refers to missing frames", "bad_buffer")
-        out = []
-        for i in range(first, first + count):
-            if i in self._used:
-                raise MalformedMessage(f"frame {i} used twice", "bad_buffer")
-            self._used.add(i)
-            buf = _buffer(self._frames[i + 1])
-            out.append(bytearray(buf) if self.copy_buffers else buf)
-        return out
-
-    def _ext_hook(self, code: int, data: memoryview) -> Any:
-        try:
-            if code in values.CODES:
-                return self._rebuild.ext(code, data)
-            return self._array_ext(code, data)
-        except values.Unrebuilt as e:
-            self._faults.append(e)
-            return _UNREBUILT
-
-    def _array_ext(self, code: int, data: memoryview) -> Any:
-        buf: Any
-        if code in (_EXT_NDARRAY_SHM, _EXT_TENSOR_SHM):
-            if not self.allow_shm:  # the private channel only, like pickle
-                raise MalformedMessage("shared-memory payload on an untrusted channel",
-                                       "pickle_refused")
-            dtype, shape, pid, fd, nbytes = self._shm_meta.decode(data)
-            self._check_size(dtype, shape, nbytes, code == _EXT_TENSOR_SHM)
-            if self.shm_pid > 0 and pid != self.shm_pid:
-                raise MalformedMessage(f"payload of pid {pid}, not the driver's", "bad_buffer")
-            try:
-                buf = shm_payload.map_segment(pid, fd, nbytes)
-            except (OSError, ValueError) as e:
-                raise values.Unrebuilt("an array", dtype, f"{self.where} cannot map its "
-                                       f"shared-memory payload: {e}") from None
-            return _array(dtype, shape, buf, code == _EXT_TENSOR_SHM)
-        if code not in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE, _EXT_TENSOR, _EXT_TENSOR_INLINE):
-            raise MalformedMessage(f"unknown extension type {code}", "unknown_type")
-        dtype, shape, where = self._meta.decode(data)
-        if isinstance(where, int):
-            if not 0 <= where < len(self._frames) - 1 or where in self._used:
-                raise MalformedMessage(f"array refers to missing frame {where}", "bad_buffer")
-            self._used.add(where)
-            buf = _buffer(self._frames[where + 1])
-            self._check_size(dtype, shape, buf.nbytes, code == _EXT_TENSOR)
-            if self.copy_buffers:
-                buf = bytearray(buf)
-        else:
-            self._check_size(dtype, shape, len(where), code == _EXT_TENSOR_INLINE)
-            buf = bytearray(where)  # inline: own a writable copy
-        return _array(dtype, shape, buf, code in (_EXT_TENSOR, _EXT_TENSOR_INLINE))
 
     def _array(self, obj: Any) -> msgspec.msgpack.Ext | None:
         """The extension for an array or tensor carried as one (None: pickle it)."""
@@ -617,36 +449,6 @@ def _malformed(e: Exception) -> MalformedMessage:
     else:  # raised by numpy or torch while building an array
         reason = "bad_buffer"
     return MalformedMessage(f"{type(e).__name__}: {e}", reason)
-
-
-def _check_size(dtype: str, shape: list[int], nbytes: int, tensor: bool) -> None:
-    """The buffer must hold exactly ``prod(shape)`` items of ``dtype`` (checked before
-    anything is allocated or viewed, so a huge declared shape costs nothing)."""
-    if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
-        raise MalformedMessage(f"bad array shape {shape[:8]}", "bad_buffer")
-    if tensor:
-        import torch
-
-        tdtype = getattr(torch, dtype, None)
-        if not isinstance(tdtype, torch.dtype):
-            raise MalformedMessage(f"unknown torch dtype {dtype!r}", "bad_buffer")
-        itemsize = tdtype.itemsize
-    else:
-        import numpy as np
-
-        try:
-            npdtype = np.dtype(dtype)
-        except Exception:
-            raise MalformedMessage(f"unknown numpy dtype {dtype!r}", "bad_buffer") from None
-        if npdtype.hasobject or npdtype.fields is not None or npdtype.itemsize == 0:
-            raise MalformedMessage(f"refused numpy dtype {dtype!r}", "bad_buffer")
-        itemsize = npdtype.itemsize
-    count = 1
-    for d in shape:
-        count *= d
-    if count * itemsize != nbytes:
-        raise MalformedMessage(f"array of {shape[:8]} x {dtype} declared over a buffer of "
-                               f"{nbytes} bytes", "bad_buffer")
 
 
 def _array(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:

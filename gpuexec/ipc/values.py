@@ -84,7 +84,7 @@ def plain(v: Any) -> bool:
     return False
 
 
-def _utf8(s: str) -> bool:
+def utf8(s: str) -> bool:
     if s.isascii():
         return True
     try:
@@ -149,7 +149,7 @@ class Walk:
         if t is list:
             return self._list(v, path)
         if t is dict:
-            if all(type(k) is str for k in v) and (not self.careful or all(map(_utf8, v))):
+            if all(type(k) is str for k in v) and (not self.careful or all(map(utf8, v))):
                 return {k: self.value(x, (path, k, "k")) for k, x in v.items()}
             pairs = []
             for k, x in v.items():
@@ -184,7 +184,7 @@ class Walk:
     def _scalar(self, v: Any, t: type) -> Any:
         if t is int and not _INT_MIN <= v < _INT_END:
             return Ext(BIGINT, v.to_bytes(v.bit_length() // 8 + 1, "little", signed=True))
-        if t is str and not _utf8(v):
+        if t is str and not utf8(v):
             return Ext(STR, v.encode("utf-8", "surrogatepass"))
         return v
 

@@ -29,8 +29,8 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..ipc import futex, packets
 from ..errors import ValueNotCarriedError
+from ..ipc import futex, packets
 from ..ipc.codec import (
     Decoder,
     Encoder,
@@ -83,11 +83,11 @@ def failure_from(exc: BaseException, value: ValueFault | None = None) -> Failure
         message = str(exc)
         if type(message) is not str:  # a __str__ returning a str subclass
             message = str.__str__(message)
-    except BaseException as e:  # noqa: BLE001 - whatever __str__ raises, the worker lives
+    except BaseException as e:
         message = f"<str() of the {name} raised {type(e).__qualname__}>"
     try:
         tb = "".join(traceback.format_exception(exc))
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         tb = f"<the traceback could not be formatted: {type(e).__qualname__}>"
     return Failure.make(name, message, tb, value)
 
@@ -283,7 +283,7 @@ class _Server:
         try:
             frames = self.encoder.encode(reply)
             _check_sizes(frames, self.max_message_size)
-        except BaseException as e:  # noqa: BLE001 - the return value cannot be sent
+        except BaseException as e:
             if isinstance(e, ValueNotCarriedError):
                 failure = failure_from(e, ValueFault(e.path, e.type_name,
                                                      f"{e.reason} (in the worker)"))
