@@ -56,14 +56,16 @@ MainThing = main_class()
 
 @pytest.fixture(scope="module", params=["zmq", "shm"])
 def ex(request: pytest.FixtureRequest) -> Iterator[Executor]:
-    with Executor(ValueWorker, 2, device="cpu", transport=request.param) as ex:
+    # rpc_timeout: a value the codec lost would fail the test instead of hanging it
+    with Executor(ValueWorker, 2, device="cpu", transport=request.param,
+                  rpc_timeout=120) as ex:
         yield ex
 
 
 @pytest.fixture(scope="module")
 def strict_ex() -> Iterator[Executor]:
-    with Executor(ValueWorker, 1, device="cpu", transport="shm",
-                  allow_callables=False) as ex:
+    with Executor(ValueWorker, 1, device="cpu", transport="shm", allow_callables=False,
+                  rpc_timeout=120) as ex:
         yield ex
 
 
@@ -376,3 +378,24 @@ def test_refused_dict_key_names_the_key(strict_ex: Executor) -> None:
     with pytest.raises(ValueNotCarriedError) as info:
         strict_ex.collective_rpc("identity", args=({(1, _Mode.A): 2},))
     assert info.value.path == "args[0]<key (1, <_Mode.A: 1>)>[1]"
+
+
+def test_many_objects_are_pickled_once_and_errors_still_name_the_object(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dict of dataclasses is one pickle (each one costs a fixed time), and when that
+    pickle fails, the error still names the very value that could not be pickled."""
+    import threading
+
+    from gpuexec.ipc import values
+
+    pickled: list[Any] = []
+    dumps = values.cloudpickle.dumps
+    monkeypatch.setattr(values.cloudpickle, "dumps",
+                        lambda v, **kw: pickled.append(v) or dumps(v, **kw))
+    enc = Encoder(allow_pickle=True)
+    step = {f"r{i}": Point(i, (i, Color.RED)) for i in range(8)}
+    enc.encode(Reply(1, 0, [step, np.ones(2)]))
+    assert pickled == [step]
+    with pytest.raises(ValueNotCarriedError) as info:
+        enc.encode(Reply(1, 0, {**step, "bad": Point(threading.Lock(), 1)}))
+    assert (info.value.path, info.value.type_name) == ("result['bad']", "value_kinds.Point")

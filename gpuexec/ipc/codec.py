@@ -122,6 +122,8 @@ class UndecodableValue(MalformedMessage):
 
 
 _UNREBUILT = object()  # stands for a value that could not be rebuilt (never escapes)
+_SCALARS = values.SCALARS
+plain = values.plain
 
 
 class Encoder:
@@ -160,10 +162,10 @@ class Encoder:
         """
         cls = msg.__class__
         if cls is Call:
-            fast = (not msg.args or values.plain(msg.args)) and \
-                (not msg.kwargs or values.plain(msg.kwargs))
+            args, kwargs = msg.args, msg.kwargs
+            fast = (not args or plain(args)) and (not kwargs or plain(kwargs))
         elif cls is Reply:
-            fast = msg.value.__class__ in values.SCALARS or values.plain(msg.value)
+            fast = msg.value.__class__ in _SCALARS or plain(msg.value)
         else:
             fast = True
         if fast:
@@ -216,7 +218,8 @@ class Encoder:
                     raise walk.error(k, "kwargs", "keyword argument names must be str "
                                      "(without lone surrogates)")
                 kwargs[k] = walk.value(v, ("kwargs", k, "k"))
-            return msgspec.structs.replace(msg, args=walk.value(msg.args, "args"), kwargs=kwargs)
+            args = [walk.value(x, ("args", i, "i")) for i, x in enumerate(msg.args)]
+            return msgspec.structs.replace(msg, args=args, kwargs=kwargs)  # both stay typed
         if msg.__class__ is Reply:
             return msgspec.structs.replace(msg, value=walk.value(msg.value, "result"))
         return msg
@@ -323,28 +326,34 @@ class Decoder(Generic[T]):
         finally:
             self._frames = ()
         if len(self._used) != len(frames) - 1:
+            self._faults.clear()
             raise MalformedMessage(f"{len(frames) - 1 - len(self._used)} frame(s) that no "
                                    "array refers to", "extra_frames")
-        return self._checked(msg)
+        if self._faults:
+            raise self._undecodable(msg)
+        return msg
 
     def decode_header(self, header: Any) -> T:
         """Decode a message that came as a single frame (no out-of-band buffers)."""
-        return self._checked(self._decode(header))
+        msg = self._decode(header)
+        if self._faults:
+            raise self._undecodable(msg)
+        return msg
 
     def _decode(self, header: Any) -> T:
-        self._faults = []
         try:
             return self._dec.decode(header)
         except MalformedMessage:
+            self._faults.clear()
             raise
         except Exception as e:  # msgspec errors, bad dtypes, bad indices
+            self._faults.clear()
             raise _malformed(e) from None
 
-    def _checked(self, msg: T) -> T:
-        if self._faults:
-            fault, self._faults = self._faults[0], []
-            raise UndecodableValue(msg, fault)
-        return msg
+    def _undecodable(self, msg: Any) -> UndecodableValue:
+        fault = self._faults[0]
+        self._faults.clear()
+        return UndecodableValue(msg, fault)
 
     def _oob(self, first: int, count: int) -> list[Any]:
         """The out-of-band buffers of a pickle (frames ``first`` .. ``first+count-1``)."""

@@ -68,20 +68,33 @@ _COMPLEX = struct.Struct("<dd")
 CONTAINED = (Exception, SystemExit, GeneratorExit)
 
 
+_scalars_only = SCALARS.issuperset
+_CONTAINERS = frozenset({list, dict, tuple, set, frozenset})
+_WHOLE = object()  # Walk._value: "pickle this whole" (never leaves the walk)
+
+
 def plain(v: Any) -> bool:
     """True when msgpack alone carries ``v`` faithfully (up to int range and lone
-    surrogates, which the encoder notices by itself): the fast path's whole cost."""
+    surrogates, which the encoder notices by itself): the fast path's whole cost, one
+    type check per item (a list of scalars is checked in C)."""
     t = type(v)
-    if t in SCALARS:
-        return True
     if t is list:
-        return SCALARS.issuperset(map(type, v)) or all(map(plain, v))
-    if t is dict:
-        for k, x in v.items():
-            if type(k) is not str or (type(x) not in SCALARS and not plain(x)):
+        if _scalars_only(map(type, v)):
+            return True
+        for x in v:
+            tx = type(x)
+            if tx not in SCALARS and not ((tx is list or tx is dict) and plain(x)):
                 return False
         return True
-    return False
+    if t is dict:
+        for k, x in v.items():
+            if type(k) is not str:
+                return False
+            tx = type(x)
+            if tx not in SCALARS and not ((tx is list or tx is dict) and plain(x)):
+                return False
+        return True
+    return t in SCALARS
 
 
 def utf8(s: str) -> bool:
@@ -130,6 +143,12 @@ class Walk:
     protocol-5 buffer callback taking large buffers out of band, None where pickle is
     refused; ``frames`` counts the out-of-band frames so far. ``careful`` also checks
     int ranges and lone surrogates (a second pass, after msgpack refused the first).
+
+    Pickling is batched: a container whose subtree holds no array or tensor and two or
+    more objects that need pickle (an engine's dict of dataclasses) is pickled once, as
+    a whole, instead of once per object (each ``cloudpickle.dumps`` has a fixed cost of
+    tens of microseconds). Should that pickle fail, the subtree is walked again object
+    by object, so the error still names the exact path.
     """
 
     def __init__(self, encode: Callable[[Any], bytes], array: Callable[[Any], Ext | None],
@@ -141,8 +160,19 @@ class Walk:
         self.frames = frames
         self.careful = careful
         self.method = method
+        self.batch = pickle_buffer is not None
+        self.committed = 0  # arrays, tensors and pickles made: a subtree holding one is
+        #                     never pickled whole (its frames are already out)
+        self.pickles = 0    # objects found that need pickle
 
     def value(self, v: Any, path: Path) -> Any:
+        """``v`` ready for msgpack: itself, or extensions in place of what msgpack
+        would convert."""
+        out = self._value(v, path)
+        return self._pickle(v, path) if out is _WHOLE else out
+
+    def _value(self, v: Any, path: Path) -> Any:
+        """:meth:`value`, or ``_WHOLE``: ``v`` is to be pickled by the caller, whole."""
         t = type(v)
         if t in SCALARS:
             return self._scalar(v, t) if self.careful else v
@@ -150,17 +180,22 @@ class Walk:
             return self._list(v, path)
         if t is dict:
             if all(type(k) is str for k in v) and (not self.careful or all(map(utf8, v))):
-                return {k: self.value(x, (path, k, "k")) for k, x in v.items()}
+                keys = list(v)
+                out = self._items([(x, (path, k, "k")) for k, x in v.items()])
+                return out if out is _WHOLE else dict(zip(keys, out, strict=True))
             pairs = []
             for k, x in v.items():
-                pairs.append(self.value(k, (path, k, "key")))
-                pairs.append(self.value(x, (path, k, "k")))
-            return Ext(DICT, self.encode(pairs))
+                pairs.append((k, (path, k, "key")))
+                pairs.append((x, (path, k, "k")))
+            out = self._items(pairs)
+            return out if out is _WHOLE else Ext(DICT, self.encode(out))
         if t is tuple:
-            return Ext(TUPLE, self.encode(self._list(v, path)))
+            out = self._list(v, path)
+            return out if out is _WHOLE else Ext(TUPLE, self.encode(out))
         if t is set or t is frozenset:
-            return Ext(SET if t is set else FROZENSET,
-                       self.encode([self.value(x, (path, x, "item")) for x in v]))
+            out = self._items([(x, (path, x, "item")) for x in v])
+            return out if out is _WHOLE else Ext(SET if t is set else FROZENSET,
+                                                 self.encode(out))
         if t is complex:
             return Ext(COMPLEX, _COMPLEX.pack(v.real, v.imag))
         if t is bytearray:
@@ -170,6 +205,7 @@ class Walk:
         except Refused as e:
             raise self.error(v, path, str(e)) from None
         if ext is not None:
+            self.committed += 1
             return ext
         np = sys.modules.get("numpy")
         if np is not None and isinstance(v, np.generic) and not v.dtype.hasobject \
@@ -179,7 +215,10 @@ class Walk:
             for code in (v.dtype.str, v.dtype.char):
                 if np.dtype(code).type is t:
                     return Ext(NPSCALAR, self.encode([code, v.tobytes()]))
-        return self._pickle(v, path)
+        if not self.batch:
+            return self._pickle(v, path)
+        self.pickles += 1
+        return _WHOLE
 
     def _scalar(self, v: Any, t: type) -> Any:
         if t is int and not _INT_MIN <= v < _INT_END:
@@ -188,10 +227,21 @@ class Walk:
             return Ext(STR, v.encode("utf-8", "surrogatepass"))
         return v
 
-    def _list(self, v: list[Any] | tuple[Any, ...], path: Path) -> list[Any]:
+    def _list(self, v: list[Any] | tuple[Any, ...], path: Path) -> Any:
         if not self.careful and SCALARS.issuperset(map(type, v)):
             return v if type(v) is list else list(v)
-        return [self.value(x, (path, i, "i")) for i, x in enumerate(v)]
+        return self._items([(x, (path, i, "i")) for i, x in enumerate(v)])
+
+    def _items(self, children: list[tuple[Any, Path]]) -> Any:
+        """The children of a container ready for msgpack, or ``_WHOLE`` when the whole
+        container is better pickled at once (two or more objects below need pickle, and
+        nothing below became an array or a pickle of its own)."""
+        committed, pickles = self.committed, self.pickles
+        out = [self._value(x, p) for x, p in children]
+        if self.batch and self.committed == committed and self.pickles - pickles >= 2:
+            return _WHOLE
+        return [self._pickle(x, p) if o is _WHOLE else o
+                for o, (x, p) in zip(out, children, strict=True)]
 
     def _pickle(self, v: Any, path: Path) -> Ext:
         if self.pickle_buffer is None:
@@ -199,9 +249,16 @@ class Walk:
                              "(allow_callables=False); send plain data, arrays, tuples, "
                              "sets or numpy scalars, or allow pickle")
         first = self.frames()
+        self.committed += 1
         try:
             blob = cloudpickle.dumps(v, protocol=5, buffer_callback=self.pickle_buffer)
         except CONTAINED as e:
+            if self.batch and type(v) in _CONTAINERS:  # name the very object that failed
+                self.batch = False
+                try:
+                    return self.value(v, path)  # type: ignore[no-any-return]
+                finally:
+                    self.batch = True
             raise self.error(v, path, f"pickling it raised {type(e).__name__}: "
                              f"{_exc_text(e)}") from e
         where = path_text(path)
