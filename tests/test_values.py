@@ -299,6 +299,8 @@ def test_reduce_failing_on_load_either_way(ex: Executor) -> None:
 
 
 def test_system_exit_while_unpickling_is_contained(ex: Executor) -> None:
+    """SystemExit (and, off the main thread, KeyboardInterrupt) raised while a value is
+    unpickled ends that call only: never the worker, the caller or the monitor thread."""
     pids = ex.collective_rpc("pid")
     with pytest.raises(ValueNotCarriedError, match="SystemExit") as info:
         ex.collective_rpc("identity", args=(_ExitOnLoad(),))
@@ -306,7 +308,8 @@ def test_system_exit_while_unpickling_is_contained(ex: Executor) -> None:
     with pytest.raises(ValueNotCarriedError, match="in the driver raised SystemExit"):
         ex.collective_rpc("return_exit_on_load")
     # The same from a future: whoever decodes it (the monitor thread included) survives.
-    futures = [ex.collective_rpc("return_exit_on_load", non_block=True) for _ in range(3)]
+    futures = [ex.collective_rpc(m, non_block=True) for m in
+               ("return_exit_on_load", "return_interrupt_on_load", "return_exit_on_load")]
     for f in futures:
         assert isinstance(f.exception(timeout=30), ValueNotCarriedError)
     assert ex.collective_rpc("identity", args=(4,), non_block=True).result(timeout=30) == [4, 4]
@@ -399,3 +402,17 @@ def test_many_objects_are_pickled_once_and_errors_still_name_the_object(
     with pytest.raises(ValueNotCarriedError) as info:
         enc.encode(Reply(1, 0, {**step, "bad": Point(threading.Lock(), 1)}))
     assert (info.value.path, info.value.type_name) == ("result['bad']", "value_kinds.Point")
+
+
+def test_pickle_refused_with_out_of_band_buffers_is_answered_not_dropped() -> None:
+    """A worker that refuses pickle still accounts for the pickle's buffers, so the call
+    gets the error (a dropped message would leave it waiting)."""
+    from gpuexec.ipc.codec import Decoder, UndecodableValue
+    from gpuexec.ipc.messages import Call, ToWorker
+
+    frames = Encoder(allow_pickle=True).encode(Call(7, "m", None, [Point(np.ones(4096), 1)],
+                                                    {}))
+    assert len(frames) == 2
+    with pytest.raises(UndecodableValue) as info:
+        Decoder(ToWorker, allow_pickle=False).decode(frames)
+    assert info.value.envelope.call_id == 7 and info.value.fault.path == "args[0]"

@@ -131,6 +131,17 @@ class _ExitOnLoad:
         return (sys.exit, (3,))
 
 
+class _InterruptOnLoad:
+    """Unpickling it raises KeyboardInterrupt (not a real Ctrl-C)."""
+
+    def __reduce__(self) -> Any:
+        return (_interrupt, ())
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 class Unprintable(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no str for you")
@@ -178,6 +189,9 @@ class ValueWorker(Worker):
 
     def return_exit_on_load(self) -> Any:
         return _ExitOnLoad()
+
+    def return_interrupt_on_load(self) -> Any:
+        return [_InterruptOnLoad()]
 
     def return_ghost(self, directory: str, name: str) -> Any:
         return ghost(directory, name)

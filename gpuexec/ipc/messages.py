@@ -32,8 +32,9 @@ Worker lifecycle (who moves it):
     =========  =========================  ===============================
 
 Hot messages (``Call``, ``Reply``) are ``array_like`` to keep the msgpack small.
-``args``, ``kwargs`` and ``value`` hold arbitrary data: numpy arrays and CPU tensors
-travel as out-of-band frames (see :mod:`gpuexec.ipc.codec`).
+``args``, ``kwargs`` and ``value`` hold arbitrary data that keeps its type (see
+:mod:`gpuexec.ipc.values`): numpy arrays and CPU tensors travel as out-of-band frames
+(see :mod:`gpuexec.ipc.codec`).
 """
 
 from __future__ import annotations

@@ -36,8 +36,10 @@ counted.
 
 from __future__ import annotations
 
+import signal
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -62,10 +64,19 @@ CODES = frozenset(range(TUPLE, PICKLE + 1))
 SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 _INT_MIN, _INT_END = -(1 << 63), 1 << 64
 _COMPLEX = struct.Struct("<dd")
-# What a failure while pickling or unpickling is contained as; KeyboardInterrupt is not
-# (a Ctrl-C in the driver must still interrupt the caller; workers ignore SIGINT and
-# contain everything one level up).
+# What a failure while pickling or unpickling is contained as. KeyboardInterrupt is
+# contained too (see _contained) unless it can be a real Ctrl-C: the driver's main thread
+# with Python's SIGINT handler, where the caller must still be interrupted.
 CONTAINED = (Exception, SystemExit, GeneratorExit)
+
+
+def _contained(e: BaseException) -> bool:
+    """Whether an exception raised while rebuilding a value ends just that value (True)
+    or must go on (a real Ctrl-C; workers ignore SIGINT, so theirs never is)."""
+    if not isinstance(e, KeyboardInterrupt):
+        return isinstance(e, CONTAINED)
+    return not (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 
 
 _scalars_only = SCALARS.issuperset
@@ -360,12 +371,14 @@ class Rebuild:
         except CONTAINED:
             raise Unrebuilt("a value", "pickle", "malformed pickle payload",
                             "bad_pickle") from None
+        buffers = self.buffers(first, count)  # MalformedMessage: frames not there
         if not self.allow_pickle:
             raise Unrebuilt(path, name, f"it needs pickle, which {self.where} refuses "
                             "(allow_callables=False)", "pickle_refused")
-        buffers = self.buffers(first, count)  # MalformedMessage: frames not there
         try:
             return cloudpickle.loads(blob, buffers=buffers)
-        except CONTAINED as e:
+        except BaseException as e:
+            if not _contained(e):
+                raise
             raise Unrebuilt(path, name, f"unpickling it in {self.where} raised "
                             f"{type(e).__name__}: {_exc_text(e)}", "bad_pickle") from None
