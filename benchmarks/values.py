@@ -6,7 +6,8 @@ into a temporary directory) and this checkout run the same measurements in alter
 child processes (``--rounds`` each; the best p50 of each is kept, which filters out the
 noise of a shared host). Measured per payload:
 
-* ``codec``: encoding a ``Call`` in the driver plus decoding it in a worker, in process;
+* ``codec``: a call's whole codec work, in process: the ``Call`` encoded (driver) and
+  decoded (worker), a ``Reply`` of None encoded (worker) and decoded (driver);
 * ``rpc``: a blocking ``collective_rpc`` round trip to one CPU worker, per transport.
 
 Payloads: a no-op call, small arguments (an int, a short str, a list of 8 ints, a
@@ -55,16 +56,20 @@ def measure(calls: int, warmup: int, transports: list[str]) -> dict[str, Any]:
     import gpuexec
     from gpuexec import Executor
     from gpuexec.ipc.codec import Decoder, Encoder
-    from gpuexec.ipc.messages import Call, ToWorker
+    from gpuexec.ipc.messages import Call, Reply, ToDriver, ToWorker
 
     out: dict[str, Any] = {"gpuexec": str(Path(gpuexec.__file__).parent)}
     enc = Encoder(allow_pickle=True)
     dec: Decoder[Any] = Decoder(ToWorker, allow_pickle=True)
+    reply_enc = Encoder(allow_pickle=True)
+    reply_dec: Decoder[Any] = Decoder(ToDriver, allow_pickle=True)
     payloads = _payloads()
     for name, (args, kwargs) in payloads.items():
         def codec(args: list[Any] = args, kwargs: dict[str, Any] = kwargs) -> None:
+            # A call's whole codec work: the request out and in, a reply (None) back.
             frames = enc.encode(Call(1, "take", None, args, kwargs))
             dec.decode(frames) if len(frames) > 1 else dec.decode_header(frames[0])
+            reply_dec.decode_header(reply_enc.encode(Reply(1, 0, None))[0])
         out[f"codec|{name}"] = time_calls(codec, calls * 5, warmup)
     for transport in transports:
         with Executor(TakeWorker, 1, device="cpu", transport=transport) as ex:

@@ -87,23 +87,25 @@ _WHOLE = object()  # Walk._value: "pickle this whole" (never leaves the walk)
 def plain(v: Any) -> bool:
     """True when msgpack alone carries ``v`` faithfully (up to int range and lone
     surrogates, which the encoder notices by itself): the fast path's whole cost, one
-    type check per item (a list of scalars is checked in C)."""
+    type check per item (a long list of scalars is checked in C)."""
     t = type(v)
     if t is list:
-        if _scalars_only(map(type, v)):
+        if len(v) > 16 and _scalars_only(map(type, v)):
             return True
         for x in v:
             tx = type(x)
-            if tx not in SCALARS and not ((tx is list or tx is dict) and plain(x)):
-                return False
+            if tx in SCALARS or ((tx is list or tx is dict) and plain(x)):
+                continue
+            return False
         return True
     if t is dict:
         for k, x in v.items():
             if type(k) is not str:
                 return False
             tx = type(x)
-            if tx not in SCALARS and not ((tx is list or tx is dict) and plain(x)):
-                return False
+            if tx in SCALARS or ((tx is list or tx is dict) and plain(x)):
+                continue
+            return False
         return True
     return t in SCALARS
 
