@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
@@ -36,7 +35,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from ..errors import ValueNotCarriedError
-from . import shm_payload, values
+from . import arrays, shm_payload, values
 from .messages import Call, Reply
 
 INLINE_LIMIT = 4096
@@ -98,8 +97,6 @@ class MalformedMessage(ValueError):
         super().__init__(message)
         self.reason = reason
 
-
-_MAX_NDIM = 64
 
 
 def _buffer(frame: Frame) -> memoryview:
@@ -237,35 +234,16 @@ class Encoder:
         return False
 
     def _array(self, obj: Any) -> msgspec.msgpack.Ext | None:
-        """The extension for an array or tensor carried as one (None: pickle it)."""
-        np = sys.modules.get("numpy")
-        if np is not None and obj.__class__ is np.ndarray:  # subclasses (masked...) pickle
-            dtype = obj.dtype
-            ok = self._dtypes.get(dtype)
-            if ok is None:
-                ok = self._dtypes[dtype] = not dtype.hasobject and dtype.fields is None \
-                    and dtype.itemsize > 0 and np.dtype(dtype.str) == dtype
-            if not ok:
-                return None
-            # Not ascontiguousarray: it turns a 0-d array into a 1-d one.
-            arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
-            raw = arr.reshape(-1).view(np.uint8)
-            return self._array_ext(_EXT_NDARRAY, _EXT_NDARRAY_INLINE, dtype.str,
-                                   arr.shape, raw, _EXT_NDARRAY_SHM)
-        torch = sys.modules.get("torch")
-        if torch is not None and obj.__class__ is torch.Tensor:  # nn.Parameter pickles
-            if obj.layout != torch.strided or obj.is_quantized or obj.requires_grad:
-                return None  # pickle keeps what the raw bytes would lose
-            if obj.device.type != "cpu":
-                raise values.Refused(
-                    f"a tensor on {obj.device} cannot be sent: move it to the CPU first "
-                    "(tensor.cpu()), or share it through CUDA IPC")
-            t = obj.resolve_conj().resolve_neg().contiguous()
-            raw = t.reshape(-1).view(torch.uint8).numpy()
-            name = str(t.dtype).removeprefix("torch.")
-            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, name, tuple(t.shape), raw,
+        """The extension for an array or tensor carried as raw bytes (None: not one)."""
+        found = arrays.raw_array(obj, self._dtypes)
+        if found is None:
+            return None
+        tensor, dtype, shape, raw = found
+        if tensor:
+            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, dtype, shape, raw,
                                    _EXT_TENSOR_SHM)
-        return None
+        return self._array_ext(_EXT_NDARRAY, _EXT_NDARRAY_INLINE, dtype, shape, raw,
+                               _EXT_NDARRAY_SHM)
 
     def _array_ext(self, code: int, inline_code: int, dtype: str, shape: Sequence[int],
                    raw: Any, shm_code: int) -> msgspec.msgpack.Ext:
@@ -394,7 +372,7 @@ class Decoder(Generic[T]):
             except (OSError, ValueError) as e:
                 raise values.Unrebuilt("an array", dtype, f"{self.where} cannot map its "
                                        f"shared-memory payload: {e}") from None
-            return _array(dtype, shape, buf, code == _EXT_TENSOR_SHM)
+            return arrays.build(dtype, shape, buf, code == _EXT_TENSOR_SHM)
         if code not in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE, _EXT_TENSOR, _EXT_TENSOR_INLINE):
             raise MalformedMessage(f"unknown extension type {code}", "unknown_type")
         dtype, shape, where = self._meta.decode(data)
@@ -409,44 +387,13 @@ class Decoder(Generic[T]):
         else:
             self._check_size(dtype, shape, len(where), code == _EXT_TENSOR_INLINE)
             buf = bytearray(where)  # inline: own a writable copy
-        return _array(dtype, shape, buf, code in (_EXT_TENSOR, _EXT_TENSOR_INLINE))
+        return arrays.build(dtype, shape, buf, code in (_EXT_TENSOR, _EXT_TENSOR_INLINE))
 
     def _check_size(self, dtype: str, shape: list[int], nbytes: int, tensor: bool) -> None:
-        """The buffer must hold exactly ``prod(shape)`` items of ``dtype`` (checked before
-        anything is allocated or viewed, so a huge declared shape costs nothing). A
-        tensor where torch is missing, or a dtype this process does not know, is a value
-        it cannot rebuild (the call gets the error); a size that does not add up is a
-        broken message (dropped)."""
-        if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
-            raise MalformedMessage(f"bad array shape {shape[:8]}", "bad_buffer")
-        if tensor:
-            try:
-                import torch
-            except ImportError:
-                raise values.Unrebuilt("a tensor", f"torch.{dtype}",
-                                       f"torch is not installed in {self.where}") from None
-            tdtype = getattr(torch, dtype, None)
-            if not isinstance(tdtype, torch.dtype):
-                raise values.Unrebuilt("a tensor", "torch.Tensor",
-                                       f"{self.where} has no torch dtype {dtype!r}")
-            itemsize = tdtype.itemsize
-        else:
-            import numpy as np
-
-            try:
-                npdtype = np.dtype(dtype)
-            except Exception:
-                raise values.Unrebuilt("an array", "numpy.ndarray",
-                                       f"{self.where} has no numpy dtype {dtype!r}") from None
-            if npdtype.hasobject or npdtype.fields is not None or npdtype.itemsize == 0:
-                raise MalformedMessage(f"refused numpy dtype {dtype!r}", "bad_buffer")
-            itemsize = npdtype.itemsize
-        count = 1
-        for d in shape:
-            count *= d
-        if count * itemsize != nbytes:
-            raise MalformedMessage(f"array of {shape[:8]} x {dtype} declared over a buffer "
-                                   f"of {nbytes} bytes", "bad_buffer")
+        try:
+            arrays.check_size(dtype, shape, nbytes, tensor, self.where)
+        except arrays.BadBuffer as e:
+            raise MalformedMessage(str(e), "bad_buffer") from None
 
 
 def _malformed(e: Exception) -> MalformedMessage:
@@ -458,19 +405,3 @@ def _malformed(e: Exception) -> MalformedMessage:
     else:  # raised by numpy or torch while building an array
         reason = "bad_buffer"
     return MalformedMessage(f"{type(e).__name__}: {e}", reason)
-
-
-def _array(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
-    """A numpy array or CPU tensor over ``buf``, without copying it."""
-    if not tensor:
-        import numpy as np
-
-        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
-    import torch
-
-    tdtype = getattr(torch, dtype, None)
-    if not isinstance(tdtype, torch.dtype):
-        raise MalformedMessage(f"unknown torch dtype {dtype!r}", "bad_buffer")
-    if len(buf) == 0:
-        return torch.empty(shape, dtype=tdtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
