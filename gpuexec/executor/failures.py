@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..errors import GpuexecError, RemoteError, ValueNotCarriedError
 from ..ipc.codec import UndecodableValue
-from ..ipc.messages import Failure, Reply, ValueFault
+from ..ipc.messages import Failure, Reply
 
 
 def call_error(rank: int, failure: Failure, method: str, others: int) -> GpuexecError:
@@ -33,7 +33,4 @@ def undecodable_reply(e: UndecodableValue) -> Reply | None:
     reply = e.envelope
     if not isinstance(reply, Reply):
         return None
-    f = e.fault
-    return Reply(reply.call_id, reply.rank, None, Failure.make(
-        ValueNotCarriedError.__qualname__, str(f), "",
-        ValueFault(f.path, f.type_name, f.reason)))
+    return Reply(reply.call_id, reply.rank, None, e.failure())

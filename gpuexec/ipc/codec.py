@@ -36,7 +36,7 @@ import msgspec
 
 from ..errors import ValueNotCarriedError
 from . import arrays, shm_payload, values
-from .messages import Call, Reply
+from .messages import Call, Failure, Reply, ValueFault
 
 INLINE_LIMIT = 4096
 
@@ -116,6 +116,12 @@ class UndecodableValue(MalformedMessage):
         super().__init__(str(fault), fault.drop_reason)
         self.envelope = envelope
         self.fault = fault
+
+    def failure(self) -> Failure:
+        """The answer to the call in ``envelope``: rebuilding a value of it failed."""
+        f = self.fault
+        return Failure.make("gpuexec.errors.ValueNotCarriedError", str(f), "",
+                            ValueFault(f.path, f.type_name, f.reason))
 
 
 _UNREBUILT = object()  # stands for a value that could not be rebuilt (never escapes)
@@ -300,7 +306,9 @@ class Decoder(Generic[T]):
         self._used = set()
         header = frames[0]
         try:
-            msg = self._decode(header if header.__class__ is bytes else _buffer(header))
+            msg = self._dec.decode(header if header.__class__ is bytes else _buffer(header))
+        except Exception as e:
+            raise self._failed(e) from None
         finally:
             self._frames = ()
         if len(self._used) != len(frames) - 1:
@@ -313,20 +321,19 @@ class Decoder(Generic[T]):
 
     def decode_header(self, header: Any) -> T:
         """Decode a message that came as a single frame (no out-of-band buffers)."""
-        msg = self._decode(header)
+        try:
+            msg = self._dec.decode(header)
+        except Exception as e:
+            raise self._failed(e) from None
         if self._faults:
             raise self._undecodable(msg)
         return msg
 
-    def _decode(self, header: Any) -> T:
-        try:
-            return self._dec.decode(header)
-        except MalformedMessage:
-            self._faults.clear()
-            raise
-        except Exception as e:  # msgspec errors, bad dtypes, bad indices
-            self._faults.clear()
-            raise _malformed(e) from None
+    def _failed(self, e: Exception) -> MalformedMessage:
+        """What a failed decode raises: the ``MalformedMessage`` raised inside, or one for
+        msgspec's error (bad msgpack, a type the union does not accept)."""
+        self._faults.clear()
+        return e if isinstance(e, MalformedMessage) else _malformed(e)
 
     def _undecodable(self, msg: Any) -> UndecodableValue:
         fault = self._faults[0]

@@ -241,10 +241,8 @@ class _Server:
                     self._reply(Pong(call_id, self.rank, dict(self.dropped_by_reason)), "ping")
                 case Shutdown():
                     return
-                case UndecodableValue(envelope=Call() as call, fault=f):
-                    self._reply(Reply(call.call_id, self.rank, error=Failure.make(
-                        ValueNotCarriedError.__qualname__, str(f), "",
-                        ValueFault(f.path, f.type_name, f.reason))), call.method)
+                case UndecodableValue(envelope=Call() as call) as e:
+                    self._reply(Reply(call.call_id, self.rank, error=e.failure()), call.method)
                 case UndecodableValue() as e:  # pragma: no cover - only calls carry values
                     self._drop(e)
 
