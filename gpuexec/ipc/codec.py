@@ -90,7 +90,10 @@ class MalformedMessage(ValueError):
     tag or fields the receiver does not accept), ``"bad_buffer"`` (an array whose
     frame is missing or whose size does not match its dtype and shape),
     ``"extra_frames"`` (frames no array refers to), ``"pickle_refused"`` (a pickle or
-    shared-memory payload on a channel that does not allow it), ``"bad_pickle"``.
+    shared-memory payload on a channel that does not allow it), ``"bad_pickle"`` (a
+    pickle that does not load), ``"bad_value"`` (another value not rebuilt). The last
+    three (but a shared-memory payload) come as :class:`UndecodableValue`, which the
+    receivers answer instead of dropping.
     """
 
     def __init__(self, message: str, reason: str = "undecodable") -> None:

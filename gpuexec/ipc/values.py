@@ -57,7 +57,7 @@ COMPLEX = 14
 BIGINT = 15       # an int outside msgpack's range: little-endian two's complement
 BYTEARRAY = 16
 STR = 17          # a str with lone surrogates: UTF-8 with surrogatepass
-NPSCALAR = 18     # [dtype.str, raw bytes]
+NPSCALAR = 18     # [dtype.str or dtype.char (whichever names its type), raw bytes]
 PICKLE = 19       # [type name, path, first out-of-band frame, count, cloudpickle bytes]
 CODES = frozenset(range(TUPLE, PICKLE + 1))
 
