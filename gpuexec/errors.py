@@ -31,6 +31,7 @@ __all__ = [
     "RemoteError",
     "RpcTimeoutError",
     "StartMethodError",
+    "ValueNotCarriedError",
     "WorkerDiedError",
     "WorkerStartupError",
 ]
@@ -223,6 +224,48 @@ class CallRefusedError(GpuexecError, PermissionError):
     ``allow_callables=False``: pass the name of a method of the worker class instead
     (or build the executor with ``allow_callables=True``, the default).
     """
+
+
+class ValueNotCarriedError(GpuexecError, TypeError):
+    """A value of a call cannot arrive with the same type and an equal value, so the call
+    fails instead of delivering something else.
+
+    gpuexec never converts a value silently (a dataclass into a dict, a tuple into a list,
+    an enum into its value): a value arrives as it was sent, or the call fails with this
+    error. Attributes:
+
+    * ``path``: where the value sat, as Python would index it: ``args[0]['k'][2]``,
+      ``kwargs['batch']``, ``result[1]`` (a worker's return value);
+    * ``type_name``: the value's type (qualified name);
+    * ``reason``: why, in words (needs pickle and the executor refuses pickle, pickling
+      it raised, unpickling it on the other side raised: a class missing there...);
+    * ``rank``: None when this process refused the value before sending anything (an
+      argument of the call); otherwise the worker involved: it could not rebuild the
+      arguments, could not send its result, or its result could not be rebuilt here.
+      A worker stays usable either way.
+    * ``remote_traceback``: the worker's traceback text when the failure happened there
+      (also chained as ``__cause__``), else "".
+    """
+
+    def __init__(self, path: str, type_name: str, reason: str, rank: int | None = None,
+                 method: str = "", remote_traceback: str = "") -> None:
+        self.path = path
+        self.type_name = type_name
+        self.reason = reason
+        self.rank = rank
+        self.method = method
+        self.remote_traceback = remote_traceback
+        where = f" of {method!r}" if method else ""
+        who = "" if rank is None else f"worker rank {rank}: "
+        super().__init__(f"{who}{path}{where} ({type_name}) cannot be carried faithfully: "
+                         f"{reason}")
+        if remote_traceback:
+            self.__cause__ = _RemoteTraceback(remote_traceback)
+
+    def __reduce__(self) -> tuple[type[ValueNotCarriedError],
+                                  tuple[str, str, str, int | None, str, str]]:
+        return (type(self), (self.path, self.type_name, self.reason, self.rank, self.method,
+                             self.remote_traceback))
 
 
 class ExecutorClosedError(GpuexecError):

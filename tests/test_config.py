@@ -73,7 +73,7 @@ def test_string_worker_class_and_default_worker(monkeypatch: pytest.MonkeyPatch)
         assert ex.collective_rpc("whoami", unique_reply_rank=1)["tag"] == "s"
     with Executor() as ex:  # defaults: base Worker, one CPU worker without GPUs
         assert ex.world_size == 1
-        assert ex.collective_rpc(lambda w: (w.rank, w.device)) == [[0, "cpu"]]
+        assert ex.collective_rpc(lambda w: (w.rank, w.device)) == [(0, "cpu")]
 
 
 def test_class_defined_locally_travels_by_value() -> None:

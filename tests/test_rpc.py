@@ -11,6 +11,7 @@ from conftest import START_METHODS, wait_gone
 from workers import EchoWorker
 
 from gpuexec import Executor, RemoteError, RpcTimeoutError
+from gpuexec.errors import ValueNotCarriedError
 
 CASES = [(m, n, "zmq") for m in START_METHODS for n in (1, 2, 4)] + \
     [(m, n, "shm") for m in ("zygote", "fork") for n in (1, 2, 4)]
@@ -118,10 +119,12 @@ def test_unknown_method_names_it(ex: Executor) -> None:
         ex.collective_rpc("__class__")
 
 
-def test_unsendable_result_is_a_remote_error(ex: Executor) -> None:
-    with pytest.raises(RemoteError, match="cannot be sent back") as info:
+def test_unsendable_result_is_a_typed_error_naming_the_rank(ex: Executor) -> None:
+    with pytest.raises(ValueNotCarriedError, match="refuses to be pickled") as info:
         ex.collective_rpc("unsendable")
-    assert info.value.type_name == "TypeError"
+    assert (info.value.rank, info.value.path) == (0, "result")
+    assert info.value.type_name == "workers._Unpicklable"
+    assert "refuses to be pickled" in info.value.remote_traceback
     assert ex.collective_rpc("noop") == [None] * ex.world_size
 
 

@@ -99,7 +99,6 @@ from ..errors import (
     ExecutorClosedError,
     InflightLimitError,
     InvalidArgumentError,
-    RemoteError,
     RpcTimeoutError,
     WorkerDiedError,
 )
@@ -108,6 +107,7 @@ from ..ipc.codec import (
     Decoder,
     Encoder,
     MalformedMessage,
+    UndecodableValue,
     recv_frames,
     recv_rest,
     send_frames,
@@ -125,6 +125,7 @@ from ..ipc.messages import (
 )
 from ..ipc.shm_ring import RingReader, RingTimeout
 from ..ipc.zap import ZapHandler
+from .failures import call_error, undecodable_reply
 from .launcher import WorkerHandle
 from .processes import UNKNOWN_EXIT
 from .shm_path import ShmDriverPath
@@ -226,7 +227,7 @@ class DriverChannel:
         self._max_message_size = max_message_size  # -1: no limit
         self._shm = shm  # the shared-memory path; None: ZeroMQ only
         self._shm_decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True,
-                                                       copy_buffers=True)
+                                                       copy_buffers=True, where="the driver")
         self._req = req
         self._rep = rep
         self._handles = handles
@@ -236,7 +237,8 @@ class DriverChannel:
         # refused at encode time, before anything is sent.
         self._encoder = Encoder(allow_pickle=allow_pickle,
                                 shm_payloads=shm is not None and shm_payload.available())
-        self._decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True)
+        self._decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True,
+                                                   where="the driver")
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -674,6 +676,12 @@ class DriverChannel:
                 raise MalformedMessage("empty frame", "empty")
             return decoder.decode(frames) if len(frames) > 1 else \
                 decoder.decode_header(header)
+        except UndecodableValue as e:  # its call ends with the error (see .failures)
+            reply = undecodable_reply(e)
+            if reply is not None:
+                return reply
+            self.stats.count(e.reason)
+            return None
         except MalformedMessage as e:
             if self.stats.count(e.reason) == 1:
                 log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
@@ -718,10 +726,8 @@ class DriverChannel:
                 return
             if error is None and call.failures:
                 rank = min(call.failures)
-                f = call.failures[rank]
-                others = len(call.failures) - 1
-                message = f.message + (f" (and {others} more rank(s) failed)" if others else "")
-                error = RemoteError(rank, f.type_name, message, f.traceback, call.method)
+                error = call_error(rank, call.failures[rank], call.method,
+                                   len(call.failures) - 1)
             if error is not None:
                 call.error = error
             elif call.unique_reply_rank is not None:

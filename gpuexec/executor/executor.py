@@ -612,7 +612,12 @@ class Executor:
         a :class:`concurrent.futures.Future` of the same. Do not modify array arguments
         of a ``non_block`` call before its future is done: they are sent without a copy.
 
-        Raises :class:`~gpuexec.errors.RemoteError` when the method raised in a worker
+        Values keep their type both ways (tuples stay tuples, dataclasses stay
+        dataclasses: :mod:`gpuexec.ipc.values`). Raises
+        :class:`~gpuexec.errors.ValueNotCarriedError` when a value cannot travel
+        faithfully (before sending for an argument; naming the rank when a worker could
+        not rebuild the arguments or send its result, or its result cannot be rebuilt
+        here), :class:`~gpuexec.errors.RemoteError` when the method raised in a worker
         (the lowest failing rank; the workers stay usable), ``RpcTimeoutError`` when
         ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
         died, ``ExecutorClosedError`` after shutdown.

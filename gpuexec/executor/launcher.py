@@ -167,9 +167,9 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                             h.ready, h.device, h.report = True, msg.device, msg.report
                             waiting -= 1
                     case StartupFailed():
+                        type_name, message, tb = msg.error.texts()
                         raise WorkerStartupError(
-                            h.rank, f"{msg.error.type_name} in {msg.stage}: {msg.error.message}",
-                            msg.error.traceback)
+                            h.rank, f"{type_name} in {msg.stage}: {message}", tb)
             else:
                 h = by_sentinel[sock]
                 h.reap(timeout=1.0)

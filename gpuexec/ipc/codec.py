@@ -7,16 +7,19 @@ their own zmq frame, sent without copying (``copy=False``) and received as a
 writable view of the zmq message (``np.frombuffer`` / ``torch.frombuffer``). Arrays
 smaller than ``INLINE_LIMIT`` bytes are copied inline: a frame costs more than that.
 
-Non-contiguous arrays are made contiguous (values, dtype and shape arrive intact,
-strides become C order). Anything msgpack cannot represent natively (numpy scalars,
-user classes, sets...) is cloudpickled *only* when the codec was built with
-``allow_pickle=True``, which gpuexec does solely for its private channel to
-processes it started (a 0700 ipc directory). msgpack has one array type: tuples
-arrive as lists.
+Non-contiguous arrays are made contiguous (values, dtype and shape arrive intact, 0-d
+arrays included; strides become C order). Every other value keeps its type too: the
+rule and the table of what travels how are in :mod:`gpuexec.ipc.values` (tuples are
+tuples; anything msgpack would convert takes an extension type of its own, or cloudpickle
+*only* when the codec was built with ``allow_pickle=True``, which gpuexec does solely for
+its private channel to processes it started; elsewhere it is refused, never converted).
 
 Decoders are typed (one closed union per socket) and build nothing but the declared
-message types: a frame that does not decode raises :class:`MalformedMessage`, which
-receivers count (by its ``reason``) and drop. Every out-of-band buffer is checked
+message types: a frame set whose structure does not decode raises
+:class:`MalformedMessage`, which receivers count (by its ``reason``) and drop; one whose
+envelope decodes but a value does not (a class missing here, a failing unpickle) raises
+:class:`UndecodableValue` with the envelope, and the receiver ends that call with a typed
+error instead. Every out-of-band buffer is checked
 against its declared dtype and shape (the byte counts must match exactly, so a huge
 declared shape allocates nothing), and a message must use every frame it came with.
 """
@@ -24,22 +27,22 @@ declared shape allocates nothing), and a message must use every frame it came wi
 from __future__ import annotations
 
 import os
-import sys
+import pickle
 import threading
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
-import cloudpickle
 import msgspec
 
-from ..optional import require_torch
-from . import shm_payload
+from ..errors import ValueNotCarriedError
+from . import arrays, shm_payload, values
+from .messages import Call, Failure, Reply, ValueFault
 
 INLINE_LIMIT = 4096
 
 _EXT_NDARRAY = 1   # payload: [dtype.str, shape, frame index]     (out of band)
 _EXT_TENSOR = 2    # payload: [torch dtype name, shape, frame index]
-_EXT_PICKLE = 3    # payload: cloudpickle bytes (private channel only)
+# 3: the old pickle payload; values.PICKLE (19) and the other value codes are in .values
 _EXT_NDARRAY_INLINE = 4  # payload: [dtype.str, shape, raw bytes]
 _EXT_TENSOR_INLINE = 5
 _EXT_NDARRAY_SHM = 6  # payload: [dtype.str, shape, driver pid, fd, nbytes] (shm_payload)
@@ -87,7 +90,10 @@ class MalformedMessage(ValueError):
     tag or fields the receiver does not accept), ``"bad_buffer"`` (an array whose
     frame is missing or whose size does not match its dtype and shape),
     ``"extra_frames"`` (frames no array refers to), ``"pickle_refused"`` (a pickle or
-    shared-memory payload on a channel that does not allow it), ``"bad_pickle"``.
+    shared-memory payload on a channel that does not allow it), ``"bad_pickle"`` (a
+    pickle that does not load), ``"bad_value"`` (another value not rebuilt). The last
+    three (but a shared-memory payload) come as :class:`UndecodableValue`, which the
+    receivers answer instead of dropping.
     """
 
     def __init__(self, message: str, reason: str = "undecodable") -> None:
@@ -95,16 +101,46 @@ class MalformedMessage(ValueError):
         self.reason = reason
 
 
-_MAX_NDIM = 64
-
 
 def _buffer(frame: Frame) -> memoryview:
     buf = getattr(frame, "buffer", None)  # zmq.Frame
     return buf if buf is not None else memoryview(frame)
 
 
+class UndecodableValue(MalformedMessage):
+    """The message decoded, but a value in it could not be rebuilt here (see
+    :mod:`gpuexec.ipc.values`): its class is missing, unpickling raised, pickle is
+    refused, torch is not installed... ``envelope`` is the message (that value replaced
+    by a placeholder), so the receiver can end that call with a typed error instead of
+    dropping it; ``fault`` says where the value sat and why. ``reason`` is the drop
+    counters' (``pickle_refused``, ``bad_pickle``, ``bad_value``)."""
+
+    def __init__(self, envelope: Any, fault: values.Unrebuilt) -> None:
+        super().__init__(str(fault), fault.drop_reason)
+        self.envelope = envelope
+        self.fault = fault
+
+    def failure(self) -> Failure:
+        """The answer to the call in ``envelope``: rebuilding a value of it failed."""
+        f = self.fault
+        return Failure.make("gpuexec.errors.ValueNotCarriedError", str(f), "",
+                            ValueFault(f.path, f.type_name, f.reason))
+
+
+_UNREBUILT = object()  # stands for a value that could not be rebuilt (never escapes)
+_SCALARS = values.SCALARS
+plain = values.plain
+
+
 class Encoder:
-    """Encodes messages into frames. Thread-safe (one lock around the shared state)."""
+    """Encodes messages into frames. Thread-safe (one lock around the shared state).
+
+    The values of a message (``Call.args`` / ``kwargs``, ``Reply.value``) keep their
+    type (:mod:`gpuexec.ipc.values`): plain msgpack data is encoded as it is after one
+    type check per item (the hot path: no lock, no hook, no copy); anything else is
+    walked into extension types first. A value that cannot travel faithfully raises
+    :class:`~gpuexec.errors.ValueNotCarriedError` naming where it sat.
+    """
 
     def __init__(self, *, allow_pickle: bool, shm_payloads: bool = False) -> None:
         self.allow_pickle = allow_pickle
@@ -113,10 +149,10 @@ class Encoder:
         self.shm_payloads = shm_payloads
         self._segments: list[int] = []
         self._meta = msgspec.msgpack.Encoder()
-        self._plain = msgspec.msgpack.Encoder()  # no hook: messages of plain data only
-        self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self._plain = msgspec.msgpack.Encoder()  # no hook: the walk made every value plain
         self._lock = threading.Lock()
         self._frames: list[Frame] = []  # out-of-band frames of the message being encoded
+        self._dtypes: dict[Any, bool] = {}  # numpy dtype -> rebuilt exactly from dtype.str
 
     def encode(self, msg: Any) -> list[Frame]:
         """``[header, *buffers]`` for ``msg`` (an encoder without shared-memory payloads)."""
@@ -126,20 +162,29 @@ class Encoder:
         """``(frames, segment descriptors)``: the caller closes the descriptors once every
         receiver has mapped them (the call is complete).
 
-        Most messages hold plain data only: they are encoded without the hook, the lock or
-        the frame list (the hot path); anything else raises ``TypeError`` there and takes
-        the full path.
+        Most messages hold plain data only (:func:`values.plain`): they are encoded as
+        they are, without the walk, the lock or the frame list (the hot path). msgpack
+        refuses ints beyond 64 bits and lone surrogates by itself; those take the walk.
         """
-        try:
-            return [self._plain.encode(msg)], []
-        except TypeError:
-            pass
+        cls = msg.__class__
+        if cls is Call:
+            args, kwargs = msg.args, msg.kwargs
+            fast = (not args or plain(args)) and (not kwargs or plain(kwargs))
+        elif cls is Reply:
+            fast = msg.value.__class__ in _SCALARS or plain(msg.value)
+        else:
+            fast = True
+        if fast:
+            try:
+                return [self._plain.encode(msg)], []
+            except (OverflowError, UnicodeEncodeError):
+                pass
         with self._lock:
             frames: list[Frame] = [b""]
             self._frames = frames
             self._segments = []
             try:
-                frames[0] = self._enc.encode(msg)
+                frames[0] = self._encode_values(msg)
             except BaseException:
                 for fd in self._segments:
                     os.close(fd)
@@ -149,31 +194,65 @@ class Encoder:
             segments, self._segments = self._segments, []
             return frames, segments
 
-    def _enc_hook(self, obj: Any) -> Any:
-        np = sys.modules.get("numpy")
-        if np is not None and isinstance(obj, np.ndarray) and not obj.dtype.hasobject \
-                and obj.dtype.fields is None:
-            arr = np.ascontiguousarray(obj)
-            raw = arr.reshape(-1).view(np.uint8)
-            return self._array_ext(_EXT_NDARRAY, _EXT_NDARRAY_INLINE, arr.dtype.str,
-                                   arr.shape, raw, _EXT_NDARRAY_SHM)
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor) and obj.layout == torch.strided \
-                and not obj.is_quantized:
-            if obj.device.type != "cpu":
-                raise TypeError(
-                    f"cannot send a tensor on {obj.device}: move it to the CPU first "
-                    "(tensor.cpu()), or share it through CUDA IPC"
-                )
-            t = obj.detach().resolve_conj().resolve_neg().contiguous()
-            raw = t.reshape(-1).view(torch.uint8).numpy()
-            name = str(t.dtype).removeprefix("torch.")
-            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, name, tuple(t.shape), raw,
+    def _encode_values(self, msg: Any) -> bytes:
+        """The header of ``msg`` after walking its values (caller holds the lock): a
+        first pass leaves scalars alone; if msgpack then refuses one (an int beyond 64
+        bits, a lone surrogate), a careful pass checks every scalar."""
+        method = msg.method if msg.__class__ is Call else ""
+        for careful in (False, True):
+            walk = values.Walk(self._plain.encode, self._array,
+                               self._pickle_buffer if self.allow_pickle else None,
+                               lambda: len(self._frames) - 1, careful, method)
+            try:
+                return self._plain.encode(self._walked(msg, walk))
+            except (OverflowError, UnicodeEncodeError) as e:
+                if careful:
+                    raise ValueNotCarriedError("message", type(msg).__qualname__,
+                                               f"msgpack refused it: {e}", method=method) from e
+                for fd in self._segments:
+                    os.close(fd)
+                self._segments = []
+                del self._frames[1:]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _walked(msg: Any, walk: values.Walk) -> Any:
+        if msg.__class__ is Call:
+            kwargs = {}
+            for k, v in msg.kwargs.items():
+                if type(k) is not str or (walk.careful and not values.utf8(k)):
+                    raise walk.error(k, "kwargs", "keyword argument names must be str "
+                                     "(without lone surrogates)")
+                kwargs[k] = walk.value(v, ("kwargs", k, "k"))
+            args = [walk.value(x, ("args", i, "i")) for i, x in enumerate(msg.args)]
+            return msgspec.structs.replace(msg, args=args, kwargs=kwargs)  # both stay typed
+        if msg.__class__ is Reply:
+            return msgspec.structs.replace(msg, value=walk.value(msg.value, "result"))
+        return msg
+
+    def _pickle_buffer(self, buf: pickle.PickleBuffer) -> bool:
+        """Protocol-5 buffer callback: large buffers of pickled values (numpy arrays in a
+        dataclass) travel out of band like arrays do; small ones stay in the pickle."""
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous
+            return True
+        if raw.nbytes < INLINE_LIMIT:
+            return True
+        self._frames.append(raw)
+        return False
+
+    def _array(self, obj: Any) -> msgspec.msgpack.Ext | None:
+        """The extension for an array or tensor carried as raw bytes (None: not one)."""
+        found = arrays.raw_array(obj, self._dtypes)
+        if found is None:
+            return None
+        tensor, dtype, shape, raw = found
+        if tensor:
+            return self._array_ext(_EXT_TENSOR, _EXT_TENSOR_INLINE, dtype, shape, raw,
                                    _EXT_TENSOR_SHM)
-        if not self.allow_pickle:
-            raise TypeError(f"cannot send an object of type {type(obj).__qualname__} "
-                            "on a channel that does not allow pickle")
-        return msgspec.msgpack.Ext(_EXT_PICKLE, cloudpickle.dumps(obj))
+        return self._array_ext(_EXT_NDARRAY, _EXT_NDARRAY_INLINE, dtype, shape, raw,
+                               _EXT_NDARRAY_SHM)
 
     def _array_ext(self, code: int, inline_code: int, dtype: str, shape: Sequence[int],
                    raw: Any, shm_code: int) -> msgspec.msgpack.Ext:
@@ -191,11 +270,17 @@ class Encoder:
 
 
 class Decoder(Generic[T]):
-    """Decodes frames into one message type (a closed union). One thread at a time."""
+    """Decodes frames into one message type (a closed union). One thread at a time.
+
+    A frame set whose structure is broken raises :class:`MalformedMessage` (the receiver
+    drops and counts it); one whose envelope decodes but a value does not raises
+    :class:`UndecodableValue` with the envelope (the receiver answers that call with a
+    typed error). ``where`` names this process in the reasons ("the driver").
+    """
 
     def __init__(self, msg_type: type[T] | Any, *, allow_pickle: bool,
                  copy_buffers: bool = False, allow_shm: bool | None = None,
-                 shm_pid: int = 0) -> None:
+                 shm_pid: int = 0, where: str = "this process") -> None:
         self.allow_pickle = allow_pickle
         # Shared-memory payloads (memory files of the driver): on the private channel
         # only, like pickle, unless set apart (a worker refusing pickle still maps them).
@@ -204,12 +289,18 @@ class Decoder(Generic[T]):
         # True when frames are views of memory that will be reused (a ring slot): arrays
         # are then copied out instead of aliasing it.
         self.copy_buffers = copy_buffers
+        self.where = where
         self._meta = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
         self._shm_meta = msgspec.msgpack.Decoder(tuple[str, list[int], int, int, int])
         self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
             msg_type, ext_hook=self._ext_hook)
+        self._any: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+            ext_hook=self._ext_hook)
+        self._rebuild = values.Rebuild(self._any.decode, self._oob, allow_pickle, where,
+                                       MalformedMessage)
         self._frames: Sequence[Frame] = ()
         self._used: set[int] = set()  # out-of-band frames the message referred to
+        self._faults: list[values.Unrebuilt] = []  # values of this message not rebuilt
 
     def decode(self, frames: Sequence[Frame]) -> T:
         if not frames:
@@ -219,49 +310,79 @@ class Decoder(Generic[T]):
         header = frames[0]
         try:
             msg = self._dec.decode(header if header.__class__ is bytes else _buffer(header))
-        except MalformedMessage:
-            raise
-        except Exception as e:  # msgspec errors, bad dtypes, bad indices, bad pickles
-            raise _malformed(e) from None
+        except Exception as e:
+            raise self._failed(e) from None
         finally:
             self._frames = ()
         if len(self._used) != len(frames) - 1:
+            self._faults.clear()
             raise MalformedMessage(f"{len(frames) - 1 - len(self._used)} frame(s) that no "
                                    "array refers to", "extra_frames")
+        if self._faults:
+            raise self._undecodable(msg)
         return msg
 
     def decode_header(self, header: Any) -> T:
         """Decode a message that came as a single frame (no out-of-band buffers)."""
         try:
-            return self._dec.decode(header)
-        except MalformedMessage:
-            raise
+            msg = self._dec.decode(header)
         except Exception as e:
-            raise _malformed(e) from None
+            raise self._failed(e) from None
+        if self._faults:
+            raise self._undecodable(msg)
+        return msg
+
+    def _failed(self, e: Exception) -> MalformedMessage:
+        """What a failed decode raises: the ``MalformedMessage`` raised inside, or one for
+        msgspec's error (bad msgpack, a type the union does not accept)."""
+        self._faults.clear()
+        return e if isinstance(e, MalformedMessage) else _malformed(e)
+
+    def _undecodable(self, msg: Any) -> UndecodableValue:
+        fault = self._faults[0]
+        self._faults.clear()
+        return UndecodableValue(msg, fault)
+
+    def _oob(self, first: int, count: int) -> list[Any]:
+        """The out-of-band buffers of a pickle (frames ``first`` .. ``first+count-1``)."""
+        if count == 0:
+            return []
+        if first < 0 or count < 0 or first + count > len(self._frames) - 1:
+            raise MalformedMessage("pickle refers to missing frames", "bad_buffer")
+        out = []
+        for i in range(first, first + count):
+            if i in self._used:
+                raise MalformedMessage(f"frame {i} used twice", "bad_buffer")
+            self._used.add(i)
+            buf = _buffer(self._frames[i + 1])
+            out.append(bytearray(buf) if self.copy_buffers else buf)
+        return out
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:
-        if code == _EXT_PICKLE:
-            if not self.allow_pickle:
-                raise MalformedMessage("pickle payload on a channel that does not allow it",
-                                       "pickle_refused")
-            try:
-                return cloudpickle.loads(data)
-            except Exception as e:
-                raise MalformedMessage(f"{type(e).__name__}: {e}", "bad_pickle") from None
+        try:
+            if code in values.CODES:
+                return self._rebuild.ext(code, data)
+            return self._array_ext(code, data)
+        except values.Unrebuilt as e:
+            self._faults.append(e)
+            return _UNREBUILT
+
+    def _array_ext(self, code: int, data: memoryview) -> Any:
         buf: Any
         if code in (_EXT_NDARRAY_SHM, _EXT_TENSOR_SHM):
             if not self.allow_shm:  # the private channel only, like pickle
                 raise MalformedMessage("shared-memory payload on an untrusted channel",
                                        "pickle_refused")
             dtype, shape, pid, fd, nbytes = self._shm_meta.decode(data)
-            _check_size(dtype, shape, nbytes, code == _EXT_TENSOR_SHM)
+            self._check_size(dtype, shape, nbytes, code == _EXT_TENSOR_SHM)
             if self.shm_pid > 0 and pid != self.shm_pid:
                 raise MalformedMessage(f"payload of pid {pid}, not the driver's", "bad_buffer")
             try:
                 buf = shm_payload.map_segment(pid, fd, nbytes)
             except (OSError, ValueError) as e:
-                raise MalformedMessage(f"cannot map payload: {e}", "bad_buffer") from None
-            return _array(dtype, shape, buf, code == _EXT_TENSOR_SHM)
+                raise values.Unrebuilt("an array", dtype, f"{self.where} cannot map its "
+                                       f"shared-memory payload: {e}") from None
+            return arrays.build(dtype, shape, buf, code == _EXT_TENSOR_SHM)
         if code not in (_EXT_NDARRAY, _EXT_NDARRAY_INLINE, _EXT_TENSOR, _EXT_TENSOR_INLINE):
             raise MalformedMessage(f"unknown extension type {code}", "unknown_type")
         dtype, shape, where = self._meta.decode(data)
@@ -270,13 +391,19 @@ class Decoder(Generic[T]):
                 raise MalformedMessage(f"array refers to missing frame {where}", "bad_buffer")
             self._used.add(where)
             buf = _buffer(self._frames[where + 1])
-            _check_size(dtype, shape, buf.nbytes, code == _EXT_TENSOR)
+            self._check_size(dtype, shape, buf.nbytes, code == _EXT_TENSOR)
             if self.copy_buffers:
                 buf = bytearray(buf)
         else:
-            _check_size(dtype, shape, len(where), code == _EXT_TENSOR_INLINE)
+            self._check_size(dtype, shape, len(where), code == _EXT_TENSOR_INLINE)
             buf = bytearray(where)  # inline: own a writable copy
-        return _array(dtype, shape, buf, code in (_EXT_TENSOR, _EXT_TENSOR_INLINE))
+        return arrays.build(dtype, shape, buf, code in (_EXT_TENSOR, _EXT_TENSOR_INLINE))
+
+    def _check_size(self, dtype: str, shape: list[int], nbytes: int, tensor: bool) -> None:
+        try:
+            arrays.check_size(dtype, shape, nbytes, tensor, self.where)
+        except arrays.BadBuffer as e:
+            raise MalformedMessage(str(e), "bad_buffer") from None
 
 
 def _malformed(e: Exception) -> MalformedMessage:
@@ -288,48 +415,3 @@ def _malformed(e: Exception) -> MalformedMessage:
     else:  # raised by numpy or torch while building an array
         reason = "bad_buffer"
     return MalformedMessage(f"{type(e).__name__}: {e}", reason)
-
-
-def _check_size(dtype: str, shape: list[int], nbytes: int, tensor: bool) -> None:
-    """The buffer must hold exactly ``prod(shape)`` items of ``dtype`` (checked before
-    anything is allocated or viewed, so a huge declared shape costs nothing)."""
-    if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
-        raise MalformedMessage(f"bad array shape {shape[:8]}", "bad_buffer")
-    if tensor:
-        torch = require_torch("receiving a torch tensor")
-        tdtype = getattr(torch, dtype, None)
-        if not isinstance(tdtype, torch.dtype):
-            raise MalformedMessage(f"unknown torch dtype {dtype!r}", "bad_buffer")
-        itemsize = tdtype.itemsize
-    else:
-        import numpy as np
-
-        try:
-            npdtype = np.dtype(dtype)
-        except Exception:
-            raise MalformedMessage(f"unknown numpy dtype {dtype!r}", "bad_buffer") from None
-        if npdtype.hasobject or npdtype.fields is not None or npdtype.itemsize == 0:
-            raise MalformedMessage(f"refused numpy dtype {dtype!r}", "bad_buffer")
-        itemsize = npdtype.itemsize
-    count = 1
-    for d in shape:
-        count *= d
-    if count * itemsize != nbytes:
-        raise MalformedMessage(f"array of {shape[:8]} x {dtype} declared over a buffer of "
-                               f"{nbytes} bytes", "bad_buffer")
-
-
-def _array(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
-    """A numpy array or CPU tensor over ``buf``, without copying it."""
-    if not tensor:
-        import numpy as np
-
-        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
-    torch = require_torch("receiving a torch tensor")
-
-    tdtype = getattr(torch, dtype, None)
-    if not isinstance(tdtype, torch.dtype):
-        raise MalformedMessage(f"unknown torch dtype {dtype!r}", "bad_buffer")
-    if len(buf) == 0:
-        return torch.empty(shape, dtype=tdtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)

@@ -32,8 +32,9 @@ Worker lifecycle (who moves it):
     =========  =========================  ===============================
 
 Hot messages (``Call``, ``Reply``) are ``array_like`` to keep the msgpack small.
-``args``, ``kwargs`` and ``value`` hold arbitrary data: numpy arrays and CPU tensors
-travel as out-of-band frames (see :mod:`gpuexec.ipc.codec`).
+``args``, ``kwargs`` and ``value`` hold arbitrary data that keeps its type (see
+:mod:`gpuexec.ipc.values`): numpy arrays and CPU tensors travel as out-of-band frames
+(see :mod:`gpuexec.ipc.codec`).
 """
 
 from __future__ import annotations
@@ -101,12 +102,60 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_message_size: int = -1       # bytes per frame, received and sent; -1: no limit
 
 
+class ValueFault(msgspec.Struct, frozen=True, array_like=True):
+    """A value that could not travel faithfully (see :mod:`gpuexec.ipc.values`): where it
+    sat (``args[0]['k']``, ``result``), its type and why."""
+
+    path: str
+    type_name: str
+    reason: str
+
+
 class Failure(msgspec.Struct, frozen=True, array_like=True):
-    """An exception raised in a worker, reduced to what crosses a process boundary."""
+    """An exception raised in a worker, reduced to what crosses a process boundary.
+
+    ``value`` is set when it was not the method that failed but a value of the call: the
+    worker could not rebuild the arguments or send the result (the driver raises
+    :class:`~gpuexec.errors.ValueNotCarriedError` instead of ``RemoteError``). Build one
+    with :meth:`make` and read it with :meth:`texts`: ``str()`` of an exception may hold
+    lone surrogates, which msgpack strings cannot; such texts travel as their UTF-8
+    (``surrogatepass``) bytes read as latin-1, flagged by ``surrogates``, and come back
+    as the very same strings.
+    """
 
     type_name: str
     message: str
     traceback: str
+    value: ValueFault | None = None
+    surrogates: bool = False
+
+    @classmethod
+    def make(cls, type_name: str, message: str, traceback: str,
+             value: ValueFault | None = None) -> Failure:
+        try:
+            (type_name + message + traceback).encode()
+            return cls(type_name, message, traceback, value)
+        except UnicodeEncodeError:
+            return cls(_to_latin1(type_name), _to_latin1(message), _to_latin1(traceback),
+                       value, True)
+
+    def texts(self) -> tuple[str, str, str]:
+        """``(type_name, message, traceback)`` exactly as the worker had them."""
+        if not self.surrogates:
+            return self.type_name, self.message, self.traceback
+        return (_from_latin1(self.type_name), _from_latin1(self.message),
+                _from_latin1(self.traceback))
+
+
+def _to_latin1(s: str) -> str:
+    return s.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+def _from_latin1(s: str) -> str:
+    try:
+        return s.encode("latin-1").decode("utf-8", "surrogatepass")
+    except UnicodeError:  # not what make() wrote: show it as it came
+        return s
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):

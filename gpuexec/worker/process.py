@@ -32,8 +32,16 @@ import cloudpickle
 import msgspec
 import zmq
 
+from ..errors import ValueNotCarriedError
 from ..ipc import futex, packets
-from ..ipc.codec import Decoder, Encoder, MalformedMessage, recv_rest, send_frames
+from ..ipc.codec import (
+    Decoder,
+    Encoder,
+    MalformedMessage,
+    UndecodableValue,
+    recv_rest,
+    send_frames,
+)
 from ..ipc.curve import secure_client
 from ..ipc.forecast import ArrivalForecast
 from ..ipc.messages import (
@@ -49,6 +57,7 @@ from ..ipc.messages import (
     Shutdown,
     StartupFailed,
     ToWorker,
+    ValueFault,
     WorkerSpec,
     rank_topic,
 )
@@ -68,10 +77,23 @@ _FN_CACHE_SIZE = 64
 _ALL = ALL_TOPIC[0]
 
 
-def failure_from(exc: BaseException) -> Failure:
+def failure_from(exc: BaseException, value: ValueFault | None = None) -> Failure:
+    """``exc`` as it crosses to the driver. Never raises: an exception whose ``__str__``
+    raises is reported as such (the worker lives on), and texts with lone surrogates
+    arrive unchanged (see :meth:`Failure.make`)."""
     t = type(exc)
     name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    return Failure(name, str(exc), "".join(traceback.format_exception(exc)))
+    try:
+        message = str(exc)
+        if type(message) is not str:  # a __str__ returning a str subclass
+            message = str.__str__(message)
+    except BaseException as e:
+        message = f"<str() of the {name} raised {type(e).__qualname__}>"
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException as e:
+        tb = f"<the traceback could not be formatted: {type(e).__qualname__}>"
+    return Failure.make(name, message, tb, value)
 
 
 def _setup_process(spec: WorkerSpec) -> None:
@@ -152,11 +174,13 @@ class _Server:
         self.allow_callables = spec.allow_callables
         self.max_message_size = spec.max_message_size
         self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=spec.allow_callables,
-                                                  allow_shm=True, shm_pid=spec.driver_pid)
+                                                  allow_shm=True, shm_pid=spec.driver_pid,
+                                                  where="the worker")
         self.shm_decoder: Decoder[ToWorker] = Decoder(ToWorker,
                                                       allow_pickle=spec.allow_callables,
                                                       copy_buffers=True, allow_shm=True,
-                                                      shm_pid=spec.driver_pid)
+                                                      shm_pid=spec.driver_pid,
+                                                      where="the worker")
         self.dropped = 0
         self.dropped_by_reason: dict[str, int] = {}  # sent to the driver with each Pong
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
@@ -168,7 +192,9 @@ class _Server:
         if self.dropped == 1:
             log.warning("dropped a malformed request (%s); counting further ones", e)
 
-    def _next_zmq(self) -> ToWorker | None:
+    def _next_zmq(self) -> ToWorker | UndecodableValue | None:
+        """The next request; an :class:`UndecodableValue` for a call whose arguments this
+        worker cannot rebuild (answered with the error), None for a dropped frame set."""
         sub = self.sub
         first = sub.recv(copy=False)
         header = first.bytes or b"\x00"  # an empty frame is nothing a driver sends
@@ -179,11 +205,13 @@ class _Server:
                 frames[0] = body
                 return self.decoder.decode(frames)
             return self.decoder.decode_header(body)
+        except UndecodableValue as e:
+            return e
         except MalformedMessage as e:
             self._drop(e)
             return None
 
-    def _next_shm(self, shm: _ShmWorkerPath) -> ToWorker | None:
+    def _next_shm(self, shm: _ShmWorkerPath) -> ToWorker | UndecodableValue | None:
         view = shm.request.read()
         if view is None:  # pragma: no cover - no timeout was given
             return None
@@ -196,6 +224,8 @@ class _Server:
             if len(frames) > 1:
                 return self.shm_decoder.decode(frames)
             return self.shm_decoder.decode_header(frames[0])
+        except UndecodableValue as e:
+            return e
         except (MalformedMessage, ValueError, struct.error) as e:
             self._drop(e)
             return None
@@ -216,6 +246,10 @@ class _Server:
                     self._reply(Pong(call_id, self.rank, dict(self.dropped_by_reason)), "ping")
                 case Shutdown():
                     return
+                case UndecodableValue(envelope=Call() as call) as e:
+                    self._reply(Reply(call.call_id, self.rank, error=e.failure()), call.method)
+                case UndecodableValue() as e:  # pragma: no cover - only calls carry values
+                    self._drop(e)
 
     def _function(self, blob: bytes) -> Callable[..., Any]:
         fn = self._fns.get(blob)
@@ -243,7 +277,7 @@ class _Server:
                 value = self._function(call.fn)(self.worker, *call.args, **call.kwargs)
             else:
                 value = self._method(call.method)(*call.args, **call.kwargs)
-        except Exception as e:
+        except BaseException as e:  # SystemExit too: the worker lives on
             return Reply(call.call_id, self.rank, error=failure_from(e))
         keep = call.value_rank < 0 or call.value_rank == self.rank
         return Reply(call.call_id, self.rank, value if keep else None)
@@ -252,9 +286,14 @@ class _Server:
         try:
             frames = self.encoder.encode(reply)
             _check_sizes(frames, self.max_message_size)
-        except Exception as e:  # the return value cannot be sent
-            err = TypeError(f"the result of {method!r} cannot be sent back: {e}")
-            frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure_from(err)))
+        except BaseException as e:
+            if isinstance(e, ValueNotCarriedError):
+                failure = failure_from(e, ValueFault(e.path, e.type_name,
+                                                     f"{e.reason} (in the worker)"))
+            else:
+                failure = failure_from(TypeError(
+                    f"the result of {method!r} cannot be sent back: {e!r}"))
+            frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure))
         shm = self.shm
         if shm is None:
             send_frames(self.push, frames)

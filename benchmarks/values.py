@@ -1,0 +1,158 @@
+"""What keeping every value's type costs: the codec and ``collective_rpc`` before and
+after, measured in the same run.
+
+A/B: the previous release's code (``--baseline-ref``, default ``main``, exported from git
+into a temporary directory) and this checkout run the same measurements in alternating
+child processes (``--rounds`` each; the best p50 of each is kept, which filters out the
+noise of a shared host). Measured per payload:
+
+* ``codec``: a call's whole codec work, in process: the ``Call`` encoded (driver) and
+  decoded (worker), a ``Reply`` of None encoded (worker) and decoded (driver);
+* ``rpc``: a blocking ``collective_rpc`` round trip to one CPU worker, per transport.
+
+Payloads: a no-op call, small arguments (an int, a short str, a list of 8 ints, a
+float kwarg), an engine-like argument (a dict of 16 dataclasses holding tuples and enums,
+``benchmarks/_vllm_like.py``), and a 1 MiB array. The baseline carries the engine-like
+argument wrongly (as dicts, lists and ints); this checkout carries it as it is. The
+ratio new/old is the result. Usage: ``python benchmarks/values.py [--calls 2000]
+[--rounds 3] [--out DIR]`` (default DIR: ``$TMPDIR/gpuexec-bench``, outside the repo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+
+def _payloads() -> dict[str, tuple[list[Any], dict[str, Any]]]:
+    import numpy as np
+    from _vllm_like import engine_step
+
+    return {
+        "no-op": ([], {}),
+        "small args": ([7, "prefill", [1, 2, 3, 4, 5, 6, 7, 8]], {"scale": 0.5}),
+        "engine-like (dict of dataclasses)": ([engine_step()], {}),
+        "1 MiB array": ([np.ones(1 << 17)], {}),
+    }
+
+
+def measure(calls: int, warmup: int, transports: list[str]) -> dict[str, Any]:
+    """Run in a child process, against whichever ``gpuexec`` is first on the path."""
+    from _common import time_calls
+    from _vllm_like import TakeWorker
+
+    import gpuexec
+    from gpuexec import Executor
+    from gpuexec.ipc.codec import Decoder, Encoder
+    from gpuexec.ipc.messages import Call, Reply, ToDriver, ToWorker
+
+    out: dict[str, Any] = {"gpuexec": str(Path(gpuexec.__file__).parent)}
+    enc = Encoder(allow_pickle=True)
+    dec: Decoder[Any] = Decoder(ToWorker, allow_pickle=True)
+    reply_enc = Encoder(allow_pickle=True)
+    reply_dec: Decoder[Any] = Decoder(ToDriver, allow_pickle=True)
+    payloads = _payloads()
+    for name, (args, kwargs) in payloads.items():
+        def codec(args: list[Any] = args, kwargs: dict[str, Any] = kwargs) -> None:
+            # A call's whole codec work: the request out and in, a reply (None) back.
+            frames = enc.encode(Call(1, "take", None, args, kwargs))
+            dec.decode(frames) if len(frames) > 1 else dec.decode_header(frames[0])
+            reply_dec.decode_header(reply_enc.encode(Reply(1, 0, None))[0])
+        out[f"codec|{name}"] = time_calls(codec, calls * 5, warmup)
+    for transport in transports:
+        with Executor(TakeWorker, 1, device="cpu", transport=transport) as ex:
+            out[f"rpc {transport}|no-op"] = time_calls(lambda: ex.collective_rpc("noop"),
+                                                       calls, warmup)
+            for name, (args, kwargs) in payloads.items():
+                if name == "no-op":
+                    continue
+                out[f"rpc {transport}|{name}"] = time_calls(
+                    lambda a=args, k=kwargs: ex.collective_rpc("take", args=a, kwargs=k),
+                    calls, warmup)
+    return out
+
+
+def _export(ref: str, into: Path) -> Path:
+    """The ``gpuexec`` package of git ``ref``, unpacked under ``into``."""
+    archive = into / "src.tar"
+    with archive.open("wb") as f:
+        subprocess.run(["git", "-C", str(REPO), "archive", ref, "gpuexec"], stdout=f,
+                       check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def _child(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(HERE)]))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--calls",
+           str(args.calls), "--warmup", str(args.warmup), "--transports", args.transports]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                          timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement in {root} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--transports", default="zmq,shm")
+    ap.add_argument("--baseline-ref", default="main")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpuexec-bench"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.calls, args.warmup, args.transports.split(","))))
+        return 0
+    from _common import machine, print_table, write_json
+
+    with tempfile.TemporaryDirectory(prefix="gpuexec-values-") as tmp:
+        old_root = _export(args.baseline_ref, Path(tmp))
+        best: dict[str, dict[str, dict[str, float]]] = {"old": {}, "new": {}}
+        for r in range(args.rounds):
+            for label, root in (("old", old_root), ("new", REPO)):
+                t0 = time.perf_counter()
+                got = _child(root, args)
+                print(f"round {r + 1}/{args.rounds} {label} ({got.pop('gpuexec')}): "
+                      f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+                for key, stats in got.items():
+                    if key not in best[label] or stats["p50_us"] < best[label][key]["p50_us"]:
+                        best[label][key] = stats
+    rows = []
+    results = []
+    for key in best["new"]:
+        what, payload = key.split("|")
+        old, new = best["old"].get(key), best["new"][key]
+        ratio = new["p50_us"] / old["p50_us"] if old else float("nan")
+        rows.append([what, payload, old["p50_us"] if old else "-", new["p50_us"],
+                     f"{ratio:.2f}"])
+        results.append({"measure": what, "payload": payload, "old": old, "new": new,
+                        "ratio_p50": ratio})
+    print(f"\nbaseline: {args.baseline_ref}; best p50 of {args.rounds} alternating rounds, "
+          "microseconds")
+    print_table(["measure", "payload", "old p50", "new p50", "new/old"], rows)
+    path = write_json("values.json", {"machine": machine(), "baseline_ref": args.baseline_ref,
+                                      "calls": args.calls, "rounds": args.rounds,
+                                      "results": results}, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
