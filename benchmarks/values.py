@@ -15,7 +15,7 @@ float kwarg), an engine-like argument (a dict of 16 dataclasses holding tuples a
 ``benchmarks/_vllm_like.py``), and a 1 MiB array. The baseline carries the engine-like
 argument wrongly (as dicts, lists and ints); this checkout carries it as it is. The
 ratio new/old is the result. Usage: ``python benchmarks/values.py [--calls 2000]
-[--rounds 3] [--out DIR]`` (default DIR: ``$TMPDIR/gpuexec-bench``, outside the repo).
+[--rounds 3] [--out DIR]`` (default DIR: ``benchmarks/out/``, which git ignores).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def _export(ref: str, into: Path) -> Path:
 
 
 def _child(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(HERE)]))
+    path = [str(root), str(HERE), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--calls",
            str(args.calls), "--warmup", str(args.warmup), "--transports", args.transports]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(),
@@ -108,13 +109,20 @@ def _child(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
+    from _common import add_out_option
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, default=2000)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--transports", default="zmq,shm")
-    ap.add_argument("--baseline-ref", default="main")
-    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpuexec-bench"))
+    ap.add_argument("--calls", type=int, default=2000, help="timed calls per measurement")
+    ap.add_argument("--warmup", type=int, default=200, help="untimed calls first")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating old/new rounds; the best p50 of each is kept")
+    ap.add_argument("--transports", default="zmq,shm", help="comma-separated: zmq, shm")
+    ap.add_argument("--baseline-ref", default="main",
+                    help="git revision whose gpuexec package is the baseline")
+    ap.add_argument("--baseline-dir", default=None, metavar="DIR",
+                    help="a directory holding the baseline's gpuexec package (instead of "
+                         "--baseline-ref, where there is no git history)")
+    add_out_option(ap)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -123,7 +131,8 @@ def main() -> int:
     from _common import machine, print_table, write_json
 
     with tempfile.TemporaryDirectory(prefix="gpuexec-values-") as tmp:
-        old_root = _export(args.baseline_ref, Path(tmp))
+        old_root = Path(args.baseline_dir) if args.baseline_dir else \
+            _export(args.baseline_ref, Path(tmp))
         best: dict[str, dict[str, dict[str, float]]] = {"old": {}, "new": {}}
         for r in range(args.rounds):
             for label, root in (("old", old_root), ("new", REPO)):
@@ -144,8 +153,11 @@ def main() -> int:
                      f"{ratio:.2f}"])
         results.append({"measure": what, "payload": payload, "old": old, "new": new,
                         "ratio_p50": ratio})
-    print(f"\nbaseline: {args.baseline_ref}; best p50 of {args.rounds} alternating rounds, "
-          "microseconds")
+    print("target: no-op and small-argument collective_rpc p50 new/old <= 1.03 "
+          "(the engine-like argument was carried wrongly before: its ratio is the cost "
+          "of carrying it faithfully)")
+    print(f"\nbaseline: {args.baseline_dir or args.baseline_ref}; best p50 of "
+          f"{args.rounds} alternating rounds, microseconds")
     print_table(["measure", "payload", "old p50", "new p50", "new/old"], rows)
     path = write_json("values.json", {"machine": machine(), "baseline_ref": args.baseline_ref,
                                       "calls": args.calls, "rounds": args.rounds,

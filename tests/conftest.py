@@ -19,13 +19,11 @@ START_METHODS = ["zygote", "subprocess", "fork", "spawn", "forkserver"]
 ROOT = Path(__file__).resolve().parent.parent
 
 # Every private directory this test run makes (its own executors', its subprocess
-# drivers' and their workers') lands in one directory of its own, set before anything
-# reads the environment: the leak checks then count only what this run made, never the
-# directories of another gpuexec user or test run on the same machine.
+# drivers' and their workers') lands in one runtime directory of its own, set before any
+# executor reads the environment: the leak checks then count only what this run made,
+# never the directories of another gpuexec user or test run on the same machine.
 RUN_DIR = tempfile.mkdtemp(prefix="gxtest-")
 os.environ["XDG_RUNTIME_DIR"] = RUN_DIR
-os.environ["TMPDIR"] = RUN_DIR
-tempfile.tempdir = None  # re-read TMPDIR
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -34,7 +32,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {"PYTHONPATH": os.pathsep.join(p for p in path if p),
            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "XDG_RUNTIME_DIR": RUN_DIR, "TMPDIR": RUN_DIR}
+           "XDG_RUNTIME_DIR": RUN_DIR}
     env.update(extra)
     return env
 
@@ -43,7 +41,7 @@ def gpuexec_dirs() -> set[str]:
     """Private ipc directories this test run's executors made: under :data:`RUN_DIR`,
     or under a runtime directory a test chose itself (the ``/tmp/gpx-*`` fallback for a
     path too long for a socket is shared with others, so it is not counted)."""
-    roots = {RUN_DIR, tempfile.gettempdir()}
+    roots = {RUN_DIR}
     if os.environ.get("XDG_RUNTIME_DIR"):
         roots.add(os.environ["XDG_RUNTIME_DIR"])
     found: set[str] = set()
