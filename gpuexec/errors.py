@@ -20,6 +20,7 @@ __all__ = [
     "ExecutorClosedError",
     "GpuexecError",
     "InflightLimitError",
+    "IntegrationError",
     "ProtocolError",
     "RemoteError",
     "RpcTimeoutError",
@@ -222,3 +223,9 @@ class CudaDriverError(GpuexecError):
 
     def __reduce__(self) -> tuple[type[CudaDriverError], tuple[str, int, str, str]]:
         return (type(self), (self.function, self.code, self.name, self.text))
+
+
+class IntegrationError(GpuexecError, ImportError):
+    """An engine adapter (``gpuexec.integrations``) cannot work with the engine installed:
+    the engine is missing, or its version does not have the interface the adapter was
+    written for. The message names the version found and the versions supported."""
