@@ -196,7 +196,7 @@ class VllmExecutor(_VllmExecutorBase):
 
     # -- calls -----------------------------------------------------------------------
 
-    def collective_rpc(  # type: ignore[override]
+    def collective_rpc(
         self,
         method: str | Callable[..., Any],
         timeout: float | None = None,
@@ -243,11 +243,11 @@ class VllmExecutor(_VllmExecutorBase):
             ec_output_aggregator=getattr(self, "ec_output_aggregator", None)
             if aggregate else None)
 
-    def execute_model(self, scheduler_output: Any,  # type: ignore[override]
+    def execute_model(self, scheduler_output: Any,
                       non_block: bool = False) -> Any:
         return self._step("execute_model", (scheduler_output,), non_block, True)
 
-    def sample_tokens(self, grammar_output: Any,  # type: ignore[override]
+    def sample_tokens(self, grammar_output: Any,
                       non_block: bool = False) -> Any:
         return self._step("sample_tokens", (grammar_output,), non_block, True)
 

@@ -1,19 +1,19 @@
 """The vLLM suite: real vLLM (the CPU build) on a tiny random Llama written here.
 
 Runs only under ``make test-vllm`` (its own virtual environment, GPUEXEC_VLLM_SUITE=1);
-the default suite skips it. Token-id prompts, no tokenizer, nothing downloaded.
+the default suite skips it. A package (``vllm_suite``): its modules must not shadow
+the other tests' ``conftest`` nor the ``vllm`` package. Token-id prompts, no tokenizer,
+nothing downloaded.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 SUITE = os.environ.get("GPUEXEC_VLLM_SUITE") == "1"
 
 if SUITE:
@@ -31,13 +31,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="the vLLM suite runs with `make test-vllm`")
     for item in items:
-        if "tests/vllm/" in str(item.fspath).replace(os.sep, "/"):
+        if "tests/vllm_suite/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_model import write_tiny_llama
+    from vllm_suite.tiny_model import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -48,7 +48,7 @@ _baselines: dict[int, list[list[int]]] = {}
 @pytest.fixture(scope="session")
 def mp_tokens(model_dir: Path) -> Callable[[int], list[list[int]]]:
     """Greedy tokens of vLLM's own ``mp`` executor at a TP size (computed once each)."""
-    from engines import engine_kwargs, generate, shutdown_llm
+    from vllm_suite.engines import engine_kwargs, generate, shutdown_llm
 
     def tokens(tp: int) -> list[list[int]]:
         if tp not in _baselines:

@@ -23,7 +23,8 @@ from typing import Any
 
 import psutil
 import pytest
-from engines import (
+
+from vllm_suite.engines import (
     GX,
     descendants,
     engine_kwargs,
@@ -37,14 +38,14 @@ from engines import (
     token_prompts,
 )
 
-RECORDING = "recording_worker.RecordingCPUWorker"
+RECORDING = "vllm_suite.recording_worker.RecordingCPUWorker"
 Tokens = Callable[[int], list[list[int]]]
 
 
 @pytest.fixture
 def marks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory where each vLLM worker's shutdown() leaves a mark."""
-    from recording_worker import MARKS_ENV
+    from vllm_suite.recording_worker import MARKS_ENV
 
     path = tmp_path / "marks"
     path.mkdir()
@@ -64,8 +65,9 @@ def assert_shut_down_everywhere(marks: Path, pids: list[int]) -> None:
 
 
 def test_llm_tp1_class_matches_mp(model_dir: Path, mp_tokens: Tokens, marks: Path) -> None:
-    from gpuexec.integrations.vllm import VllmExecutor
     from vllm import LLM
+
+    from gpuexec.integrations.vllm import VllmExecutor
 
     expected = mp_tokens(1)
     llm = LLM(**engine_kwargs(model_dir, 1, VllmExecutor, worker_cls=RECORDING,
@@ -155,7 +157,7 @@ def test_sigkill_of_a_worker_fails_the_engine_fast(model_dir: Path) -> None:
 NO_GUARD_SCRIPT = '''
 import json, os, sys
 sys.path.insert(0, {tests!r})
-from engines import engine_kwargs, generate
+from vllm_suite.engines import engine_kwargs, generate
 from vllm import LLM
 
 llm = LLM(**engine_kwargs({model!r}, 2, "gpuexec.integrations.vllm.VllmExecutor"))
@@ -170,7 +172,7 @@ def test_script_without_main_guard(model_dir: Path, mp_tokens: Tokens, tmp_path:
     are the only processes started.)"""
     expected = mp_tokens(2)
     script = tmp_path / "no_guard.py"
-    script.write_text(NO_GUARD_SCRIPT.format(tests=str(Path(__file__).parent),
+    script.write_text(NO_GUARD_SCRIPT.format(tests=str(Path(__file__).parent.parent),
                                              model=str(model_dir)))
     run_id = uuid.uuid4().hex
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "GPUEXEC_TEST_RUN": run_id}

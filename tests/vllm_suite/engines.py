@@ -30,8 +30,9 @@ def sampling(max_tokens: int = MAX_TOKENS) -> Any:
 
 
 def token_prompts() -> list[Any]:
-    from tiny_model import prompts
     from vllm.inputs import TokensPrompt
+
+    from vllm_suite.tiny_model import prompts
 
     return [TokensPrompt(prompt_token_ids=p) for p in prompts()]
 
