@@ -89,3 +89,14 @@ class DeferringWorker(Worker):
 
     def env(self, *names: str) -> dict[str, str | None]:
         return {n: os.environ.get(n) for n in names}
+
+
+class LeakingWorker(Worker):
+    """Creates a named shared-memory segment and never removes it (as an engine's ring
+    does when the worker is stopped mid-step)."""
+
+    def leak(self) -> str:
+        from multiprocessing import shared_memory
+
+        self.segment = shared_memory.SharedMemory(create=True, size=4096)
+        return self.segment.name

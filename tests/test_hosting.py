@@ -134,3 +134,24 @@ def test_bad_per_rank_environment_fails_before_start(env: object, match: str) ->
     with pytest.raises(ConfigError, match=match):
         Executor(DeferringWorker, 2, device="cpu", env=env)  # type: ignore[arg-type]
     assert {p.pid for p in worker_children()} <= before
+
+
+@pytest.mark.parametrize("how", ["graceful", "sigterm"])
+def test_shared_memory_a_worker_leaves_is_removed(how: str) -> None:
+    """Stopping a worker kills its children, but not multiprocessing's resource tracker,
+    which removes the segments the worker created and left behind."""
+    from hosting_workers import LeakingWorker
+
+    ex = Executor(LeakingWorker, 1, device="cpu")
+    name = ex.collective_rpc("leak", unique_reply_rank=0)
+    assert os.path.exists(f"/dev/shm/{name}")
+    pid = ex.workers[0].pid
+    if how == "sigterm":
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone([pid]) == []
+    ex.shutdown()
+    assert wait_gone([pid]) == []
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/dev/shm/{name}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/dev/shm/{name}")

@@ -21,6 +21,7 @@ import os
 import select
 import shutil
 import signal
+import sys
 import threading
 
 EXIT_DRIVER_GONE = 70
@@ -54,9 +55,23 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _resource_tracker_pid() -> int | None:
+    """The pid of multiprocessing's resource tracker, if this process started one."""
+    module = sys.modules.get("multiprocessing.resource_tracker")
+    tracker = getattr(module, "_resource_tracker", None)
+    pid = getattr(tracker, "_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
 def kill_children() -> None:
-    """SIGKILL every descendant of this worker, so that none outlives it."""
+    """SIGKILL every descendant of this worker, so that none outlives it -- except
+    multiprocessing's resource tracker: once this worker has exited it removes the
+    shared memory the worker created and did not remove (an engine's /dev/shm ring of a
+    worker killed mid-step), then exits by itself."""
+    spare = _resource_tracker_pid()
     for pid in descendants(os.getpid()):
+        if pid == spare:
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
