@@ -10,9 +10,9 @@
 
 Per-rank values are what CPU thread binding (``OMP_NUM_THREADS``, ``KMP_AFFINITY``, an
 engine's own "bind these cores" variable) and NUMA placement need: every rank must get
-different cores. Names and values must be non-empty ``str``/``str`` (no ``=`` and no NUL
-in a name, no NUL in a value): ``os.environ`` refuses the rest, and a worker that fails
-to start over it would fail far from the mistake.
+different cores. Names and values must be ``str`` (a name non-empty, without ``=`` or
+NUL; a value without NUL): ``os.environ`` refuses the rest, and a worker that fails to
+start over it would fail far from the mistake.
 """
 
 from __future__ import annotations

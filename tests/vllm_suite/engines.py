@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def gpuexec_workers() -> list[psutil.Process]:
 
 def shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def shm_left(before: set[str], timeout: float = 30.0) -> set[str]:
+    """Entries of /dev/shm that are new since ``before`` and still there after up to
+    ``timeout`` s. A stopped worker's segments are removed by multiprocessing's resource
+    tracker once the worker has exited, asynchronously (the tracker may outlive it by a
+    moment, reparented away from this process)."""
+    deadline = time.monotonic() + timeout
+    while (left := shm_entries() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
 
 
 def private_dirs() -> set[str]:

@@ -33,6 +33,7 @@ from vllm_suite.engines import (
     private_dirs,
     sampling,
     shm_entries,
+    shm_left,
     shutdown_llm,
     still_running,
     token_prompts,
@@ -150,7 +151,7 @@ def test_sigkill_of_a_worker_fails_the_engine_fast(model_dir: Path) -> None:
     print(f"\nengine reported dead {elapsed * 1000:.0f} ms after the SIGKILL")
     assert elapsed < 10.0  # generous on a shared 2-core host; the target is under 1 s
     assert still_running(descendants()) == []
-    assert shm_entries() - shm_before == set()
+    assert shm_left(shm_before) == set()
     assert private_dirs() - dirs_before == set()
 
 
