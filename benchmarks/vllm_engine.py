@@ -50,14 +50,18 @@ ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
 
 
 def _workers() -> list[Any]:
-    """The engine's worker processes: leaves of this process's tree (the engine core and
-    gpuexec's zygote have children; multiprocessing's resource trackers excepted)."""
+    """The engine's worker processes: the processes of this tree whose only children (if
+    any) are multiprocessing's resource trackers (the engine core and gpuexec's zygote
+    have workers as children)."""
     import psutil
+
+    def tracker(p: Any) -> bool:
+        return "resource_tracker" in " ".join(p.cmdline())
 
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if not p.children() and "resource_tracker" not in " ".join(p.cmdline()):
+            if not tracker(p) and all(tracker(c) for c in p.children()):
                 out.append(p)
         except psutil.Error:
             pass

@@ -215,7 +215,8 @@ class VllmExecutor(_VllmExecutorBase):
         aggregators = [a for a in (kv_output_aggregator, ec_output_aggregator) if a]
         reply_rank = None if aggregators else unique_reply_rank
         future = gx.collective_rpc(
-            "vllm_call", args=(Packed((method, tuple(args), dict(kwargs or {}))),),
+            "vllm_call", args=(Packed((method, tuple(args), dict(kwargs or {})),
+                                      by_value=not isinstance(method, str)),),
             timeout=timeout, unique_reply_rank=reply_rank, non_block=True)
 
         def result(packed: Any) -> Any:

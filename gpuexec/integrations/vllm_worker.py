@@ -15,9 +15,9 @@ Names never resolve on the gpuexec :class:`~gpuexec.Worker`: vLLM's method names
 vLLM's wrapper only, and a callable runs as ``fn(wrapper, *args)``, as in vLLM.
 
 Why ``Packed``: vLLM's arguments and results are arbitrary Python objects (dataclasses,
-tuples, numpy arrays inside); a ``Packed`` is an object the wire does not know, so it
-travels whole with cloudpickle over the executor's private channel -- what vLLM's own
-message queue does with pickle -- and arrives as the very same types.
+tuples, numpy arrays inside); a ``Packed`` travels whole, pickled, over the executor's
+private channel -- what vLLM's own message queue does -- and arrives as the very same
+types.
 
 Async scheduling: ``execute_model``/``sample_tokens`` return an
 ``AsyncModelRunnerOutput`` whose ``get_output()`` waits for the device. It runs in one
@@ -29,22 +29,45 @@ already takes the next step's calls.
 from __future__ import annotations
 
 import functools
+import pickle
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import cloudpickle
 
 from gpuexec import Worker
 
 
 class Packed:
-    """A value sent whole with cloudpickle (see the module docstring)."""
+    """A value sent whole, pickled (see the module docstring).
 
-    __slots__ = ("value",)
+    Plain ``pickle`` (its C fast path: a scheduler output is a deep graph of small
+    objects, where cloudpickle's per-object hook costs most of the time), cloudpickle
+    for what plain pickle cannot carry, and always when ``by_value`` (a callable of the
+    engine's user, which may live in a script the worker cannot import).
+    """
 
-    def __init__(self, value: Any) -> None:
+    __slots__ = ("by_value", "value")
+
+    def __init__(self, value: Any, by_value: bool = False) -> None:
         self.value = value
+        self.by_value = by_value
 
-    def __reduce__(self) -> tuple[type[Packed], tuple[Any]]:
-        return (Packed, (self.value,))
+    def __reduce__(self) -> tuple[Callable[[bytes], Packed], tuple[bytes]]:
+        blob = None
+        if not self.by_value:
+            try:
+                blob = pickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # a lambda, a local class...: cloudpickle carries it
+                blob = None
+        if blob is None:
+            blob = cloudpickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL)
+        return (_unpack, (blob,))
+
+
+def _unpack(blob: bytes) -> Packed:
+    return Packed(pickle.loads(blob))
 
 
 class VllmWorkerHost(Worker):
