@@ -147,6 +147,7 @@ class VllmExecutor(_VllmExecutorBase):
         self._failed = threading.Event()             # set once, by the monitor thread
         self._failure_callback: Callable[[], None] | None = None  # under _callback_lock
         self._callback_lock = threading.Lock()       # guards _failure_callback; innermost
+        self._stopper: threading.Thread | None = None  # set once, by the monitor thread
         pc = self.parallel_config
         if pc.pipeline_parallel_size > 1 or getattr(pc, "nnodes", 1) > 1 or \
                 getattr(pc, "nnodes_within_dp", 1) > 1:
@@ -172,16 +173,25 @@ class VllmExecutor(_VllmExecutorBase):
     # -- failures --------------------------------------------------------------------
 
     def _worker_died(self) -> None:
-        """gpuexec's monitor thread: a worker is gone. Tell the engine at once, then stop
-        the other workers (from another thread: not from inside gpuexec's callback)."""
+        """gpuexec's monitor thread: a worker is gone. Stop the others (from a thread of
+        its own, not from inside gpuexec's callback) and tell the engine at once.
+
+        No grace period: the survivors are most likely blocked in a collective with the
+        dead rank, so they get SIGTERM at once (their shutdown hook runs, bounded). The
+        thread is not a daemon, and :meth:`shutdown` joins it: the engine process does
+        not exit before the workers are reaped and the private directory is removed.
+        """
         self._failed.set()
+        gx = self._gpuexec
+        if gx is not None:
+            self._stopper = threading.Thread(target=gx.shutdown, kwargs={"timeout": 0.0},
+                                             name="gpuexec-vllm-stop")
+            self._stopper.start()
         with self._callback_lock:
             callback, self._failure_callback = self._failure_callback, None
         log.error("gpuexec: a vLLM worker died; failing the engine")
         if callback is not None:
             callback()
-        threading.Thread(target=self.shutdown, name="gpuexec-vllm-shutdown",
-                         daemon=True).start()
 
     def register_failure_callback(self, callback: Callable[[], None]) -> None:
         with self._callback_lock:
@@ -263,6 +273,9 @@ class VllmExecutor(_VllmExecutorBase):
 
     def shutdown(self) -> None:
         """Stop the workers (each runs vLLM's worker shutdown first); idempotent."""
+        stopper = self._stopper
+        if stopper is not None:  # a worker died: its stop is under way
+            stopper.join()
         if self._gpuexec is not None:
             self._gpuexec.shutdown()
 
