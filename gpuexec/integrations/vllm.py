@@ -45,7 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, ClassVar
 
-from ..errors import IntegrationError
+from ..errors import ConfigError, IntegrationError
 
 try:
     import vllm
@@ -151,13 +151,12 @@ class VllmExecutor(_VllmExecutorBase):
         pc = self.parallel_config
         if pc.pipeline_parallel_size > 1 or getattr(pc, "nnodes", 1) > 1 or \
                 getattr(pc, "nnodes_within_dp", 1) > 1:
-            raise IntegrationError(
+            raise ConfigError(
                 "gpuexec's vLLM executor runs tensor parallelism on one node; pipeline "
                 "parallelism and several nodes need vLLM's 'mp' or 'ray' executor")
         device = self.device_config.device_type
         if device not in ("cpu", "cuda"):
-            raise IntegrationError(f"gpuexec's vLLM executor runs on CPU or CUDA, not "
-                                   f"{device!r}")
+            raise ConfigError(f"gpuexec's vLLM executor runs on CPU or CUDA, not {device!r}")
         self.world_size = pc.world_size
         tp = pc.tensor_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
         self.output_rank = self.world_size - tp  # first TP rank of the last stage

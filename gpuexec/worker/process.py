@@ -143,7 +143,6 @@ class _Server:
     def __init__(self, spec: WorkerSpec, worker: Worker, sub: zmq.Socket[bytes],
                  push: zmq.Socket[bytes], shm: _ShmWorkerPath | None) -> None:
         self.rank = spec.rank
-        self.worker = worker
         self.target = worker.rpc_target()  # what calls by name and callables go to
         self.sub = sub
         self.push = push
@@ -368,10 +367,9 @@ def run_worker(spec_bytes: bytes) -> None:
     server = _Server(spec, worker, sub, push, shm)
     try:
         server.serve()
-        server.gate.close()  # a future resolving from now on has nobody to answer
         _hook.run()
     finally:
-        server.gate.close()
+        server.gate.close()  # a future resolving from now on has nobody to answer
         destroy_process_group(spec)
         kill_children()
         sub.close()
