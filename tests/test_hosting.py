@@ -89,7 +89,7 @@ def test_shutdown_hook_runs_on_sigterm(tmp_path: Path) -> None:
 
 def test_sigterm_bounds_a_hanging_hook_by_shutdown_timeout(tmp_path: Path) -> None:
     with Executor(HostWorker, 1, device="cpu", worker_args=(str(tmp_path), True),
-                  shutdown_timeout=0.5) as ex:
+                  shutdown_timeout=2.0) as ex:
         victim = ex.workers[0].pid
         os.kill(victim, signal.SIGTERM)
         # The hook blocks forever; the worker still exits once shutdown_timeout passed.
