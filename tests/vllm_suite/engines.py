@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,15 @@ def shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
-def shm_left(before: set[str], timeout: float = 30.0) -> set[str]:
-    """Entries of /dev/shm that are new since ``before`` and still there after up to
-    ``timeout`` s. A stopped worker's segments are removed by multiprocessing's resource
-    tracker once the worker has exited, asynchronously (the tracker may outlive it by a
-    moment, reparented away from this process)."""
+def left_after(current: Callable[[], set[str]], before: set[str],
+               timeout: float = 30.0) -> set[str]:
+    """What ``current()`` holds that ``before`` did not, after waiting up to ``timeout`` s
+    for it to go. Clean-up after a killed worker is asynchronous: multiprocessing's
+    resource tracker removes the worker's shared memory once the worker has exited, and a
+    surviving worker whose engine process was killed removes gpuexec's private directory
+    (both may outlive the engine by a moment, reparented away from this process)."""
     deadline = time.monotonic() + timeout
-    while (left := shm_entries() - before) and time.monotonic() < deadline:
+    while (left := current() - before) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
