@@ -102,7 +102,7 @@ def private_dirs() -> set[str]:
     for root in filter(None, roots):
         found.update(glob.glob(os.path.join(root, "gpuexec-*")))
         found.update(glob.glob(os.path.join(root, "gpx-*")))
-    return found
+    return {d for d in found if "bench" not in d}  # benchmarks name theirs gpx-bench-*
 
 
 def still_running(procs: list[psutil.Process], timeout: float = 30.0) -> list[int]:
