@@ -54,6 +54,18 @@ def marks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def children(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that are this process's own children (and still exist)."""
+    out = []
+    for p in procs:
+        try:
+            if p.ppid() == os.getpid():
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def assert_shut_down_everywhere(marks: Path, pids: list[int]) -> None:
     """Every worker ran vLLM's worker shutdown (gpuexec's shutdown hook) and is gone."""
     assert pids, "no gpuexec worker was seen while the engine ran"
@@ -146,7 +158,13 @@ def test_sigkill_of_a_worker_fails_the_engine_fast(model_dir: Path) -> None:
             with pytest.raises(EngineDeadError):
                 async for _ in stream:
                     pass
-            return time.monotonic() - killed
+            elapsed = time.monotonic() - killed
+            # The engine process winds down by itself after the error (its executor stops
+            # the workers and removes what they used); let it finish before the caller's
+            # shutdown, whose SIGTERM would kill it outright: vLLM restores SIGTERM's
+            # default action before it shuts its executor down.
+            psutil.wait_procs(children(started), timeout=30)
+            return elapsed
         finally:
             engine.shutdown()
 
