@@ -360,10 +360,11 @@ def run_worker(spec_bytes: bytes) -> None:
         ctx.term()
         sys.stderr.flush()
         os._exit(1)
+    global _hook
+    _hook = ShutdownHook(worker.on_shutdown, spec.shutdown_timeout)  # before Ready: a
+    # SIGTERM right after the driver saw this worker ready must already run the hook
     push.send_multipart(handshake.encode(
         Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
-    global _hook
-    _hook = ShutdownHook(worker.on_shutdown, spec.shutdown_timeout)
     server = _Server(spec, worker, sub, push, shm)
     try:
         server.serve()
