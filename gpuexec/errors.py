@@ -25,6 +25,7 @@ __all__ = [
     "GpuexecError",
     "HeldCallTimeoutError",
     "InflightLimitError",
+    "IntegrationError",
     "InvalidArgumentError",
     "MissingDependencyError",
     "ProtocolError",
@@ -395,3 +396,9 @@ class HeldCallTimeoutError(RpcTimeoutError):
 
     def __reduce__(self) -> tuple[type[HeldCallTimeoutError], tuple[str, float]]:
         return (type(self), (self.method, self.timeout))
+
+
+class IntegrationError(GpuexecError, ImportError):
+    """An engine adapter (``gpuexec.integrations``) cannot work with the engine installed:
+    the engine is missing, or its version does not have the interface the adapter was
+    written for. The message names the version found and the versions supported."""

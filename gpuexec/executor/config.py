@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..ipc.messages import DistributedSpec
 from ..worker.base import Worker
 from ..worker.extension import extension_clashes
+from .rank_env import EnvArg, rank_environments
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT, distributed_spec
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -127,7 +128,7 @@ class ExecutorConfig:
     device: str                        # resolved: "cuda" or "cpu"
     start_method: str                  # as requested ("auto" or a method)
     init_args_pickle: bytes
-    env: dict[str, str]
+    env: tuple[dict[str, str], ...]    # one environment per rank (see .rank_env)
     isolate_devices: bool
     stale_context_policy: str          # "release", "reset" or "off"
     ready_timeout: float
@@ -152,7 +153,7 @@ class ExecutorConfig:
         start_method: str,
         worker_args: Sequence[Any],
         worker_kwargs: Mapping[str, Any] | None,
-        env: Mapping[str, str] | None,
+        env: EnvArg | None,
         isolate_devices: bool,
         release_stale_contexts: bool,
         stale_context_policy: str,
@@ -205,10 +206,7 @@ class ExecutorConfig:
             raise ConfigError(f"worker_args must be a tuple or list, not {type(worker_args)}")
         if worker_kwargs is not None and not isinstance(worker_kwargs, Mapping):
             raise ConfigError(f"worker_kwargs must be a mapping, not {type(worker_kwargs)}")
-        env_dict = dict(env or {})
-        for k, v in env_dict.items():
-            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
-                raise ConfigError(f"env entries must be str -> str, got {k!r}: {v!r}")
+        envs = rank_environments(env, size)
         if not isinstance(allow_callables, bool):
             raise ConfigError(f"allow_callables must be True or False, not {allow_callables!r}")
         for name, limit in (("max_inflight_calls", max_inflight_calls),
@@ -232,7 +230,7 @@ class ExecutorConfig:
                               f"{max_concurrent_batches!r}")
         distributed = distributed_spec(
             distributed_backend, resolved, master_addr=master_addr, master_port=master_port,
-            timeout=distributed_timeout, env=env_dict)
+            timeout=distributed_timeout, env={k: v for e in envs for k, v in e.items()})
         try:
             init_args = cloudpickle.dumps((tuple(worker_args), dict(worker_kwargs or {})))
         except Exception as e:
@@ -243,7 +241,7 @@ class ExecutorConfig:
             device=resolved,
             start_method=start_method,
             init_args_pickle=init_args,
-            env=env_dict,
+            env=envs,
             isolate_devices=bool(isolate_devices),
             stale_context_policy=stale_context_policy if release_stale_contexts else "off",
             ready_timeout=_positive("ready_timeout", ready_timeout) or 0.0,

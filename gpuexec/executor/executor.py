@@ -64,6 +64,7 @@ from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, Execut
 from .hold import CallGate
 from .launcher import WorkerHandle, disown_in_fork, start_workers, stop_workers, wait_ready
 from .ownership import Ownership
+from .rank_env import EnvArg
 from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
 from .shm_path import ShmDriverPath, shm_room
@@ -231,8 +232,10 @@ class Executor:
       up to its timeout (then ``InflightLimitError``). ``max_message_size``: bytes per
       ZeroMQ frame, enforced by both ends (the receiving sockets' ``MAXMSGSIZE``).
     * ``worker_args`` / ``worker_kwargs``: passed to the worker class's ``__init__``.
-    * ``env``: extra environment variables for every worker (``RANK``,
-      ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` are always set).
+    * ``env``: extra environment variables: a mapping for every worker, a sequence of
+      one mapping per rank, or a callable ``rank -> mapping`` called once per rank when
+      the executor is built (see :mod:`.rank_env`); ``RANK``, ``LOCAL_RANK``,
+      ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` are always set.
     * ``isolate_devices``: give each worker only its own GPU in
       ``CUDA_VISIBLE_DEVICES``; default keeps all visible (CUDA IPC needs peers).
     * ``release_stale_contexts``: release CUDA primary contexts a worker holds on GPUs
@@ -278,7 +281,7 @@ class Executor:
         start_method: str = "auto",
         worker_args: Sequence[Any] = (),
         worker_kwargs: Mapping[str, Any] | None = None,
-        env: Mapping[str, str] | None = None,
+        env: EnvArg | None = None,
         isolate_devices: bool = False,
         release_stale_contexts: bool = True,
         stale_context_policy: str = "release",
@@ -501,14 +504,15 @@ class Executor:
             driver_is_parent=self._start_method not in ("forkserver", "zygote", "ray"),
             req_endpoint=req_endpoint, rep_endpoint=rep_endpoint,
             worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
-            init_args_pickle=cfg.init_args_pickle, env=cfg.env,
+            init_args_pickle=cfg.init_args_pickle, env=cfg.env[rank],
             stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path,
             sys_path=[p for p in sys.path if p], shm=shm,
             worker_extension_cls=cfg.extension.path if cfg.extension else "",
             worker_extension_pickle=cfg.extension.pickled if cfg.extension else b"",
             distributed=cfg.distributed,
             curve=curve.client(rank) if curve is not None else None,
-            allow_callables=cfg.allow_callables, max_message_size=cfg.max_message_size)
+            allow_callables=cfg.allow_callables, max_message_size=cfg.max_message_size,
+            shutdown_timeout=cfg.shutdown_timeout)
 
     def _on_driver_node(self, slot: Slot) -> bool:
         return self._ray_workers is not None and slot.node_id == self._ray_workers.driver_node

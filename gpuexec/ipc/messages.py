@@ -100,6 +100,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     curve: CurveClient | None = None  # tcp: CURVE keys to connect with; None on ipc
     allow_callables: bool = True     # False: refuse callables and pickled arguments
     max_message_size: int = -1       # bytes per frame, received and sent; -1: no limit
+    shutdown_timeout: float = 5.0    # seconds on_shutdown() may take after a SIGTERM
 
 
 class ValueFault(msgspec.Struct, frozen=True, array_like=True):

@@ -31,6 +31,22 @@ class Worker:
     stale CUDA contexts on other GPUs released), so ``torch.empty(..., device=self.device)``
     in ``__init__`` lands on this worker's GPU. ``__init__`` takes the executor's
     ``worker_args`` / ``worker_kwargs``; calling ``super().__init__()`` is optional.
+
+    Two hooks for a worker that *hosts* another object (an engine's own worker, whose
+    method names may be the same as this class's: ``init_device``, ``shutdown``...):
+
+    * :meth:`rpc_target` returns the object calls go to: ``collective_rpc("name")`` runs
+      ``rpc_target().name(...)`` and a callable runs as ``fn(rpc_target(), ...)``. The
+      default is the worker itself. It is read once, right after ``__init__``; the
+      names of this base class then never shadow the hosted object's.
+    * :meth:`on_shutdown` runs in the worker when the executor shuts down gracefully and
+      when the worker gets SIGTERM (then for at most the executor's
+      ``shutdown_timeout``), before the process group is destroyed: release what the
+      hosted object holds there.
+
+    A method may also return a :class:`concurrent.futures.Future`: the worker goes on
+    serving further calls and replies when the future resolves (a pipelined engine
+    hands out step N's output while step N+1 runs).
     """
 
     _gpuexec_ctx: WorkerContext
@@ -57,6 +73,16 @@ class Worker:
     @property
     def device(self) -> str:
         return self._gpuexec_ctx.device
+
+    def rpc_target(self) -> object:
+        """The object that receives this worker's calls (default: the worker itself)."""
+        return self
+
+    def on_shutdown(self) -> None:
+        """Called once when the worker shuts down (graceful or SIGTERM); default: nothing.
+
+        An exception it raises is logged, and the worker exits all the same.
+        """
 
     def init_device(self) -> DeviceReport:
         """Select this worker's device and release stale CUDA primary contexts.

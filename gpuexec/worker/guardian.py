@@ -26,6 +26,11 @@ W stops cleanly     W kills its descendants, then the guardian last, and reaps i
 (shutdown, SIGTERM) zombie left for init, or for a driver that runs as pid 1)
 ==================  =====================================================================
 
+One process is spared for a moment in every case: ``multiprocessing``'s resource tracker
+(W's child when W used ``multiprocessing.shared_memory``) removes the shared memory W
+created and did not remove once W and the rest of its group are gone, and then exits;
+the guardian gives it up to half a second before the group's SIGKILL.
+
 The guardian stays in the group on purpose: a process group id stays allocated while any
 member lives, so the pid W cannot be given to an unrelated process while the guardian
 can still signal the group.
@@ -63,17 +68,19 @@ EXIT_DRIVER_GONE = 70
 GUARDIAN_NAME = b"gpuexec-guard"
 _PR_SET_NAME = 15
 _POLL_S = 0.1  # only without pidfds
+_TRACKER = b"multiprocessing.resource_tracker"
+_TRACKER_GRACE_S = 0.5  # a spared resource tracker's time to clean up after its worker
 
 _guardian = 0  # pid of this worker's guardian; 0: none (touched by the main thread only)
 
 
-def descendants(pid: int) -> list[int]:
-    """Pids of every live descendant of ``pid``, read from ``/proc`` (Linux)."""
-    children: dict[int, list[int]] = {}
+def _processes() -> list[tuple[int, int, int]]:
+    """``(pid, ppid, pgid)`` of every live process, read from ``/proc`` (Linux)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
         return []
+    out = []
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -82,10 +89,18 @@ def descendants(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
         fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry))
+        if len(fields) > 2:
+            out.append((int(entry), int(fields[1]), int(fields[2])))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live descendant of ``pid``, read from ``/proc`` (Linux)."""
+    children: dict[int, list[int]] = {}
+    for child, parent, _ in _processes():
+        children.setdefault(parent, []).append(child)
     out: list[int] = []
     stack = [pid]
     while stack:
@@ -102,12 +117,44 @@ def _kill(pid: int) -> None:
         pass
 
 
+def _is_tracker(pid: int) -> bool:
+    """Whether ``pid`` is a ``multiprocessing`` resource tracker."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return _TRACKER in f.read()
+    except OSError:
+        return False
+
+
+def _kill_spare_trackers(pids: list[int], spare: int = 0) -> list[int]:
+    """SIGKILL ``pids`` but ``spare`` and any ``multiprocessing`` resource tracker; the
+    trackers spared. A tracker removes the shared memory its users created and did not
+    remove (an engine's ``/dev/shm`` ring of a worker killed mid-step) once every user is
+    gone, then exits by itself: killing it would leave those segments for good."""
+    trackers = []
+    for pid in pids:
+        if pid == spare:
+            continue
+        if _is_tracker(pid):
+            trackers.append(pid)
+        else:
+            _kill(pid)
+    return trackers
+
+
+def _await_trackers(trackers: list[int]) -> None:
+    """Give spared trackers up to :data:`_TRACKER_GRACE_S` to finish (then the group's
+    SIGKILL ends them: nothing outlives its worker by more than that)."""
+    deadline = time.monotonic() + _TRACKER_GRACE_S
+    while any(alive(p) for p in trackers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def kill_children() -> None:
     """SIGKILL every descendant of this process but its guardian, which stays until the
-    worker is gone (see :func:`stop_guardian`)."""
-    for pid in descendants(os.getpid()):
-        if pid != _guardian:
-            _kill(pid)
+    worker is gone (see :func:`stop_guardian`), and ``multiprocessing``'s resource
+    tracker, which cleans up after this worker once it has exited, then exits itself."""
+    _kill_spare_trackers(descendants(os.getpid()), spare=_guardian)
 
 
 def alive(pid: int) -> bool:
@@ -214,13 +261,15 @@ def _guard(worker_pid: int, driver_pid: int, driver: int | None, worker: int | N
         while alive(driver_pid) and os.getppid() == worker_pid:
             time.sleep(_POLL_S)
         driver_gone, worker_gone = not alive(driver_pid), os.getppid() != worker_pid
+    me = os.getpid()
     if driver_gone and not worker_gone:
         tree = descendants(worker_pid)  # while W lives: with those that left its group
         _kill(worker_pid)
-        me = os.getpid()
-        for pid in tree:
-            if pid != me:
-                _kill(pid)
+        trackers = _kill_spare_trackers(tree, spare=me)
+    else:
+        trackers = _kill_spare_trackers(
+            [pid for pid, _, pgid in _processes() if pgid == worker_pid], spare=me)
+    _await_trackers(trackers)
     if driver_gone and ipc_dir:  # nobody else will remove the dead driver's directory
         shutil.rmtree(ipc_dir, ignore_errors=True)
     os.killpg(worker_pid, signal.SIGKILL)

@@ -26,6 +26,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import cloudpickle
@@ -63,10 +64,12 @@ from ..ipc.messages import (
 )
 from ..ipc.shm_ring import Doorbell, RingReader, RingWriter
 from .base import Worker, WorkerContext
+from .deferred import ReplyGate
 from .device import init_device, isolate_environment, merge_reports, torch_device
 from .distributed import destroy_process_group, distributed_environment, init_process_group
 from .extension import compose
 from .guardian import kill_children, start_guardian, stop_guardian
+from .shutdown_hook import ShutdownHook
 from .stdio import install_prefix
 from .watchdog import start_watchdog
 
@@ -75,6 +78,7 @@ log = logging.getLogger("gpuexec.worker")
 WORKER_ENV_FLAG = "GPUEXEC_WORKER"
 _FN_CACHE_SIZE = 64
 _ALL = ALL_TOPIC[0]
+_hook: ShutdownHook | None = None  # set once the worker is built; read by _terminated
 
 
 def failure_from(exc: BaseException, value: ValueFault | None = None) -> Failure:
@@ -116,7 +120,10 @@ def _setup_process(spec: WorkerSpec) -> None:
 
 
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM (the driver's shutdown escalation): take our own children along."""
+    """SIGTERM (the driver's shutdown escalation, or anyone's): run the worker's shutdown
+    hook (bounded), take our own children along, exit."""
+    if _hook is not None:
+        _hook.run_bounded()
     kill_children()
     stop_guardian()
     os._exit(128 + signum)
@@ -163,7 +170,7 @@ class _Server:
     def __init__(self, spec: WorkerSpec, worker: Worker, sub: zmq.Socket[bytes],
                  push: zmq.Socket[bytes], shm: _ShmWorkerPath | None) -> None:
         self.rank = spec.rank
-        self.worker = worker
+        self.target = worker.rpc_target()  # what calls by name and callables go to
         self.sub = sub
         self.push = push
         self.shm = shm
@@ -184,6 +191,7 @@ class _Server:
         self.dropped = 0
         self.dropped_by_reason: dict[str, int] = {}  # sent to the driver with each Pong
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+        self.gate = ReplyGate(self._reply)  # every reply leaves through it (any thread)
 
     def _drop(self, e: Exception, reason: str = "") -> None:
         self.dropped += 1
@@ -241,9 +249,14 @@ class _Server:
                 continue
             match msg:
                 case Call():
-                    self._reply(self._run(msg), msg.method)
+                    out = self._run(msg)
+                    if isinstance(out, Future):
+                        self.gate.defer(out, msg.method, self._deferred_reply(msg))
+                    else:
+                        self.gate.send(out, msg.method)
                 case Ping(call_id=call_id):
-                    self._reply(Pong(call_id, self.rank, dict(self.dropped_by_reason)), "ping")
+                    self.gate.send(Pong(call_id, self.rank, dict(self.dropped_by_reason)),
+                                   "ping")
                 case Shutdown():
                     return
                 case UndecodableValue(envelope=Call() as call) as e:
@@ -261,12 +274,26 @@ class _Server:
         return fn
 
     def _method(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.worker, name, None) if not name.startswith("__") else None
+        method = getattr(self.target, name, None) if not name.startswith("__") else None
         if method is None or not callable(method):
-            raise AttributeError(f"{type(self.worker).__qualname__} has no method {name!r}")
+            raise AttributeError(f"{type(self.target).__qualname__} has no method {name!r}")
         return method  # type: ignore[no-any-return]
 
-    def _run(self, call: Call) -> Reply:
+    def _deferred_reply(self, call: Call) -> Callable[[Future[Any]], Reply]:
+        """The reply to ``call`` from the future its method returned (see .deferred)."""
+        keep = call.value_rank < 0 or call.value_rank == self.rank
+
+        def finish(future: Future[Any]) -> Reply:
+            try:
+                value = future.result()
+            except BaseException as e:  # CancelledError is a BaseException
+                return Reply(call.call_id, self.rank, error=failure_from(e))
+            return Reply(call.call_id, self.rank, value if keep else None)
+
+        return finish
+
+    def _run(self, call: Call) -> Reply | Future[Any]:
+        """Run ``call``; its reply, or the Future the method returned (reply deferred)."""
         try:
             if call.fn is not None and not self.allow_callables:
                 # Defence in depth: the driver refuses these before sending.
@@ -274,11 +301,13 @@ class _Server:
                 raise PermissionError("this executor was built with allow_callables=False: "
                                       "the worker does not unpickle callables")
             if call.fn is not None:
-                value = self._function(call.fn)(self.worker, *call.args, **call.kwargs)
+                value = self._function(call.fn)(self.target, *call.args, **call.kwargs)
             else:
                 value = self._method(call.method)(*call.args, **call.kwargs)
         except BaseException as e:  # SystemExit too: the worker lives on
             return Reply(call.call_id, self.rank, error=failure_from(e))
+        if isinstance(value, Future):
+            return value
         keep = call.value_rank < 0 or call.value_rank == self.rank
         return Reply(call.call_id, self.rank, value if keep else None)
 
@@ -382,11 +411,17 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         kill_children()
         stop_guardian()
         os._exit(1)
+    global _hook
+    _hook = ShutdownHook(worker.on_shutdown, spec.shutdown_timeout)  # before Ready: a
+    # SIGTERM right after the driver saw this worker ready must already run the hook
     push.send_multipart(handshake.encode(
         Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
+    server = _Server(spec, worker, sub, push, shm)
     try:
-        _Server(spec, worker, sub, push, shm).serve()
+        server.serve()
+        _hook.run()
     finally:
+        server.gate.close()  # a future resolving from now on has nobody to answer
         destroy_process_group(spec)
         kill_children()
         sub.close()

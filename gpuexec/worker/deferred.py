@@ -1,0 +1,54 @@
+"""Deferred replies: a worker method that returns a :class:`concurrent.futures.Future`.
+
+The serving thread does not wait for such a future: it goes on taking requests, and the
+reply is sent from the thread that resolves the future (a done-callback). So two threads
+may send replies, while the reply path (a ZeroMQ PUSH socket, or this worker's reply
+ring and doorbell) has room for one writer at a time: every reply of the worker goes
+through :meth:`ReplyGate.send`, which serialises them.
+
+    serving thread ── Call ─▶ method ─▶ value ──────────────▶ gate.send(Reply)
+                                  └─▶ Future ── resolves in thread T ─▶ gate.send(Reply)
+
+Replies carry their call id, so the driver matches a late deferred reply to its call
+whatever order replies arrive in. Once the worker has begun to shut down the gate is
+closed: a future that resolves after that has nobody to answer (the driver has failed
+its pending calls with ``ExecutorClosedError``) and its reply is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+
+class ReplyGate:
+    """The one way out for a worker's replies, safe to call from any thread.
+
+    Lock order: ``_lock`` is the innermost lock of the worker; ``send`` (called with it
+    held) takes no other lock of gpuexec.
+    """
+
+    def __init__(self, send: Callable[[Any, str], None]) -> None:
+        self._send = send               # set once; called only under _lock
+        self._lock = threading.Lock()   # guards _closed and every call of _send
+        self._closed = False            # any thread, under _lock
+
+    def send(self, reply: Any, method: str) -> bool:
+        """Send ``reply`` (from any thread); False when the gate is already closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._send(reply, method)
+            return True
+
+    def defer(self, future: Future[Any], method: str,
+              finish: Callable[[Future[Any]], Any]) -> None:
+        """Send ``finish(future)`` once ``future`` is done (at once if it already is)."""
+        future.add_done_callback(lambda f: self.send(finish(f), method))
+
+    def close(self) -> None:
+        """No reply leaves after this; waits for a send in progress to finish."""
+        with self._lock:
+            self._closed = True
