@@ -13,6 +13,7 @@ from conftest import wait_gone
 from hosting_workers import DeferringWorker, HostWorker
 
 from gpuexec import ConfigError, Executor, RemoteError
+from gpuexec.errors import ValueNotCarriedError
 
 TRANSPORTS = ["zmq", "shm"]
 
@@ -51,9 +52,10 @@ def test_deferred_failures_are_typed(transport: str) -> None:
         with pytest.raises(RemoteError) as info:
             ex.collective_rpc("cancelled")
         assert "CancelledError" in info.value.type_name
-        with pytest.raises(RemoteError) as info:
+        with pytest.raises(ValueNotCarriedError) as unsent:  # a deferred result, too
             ex.collective_rpc("unsendable")
-        assert "cannot be sent back" in str(info.value)
+        assert unsent.value.rank == 0 and unsent.value.path == "result"
+        assert "cannot be carried faithfully" in str(unsent.value)
         assert ex.collective_rpc("now", args=(7,)) == [7, 7]  # still usable
 
 
