@@ -38,12 +38,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, machine, print_table, write_json  # noqa: E402
 
 BACKENDS = {
     "mp": "mp",
     "gpuexec": "gpuexec.integrations.vllm.VllmExecutor",
-    "gpuexec-cold": "vllm_variants.ColdVllmExecutor",
+    "gpuexec-cold": "_vllm_variants.ColdVllmExecutor",
 }
 ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -122,8 +122,9 @@ def run_one(backend: str, tp: int, model: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tp", default="1,2")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--tp", default="1,2",
+                        help="tensor-parallel sizes, comma-separated")
+    add_out_option(parser)
     parser.add_argument("--one", nargs=3, metavar=("BACKEND", "TP", "MODEL"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
