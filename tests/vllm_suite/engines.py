@@ -66,12 +66,14 @@ def descendants() -> list[psutil.Process]:
 
 def gpuexec_workers() -> list[psutil.Process]:
     """Descendants that are gpuexec workers: the children of gpuexec's zygote (the
-    adapter's start method), which are forked from it and keep its command line."""
+    adapter's start method), which are forked from it and keep its command line, and
+    are not a worker's guardian (forked from the worker, named ``gpuexec-guard``)."""
     workers = []
     for p in descendants():
         try:
             if "gpuexec.worker.zygote" in " ".join(p.cmdline()) and \
-                    "gpuexec.worker.zygote" in " ".join(p.parent().cmdline()):
+                    "gpuexec.worker.zygote" in " ".join(p.parent().cmdline()) and \
+                    p.name() != "gpuexec-guard":
                 workers.append(p)
         except (psutil.Error, AttributeError):
             pass
