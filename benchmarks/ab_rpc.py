@@ -55,6 +55,10 @@ def _run(tree: Path, args: argparse.Namespace, out: Path) -> list[dict[str, Any]
         shutil.copy(HERE / name, bench / name)
     path = [str(tree), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+    probe = subprocess.run([sys.executable, "-c", "import gpuexec; print(gpuexec.__file__)"],
+                           env=env, cwd=bench, capture_output=True, text=True, check=True)
+    if not probe.stdout.strip().startswith(str(tree)):  # the A/B would compare X with X
+        raise RuntimeError(f"a run in {tree} would import {probe.stdout.strip()}")
     cmd = [sys.executable, str(bench / "rpc_latency.py"), "--sizes", args.sizes, "--calls",
            str(args.calls), "--rounds", "1", "--spaced-calls", str(args.spaced_calls),
            "--out", str(out)]
@@ -87,7 +91,7 @@ def main() -> int:
     best: dict[tuple[str, str, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="gpuexec-ab-") as tmp:
         work = Path(tmp)
-        old = work / "old"
+        old = work / "old"  # copies: a tree's own benchmarks/ dir is written into
         if args.baseline_dir:
             shutil.copytree(Path(args.baseline_dir) / "gpuexec", old / "gpuexec")
         else:

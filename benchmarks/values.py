@@ -131,13 +131,15 @@ def main() -> int:
     from _common import machine, print_table, write_json
 
     with tempfile.TemporaryDirectory(prefix="gpuexec-values-") as tmp:
-        old_root = Path(args.baseline_dir) if args.baseline_dir else \
+        old_root = Path(args.baseline_dir).resolve() if args.baseline_dir else \
             _export(args.baseline_ref, Path(tmp))
         best: dict[str, dict[str, dict[str, float]]] = {"old": {}, "new": {}}
         for r in range(args.rounds):
             for label, root in (("old", old_root), ("new", REPO)):
                 t0 = time.perf_counter()
                 got = _child(root, args)
+                if not got["gpuexec"].startswith(str(root)):  # the A/B would compare X with X
+                    raise RuntimeError(f"the {label} run imported {got['gpuexec']}, not {root}")
                 print(f"round {r + 1}/{args.rounds} {label} ({got.pop('gpuexec')}): "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
                 for key, stats in got.items():
