@@ -34,6 +34,7 @@ __all__ = [
     "ValueNotCarriedError",
     "WorkerDiedError",
     "WorkerStartupError",
+    "ZygoteError",
 ]
 
 
@@ -395,3 +396,8 @@ class HeldCallTimeoutError(RpcTimeoutError):
 
     def __reduce__(self) -> tuple[type[HeldCallTimeoutError], tuple[str, float]]:
         return (type(self), (self.method, self.timeout))
+
+
+class ZygoteError(GpuexecError):
+    """The zygote (``start_method="zygote"``) could not be started or is not safe to
+    fork from."""

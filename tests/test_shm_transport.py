@@ -136,9 +136,9 @@ def test_transport_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCap
                           ) -> None:
     with pytest.raises(ConfigError, match="unknown transport 'pigeon'"):
         Executor(EchoWorker, 1, device="cpu", transport="pigeon")
-    import gpuexec.executor.executor as executor_module
+    import gpuexec.executor.startup as startup_module
 
-    monkeypatch.setattr(executor_module, "shm_room", lambda n: "/dev/shm has 1 MiB free")
+    monkeypatch.setattr(startup_module, "shm_room", lambda n: "/dev/shm has 1 MiB free")
     with pytest.raises(ConfigError, match="transport='shm' is not possible here"):
         Executor(EchoWorker, 1, device="cpu", transport="shm")
     with Executor(EchoWorker, 1, device="cpu", transport="auto") as ex:

@@ -32,45 +32,30 @@ Data flow::
 from __future__ import annotations
 
 import asyncio
-import atexit
-import dataclasses
 import logging
-import os
-import signal
-import sys
 import threading
-import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal, overload
 
 import cloudpickle
 import msgspec
-import zmq
 
-from ..errors import CallRefusedError, ConfigError, InvalidArgumentError
+from ..errors import CallRefusedError, InvalidArgumentError
 from ..ipc.checkpoint import SuspendReport
-from ..ipc.curve import CurveServer, bind_tcp, check_host
-from ..ipc.endpoints import EndpointDir
-from ..ipc.messages import ShmSpec, WorkerSpec
 from ..ipc.reports import DeviceReport
-from ..ipc.zap import ZapHandler, guard, own_process_tree
 from ..worker.base import Worker
-from ..worker.stdio import read_tail, stderr_record_path
+from . import process_hooks, startup
 from .aio import AsyncSlots, await_call
 from .channel import ChannelStats, DriverChannel, PendingCall
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
 from .hold import CallGate
-from .launcher import WorkerHandle, disown_in_fork, start_workers, stop_workers, wait_ready
+from .launcher import disown_in_fork, stop_workers
 from .ownership import Ownership
-from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
-from .shm_path import ShmDriverPath, shm_room
-from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
+from .start_method import check_not_bootstrapping
 from .suspension import Suspension, refusal
 from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_ranks
-from .zygote import ZygoteClient, ZygoteError, close_zygotes, default_preload, get_zygote
 
 log = logging.getLogger("gpuexec")
 
@@ -87,91 +72,6 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     pid: int
     device: str          # the device string valid inside the worker ("cuda:0", "cpu")
     gpu: int | None      # the driver's CUDA ordinal for this worker, None on CPU
-
-
-_live: weakref.WeakSet[Executor] = weakref.WeakSet()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    for ex in list(_live):
-        ex.shutdown()
-    close_zygotes()
-
-
-def _forget_live_in_child() -> None:
-    """A fork's copy of the registry lists the parent's executors: exiting the child must
-    not shut them down (see :mod:`.ownership`)."""
-    global _live
-    for ex in list(_live):
-        disown_in_fork(ex._handles)
-    _live = weakref.WeakSet()
-
-
-os.register_at_fork(after_in_child=_forget_live_in_child)
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM to the driver: exit (code 143) through ``SystemExit``.
-
-    The handler runs in the main thread at whatever point it was interrupted, possibly
-    inside a call holding an executor's locks, so it must not shut executors down
-    itself: unwinding runs ``__exit__`` and then the atexit shutdown of every executor.
-    A second SIGTERM kills at once (the default action is restored).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if os.getpid() != _sigterm_owner:  # a child forked by other code inherited it
-        os.kill(os.getpid(), signum)
-        return
-    log.warning("gpuexec: SIGTERM: exiting; shutting down %d executor(s)", len(_live))
-    raise SystemExit(128 + signum)
-
-
-_sigterm_owner = 0  # pid of the process that installed _on_sigterm
-
-
-def _install_sigterm_handler() -> None:
-    """Install :func:`_on_sigterm`, only in the main thread and only over the default
-    action: an application's own SIGTERM handler is left alone (it runs its own
-    shutdown, and interpreter exit still shuts executors down through atexit). Children
-    forked by other code inherit the handler; in them it acts as the default action."""
-    global _sigterm_owner
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        if not _sigterm_owner:
-            os.register_at_fork(after_in_child=_default_sigterm_in_child)
-        _sigterm_owner = os.getpid()
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _default_sigterm_in_child() -> None:
-    """A child forked by any code gets SIGTERM's default action back: a Python-level
-    handler only runs between bytecodes, so a child stuck in a C-level wait (a
-    multiprocessing Pool worker on a lock) would never die of ``Pool.terminate()``."""
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _uninstall_sigterm_handler() -> None:
-    """Give SIGTERM its default action back once no executor is left."""
-    if not _live and threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _stderr_tail(endpoints: EndpointDir, ray_workers: RayWorkers | None
-                 ) -> Callable[[int], str]:
-    """``rank -> `` its last stderr lines (a Ray actor on another node has none here) and
-    Ray's account of an actor's death. Not a bound method: the channel's threads hold it,
-    and must not keep the executor alive (garbage collection shuts it down)."""
-
-    def tail(rank: int) -> str:
-        text = read_tail(stderr_record_path(endpoints.path, rank))
-        if ray_workers is not None and ray_workers.processes[rank].reason:
-            text = f"{text}\n{ray_workers.processes[rank].reason}".strip()
-        return text
-
-    return tail
 
 
 def _method_name(method: str | Callable[..., Any]) -> str:
@@ -305,7 +205,7 @@ class Executor:
         self._shutdown_lock = threading.Lock()
         self._owner = Ownership()  # forks of this process may not use or stop it
         check_not_bootstrapping()
-        self._config = ExecutorConfig.build(
+        self._config = config = ExecutorConfig.build(
             worker_cls, world_size, device=device, start_method=start_method,
             worker_args=worker_args, worker_kwargs=worker_kwargs, env=env,
             isolate_devices=isolate_devices, release_stale_contexts=release_stale_contexts,
@@ -318,163 +218,48 @@ class Executor:
             max_concurrent_batches=max_concurrent_batches, allow_callables=allow_callables,
             max_inflight_calls=max_inflight_calls, max_message_size=max_message_size,
             remote_devices=backend == "ray")
-        # ready_timeout bounds the whole start (zygote, placement, launching, handshakes).
-        deadline = time.monotonic() + self._config.ready_timeout
-        self._async_slots = AsyncSlots(self._config.max_concurrent_batches)
-        cfg = self._config
         self._backend = backend
-        self._slots: list[Slot] | None = None
-        ray_workers: RayWorkers | None = None
-        self._ray_workers = ray_workers
-        zygote = None
-        if backend == "ray":
-            bundle = check_bundle(ray_resources if ray_resources is not None else
-                                  {"GPU": 1} if cfg.device == "cuda" else {"CPU": 1})
-            if transport not in ("auto", "tcp"):
-                raise ConfigError(
-                    f"backend='ray' takes transport 'auto' (shared memory when every actor "
-                    f"is on the driver's node, else tcp + CURVE) or 'tcp', not {transport!r}")
-            ray = import_ray()
-            self._transport = "tcp"  # "shm" once placed, if every actor is on this node
-            self._start_method = "ray"
-            self._start_method_reason = f"ray: one actor per rank, bundles of {bundle}"
-        elif backend == "mp":
-            if ray_resources is not None:
-                raise ConfigError("ray_resources is for backend='ray'")
-            self._start_method, self._start_method_reason = resolve_start_method(start_method)
-            self._transport = self._pick_transport(transport)
-        else:
-            raise ConfigError(f"unknown backend {backend!r}; expected 'mp' or 'ray'")
-        try:
-            host = check_host(host if host is not None else "127.0.0.1")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self._start_method == "zygote":
-            zygote = self._zygote(preload, start_method, deadline)
-        endpoints = self._endpoints = EndpointDir()
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        handles: list[WorkerHandle] = []
-        shm: ShmDriverPath | None = None
-        # Who may connect (before any socket binds): tcp, this executor's CURVE keys;
-        # ipc, this process and its descendants (see gpuexec.ipc.zap).
-        curve: CurveServer | None = None
-        auth: ZapHandler | None = None
-        try:
-            if backend == "ray":
-                # The first processes of this executor start here: placing the actors.
-                ray_workers = self._ray_workers = RayWorkers(
-                    cfg.world_size, bundle, max(0.0, deadline - time.monotonic()))
-                self._slots = ray_workers.slots
-                if not ray_workers.all_local:
-                    if host == "127.0.0.1":
-                        host = ray.util.get_node_ip_address()  # actors elsewhere connect
-                elif transport == "auto" and not shm_room(cfg.world_size):
-                    self._transport = "shm"  # the rings; ZeroMQ stays tcp + CURVE
-                if cfg.distributed is not None and master_addr is None:
-                    # rank 0 runs on the driver's node
-                    dist = msgspec.structs.replace(cfg.distributed, master_addr=host)
-                    cfg = self._config = dataclasses.replace(cfg, distributed=dist)
-            curve = CurveServer(ctx, cfg.world_size) \
-                if self._transport == "tcp" or backend == "ray" else None
-            auth = curve.handler if curve is not None else \
-                ZapHandler(ctx, ipc_peer=own_process_tree)
-            auth.start()
-            if self._transport == "shm":
-                shm = ShmDriverPath(cfg.world_size)
-            req = ctx.socket(zmq.XPUB)
-            req.setsockopt(zmq.SNDHWM, 0)
-            req.setsockopt(zmq.LINGER, 0)
-            rep = ctx.socket(zmq.PULL)
-            rep.setsockopt(zmq.RCVHWM, 0)
-            rep.setsockopt(zmq.LINGER, 0)
-            rep.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
-            if curve is not None:
-                curve.secure(req)
-                curve.secure(rep)
-                req_endpoint, rep_endpoint = bind_tcp(req, host), bind_tcp(rep, host)
-            else:
-                guard(req)
-                guard(rep)
-                req_endpoint, rep_endpoint = endpoints.endpoint("req"), endpoints.endpoint("rep")
-                req.bind(req_endpoint)
-                rep.bind(rep_endpoint)
-            specs = [msgspec.msgpack.encode(self._spec(
-                rank, endpoints, shm.spec_for(rank) if shm is not None else None,
-                req_endpoint, rep_endpoint, curve))
-                for rank in range(cfg.world_size)]
-            if ray_workers is not None:
-                handles = ray_workers.serve(specs)
-            else:
-                handles = start_workers(self._start_method, specs, zygote, deadline,
-                                        cfg.ready_timeout)
-            wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
-                       _stderr_tail(endpoints, ray_workers), deadline)
-            if shm is not None:
-                shm.unlink()  # every worker has mapped the rings: no crash can leak them
-        except BaseException:
-            if shm is not None:
-                shm.close()
-            stop_workers(handles, grace=0.0, term_grace=1.0)
-            if ray_workers is not None:
-                ray_workers.close()
-            if auth is not None:
-                auth.stop()
-            ctx.destroy(linger=0)
-            endpoints.close()
-            raise
-        self._handles = handles
-        self._all_ranks = list(range(cfg.world_size))
-        self._endpoint_names = (req_endpoint, rep_endpoint)
-        self._channel = DriverChannel(ctx, req, rep, handles,
-                                      _stderr_tail(endpoints, ray_workers), shm,
+        started = startup.start(config, backend=backend, start_method=start_method,
+                                transport=transport, host=host, preload=preload,
+                                ray_resources=ray_resources, master_addr=master_addr)
+        self._adopt(started)
+        self._open_channel(started)
+        self._closed = False
+        process_hooks.add(self)
+
+    def _adopt(self, started: startup.Started) -> None:
+        """Take over what the start made (the executor owns it from here)."""
+        self._config = config = started.config
+        self._start_method = started.start_method
+        self._start_method_reason = started.start_method_reason
+        self._transport = started.transport
+        self._ray_workers = started.ray_workers
+        self._slots = started.slots
+        self._endpoints = started.endpoints
+        self._endpoint_names = started.endpoint_names
+        self._handles = started.handles
+        self._all_ranks = list(range(config.world_size))
+        self._async_slots = AsyncSlots(config.max_concurrent_batches)
+
+    def _open_channel(self, started: startup.Started) -> None:
+        """The channel to the workers, and the gate and suspension that sit on it."""
+        cfg = self._config
+        self._channel = DriverChannel(started.ctx, started.req, started.rep, started.handles,
+                                      started.stderr_tail, started.shm,
                                       allow_pickle=cfg.allow_callables,
                                       max_inflight_calls=cfg.max_inflight_calls,
-                                      max_message_size=cfg.max_message_size, auth=auth)
+                                      max_message_size=cfg.max_message_size,
+                                      auth=started.auth)
         self._channel.start()
         # calls made while suspended wait at the gate, unsent (see .hold and .suspension)
         self._gate = CallGate(self._channel.check_usable)
         self._channel.add_failure_callback(self._gate.poke)
-        self._suspension = Suspension(self._gate, [(h.rank, h.pid) for h in handles],
-                                      refusal(cfg.device, backend, self.device_reports))
-        self._closed = False
-        _live.add(self)
-        _install_sigterm_handler()
+        self._suspension = Suspension(self._gate, [(h.rank, h.pid) for h in self._handles],
+                                      refusal(cfg.device, self._backend, self.device_reports))
 
-    def _zygote(self, preload: Sequence[str] | None, requested: str,
-                deadline: float) -> ZygoteClient | None:
-        """The zygote to fork from; when ``auto`` chose it and it cannot start, fall back
-        (and say why in :attr:`start_method_reason`)."""
-        modules = tuple(preload) if preload is not None else default_preload()
-        try:
-            zygote, warm = get_zygote(modules, max(0.0, deadline - time.monotonic()))
-        except ZygoteError as e:
-            if requested != "auto" or os.environ.get("GPUEXEC_START_METHOD"):
-                raise
-            self._start_method = fallback_method()
-            self._start_method_reason = f"{self._start_method}: the zygote failed ({e})"
-            log.warning("gpuexec: %s", self._start_method_reason)
-            return None
-        self._start_method_reason += (
-            f"; {'warm' if warm else 'new'} zygote pid {zygote.pid}, preloaded "
-            f"{', '.join(zygote.hello.preloaded) or 'nothing'}")
-        return zygote
-
-    def _pick_transport(self, transport: str) -> str:
-        """``"zmq"``, ``"tcp"`` (ZeroMQ with CURVE; never shared memory), ``"shm"``
-        (shared-memory rings; an error when shared memory is not available), or ``"auto"``
-        (shm when it is, else zmq with one log line)."""
-        if transport not in ("auto", "shm", "zmq", "tcp"):
-            raise ConfigError(
-                f"unknown transport {transport!r}; expected auto, shm, zmq or tcp")
-        if transport in ("zmq", "tcp"):
-            return transport
-        room = shm_room(self._config.world_size)
-        if room and transport == "shm":
-            raise ConfigError(f"transport='shm' is not possible here: {room}")
-        if room:
-            log.warning("gpuexec: using ZeroMQ instead of shared memory: %s", room)
-            return "zmq"
-        return "shm"
+    def disown_in_fork(self) -> None:
+        """In a fork's child: forget the parent's workers (see :mod:`.ownership`)."""
+        disown_in_fork(self._handles)
 
     @property
     def transport(self) -> str:
@@ -485,33 +270,6 @@ class Executor:
     def endpoints(self) -> tuple[str, str]:
         """The driver's bound request and reply endpoints (``ipc://`` or ``tcp://``)."""
         return self._endpoint_names
-
-    def _spec(self, rank: int, endpoints: EndpointDir, shm: ShmSpec | None,
-              req_endpoint: str, rep_endpoint: str, curve: CurveServer | None) -> WorkerSpec:
-        cfg = self._config
-        slot = self._slots[rank] if self._slots is not None else None
-        return WorkerSpec(
-            rank=rank, local_rank=slot.local_rank if slot else rank, world_size=cfg.world_size,
-            local_world_size=slot.local_world_size if slot else cfg.world_size,
-            device=cfg.device, gpu=cfg.gpus[rank] if cfg.gpus else None,
-            isolate_devices=cfg.isolate_devices and slot is None,  # Ray already isolates
-            stale_context_policy=cfg.stale_context_policy,
-            # An actor on another node cannot watch this pid (Ray ties it to the driver).
-            driver_pid=0 if slot and not self._on_driver_node(slot) else os.getpid(),
-            driver_is_parent=self._start_method not in ("forkserver", "zygote", "ray"),
-            req_endpoint=req_endpoint, rep_endpoint=rep_endpoint,
-            worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
-            init_args_pickle=cfg.init_args_pickle, env=cfg.env,
-            stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path,
-            sys_path=[p for p in sys.path if p], shm=shm,
-            worker_extension_cls=cfg.extension.path if cfg.extension else "",
-            worker_extension_pickle=cfg.extension.pickled if cfg.extension else b"",
-            distributed=cfg.distributed,
-            curve=curve.client(rank) if curve is not None else None,
-            allow_callables=cfg.allow_callables, max_message_size=cfg.max_message_size)
-
-    def _on_driver_node(self, slot: Slot) -> bool:
-        return self._ray_workers is not None and slot.node_id == self._ray_workers.driver_node
 
     # -- properties ----------------------------------------------------------------
 
@@ -786,7 +544,7 @@ class Executor:
             if self._closed:
                 return
             self._closed = True
-        _live.discard(self)
+        process_hooks.discard(self)
         grace = self._config.shutdown_timeout if timeout is None else timeout
         ray_workers = self._ray_workers
         if self._suspension.suspended:
@@ -800,7 +558,7 @@ class Executor:
             ray_workers.close if ray_workers is not None else lambda: None,
             self._channel.close,
             self._endpoints.close,
-            _uninstall_sigterm_handler,
+            process_hooks.uninstall_sigterm_handler,
         ]
         error: BaseException | None = None
         for step in steps:  # each step runs even when an earlier one raised

@@ -28,7 +28,7 @@ import time
 
 import msgspec
 
-from ..errors import GpuexecError
+from ..errors import ZygoteError
 from ..ipc.fdwait import readable
 from ..ipc.framing import recv_message, send_message
 from ..ipc.messages import (
@@ -43,10 +43,6 @@ from ..ipc.messages import (
 from .processes import UNKNOWN_EXIT, child_env
 
 log = logging.getLogger("gpuexec")
-
-
-class ZygoteError(GpuexecError):
-    """The zygote could not be started or is not safe to fork from."""
 
 
 class ZygoteClient:
