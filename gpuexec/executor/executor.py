@@ -17,13 +17,13 @@ Data flow::
     monitor thread: sleeps in poll() on the process sentinels (+ the reply socket while
     non_block futures are outstanding); a worker's exit fails every pending call at once.
 
-* The **constructor** validates every argument (:mod:`.config`), resolves the start
-  method (:mod:`.start_method`), binds the sockets in a private 0700 directory, starts
-  the workers (:mod:`.launcher`) and waits for each one's ``Ready`` (which carries its
-  device report) within ``ready_timeout``; on any failure it stops them all and raises.
-* **Calls** (:mod:`.channel`) are encoded once and published once to the target ranks; the
-  replies are matched by call id, so a timed-out call's late replies are dropped and
-  the executor stays usable.
+* The **constructor** is four named steps: the checked configuration (:mod:`.config`);
+  the start (:mod:`.startup`: start method, sockets and who may connect, the workers and
+  each one's ``Ready`` within ``ready_timeout``; on any failure it stops them all and
+  raises); the channel (:mod:`.channel`); the process hooks (:mod:`.process_hooks`).
+* **Calls** (:mod:`.rpc`, sent by :mod:`.channel`) are encoded once and sent once to the
+  target ranks; the replies are matched by call id, so a timed-out call's late replies
+  are dropped and the executor stays usable.
 * **Shutdown** is idempotent and runs from ``shutdown()``, ``__exit__``, garbage
   collection and interpreter exit: a Shutdown message, a grace period, SIGTERM, then
   SIGKILL; then the sockets and the ipc directory go.
@@ -35,27 +35,25 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from typing import Any, Literal, overload
+from typing import Any
 
-import cloudpickle
 import msgspec
 
-from ..errors import CallRefusedError, InvalidArgumentError
+from ..errors import InvalidArgumentError
 from ..ipc.checkpoint import SuspendReport
 from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
 from . import process_hooks, startup
-from .aio import AsyncSlots, await_call
-from .channel import ChannelStats, DriverChannel, PendingCall
+from .aio import AsyncSlots
+from .channel import ChannelStats, DriverChannel
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
 from .hold import CallGate
 from .launcher import disown_in_fork, stop_workers
 from .ownership import Ownership
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
+from .rpc import RpcMethods
 from .start_method import check_not_bootstrapping
 from .suspension import Suspension, refusal
-from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_ranks
 
 log = logging.getLogger("gpuexec")
 
@@ -74,19 +72,14 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     gpu: int | None      # the driver's CUDA ordinal for this worker, None on CPU
 
 
-def _method_name(method: str | Callable[..., Any]) -> str:
-    return method if isinstance(method, str) else \
-        getattr(method, "__qualname__", None) or repr(method)
-
-
 def _no_default(timeout: float | None) -> float | None:
     """A suspend/resume timeout: None waits as long as the driver takes (not rpc_timeout)."""
     if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be positive, not {timeout!r}")
+        raise InvalidArgumentError(f"timeout must be positive, not {timeout!r}")
     return timeout
 
 
-class Executor:
+class Executor(RpcMethods):
     """Runs one worker process per rank and calls methods on all of them at once.
 
     ``Executor(worker_cls=Worker, world_size=None, *, device="auto",
@@ -328,158 +321,6 @@ class Executor:
         """
         self._owner.check()
         self._channel.add_failure_callback(fn)
-
-    # -- calls ---------------------------------------------------------------------
-
-    @overload
-    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-                       ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...,
-                       non_block: Literal[False] = ...) -> list[Any]: ...
-
-    @overload
-    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-                       ranks: Sequence[int] | None = ..., unique_reply_rank: int,
-                       non_block: Literal[False] = ...) -> Any: ...
-
-    @overload
-    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-                       ranks: Sequence[int] | None = ..., unique_reply_rank: int | None = ...,
-                       non_block: Literal[True]) -> Future[Any]: ...
-
-    def collective_rpc(
-        self,
-        method: str | Callable[..., Any],
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        ranks: Sequence[int] | None = None,
-        unique_reply_rank: int | None = None,
-        non_block: bool = False,
-    ) -> Any:
-        """Call ``method`` on every worker (or on ``ranks``) and gather the results.
-
-        ``method`` is a method name of the worker class, or a callable run in each
-        worker as ``method(worker, *args, **kwargs)`` (sent with cloudpickle over the
-        private channel). Returns the results in the order of ``ranks`` (default: all
-        ranks in rank order); with ``unique_reply_rank`` only that rank's result (every
-        targeted rank still runs the call and reports errors); with ``non_block=True``
-        a :class:`concurrent.futures.Future` of the same. Do not modify array arguments
-        of a ``non_block`` call before its future is done: they are sent without a copy.
-
-        Values keep their type both ways (tuples stay tuples, dataclasses stay
-        dataclasses: :mod:`gpuexec.ipc.values`). Raises
-        :class:`~gpuexec.errors.ValueNotCarriedError` when a value cannot travel
-        faithfully (before sending for an argument; naming the rank when a worker could
-        not rebuild the arguments or send its result, or its result cannot be rebuilt
-        here), :class:`~gpuexec.errors.RemoteError` when the method raised in a worker
-        (the lowest failing rank; the workers stay usable), ``RpcTimeoutError`` when
-        ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
-        died, ``ExecutorClosedError`` after shutdown.
-        """
-        if self._gate.holding:  # suspended: the call waits in the driver, unsent (see .hold)
-            def send(left: float | None) -> Any:
-                call = self._submit(method, args, kwargs, left, ranks, unique_reply_rank,
-                                    non_block)
-                return call.future if non_block else self._channel.wait(call)
-            wait = self._call_timeout(timeout)
-            name = _method_name(method)
-            return self._gate.defer(send, wait, name) if non_block else \
-                send(self._gate.hold(wait, name))
-        call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
-        if non_block:
-            assert call.future is not None
-            return call.future
-        return self._channel.wait(call)
-
-    @overload
-    async def collective_rpc_async(
-            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-            ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...) -> list[Any]: ...
-
-    @overload
-    async def collective_rpc_async(
-            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-            ranks: Sequence[int] | None = ..., unique_reply_rank: int) -> Any: ...
-
-    async def collective_rpc_async(
-        self,
-        method: str | Callable[..., Any],
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        ranks: Sequence[int] | None = None,
-        unique_reply_rank: int | None = None,
-    ) -> Any:
-        """:meth:`collective_rpc` for an asyncio event loop (a serving engine's): the same
-        arguments, results and errors, awaited without blocking the loop and without a
-        thread per call (see :mod:`.aio`).
-
-        At most ``max_concurrent_batches`` calls of one loop are outstanding; later ones
-        wait for a slot before they are sent. Workers run calls one at a time in the order
-        they were sent, so two calls in flight do not compute in parallel: the second is
-        already queued at the workers while the first computes, which hides its dispatch
-        and the first one's gather. Cancelling the awaiting task abandons the call: its
-        late replies are dropped and counted (:meth:`stats`), the executor stays usable.
-        Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
-        ``ExecutorClosedError`` as :meth:`collective_rpc` does.
-        """
-        self._owner.check()  # before the slots' lock, which a fork may find held
-        if self._gate.holding:  # suspended: wait here, unsent, until resume (see .hold)
-            timeout = await self._gate.hold_async(self._call_timeout(timeout),
-                                                  _method_name(method))
-        async with self._async_slots.for_running_loop():
-            call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
-            return await await_call(call, self._channel.abandon)
-
-    def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
-                kwargs: Mapping[str, Any] | None, timeout: float | None,
-                ranks: Sequence[int] | None, unique_reply_rank: int | None,
-                non_block: bool) -> PendingCall:
-        """Validate a call's arguments (:mod:`.validate`) and send it; the caller waits
-        for it."""
-        self._owner.check()
-        if isinstance(method, str):
-            name = method
-            if not method:
-                raise InvalidArgumentError("method name must not be empty")
-        elif callable(method):
-            name = getattr(method, "__qualname__", None) or repr(method)
-            if not self._config.allow_callables:
-                raise CallRefusedError(
-                    f"callable {name!r} refused: this executor was built with "
-                    "allow_callables=False; call a method of the worker class by name")
-        else:
-            raise InvalidArgumentError(
-                f"method must be a name or a callable, not {type(method).__name__}")
-        call_list, call_dict = call_args(args), call_kwargs(kwargs)
-        size = self.world_size
-        target = self._all_ranks if ranks is None else target_ranks(ranks, size)
-        value_rank = reply_rank(unique_reply_rank, target, size)
-        deadline = self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
-        flag("non_block", non_block)
-        # pickled last: every check above is cheap
-        blob = None if isinstance(method, str) else cloudpickle.dumps(method)
-        return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
-                                    deadline, non_block)
-
-    def _call_timeout(self, timeout: float | None) -> float | None:
-        """The call's deadline in seconds (``rpc_timeout`` when None), checked."""
-        return self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
-
-    def check_health(self, timeout: float = 10.0) -> None:
-        """Ping every worker; raise ``RpcTimeoutError`` naming the ranks that did not
-        answer within ``timeout`` (a positive number of seconds; None or ``inf``: no
-        deadline), or ``WorkerDiedError`` if one is gone. Each answer carries what that
-        worker dropped so far (see :meth:`stats`)."""
-        self._owner.check()
-        self._channel.wait(self._channel.ping(seconds("timeout", timeout)))
 
     # -- suspend / resume (see .suspension) ------------------------------------------
 
