@@ -22,8 +22,8 @@ import cloudpickle
 
 from ..errors import ConfigError
 from ..ipc.messages import DistributedSpec
+from ..worker import extension_clashes
 from ..worker.base import Worker
-from ..worker.extension import extension_clashes
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT, distributed_spec
 
 DEVICES = ("auto", "cuda", "cpu")

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util  # noqa: F401 - imported before our atexit hook (see below)
 import os
 import signal
 import threading
 import weakref
 from typing import Protocol
 
-from .zygote import close_zygotes
+from .zygote_client import close_zygotes
 
 log = logging.getLogger("gpuexec")
 
@@ -37,7 +38,6 @@ class Live(Protocol):
 live: weakref.WeakSet[Live] = weakref.WeakSet()
 
 
-@atexit.register
 def _shutdown_all() -> None:
     for ex in list(live):
         ex.shutdown()
@@ -54,6 +54,12 @@ def _forget_live_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_live_in_child)
+
+
+# atexit runs hooks last-registered first: ours must run before multiprocessing's (which
+# would wait for the workers ours is about to stop), so it is registered after
+# multiprocessing.util (which registers its hook when imported) is surely imported.
+atexit.register(_shutdown_all)
 
 
 def add(ex: Live) -> None:

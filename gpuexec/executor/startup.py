@@ -33,14 +33,14 @@ from ..errors import ConfigError, ZygoteError
 from ..ipc.curve import CurveServer, bind_tcp, check_host
 from ..ipc.endpoints import EndpointDir
 from ..ipc.messages import ShmSpec, WorkerSpec
+from ..ipc.stderr_record import read_tail, stderr_record_path
 from ..ipc.zap import ZapHandler, guard, own_process_tree
-from ..worker.stdio import read_tail, stderr_record_path
 from .config import ExecutorConfig
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
 from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .shm_path import ShmDriverPath, shm_room
 from .start_method import fallback_method, resolve_start_method
-from .zygote import ZygoteClient, default_preload, get_zygote
+from .zygote_client import ZygoteClient, default_preload, get_zygote
 
 log = logging.getLogger("gpuexec")
 
