@@ -2,9 +2,12 @@
 
 Every argument of :class:`~gpuexec.Executor` lands here; a bad one raises
 :class:`~gpuexec.errors.ConfigError` (a ``ValueError``) and nothing is left to clean up.
-Environment variables are read only here, only when an executor is built, and only as
-documented overrides: ``GPUEXEC_START_METHOD`` (for ``start_method="auto"``) and
-``CUDA_VISIBLE_DEVICES`` (which GPUs exist for us).
+Environment variables are read only when an executor is built, and only as documented
+overrides: ``CUDA_VISIBLE_DEVICES`` (which GPUs exist for us; here),
+``GPUEXEC_START_METHOD`` (for ``start_method="auto"``; :mod:`.start_method`) and
+``XDG_RUNTIME_DIR`` (where the private socket directory goes; :mod:`gpuexec.ipc.endpoints`).
+Workers read what the driver passes them (their ``env``) and ``GPUEXEC_LIBCUDA``
+(:mod:`gpuexec.worker.cuda_driver`).
 """
 
 from __future__ import annotations
