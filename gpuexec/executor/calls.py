@@ -134,10 +134,13 @@ class CallTable:
         # Called (holding no lock of this table) when deliver finished a future: the
         # channel pokes the monitor, which settles it outside the pump lock.
         self._on_deferred = on_deferred
+        # Raises when the channel is closed or failed (set once by the channel).
+        self.check_usable: Callable[[], None] = lambda: None
 
-    def take_slot(self, call: PendingCall, check_usable: Callable[[], None]) -> None:
+    def take_slot(self, call: PendingCall) -> None:
         """Wait for one of the ``max_inflight_calls`` slots, until the call's deadline
-        (``InflightLimitError``), or until ``check_usable`` raises (death, shutdown)."""
+        (``InflightLimitError``), or until :attr:`check_usable` raises (death, shutdown)."""
+        check_usable = self.check_usable
         slots = self.slots
         if not slots.acquire(blocking=False):
             with self.lock:

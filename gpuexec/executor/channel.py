@@ -112,6 +112,7 @@ class DriverChannel:
         self._released = False  # close() released the transport
         self._monitor = Monitor(self._table, self._transport, self._pump_lock, handles,
                                 stderr_tail, self._wake)
+        self._table.check_usable = self.check_usable
 
     # -- state ---------------------------------------------------------------------
 
@@ -154,7 +155,7 @@ class DriverChannel:
         table = self._table
         future: Future[Any] | None = Future() if non_block else None
         call = PendingCall(next(table.ids), method, ranks, unique_reply_rank, timeout, future)
-        table.take_slot(call, self.check_usable)
+        table.take_slot(call)
         value_rank = -1 if unique_reply_rank is None else unique_reply_rank
         try:
             frames, call.segments = self._encoder.encode_with_segments(

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,6 +48,7 @@ from .channel import ChannelStats, DriverChannel
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
 from .hold import CallGate
 from .launcher import disown_in_fork, stop_workers
+from .lifecycle import ExecutorState, Lifecycle
 from .ownership import Ownership
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
 from .rpc import RpcMethods
@@ -194,8 +194,7 @@ class Executor(RpcMethods):
         backend: str = "mp",
         ray_resources: Mapping[str, float] | None = None,
     ) -> None:
-        self._closed = True  # until fully started: shutdown() is then a no-op
-        self._shutdown_lock = threading.Lock()
+        self._life = Lifecycle()  # STARTING until fully started: shutdown() is a no-op
         self._owner = Ownership()  # forks of this process may not use or stop it
         check_not_bootstrapping()
         self._config = config = ExecutorConfig.build(
@@ -217,7 +216,7 @@ class Executor(RpcMethods):
                                 ray_resources=ray_resources, master_addr=master_addr)
         self._adopt(started)
         self._open_channel(started)
-        self._closed = False
+        self._life.advance(ExecutorState.STARTING, ExecutorState.RUNNING)
         process_hooks.add(self)
 
     def _adopt(self, started: startup.Started) -> None:
@@ -305,7 +304,8 @@ class Executor(RpcMethods):
 
     @property
     def is_closed(self) -> bool:
-        return self._closed
+        """True until the executor has started, and again once it is shut down."""
+        return self._life.state is not ExecutorState.RUNNING
 
     def stats(self) -> ChannelStats:
         """Counters (a copy): calls made, late replies dropped, malformed frames the driver
@@ -381,10 +381,8 @@ class Executor(RpcMethods):
         """
         if not self._owner.here():
             return
-        with self._shutdown_lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._life.advance(ExecutorState.RUNNING, ExecutorState.CLOSED):
+            return  # not started, or already shut down (see .lifecycle)
         process_hooks.discard(self)
         grace = self._config.shutdown_timeout if timeout is None else timeout
         ray_workers = self._ray_workers
@@ -418,11 +416,11 @@ class Executor(RpcMethods):
         self.shutdown()
 
     def __del__(self) -> None:
-        if not self._closed:
+        if not self.is_closed:
             self.shutdown()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "failed" if self.is_failed else "running"
+        state = "closed" if self.is_closed else "failed" if self.is_failed else "running"
         return (f"<Executor world_size={self.world_size} device={self._config.device} "
                 f"start_method={self._start_method} {state}>")
 
