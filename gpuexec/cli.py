@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 def doctor() -> int:
     """What this machine and this process look like to gpuexec."""
+    from .cuda_state import cuda_state
     from .executor.config import visible_gpu_count
-    from .executor.start_method import cuda_state, resolve_start_method
+    from .executor.start_method import resolve_start_method
     from .optional import torch_installed
     from .worker import nvml
     from .worker.cuda_driver import load_driver

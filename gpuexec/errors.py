@@ -35,6 +35,7 @@ __all__ = [
     "ValueNotCarriedError",
     "WorkerDiedError",
     "WorkerStartupError",
+    "ZygoteError",
 ]
 
 
@@ -402,3 +403,8 @@ class IntegrationError(GpuexecError, ImportError):
     """An engine adapter (``gpuexec.integrations``) cannot work with the engine installed:
     the engine is missing, or its version does not have the interface the adapter was
     written for. The message names the version found and the versions supported."""
+
+
+class ZygoteError(GpuexecError):
+    """The zygote (``start_method="zygote"``) could not be started or is not safe to
+    fork from."""

@@ -62,11 +62,11 @@ def _helper_pids() -> set[int]:
     gpuexec's zygotes."""
     from multiprocessing import forkserver, resource_tracker
 
-    from gpuexec.executor import zygote
+    from gpuexec.executor.zygote_client import zygote_pids
 
     pids = {getattr(forkserver._forkserver, "_forkserver_pid", None),
             getattr(resource_tracker._resource_tracker, "_pid", None)}
-    pids |= {z.pid for z in zygote._zygotes.values()}  # lives as long as this process
+    pids |= zygote_pids()  # they live as long as this process
     return {p for p in pids if p}
 
 

@@ -154,7 +154,7 @@ from workers import EchoWorker
 
 def announce(ex):
     print("PIDS", json.dumps([w.pid for w in ex.workers]), flush=True)
-    print("DIR", ex._endpoints.path, flush=True)
+    print("DIR", os.path.dirname(ex.endpoints[0].removeprefix("ipc://")), flush=True)
 """
 
 

@@ -12,7 +12,7 @@ from conftest import wait_gone
 from workers import EchoWorker
 
 from gpuexec import Executor
-from gpuexec.executor.zygote import get_zygote
+from gpuexec.executor.zygote_client import get_zygote
 
 
 def _zygote_pid(ex: Executor) -> int:

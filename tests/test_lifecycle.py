@@ -180,3 +180,18 @@ def test_worker_children_are_reaped(how: str, no_leaks: None) -> None:
         assert info.value.exitcode == 128 + signal.SIGTERM
     ex.shutdown()
     assert wait_gone([child], timeout=2) == []
+
+
+def test_lifecycle_transitions_follow_the_table() -> None:
+    """Only the table's transitions exist; of two racing shutdowns exactly one wins."""
+    from gpuexec.executor.lifecycle import ExecutorState, Lifecycle
+
+    life = Lifecycle()
+    assert life.state is ExecutorState.STARTING
+    assert not life.advance(ExecutorState.RUNNING, ExecutorState.CLOSED)  # not started
+    assert life.advance(ExecutorState.STARTING, ExecutorState.RUNNING)
+    assert [life.advance(ExecutorState.RUNNING, ExecutorState.CLOSED) for _ in range(2)] == \
+        [True, False]
+    assert life.state is ExecutorState.CLOSED
+    with pytest.raises(AssertionError, match="CLOSED -> RUNNING"):
+        life.advance(ExecutorState.CLOSED, ExecutorState.RUNNING)

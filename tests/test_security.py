@@ -307,20 +307,25 @@ def test_inflight_limit_backpressure(no_leaks: None) -> None:
         assert first.result() == [1.0] and second.result() == [0.01]
         assert ex.stats().inflight_waits >= 1
         ex.check_health()
-        # Many more calls than slots, from several threads: never more in flight.
-        seen: list[int] = []
+        # Many more calls than slots, from several threads, while two naps hold both
+        # slots: every thread's first call waits for a slot, and every call ends right.
+        naps = [ex.collective_rpc("nap", args=(0.5,), non_block=True) for _ in range(2)]
+        waits = ex.stats().inflight_waits
+        results: list[tuple[int, Any]] = []
 
         def submit_many() -> None:
-            for i in range(50):
-                ex.collective_rpc("add", args=(i,), non_block=True)
-                seen.append(len(ex._channel._pending))
+            futures = [(i, ex.collective_rpc("add", args=(i,), non_block=True))
+                       for i in range(50)]
+            results.extend((i, f.result()) for i, f in futures)
 
         threads = [threading.Thread(target=submit_many) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert max(seen) <= 2
+        assert [f.result() for f in naps] == [[0.5], [0.5]]
+        assert ex.stats().inflight_waits >= waits + 3
+        assert sorted(results) == sorted((i, [i]) for i in range(50) for _ in range(3))
         assert ex.collective_rpc("add", args=(3,)) == [3]
 
 

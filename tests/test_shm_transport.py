@@ -132,13 +132,37 @@ def test_large_messages_overflow_to_zeromq_in_order() -> None:
         assert got[1][0][1] == float(big.sum()) and got[0][0][1] == float(big[:10].sum())
 
 
+@pytest.mark.parametrize("start_method",
+                         ["fork", "spawn", "forkserver", "subprocess", "zygote"])
+def test_shm_under_every_start_method(start_method: str) -> None:
+    """The rings are mapped however the workers were started (inherited, or opened
+    through the driver's /proc entry): small calls, an overflow to ZeroMQ, a targeted
+    call, and a worker's death noticed while a caller sleeps on the doorbell."""
+    import numpy as np
+
+    with Executor(EchoWorker, 2, device="cpu", transport="shm", start_method=start_method,
+                  preload=()) as ex:
+        assert (ex.transport, ex.start_method) == ("shm", start_method)
+        assert ex.collective_rpc("add", args=(1,)) == [1, 2]
+        big = np.arange(300_000, dtype=np.float64)  # 2.3 MiB: more than a slot
+        echoed = ex.collective_rpc("echo", args=(big,), unique_reply_rank=1)
+        assert np.array_equal(echoed["args"][0], big)
+        assert ex.collective_rpc("add", args=(5,), ranks=[1]) == [6]
+        victim = ex.workers[0].pid
+        fut = ex.collective_rpc("sleep", args=(60,), non_block=True)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError) as info:
+            fut.result(timeout=60)
+        assert info.value.rank == 0
+
+
 def test_transport_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
                           ) -> None:
     with pytest.raises(ConfigError, match="unknown transport 'pigeon'"):
         Executor(EchoWorker, 1, device="cpu", transport="pigeon")
-    import gpuexec.executor.executor as executor_module
+    import gpuexec.executor.startup as startup_module
 
-    monkeypatch.setattr(executor_module, "shm_room", lambda n: "/dev/shm has 1 MiB free")
+    monkeypatch.setattr(startup_module, "shm_room", lambda n: "/dev/shm has 1 MiB free")
     with pytest.raises(ConfigError, match="transport='shm' is not possible here"):
         Executor(EchoWorker, 1, device="cpu", transport="shm")
     with Executor(EchoWorker, 1, device="cpu", transport="auto") as ex:

@@ -12,7 +12,8 @@ from conftest import subprocess_env
 from fakecuda import build_fake_libcuda
 
 from gpuexec import StartMethodError
-from gpuexec.executor.start_method import CudaState, cuda_state, resolve_start_method
+from gpuexec.cuda_state import CudaState, cuda_state
+from gpuexec.executor.start_method import resolve_start_method
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +102,7 @@ def test_libcuda_loaded_but_not_initialised_still_forks(fake_libcuda: Path) -> N
         import ctypes
         ctypes.CDLL({str(fake_libcuda)!r})  # any library named libcuda counts
         from gpuexec import Executor
-        from gpuexec.executor.start_method import cuda_state
+        from gpuexec.cuda_state import cuda_state
         print("STATE", cuda_state().describe())
         for method in ("auto", "fork"):
             with Executor("workers:EchoWorker", 2, device="cpu", start_method=method) as ex:

@@ -2,9 +2,12 @@
 
 Every argument of :class:`~gpuexec.Executor` lands here; a bad one raises
 :class:`~gpuexec.errors.ConfigError` (a ``ValueError``) and nothing is left to clean up.
-Environment variables are read only here, only when an executor is built, and only as
-documented overrides: ``GPUEXEC_START_METHOD`` (for ``start_method="auto"``) and
-``CUDA_VISIBLE_DEVICES`` (which GPUs exist for us).
+Environment variables are read only when an executor is built, and only as documented
+overrides: ``CUDA_VISIBLE_DEVICES`` (which GPUs exist for us; here),
+``GPUEXEC_START_METHOD`` (for ``start_method="auto"``; :mod:`.start_method`) and
+``XDG_RUNTIME_DIR`` (where the private socket directory goes; :mod:`gpuexec.ipc.endpoints`).
+Workers read what the driver passes them (their ``env``) and ``GPUEXEC_LIBCUDA``
+(:mod:`gpuexec.worker.cuda_driver`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import cloudpickle
 
 from ..errors import ConfigError
 from ..ipc.messages import DistributedSpec
+from ..worker import extension_clashes
 from ..worker.base import Worker
-from ..worker.extension import extension_clashes
 from .rank_env import EnvArg, rank_environments
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT, distributed_spec
 

@@ -17,13 +17,13 @@ Data flow::
     monitor thread: sleeps in poll() on the process sentinels (+ the reply socket while
     non_block futures are outstanding); a worker's exit fails every pending call at once.
 
-* The **constructor** validates every argument (:mod:`.config`), resolves the start
-  method (:mod:`.start_method`), binds the sockets in a private 0700 directory, starts
-  the workers (:mod:`.launcher`) and waits for each one's ``Ready`` (which carries its
-  device report) within ``ready_timeout``; on any failure it stops them all and raises.
-* **Calls** (:mod:`.channel`) are encoded once and published once to the target ranks; the
-  replies are matched by call id, so a timed-out call's late replies are dropped and
-  the executor stays usable.
+* The **constructor** is four named steps: the checked configuration (:mod:`.config`);
+  the start (:mod:`.startup`: start method, sockets and who may connect, the workers and
+  each one's ``Ready`` within ``ready_timeout``; on any failure it stops them all and
+  raises); the channel (:mod:`.channel`); the process hooks (:mod:`.process_hooks`).
+* **Calls** (:mod:`.rpc`, sent by :mod:`.channel`) are encoded once and sent once to the
+  target ranks; the replies are matched by call id, so a timed-out call's late replies
+  are dropped and the executor stays usable.
 * **Shutdown** is idempotent and runs from ``shutdown()``, ``__exit__``, garbage
   collection and interpreter exit: a Shutdown message, a grace period, SIGTERM, then
   SIGKILL; then the sockets and the ipc directory go.
@@ -32,46 +32,29 @@ Data flow::
 from __future__ import annotations
 
 import asyncio
-import atexit
-import dataclasses
 import logging
-import os
-import signal
-import sys
-import threading
-import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from typing import Any, Literal, overload
+from typing import Any
 
-import cloudpickle
 import msgspec
-import zmq
 
-from ..errors import CallRefusedError, ConfigError, InvalidArgumentError
+from ..errors import InvalidArgumentError
 from ..ipc.checkpoint import SuspendReport
-from ..ipc.curve import CurveServer, bind_tcp, check_host
-from ..ipc.endpoints import EndpointDir
-from ..ipc.messages import ShmSpec, WorkerSpec
 from ..ipc.reports import DeviceReport
-from ..ipc.zap import ZapHandler, guard, own_process_tree
 from ..worker.base import Worker
-from ..worker.stdio import read_tail, stderr_record_path
-from .aio import AsyncSlots, await_call
-from .channel import ChannelStats, DriverChannel, PendingCall
+from . import process_hooks, startup
+from .aio import AsyncSlots
+from .channel import ChannelStats, DriverChannel
 from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
 from .hold import CallGate
-from .launcher import WorkerHandle, disown_in_fork, start_workers, stop_workers, wait_ready
+from .launcher import disown_in_fork, stop_workers
+from .lifecycle import ExecutorState, Lifecycle
 from .ownership import Ownership
 from .rank_env import EnvArg
-from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
-from .shm_path import ShmDriverPath, shm_room
-from .start_method import check_not_bootstrapping, fallback_method, resolve_start_method
+from .rpc import RpcMethods
+from .start_method import check_not_bootstrapping
 from .suspension import Suspension, refusal
-from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_ranks
-from .zygote import ZygoteClient, ZygoteError, close_zygotes, default_preload, get_zygote
 
 log = logging.getLogger("gpuexec")
 
@@ -90,104 +73,14 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     gpu: int | None      # the driver's CUDA ordinal for this worker, None on CPU
 
 
-_live: weakref.WeakSet[Executor] = weakref.WeakSet()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    for ex in list(_live):
-        ex.shutdown()
-    close_zygotes()
-
-
-def _forget_live_in_child() -> None:
-    """A fork's copy of the registry lists the parent's executors: exiting the child must
-    not shut them down (see :mod:`.ownership`)."""
-    global _live
-    for ex in list(_live):
-        disown_in_fork(ex._handles)
-    _live = weakref.WeakSet()
-
-
-os.register_at_fork(after_in_child=_forget_live_in_child)
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM to the driver: exit (code 143) through ``SystemExit``.
-
-    The handler runs in the main thread at whatever point it was interrupted, possibly
-    inside a call holding an executor's locks, so it must not shut executors down
-    itself: unwinding runs ``__exit__`` and then the atexit shutdown of every executor.
-    A second SIGTERM kills at once (the default action is restored).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if os.getpid() != _sigterm_owner:  # a child forked by other code inherited it
-        os.kill(os.getpid(), signum)
-        return
-    log.warning("gpuexec: SIGTERM: exiting; shutting down %d executor(s)", len(_live))
-    raise SystemExit(128 + signum)
-
-
-_sigterm_owner = 0  # pid of the process that installed _on_sigterm
-
-
-def _install_sigterm_handler() -> None:
-    """Install :func:`_on_sigterm`, only in the main thread and only over the default
-    action: an application's own SIGTERM handler is left alone (it runs its own
-    shutdown, and interpreter exit still shuts executors down through atexit). Children
-    forked by other code inherit the handler; in them it acts as the default action."""
-    global _sigterm_owner
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        if not _sigterm_owner:
-            os.register_at_fork(after_in_child=_default_sigterm_in_child)
-        _sigterm_owner = os.getpid()
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _default_sigterm_in_child() -> None:
-    """A child forked by any code gets SIGTERM's default action back: a Python-level
-    handler only runs between bytecodes, so a child stuck in a C-level wait (a
-    multiprocessing Pool worker on a lock) would never die of ``Pool.terminate()``."""
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _uninstall_sigterm_handler() -> None:
-    """Give SIGTERM its default action back once no executor is left."""
-    if not _live and threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _stderr_tail(endpoints: EndpointDir, ray_workers: RayWorkers | None
-                 ) -> Callable[[int], str]:
-    """``rank -> `` its last stderr lines (a Ray actor on another node has none here) and
-    Ray's account of an actor's death. Not a bound method: the channel's threads hold it,
-    and must not keep the executor alive (garbage collection shuts it down)."""
-
-    def tail(rank: int) -> str:
-        text = read_tail(stderr_record_path(endpoints.path, rank))
-        if ray_workers is not None and ray_workers.processes[rank].reason:
-            text = f"{text}\n{ray_workers.processes[rank].reason}".strip()
-        return text
-
-    return tail
-
-
-def _method_name(method: str | Callable[..., Any]) -> str:
-    return method if isinstance(method, str) else \
-        getattr(method, "__qualname__", None) or repr(method)
-
-
 def _no_default(timeout: float | None) -> float | None:
     """A suspend/resume timeout: None waits as long as the driver takes (not rpc_timeout)."""
     if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be positive, not {timeout!r}")
+        raise InvalidArgumentError(f"timeout must be positive, not {timeout!r}")
     return timeout
 
 
-class Executor:
+class Executor(RpcMethods):
     """Runs one worker process per rank and calls methods on all of them at once.
 
     ``Executor(worker_cls=Worker, world_size=None, *, device="auto",
@@ -304,11 +197,10 @@ class Executor:
         backend: str = "mp",
         ray_resources: Mapping[str, float] | None = None,
     ) -> None:
-        self._closed = True  # until fully started: shutdown() is then a no-op
-        self._shutdown_lock = threading.Lock()
+        self._life = Lifecycle()  # STARTING until fully started: shutdown() is a no-op
         self._owner = Ownership()  # forks of this process may not use or stop it
         check_not_bootstrapping()
-        self._config = ExecutorConfig.build(
+        self._config = config = ExecutorConfig.build(
             worker_cls, world_size, device=device, start_method=start_method,
             worker_args=worker_args, worker_kwargs=worker_kwargs, env=env,
             isolate_devices=isolate_devices, release_stale_contexts=release_stale_contexts,
@@ -321,163 +213,48 @@ class Executor:
             max_concurrent_batches=max_concurrent_batches, allow_callables=allow_callables,
             max_inflight_calls=max_inflight_calls, max_message_size=max_message_size,
             remote_devices=backend == "ray")
-        # ready_timeout bounds the whole start (zygote, placement, launching, handshakes).
-        deadline = time.monotonic() + self._config.ready_timeout
-        self._async_slots = AsyncSlots(self._config.max_concurrent_batches)
-        cfg = self._config
         self._backend = backend
-        self._slots: list[Slot] | None = None
-        ray_workers: RayWorkers | None = None
-        self._ray_workers = ray_workers
-        zygote = None
-        if backend == "ray":
-            bundle = check_bundle(ray_resources if ray_resources is not None else
-                                  {"GPU": 1} if cfg.device == "cuda" else {"CPU": 1})
-            if transport not in ("auto", "tcp"):
-                raise ConfigError(
-                    f"backend='ray' takes transport 'auto' (shared memory when every actor "
-                    f"is on the driver's node, else tcp + CURVE) or 'tcp', not {transport!r}")
-            ray = import_ray()
-            self._transport = "tcp"  # "shm" once placed, if every actor is on this node
-            self._start_method = "ray"
-            self._start_method_reason = f"ray: one actor per rank, bundles of {bundle}"
-        elif backend == "mp":
-            if ray_resources is not None:
-                raise ConfigError("ray_resources is for backend='ray'")
-            self._start_method, self._start_method_reason = resolve_start_method(start_method)
-            self._transport = self._pick_transport(transport)
-        else:
-            raise ConfigError(f"unknown backend {backend!r}; expected 'mp' or 'ray'")
-        try:
-            host = check_host(host if host is not None else "127.0.0.1")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self._start_method == "zygote":
-            zygote = self._zygote(preload, start_method, deadline)
-        endpoints = self._endpoints = EndpointDir()
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        handles: list[WorkerHandle] = []
-        shm: ShmDriverPath | None = None
-        # Who may connect (before any socket binds): tcp, this executor's CURVE keys;
-        # ipc, this process and its descendants (see gpuexec.ipc.zap).
-        curve: CurveServer | None = None
-        auth: ZapHandler | None = None
-        try:
-            if backend == "ray":
-                # The first processes of this executor start here: placing the actors.
-                ray_workers = self._ray_workers = RayWorkers(
-                    cfg.world_size, bundle, max(0.0, deadline - time.monotonic()))
-                self._slots = ray_workers.slots
-                if not ray_workers.all_local:
-                    if host == "127.0.0.1":
-                        host = ray.util.get_node_ip_address()  # actors elsewhere connect
-                elif transport == "auto" and not shm_room(cfg.world_size):
-                    self._transport = "shm"  # the rings; ZeroMQ stays tcp + CURVE
-                if cfg.distributed is not None and master_addr is None:
-                    # rank 0 runs on the driver's node
-                    dist = msgspec.structs.replace(cfg.distributed, master_addr=host)
-                    cfg = self._config = dataclasses.replace(cfg, distributed=dist)
-            curve = CurveServer(ctx, cfg.world_size) \
-                if self._transport == "tcp" or backend == "ray" else None
-            auth = curve.handler if curve is not None else \
-                ZapHandler(ctx, ipc_peer=own_process_tree)
-            auth.start()
-            if self._transport == "shm":
-                shm = ShmDriverPath(cfg.world_size)
-            req = ctx.socket(zmq.XPUB)
-            req.setsockopt(zmq.SNDHWM, 0)
-            req.setsockopt(zmq.LINGER, 0)
-            rep = ctx.socket(zmq.PULL)
-            rep.setsockopt(zmq.RCVHWM, 0)
-            rep.setsockopt(zmq.LINGER, 0)
-            rep.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
-            if curve is not None:
-                curve.secure(req)
-                curve.secure(rep)
-                req_endpoint, rep_endpoint = bind_tcp(req, host), bind_tcp(rep, host)
-            else:
-                guard(req)
-                guard(rep)
-                req_endpoint, rep_endpoint = endpoints.endpoint("req"), endpoints.endpoint("rep")
-                req.bind(req_endpoint)
-                rep.bind(rep_endpoint)
-            specs = [msgspec.msgpack.encode(self._spec(
-                rank, endpoints, shm.spec_for(rank) if shm is not None else None,
-                req_endpoint, rep_endpoint, curve))
-                for rank in range(cfg.world_size)]
-            if ray_workers is not None:
-                handles = ray_workers.serve(specs)
-            else:
-                handles = start_workers(self._start_method, specs, zygote, deadline,
-                                        cfg.ready_timeout)
-            wait_ready(handles, rep, req, self._start_method, cfg.ready_timeout,
-                       _stderr_tail(endpoints, ray_workers), deadline)
-            if shm is not None:
-                shm.unlink()  # every worker has mapped the rings: no crash can leak them
-        except BaseException:
-            if shm is not None:
-                shm.close()
-            stop_workers(handles, grace=0.0, term_grace=1.0)
-            if ray_workers is not None:
-                ray_workers.close()
-            if auth is not None:
-                auth.stop()
-            ctx.destroy(linger=0)
-            endpoints.close()
-            raise
-        self._handles = handles
-        self._all_ranks = list(range(cfg.world_size))
-        self._endpoint_names = (req_endpoint, rep_endpoint)
-        self._channel = DriverChannel(ctx, req, rep, handles,
-                                      _stderr_tail(endpoints, ray_workers), shm,
+        started = startup.start(config, backend=backend, start_method=start_method,
+                                transport=transport, host=host, preload=preload,
+                                ray_resources=ray_resources, master_addr=master_addr)
+        self._adopt(started)
+        self._open_channel(started)
+        self._life.advance(ExecutorState.STARTING, ExecutorState.RUNNING)
+        process_hooks.add(self)
+
+    def _adopt(self, started: startup.Started) -> None:
+        """Take over what the start made (the executor owns it from here)."""
+        self._config = config = started.config
+        self._start_method = started.start_method
+        self._start_method_reason = started.start_method_reason
+        self._transport = started.transport
+        self._ray_workers = started.ray_workers
+        self._slots = started.slots
+        self._endpoints = started.endpoints
+        self._endpoint_names = started.endpoint_names
+        self._handles = started.handles
+        self._all_ranks = list(range(config.world_size))
+        self._async_slots = AsyncSlots(config.max_concurrent_batches)
+
+    def _open_channel(self, started: startup.Started) -> None:
+        """The channel to the workers, and the gate and suspension that sit on it."""
+        cfg = self._config
+        self._channel = DriverChannel(started.ctx, started.req, started.rep, started.handles,
+                                      started.stderr_tail, started.shm,
                                       allow_pickle=cfg.allow_callables,
                                       max_inflight_calls=cfg.max_inflight_calls,
-                                      max_message_size=cfg.max_message_size, auth=auth)
+                                      max_message_size=cfg.max_message_size,
+                                      auth=started.auth)
         self._channel.start()
         # calls made while suspended wait at the gate, unsent (see .hold and .suspension)
         self._gate = CallGate(self._channel.check_usable)
         self._channel.add_failure_callback(self._gate.poke)
-        self._suspension = Suspension(self._gate, [(h.rank, h.pid) for h in handles],
-                                      refusal(cfg.device, backend, self.device_reports))
-        self._closed = False
-        _live.add(self)
-        _install_sigterm_handler()
+        self._suspension = Suspension(self._gate, [(h.rank, h.pid) for h in self._handles],
+                                      refusal(cfg.device, self._backend, self.device_reports))
 
-    def _zygote(self, preload: Sequence[str] | None, requested: str,
-                deadline: float) -> ZygoteClient | None:
-        """The zygote to fork from; when ``auto`` chose it and it cannot start, fall back
-        (and say why in :attr:`start_method_reason`)."""
-        modules = tuple(preload) if preload is not None else default_preload()
-        try:
-            zygote, warm = get_zygote(modules, max(0.0, deadline - time.monotonic()))
-        except ZygoteError as e:
-            if requested != "auto" or os.environ.get("GPUEXEC_START_METHOD"):
-                raise
-            self._start_method = fallback_method()
-            self._start_method_reason = f"{self._start_method}: the zygote failed ({e})"
-            log.warning("gpuexec: %s", self._start_method_reason)
-            return None
-        self._start_method_reason += (
-            f"; {'warm' if warm else 'new'} zygote pid {zygote.pid}, preloaded "
-            f"{', '.join(zygote.hello.preloaded) or 'nothing'}")
-        return zygote
-
-    def _pick_transport(self, transport: str) -> str:
-        """``"zmq"``, ``"tcp"`` (ZeroMQ with CURVE; never shared memory), ``"shm"``
-        (shared-memory rings; an error when shared memory is not available), or ``"auto"``
-        (shm when it is, else zmq with one log line)."""
-        if transport not in ("auto", "shm", "zmq", "tcp"):
-            raise ConfigError(
-                f"unknown transport {transport!r}; expected auto, shm, zmq or tcp")
-        if transport in ("zmq", "tcp"):
-            return transport
-        room = shm_room(self._config.world_size)
-        if room and transport == "shm":
-            raise ConfigError(f"transport='shm' is not possible here: {room}")
-        if room:
-            log.warning("gpuexec: using ZeroMQ instead of shared memory: %s", room)
-            return "zmq"
-        return "shm"
+    def disown_in_fork(self) -> None:
+        """In a fork's child: forget the parent's workers (see :mod:`.ownership`)."""
+        disown_in_fork(self._handles)
 
     @property
     def transport(self) -> str:
@@ -488,34 +265,6 @@ class Executor:
     def endpoints(self) -> tuple[str, str]:
         """The driver's bound request and reply endpoints (``ipc://`` or ``tcp://``)."""
         return self._endpoint_names
-
-    def _spec(self, rank: int, endpoints: EndpointDir, shm: ShmSpec | None,
-              req_endpoint: str, rep_endpoint: str, curve: CurveServer | None) -> WorkerSpec:
-        cfg = self._config
-        slot = self._slots[rank] if self._slots is not None else None
-        return WorkerSpec(
-            rank=rank, local_rank=slot.local_rank if slot else rank, world_size=cfg.world_size,
-            local_world_size=slot.local_world_size if slot else cfg.world_size,
-            device=cfg.device, gpu=cfg.gpus[rank] if cfg.gpus else None,
-            isolate_devices=cfg.isolate_devices and slot is None,  # Ray already isolates
-            stale_context_policy=cfg.stale_context_policy,
-            # An actor on another node cannot watch this pid (Ray ties it to the driver).
-            driver_pid=0 if slot and not self._on_driver_node(slot) else os.getpid(),
-            driver_is_parent=self._start_method not in ("forkserver", "zygote", "ray"),
-            req_endpoint=req_endpoint, rep_endpoint=rep_endpoint,
-            worker_cls=cfg.worker.path, worker_cls_pickle=cfg.worker.pickled,
-            init_args_pickle=cfg.init_args_pickle, env=cfg.env[rank],
-            stderr_record=stderr_record_path(endpoints.path, rank), ipc_dir=endpoints.path,
-            sys_path=[p for p in sys.path if p], shm=shm,
-            worker_extension_cls=cfg.extension.path if cfg.extension else "",
-            worker_extension_pickle=cfg.extension.pickled if cfg.extension else b"",
-            distributed=cfg.distributed,
-            curve=curve.client(rank) if curve is not None else None,
-            allow_callables=cfg.allow_callables, max_message_size=cfg.max_message_size,
-            shutdown_timeout=cfg.shutdown_timeout)
-
-    def _on_driver_node(self, slot: Slot) -> bool:
-        return self._ray_workers is not None and slot.node_id == self._ray_workers.driver_node
 
     # -- properties ----------------------------------------------------------------
 
@@ -558,7 +307,8 @@ class Executor:
 
     @property
     def is_closed(self) -> bool:
-        return self._closed
+        """True until the executor has started, and again once it is shut down."""
+        return self._life.state is not ExecutorState.RUNNING
 
     def stats(self) -> ChannelStats:
         """Counters (a copy): calls made, late replies dropped, malformed frames the driver
@@ -574,158 +324,6 @@ class Executor:
         """
         self._owner.check()
         self._channel.add_failure_callback(fn)
-
-    # -- calls ---------------------------------------------------------------------
-
-    @overload
-    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-                       ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...,
-                       non_block: Literal[False] = ...) -> list[Any]: ...
-
-    @overload
-    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-                       ranks: Sequence[int] | None = ..., unique_reply_rank: int,
-                       non_block: Literal[False] = ...) -> Any: ...
-
-    @overload
-    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-                       ranks: Sequence[int] | None = ..., unique_reply_rank: int | None = ...,
-                       non_block: Literal[True]) -> Future[Any]: ...
-
-    def collective_rpc(
-        self,
-        method: str | Callable[..., Any],
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        ranks: Sequence[int] | None = None,
-        unique_reply_rank: int | None = None,
-        non_block: bool = False,
-    ) -> Any:
-        """Call ``method`` on every worker (or on ``ranks``) and gather the results.
-
-        ``method`` is a method name of the worker class, or a callable run in each
-        worker as ``method(worker, *args, **kwargs)`` (sent with cloudpickle over the
-        private channel). Returns the results in the order of ``ranks`` (default: all
-        ranks in rank order); with ``unique_reply_rank`` only that rank's result (every
-        targeted rank still runs the call and reports errors); with ``non_block=True``
-        a :class:`concurrent.futures.Future` of the same. Do not modify array arguments
-        of a ``non_block`` call before its future is done: they are sent without a copy.
-
-        Values keep their type both ways (tuples stay tuples, dataclasses stay
-        dataclasses: :mod:`gpuexec.ipc.values`). Raises
-        :class:`~gpuexec.errors.ValueNotCarriedError` when a value cannot travel
-        faithfully (before sending for an argument; naming the rank when a worker could
-        not rebuild the arguments or send its result, or its result cannot be rebuilt
-        here), :class:`~gpuexec.errors.RemoteError` when the method raised in a worker
-        (the lowest failing rank; the workers stay usable), ``RpcTimeoutError`` when
-        ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
-        died, ``ExecutorClosedError`` after shutdown.
-        """
-        if self._gate.holding:  # suspended: the call waits in the driver, unsent (see .hold)
-            def send(left: float | None) -> Any:
-                call = self._submit(method, args, kwargs, left, ranks, unique_reply_rank,
-                                    non_block)
-                return call.future if non_block else self._channel.wait(call)
-            wait = self._call_timeout(timeout)
-            name = _method_name(method)
-            return self._gate.defer(send, wait, name) if non_block else \
-                send(self._gate.hold(wait, name))
-        call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
-        if non_block:
-            assert call.future is not None
-            return call.future
-        return self._channel.wait(call)
-
-    @overload
-    async def collective_rpc_async(
-            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-            ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...) -> list[Any]: ...
-
-    @overload
-    async def collective_rpc_async(
-            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
-            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
-            ranks: Sequence[int] | None = ..., unique_reply_rank: int) -> Any: ...
-
-    async def collective_rpc_async(
-        self,
-        method: str | Callable[..., Any],
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        ranks: Sequence[int] | None = None,
-        unique_reply_rank: int | None = None,
-    ) -> Any:
-        """:meth:`collective_rpc` for an asyncio event loop (a serving engine's): the same
-        arguments, results and errors, awaited without blocking the loop and without a
-        thread per call (see :mod:`.aio`).
-
-        At most ``max_concurrent_batches`` calls of one loop are outstanding; later ones
-        wait for a slot before they are sent. Workers run calls one at a time in the order
-        they were sent, so two calls in flight do not compute in parallel: the second is
-        already queued at the workers while the first computes, which hides its dispatch
-        and the first one's gather. Cancelling the awaiting task abandons the call: its
-        late replies are dropped and counted (:meth:`stats`), the executor stays usable.
-        Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
-        ``ExecutorClosedError`` as :meth:`collective_rpc` does.
-        """
-        self._owner.check()  # before the slots' lock, which a fork may find held
-        if self._gate.holding:  # suspended: wait here, unsent, until resume (see .hold)
-            timeout = await self._gate.hold_async(self._call_timeout(timeout),
-                                                  _method_name(method))
-        async with self._async_slots.for_running_loop():
-            call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
-            return await await_call(call, self._channel.abandon)
-
-    def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
-                kwargs: Mapping[str, Any] | None, timeout: float | None,
-                ranks: Sequence[int] | None, unique_reply_rank: int | None,
-                non_block: bool) -> PendingCall:
-        """Validate a call's arguments (:mod:`.validate`) and send it; the caller waits
-        for it."""
-        self._owner.check()
-        if isinstance(method, str):
-            name = method
-            if not method:
-                raise InvalidArgumentError("method name must not be empty")
-        elif callable(method):
-            name = getattr(method, "__qualname__", None) or repr(method)
-            if not self._config.allow_callables:
-                raise CallRefusedError(
-                    f"callable {name!r} refused: this executor was built with "
-                    "allow_callables=False; call a method of the worker class by name")
-        else:
-            raise InvalidArgumentError(
-                f"method must be a name or a callable, not {type(method).__name__}")
-        call_list, call_dict = call_args(args), call_kwargs(kwargs)
-        size = self.world_size
-        target = self._all_ranks if ranks is None else target_ranks(ranks, size)
-        value_rank = reply_rank(unique_reply_rank, target, size)
-        deadline = self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
-        flag("non_block", non_block)
-        # pickled last: every check above is cheap
-        blob = None if isinstance(method, str) else cloudpickle.dumps(method)
-        return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
-                                    deadline, non_block)
-
-    def _call_timeout(self, timeout: float | None) -> float | None:
-        """The call's deadline in seconds (``rpc_timeout`` when None), checked."""
-        return self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
-
-    def check_health(self, timeout: float = 10.0) -> None:
-        """Ping every worker; raise ``RpcTimeoutError`` naming the ranks that did not
-        answer within ``timeout`` (a positive number of seconds; None or ``inf``: no
-        deadline), or ``WorkerDiedError`` if one is gone. Each answer carries what that
-        worker dropped so far (see :meth:`stats`)."""
-        self._owner.check()
-        self._channel.wait(self._channel.ping(seconds("timeout", timeout)))
 
     # -- suspend / resume (see .suspension) ------------------------------------------
 
@@ -786,11 +384,9 @@ class Executor:
         """
         if not self._owner.here():
             return
-        with self._shutdown_lock:
-            if self._closed:
-                return
-            self._closed = True
-        _live.discard(self)
+        if not self._life.advance(ExecutorState.RUNNING, ExecutorState.CLOSED):
+            return  # not started, or already shut down (see .lifecycle)
+        process_hooks.discard(self)
         grace = self._config.shutdown_timeout if timeout is None else timeout
         ray_workers = self._ray_workers
         if self._suspension.suspended:
@@ -804,7 +400,7 @@ class Executor:
             ray_workers.close if ray_workers is not None else lambda: None,
             self._channel.close,
             self._endpoints.close,
-            _uninstall_sigterm_handler,
+            process_hooks.uninstall_sigterm_handler,
         ]
         error: BaseException | None = None
         for step in steps:  # each step runs even when an earlier one raised
@@ -823,11 +419,11 @@ class Executor:
         self.shutdown()
 
     def __del__(self) -> None:
-        if not self._closed:
+        if not self.is_closed:
             self.shutdown()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "failed" if self.is_failed else "running"
+        state = "closed" if self.is_closed else "failed" if self.is_failed else "running"
         return (f"<Executor world_size={self.world_size} device={self._config.device} "
                 f"start_method={self._start_method} {state}>")
 

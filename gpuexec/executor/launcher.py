@@ -34,7 +34,7 @@ from ..ipc.reports import DeviceReport
 from ..worker.process import run_worker
 from .processes import ProcessLike, start_subprocess
 from .start_method import GUARD_HINT, main_lacks_guard, reimports_main
-from .zygote import ZygoteClient
+from .zygote_client import ZygoteClient
 
 log = logging.getLogger("gpuexec")
 

@@ -210,7 +210,7 @@ class Pong(msgspec.Struct, frozen=True, tag="pong", array_like=True):
 # -- the zygote's control channel (a Unix socket pair with the driver) -----------------
 #
 #   driver                                  zygote
-#   start zygote (python -m gpuexec.worker.zygote) ──▶ preload, check, ZygoteHello
+#   start zygote (python -m gpuexec.worker.zygote_server) ──▶ preload, check, ZygoteHello
 #   SpawnWorker(spec, environment, cwd) ──────────▶ fork ──▶ the child runs the worker
 #              ◀── WorkerForked(pid) + its pidfd (SCM_RIGHTS)
 #              ◀── WorkerExited(pid, exit code)    (whenever a child is reaped)

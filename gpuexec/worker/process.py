@@ -7,7 +7,9 @@
 
 The device is selected before the user's worker class is imported or unpickled, so
 import-time CUDA work lands on this worker's GPU. The loop is single-threaded and
-blocks in ``recv`` (no spinning: an idle worker uses no CPU); the guardian process
+blocks in ``recv`` (an idle worker uses no CPU; over shared memory it spins a moment
+after each request, only on a host with a core for every process, then sleeps on the
+ring's futex); the guardian process
 (:mod:`.guardian`) ends the worker and everything it started if the driver dies, and
 what it started if the worker dies. SIGINT is ignored: it is the driver that decides
 to shut down (a worker leads its own process group, so a terminal's Ctrl-C, which goes

@@ -1,7 +1,7 @@
 """Driver side of the zygote launcher (start_method ``"zygote"``).
 
 One zygote per driver process and preload list, started on first use as a fresh
-interpreter (see :mod:`gpuexec.worker.zygote`) and reused by every later executor: the
+interpreter (see :mod:`gpuexec.worker.zygote_server`) and reused by every later executor: the
 first executor pays one interpreter start and ``import torch``, every later one only a
 ``fork`` per worker ("warm start"). A zygote that died is replaced at the next start; the
 workers it already forked are not orphaned by that (they watch the driver, not the
@@ -28,7 +28,7 @@ import time
 
 import msgspec
 
-from ..errors import GpuexecError
+from ..errors import ZygoteError
 from ..ipc.fdwait import readable
 from ..ipc.framing import recv_message, send_message
 from ..ipc.messages import (
@@ -45,10 +45,6 @@ from .processes import UNKNOWN_EXIT, child_env
 log = logging.getLogger("gpuexec")
 
 
-class ZygoteError(GpuexecError):
-    """The zygote could not be started or is not safe to fork from."""
-
-
 class ZygoteClient:
     """The driver's handle on one zygote. Thread-safe (one lock for the channel)."""
 
@@ -63,7 +59,7 @@ class ZygoteClient:
         self._decoder = msgspec.msgpack.Decoder(FromZygote)
         t = time.perf_counter()
         self._popen = subprocess.Popen(
-            [sys.executable, "-m", "gpuexec.worker.zygote", str(theirs.fileno()),
+            [sys.executable, "-m", "gpuexec.worker.zygote_server", str(theirs.fileno()),
              str(os.getpid()), *preload],
             pass_fds=[theirs.fileno()], env=child_env(), stdin=subprocess.DEVNULL)
         theirs.close()
@@ -229,6 +225,12 @@ def get_zygote(preload: tuple[str, ...], timeout: float) -> tuple[ZygoteClient, 
         zygote = ZygoteClient(preload, timeout)
         _zygotes[preload] = zygote
         return zygote, False
+
+
+def zygote_pids() -> set[int]:
+    """The pids of this process's zygotes (they live as long as this process)."""
+    with _zygotes_lock:
+        return {z.pid for z in _zygotes.values()}
 
 
 def close_zygotes() -> None:

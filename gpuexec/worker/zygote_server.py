@@ -1,6 +1,6 @@
 """The zygote: a clean, pre-warmed, CUDA-free process that forks workers on request.
 
-``python -m gpuexec.worker.zygote <control fd> <driver pid> <module>...`` is started by
+``python -m gpuexec.worker.zygote_server <control fd> <driver pid> <module>...`` is started by
 the driver as a fresh interpreter (it never imports the user's ``__main__``), imports
 the preload modules (torch by default), and then checks that forking it is safe: CUDA
 not initialised (``cuInit`` never ran: see :mod:`gpuexec.executor.start_method`) and a
@@ -101,7 +101,7 @@ def _child(control: socket.socket, closing: list[int], request: SpawnWorker,
 
 
 def serve(control: socket.socket, driver_pid: int, preload: list[str]) -> None:
-    from ..executor.start_method import cuda_state
+    from ..cuda_state import cuda_state
 
     try:
         driver = os.pidfd_open(driver_pid)

@@ -1,0 +1,176 @@
+"""The monitor thread: where the driver notices a worker's death (style: one place).
+
+It sleeps in ``poll`` on the workers' process sentinels and a *poke pipe*, so a death is
+seen at once with no periodic polling. On a death it records a :class:`WorkerDeath`,
+fails every pending call, wakes any caller blocked on the transport, and runs the
+failure callbacks. While ``non_block`` futures are outstanding, or a request waits for
+room to be sent, and nobody else pumps, it pumps replies itself (the transport's
+``pump`` watches the sentinels too). Each round it also times out futures past their
+deadline and settles the futures that pumping threads finished.
+
+User code never runs under a channel lock: futures are settled and failure callbacks
+run here between pumps, with no lock held, so a callback may call anything,
+``shutdown()`` included.
+
+Fields and threads: ``death``: written once by this thread under the call table's
+``lock`` (read by anyone: once set it never changes); ``_callbacks``: any thread, under
+that lock; ``_due``, ``_idle``: this thread only; ``poke_w``: any thread, under the
+channel's wake lock (see :mod:`.channel`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import zmq
+
+from ..errors import WorkerDiedError
+from .calls import CallTable
+from .launcher import WorkerHandle
+from .processes import UNKNOWN_EXIT
+from .transport import Transport
+
+log = logging.getLogger("gpuexec")
+
+_PUMP_MS = 5  # the monitor releases the pump lock at least this often
+
+
+@dataclass(frozen=True)
+class WorkerDeath:
+    """The first worker death the driver saw: what every later call is told."""
+
+    rank: int
+    pid: int | None
+    exitcode: int | None  # None: unknown (not our child, or not reaped in time)
+    stderr_tail: str      # the dead worker's last stderr lines
+
+    def error(self) -> WorkerDiedError:
+        """A fresh error (raising one instance twice would chain its tracebacks)."""
+        return WorkerDiedError(self.rank, self.pid, self.exitcode, self.stderr_tail)
+
+
+class Monitor:
+    """The monitor thread; see the module docstring."""
+
+    def __init__(self, table: CallTable, transport: Transport, pump_lock: threading.Lock,
+                 handles: Sequence[WorkerHandle], stderr_tail: Callable[[int], str],
+                 wake: Callable[[], None]) -> None:
+        self._table = table
+        self._transport = transport
+        self._pump_lock = pump_lock
+        self._handles = handles
+        self._stderr_tail = stderr_tail
+        self._wake = wake  # the channel's: interrupts a caller blocked on the transport
+        self.death: WorkerDeath | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._due: list[Callable[[], None]] = []
+        # The monitor sleeps on the sentinels and this pipe ("a future was submitted").
+        self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sentinels = {h.sentinel: h.rank for h in handles}
+        self._idle = zmq.Poller()
+        self._idle.register(self.poke_r, zmq.POLLIN)
+        for fd in self.sentinels:
+            self._idle.register(fd, zmq.POLLIN)
+        self.thread = threading.Thread(target=self._loop, name="gpuexec-monitor",
+                                       daemon=True)
+
+    def add_failure_callback(self, fn: Callable[[], None]) -> None:
+        with self._table.lock:
+            if self.death is None:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    def on_thread(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def close_fds(self) -> None:
+        """The poke pipe (the channel's close, under its wake lock)."""
+        for fd in (self.poke_r, self.poke_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- deaths ----------------------------------------------------------------------
+
+    def _worker_exited(self, rank: int) -> None:
+        """A sentinel fired: record the death and fail every pending call."""
+        handle = self._handles[rank]
+        exitcode = handle.reap(timeout=0.5)
+        if exitcode == UNKNOWN_EXIT:
+            exitcode = None
+        table = self._table
+        if table.closing or self.death is not None:
+            return
+        tail = self._stderr_tail(rank)
+        with table.lock:
+            if table.closing or self.death is not None:
+                return
+            death = self.death = WorkerDeath(rank, handle.pid, exitcode, tail)
+            pending = list(table.pending.values())
+            callbacks, self._callbacks = self._callbacks, []
+        for call in pending:  # this thread may hold the pump lock: settled below
+            table.finish(call, error=death.error(), settle=False)
+        self._wake()
+        self._due.extend(callbacks)  # run by this thread, outside every lock
+
+    def _sentinel_fired(self, fd: int) -> None:
+        try:
+            self._idle.unregister(fd)
+        except KeyError:
+            pass
+        self._worker_exited(self.sentinels[fd])
+
+    def _run_due_callbacks(self) -> None:
+        """Failure callbacks, with no lock held (they may call anything, shutdown
+        included)."""
+        callbacks, self._due = self._due, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:
+                log.exception("gpuexec: a failure callback raised")
+
+    # -- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._table.closing:
+                self._round()
+        finally:
+            self._table.settle()
+
+    def _round(self) -> None:
+        """One round: pump (futures outstanding or a request waiting for room) or sleep
+        on the sentinels and the poke pipe; expire futures; then, holding no lock,
+        settle futures and run failure callbacks. Those may shut the channel down:
+        nothing after them touches the transport."""
+        table = self._table
+        busy = table.n_async or table.draining
+        if busy and self._pump_lock.acquire(blocking=False):
+            try:
+                fired = self._transport.pump(_PUMP_MS)
+            finally:
+                self._pump_lock.release()
+            for fd in fired:
+                self._sentinel_fired(fd)
+        else:
+            for fd, _ in self._idle.poll(_PUMP_MS if busy else None):
+                if fd == self.poke_r:
+                    try:
+                        os.read(self.poke_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif fd in self.sentinels:
+                    self._sentinel_fired(fd)
+        if table.n_async:
+            table.expire_futures(time.monotonic())
+        table.settle()
+        if self._due:
+            self._run_due_callbacks()

@@ -1,0 +1,191 @@
+"""The calls of an :class:`~gpuexec.Executor`: ``collective_rpc`` (blocking or a
+``Future``), ``collective_rpc_async`` (awaited on an event loop) and ``check_health``.
+
+A mixin of the executor, kept apart so that the constructor, properties and shutdown
+(:mod:`.executor`) and the call paths each fit in one screenful of reading. A call is
+validated here (:mod:`.validate`) before anything is encoded, waits at the gate while
+the executor is suspended (:mod:`.hold`), and is then sent and waited for by the
+channel (:mod:`.channel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Literal, overload
+
+import cloudpickle
+
+from ..errors import CallRefusedError, InvalidArgumentError
+from .aio import AsyncSlots, await_call
+from .channel import DriverChannel, PendingCall
+from .config import ExecutorConfig
+from .hold import CallGate
+from .ownership import Ownership
+from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_ranks
+
+
+def _method_name(method: str | Callable[..., Any]) -> str:
+    return method if isinstance(method, str) else \
+        getattr(method, "__qualname__", None) or repr(method)
+
+
+class RpcMethods:
+    """The call methods of :class:`~gpuexec.Executor` (set up by its constructor)."""
+
+    _channel: DriverChannel
+    _gate: CallGate
+    _config: ExecutorConfig
+    _owner: Ownership
+    _all_ranks: list[int]
+    _async_slots: AsyncSlots
+
+    @overload
+    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+                       ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...,
+                       non_block: Literal[False] = ...) -> list[Any]: ...
+
+    @overload
+    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+                       ranks: Sequence[int] | None = ..., unique_reply_rank: int,
+                       non_block: Literal[False] = ...) -> Any: ...
+
+    @overload
+    def collective_rpc(self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+                       kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+                       ranks: Sequence[int] | None = ..., unique_reply_rank: int | None = ...,
+                       non_block: Literal[True]) -> Future[Any]: ...
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        ranks: Sequence[int] | None = None,
+        unique_reply_rank: int | None = None,
+        non_block: bool = False,
+    ) -> Any:
+        """Call ``method`` on every worker (or on ``ranks``) and gather the results.
+
+        ``method`` is a method name of the worker class, or a callable run in each
+        worker as ``method(worker, *args, **kwargs)`` (sent with cloudpickle over the
+        private channel). Returns the results in the order of ``ranks`` (default: all
+        ranks in rank order); with ``unique_reply_rank`` only that rank's result (every
+        targeted rank still runs the call and reports errors); with ``non_block=True``
+        a :class:`concurrent.futures.Future` of the same. Do not modify array arguments
+        of a ``non_block`` call before its future is done: they are sent without a copy.
+
+        Values keep their type both ways (tuples stay tuples, dataclasses stay
+        dataclasses: :mod:`gpuexec.ipc.values`). Raises
+        :class:`~gpuexec.errors.ValueNotCarriedError` when a value cannot travel
+        faithfully (before sending for an argument; naming the rank when a worker could
+        not rebuild the arguments or send its result, or its result cannot be rebuilt
+        here), :class:`~gpuexec.errors.RemoteError` when the method raised in a worker
+        (the lowest failing rank; the workers stay usable), ``RpcTimeoutError`` when
+        ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
+        died, ``ExecutorClosedError`` after shutdown.
+        """
+        if self._gate.holding:  # suspended: the call waits in the driver, unsent (see .hold)
+            def send(left: float | None) -> Any:
+                call = self._submit(method, args, kwargs, left, ranks, unique_reply_rank,
+                                    non_block)
+                return call.future if non_block else self._channel.wait(call)
+            wait = self._call_timeout(timeout)
+            name = _method_name(method)
+            return self._gate.defer(send, wait, name) if non_block else \
+                send(self._gate.hold(wait, name))
+        call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
+        if non_block:
+            assert call.future is not None
+            return call.future
+        return self._channel.wait(call)
+
+    @overload
+    async def collective_rpc_async(
+            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+            ranks: Sequence[int] | None = ..., unique_reply_rank: None = ...) -> list[Any]: ...
+
+    @overload
+    async def collective_rpc_async(
+            self, method: str | Callable[..., Any], args: Sequence[Any] = ...,
+            kwargs: Mapping[str, Any] | None = ..., *, timeout: float | None = ...,
+            ranks: Sequence[int] | None = ..., unique_reply_rank: int) -> Any: ...
+
+    async def collective_rpc_async(
+        self,
+        method: str | Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        ranks: Sequence[int] | None = None,
+        unique_reply_rank: int | None = None,
+    ) -> Any:
+        """:meth:`collective_rpc` for an asyncio event loop (a serving engine's): the same
+        arguments, results and errors, awaited without blocking the loop and without a
+        thread per call (see :mod:`.aio`).
+
+        At most ``max_concurrent_batches`` calls of one loop are outstanding; later ones
+        wait for a slot before they are sent. Workers run calls one at a time in the order
+        they were sent, so two calls in flight do not compute in parallel: the second is
+        already queued at the workers while the first computes, which hides its dispatch
+        and the first one's gather. Cancelling the awaiting task abandons the call: its
+        late replies are dropped and counted (:meth:`stats`), the executor stays usable.
+        Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
+        ``ExecutorClosedError`` as :meth:`collective_rpc` does.
+        """
+        self._owner.check()  # before the slots' lock, which a fork may find held
+        if self._gate.holding:  # suspended: wait here, unsent, until resume (see .hold)
+            timeout = await self._gate.hold_async(self._call_timeout(timeout),
+                                                  _method_name(method))
+        async with self._async_slots.for_running_loop():
+            call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
+            return await await_call(call, self._channel.abandon)
+
+    def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any] | None, timeout: float | None,
+                ranks: Sequence[int] | None, unique_reply_rank: int | None,
+                non_block: bool) -> PendingCall:
+        """Validate a call's arguments (:mod:`.validate`) and send it; the caller waits
+        for it."""
+        self._owner.check()
+        if isinstance(method, str):
+            name = method
+            if not method:
+                raise InvalidArgumentError("method name must not be empty")
+        elif callable(method):
+            name = getattr(method, "__qualname__", None) or repr(method)
+            if not self._config.allow_callables:
+                raise CallRefusedError(
+                    f"callable {name!r} refused: this executor was built with "
+                    "allow_callables=False; call a method of the worker class by name")
+        else:
+            raise InvalidArgumentError(
+                f"method must be a name or a callable, not {type(method).__name__}")
+        call_list, call_dict = call_args(args), call_kwargs(kwargs)
+        size = self._config.world_size
+        target = self._all_ranks if ranks is None else target_ranks(ranks, size)
+        value_rank = reply_rank(unique_reply_rank, target, size)
+        deadline = self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
+        flag("non_block", non_block)
+        # pickled last: every check above is cheap
+        blob = None if isinstance(method, str) else cloudpickle.dumps(method)
+        return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
+                                    deadline, non_block)
+
+    def _call_timeout(self, timeout: float | None) -> float | None:
+        """The call's deadline in seconds (``rpc_timeout`` when None), checked."""
+        return self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
+
+    def check_health(self, timeout: float = 10.0) -> None:
+        """Ping every worker; raise ``RpcTimeoutError`` naming the ranks that did not
+        answer within ``timeout`` (a positive number of seconds; None or ``inf``: no
+        deadline), or ``WorkerDiedError`` if one is gone. Each answer carries what that
+        worker dropped so far (see :meth:`stats`)."""
+        self._owner.check()
+        self._channel.wait(self._channel.ping(seconds("timeout", timeout)))

@@ -1,0 +1,53 @@
+"""What the driver's channel asks of a transport: the one interface both wires implement.
+
+The channel (:mod:`.channel`) owns the locks and the call table; a transport owns the
+wire. Each method says which of the channel's locks its caller holds, so a transport
+takes none itself::
+
+    send(ranks, frames) -> bool   write one request for ``ranks`` (send lock held);
+                                  False: no room now, the channel waits and retries
+    recv_for(call, timeout_ms)    receive replies into the call table until ``call`` is
+                                  done, or at most one wait of ``timeout_ms`` (pump lock)
+    pump(timeout_ms) -> [fd]      the monitor's round: replies and the workers' sentinels
+                                  together; returns the sentinels that fired (pump lock)
+    drain()                       take the replies ready now, never waiting (pump lock)
+    wake()                        make a ``recv_for`` that waits return now (wake lock)
+    close()                       release the wire (all three locks, once)
+
+Implementations: :class:`.zmq_transport.ZmqTransport` (an XPUB socket out, a PULL socket
+in) and :class:`.shm_transport.ShmTransport` (shared-memory rings, with ZeroMQ for what
+does not fit a slot). The channel chooses one, in one place, when it is made.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from .calls import PendingCall
+
+
+class Transport(ABC):
+    """The wire between the driver and its workers; see the module docstring."""
+
+    #: requests may carry large arrays as shared-memory payloads (``shm_payload``)
+    carries_shm_payloads = False
+
+    @abstractmethod
+    def send(self, ranks: Sequence[int], frames: list[Any]) -> bool: ...
+
+    @abstractmethod
+    def recv_for(self, call: PendingCall, timeout_ms: int) -> None: ...
+
+    @abstractmethod
+    def pump(self, timeout_ms: int) -> list[int]: ...
+
+    @abstractmethod
+    def drain(self) -> None: ...
+
+    @abstractmethod
+    def wake(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
