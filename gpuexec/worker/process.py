@@ -18,7 +18,6 @@ to the foreground group, does not reach it anyway; a Ray actor's group is Ray's)
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -65,12 +64,12 @@ from ..ipc.messages import (
     rank_topic,
 )
 from ..ipc.shm_ring import Doorbell, RingReader, RingWriter
-from .base import Worker, WorkerContext
+from .base import Worker
 from .deferred import ReplyGate
-from .device import init_device, isolate_environment, merge_reports, torch_device
+from .device import init_device, isolate_environment, merge_reports
 from .distributed import destroy_process_group, distributed_environment, init_process_group
-from .extension import compose
 from .guardian import kill_children, start_guardian, stop_guardian
+from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
 from .stdio import install_prefix
 from .watchdog import start_watchdog
@@ -129,41 +128,6 @@ def _terminated(signum: int, frame: object) -> None:
     kill_children()
     stop_guardian()
     os._exit(128 + signum)
-
-
-def _load_class(path: str, pickled: bytes) -> Any:
-    if pickled:
-        return cloudpickle.loads(pickled)
-    module_name, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _resolve_class(spec: WorkerSpec) -> type[Worker]:
-    cls = _load_class(spec.worker_cls, spec.worker_cls_pickle)
-    if not (isinstance(cls, type) and issubclass(cls, Worker)):
-        raise TypeError(f"{spec.worker_cls or cls!r} is not a gpuexec.Worker subclass")
-    return cls
-
-
-def _extend_class(spec: WorkerSpec, cls: type[Worker]) -> type[Worker]:
-    """``cls`` with the worker extension mixed in (``cls`` itself when there is none)."""
-    if not spec.worker_extension_cls and not spec.worker_extension_pickle:
-        return cls
-    extension = _load_class(spec.worker_extension_cls, spec.worker_extension_pickle)
-    return compose(cls, extension)
-
-
-def _build_worker(spec: WorkerSpec, cls: type[Worker]) -> Worker:
-    args, kwargs = cloudpickle.loads(spec.init_args_pickle) if spec.init_args_pickle else ((), {})
-    worker = cls.__new__(cls)
-    worker._gpuexec_ctx = WorkerContext(
-        spec.rank, spec.local_rank, spec.world_size, spec.local_world_size,
-        torch_device(spec), spec)
-    cls.__init__(worker, *args, **kwargs)
-    return worker
 
 
 class _Server:
@@ -395,11 +359,11 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         stage = "init_distributed"
         init_process_group(spec)
         stage = "import"
-        cls = _resolve_class(spec)
+        cls = resolve_class(spec)
         stage = "worker_extension_cls"
-        cls = _extend_class(spec, cls)
+        cls = extend_class(spec, cls)
         stage = "__init__"
-        worker = _build_worker(spec, cls)
+        worker = build_worker(spec, cls)
         if spec.device == "cuda":
             stage = "init_device"  # again: release what the import or __init__ left behind
             report = merge_reports(report, init_device(spec))
