@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,3 +74,15 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def export_package(ref: str, into: Path) -> Path:
+    """The ``gpuexec`` package of git revision ``ref`` of this checkout, unpacked under
+    ``into``: a tree to put first on the path for an A/B against this checkout."""
+    archive = into / "src.tar"
+    with archive.open("wb") as f:
+        subprocess.run(["git", "-C", str(OUT.parent.parent), "archive", ref, "gpuexec"],
+                       stdout=f, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"

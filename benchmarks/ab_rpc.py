@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,22 +27,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import add_out_option, machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, export_package, machine, print_table, write_json  # noqa: E402
 
 TARGET = 1.03
 # (label, key in rpc_latency.json's per-world-size result, p50 path inside it)
 MEASURES = [("zmq no-op", ("gpuexec",)), ("shm no-op", ("gpuexec_shm",)),
             ("zmq 5 ms apart", ("spaced", "zmq")), ("shm 5 ms apart", ("spaced", "shm"))]
-
-
-def _tree_from_git(ref: str, into: Path) -> Path:
-    archive = into / "src.tar"
-    with archive.open("wb") as f:
-        subprocess.run(["git", "-C", str(REPO), "archive", ref, "gpuexec"], stdout=f,
-                       check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into / "tree", filter="data")
-    return into / "tree"
 
 
 def _run(tree: Path, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
@@ -95,7 +84,7 @@ def main() -> int:
         if args.baseline_dir:
             shutil.copytree(Path(args.baseline_dir) / "gpuexec", old / "gpuexec")
         else:
-            old = _tree_from_git(args.baseline_ref, work)
+            old = export_package(args.baseline_ref, work)
         new = work / "new"
         shutil.copytree(REPO / "gpuexec", new / "gpuexec")
         for r in range(args.rounds):

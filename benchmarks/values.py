@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -84,17 +83,6 @@ def measure(calls: int, warmup: int, transports: list[str]) -> dict[str, Any]:
     return out
 
 
-def _export(ref: str, into: Path) -> Path:
-    """The ``gpuexec`` package of git ``ref``, unpacked under ``into``."""
-    archive = into / "src.tar"
-    with archive.open("wb") as f:
-        subprocess.run(["git", "-C", str(REPO), "archive", ref, "gpuexec"], stdout=f,
-                       check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into / "tree", filter="data")
-    return into / "tree"
-
-
 def _child(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     path = [str(root), str(HERE), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
@@ -128,11 +116,11 @@ def main() -> int:
     if args.child:
         print(json.dumps(measure(args.calls, args.warmup, args.transports.split(","))))
         return 0
-    from _common import machine, print_table, write_json
+    from _common import export_package, machine, print_table, write_json
 
     with tempfile.TemporaryDirectory(prefix="gpuexec-values-") as tmp:
         old_root = Path(args.baseline_dir).resolve() if args.baseline_dir else \
-            _export(args.baseline_ref, Path(tmp))
+            export_package(args.baseline_ref, Path(tmp))
         best: dict[str, dict[str, dict[str, float]]] = {"old": {}, "new": {}}
         for r in range(args.rounds):
             for label, root in (("old", old_root), ("new", REPO)):
