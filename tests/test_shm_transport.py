@@ -211,3 +211,22 @@ def _payload_fds() -> int:
         except OSError:
             pass
     return count
+
+
+def test_a_reused_payload_descriptor_is_refused_not_read_as_another_payload() -> None:
+    # A call that timed out has its payload's descriptor closed while its request may
+    # still wait unread in the ring; the number can then name the next call's payload.
+    from gpuexec.ipc import shm_payload
+
+    first = bytes(range(256)) * 16
+    fd, ino = shm_payload.write_segment(first)
+    os.close(fd)
+    fd2, ino2 = shm_payload.write_segment(b"\xff" * len(first))
+    try:
+        assert fd2 == fd  # the lowest free number: the very case
+        with pytest.raises(ValueError, match="not the payload"):
+            shm_payload.map_segment(os.getpid(), fd, ino, len(first))
+        with shm_payload.map_segment(os.getpid(), fd2, ino2, len(first)) as mm:
+            assert mm[:4] == b"\xff" * 4
+    finally:
+        os.close(fd2)

@@ -45,7 +45,7 @@ _EXT_TENSOR = 2    # payload: [torch dtype name, shape, frame index]
 # 3: the old pickle payload; values.PICKLE (19) and the other value codes are in .values
 _EXT_NDARRAY_INLINE = 4  # payload: [dtype.str, shape, raw bytes]
 _EXT_TENSOR_INLINE = 5
-_EXT_NDARRAY_SHM = 6  # payload: [dtype.str, shape, driver pid, fd, nbytes] (shm_payload)
+_EXT_NDARRAY_SHM = 6  # payload: [dtype.str, shape, driver pid, fd, inode, nbytes] (shm_payload)
 _EXT_TENSOR_SHM = 7
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
@@ -257,10 +257,10 @@ class Encoder:
     def _array_ext(self, code: int, inline_code: int, dtype: str, shape: Sequence[int],
                    raw: Any, shm_code: int) -> msgspec.msgpack.Ext:
         if self.shm_payloads and raw.nbytes >= shm_payload.PAYLOAD_THRESHOLD:
-            fd = shm_payload.write_segment(raw)
+            fd, ino = shm_payload.write_segment(raw)
             self._segments.append(fd)
             return msgspec.msgpack.Ext(shm_code, self._meta.encode(
-                (dtype, list(shape), os.getpid(), fd, raw.nbytes)))
+                (dtype, list(shape), os.getpid(), fd, ino, raw.nbytes)))
         if raw.nbytes < INLINE_LIMIT:
             return msgspec.msgpack.Ext(inline_code,
                                        self._meta.encode((dtype, list(shape), raw.tobytes())))
@@ -291,7 +291,7 @@ class Decoder(Generic[T]):
         self.copy_buffers = copy_buffers
         self.where = where
         self._meta = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
-        self._shm_meta = msgspec.msgpack.Decoder(tuple[str, list[int], int, int, int])
+        self._shm_meta = msgspec.msgpack.Decoder(tuple[str, list[int], int, int, int, int])
         self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
             msg_type, ext_hook=self._ext_hook)
         self._any: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
@@ -373,12 +373,12 @@ class Decoder(Generic[T]):
             if not self.allow_shm:  # the private channel only, like pickle
                 raise MalformedMessage("shared-memory payload on an untrusted channel",
                                        "pickle_refused")
-            dtype, shape, pid, fd, nbytes = self._shm_meta.decode(data)
+            dtype, shape, pid, fd, ino, nbytes = self._shm_meta.decode(data)
             self._check_size(dtype, shape, nbytes, code == _EXT_TENSOR_SHM)
             if self.shm_pid > 0 and pid != self.shm_pid:
                 raise MalformedMessage(f"payload of pid {pid}, not the driver's", "bad_buffer")
             try:
-                buf = shm_payload.map_segment(pid, fd, nbytes)
+                buf = shm_payload.map_segment(pid, fd, ino, nbytes)
             except (OSError, ValueError) as e:
                 raise values.Unrebuilt("an array", dtype, f"{self.where} cannot map its "
                                        f"shared-memory payload: {e}") from None
