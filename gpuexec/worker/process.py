@@ -1,13 +1,14 @@
 """A worker process from start to exit: the entry point the executor launches.
 
-    spec bytes ──▶ own process group + guardian ──▶ environment, stdio ──▶ init_device
-    ──▶ torch.distributed
-    group (when asked) ──▶ import/unpickle worker class (+ extension mixin) ──▶ __init__
-    ──▶ Ready ──▶ loop { Call ─▶ run ─▶ Reply } ──▶ Shutdown ──▶ group destroyed
+    spec bytes ──▶ own process group + guardian ──▶ environment, stdio ──▶ transport
+    ──▶ init_device ──▶ torch.distributed group (when asked) ──▶ import/unpickle worker
+    class (+ extension mixin) ──▶ __init__ ──▶ Ready ──▶ loop { Call ─▶ run ─▶ Reply }
+    ──▶ Shutdown ──▶ group destroyed
 
 The device is selected before the user's worker class is imported or unpickled, so
-import-time CUDA work lands on this worker's GPU. The loop is single-threaded and
-blocks in ``recv`` (an idle worker uses no CPU; over shared memory it spins a moment
+import-time CUDA work lands on this worker's GPU. Requests come and replies go through
+the transport chosen once at start (:mod:`.transport`: ZeroMQ or shared memory). The
+loop is single-threaded and blocks in ``recv`` (an idle worker uses no CPU; over shared memory it spins a moment
 after each request, only on a host with a core for every process, then sleeps on the
 ring's futex); the guardian process
 (:mod:`.guardian`) ends the worker and everything it started if the driver dies, and
@@ -21,9 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import struct
 import sys
-import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,17 +34,12 @@ import msgspec
 import zmq
 
 from ..errors import ValueNotCarriedError
-from ..ipc import futex, packets
 from ..ipc.codec import (
     Decoder,
     Encoder,
-    MalformedMessage,
     UndecodableValue,
-    recv_rest,
-    send_frames,
 )
 from ..ipc.curve import secure_client
-from ..ipc.forecast import ArrivalForecast
 from ..ipc.messages import (
     ALL_TOPIC,
     PROTOCOL_VERSION,
@@ -55,7 +49,6 @@ from ..ipc.messages import (
     Pong,
     Ready,
     Reply,
-    ShmSpec,
     Shutdown,
     StartupFailed,
     ToWorker,
@@ -63,7 +56,6 @@ from ..ipc.messages import (
     WorkerSpec,
     rank_topic,
 )
-from ..ipc.shm_ring import Doorbell, RingReader, RingWriter
 from .base import Worker
 from .deferred import ReplyGate
 from .device import init_device, isolate_environment, merge_reports
@@ -72,6 +64,7 @@ from .guardian import kill_children, start_guardian, stop_guardian
 from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
 from .stdio import install_prefix
+from .transport import ShmWorkerTransport, ZmqWorkerTransport
 from .watchdog import start_watchdog
 
 log = logging.getLogger("gpuexec.worker")
@@ -133,31 +126,35 @@ def _terminated(signum: int, frame: object) -> None:
 class _Server:
     """The request loop. Owns the two sockets; single-threaded."""
 
-    def __init__(self, spec: WorkerSpec, worker: Worker, sub: zmq.Socket[bytes],
-                 push: zmq.Socket[bytes], shm: _ShmWorkerPath | None) -> None:
+    def __init__(self, spec: WorkerSpec, sub: zmq.Socket[bytes],
+                 push: zmq.Socket[bytes]) -> None:
         self.rank = spec.rank
-        self.target = worker.rpc_target()  # what calls by name and callables go to
-        self.sub = sub
-        self.push = push
-        self.shm = shm
-        self.topic = rank_topic(spec.rank)
+        self.target: Any = None  # what calls by name and callables go to (see host())
         self.encoder = Encoder(allow_pickle=True)
         # allow_callables=False: nothing that arrives is unpickled (a pickled argument
         # runs code as surely as a callable does); arrays in shared memory still map.
         self.allow_callables = spec.allow_callables
         self.max_message_size = spec.max_message_size
-        self.decoder: Decoder[ToWorker] = Decoder(ToWorker, allow_pickle=spec.allow_callables,
-                                                  allow_shm=True, shm_pid=spec.driver_pid,
-                                                  where="the worker")
-        self.shm_decoder: Decoder[ToWorker] = Decoder(ToWorker,
-                                                      allow_pickle=spec.allow_callables,
-                                                      copy_buffers=True, allow_shm=True,
-                                                      shm_pid=spec.driver_pid,
-                                                      where="the worker")
+
+        def decoder(copy_buffers: bool) -> Decoder[ToWorker]:
+            return Decoder(ToWorker, allow_pickle=spec.allow_callables,
+                           copy_buffers=copy_buffers, allow_shm=True,
+                           shm_pid=spec.driver_pid, where="the worker")
+
+        # The transport, chosen once (see .transport): the loop never asks which it has.
+        self.transport: ZmqWorkerTransport = ZmqWorkerTransport(
+            sub, push, spec.rank, decoder(False), self._drop) if spec.shm is None else \
+            ShmWorkerTransport(sub, push, spec.rank, decoder(False), self._drop, spec.shm,
+                               decoder(True))
         self.dropped = 0
         self.dropped_by_reason: dict[str, int] = {}  # sent to the driver with each Pong
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
         self.gate = ReplyGate(self._reply)  # every reply leaves through it (any thread)
+
+    def host(self, worker: Worker) -> None:
+        """Serve ``worker`` (built after the transport: the rings are attached before
+        the driver sees this worker ready and gives up their descriptors)."""
+        self.target = worker.rpc_target()
 
     def _drop(self, e: Exception, reason: str = "") -> None:
         self.dropped += 1
@@ -166,51 +163,10 @@ class _Server:
         if self.dropped == 1:
             log.warning("dropped a malformed request (%s); counting further ones", e)
 
-    def _next_zmq(self) -> ToWorker | UndecodableValue | None:
-        """The next request; an :class:`UndecodableValue` for a call whose arguments this
-        worker cannot rebuild (answered with the error), None for a dropped frame set."""
-        sub = self.sub
-        first = sub.recv(copy=False)
-        header = first.bytes or b"\x00"  # an empty frame is nothing a driver sends
-        body = memoryview(header)[1 if header[0] == _ALL else len(self.topic):]
-        try:
-            if first.more:
-                frames = recv_rest(sub, header)
-                frames[0] = body
-                return self.decoder.decode(frames)
-            return self.decoder.decode_header(body)
-        except UndecodableValue as e:
-            return e
-        except MalformedMessage as e:
-            self._drop(e)
-            return None
-
-    def _next_shm(self, shm: _ShmWorkerPath) -> ToWorker | UndecodableValue | None:
-        view = shm.request.read()
-        if view is None:  # pragma: no cover - no timeout was given
-            return None
-        try:
-            if not packets.for_rank(view, self.rank):
-                return None
-            kind, frames = packets.unpack(view)
-            if kind == packets.BY_ZMQ:
-                return self._next_zmq()
-            if len(frames) > 1:
-                return self.shm_decoder.decode(frames)
-            return self.shm_decoder.decode_header(frames[0])
-        except UndecodableValue as e:
-            return e
-        except (MalformedMessage, ValueError, struct.error) as e:
-            self._drop(e)
-            return None
-        finally:
-            view.release()
-            shm.request.release()
-
     def serve(self) -> None:
-        shm = self.shm
+        next_request = self.transport.next
         while True:
-            msg = self._next_zmq() if shm is None else self._next_shm(shm)
+            msg = next_request()
             if msg is None:
                 continue
             match msg:
@@ -289,16 +245,7 @@ class _Server:
                 failure = failure_from(TypeError(
                     f"the result of {method!r} cannot be sent back: {e!r}"))
             frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure))
-        shm = self.shm
-        if shm is None:
-            send_frames(self.push, frames)
-            return
-        if not packets.put(shm.reply, frames, None):
-            send_frames(self.push, frames)  # too big for a slot: ZeroMQ, and a marker
-            shm.reply.write(packets.pack_marker(None))
-        shm.doorbell.ring()
-        if shm.forecast is not None:  # the next request may be timed from this reply
-            shm.forecast.replied(time.monotonic())
+        self.transport.send(frames)
 
 
 def _check_sizes(frames: list[Any], limit: int) -> None:
@@ -309,22 +256,6 @@ def _check_sizes(frames: list[Any], limit: int) -> None:
             size = memoryview(frame).nbytes
             if size > limit:
                 raise ValueError(f"a frame of {size} bytes is over max_message_size={limit}")
-
-
-class _ShmWorkerPath:
-    """The worker's ends of the shared-memory path (see gpuexec.executor.shm_path)."""
-
-    def __init__(self, spec: ShmSpec, rank: int) -> None:
-        # Forecasting arrivals means spinning around them: only where spinning is allowed
-        # (the driver sets spin 0 on a host without a core for every spinner).
-        forecast = None
-        if spec.spin > 0:
-            forecast = ArrivalForecast()
-            futex.set_timer_slack(1000)  # this (the serving) thread's timed sleeps on time
-        self.forecast = forecast
-        self.request = RingReader(spec.request, rank, spin=spec.spin, forecast=forecast)
-        self.reply = RingWriter.attach(spec.reply)
-        self.doorbell = Doorbell(spec.doorbell)
 
 
 def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
@@ -351,7 +282,7 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         secure_client(push, spec.curve)
     sub.connect(spec.req_endpoint)
     push.connect(spec.rep_endpoint)
-    shm = _ShmWorkerPath(spec.shm, spec.rank) if spec.shm is not None else None
+    server = _Server(spec, sub, push)  # attaches the shared-memory rings, if any
     handshake = Encoder(allow_pickle=False)
     stage = "init_device"
     try:
@@ -382,7 +313,7 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
     # SIGTERM right after the driver saw this worker ready must already run the hook
     push.send_multipart(handshake.encode(
         Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
-    server = _Server(spec, worker, sub, push, shm)
+    server.host(worker)
     try:
         server.serve()
         _hook.run()

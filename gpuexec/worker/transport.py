@@ -1,0 +1,129 @@
+"""The worker's side of the wire, as one of two transports chosen once at start-up.
+
+Mirrors the driver's transports (:mod:`gpuexec.executor.transport`): a request loop asks
+its transport for the next request and gives it each reply's frames; it never asks which
+transport it has.
+
+==================  ===============================  ====================================
+transport           next request                     a reply
+==================  ===============================  ====================================
+ZeroMQ              SUB socket: the topic stripped,  PUSH socket
+                    decoded without copying
+shared memory       the broadcast ring: a packet     a packet in this worker's reply ring,
+                    for this rank, decoded with its  the doorbell rung; too big for a
+                    buffers copied (the slot is      slot: ZeroMQ, and a marker in the
+                    reused); a marker: the request   ring that keeps the order
+                    waits on ZeroMQ
+==================  ===============================  ====================================
+
+Both hand back a decoded :data:`~gpuexec.ipc.messages.ToWorker`, an
+:class:`~gpuexec.ipc.codec.UndecodableValue` for a call whose arguments this worker cannot
+rebuild (the loop answers it with the error), or None for a frame set dropped (counted by
+the ``drop`` callback the loop passes in).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ..ipc import futex, packets
+from ..ipc.codec import Decoder, MalformedMessage, UndecodableValue, recv_rest, send_frames
+from ..ipc.forecast import ArrivalForecast
+from ..ipc.messages import ALL_TOPIC, ShmSpec, ToWorker, rank_topic
+from ..ipc.shm_ring import Doorbell, RingReader, RingWriter
+
+_ALL = ALL_TOPIC[0]
+
+Next = ToWorker | UndecodableValue | None
+Drop = Callable[[Exception], None]
+
+
+class ZmqWorkerTransport:
+    """Requests from the SUB socket, replies on the PUSH socket (single-threaded: the
+    request loop reads, the reply gate sends)."""
+
+    def __init__(self, sub: zmq.Socket[bytes], push: zmq.Socket[bytes], rank: int,
+                 decoder: Decoder[ToWorker], drop: Drop) -> None:
+        self.sub = sub
+        self.push = push
+        self.topic = rank_topic(rank)
+        self.decoder = decoder
+        self.drop = drop
+
+    def next(self) -> Next:
+        """The next request (blocks until one comes)."""
+        sub = self.sub
+        first = sub.recv(copy=False)
+        header = first.bytes or b"\x00"  # an empty frame is nothing a driver sends
+        body = memoryview(header)[1 if header[0] == _ALL else len(self.topic):]
+        try:
+            if first.more:
+                frames = recv_rest(sub, header)
+                frames[0] = body
+                return self.decoder.decode(frames)
+            return self.decoder.decode_header(body)
+        except UndecodableValue as e:
+            return e
+        except MalformedMessage as e:
+            self.drop(e)
+            return None
+
+    def send(self, frames: list[Any]) -> None:
+        send_frames(self.push, frames)
+
+
+class ShmWorkerTransport(ZmqWorkerTransport):
+    """Requests from the broadcast ring, replies into this worker's ring; ZeroMQ for what
+    does not fit a slot (see the module docstring)."""
+
+    def __init__(self, sub: zmq.Socket[bytes], push: zmq.Socket[bytes], rank: int,
+                 decoder: Decoder[ToWorker], drop: Drop, spec: ShmSpec,
+                 ring_decoder: Decoder[ToWorker]) -> None:
+        super().__init__(sub, push, rank, decoder, drop)
+        self.rank = rank
+        self.ring_decoder = ring_decoder  # copies buffers: the ring slot is reused
+        # Forecasting arrivals means spinning around them: only where spinning is allowed
+        # (the driver sets spin 0 on a host without a core for every spinner).
+        forecast = None
+        if spec.spin > 0:
+            forecast = ArrivalForecast()
+            futex.set_timer_slack(1000)  # this (the serving) thread's timed sleeps on time
+        self.forecast = forecast
+        self.request = RingReader(spec.request, rank, spin=spec.spin, forecast=forecast)
+        self.reply = RingWriter.attach(spec.reply)
+        self.doorbell = Doorbell(spec.doorbell)
+
+    def next(self) -> Next:
+        view = self.request.read()
+        if view is None:  # pragma: no cover - no timeout was given
+            return None
+        try:
+            if not packets.for_rank(view, self.rank):
+                return None
+            kind, frames = packets.unpack(view)
+            if kind == packets.BY_ZMQ:
+                return super().next()
+            if len(frames) > 1:
+                return self.ring_decoder.decode(frames)
+            return self.ring_decoder.decode_header(frames[0])
+        except UndecodableValue as e:
+            return e
+        except (MalformedMessage, ValueError, struct.error) as e:
+            self.drop(e)
+            return None
+        finally:
+            view.release()
+            self.request.release()
+
+    def send(self, frames: list[Any]) -> None:
+        if not packets.put(self.reply, frames, None):
+            send_frames(self.push, frames)  # too big for a slot: ZeroMQ, and a marker
+            self.reply.write(packets.pack_marker(None))
+        self.doorbell.ring()
+        if self.forecast is not None:  # the next request may be timed from this reply
+            self.forecast.replied(time.monotonic())
