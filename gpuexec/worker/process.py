@@ -8,13 +8,13 @@
 The device is selected before the user's worker class is imported or unpickled, so
 import-time CUDA work lands on this worker's GPU. Requests come and replies go through
 the transport chosen once at start (:mod:`.transport`: ZeroMQ or shared memory). The
-loop is single-threaded and blocks in ``recv`` (an idle worker uses no CPU; over shared memory it spins a moment
-after each request, only on a host with a core for every process, then sleeps on the
-ring's futex); the guardian process
-(:mod:`.guardian`) ends the worker and everything it started if the driver dies, and
-what it started if the worker dies. SIGINT is ignored: it is the driver that decides
-to shut down (a worker leads its own process group, so a terminal's Ctrl-C, which goes
-to the foreground group, does not reach it anyway; a Ray actor's group is Ray's).
+loop is single-threaded and blocks in ``recv`` (an idle worker uses no CPU; over shared
+memory it spins a moment after each request, only on a host with a core for every
+process, then sleeps on the ring's futex); the guardian process (:mod:`.guardian`) ends
+the worker and everything it started if the driver dies, and what it started if the
+worker dies. SIGINT is ignored: it is the driver that decides to shut down (a worker
+leads its own process group, so a terminal's Ctrl-C, which goes to the foreground
+group, does not reach it anyway; a Ray actor's group is Ray's).
 """
 
 from __future__ import annotations
