@@ -14,10 +14,12 @@ Names never resolve on the gpuexec :class:`~gpuexec.Worker`: vLLM's method names
 (``init_device``, ``shutdown``...) travel inside the packed call and are looked up on
 vLLM's wrapper only, and a callable runs as ``fn(wrapper, *args)``, as in vLLM.
 
-Why ``Packed``: vLLM's arguments and results are arbitrary Python objects (dataclasses,
-tuples, numpy arrays inside); a ``Packed`` travels whole, pickled, over the executor's
-private channel -- what vLLM's own message queue does -- and arrives as the very same
-types.
+Why ``Packed``: vLLM's arguments and results are deep graphs of Python objects
+(dataclasses, tuples, enums, numpy arrays inside). gpuexec's codec would carry them
+faithfully too, but it walks a value to find what needs pickling and then pickles the
+non-plain parts one by one; a ``Packed`` is one plain ``pickle`` of the whole call (its C
+fast path) over the executor's private channel -- what vLLM's own message queue does --
+and arrives as the very same types, for less time per step.
 
 Async scheduling: ``execute_model``/``sample_tokens`` return an
 ``AsyncModelRunnerOutput`` whose ``get_output()`` waits for the device. It runs in one
