@@ -195,3 +195,22 @@ def test_lifecycle_transitions_follow_the_table() -> None:
     assert life.state is ExecutorState.CLOSED
     with pytest.raises(AssertionError, match="CLOSED -> RUNNING"):
         life.advance(ExecutorState.CLOSED, ExecutorState.RUNNING)
+
+
+def test_worker_lifecycle_follows_its_table() -> None:
+    from gpuexec.executor.worker_state import WorkerLifecycle, WorkerState
+
+    life = WorkerLifecycle()
+    assert life.state is WorkerState.STARTING
+    with pytest.raises(AssertionError, match="STARTING -> EXITED"):
+        life.advance(WorkerState.EXITED)  # never reaped without being stopped
+    life.advance(WorkerState.READY)
+    with pytest.raises(AssertionError, match="READY -> STARTING"):
+        life.advance(WorkerState.STARTING)
+    life.advance(WorkerState.STOPPING)
+    life.advance(WorkerState.STOPPING)  # stopping twice is allowed
+    life.advance(WorkerState.EXITED)
+    assert life.state is WorkerState.EXITED
+    failed = WorkerLifecycle()
+    failed.advance(WorkerState.STOPPING)  # a start abandoned before the worker was ready
+    assert failed.state is WorkerState.STOPPING

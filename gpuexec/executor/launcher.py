@@ -34,6 +34,7 @@ from ..ipc.reports import DeviceReport
 from ..worker.process import run_worker
 from .processes import ProcessLike, start_subprocess
 from .start_method import GUARD_HINT, main_lacks_guard, reimports_main
+from .worker_state import WorkerLifecycle, WorkerState
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("gpuexec")
@@ -49,9 +50,9 @@ class WorkerHandle:
     sentinel: int
     device: str = ""                      # filled from Ready
     report: DeviceReport | None = None    # filled from Ready
-    ready: bool = False
-    closed_exitcode: int | None = None    # kept once the process object is closed
-    closed: bool = False
+    # see .worker_state: STARTING -> READY -> STOPPING -> EXITED (process object closed)
+    life: WorkerLifecycle = field(default_factory=WorkerLifecycle)
+    closed_exitcode: int | None = None    # kept once EXITED
     # Two threads reaping at once would lose the exit status (the loser's waitpid fails
     # and multiprocessing then reports None): every join/poll goes through this lock.
     reap_lock: threading.RLock = field(default_factory=threading.RLock)
@@ -60,11 +61,13 @@ class WorkerHandle:
     def exitcode(self) -> int | None:
         """The exit code (negative: killed by that signal), None while it runs."""
         with self.reap_lock:  # reading Process.exitcode reaps (waitpid)
-            return self.closed_exitcode if self.closed else self.process.exitcode
+            if self.life.state is WorkerState.EXITED:
+                return self.closed_exitcode
+            return self.process.exitcode
 
     def reap(self, timeout: float = 0.0) -> int | None:
         with self.reap_lock:
-            if not self.closed:
+            if self.life.state is not WorkerState.EXITED:
                 self.process.join(timeout)
             return self.exitcode
 
@@ -140,7 +143,7 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
     while waiting or unsubscribed:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            late = [h.rank for h in handles if not h.ready] or \
+            late = [h.rank for h in handles if h.life.state is WorkerState.STARTING] or \
                 [h.rank for h in unsubscribed.values()]
             raise WorkerStartupError(
                 late[0], f"not ready after ready_timeout={timeout:g} s (ranks not ready: {late})")
@@ -163,8 +166,9 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                         f"{PROTOCOL_VERSION}: both must run the same gpuexec version")
                 match msg:
                     case Ready():
-                        if not h.ready:
-                            h.ready, h.device, h.report = True, msg.device, msg.report
+                        if h.life.state is WorkerState.STARTING:
+                            h.life.advance(WorkerState.READY)
+                            h.device, h.report = msg.device, msg.report
                             waiting -= 1
                     case StartupFailed():
                         type_name, message, tb = msg.error.texts()
@@ -197,6 +201,11 @@ def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: floa
     def alive() -> list[WorkerHandle]:
         return [h for h in handles if h.reap() is None]
 
+    for h in handles:
+        with h.reap_lock:
+            if h.life.state is not WorkerState.EXITED:
+                h.life.advance(WorkerState.STOPPING)
+
     def wait(left: list[WorkerHandle], seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while left and (remaining := deadline - time.monotonic()) > 0:
@@ -218,7 +227,7 @@ def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: floa
         wait(left, 5.0)
     for h in handles:
         with h.reap_lock:
-            if h.closed:
+            if h.life.state is WorkerState.EXITED:
                 continue
             h.process.join(timeout=0.1)
             code = h.process.exitcode
@@ -226,4 +235,5 @@ def stop_workers(handles: Sequence[WorkerHandle], grace: float, term_grace: floa
                 h.process.close()
             except ValueError:
                 continue  # still running after SIGKILL: unkillable (D state); nothing to do
-            h.closed_exitcode, h.closed = code, True
+            h.closed_exitcode = code
+            h.life.advance(WorkerState.EXITED)
