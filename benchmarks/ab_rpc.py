@@ -1,14 +1,22 @@
 """``collective_rpc`` latency of two versions of gpuexec, A/B in one run on one host.
 
-Runs this checkout's ``benchmarks/rpc_latency.py`` against a baseline's ``gpuexec``
-package (``--baseline-dir``, a tree holding it, or ``--baseline-ref``, a git revision of
-this checkout) and against this checkout's, in alternating rounds (``--rounds``), so both
-see the same machine state; for each world size and measurement the best p50 of each
-side is kept and the ratio new/old is the result.
+A baseline's ``gpuexec`` package (``--baseline-dir``, a tree holding it, or
+``--baseline-ref``, a git revision of this checkout) and this checkout's each run in a
+long-lived agent process (``_ab_agent.py``) that keeps its executors open. The two are
+measured in pairs, one right after the other (the order alternating), ``--rounds`` times
+for every world size, transport and call (no-op, and small arguments: two positional
+values and a keyword list), so both see the same machine state; a shared host's load
+moves between pairs, not within one. Calls ``--gap-ms`` apart are paired the same way,
+``--spaced-rounds`` times.
 
-Target: no-op p50 new/old <= 1.03 at every world size, over ZeroMQ and over shared
-memory, and the ``--gap-ms`` spaced mode unchanged. Usage: ``python benchmarks/ab_rpc.py
-[--baseline-ref main] [--rounds 3] [--sizes 1,2,4,8] [--out DIR]``.
+Per measurement the result is the median over the rounds of each pair's p50 ratio
+new/old, with a 95 % bootstrap interval of that median, and the driver thread's CPU time
+per call of each side (the least noisy number on a shared host). Target: no-op and
+small-argument p50 new/old <= 1.03 at every world size over ZeroMQ and shared memory,
+and the spaced mode unchanged. A row's verdict says ``met`` when the interval's upper
+end is within the target, ``slower`` when its lower end is above it, and ``unresolved``
+when the interval straddles it (more rounds, or a quieter host). Usage: ``python
+benchmarks/ab_rpc.py [--baseline-ref main] [--rounds 40] [--sizes 1,2,4,8] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -30,38 +40,75 @@ sys.path.insert(0, str(HERE))
 from _common import add_out_option, export_package, machine, print_table, write_json  # noqa: E402
 
 TARGET = 1.03
-# (label, key in rpc_latency.json's per-world-size result, p50 path inside it)
-MEASURES = [("zmq no-op", ("gpuexec",)), ("shm no-op", ("gpuexec_shm",)),
-            ("zmq 5 ms apart", ("spaced", "zmq")), ("shm 5 ms apart", ("spaced", "shm"))]
+BOOTSTRAP = 2000
 
 
-def _run(tree: Path, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    """rpc_latency.py once, importing ``gpuexec`` from ``tree`` (the script puts its own
-    parent first on the path, so it runs from a copy inside ``tree``)."""
-    bench = tree / "benchmarks"
-    bench.mkdir(exist_ok=True)
-    for name in ("rpc_latency.py", "_common.py"):
-        shutil.copy(HERE / name, bench / name)
-    path = [str(tree), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
-    probe = subprocess.run([sys.executable, "-c", "import gpuexec; print(gpuexec.__file__)"],
-                           env=env, cwd=bench, capture_output=True, text=True, check=True)
-    if not probe.stdout.strip().startswith(str(tree)):  # the A/B would compare X with X
-        raise RuntimeError(f"a run in {tree} would import {probe.stdout.strip()}")
-    cmd = [sys.executable, str(bench / "rpc_latency.py"), "--sizes", args.sizes, "--calls",
-           str(args.calls), "--rounds", "1", "--spaced-calls", str(args.spaced_calls),
-           "--out", str(out)]
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, timeout=1800)
-    results: list[dict[str, Any]] = json.loads((out / "rpc_latency.json").read_text())[
-        "results"]
-    return results
+class Agent:
+    """One tree's ``_ab_agent.py`` process and its line protocol."""
+
+    def __init__(self, tree: Path) -> None:
+        bench = tree / "benchmarks"
+        bench.mkdir(exist_ok=True)
+        shutil.copy(HERE / "_ab_agent.py", bench / "_ab_agent.py")
+        path = [str(tree), os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+        self.proc = subprocess.Popen([sys.executable, str(bench / "_ab_agent.py")],
+                                     env=env, cwd=bench, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        package = self._answer()["package"]
+        if not str(package).startswith(str(tree)):  # the A/B would compare X with X
+            self.close()
+            raise RuntimeError(f"the agent for {tree} imported {package}")
+
+    def _answer(self) -> dict[str, Any]:
+        out: IO[str] | None = self.proc.stdout
+        line = out.readline() if out is not None else ""
+        if not line:
+            raise RuntimeError(f"agent exited with {self.proc.wait()}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def measure(self, **request: Any) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def _p50(result: dict[str, Any], keys: tuple[str, ...]) -> float | None:
-    node: Any = result
-    for k in keys:
-        node = node.get(k) if isinstance(node, dict) else None
-    return node.get("p50_us") if isinstance(node, dict) else None
+def median_interval(ratios: list[float], rng: random.Random) -> tuple[float, float, float]:
+    """The median of ``ratios`` and its 95 % bootstrap interval."""
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
+                  for _ in range(BOOTSTRAP))
+    return (statistics.median(ratios), meds[int(0.025 * BOOTSTRAP)],
+            meds[int(0.975 * BOOTSTRAP) - 1])
+
+
+def verdict(hi: float, lo: float) -> str:
+    return "met" if hi <= TARGET else "slower" if lo > TARGET else "unresolved"
+
+
+def run_pairs(agents: dict[str, Agent], configs: list[dict[str, Any]], rounds: int
+              ) -> dict[int, dict[str, list[dict[str, float]]]]:
+    """``rounds`` pairs per config, round by round (a load change spreads over every
+    config), the side that goes first alternating."""
+    got: dict[int, dict[str, list[dict[str, float]]]] = {
+        i: {"old": [], "new": []} for i in range(len(configs))}
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        for i, cfg in enumerate(configs):
+            order = ("old", "new") if (r + i) % 2 == 0 else ("new", "old")
+            for side in order:
+                got[i][side].append(agents[side].measure(**cfg))
+    return got
 
 
 def main() -> int:
@@ -70,44 +117,66 @@ def main() -> int:
     ap.add_argument("--baseline-dir", default=None, metavar="DIR",
                     help="a directory holding the baseline's gpuexec package (instead of "
                          "--baseline-ref, where there is no git history)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating old/new rounds")
+    ap.add_argument("--rounds", type=int, default=40, help="pairs per back-to-back config")
     ap.add_argument("--sizes", default="1,2,4", help="world sizes, comma-separated")
-    ap.add_argument("--calls", type=int, default=3000, help="timed calls per measurement")
-    ap.add_argument("--spaced-calls", type=int, default=300,
-                    help="calls timed in the 5 ms-apart mode")
+    ap.add_argument("--calls", type=int, default=500, help="timed calls per measurement")
+    ap.add_argument("--warmup", type=int, default=100, help="untimed calls before them")
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="spacing in the spaced mode")
+    ap.add_argument("--spaced-rounds", type=int, default=4,
+                    help="pairs per spaced config (0: skip the spaced mode)")
+    ap.add_argument("--spaced-calls", type=int, default=200,
+                    help="timed calls per spaced measurement (after 50 untimed)")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     add_out_option(ap)
     args = ap.parse_args()
-    best: dict[tuple[str, str, int], float] = {}
+    sizes = [int(s) for s in args.sizes.split(",")]
+    fast = [{"transport": t, "world": n, "kind": k, "calls": args.calls,
+             "warmup": args.warmup, "gap_ms": 0.0}
+            for n in sizes for t in ("zmq", "shm") for k in ("noop", "small")]
+    spaced = [{"transport": t, "world": n, "kind": "noop", "calls": args.spaced_calls,
+               "warmup": 50, "gap_ms": args.gap_ms} for n in sizes for t in ("zmq", "shm")]
+    rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="gpuexec-ab-") as tmp:
         work = Path(tmp)
-        old = work / "old"  # copies: a tree's own benchmarks/ dir is written into
+        old = work / "old"  # copies: the agent is written into each tree's benchmarks/
         if args.baseline_dir:
             shutil.copytree(Path(args.baseline_dir) / "gpuexec", old / "gpuexec")
         else:
             old = export_package(args.baseline_ref, work)
         new = work / "new"
         shutil.copytree(REPO / "gpuexec", new / "gpuexec")
-        for r in range(args.rounds):
-            for side, tree in (("old", old), ("new", new)):
-                print(f"round {r + 1}/{args.rounds}: {side}", file=sys.stderr, flush=True)
-                out = work / f"out-{side}-{r}"
-                for res in _run(tree, args, out):
-                    for label, keys in MEASURES:
-                        p50 = _p50(res, keys)
-                        key = (side, label, res["world_size"])
-                        if p50 is not None and (key not in best or p50 < best[key]):
-                            best[key] = p50
+        agents = {"old": Agent(old), "new": Agent(new)}
+        try:
+            got = run_pairs(agents, fast, args.rounds)
+            got_spaced = run_pairs(agents, spaced, args.spaced_rounds) if spaced and \
+                args.spaced_rounds else {}
+        finally:
+            for agent in agents.values():
+                agent.close()
     rows, results = [], []
-    for label, _ in MEASURES:
-        for n in sorted({k[2] for k in best if k[1] == label}):
-            o, w = best.get(("old", label, n)), best.get(("new", label, n))
-            ratio = w / o if o and w else float("nan")
-            rows.append([label, n, o, w, f"{ratio:.3f}"])
-            results.append({"measure": label, "world_size": n, "old_p50_us": o,
-                            "new_p50_us": w, "ratio": ratio})
-    print(f"target: no-op p50 new/old <= {TARGET} at every world size (best p50 of "
-          f"{args.rounds} alternating rounds each; microseconds)")
-    print_table(["measure", "world", "old p50", "new p50", "new/old"], rows)
+    for cfgs, runs in ((fast, got), (spaced, got_spaced)):
+        for i, runs_i in runs.items():
+            cfg = cfgs[i]
+            old_r, new_r = runs_i["old"], runs_i["new"]
+            ratios = [n["p50_us"] / o["p50_us"] for o, n in zip(old_r, new_r, strict=True)]
+            med, lo, hi = median_interval(ratios, rng)
+            o50 = statistics.median(x["p50_us"] for x in old_r)
+            n50 = statistics.median(x["p50_us"] for x in new_r)
+            ocpu = statistics.median(x["cpu_us"] for x in old_r)
+            ncpu = statistics.median(x["cpu_us"] for x in new_r)
+            mode = f"{cfg['gap_ms']:g} ms apart" if cfg["gap_ms"] else cfg["kind"]
+            label = f"{cfg['transport']} {mode}"
+            rows.append([label, cfg["world"], f"{o50:.1f}", f"{n50:.1f}", f"{med:.3f}",
+                         f"{lo:.3f}-{hi:.3f}", f"{ocpu:.1f}", f"{ncpu:.1f}",
+                         verdict(hi, lo)])
+            results.append({**cfg, "rounds": len(ratios), "old_p50_us": o50,
+                            "new_p50_us": n50, "ratio_median": med, "ratio_ci95": [lo, hi],
+                            "old_cpu_us": ocpu, "new_cpu_us": ncpu,
+                            "verdict": verdict(hi, lo), "ratios": ratios})
+    print(f"target: p50 new/old <= {TARGET} (median of {args.rounds} paired rounds, 95 % "
+          f"bootstrap interval; spaced mode {args.spaced_rounds} rounds; microseconds)")
+    print_table(["measure", "world", "old p50", "new p50", "new/old", "95 % interval",
+                 "old cpu/call", "new cpu/call", "verdict"], rows)
     path = write_json("ab_rpc.json", {"machine": machine(), "rounds": args.rounds,
                                       "baseline": args.baseline_dir or args.baseline_ref,
                                       "results": results}, args.out)

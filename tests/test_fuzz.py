@@ -10,7 +10,7 @@ asserts that the two counters together grew by exactly the number sent.
 
 * driver: a PUSH socket of the test connects to the reply endpoint (the test runs in
   the driver's process, which the ipc rule admits);
-* workers: raw frames through the test hook ``send_raw`` (ZeroMQ and shared memory),
+* workers: raw frames through ``gpuexec.testing.send_raw`` (ZeroMQ and shared memory),
   counted by each worker and brought back by ``check_health``;
 * tcp: a peer without the CURVE key sends the same frames: nothing is processed.
 
@@ -35,7 +35,7 @@ from fuzz_workers import SafeWorker
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gpuexec import Executor
+from gpuexec import Executor, testing
 from gpuexec.ipc.codec import Encoder
 from gpuexec.ipc.messages import (
     PROTOCOL_VERSION,
@@ -264,7 +264,7 @@ def test_fuzz_workers(transport: str, record_property: Any) -> None:
         @given(_batches["worker"])
         def run(batch: list[list[bytes]]) -> None:
             for frames in batch:
-                ex._channel.send_raw(frames)  # test hook: raw frames to every worker
+                testing.send_raw(ex, frames)  # raw frames to every worker
             sent[0] += len(batch)
             ex.check_health(timeout=30)  # answered after the batch: its counts are final
             assert accounted() == sent[0] * ex.world_size

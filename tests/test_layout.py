@@ -160,3 +160,34 @@ def test_the_rules_see_a_violation(tmp_path: Path) -> None:
     fake.write_text("from ..executor.start_method import x\nfrom . import base\n")
     got = _imports("gpuexec.worker.zygote_server", fake)
     assert "gpuexec.executor.start_method" in got and "gpuexec.worker.base" in got
+
+
+# Private attributes tests may read, none of them gpuexec's (a test that needs to reach
+# into an executor uses gpuexec.testing, which the package keeps in step with itself).
+TEST_PRIVATE_READS = {
+    "_exit": "os._exit, in forked children",
+    "_actions": "argparse's parser: every option has help",
+    "_SubParsersAction": "argparse's sub-command action, to walk every sub-command",
+    "_resource_tracker": "multiprocessing's tracker, isolated per test run",
+    "_forkserver": "multiprocessing's fork server, isolated per test run",
+}
+
+
+def _private_reads(root: Path) -> list[str]:
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") \
+                    or node.attr.startswith("__") or node.attr in TEST_PRIVATE_READS:
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue  # the test's own helper classes
+            bad.append(f"{path.relative_to(root)}:{node.lineno}: .{node.attr}")
+    return bad
+
+
+def test_tests_read_no_private_fields(tmp_path: Path) -> None:
+    bad = _private_reads(Path(__file__).resolve().parent)
+    assert not bad, "tests reading private fields:\n" + "\n".join(bad)
+    (tmp_path / "test_peek.py").write_text("def test(ex):\n    ex._channel.send_raw([])\n")
+    assert _private_reads(tmp_path) == ["test_peek.py:2: ._channel"]

@@ -20,7 +20,7 @@ import zmq
 from conftest import subprocess_env
 from fuzz_workers import SafeWorker
 
-from gpuexec import ConfigError, Executor, RemoteError
+from gpuexec import ConfigError, Executor, RemoteError, testing
 from gpuexec.errors import CallRefusedError, InflightLimitError, RpcTimeoutError
 from gpuexec.ipc import values
 from gpuexec.ipc.codec import Decoder, Encoder, MalformedMessage
@@ -62,10 +62,10 @@ def test_tcp_round_trip_binds_loopback_and_skips_shm(tcp_ex: Executor) -> None:
     out = tcp_ex.collective_rpc("echo", args=(arr,))
     np.testing.assert_array_equal(out[1]["args"][0], arr)
     assert tcp_ex.collective_rpc(lambda w: w.rank * 10) == [0, 10]
-    keys = tcp_ex.collective_rpc(lambda w: (w._gpuexec_ctx.spec.curve.public,
-                                            w._gpuexec_ctx.spec.curve.server_public))
-    assert keys[0][0] != keys[1][0] and keys[0][1] == keys[1][1]  # a keypair per worker
-    assert tcp_ex.collective_rpc(lambda w: w._gpuexec_ctx.spec.shm) == [None, None]
+    wires = tcp_ex.collective_rpc(testing.worker_wire)
+    assert wires[0][0] != wires[1][0] and wires[0][1] == wires[1][1]  # a keypair per worker
+    assert None not in (wires[0][0], wires[0][1])
+    assert [shm for _, _, shm in wires] == [False, False]
 
 
 def _peer(ctx: zmq.Context[Any], kind: int, endpoint: str,
@@ -87,8 +87,8 @@ def _peer(ctx: zmq.Context[Any], kind: int, endpoint: str,
 def test_tcp_peer_without_our_key_is_ignored(tcp_ex: Executor, key: str) -> None:
     req, rep = tcp_ex.endpoints
     # Even a peer that knows the server's public key (it is no secret) gets nowhere.
-    server_public = tcp_ex.collective_rpc(
-        lambda w: w._gpuexec_ctx.spec.curve.server_public)[0] if key == "wrong" else None
+    server_public = tcp_ex.collective_rpc(testing.worker_wire)[0][1] if key == "wrong" \
+        else None
     before = tcp_ex.stats()
     ctx: zmq.Context[Any] = zmq.Context()
     try:
@@ -224,7 +224,7 @@ def test_workers_count_malformed_requests(ipc_ex: Executor) -> None:
     before = ipc_ex.stats().worker_malformed
     for frames in ([b"\xc1"], [b""], [msgspec.msgpack.encode(Reply(1, 0))],
                    [msgspec.msgpack.encode(["call", 1 << 60, "noop", None, [], {}, -1]), b"x"]):
-        ipc_ex._channel.send_raw(frames)  # the test hook: raw frames on the request socket
+        testing.send_raw(ipc_ex, frames)  # raw frames on the request socket
     assert ipc_ex.collective_rpc("add", args=(0,)) == [0, 1]
     ipc_ex.check_health()
     after = ipc_ex.stats().worker_malformed
@@ -264,15 +264,13 @@ def test_workers_refuse_callables_and_pickles(strict_ex: Executor, tmp_path: Any
     def evil(worker: Any) -> None:
         open(marker, "w").close()
 
-    channel = strict_ex._channel
-    call = channel.submit("evil", cloudpickle.dumps(evil), [], {}, [0, 1], None, 30.0, False)
     with pytest.raises(RemoteError, match="allow_callables=False") as info:
-        channel.wait(call)
+        testing.call_unchecked(strict_ex, "evil", cloudpickle.dumps(evil))
     assert info.value.type_name == "PermissionError"
     pickled_arg = Encoder(allow_pickle=True).encode(
         Call(1 << 60, "echo", None, [_Evil(str(marker))], {}))
     late = strict_ex.stats().late_replies
-    channel.send_raw(pickled_arg)
+    testing.send_raw(strict_ex, pickled_arg)
     strict_ex.check_health()
     assert not marker.exists()
     # Refused without unpickling and answered with the error (nobody waits for that call

@@ -7,13 +7,16 @@ its results, the first failing rank's error, a timeout, a death or shutdown. Its
 by a thread that holds none of the channel's locks: a thread that finishes calls while
 it holds the pump lock queues them (``settle=False``) for :meth:`CallTable.settle`.
 
-Bounded: at most ``max_inflight_calls`` calls are in flight (a semaphore of slots, taken
-before anything is encoded, given back when the call ends); a caller that finds none
-free waits up to its own deadline and then gets
-:class:`~gpuexec.errors.InflightLimitError`.
+Bounded: at most ``max_inflight_calls`` calls are in flight (a count of slots under
+``lock``, taken before anything is encoded, given back when the call ends); a caller
+that finds none free waits on ``room`` up to its own deadline and then gets
+:class:`~gpuexec.errors.InflightLimitError`. Not a ``threading.BoundedSemaphore``:
+that is Python code around a condition, over a microsecond per call taken and given
+back, while the count costs nothing where ``lock`` is taken anyway (``finish``).
 
-``lock`` is a leaf (nothing is taken under it); it guards ``pending``, ``n_async``,
-``draining``, ``closing`` and each call's outcome, and is held for a few statements
+``lock`` is a leaf (nothing is taken under it but ``room``'s own waiter locks); it
+guards ``pending``, ``n_async``, ``draining``, ``closing``, the slot count ``inflight``
+and each call's outcome, and is held for a few statements
 only. The monitor also takes it to record a death atomically with the pending calls it
 fails (see :mod:`.monitor`). Fields and the threads that touch them:
 
@@ -24,7 +27,8 @@ fails (see :mod:`.monitor`). Fields and the threads that touch them:
 * ``stats``: written by the thread holding the pump lock (``calls`` and
   ``inflight_waits`` by callers, under ``lock``); read through
   :meth:`gpuexec.executor.channel.DriverChannel.snapshot` (best effort).
-* ``slots``: any thread (a semaphore).
+* ``inflight``, ``slot_waiters``: any thread, under ``lock``; ``room`` (a condition
+  on ``lock``) is notified when a slot is given back while someone waits for one.
 """
 
 from __future__ import annotations
@@ -123,7 +127,9 @@ class CallTable:
                  on_deferred: Callable[[], None] = lambda: None) -> None:
         self.lock = threading.Lock()
         self.max_inflight = max_inflight_calls
-        self.slots = threading.BoundedSemaphore(max_inflight_calls)
+        self.inflight = 0       # slots taken
+        self.slot_waiters = 0   # callers waiting on ``room`` for a slot
+        self.room = threading.Condition(self.lock)
         self.ids = itertools.count(1)
         self.pending: dict[int, PendingCall] = {}
         self.n_async = 0      # futures in the table: the monitor pumps while any
@@ -138,36 +144,52 @@ class CallTable:
         self.check_usable: Callable[[], None] = lambda: None
 
     def take_slot(self, call: PendingCall) -> None:
-        """Wait for one of the ``max_inflight_calls`` slots, until the call's deadline
-        (``InflightLimitError``), or until :attr:`check_usable` raises (death, shutdown)."""
-        check_usable = self.check_usable
-        slots = self.slots
-        if not slots.acquire(blocking=False):
-            with self.lock:
-                self.stats.inflight_waits += 1
-            while True:
-                wait = _SLOT_WAIT_S
-                if call.deadline is not None:
-                    wait = min(wait, call.deadline - time.monotonic())
-                    if wait <= 0:
-                        raise InflightLimitError(call.method, call.timeout or 0.0,
-                                                 self.max_inflight)
-                if slots.acquire(timeout=wait):
-                    break
-                check_usable()
-        call.slot = True
+        """Take one of the ``max_inflight_calls`` slots, waiting for one until the call's
+        deadline (``InflightLimitError``) or until :attr:`check_usable` raises (death,
+        shutdown). The caller has just checked that the channel is usable: a slot taken
+        without waiting needs no second check."""
+        with self.lock:
+            if self.inflight < self.max_inflight:
+                self.inflight += 1
+                call.slot = True
+                return
+            self.stats.inflight_waits += 1
+            self.slot_waiters += 1
         try:
-            check_usable()
+            while True:
+                with self.lock:
+                    if self.inflight < self.max_inflight:
+                        self.inflight += 1
+                        call.slot = True
+                        break
+                    wait = _SLOT_WAIT_S
+                    if call.deadline is not None:
+                        wait = min(wait, call.deadline - time.monotonic())
+                        if wait <= 0:
+                            raise InflightLimitError(call.method, call.timeout or 0.0,
+                                                     self.max_inflight)
+                    self.room.wait(wait)
+                self.check_usable()
+        finally:
+            with self.lock:
+                self.slot_waiters -= 1
+        try:
+            self.check_usable()
         except BaseException:
-            call.slot = False
-            slots.release()
+            self.release_slot(call)
             raise
 
     def release_slot(self, call: PendingCall) -> None:
         with self.lock:
-            held, call.slot = call.slot, False
-        if held:
-            self.slots.release()
+            self._give_back(call)
+
+    def _give_back(self, call: PendingCall) -> None:
+        """Return the slot ``call`` holds, if it holds one (caller holds ``lock``)."""
+        if call.slot:
+            call.slot = False
+            self.inflight -= 1
+            if self.slot_waiters:
+                self.room.notify()
 
     def register(self, call: PendingCall, refused: Callable[[], BaseException],
                  counted: bool = True) -> None:
@@ -246,9 +268,7 @@ class CallTable:
             self.pending.pop(call.call_id, None)
             if call.future is not None:
                 self.n_async -= 1
-            held, call.slot = call.slot, False
-        if held:
-            self.slots.release()
+            self._give_back(call)
         for fd in call.segments:  # every target has mapped its payloads (or never will)
             os.close(fd)
         call.segments = []

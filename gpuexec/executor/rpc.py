@@ -24,6 +24,9 @@ from .hold import CallGate
 from .ownership import Ownership
 from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_ranks
 
+_ARG_TYPES = (tuple, list)  # args taken as they are (anything else: validate.call_args)
+_str_only = frozenset({str}).issuperset  # a dict's key types, checked in C
+
 
 def _method_name(method: str | Callable[..., Any]) -> str:
     return method if isinstance(method, str) else \
@@ -152,31 +155,50 @@ class RpcMethods:
                 ranks: Sequence[int] | None, unique_reply_rank: int | None,
                 non_block: bool) -> PendingCall:
         """Validate a call's arguments (:mod:`.validate`) and send it; the caller waits
-        for it."""
-        self._owner.check()
-        if isinstance(method, str):
+        for it. Every call passes here: the common forms (a method name, a tuple or list
+        of arguments, defaults elsewhere) are recognised inline, anything else goes
+        through the validators, which accept the same and explain the rest."""
+        owner = self._owner
+        if owner.foreign:
+            owner.check()
+        if method.__class__ is str and method:
             name = method
+        else:
+            name = self._callable_name(method)
+        call_list = list(args) if args.__class__ in _ARG_TYPES else call_args(args)
+        if kwargs is None:
+            call_dict = {}
+        elif kwargs.__class__ is dict and _str_only(map(type, kwargs)):
+            call_dict = dict(kwargs)
+        else:
+            call_dict = call_kwargs(kwargs)
+        size = self._config.world_size
+        target = self._all_ranks if ranks is None else target_ranks(ranks, size)
+        value_rank = None if unique_reply_rank is None else \
+            reply_rank(unique_reply_rank, target, size)
+        deadline = self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
+        if non_block.__class__ is not bool:
+            flag("non_block", non_block)
+        # pickled last: every check above is cheap
+        blob = None if isinstance(method, str) else cloudpickle.dumps(method)
+        return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
+                                    deadline, non_block)
+
+    def _callable_name(self, method: object) -> str:
+        """The name of a call's ``method`` other than a plain non-empty ``str``."""
+        if isinstance(method, str):
             if not method:
                 raise InvalidArgumentError("method name must not be empty")
-        elif callable(method):
+            return method
+        if callable(method):
             name = getattr(method, "__qualname__", None) or repr(method)
             if not self._config.allow_callables:
                 raise CallRefusedError(
                     f"callable {name!r} refused: this executor was built with "
                     "allow_callables=False; call a method of the worker class by name")
-        else:
-            raise InvalidArgumentError(
-                f"method must be a name or a callable, not {type(method).__name__}")
-        call_list, call_dict = call_args(args), call_kwargs(kwargs)
-        size = self._config.world_size
-        target = self._all_ranks if ranks is None else target_ranks(ranks, size)
-        value_rank = reply_rank(unique_reply_rank, target, size)
-        deadline = self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
-        flag("non_block", non_block)
-        # pickled last: every check above is cheap
-        blob = None if isinstance(method, str) else cloudpickle.dumps(method)
-        return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
-                                    deadline, non_block)
+            return str(name)
+        raise InvalidArgumentError(
+            f"method must be a name or a callable, not {type(method).__name__}")
 
     def _call_timeout(self, timeout: float | None) -> float | None:
         """The call's deadline in seconds (``rpc_timeout`` when None), checked."""

@@ -130,6 +130,7 @@ class UndecodableValue(MalformedMessage):
 _UNREBUILT = object()  # stands for a value that could not be rebuilt (never escapes)
 _SCALARS = values.SCALARS
 plain = values.plain
+plain_values = values.plain_values
 
 
 class Encoder:
@@ -169,7 +170,7 @@ class Encoder:
         cls = msg.__class__
         if cls is Call:
             args, kwargs = msg.args, msg.kwargs
-            fast = (not args or plain(args)) and (not kwargs or plain(kwargs))
+            fast = (not args or plain(args)) and (not kwargs or plain_values(kwargs))
         elif cls is Reply:
             fast = msg.value.__class__ in _SCALARS or plain(msg.value)
         else:

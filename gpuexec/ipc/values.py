@@ -110,6 +110,17 @@ def plain(v: Any) -> bool:
     return t in SCALARS
 
 
+def plain_values(d: dict[str, Any]) -> bool:
+    """:func:`plain` for the values of a call's keyword arguments, whose names the
+    executor has already checked (str) and msgspec's decoder checks again."""
+    for x in d.values():
+        tx = type(x)
+        if tx in SCALARS or ((tx is list or tx is dict) and plain(x)):
+            continue
+        return False
+    return True
+
+
 def utf8(s: str) -> bool:
     if s.isascii():
         return True
