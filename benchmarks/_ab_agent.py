@@ -51,6 +51,13 @@ def measure(fn: Callable[[], Any], calls: int, warmup: int, gap_s: float) -> dic
     return {"p50_us": statistics.median(lat), "cpu_us": cpu / calls * 1e6}
 
 
+def call_of(ex: Executor, kind: str) -> Callable[[], Any]:
+    run = ex.collective_rpc
+    if kind == "noop":
+        return lambda: run("noop")
+    return lambda: run("small", args=SMALL_ARGS, kwargs=SMALL_KWARGS)
+
+
 def main() -> int:
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever else prints must not corrupt the answers
@@ -64,11 +71,8 @@ def main() -> int:
             if ex is None:
                 ex = executors[key] = Executor(AbWorker, req["world"], device="cpu",
                                                start_method="fork", transport=key[0])
-            run = ex.collective_rpc
-            fn: Callable[[], Any] = (
-                (lambda: run("noop")) if req["kind"] == "noop"
-                else (lambda: run("small", args=SMALL_ARGS, kwargs=SMALL_KWARGS)))
-            result = measure(fn, req["calls"], req["warmup"], req["gap_ms"] / 1000)
+            result = measure(call_of(ex, req["kind"]), req["calls"], req["warmup"],
+                             req["gap_ms"] / 1000)
             answers.write(json.dumps(result) + "\n")
     finally:
         for ex in executors.values():
