@@ -150,7 +150,9 @@ class DriverChannel:
 
     def submit(self, method: str, fn_blob: bytes | None, args: list[Any],
                kwargs: dict[str, Any], ranks: Sequence[int], unique_reply_rank: int | None,
-               timeout: float | None, non_block: bool) -> PendingCall:
+               timeout: float | None, non_block: bool, plain: bool = False) -> PendingCall:
+        """Send a call (``plain``: its arguments are known to be plain msgpack data, see
+        :meth:`Encoder.encode_with_segments`); the caller waits for it."""
         self.check_usable()
         table = self._table
         future: Future[Any] | None = Future() if non_block else None
@@ -159,7 +161,7 @@ class DriverChannel:
         value_rank = -1 if unique_reply_rank is None else unique_reply_rank
         try:
             frames, call.segments = self._encoder.encode_with_segments(
-                Call(call.call_id, method, fn_blob, args, kwargs, value_rank))
+                Call(call.call_id, method, fn_blob, args, kwargs, value_rank), plain)
             self._check_sizes(frames)
             table.register(call, _closed)
         except BaseException:

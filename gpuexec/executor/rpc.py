@@ -17,6 +17,7 @@ from typing import Any, Literal, overload
 import cloudpickle
 
 from ..errors import CallRefusedError, InvalidArgumentError
+from ..ipc.values import plain
 from .aio import AsyncSlots, await_call
 from .channel import DriverChannel, PendingCall
 from .config import ExecutorConfig
@@ -25,7 +26,6 @@ from .ownership import Ownership
 from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_ranks
 
 _ARG_TYPES = (tuple, list)  # args taken as they are (anything else: validate.call_args)
-_str_only = frozenset({str}).issuperset  # a dict's key types, checked in C
 
 
 def _method_name(method: str | Callable[..., Any]) -> str:
@@ -166,12 +166,14 @@ class RpcMethods:
         else:
             name = self._callable_name(method)
         call_list = list(args) if args.__class__ in _ARG_TYPES else call_args(args)
+        # Arguments msgpack carries as they are are found here, once, with the names'
+        # check (plain: str keys); the encoder then does not walk them again.
         if kwargs is None:
-            call_dict = {}
-        elif kwargs.__class__ is dict and _str_only(map(type, kwargs)):
-            call_dict = dict(kwargs)
+            call_dict, simple = {}, True
+        elif kwargs.__class__ is dict and plain(kwargs):
+            call_dict, simple = dict(kwargs), True
         else:
-            call_dict = call_kwargs(kwargs)
+            call_dict, simple = call_kwargs(kwargs), False
         size = self._config.world_size
         target = self._all_ranks if ranks is None else target_ranks(ranks, size)
         value_rank = None if unique_reply_rank is None else \
@@ -181,8 +183,9 @@ class RpcMethods:
             flag("non_block", non_block)
         # pickled last: every check above is cheap
         blob = None if isinstance(method, str) else cloudpickle.dumps(method)
+        simple = simple and (not call_list or plain(call_list))
         return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
-                                    deadline, non_block)
+                                    deadline, non_block, simple)
 
     def _callable_name(self, method: object) -> str:
         """The name of a call's ``method`` other than a plain non-empty ``str``."""

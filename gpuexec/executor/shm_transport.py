@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from ..ipc import packets, shm_payload
-from ..ipc.codec import Decoder
+from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import Pong, Reply, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
 from .calls import CallTable, PendingCall
@@ -135,8 +135,11 @@ class ShmTransport(ZmqTransport):
         or when it came by ZeroMQ (then already delivered)."""
         try:
             frame = packets.single_frame(view)
-            if frame is not None:  # the common case: one frame, nothing to walk
-                return self.decode([frame], self._shm_decoder)
+            if frame:  # the common case: one frame, nothing to walk (and no wake-up
+                try:   # token: those come by ZeroMQ only)
+                    return self._shm_decoder.decode_header(frame)
+                except MalformedMessage as e:
+                    return self.not_decoded(e)
             kind, frames = packets.unpack(view)
             if kind == packets.BY_ZMQ:
                 reader.release()

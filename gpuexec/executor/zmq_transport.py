@@ -146,16 +146,22 @@ class ZmqTransport(Transport):
                 raise MalformedMessage("empty frame", "empty")
             return decoder.decode(frames) if len(frames) > 1 else \
                 decoder.decode_header(header)
-        except UndecodableValue as e:  # its call ends with the error (see .failures)
+        except MalformedMessage as e:
+            return self.not_decoded(e)
+
+    def not_decoded(self, e: MalformedMessage) -> Reply | None:
+        """What a reply that did not decode becomes: a value that could not be rebuilt
+        ends its call with the error (see .failures); anything else is dropped and
+        counted (logged once)."""
+        if isinstance(e, UndecodableValue):
             reply = undecodable_reply(e)
             if reply is not None:
                 return reply
             self._stats.count(e.reason)
             return None
-        except MalformedMessage as e:
-            if self._stats.count(e.reason) == 1:
-                log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
-            return None
+        if self._stats.count(e.reason) == 1:
+            log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
+        return None
 
     # -- wake-up and close ---------------------------------------------------------
 
