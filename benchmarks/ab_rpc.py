@@ -3,7 +3,9 @@
 A baseline's ``gpuexec`` package (``--baseline-dir``, a tree holding it, or
 ``--baseline-ref``, a git revision of this checkout) and this checkout's each run in a
 long-lived agent process (``_ab_agent.py``) that keeps its executors open. The two are
-measured in pairs, one right after the other (the order alternating), ``--rounds`` times
+measured in pairs, one right after the other (the order alternating; both agents started
+afresh every ``--restart-every`` rounds, so neither keeps a lucky placement of its
+processes on the host's cores for the whole run), ``--rounds`` times
 for every world size, transport and call (no-op, and small arguments: two positional
 values and a keyword list), so both see the same machine state; a shared host's load
 moves between pairs, not within one. Calls ``--gap-ms`` apart are paired the same way,
@@ -96,18 +98,31 @@ def verdict(hi: float, lo: float) -> str:
     return "met" if hi <= TARGET else "slower" if lo > TARGET else "unresolved"
 
 
-def run_pairs(agents: dict[str, Agent], configs: list[dict[str, Any]], rounds: int
-              ) -> dict[int, dict[str, list[dict[str, float]]]]:
+def run_pairs(trees: dict[str, Path], configs: list[dict[str, Any]], rounds: int,
+              restart_every: int) -> dict[int, dict[str, list[dict[str, float]]]]:
     """``rounds`` pairs per config, round by round (a load change spreads over every
-    config), the side that goes first alternating."""
+    config), the side that goes first alternating. Both agents are started afresh every
+    ``restart_every`` rounds: where the scheduler happened to put one side's driver and
+    workers (a busy core, a shared cache) would otherwise favour it for the whole run."""
     got: dict[int, dict[str, list[dict[str, float]]]] = {
         i: {"old": [], "new": []} for i in range(len(configs))}
-    for r in range(rounds):
-        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-        for i, cfg in enumerate(configs):
-            order = ("old", "new") if (r + i) % 2 == 0 else ("new", "old")
-            for side in order:
-                got[i][side].append(agents[side].measure(**cfg))
+    agents: dict[str, Agent] = {}
+    try:
+        for r in range(rounds):
+            if r % restart_every == 0:
+                for agent in agents.values():
+                    agent.close()
+                # started in either order too
+                sides = ("old", "new") if (r // restart_every) % 2 == 0 else ("new", "old")
+                agents = {side: Agent(trees[side]) for side in sides}
+            print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+            for i, cfg in enumerate(configs):
+                order = ("old", "new") if (r + i) % 2 == 0 else ("new", "old")
+                for side in order:
+                    got[i][side].append(agents[side].measure(**cfg))
+    finally:
+        for agent in agents.values():
+            agent.close()
     return got
 
 
@@ -126,6 +141,8 @@ def main() -> int:
                     help="pairs per spaced config (0: skip the spaced mode)")
     ap.add_argument("--spaced-calls", type=int, default=200,
                     help="timed calls per spaced measurement (after 50 untimed)")
+    ap.add_argument("--restart-every", type=int, default=10,
+                    help="start both agents afresh every this many rounds")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     add_out_option(ap)
     args = ap.parse_args()
@@ -145,14 +162,10 @@ def main() -> int:
             old = export_package(args.baseline_ref, work)
         new = work / "new"
         shutil.copytree(REPO / "gpuexec", new / "gpuexec")
-        agents = {"old": Agent(old), "new": Agent(new)}
-        try:
-            got = run_pairs(agents, fast, args.rounds)
-            got_spaced = run_pairs(agents, spaced, args.spaced_rounds) if spaced and \
-                args.spaced_rounds else {}
-        finally:
-            for agent in agents.values():
-                agent.close()
+        trees = {"old": old, "new": new}
+        got = run_pairs(trees, fast, args.rounds, args.restart_every)
+        got_spaced = run_pairs(trees, spaced, args.spaced_rounds, args.restart_every) \
+            if args.spaced_rounds else {}
     rows, results = [], []
     for cfgs, runs in ((fast, got), (spaced, got_spaced)):
         for i, runs_i in runs.items():
