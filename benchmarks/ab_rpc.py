@@ -163,7 +163,7 @@ def main() -> int:
         new = work / "new"
         shutil.copytree(REPO / "gpuexec", new / "gpuexec")
         trees = {"old": old, "new": new}
-        got = run_pairs(trees, fast, args.rounds, args.restart_every)
+        got = run_pairs(trees, fast, args.rounds, args.restart_every) if args.rounds else {}
         got_spaced = run_pairs(trees, spaced, args.spaced_rounds, args.restart_every) \
             if args.spaced_rounds else {}
     rows, results = [], []
@@ -171,6 +171,8 @@ def main() -> int:
         for i, runs_i in runs.items():
             cfg = cfgs[i]
             old_r, new_r = runs_i["old"], runs_i["new"]
+            if not old_r:  # --rounds 0: the spaced mode alone
+                continue
             ratios = [n["p50_us"] / o["p50_us"] for o, n in zip(old_r, new_r, strict=True)]
             med, lo, hi = median_interval(ratios, rng)
             o50 = statistics.median(x["p50_us"] for x in old_r)
