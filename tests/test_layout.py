@@ -34,7 +34,6 @@ NEUTRAL = {"gpuexec.errors", "gpuexec.optional", "gpuexec.cuda_state"}
 # Modules allowed past MAX_LINES, with the reason.
 LONG_MODULES = {
     "gpuexec.errors": "every exception a user can receive, in one place (a rule below)",
-    "gpuexec.ipc.shm_ring": "the ring's memory layout and both ends' protocol belong together",
     "gpuexec.ipc.codec": "encoder and decoder of one wire format, kept side by side",
     "gpuexec.worker.cuda_driver": "one ctypes binding per libcuda entry point, nothing else",
     "gpuexec.executor.executor": "the public Executor: its constructor's docstring is the "

@@ -227,7 +227,7 @@ def test_packets_single_frame_fast_path_and_general_walk_agree() -> None:
 def test_doorbell_wakes_a_sleeping_waiter_and_costs_nothing_without_one() -> None:
     import threading
 
-    from gpuexec.ipc.shm_ring import Doorbell
+    from gpuexec.ipc.doorbell import Doorbell
 
     bell = Doorbell.create()
     other = Doorbell(bell.path)  # a worker's view of the same doorbell

@@ -5,7 +5,7 @@ every packet and skips those not addressed to it. Replies: one ring per worker (
 writer) and a doorbell that every worker rings after a reply, on which the driver sleeps
 once it has spun ``spin`` seconds in vain. A message too big for a slot goes by ZeroMQ
 and a marker takes its place in the ring, which keeps the order. The segments are
-anonymous memory files created here (see :class:`gpuexec.ipc.shm_ring._Mapped`), which
+anonymous memory files created here (see :class:`gpuexec.ipc.memfile.MemFile`), which
 workers open through this process's /proc entry until every worker has mapped them;
 nothing is ever named in /dev/shm, so no crash of any process, even during start-up, can
 leave one behind.
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 
+from ..ipc.doorbell import Doorbell
 from ..ipc.messages import ShmSpec
-from ..ipc.shm_ring import Doorbell, RingReader, RingWriter, segment_size
+from ..ipc.shm_ring import RingReader, RingWriter, segment_size
 
 REQUEST_SLOTS = 8
 REPLY_SLOTS = 4

@@ -60,12 +60,8 @@ everywhere, TSO included.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import os
 import platform
 import struct
-import threading
 import time
 from collections.abc import Callable
 
@@ -73,6 +69,7 @@ import msgspec
 
 from . import futex
 from .forecast import ArrivalForecast
+from .memfile import MemFile, fence
 
 MAGIC = b"GPXRING1"
 VERSION = 3
@@ -86,17 +83,8 @@ _PUBLISHED_OFF = 8      # in a slot: the publish time, CLOCK_MONOTONIC ns
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
-_fence_lock = threading.Lock()
-
-
 # Whether acquire/release orderings need a fence here (everywhere but x86).
 WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
-
-
-def fence() -> None:
-    """A memory barrier, from Python: see the module docstring."""
-    with _fence_lock:  # not acquire()/release(): a signal between them would keep it
-        pass
 
 
 class RingSpec(msgspec.Struct, frozen=True):
@@ -125,77 +113,17 @@ def segment_size(n_slots: int, slot_size: int, n_readers: int) -> int:
     return _data_offset(n_readers) + n_slots * slot_size
 
 
-class _Mapped:
-    """The mapping shared by writer and reader.
-
-    Segments are anonymous memory files (``memfd_create``), never names in /dev/shm: the
-    creator keeps the file descriptor open and other processes of the user open the file
-    through ``/proc/<creator pid>/fd/<fd>`` (the segment's "path") until the creator calls
-    :meth:`unlink`, which closes that descriptor. From then on the memory lives exactly as
-    long as some process maps it, so no crash of any process, even before every worker
-    attached, can leave a segment behind.
-    """
-
-    def __init__(self, path: str | None, size: int | None, name: str = "gpuexec") -> None:
-        """Create a segment of ``size`` bytes (``path`` None), or open ``path``."""
-        self.fd = -1  # the creator's descriptor, which keeps the path valid
-        if path is None:
-            if size is None:
-                raise ValueError("a new segment needs a size")
-            fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            self.fd = os.dup(fd)
-            path = f"/proc/{os.getpid()}/fd/{self.fd}"
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.path = path
-        try:
-            if size is not None:
-                os.ftruncate(fd, size)
-            else:
-                size = os.fstat(fd).st_size
-            if size < _SLEEPING_OFF:
-                raise ValueError(f"{path} is too small to be a ring")
-            self.mm = mmap.mmap(fd, size)
-        except BaseException:
-            self.unlink()
-            raise
-        finally:
-            os.close(fd)
-        self.view = memoryview(self.mm)
-        buf = (ctypes.c_char * size).from_buffer(self.mm)
-        self.base = ctypes.addressof(buf)  # for futex calls on words of the segment
-        del buf
-
-    def unlink(self) -> None:
-        """The creator gives up the path: nobody can open the segment any more."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def close(self) -> None:
-        self.unlink()
-        self.unmap()
-
-    def unmap(self) -> None:
-        """Unmap, keeping the creator's descriptor (and so the path) open."""
-        self.view.release()
-        try:
-            self.mm.close()
-        except BufferError:  # a reader still holds a zero-copy view; the OS unmaps at exit
-            pass
-
-
 class RingWriter:
     """The single writer of a ring. Not thread-safe: one thread writes (the caller's lock)."""
 
     def __init__(self, n_readers: int, *, n_slots: int = 8, slot_size: int = 1 << 20) -> None:
         if n_readers < 1 or n_slots < 2 or slot_size < 64:
             raise ValueError("a ring needs a reader, two slots and slots of 64 bytes or more")
-        mapped = _Mapped(None, segment_size(n_slots, slot_size, n_readers), "gpuexec-ring")
+        mapped = MemFile(None, segment_size(n_slots, slot_size, n_readers), "gpuexec-ring")
         _HEADER.pack_into(mapped.view, 0, MAGIC, VERSION, n_slots, slot_size, n_readers)
         self._bind(RingSpec(mapped.path, n_slots, slot_size, n_readers), mapped)
 
-    def _bind(self, spec: RingSpec, mapped: _Mapped) -> None:
+    def _bind(self, spec: RingSpec, mapped: MemFile) -> None:
         self._m = mapped
         self.spec = spec
         self._seq = int(_U64.unpack_from(mapped.view, _WRITE_SEQ_OFF)[0])
@@ -212,7 +140,7 @@ class RingWriter:
     def attach(cls, spec: RingSpec) -> RingWriter:
         """Become the writer of a ring another process created (and may already have
         unlinked: attach before that)."""
-        mapped = _Mapped(spec.path, None)
+        mapped = MemFile(spec.path, None, "a ring", _SLEEPING_OFF)
         if len(mapped.mm) != segment_size(spec.n_slots, spec.slot_size, spec.n_readers):
             mapped.close()
             raise ValueError(f"{spec.path} is not the ring described by {spec}")
@@ -226,7 +154,8 @@ class RingWriter:
         self._m.unmap()
 
     def unlink(self) -> None:
-        """Give up the path (see :class:`_Mapped`); mappings stay valid until unmapped.
+        """Give up the path (see :class:`~gpuexec.ipc.memfile.MemFile`); mappings stay
+        valid until unmapped.
         Called once every reader and the writer have opened the ring."""
         self._m.unlink()
 
@@ -314,7 +243,7 @@ class RingReader:
                  forecast: ArrivalForecast | None = None) -> None:
         if not 0 <= index < spec.n_readers:
             raise ValueError(f"reader index {index} out of range")
-        self._m = _Mapped(spec.path, None)
+        self._m = MemFile(spec.path, None, "a ring", _SLEEPING_OFF)
         magic, version, n_slots, slot_size, n_readers = _HEADER.unpack_from(self._m.view, 0)
         if (magic, version, n_slots, slot_size, n_readers) != \
                 (MAGIC, VERSION, spec.n_slots, spec.slot_size, spec.n_readers) or \
@@ -423,64 +352,6 @@ class RingReader:
             time.sleep(min(nap, 1e-3))
         view[flag] = 0
         return self._published() > seq
-
-    def close(self) -> None:
-        self._m.close()
-
-
-class Doorbell:
-    """A futex word many writers ring and one waiter sleeps on (the driver waiting for
-    replies from several rings). A ring touches the shared counter only while the waiter
-    sleeps: a writer publishes its message, fences, and reads the sleeping flag; the
-    waiter sets the flag, fences, and checks for messages before it sleeps (Dekker), so
-    either the waiter sees the message or the writer sees the flag and wakes it. When the
-    driver spins, replies from many workers therefore do not fight over one cache line.
-    Ringing is then ``counter += 1`` (a lost increment between two writers is harmless:
-    only "it changed" matters, and every ring that sees the flag wakes)."""
-
-    SIZE = 128
-    _COUNTER = 0
-    _SLEEPING = 64
-
-    def __init__(self, path: str | None) -> None:
-        """Open the doorbell at ``path``, or create one (``path`` None)."""
-        self._m = _Mapped(path, self.SIZE if path is None else None, "gpuexec-bell")
-        self.path = self._m.path
-
-    @classmethod
-    def create(cls) -> Doorbell:
-        return cls(None)
-
-    def ring(self) -> None:
-        """Wake the waiter if it sleeps; call after publishing what it waits for."""
-        view = self._m.view
-        fence()  # what was published before reading the flag (Dekker)
-        if not _U32.unpack_from(view, self._SLEEPING)[0]:
-            return
-        _U32.pack_into(view, self._COUNTER, (_U32.unpack_from(view, self._COUNTER)[0] + 1)
-                       & 0xFFFFFFFF)
-        if futex.available():
-            futex.wake(self._m.base + self._COUNTER)
-
-    def wait(self, ready: Callable[[], bool], timeout: float) -> bool:
-        """Sleep until ``ready()`` (checked after announcing the sleep) or ``timeout``."""
-        view = self._m.view
-        _U32.pack_into(view, self._SLEEPING, 1)
-        fence()
-        expected = _U32.unpack_from(view, self._COUNTER)[0]
-        try:
-            if ready():
-                return True
-            if futex.available():
-                futex.wait(self._m.base + self._COUNTER, expected, timeout)
-            else:
-                time.sleep(min(timeout, 1e-3))
-        finally:
-            _U32.pack_into(view, self._SLEEPING, 0)
-        return ready()
-
-    def unlink(self) -> None:
-        self._m.unlink()
 
     def close(self) -> None:
         self._m.close()

@@ -33,9 +33,10 @@ import zmq
 
 from ..ipc import futex, packets
 from ..ipc.codec import Decoder, MalformedMessage, UndecodableValue, recv_rest, send_frames
+from ..ipc.doorbell import Doorbell
 from ..ipc.forecast import ArrivalForecast
 from ..ipc.messages import ALL_TOPIC, ShmSpec, ToWorker, rank_topic
-from ..ipc.shm_ring import Doorbell, RingReader, RingWriter
+from ..ipc.shm_ring import RingReader, RingWriter
 
 _ALL = ALL_TOPIC[0]
 
