@@ -132,6 +132,55 @@ def test_large_messages_overflow_to_zeromq_in_order() -> None:
         assert got[1][0][1] == float(big.sum()) and got[0][0][1] == float(big[:10].sum())
 
 
+def test_a_worker_dying_while_its_large_reply_is_on_zeromq_fails_the_calls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply announced in the ring never comes whole (the worker exits while ZeroMQ
+    is still sending 64 MiB): the waiting thread (here the monitor, pumping for futures)
+    stops waiting at the death, and every call ends with WorkerDiedError instead of the
+    monitor dying on a ZeroMQ timeout and the futures waiting forever."""
+    crashed: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    with Executor(EchoWorker, 2, device="cpu", transport="shm", rpc_timeout=120) as ex:
+        big = ex.collective_rpc(lambda w: b"x" * (64 << 20), ranks=[0], non_block=True)
+        die = ex.collective_rpc(lambda w: os._exit(3), ranks=[0], non_block=True)
+        with pytest.raises(WorkerDiedError) as info:
+            die.result(timeout=60)
+        assert info.value.rank == 0 and info.value.exitcode == 3
+        try:  # the reply may have arrived whole before the exit: then it is a result
+            assert big.result(timeout=60) == [b"x" * (64 << 20)]
+        except WorkerDiedError:
+            assert ex.stats().malformed_by_reason.get("overflow_lost") == 1
+        assert ex.is_failed
+    assert crashed == []
+
+
+def test_the_monitor_survives_a_pump_that_raises(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Defence in depth: an unexpected error while the monitor pumps is logged once and
+    the monitor goes on (futures still complete, deaths are still seen)."""
+    from gpuexec.executor.shm_transport import ShmTransport
+
+    real, raised = ShmTransport.pump, []
+
+    def flaky(self: ShmTransport, timeout_ms: int) -> list[int]:
+        if len(raised) < 3:
+            raised.append(1)
+            raise RuntimeError("injected")
+        return real(self, timeout_ms)
+
+    monkeypatch.setattr(ShmTransport, "pump", flaky)
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        assert ex.collective_rpc("add", args=(1, 2), non_block=True).result(timeout=30) == \
+            [3, 4]  # a + b + rank
+        os.kill(ex.workers[1].pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError):
+            ex.collective_rpc("sleep", args=(30,), non_block=True).result(timeout=30)
+    assert len(raised) == 3
+    assert [r.getMessage() for r in caplog.records].count(
+        "gpuexec: the monitor's pump raised; it goes on watching for deaths and deadlines "
+        "(further errors not logged)") == 1
+
+
 @pytest.mark.parametrize("start_method",
                          ["fork", "spawn", "forkserver", "subprocess", "zygote"])
 def test_shm_under_every_start_method(start_method: str) -> None:

@@ -14,8 +14,8 @@ run here between pumps, with no lock held, so a callback may call anything,
 
 Fields and threads: ``death``: written once by this thread under the call table's
 ``lock`` (read by anyone: once set it never changes); ``_callbacks``: any thread, under
-that lock; ``_due``, ``_idle``: this thread only; ``poke_w``: any thread, under the
-channel's wake lock (see :mod:`.channel`).
+that lock; ``_due``, ``_idle``, ``_pump_errors``: this thread only; ``poke_w``: any
+thread, under the channel's wake lock (see :mod:`.channel`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class Monitor:
         self.death: WorkerDeath | None = None
         self._callbacks: list[Callable[[], None]] = []
         self._due: list[Callable[[], None]] = []
+        self._pump_errors = 0  # this thread only
         # The monitor sleeps on the sentinels and this pipe ("a future was submitted").
         self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sentinels = {h.sentinel: h.rank for h in handles}
@@ -154,10 +155,19 @@ class Monitor:
         table = self._table
         busy = table.n_async or table.draining
         if busy and self._pump_lock.acquire(blocking=False):
+            fired = None
             try:
                 fired = self._transport.pump(_PUMP_MS)
+            except Exception:  # a bug, never expected: the watch must go on regardless
+                self._pump_errors += 1
+                if self._pump_errors == 1:
+                    log.exception("gpuexec: the monitor's pump raised; it goes on watching "
+                                  "for deaths and deadlines (further errors not logged)")
             finally:
                 self._pump_lock.release()
+            if fired is None:
+                time.sleep(_PUMP_MS / 1000)  # not a busy loop should it raise again
+                fired = []
             for fd in fired:
                 self._sentinel_fired(fd)
         else:

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from ..ipc import packets, shm_payload
-from ..ipc.codec import Decoder, MalformedMessage
+from ..ipc.codec import Decoder, MalformedMessage, recv_frames
 from ..ipc.messages import Pong, Reply, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
 from .calls import CallTable, PendingCall
@@ -37,7 +37,10 @@ from .zmq_transport import ZmqTransport
 
 log = logging.getLogger("gpuexec")
 
-_OVERFLOW_RECV_MS = 10_000  # a reply announced in its ring is already on its way
+_OVERFLOW_WAIT_S = 10.0  # a reply announced in its ring is on its way: it comes at once,
+#                         unless its worker died while ZeroMQ was still sending it
+_OVERFLOW_GRACE_S = 0.05  # after a death, for what ZeroMQ may still be reading
+_OVERFLOW_SLICE_MS = 100  # the wait re-checks that the channel is not closing this often
 
 
 class ShmTransport(ZmqTransport):
@@ -54,6 +57,10 @@ class ShmTransport(ZmqTransport):
         self._sentinel_poller = zmq.Poller()
         for fd in sentinels:
             self._sentinel_poller.register(fd, zmq.POLLIN)
+        self._overflow_poller = zmq.Poller()  # the reply socket and every sentinel
+        self._overflow_poller.register(rep, zmq.POLLIN)
+        for fd in sentinels:
+            self._overflow_poller.register(fd, zmq.POLLIN)
         self.carries_shm_payloads = shm_payload.available()
 
     # -- sending -------------------------------------------------------------------
@@ -143,7 +150,7 @@ class ShmTransport(ZmqTransport):
             kind, frames = packets.unpack(view)
             if kind == packets.BY_ZMQ:
                 reader.release()
-                self.recv_one(_OVERFLOW_RECV_MS)
+                self._overflow()
                 return None
             return self.decode(frames, self._shm_decoder)
         except (ValueError, struct.error) as e:
@@ -153,6 +160,37 @@ class ShmTransport(ZmqTransport):
         finally:
             view.release()
             reader.release()
+
+    def _overflow(self) -> None:
+        """Receive and deliver the message a ``BY_ZMQ`` marker announced (caller holds
+        the pump lock). The worker sent it before it wrote the marker, so it is on its
+        way, unless the worker died while ZeroMQ was still sending it (a large message):
+        the wait ends when it arrives, shortly after any worker's death (the monitor
+        then fails the calls with ``WorkerDiedError``), when the channel closes, or after
+        ``_OVERFLOW_WAIT_S`` (dropped and counted as ``overflow_lost``). It never raises:
+        the caller may be the monitor thread, which must go on watching."""
+        rep, token = self._rep, self._wake_token
+        deadline = time.monotonic() + _OVERFLOW_WAIT_S
+        while not self._table.closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            events = dict(self._overflow_poller.poll(
+                max(1, min(_OVERFLOW_SLICE_MS, int(left * 1000 + 0.999)))))
+            if events.pop(rep, 0):
+                try:
+                    frames = recv_frames(rep, zmq.NOBLOCK)
+                except zmq.Again:  # pragma: no cover - POLLIN means a whole message
+                    continue
+                if len(frames) == 1 and frames[0] == token:
+                    continue  # a wake-up frame: the loop re-checks the channel
+                self.dispatch(frames)
+                return
+            if events:  # a worker died: what ZeroMQ still holds comes within the grace
+                deadline = min(deadline, time.monotonic() + _OVERFLOW_GRACE_S)
+        if self._stats.count("overflow_lost") == 1:
+            log.warning("gpuexec: a reply announced in a reply ring never came by ZeroMQ "
+                        "(its worker died while sending it?); counting further ones")
 
     # -- wake-up and close ---------------------------------------------------------
 

@@ -107,13 +107,6 @@ class ZmqTransport(Transport):
             if timeout_ms >= 0:
                 return
 
-    def recv_one(self, timeout_ms: int) -> None:
-        """One message, waiting up to ``timeout_ms`` for it (one announced elsewhere)."""
-        if self._rcvtimeo != timeout_ms:
-            self._rep.setsockopt(zmq.RCVTIMEO, timeout_ms)
-            self._rcvtimeo = timeout_ms
-        self.dispatch(recv_frames(self._rep))
-
     def pump(self, timeout_ms: int) -> list[int]:
         fired: list[int] = []
         for sock, _ in self._poller.poll(timeout_ms):
