@@ -58,7 +58,8 @@ class ChannelStats:
     calls: int = 0
     late_replies: int = 0        # replies to calls that timed out or were abandoned
     malformed: int = 0           # frames the driver dropped, every reason together
-    # ... by reason: MalformedMessage.reason, "empty" or "packet" (a bad ring packet)
+    # ... by reason: MalformedMessage.reason, "empty", "packet" (a bad ring packet) or
+    # "overflow_lost" (a reply announced in a ring that never came by ZeroMQ)
     malformed_by_reason: dict[str, int] = field(default_factory=dict)
     # rank -> reason -> requests that worker dropped, as of its last Pong (check_health)
     worker_malformed: dict[int, dict[str, int]] = field(default_factory=dict)
