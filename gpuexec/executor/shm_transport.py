@@ -14,7 +14,7 @@ that protocol on the driver side. Deaths and shutdown ring the doorbell as well 
 sending the wake-up frame. The rings themselves are :class:`.shm_path.ShmDriverPath`.
 
 Fields and threads: ``_shm.request``: the holder of the send lock; ``_shm.replies``,
-``_decoder``: the holder of the pump lock; the doorbell: any thread (a futex).
+``_decoder``, ``_overflow_poller``: the holder of the pump lock; the doorbell: any thread (a futex).
 """
 
 from __future__ import annotations
@@ -188,6 +188,8 @@ class ShmTransport(ZmqTransport):
                 return
             if events:  # a worker died: what ZeroMQ still holds comes within the grace
                 deadline = min(deadline, time.monotonic() + _OVERFLOW_GRACE_S)
+        if self._table.closing:  # shutting down: nobody waits for it any more
+            return
         if self._stats.count("overflow_lost") == 1:
             log.warning("gpuexec: a reply announced in a reply ring never came by ZeroMQ "
                         "(its worker died while sending it?); counting further ones")
