@@ -140,3 +140,16 @@ class ParkedWorker(GpuWorker):
         torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr()))
         del self.host
         return {"copy_s": copy}
+
+
+class GroupWorker(ParkedWorker):
+    """A :class:`ParkedWorker` in the executor's process group (``distributed_backend``)."""
+
+    def allreduce(self, value: float) -> list[float]:
+        """Sum over the ranks of ``value * (rank + 1)``, four times, through the group."""
+        import torch.distributed as dist
+
+        t = torch.full((4,), value * (self.rank + 1), device=self.device)
+        dist.all_reduce(t)
+        torch.cuda.synchronize()
+        return [float(x) for x in t.tolist()]

@@ -1,5 +1,7 @@
-"""On a real GPU (``pytest -m cuda``, one GPU is enough): suspend and resume through the
-CUDA driver's checkpoint API (NVIDIA driver 570+)."""
+"""On a real GPU (``pytest -m cuda``, one GPU is enough for most): suspend and resume
+through the CUDA driver's checkpoint API (NVIDIA driver 570+). The tests at world size 2
+need two GPUs: a collective group across the suspend, and a worker that holds a stale
+context on another GPU."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from conftest import ROOT, subprocess_env, wait_gone
 
 from gpuexec import Executor
+from gpuexec.errors import CheckpointError
 from gpuexec.executor.config import visible_gpu_count
 
 pytestmark = [pytest.mark.cuda,
@@ -72,6 +75,7 @@ def test_driver_killed_while_suspended_leaves_no_process_and_no_gpu_memory() -> 
         import os, sys, time
         import psutil
         from gpuexec import Executor
+from gpuexec.errors import CheckpointError
         ex = Executor("cuda_workers:ParkedWorker", 1, device="cuda")
         ex.collective_rpc("load", args=(1.0,))
         ex.suspend()
@@ -98,3 +102,59 @@ def test_driver_killed_while_suspended_leaves_no_process_and_no_gpu_memory() -> 
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_suspend_across_an_nccl_group(world: int) -> None:
+    """A process group with a live NCCL communicator survives suspend and resume: every
+    rank's GPU memory goes to zero and the same all-reduce gives the same result after."""
+    if visible_gpu_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    expected = [[1.5 * world * (world + 1) / 2] * 4] * world
+    with Executor("cuda_workers:GroupWorker", world, device="cuda",
+                  distributed_backend="nccl") as ex:
+        assert ex.collective_rpc("allreduce", args=(1.5,), timeout=120) == expected
+        ex.collective_rpc("load", args=(0.5,))
+        pids = [w.pid for w in ex.workers]
+        t = time.monotonic()
+        reports = ex.suspend(timeout=300)
+        suspended = time.monotonic() - t
+        assert [r.state for r in reports] == ["checkpointed"] * world
+        assert [_process_mib(p) for p in pids] == [0.0] * world
+        t = time.monotonic()
+        assert [r.state for r in ex.resume(timeout=300)] == ["running"] * world
+        resumed = time.monotonic() - t
+        assert ex.collective_rpc("allreduce", args=(1.5,), timeout=120) == expected
+        assert ex.collective_rpc("verify") == [{"graph": True, "matmul": True,
+                                                "data": True}] * world
+        print(f"nccl world {world}: suspend {suspended:.2f} s, resume {resumed:.2f} s, "
+              f"freed {[r.gpu_mib for r in reports]} MiB")
+
+
+@pytest.mark.skipif(visible_gpu_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("release", [True, False])
+def test_suspend_of_a_worker_holding_a_stale_context(release: bool) -> None:
+    """Rank 1 imports a library that touches GPU 0 (a stale context there) and works on
+    GPU 1. With the release (the default) it suspends like any worker; without it the
+    driver either checkpoints the stale context too or refuses with a CUresult, and the
+    executor rolls back and stays usable: the test prints which."""
+    with Executor("cuda_workers:ParkedWorker", 2, device="cuda",
+                  env={"GPUEXEC_TEST_TOUCH_GPU0": "1"},
+                  release_stale_contexts=release) as ex:
+        ex.collective_rpc("load", args=(0.5,))
+        pid = ex.workers[1].pid
+        try:
+            reports = ex.suspend(timeout=300)
+        except CheckpointError as e:
+            assert not release, e
+            assert "CUDA_ERROR" in str(e) or "CUresult" in str(e), e
+            assert not ex.is_suspended
+            print(f"stale context kept: suspend refused: {e}")
+        else:
+            assert [r.state for r in reports] == ["checkpointed"] * 2
+            assert _process_mib(pid) == 0.0  # the stale context went too
+            assert [r.state for r in ex.resume(timeout=300)] == ["running"] * 2
+            print(f"stale context {'released' if release else 'kept'}: suspend and resume "
+                  f"worked, freed {[r.gpu_mib for r in reports]} MiB")
+        assert ex.collective_rpc("verify") == [{"graph": True, "matmul": True,
+                                                "data": True}] * 2
