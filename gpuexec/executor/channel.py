@@ -150,9 +150,11 @@ class DriverChannel:
 
     def submit(self, method: str, fn_blob: bytes | None, args: list[Any],
                kwargs: dict[str, Any], ranks: Sequence[int], unique_reply_rank: int | None,
-               timeout: float | None, non_block: bool, plain: bool = False) -> PendingCall:
-        """Send a call (``plain``: its arguments are known to be plain msgpack data, see
-        :meth:`Encoder.encode_with_segments`); the caller waits for it."""
+               timeout: float | None, non_block: bool, plain: bool | None = None
+               ) -> PendingCall:
+        """Send a call (``plain``: whether its arguments were found plain msgpack data,
+        None: not looked at; see :meth:`Encoder.encode_with_segments`); the caller waits
+        for it."""
         self.check_usable()
         table = self._table
         future: Future[Any] | None = Future() if non_block else None

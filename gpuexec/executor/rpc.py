@@ -167,13 +167,14 @@ class RpcMethods:
             name = self._callable_name(method)
         call_list = list(args) if args.__class__ in _ARG_TYPES else call_args(args)
         # Arguments msgpack carries as they are are found here, once, with the names'
-        # check (plain: str keys); the encoder then does not walk them again.
+        # check (plain: str keys); the encoder then does not look at them again.
         if kwargs is None:
             call_dict, simple = {}, True
         elif kwargs.__class__ is dict and plain(kwargs):
             call_dict, simple = dict(kwargs), True
-        else:
-            call_dict, simple = call_kwargs(kwargs), False
+        else:  # another mapping, or names or values to look at closer
+            call_dict = call_kwargs(kwargs)
+            simple = plain(call_dict)
         size = self._config.world_size
         target = self._all_ranks if ranks is None else target_ranks(ranks, size)
         value_rank = None if unique_reply_rank is None else \

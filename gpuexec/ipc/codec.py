@@ -159,7 +159,7 @@ class Encoder:
         """``[header, *buffers]`` for ``msg`` (an encoder without shared-memory payloads)."""
         return self.encode_with_segments(msg)[0]
 
-    def encode_with_segments(self, msg: Any, plain_call: bool = False
+    def encode_with_segments(self, msg: Any, plain_call: bool | None = None
                              ) -> tuple[list[Frame], list[int]]:
         """``(frames, segment descriptors)``: the caller closes the descriptors once every
         receiver has mapped them (the call is complete).
@@ -167,14 +167,15 @@ class Encoder:
         Most messages hold plain data only (:func:`values.plain`): they are encoded as
         they are, without the walk, the lock or the frame list (the hot path). msgpack
         refuses ints beyond 64 bits and lone surrogates by itself; those take the walk.
-        ``plain_call``: the caller already found a Call's arguments plain (the executor
-        checks them once, together with its own checks of the keyword names).
+        ``plain_call``: whether the caller already found a Call's arguments plain (the
+        executor checks them once, together with its own checks of the keyword names);
+        None: look here.
         """
         cls = msg.__class__
         if cls is Call:
             args, kwargs = msg.args, msg.kwargs
-            fast = plain_call or ((not args or plain(args))
-                                  and (not kwargs or plain_values(kwargs)))
+            fast = plain_call if plain_call is not None else \
+                (not args or plain(args)) and (not kwargs or plain_values(kwargs))
         elif cls is Reply:
             fast = msg.value.__class__ in _SCALARS or plain(msg.value)
         else:
