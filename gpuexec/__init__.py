@@ -24,6 +24,7 @@ from .errors import (
     WorkerStartupError,
 )
 from .executor import Executor, WorkerInfo
+from .executor.respawn import Recovery, RespawnReport
 from .ipc.checkpoint import SuspendReport
 from .ipc.reports import ContextAction, DeviceReport
 from .worker import Worker
@@ -39,7 +40,9 @@ __all__ = [
     "ExecutorClosedError",
     "GpuexecError",
     "ProtocolError",
+    "Recovery",
     "RemoteError",
+    "RespawnReport",
     "RpcTimeoutError",
     "StartMethodError",
     "SuspendReport",

@@ -408,3 +408,18 @@ class IntegrationError(GpuexecError, ImportError):
 class ZygoteError(GpuexecError):
     """The zygote (``start_method="zygote"``) could not be started or is not safe to
     fork from."""
+
+
+class RespawnError(GpuexecError):
+    """``Executor.respawn`` refused, or could not finish: a rank that is alive without
+    ``kill=True``, a backend or state where ranks cannot be replaced (Ray actors, a
+    suspended executor), or a replacement that failed to start (then ``__cause__`` is its
+    :class:`WorkerStartupError`, the rank stays dead and respawn may be tried again).
+    ``ranks``: the ranks concerned."""
+
+    def __init__(self, message: str, ranks: Sequence[int] = ()) -> None:
+        self.ranks = list(ranks)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[RespawnError], tuple[str, list[int]]]:
+        return (type(self), (str(self), self.ranks))

@@ -43,7 +43,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InflightLimitError, RpcTimeoutError
+from ..errors import ExecutorClosedError, InflightLimitError, RpcTimeoutError
 from ..ipc.messages import Failure, Pong, Reply
 from .failures import call_error
 
@@ -136,6 +136,11 @@ class CallTable:
         self.n_async = 0      # futures in the table: the monitor pumps while any
         self.draining = 0     # requests waiting for room to send: the monitor drains
         self.closing = False  # set once by the channel's begin_close
+        # Set with ``closing`` and by a worker's death (cleared when the dead ranks are
+        # replaced): a call that registers now is refused with refusal()'s error. One
+        # check in register covers both, so a call racing with a death is either failed
+        # by the monitor or refused here, never sent to a rank that is being replaced.
+        self.refusal: Callable[[], BaseException] | None = None
         self.unsettled: deque[PendingCall] = deque()
         self.stats = ChannelStats()
         # Called (holding no lock of this table) when deliver finished a future: the
@@ -199,8 +204,8 @@ class CallTable:
         either failed by it or refused here, never left waiting for workers that were
         told to exit. ``counted``: a user's call (``stats.calls``), not a health ping."""
         with self.lock:
-            if self.closing:
-                raise refused()
+            if self.refusal is not None:
+                raise refused() if self.closing else self.refusal()
             self.pending[call.call_id] = call
             if call.future is not None:
                 self.n_async += 1
@@ -213,6 +218,7 @@ class CallTable:
             if self.closing:
                 return None
             self.closing = True
+            self.refusal = _shut_down
             return list(self.pending.values())
 
     def deliver(self, replies: list[Reply | Pong]) -> None:
@@ -318,3 +324,7 @@ def _settle_one(call: PendingCall) -> None:
             future.set_result(call.value)
     except InvalidStateError:  # the caller cancelled the Future: nobody waits for it
         pass
+
+
+def _shut_down() -> ExecutorClosedError:
+    return ExecutorClosedError("the executor is shut down")

@@ -51,11 +51,12 @@ Fields and the threads that may touch them:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
@@ -63,7 +64,7 @@ import zmq
 
 from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError
 from ..ipc.codec import Encoder
-from ..ipc.messages import Call, Ping, Shutdown, rank_topic
+from ..ipc.messages import Call, Ping, ShmSpec, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
 from .calls import CallTable, ChannelStats, PendingCall
 from .launcher import WorkerHandle
@@ -93,6 +94,7 @@ class DriverChannel:
                  max_inflight_calls: int = 1024, max_message_size: int = -1,
                  auth: ZapHandler | None = None) -> None:
         self._ctx = ctx
+        self._sockets = (req, rep)  # for a respawn's handshake (see replacing())
         self._auth = auth  # the ZAP handler of ctx, stopped before ctx is terminated
         self._max_message_size = max_message_size  # -1: no limit
         self._topics = [rank_topic(h.rank) for h in handles]
@@ -321,6 +323,48 @@ class DriverChannel:
         """Give up on ``call`` (its awaiting task was cancelled): it leaves the pending
         table now, so its replies are dropped and counted as late, as after a timeout."""
         self._table.finish(call, CancelledError(f"the call to {call.method!r} was abandoned"))
+
+    # -- a rank replaced (see .respawn) ---------------------------------------------
+
+    def closing(self) -> bool:
+        return self._table.closing
+
+    def worker_exited(self, handle: WorkerHandle) -> None:
+        """Record ``handle``'s exit now (a worker the respawn killed, or one whose death
+        the monitor has not handled yet) and run the failure callbacks it starts."""
+        for fn in self._monitor.exited(handle):
+            try:
+                fn()
+            except Exception:
+                log.exception("gpuexec: a failure callback raised")
+        self._table.settle()
+
+    @contextlib.contextmanager
+    def replacing(self) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+        """Hold the pump and send locks while ranks are replaced, and lend the request
+        (XPUB) and reply (PULL) sockets for the new workers' handshake. Nobody else
+        needs them meanwhile: every call is refused while a rank is dead."""
+        with self._pump_lock, self._send_lock:
+            if self._released or self._table.closing:
+                raise ExecutorClosedError("the executor is shut down")
+            yield self._sockets
+
+    def forget(self, handle: WorkerHandle) -> ShmSpec | None:
+        """Stop watching the dead worker of ``handle.rank``; what its successor needs to
+        join the wire (inside :meth:`replacing`)."""
+        self._monitor.forget(handle)
+        return self._transport.forget(handle.rank, handle.sentinel)
+
+    def adopt(self, handle: WorkerHandle) -> None:
+        """Watch the ready successor (inside :meth:`replacing`; ``handle`` is current)."""
+        self._transport.adopt(handle.sentinel)
+        self._monitor.adopt(handle)
+
+    def replaced(self, ranks: Sequence[int]) -> bool:
+        """``ranks`` run again; True when no rank is dead any more (calls flow again)."""
+        ok = self._monitor.replaced(ranks)
+        self._poke()  # the monitor re-reads its sentinels
+        return ok
 
     # -- shutdown ------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import InvalidArgumentError
+from ..errors import ConfigError, ExecutorClosedError, InvalidArgumentError, RespawnError
 from ..ipc.checkpoint import SuspendReport
 from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
@@ -52,6 +52,7 @@ from .lifecycle import ExecutorState, Lifecycle
 from .ownership import Ownership
 from .rank_env import EnvArg
 from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT
+from .respawn import AutoRespawn, Recovery, Respawner, RespawnReport
 from .rpc import RpcMethods
 from .start_method import check_not_bootstrapping
 from .suspension import Suspension, refusal
@@ -78,6 +79,21 @@ def _no_default(timeout: float | None) -> float | None:
     if timeout is not None and not timeout > 0:
         raise InvalidArgumentError(f"timeout must be positive, not {timeout!r}")
     return timeout
+
+
+def _check_recovery(on_worker_death: str, max_respawns: int, window: float,
+                    backend: str) -> None:
+    """The automatic-recovery arguments, before any process starts."""
+    if on_worker_death not in ("fail", "respawn"):
+        raise ConfigError(f"on_worker_death must be 'fail' or 'respawn', not "
+                          f"{on_worker_death!r}")
+    if isinstance(max_respawns, bool) or not isinstance(max_respawns, int) or \
+            max_respawns < 1:
+        raise ConfigError(f"max_respawns must be a positive integer, not {max_respawns!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
+        raise ConfigError(f"respawn_window must be positive seconds, not {window!r}")
+    if on_worker_death == "respawn" and backend == "ray":
+        raise ConfigError("on_worker_death='respawn' is not available with backend='ray'")
 
 
 class Executor(RpcMethods):
@@ -196,10 +212,14 @@ class Executor(RpcMethods):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         backend: str = "mp",
         ray_resources: Mapping[str, float] | None = None,
+        on_worker_death: str = "fail",
+        max_respawns: int = 3,
+        respawn_window: float = 300.0,
     ) -> None:
         self._life = Lifecycle()  # STARTING until fully started: shutdown() is a no-op
         self._owner = Ownership()  # forks of this process may not use or stop it
         check_not_bootstrapping()
+        _check_recovery(on_worker_death, max_respawns, respawn_window, backend)
         self._config = config = ExecutorConfig.build(
             worker_cls, world_size, device=device, start_method=start_method,
             worker_args=worker_args, worker_kwargs=worker_kwargs, env=env,
@@ -219,6 +239,16 @@ class Executor(RpcMethods):
                                 ray_resources=ray_resources, master_addr=master_addr)
         self._adopt(started)
         self._open_channel(started)
+        self._respawner = Respawner(
+            self._channel, self._handles, started.specs, started.start_method,
+            started.zygote_preload, config.ready_timeout, started.stderr_tail,
+            self._suspension.replace_pids)
+        self._auto: AutoRespawn | None = None
+        if on_worker_death == "respawn":
+            self._auto = AutoRespawn(lambda: self._respawner.respawn(None, None, False),
+                                     self._respawner.dead_ranks, lambda: self.is_closed,
+                                     max_respawns, respawn_window)
+            self._channel.add_failure_callback(self._auto)
         self._life.advance(ExecutorState.STARTING, ExecutorState.RUNNING)
         process_hooks.add(self)
 
@@ -325,6 +355,55 @@ class Executor(RpcMethods):
         self._owner.check()
         self._channel.add_failure_callback(fn)
 
+    # -- replacing ranks (see .respawn) ----------------------------------------------
+
+    def respawn(self, ranks: Sequence[int] | None = None, *, timeout: float | None = None,
+                kill: bool = False) -> list[RespawnReport]:
+        """Start a new worker for each dead rank of ``ranks`` (None: every dead rank),
+        with the same rank, local rank, device, worker class and arguments, per-rank
+        ``env``, transport and start method (from the zygote when that is the start
+        method); the survivors keep running and keep their state.
+
+        Returns one :class:`RespawnReport` per rank replaced (old pid and how it ended,
+        new pid, seconds), ``[]`` when no rank is dead. Once it returns and no other rank
+        is dead, :attr:`is_failed` is false and calls work on every rank again; calls that
+        were in flight when the rank died ended with ``WorkerDiedError`` and stay ended;
+        calls made while it runs get ``WorkerDiedError`` at once. With
+        ``distributed_backend``, the survivors abort the old process group (a survivor
+        blocked in a collective with the dead rank is released), every rank joins a new
+        one of the same world size (a fresh rendezvous) before this returns, and then
+        ``Worker.on_peers_replaced(ranks)`` runs on every survivor.
+
+        ``kill=True`` kills a live rank of ``ranks`` first (SIGKILL: the way out for a
+        stuck rank); without it a live rank is refused (:class:`RespawnError`, nothing
+        changed). ``timeout`` (default ``ready_timeout``) bounds the whole respawn; a
+        replacement that fails to start raises :class:`RespawnError` (cause: its
+        :class:`WorkerStartupError`), the rank stays dead and respawn may be tried again.
+        After :meth:`shutdown`: ``ExecutorClosedError``; not with ``backend="ray"`` nor
+        while suspended (:class:`RespawnError`).
+        """
+        self._owner.check()
+        if self.is_closed:
+            raise ExecutorClosedError("the executor is shut down")
+        if self._backend == "ray":
+            raise RespawnError("respawn is not available with backend='ray' (Ray restarts "
+                               "actors itself); shut down and start again")
+        if self._suspension.suspended:
+            raise RespawnError("the executor is suspended: resume() before respawn()")
+        return self._respawner.respawn(ranks, timeout, kill)
+
+    @property
+    def dead_ranks(self) -> list[int]:
+        """The ranks whose process has exited and has not been replaced yet (what
+        ``respawn()`` with no ranks replaces)."""
+        return self._respawner.dead_ranks()
+
+    @property
+    def recoveries(self) -> list[Recovery]:
+        """What ``on_worker_death="respawn"`` did after each death, oldest first (a
+        copy; empty in the default ``"fail"`` mode)."""
+        return list(self._auto.recoveries) if self._auto is not None else []
+
     # -- suspend / resume (see .suspension) ------------------------------------------
 
     @property
@@ -394,8 +473,9 @@ class Executor(RpcMethods):
         steps: list[Callable[[], object]] = [
             self._channel.begin_close,
             self._gate.poke,
-            lambda: stop_workers(self._handles, grace=grace,
+            lambda: stop_workers(self._handles + self._respawner.retired, grace=grace,
                                  term_grace=self._config.terminate_timeout),
+            self._auto.join if self._auto is not None else lambda: None,
             self._suspension.close,
             ray_workers.close if ray_workers is not None else lambda: None,
             self._channel.close,

@@ -27,7 +27,12 @@ from typing import Any
 
 import zmq
 
-from ..errors import ProtocolError, StartMethodError, WorkerStartupError
+from ..errors import (
+    ExecutorClosedError,
+    ProtocolError,
+    StartMethodError,
+    WorkerStartupError,
+)
 from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import PROTOCOL_VERSION, Handshake, Ready, StartupFailed, rank_topic
 from ..ipc.reports import DeviceReport
@@ -74,15 +79,17 @@ class WorkerHandle:
 
 def start_workers(method: str, specs: Sequence[bytes],
                   zygote: ZygoteClient | None = None, deadline: float | None = None,
-                  ready_timeout: float = 0.0) -> list[WorkerHandle]:
-    """Start one process per encoded spec, by ``deadline`` (``time.monotonic()``; the
-    executor's ``ready_timeout`` bounds the whole start). On error, stops what started
-    and raises."""
+                  ready_timeout: float = 0.0, ranks: Sequence[int] | None = None
+                  ) -> list[WorkerHandle]:
+    """Start one process per encoded spec (of ``ranks``, default 0, 1, ...), by
+    ``deadline`` (``time.monotonic()``; the executor's ``ready_timeout`` bounds the whole
+    start). On error, stops what started and raises."""
     handles: list[WorkerHandle] = []
     ctx: Any = None if method in ("subprocess", "zygote") else \
         multiprocessing.get_context(method)  # typeshed's BaseContext lacks .Process
     try:
-        for rank, spec in enumerate(specs):
+        for rank, spec in zip(ranks if ranks is not None else range(len(specs)), specs,
+                              strict=True):
             if deadline is not None and time.monotonic() >= deadline:
                 raise WorkerStartupError(
                     rank, f"not started within ready_timeout={ready_timeout:g} s "
@@ -124,10 +131,14 @@ def disown_in_fork(handles: Sequence[WorkerHandle]) -> None:
 def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                xpub: zmq.Socket[bytes], method: str, timeout: float,
                stderr_tail: Callable[[int], str] = lambda rank: "",
-               deadline: float | None = None) -> None:
+               deadline: float | None = None,
+               others: Callable[[], bool] | None = None) -> None:
     """Wait until every worker is ready and subscribed, by ``deadline`` (default:
     ``timeout`` from now); raise ``WorkerStartupError`` on the first failure, naming the
-    rank and carrying its traceback."""
+    rank and carrying its traceback. ``others``: other workers share the sockets (a
+    respawn): their messages (late replies) are dropped without a word, and the wait
+    ends with ``ExecutorClosedError`` as soon as ``others()`` says the executor closes
+    (its wake-up frame on the reply socket ends the poll)."""
     decoder: Decoder[Handshake] = Decoder(Handshake, allow_pickle=False)
     by_rank = {h.rank: h for h in handles}
     by_sentinel = {h.sentinel: h for h in handles}
@@ -147,14 +158,18 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                 [h.rank for h in unsubscribed.values()]
             raise WorkerStartupError(
                 late[0], f"not ready after ready_timeout={timeout:g} s (ranks not ready: {late})")
-        for sock, _ in poller.poll(max(1, int(remaining * 1000))):
+        events = poller.poll(max(1, int(remaining * 1000)))
+        if others is not None and others():
+            raise ExecutorClosedError("the executor was shut down while ranks were started")
+        for sock, _ in events:
             if sock is xpub:
                 unsubscribed.pop(xpub.recv(), None)
             elif sock is pull:
                 try:
                     msg = decoder.decode([pull.recv()])
                 except MalformedMessage as e:
-                    log.warning("gpuexec: dropped a malformed start-up message (%s)", e)
+                    if others is None:
+                        log.warning("gpuexec: dropped a malformed start-up message (%s)", e)
                     continue
                 found = by_rank.get(msg.rank)
                 if found is None:

@@ -12,10 +12,21 @@ User code never runs under a channel lock: futures are settled and failure callb
 run here between pumps, with no lock held, so a callback may call anything,
 ``shutdown()`` included.
 
-Fields and threads: ``death``: written once by this thread under the call table's
-``lock`` (read by anyone: once set it never changes); ``_callbacks``: any thread, under
-that lock; ``_due``, ``_idle``, ``_pump_errors``: this thread only; ``poke_w``: any
-thread, under the channel's wake lock (see :mod:`.channel`).
+A rank replaced in place (``Executor.respawn``): the respawning thread calls
+:meth:`Monitor.exited` for a worker it killed (or one whose death this thread has not
+seen yet; recording a handle twice is a no-op), :meth:`Monitor.forget` for the dead
+handle, :meth:`Monitor.adopt` for the new one, and :meth:`Monitor.replaced` once its
+ranks are ready, which ends the failure if no other rank is dead. A sentinel of a
+handle no longer current for its rank is ignored. Old handles are never closed before
+shutdown, so their descriptors are never reused while a poll may still hold them.
+
+Fields and threads: ``death``: the first death not yet replaced (None: healthy), written
+under the call table's ``lock`` by this thread (a death) or the respawning thread (a
+kill, or the end of a respawn), read by anyone; ``deaths``: every rank dead and not yet
+replaced, under that lock; ``_callbacks``: any thread, under that lock (kept: they run
+again at each new failure); ``_due``, ``_pump_errors``: this thread only; ``_idle``,
+``sentinels``: this thread, and the respawning thread (it pokes this one afterwards);
+``poke_w``: any thread, under the channel's wake lock (see :mod:`.channel`).
 """
 
 from __future__ import annotations
@@ -67,12 +78,15 @@ class Monitor:
         self._stderr_tail = stderr_tail
         self._wake = wake  # the channel's: interrupts a caller blocked on the transport
         self.death: WorkerDeath | None = None
+        self.deaths: dict[int, WorkerDeath] = {}
+        self._seen: set[int] = set()  # id() of the handles whose exit was recorded (kept
+        # alive until shutdown, so an id is never reused meanwhile)
         self._callbacks: list[Callable[[], None]] = []
         self._due: list[Callable[[], None]] = []
         self._pump_errors = 0  # this thread only
         # The monitor sleeps on the sentinels and this pipe ("a future was submitted").
         self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sentinels = {h.sentinel: h.rank for h in handles}
+        self.sentinels = {h.sentinel: h for h in handles}
         self._idle = zmq.Poller()
         self._idle.register(self.poke_r, zmq.POLLIN)
         for fd in self.sentinels:
@@ -82,8 +96,8 @@ class Monitor:
 
     def add_failure_callback(self, fn: Callable[[], None]) -> None:
         with self._table.lock:
+            self._callbacks.append(fn)
             if self.death is None:
-                self._callbacks.append(fn)
                 return
         fn()
 
@@ -100,33 +114,72 @@ class Monitor:
 
     # -- deaths ----------------------------------------------------------------------
 
-    def _worker_exited(self, rank: int) -> None:
-        """A sentinel fired: record the death and fail every pending call."""
-        handle = self._handles[rank]
+    def exited(self, handle: WorkerHandle) -> list[Callable[[], None]]:
+        """``handle``'s process exited: record the death, and on the first one fail every
+        pending call. Returns the failure callbacks to run, outside every lock, by the
+        caller (this thread queues its own). Any thread; a handle recorded before, or no
+        longer its rank's, changes nothing."""
         exitcode = handle.reap(timeout=0.5)
         if exitcode == UNKNOWN_EXIT:
             exitcode = None
         table = self._table
-        if table.closing or self.death is not None:
-            return
+        rank = handle.rank
+        if table.closing or id(handle) in self._seen or self._handles[rank] is not handle:
+            return []
         tail = self._stderr_tail(rank)
         with table.lock:
-            if table.closing or self.death is not None:
-                return
-            death = self.death = WorkerDeath(rank, handle.pid, exitcode, tail)
+            if table.closing or id(handle) in self._seen:
+                return []
+            self._seen.add(id(handle))
+            death = self.deaths[rank] = WorkerDeath(rank, handle.pid, exitcode, tail)
+            if self.death is not None:
+                return []  # already failed: every call was failed then, and is refused
+            self.death = death
+            table.refusal = death.error
             pending = list(table.pending.values())
-            callbacks, self._callbacks = self._callbacks, []
+            callbacks = list(self._callbacks)
         for call in pending:  # this thread may hold the pump lock: settled below
             table.finish(call, error=death.error(), settle=False)
         self._wake()
-        self._due.extend(callbacks)  # run by this thread, outside every lock
+        return callbacks
+
+    def forget(self, handle: WorkerHandle) -> None:
+        """Stop watching a dead (or killed) worker's sentinel (the respawning thread)."""
+        self.sentinels.pop(handle.sentinel, None)
+        try:
+            self._idle.unregister(handle.sentinel)
+        except KeyError:
+            pass
+
+    def adopt(self, handle: WorkerHandle) -> None:
+        """Watch a new worker (the respawning thread; its handle is already current)."""
+        self.sentinels[handle.sentinel] = handle
+        self._idle.register(handle.sentinel, zmq.POLLIN)
+
+    def replaced(self, ranks: Sequence[int]) -> bool:
+        """``ranks`` run again: forget their deaths; the failure ends when no other rank
+        is dead (the next death fails calls again). True when it ended."""
+        table = self._table
+        with table.lock:
+            for rank in ranks:
+                self.deaths.pop(rank, None)
+            if self.deaths:
+                self.death = next(iter(self.deaths.values()))
+                table.refusal = self.death.error
+                return False
+            self.death = None
+            if not table.closing:
+                table.refusal = None
+            return True
 
     def _sentinel_fired(self, fd: int) -> None:
         try:
             self._idle.unregister(fd)
         except KeyError:
             pass
-        self._worker_exited(self.sentinels[fd])
+        handle = self.sentinels.get(fd)
+        if handle is not None:
+            self._due.extend(self.exited(handle))  # run by this thread, outside every lock
 
     def _run_due_callbacks(self) -> None:
         """Failure callbacks, with no lock held (they may call anything, shutdown

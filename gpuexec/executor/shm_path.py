@@ -9,6 +9,26 @@ anonymous memory files created here (see :class:`gpuexec.ipc.memfile.MemFile`), 
 workers open through this process's /proc entry until every worker has mapped them;
 nothing is ever named in /dev/shm, so no crash of any process, even during start-up, can
 leave one behind.
+
+A rank replaced in place (``Executor.respawn``), the protocol::
+
+    driver (pump and send locks held, no call in flight: the executor is failed)
+      1. request ring: reader ``rank`` is moved to the write position and marked awake
+         (:meth:`RingWriter.skip_reader`): the new worker starts with the next packet
+         published, never one meant for the dead worker, and a full ring no longer waits
+         on the dead reader
+      2. reply ring: the dead worker's ring is dropped with what it held (its calls were
+         already failed) and a fresh one made, whose writer the new worker becomes
+      3. the new worker opens the request ring and the doorbell through the paths the
+         driver kept open, attaches its reply ring, subscribes, runs ``__init__``, sends
+         Ready; only then do calls flow again, so the first packet it reads is the first
+         call after the respawn (or the Shutdown of a shutdown that interrupted it)
+
+So that step 3 can open them, the request ring's and the doorbell's descriptors stay
+open in the driver for the executor's life (reply rings' paths are given up as soon as
+their worker has attached). They are anonymous memory files held by the driver alone,
+so this costs nothing when the driver dies; only processes of the same user that may
+read the driver's ``/proc`` entry could open them meanwhile (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -78,17 +98,35 @@ class ShmDriverPath:
                        self.worker_spin)
 
     def unlink(self) -> None:
-        """Every worker has mapped the segments: give up their paths."""
-        self.request.unlink()
-        self.doorbell.unlink()
+        """Every worker has mapped the segments: give up the reply rings' paths (the
+        request ring's and the doorbell's stay open for a replacement worker)."""
         for writer in self._reply_writers:
             writer.unlink()
+
+    def replace_rank(self, rank: int) -> ShmSpec:
+        """Steps 1 and 2 of the module docstring's protocol (pump and send locks held);
+        the spec the new worker of ``rank`` attaches with."""
+        self.request.skip_reader(rank)
+        writer = RingWriter(1, n_slots=REPLY_SLOTS, slot_size=SLOT_SIZE)
+        try:
+            reader = RingReader(writer.spec, 0, spin=self.spin)
+        except BaseException:
+            writer.close()
+            raise
+        writer.detach()
+        old_reader, self.replies[rank] = self.replies[rank], reader
+        old_writer, self._reply_writers[rank] = self._reply_writers[rank], writer
+        old_reader.close()
+        old_writer.unlink()
+        return self.spec_for(rank)
 
     def ready_reply(self) -> bool:
         return any(r.poll() for r in self.replies)
 
     def close(self) -> None:
         self.unlink()
+        self.request.unlink()
+        self.doorbell.unlink()
         for r in self.replies:
             r.close()
         self.request.close()

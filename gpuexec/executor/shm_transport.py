@@ -29,11 +29,11 @@ import zmq
 
 from ..ipc import packets, shm_payload
 from ..ipc.codec import Decoder, MalformedMessage, recv_frames
-from ..ipc.messages import Pong, Reply, ToDriver
+from ..ipc.messages import Pong, Reply, ShmSpec, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
 from .calls import CallTable, PendingCall
 from .shm_path import ShmDriverPath
-from .zmq_transport import ZmqTransport
+from .zmq_transport import ZmqTransport, unwatch
 
 log = logging.getLogger("gpuexec")
 
@@ -193,6 +193,22 @@ class ShmTransport(ZmqTransport):
         if self._stats.count("overflow_lost") == 1:
             log.warning("gpuexec: a reply announced in a reply ring never came by ZeroMQ "
                         "(its worker died while sending it?); counting further ones")
+
+    # -- a rank replaced -------------------------------------------------------------
+
+    def forget(self, rank: int, sentinel: int) -> ShmSpec | None:
+        """Stop watching the dead worker and give its rank a place on the rings (the
+        protocol in :mod:`.shm_path`)."""
+        super().forget(rank, sentinel)
+        for poller in (self._sentinel_poller, self._overflow_poller):
+            unwatch(poller, sentinel)
+        return self._shm.replace_rank(rank)
+
+    def adopt(self, sentinel: int) -> None:
+        super().adopt(sentinel)
+        self._sentinel_poller.register(sentinel, zmq.POLLIN)
+        self._overflow_poller.register(sentinel, zmq.POLLIN)
+        self._shm.unlink()  # it has attached its reply ring: give up the path
 
     # -- wake-up and close ---------------------------------------------------------
 

@@ -64,6 +64,8 @@ class Started:
     auth: ZapHandler
     handles: list[WorkerHandle]
     stderr_tail: Callable[[int], str]
+    specs: list[WorkerSpec]            # what each rank was started with (a respawn reuses)
+    zygote_preload: tuple[str, ...] | None  # the zygote's preload list, when it is used
 
 
 def pick_transport(transport: str, world_size: int) -> str:
@@ -105,6 +107,9 @@ def open_sockets(ctx: zmq.Context[zmq.Socket[bytes]], curve: CurveServer | None,
     ``curve`` is given, else on ipc in the private directory. Returns them and their
     endpoints."""
     req = ctx.socket(zmq.XPUB)
+    # Every subscription is reported, a duplicate's too: a worker that replaces a dead
+    # one subscribes to its topic while the dead one's pipe may not be torn down yet.
+    req.setsockopt(zmq.XPUB_VERBOSE, 1)
     req.setsockopt(zmq.SNDHWM, 0)
     req.setsockopt(zmq.LINGER, 0)
     rep = ctx.socket(zmq.PULL)
@@ -212,10 +217,11 @@ def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: st
             shm = ShmDriverPath(cfg.world_size)
         req, rep, req_endpoint, rep_endpoint = open_sockets(ctx, curve, endpoints, host,
                                                             cfg.max_message_size)
-        specs = [msgspec.msgpack.encode(worker_spec(
+        worker_specs = [worker_spec(
             cfg, rank, method, endpoints, shm.spec_for(rank) if shm is not None else None,
-            req_endpoint, rep_endpoint, curve, ray_workers))
+            req_endpoint, rep_endpoint, curve, ray_workers)
             for rank in range(cfg.world_size)]
+        specs = [msgspec.msgpack.encode(spec) for spec in worker_specs]
         if ray_workers is not None:
             handles = ray_workers.serve(specs)
         else:
@@ -237,7 +243,8 @@ def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: st
         raise
     return Started(cfg, method, reason, chosen, ray_workers,
                    ray_workers.slots if ray_workers is not None else None, endpoints, ctx,
-                   req, rep, (req_endpoint, rep_endpoint), shm, auth, handles, tail)
+                   req, rep, (req_endpoint, rep_endpoint), shm, auth, handles, tail,
+                   worker_specs, zygote.preload if zygote is not None else None)
 
 
 def _zygote(preload: Sequence[str] | None, requested: str, deadline: float,

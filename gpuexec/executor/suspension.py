@@ -172,6 +172,11 @@ class Suspension:
     def suspended(self) -> bool:
         return self.state == "suspended"
 
+    def replace_pids(self, pids: dict[int, int]) -> None:
+        """Ranks replaced by a respawn (which is refused while suspended) run as ``pids``."""
+        with self._lock:
+            self._pids.update(pids)
+
     def _client(self) -> ControllerClient:
         if self.state == "closed":
             raise ExecutorClosedError("the executor is shut down")

@@ -13,6 +13,12 @@ takes none itself::
     drain()                       take the replies ready now, never waiting (pump lock)
     wake()                        make a ``recv_for`` that waits return now (wake lock)
     close()                       release the wire (all three locks, once)
+    forget(rank, sentinel)        a rank is being replaced (``Executor.respawn``): stop
+                                  watching its old sentinel, and return what the new
+                                  worker needs to join the wire, if anything (pump and
+                                  send locks)
+    adopt(sentinel)               the new worker is ready: watch its sentinel (pump and
+                                  send locks)
 
 Implementations: :class:`.zmq_transport.ZmqTransport` (an XPUB socket out, a PULL socket
 in) and :class:`.shm_transport.ShmTransport` (shared-memory rings, with ZeroMQ for what
@@ -25,6 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
+from ..ipc.messages import ShmSpec
 from .calls import PendingCall
 
 
@@ -51,3 +58,9 @@ class Transport(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    @abstractmethod
+    def forget(self, rank: int, sentinel: int) -> ShmSpec | None: ...
+
+    @abstractmethod
+    def adopt(self, sentinel: int) -> None: ...

@@ -36,7 +36,7 @@ from ..ipc.codec import (
     recv_rest,
     send_frames,
 )
-from ..ipc.messages import ALL_TOPIC, Pong, Reply, ToDriver
+from ..ipc.messages import ALL_TOPIC, Pong, Reply, ShmSpec, ToDriver
 from .calls import CallTable, PendingCall
 from .failures import undecodable_reply
 from .transport import Transport
@@ -156,6 +156,16 @@ class ZmqTransport(Transport):
             log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
         return None
 
+    # -- a rank replaced -------------------------------------------------------------
+
+    def forget(self, rank: int, sentinel: int) -> ShmSpec | None:
+        """The new worker subscribes and connects like the first one: nothing to hand it."""
+        unwatch(self._poller, sentinel)
+        return None
+
+    def adopt(self, sentinel: int) -> None:
+        self._poller.register(sentinel, zmq.POLLIN)
+
     # -- wake-up and close ---------------------------------------------------------
 
     def wake(self) -> None:
@@ -165,3 +175,11 @@ class ZmqTransport(Transport):
         self._waker.close(linger=0)
         self._req.close(linger=0)
         self._rep.close(linger=0)
+
+
+def unwatch(poller: zmq.Poller, fd: int) -> None:
+    """Stop polling ``fd`` (a sentinel that already fired was unregistered then)."""
+    try:
+        poller.unregister(fd)
+    except KeyError:
+        pass

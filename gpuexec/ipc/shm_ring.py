@@ -229,6 +229,17 @@ class RingWriter:
             time.sleep(nap)
             nap = min(nap * 2, 1e-3)
 
+    def skip_reader(self, index: int) -> None:
+        """Move reader ``index`` to the writer's position and mark it awake: a reader that
+        joins in place of a dead one (same index) starts with the next message published
+        and never sees what was addressed to its predecessor. Call it with the writer's
+        lock held and before the new reader opens the ring (it reads its position once,
+        when it opens)."""
+        view = self._m.view
+        view[_SLEEPING_OFF + index] = 0
+        _U64.pack_into(view, self._readers[index], self._seq)
+        self._min_read = 0  # look again at every reader before the next claim
+
     def close(self) -> None:
         if self._claimed is not None:
             self._claimed.release()

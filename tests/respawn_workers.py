@@ -1,0 +1,50 @@
+"""Workers for the respawn tests (importable by spawn and the zygote)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from gpuexec import Worker
+
+
+class CountingWorker(Worker):
+    """Counts its steps (a survivor's count shows it was not restarted). ``gate``: a
+    directory; while ``<gate>/block-<rank>`` exists a *respawned* ``__init__`` waits,
+    and ``<gate>/fail-<rank>`` makes it fail (the first start never looks)."""
+
+    def __init__(self, tag: str = "", gate: str = "") -> None:
+        self.tag = tag
+        self.steps = 0
+        self.replaced: list[list[int]] = []
+        if gate:
+            g = Path(gate)
+            if (g / f"started-{self.rank}").exists():
+                (g / f"init-{self.rank}").touch()
+                if (g / f"fail-{self.rank}").exists():
+                    raise RuntimeError("this replacement is told to fail")
+                while (g / f"block-{self.rank}").exists():
+                    time.sleep(0.01)
+            (g / f"started-{self.rank}").touch()
+
+    def step(self, x: Any) -> tuple[int, Any, int]:
+        self.steps += 1
+        return self.rank, x, self.steps
+
+    def ident(self) -> dict[str, Any]:
+        return {"rank": self.rank, "local_rank": self.local_rank, "device": self.device,
+                "world_size": self.world_size, "pid": os.getpid(), "tag": self.tag,
+                "env": os.environ.get("GX_RANK_ENV"), "steps": self.steps}
+
+    def block(self, path: str) -> None:
+        """Waits until ``path`` exists (a call in flight when its rank is killed)."""
+        while not os.path.exists(path):
+            time.sleep(0.01)
+
+    def on_peers_replaced(self, ranks: list[int]) -> None:
+        self.replaced.append(list(ranks))
+
+    def replaced_log(self) -> list[list[int]]:
+        return self.replaced
