@@ -48,3 +48,38 @@ class CountingWorker(Worker):
 
     def replaced_log(self) -> list[list[int]]:
         return self.replaced
+
+
+class GlooWorker(CountingWorker):
+    """A rank of a group (``distributed_backend``): its collectives, and one that blocks
+    on a peer that never joins."""
+
+    def all_reduce(self) -> float:
+        import torch
+        import torch.distributed as dist
+
+        self.steps += 1
+        t = torch.tensor([float(self.rank + 1)])
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def all_reduce_without(self, absent: int) -> str:
+        """All-reduce with every rank but ``absent`` (which is not called): blocks until
+        the group is aborted or the absent rank's death breaks it."""
+        import torch
+        import torch.distributed as dist
+
+        try:
+            dist.all_reduce(torch.ones(1))
+        except Exception as e:
+            self.released = f"{type(e).__name__}"
+            return self.released
+        return "completed"
+
+    def release_log(self) -> str:
+        return getattr(self, "released", "")
+
+    def group_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size()

@@ -64,11 +64,12 @@ import zmq
 
 from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError
 from ..ipc.codec import Encoder
-from ..ipc.messages import Call, Ping, ShmSpec, Shutdown, rank_topic
+from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
 from .calls import CallTable, ChannelStats, PendingCall
 from .launcher import WorkerHandle
 from .monitor import Monitor
+from .respawn import HeldWire
 from .shm_path import ShmDriverPath
 from .shm_transport import ShmTransport
 from .transport import Transport
@@ -326,45 +327,25 @@ class DriverChannel:
 
     # -- a rank replaced (see .respawn) ---------------------------------------------
 
-    def closing(self) -> bool:
-        return self._table.closing
-
     def worker_exited(self, handle: WorkerHandle) -> None:
-        """Record ``handle``'s exit now (a worker the respawn killed, or one whose death
-        the monitor has not handled yet) and run the failure callbacks it starts."""
-        for fn in self._monitor.exited(handle):
-            try:
-                fn()
-            except Exception:
-                log.exception("gpuexec: a failure callback raised")
-        self._table.settle()
+        """Record ``handle``'s exit now (killed by a respawn, or not yet seen)."""
+        self._monitor.exited(handle)
+        self._poke()
 
     @contextlib.contextmanager
-    def replacing(self) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
-        """Hold the pump and send locks while ranks are replaced, and lend the request
-        (XPUB) and reply (PULL) sockets for the new workers' handshake. Nobody else
-        needs them meanwhile: every call is refused while a rank is dead."""
+    def replacing(self) -> Iterator[HeldWire]:
+        """Hold the pump and send locks and lend the wire while ranks are replaced
+        (nobody else needs it: every call is refused while a rank is dead)."""
         with self._pump_lock, self._send_lock:
             if self._released or self._table.closing:
                 raise ExecutorClosedError("the executor is shut down")
-            yield self._sockets
-
-    def forget(self, handle: WorkerHandle) -> ShmSpec | None:
-        """Stop watching the dead worker of ``handle.rank``; what its successor needs to
-        join the wire (inside :meth:`replacing`)."""
-        self._monitor.forget(handle)
-        return self._transport.forget(handle.rank, handle.sentinel)
-
-    def adopt(self, handle: WorkerHandle) -> None:
-        """Watch the ready successor (inside :meth:`replacing`; ``handle`` is current)."""
-        self._transport.adopt(handle.sentinel)
-        self._monitor.adopt(handle)
+            yield HeldWire(*self._sockets, self._transport, self._table, self._encoder,
+                           self._monitor)
 
     def replaced(self, ranks: Sequence[int]) -> bool:
         """``ranks`` run again; True when no rank is dead any more (calls flow again)."""
-        ok = self._monitor.replaced(ranks)
         self._poke()  # the monitor re-reads its sentinels
-        return ok
+        return self._monitor.replaced(ranks)
 
     # -- shutdown ------------------------------------------------------------------
 

@@ -132,11 +132,12 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
                xpub: zmq.Socket[bytes], method: str, timeout: float,
                stderr_tail: Callable[[int], str] = lambda rank: "",
                deadline: float | None = None,
-               others: Callable[[], bool] | None = None) -> None:
+               others: Callable[[], bool] | None = None,
+               other_frames: Callable[[list[bytes]], None] = lambda frames: None) -> None:
     """Wait until every worker is ready and subscribed, by ``deadline`` (default:
     ``timeout`` from now); raise ``WorkerStartupError`` on the first failure, naming the
     rank and carrying its traceback. ``others``: other workers share the sockets (a
-    respawn): their messages (late replies) are dropped without a word, and the wait
+    respawn): their messages go to ``other_frames`` (the channel's table), and the wait
     ends with ``ExecutorClosedError`` as soon as ``others()`` says the executor closes
     (its wake-up frame on the reply socket ends the poll)."""
     decoder: Decoder[Handshake] = Decoder(Handshake, allow_pickle=False)
@@ -165,11 +166,14 @@ def wait_ready(handles: Sequence[WorkerHandle], pull: zmq.Socket[bytes],
             if sock is xpub:
                 unsubscribed.pop(xpub.recv(), None)
             elif sock is pull:
+                frames = pull.recv_multipart()
                 try:
-                    msg = decoder.decode([pull.recv()])
+                    msg = decoder.decode(frames[:1])
                 except MalformedMessage as e:
                     if others is None:
                         log.warning("gpuexec: dropped a malformed start-up message (%s)", e)
+                    else:
+                        other_frames(frames)
                     continue
                 found = by_rank.get(msg.rank)
                 if found is None:

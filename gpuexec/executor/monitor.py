@@ -24,8 +24,9 @@ Fields and threads: ``death``: the first death not yet replaced (None: healthy),
 under the call table's ``lock`` by this thread (a death) or the respawning thread (a
 kill, or the end of a respawn), read by anyone; ``deaths``: every rank dead and not yet
 replaced, under that lock; ``_callbacks``: any thread, under that lock (kept: they run
-again at each new failure); ``_due``, ``_pump_errors``: this thread only; ``_idle``,
-``sentinels``: this thread, and the respawning thread (it pokes this one afterwards);
+again at each new failure); ``_pump_errors``: this thread only; ``_due``: filled by
+any thread, run by this one; ``_idle``, ``sentinels``: this thread, and the respawning
+thread (it pokes this one afterwards);
 ``poke_w``: any thread, under the channel's wake lock (see :mod:`.channel`).
 """
 
@@ -35,6 +36,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,7 +84,7 @@ class Monitor:
         self._seen: set[int] = set()  # id() of the handles whose exit was recorded (kept
         # alive until shutdown, so an id is never reused meanwhile)
         self._callbacks: list[Callable[[], None]] = []
-        self._due: list[Callable[[], None]] = []
+        self._due: deque[Callable[[], None]] = deque()  # failure callbacks to run
         self._pump_errors = 0  # this thread only
         # The monitor sleeps on the sentinels and this pipe ("a future was submitted").
         self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -114,10 +116,10 @@ class Monitor:
 
     # -- deaths ----------------------------------------------------------------------
 
-    def exited(self, handle: WorkerHandle) -> list[Callable[[], None]]:
-        """``handle``'s process exited: record the death, and on the first one fail every
-        pending call. Returns the failure callbacks to run, outside every lock, by the
-        caller (this thread queues its own). Any thread; a handle recorded before, or no
+    def exited(self, handle: WorkerHandle) -> None:
+        """``handle``'s process exited: record the death and fail every pending call;
+        on the first death queue the failure callbacks (this thread runs them, outside
+        every lock: another caller pokes it). Any thread; a handle recorded before, or no
         longer its rank's, changes nothing."""
         exitcode = handle.reap(timeout=0.5)
         if exitcode == UNKNOWN_EXIT:
@@ -125,23 +127,24 @@ class Monitor:
         table = self._table
         rank = handle.rank
         if table.closing or id(handle) in self._seen or self._handles[rank] is not handle:
-            return []
+            return
         tail = self._stderr_tail(rank)
         with table.lock:
             if table.closing or id(handle) in self._seen:
-                return []
+                return
             self._seen.add(id(handle))
             death = self.deaths[rank] = WorkerDeath(rank, handle.pid, exitcode, tail)
-            if self.death is not None:
-                return []  # already failed: every call was failed then, and is refused
-            self.death = death
-            table.refusal = death.error
+            first = self.death is None
+            if first:
+                self.death = death
+                table.refusal = death.error
+            # After the first death only a respawn's own calls can be pending: fail them.
             pending = list(table.pending.values())
-            callbacks = list(self._callbacks)
+            callbacks = list(self._callbacks) if first else []
         for call in pending:  # this thread may hold the pump lock: settled below
             table.finish(call, error=death.error(), settle=False)
         self._wake()
-        return callbacks
+        self._due.extend(callbacks)
 
     def forget(self, handle: WorkerHandle) -> None:
         """Stop watching a dead (or killed) worker's sentinel (the respawning thread)."""
@@ -179,13 +182,14 @@ class Monitor:
             pass
         handle = self.sentinels.get(fd)
         if handle is not None:
-            self._due.extend(self.exited(handle))  # run by this thread, outside every lock
+            self.exited(handle)
 
     def _run_due_callbacks(self) -> None:
         """Failure callbacks, with no lock held (they may call anything, shutdown
         included)."""
-        callbacks, self._due = self._due, []
-        for fn in callbacks:
+        due = self._due
+        while due:
+            fn = due.popleft()
             try:
                 fn()
             except Exception:

@@ -22,15 +22,17 @@
          dead, :attr:`is_failed` is false and calls flow again
 
 A failure in 5-6 (a new worker that dies or does not get ready in time, a death of
-another rank meanwhile) stops the new workers, leaves the ranks dead and raises
-:class:`~gpuexec.errors.RespawnError` (its cause: what went wrong); respawn may be
-called again. Survivors are never restarted and, without a distributed backend, never
-told anything.
+another rank meanwhile, a survivor's ``on_peers_replaced`` that raises) stops the new
+workers, leaves the ranks dead and raises :class:`~gpuexec.errors.RespawnError` (its
+cause: what went wrong); respawn may be called again. Survivors are never restarted:
+they get one message (``Regroup``), which re-forms the group when there is one and runs
+``Worker.on_peers_replaced``.
 
 Automatic mode (``on_worker_death="respawn"``): :class:`AutoRespawn` is a failure
 callback that starts a thread running ``respawn()``, at most ``max_respawns`` times
-within ``respawn_window`` seconds; past that, or when a respawn fails, the executor stays
-failed as it would without it. What happened is kept in :attr:`Executor.recoveries`.
+within ``respawn_window`` seconds; past that, or when a respawn fails (other than by a
+further death, which it retries within the same bound), the executor stays failed as it
+would without it. What happened is kept in :attr:`Executor.recoveries`.
 
 Fields: ``_lock`` serialises respawns; ``_retired``: the dead workers' handles, closed at
 shutdown (their descriptors must not be reused while a poll may still hold them);
@@ -40,10 +42,13 @@ everything else is read-only after construction.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -53,15 +58,36 @@ from ..errors import (
     GpuexecError,
     InvalidArgumentError,
     RespawnError,
+    WorkerDiedError,
     signal_name,
 )
-from ..ipc.messages import WorkerSpec
-from .channel import DriverChannel
+from ..ipc.codec import Encoder
+from ..ipc.messages import DistributedSpec, Regroup, WorkerSpec
+from ..ipc.signals import ABORT_SIGNAL
+from .calls import CallTable, PendingCall
+from .monitor import Monitor
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from .channel import DriverChannel
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
 from .processes import UNKNOWN_EXIT
+from .rendezvous import free_port
 from .zygote_client import get_zygote
 
 log = logging.getLogger("gpuexec")
+
+
+@dataclass(frozen=True)
+class HeldWire:
+    """What a respawn uses while it holds the pump and send locks (see .respawn)."""
+
+    xpub: zmq.Socket[bytes]
+    pull: zmq.Socket[bytes]
+    transport: Transport
+    table: CallTable
+    encoder: Encoder
+    monitor: Monitor
 
 
 class RespawnReport(msgspec.Struct, frozen=True):
@@ -143,6 +169,13 @@ class Respawner:
                 self._channel.worker_exited(old[r])
             return self._replace(targets, old, set(alive), t0, deadline)
 
+    def _rendezvous(self) -> DistributedSpec | None:
+        """With a distributed backend: the first start's rendezvous on a fresh port."""
+        d = self._specs[0].distributed
+        if d is None:
+            return None
+        return msgspec.structs.replace(d, master_port=free_port(d.master_addr))
+
     def _kill(self, handle: WorkerHandle) -> None:
         log.warning("gpuexec: respawn kills rank %d (pid %d)", handle.rank, handle.pid)
         handle.process.kill()
@@ -152,27 +185,49 @@ class Respawner:
                  t0: float, deadline: float) -> list[RespawnReport]:
         new: list[WorkerHandle] = []
         try:
-            with self._channel.replacing() as (xpub, pull):
-                _drain(xpub)  # subscriptions of an earlier, failed respawn
+            with self._channel.replacing() as wire:
+                _drain(wire.xpub)  # subscriptions of an earlier, failed respawn
+                distributed = self._rendezvous()
+                survivors = [r for r, h in enumerate(self._handles)
+                             if r not in old and h.exitcode is None]
+                if distributed is not None:
+                    for r in survivors:  # release a collective blocked on the dead peer
+                        _signal(self._handles[r], ABORT_SIGNAL)
+                joins = {r: wire.transport.forget(r, old[r].sentinel) for r in targets}
+                regroup = _send_regroup(wire, survivors, distributed, targets,
+                                        deadline) if survivors else None
                 specs: list[bytes] = []
                 for r in targets:
-                    shm = self._channel.forget(old[r])
+                    wire.monitor.forget(old[r])
+                    shm = joins[r]
                     spec = self._specs[r]
                     if shm is not None:
                         spec = msgspec.structs.replace(spec, shm=shm)
+                    if distributed is not None:
+                        spec = msgspec.structs.replace(spec, distributed=distributed)
                     specs.append(msgspec.msgpack.encode(spec))
                 zygote = None
                 if self._method == "zygote" and self._preload is not None:
                     zygote, _ = get_zygote(self._preload, max(0.0, deadline - time.monotonic()))
                 new = start_workers(self._method, specs, zygote, deadline,
                                     self._ready_timeout, ranks=targets)
-                wait_ready(new, pull, xpub, self._method, self._ready_timeout,
-                           self._stderr_tail, deadline, others=self._channel.closing)
+                wait_ready(new, wire.pull, wire.xpub, self._method, self._ready_timeout,
+                           self._stderr_tail, deadline, others=lambda: wire.table.closing,
+                           other_frames=wire.transport.dispatch)
+                if regroup is not None:
+                    _wait_regroup(wire, regroup)
+                for r in survivors:  # one that died after its answer missed the new peer
+                    if self._handles[r].exitcode is not None:
+                        wire.monitor.exited(self._handles[r])
+                        death = wire.monitor.deaths.get(r)
+                        raise death.error() if death is not None else \
+                            ExecutorClosedError("the executor is shut down")
                 ready = time.monotonic()
                 for h in new:
                     self._retired.append(self._handles[h.rank])
                     self._handles[h.rank] = h
-                    self._channel.adopt(h)
+                    wire.transport.adopt(h.sentinel)
+                    wire.monitor.adopt(h)
         except ExecutorClosedError:
             stop_workers(new, grace=0.0, term_grace=1.0)
             raise
@@ -192,6 +247,48 @@ class Respawner:
                                          h.rank in killed, h.pid, ready - t0))
         log.info("gpuexec: respawned rank(s) %s in %.3f s", targets, ready - t0)
         return reports
+
+
+def _send_regroup(wire: HeldWire, ranks: Sequence[int], distributed: DistributedSpec | None,
+                  replaced: Sequence[int], deadline: float) -> PendingCall:
+    """Tell the survivors ``ranks`` that ``replaced`` were replaced: a call of the
+    respawn's own, entered in the table although calls are refused, so that a death
+    fails it like any call."""
+    table = wire.table
+    call = PendingCall(next(table.ids), "on_peers_replaced", list(ranks), None,
+                       max(1e-3, deadline - time.monotonic()), None)
+    with table.lock:
+        table.pending[call.call_id] = call
+    frames = wire.encoder.encode(Regroup(call.call_id, distributed, list(replaced)))
+    while not wire.transport.send(ranks, frames):  # a full ring: survivors still reading
+        if time.monotonic() >= deadline:
+            table.expire(call)
+            break
+        time.sleep(1e-3)
+    return call
+
+
+def _wait_regroup(wire: HeldWire, call: PendingCall) -> None:
+    """Receive until the survivors answered ``call``; raise its error (``RpcTimeoutError``
+    at the deadline, ``WorkerDiedError`` when a survivor died, the remote error of a
+    failed rendezvous or ``on_peers_replaced``)."""
+    table = wire.table
+    while not call.done:
+        if table.closing:
+            raise ExecutorClosedError("the executor was shut down while ranks were replaced")
+        remaining = (call.deadline or 0.0) - time.monotonic()
+        if remaining <= 0:
+            table.expire(call)
+            break
+        wire.transport.recv_for(call, max(1, int(remaining * 1000)))
+    call.outcome()
+
+
+def _signal(handle: WorkerHandle, signum: int) -> None:
+    try:
+        os.kill(handle.pid, signum)
+    except ProcessLookupError:  # died meanwhile: the monitor fails the regroup
+        pass
 
 
 def _drain(xpub: zmq.Socket[bytes]) -> None:
@@ -254,9 +351,12 @@ class AutoRespawn:
             except ExecutorClosedError:
                 return
             except Exception as e:
+                another_death = isinstance(e.__cause__, WorkerDiedError)
                 with self._lock:
-                    self.gave_up = True
+                    self.gave_up = not another_death  # another death: try again (bounded)
                     self._note(Recovery(dead[0], "failed", f"{type(e).__name__}: {e}"))
+                if another_death:
+                    continue
                 return
             with self._lock:
                 self._note(Recovery(dead[0], "respawned", ", ".join(

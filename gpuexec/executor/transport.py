@@ -13,6 +13,8 @@ takes none itself::
     drain()                       take the replies ready now, never waiting (pump lock)
     wake()                        make a ``recv_for`` that waits return now (wake lock)
     close()                       release the wire (all three locks, once)
+    dispatch(frames)              decode and deliver a message read from the reply
+                                  socket by someone else (a respawn's handshake; pump lock)
     forget(rank, sentinel)        a rank is being replaced (``Executor.respawn``): stop
                                   watching its old sentinel, and return what the new
                                   worker needs to join the wire, if anything (pump and
@@ -58,6 +60,9 @@ class Transport(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    @abstractmethod
+    def dispatch(self, frames: list[Any]) -> None: ...
 
     @abstractmethod
     def forget(self, rank: int, sentinel: int) -> ShmSpec | None: ...

@@ -192,6 +192,17 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown", array_like=True):
     pass
 
 
+class Regroup(msgspec.Struct, frozen=True, tag="regroup", array_like=True):
+    """To the survivors of a respawn: with ``distributed`` (``distributed_backend``),
+    abort the process group and join a new one there (a fresh rendezvous, same world
+    size); then run ``Worker.on_peers_replaced(replaced)``; answered with a Reply to
+    ``call_id``."""
+
+    call_id: int
+    distributed: DistributedSpec | None
+    replaced: list[int]
+
+
 class Reply(msgspec.Struct, frozen=True, tag="reply", array_like=True):
     call_id: int
     rank: int
@@ -264,6 +275,6 @@ def rank_topic(rank: int) -> bytes:
 
 
 # What each receiver accepts: a decoder is built once per socket for its union.
-ToWorker = Call | Ping | Shutdown
+ToWorker = Call | Ping | Shutdown | Regroup
 Handshake = Ready | StartupFailed
 ToDriver = Reply | Pong

@@ -13,6 +13,9 @@ STACKS_SIGNAL    faulthandler (C)    dump every thread's Python stack to the
                                      worker's stacks channel, also with the GIL held
 CANCEL_SIGNAL    Python handler      interrupt the running call (if it is the one
                                      the driver named) at the next bytecode
+ABORT_SIGNAL     a thread in         abort the torch.distributed group (respawn:
+                 sigwait (only with  a collective blocked on a dead peer returns
+                 distributed_backend) with an error; the Regroup message follows)
 ===============  ==================  ==============================================
 """
 
@@ -22,3 +25,4 @@ import signal
 
 STACKS_SIGNAL: int = signal.SIGRTMIN + 4
 CANCEL_SIGNAL: int = signal.SIGRTMIN + 5
+ABORT_SIGNAL: int = signal.SIGRTMIN + 6

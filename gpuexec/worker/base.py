@@ -84,6 +84,18 @@ class Worker:
         An exception it raises is logged, and the worker exits all the same.
         """
 
+    def on_peers_replaced(self, ranks: list[int]) -> None:
+        """Called on every surviving rank after ``Executor.respawn`` replaced ``ranks``
+        and (with ``distributed_backend``) every rank joined the new process group, on
+        the worker's serving thread, before respawn returns; default: nothing. Rebuild
+        here what this worker keeps that involved the old peers: its own communicators
+        or subgroups (made on the old group, now aborted), caches of peer state. An
+        exception it raises makes the respawn fail with it
+        (:class:`~gpuexec.errors.RespawnError`). The new ranks run their ``__init__``
+        instead. An engine that makes its own process groups (no
+        ``distributed_backend``) gets the call too, and re-forms them here.
+        """
+
     def init_device(self) -> DeviceReport:
         """Select this worker's device and release stale CUDA primary contexts.
 

@@ -5,6 +5,19 @@
             (env:// rendezvous: rank 0 hosts the TCP store, the others connect to it)
             ──▶ import worker class ──▶ __init__ ... serve ... ──▶ destroy_process_group
 
+When the driver replaces a dead rank (``Executor.respawn``) the survivors re-form the
+group without waiting on the dead peer::
+
+    driver ── ABORT_SIGNAL ──▶ abort thread (sigwait): group.abort(); a collective the
+                               main thread is blocked in returns with an error
+           ── Regroup ───────▶ main loop: abort what is left, join the new group at the
+                               fresh rendezvous (the new rank joins it from its start-up),
+                               Worker.on_peers_replaced(ranks) ── Reply ──▶ driver
+
+The abort thread exists only with a backend; the signal is blocked in every other thread
+(it is blocked in the main thread before any thread starts), so only that thread takes
+it.
+
 The group is made before the user's worker class is imported, so its ``__init__`` can
 already use collectives (load a sharded checkpoint, broadcast a config). torch is
 imported only here and only when a backend was asked for: a worker without one never
@@ -19,9 +32,15 @@ from __future__ import annotations
 import datetime
 import inspect
 import logging
+import os
+import signal
+import threading
 from typing import Any
 
-from ..ipc.messages import WorkerSpec
+import msgspec
+
+from ..ipc.messages import DistributedSpec, WorkerSpec
+from ..ipc.signals import ABORT_SIGNAL
 from ..optional import require_torch
 from .device import torch_device
 
@@ -35,6 +54,52 @@ def distributed_environment(spec: WorkerSpec) -> dict[str, str]:
     if d is None:
         return {}
     return {"MASTER_ADDR": d.master_addr, "MASTER_PORT": str(d.master_port)}
+
+
+def start_abort_thread(spec: WorkerSpec) -> None:
+    """With a backend: block ``ABORT_SIGNAL`` here (the main thread, before any other
+    thread starts: they inherit the mask) and take it in a daemon thread that aborts the
+    group each time it comes (see the module docstring)."""
+    if spec.distributed is None:
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {ABORT_SIGNAL})
+    threading.Thread(target=_abort_loop, name="gpuexec-abort", daemon=True).start()
+
+
+def _abort_loop() -> None:
+    while True:
+        signal.sigwait({ABORT_SIGNAL})
+        try:
+            import torch.distributed as dist
+
+            group = dist.group.WORLD if dist.is_initialized() else None
+            if group is not None:
+                group.abort()
+        except Exception as e:  # the Regroup that follows aborts it again, or reports
+            log.warning("gpuexec: aborting the process group failed: %s", e)
+
+
+def abort_process_group() -> None:
+    """Leave the group without waiting on any peer (the dead one never answers)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_initialized():
+        return
+    try:
+        distributed_c10d._abort_process_group()
+    except Exception as e:  # an abort the backend refuses: destroy (gloo does not wait)
+        log.warning("gpuexec: aborting the process group failed (%s); destroying it", e)
+        dist.destroy_process_group()
+
+
+def regroup(spec: WorkerSpec, distributed: DistributedSpec) -> WorkerSpec:
+    """Abort the group and join the new one at ``distributed``; the spec that now holds."""
+    abort_process_group()
+    spec = msgspec.structs.replace(spec, distributed=distributed)
+    os.environ.update(distributed_environment(spec))
+    init_process_group(spec)
+    return spec
 
 
 def init_process_group(spec: WorkerSpec) -> None:

@@ -48,6 +48,7 @@ from ..ipc.messages import (
     Ping,
     Pong,
     Ready,
+    Regroup,
     Reply,
     Shutdown,
     StartupFailed,
@@ -59,7 +60,13 @@ from ..ipc.messages import (
 from .base import Worker
 from .deferred import ReplyGate
 from .device import init_device, isolate_environment, merge_reports
-from .distributed import destroy_process_group, distributed_environment, init_process_group
+from .distributed import (
+    destroy_process_group,
+    distributed_environment,
+    init_process_group,
+    regroup,
+    start_abort_thread,
+)
 from .guardian import kill_children, start_guardian, stop_guardian
 from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
@@ -129,6 +136,8 @@ class _Server:
     def __init__(self, spec: WorkerSpec, sub: zmq.Socket[bytes],
                  push: zmq.Socket[bytes]) -> None:
         self.rank = spec.rank
+        self.spec = spec  # its rendezvous changes when peers are replaced (Regroup)
+        self.worker: Worker | None = None
         self.target: Any = None  # what calls by name and callables go to (see host())
         self.encoder = Encoder(allow_pickle=True)
         # allow_callables=False: nothing that arrives is unpickled (a pickled argument
@@ -154,6 +163,7 @@ class _Server:
     def host(self, worker: Worker) -> None:
         """Serve ``worker`` (built after the transport: the rings are attached before
         the driver sees this worker ready and gives up their descriptors)."""
+        self.worker = worker
         self.target = worker.rpc_target()
 
     def _drop(self, e: Exception, reason: str = "") -> None:
@@ -181,10 +191,23 @@ class _Server:
                                    "ping")
                 case Shutdown():
                     return
+                case Regroup():
+                    self.gate.send(self._regroup(msg), "regroup")
                 case UndecodableValue(envelope=Call() as call) as e:
                     self._reply(Reply(call.call_id, self.rank, error=e.failure()), call.method)
                 case UndecodableValue() as e:  # pragma: no cover - only calls carry values
                     self._drop(e)
+
+    def _regroup(self, msg: Regroup) -> Reply:
+        """Peers were replaced: a new process group, then the worker's hook."""
+        try:
+            if msg.distributed is not None:
+                self.spec = regroup(self.spec, msg.distributed)
+            if self.worker is not None:
+                self.worker.on_peers_replaced(list(msg.replaced))
+        except BaseException as e:
+            return Reply(msg.call_id, self.rank, error=failure_from(e))
+        return Reply(msg.call_id, self.rank, None)
 
     def _function(self, blob: bytes) -> Callable[..., Any]:
         fn = self._fns.get(blob)
@@ -263,6 +286,7 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
     False: the process is someone else's (a Ray actor's), so it gets no process group
     of its own nor a guardian, only a watchdog thread."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    start_abort_thread(spec)  # first: every later thread inherits the blocked signal
     if own_process:
         start_guardian(spec.driver_pid, spec.driver_is_parent, spec.ipc_dir)
     _setup_process(spec)
@@ -319,7 +343,7 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         _hook.run()
     finally:
         server.gate.close()  # a future resolving from now on has nobody to answer
-        destroy_process_group(spec)
+        destroy_process_group(server.spec)
         kill_children()
         sub.close()
         push.close()
