@@ -209,9 +209,9 @@ class Respawner:
                 zygote = None
                 if self._method == "zygote" and self._preload is not None:
                     zygote, _ = get_zygote(self._preload, max(0.0, deadline - time.monotonic()))
-                new = start_workers(self._method, specs, zygote, deadline,
-                                    self._ready_timeout, ranks=targets)
-                wait_ready(new, wire.pull, wire.xpub, self._method, self._ready_timeout,
+                new = start_workers(self._method, specs, zygote, deadline, deadline - t0,
+                                    ranks=targets)
+                wait_ready(new, wire.pull, wire.xpub, self._method, deadline - t0,
                            self._stderr_tail, deadline, others=lambda: wire.table.closing,
                            other_frames=wire.transport.dispatch)
                 if regroup is not None:
