@@ -30,6 +30,7 @@ __all__ = [
     "MissingDependencyError",
     "ProtocolError",
     "RemoteError",
+    "RespawnError",
     "RpcTimeoutError",
     "StartMethodError",
     "ValueNotCarriedError",

@@ -50,31 +50,33 @@ class CountingWorker(Worker):
         return self.replaced
 
 
-class GlooWorker(CountingWorker):
-    """A rank of a group (``distributed_backend``): its collectives, and one that blocks
-    on a peer that never joins."""
+class GroupWorker(CountingWorker):
+    """A rank of a group (``distributed_backend``, gloo on CPU or NCCL on GPUs): its
+    collectives, and one that blocks on a peer that never joins."""
 
     def all_reduce(self) -> float:
         import torch
         import torch.distributed as dist
 
         self.steps += 1
-        t = torch.tensor([float(self.rank + 1)])
+        t = torch.tensor([float(self.rank + 1)], device=self.device)
         dist.all_reduce(t)
         return float(t.item())
 
     def all_reduce_without(self, absent: int) -> str:
         """All-reduce with every rank but ``absent`` (which is not called): blocks until
-        the group is aborted or the absent rank's death breaks it."""
+        the group is aborted or the absent rank's death breaks it; how it ended."""
         import torch
         import torch.distributed as dist
 
         try:
-            dist.all_reduce(torch.ones(1))
+            t = torch.ones(1, device=self.device)
+            dist.all_reduce(t)
+            float(t.item())  # on a GPU: waits for the kernel, which waits for the peer
+            self.released = "completed"
         except Exception as e:
-            self.released = f"{type(e).__name__}"
-            return self.released
-        return "completed"
+            self.released = type(e).__name__
+        return self.released
 
     def release_log(self) -> str:
         return getattr(self, "released", "")

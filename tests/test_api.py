@@ -11,7 +11,8 @@ from gpuexec import errors
 def test_all_names_resolve_and_are_exactly_the_public_surface() -> None:
     assert sorted(gpuexec.__all__) == sorted([
         "ConfigError", "ContextAction", "CudaDriverError", "DeviceReport", "Executor",
-        "ExecutorClosedError", "GpuexecError", "ProtocolError", "RemoteError",
+        "ExecutorClosedError", "GpuexecError", "ProtocolError", "Recovery", "RemoteError",
+        "RespawnReport",
         "RpcTimeoutError", "StartMethodError", "SuspendReport", "Worker", "WorkerDiedError",
         "WorkerInfo", "WorkerStartupError", "__version__", "errors"])
     for name in gpuexec.__all__:

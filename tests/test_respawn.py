@@ -259,9 +259,9 @@ def test_gloo_group_rebuilt_and_survivors_released(transport: str, no_leaks: Non
     (same world size), on_peers_replaced([3]) ran on the survivors only, and the
     survivors kept their state."""
     pytest.importorskip("torch")
-    from respawn_workers import GlooWorker
+    from respawn_workers import GroupWorker
 
-    with Executor(GlooWorker, 4, device="cpu", transport=transport, start_method="zygote",
+    with Executor(GroupWorker, 4, device="cpu", transport=transport, start_method="zygote",
                   distributed_backend="gloo", distributed_timeout=60) as ex:
         assert ex.collective_rpc("all_reduce") == [10.0] * 4
         stuck = ex.collective_rpc("all_reduce_without", args=(3,), ranks=[0, 1, 2],

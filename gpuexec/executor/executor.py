@@ -332,7 +332,8 @@ class Executor(RpcMethods):
 
     @property
     def is_failed(self) -> bool:
-        """True once a worker died; every call then raises ``WorkerDiedError``."""
+        """True once a worker died; every call then raises ``WorkerDiedError`` until the
+        dead ranks are replaced (:meth:`respawn`)."""
         return self._channel.failed
 
     @property
@@ -347,10 +348,11 @@ class Executor(RpcMethods):
         return self._channel.snapshot()
 
     def register_failure_callback(self, fn: Callable[[], None]) -> None:
-        """Run ``fn()`` once when a worker dies (at once if one already has).
+        """Run ``fn()`` when a worker dies (at once if one already has): once per
+        failure, that is again at the first death after a :meth:`respawn` healed one.
 
-        It runs on the thread that noticed the death (usually the monitor thread), with
-        none of the executor's locks held: keep it short; it may call :meth:`shutdown`.
+        It runs on the monitor thread, with none of the executor's locks held: keep it
+        short; it may call :meth:`shutdown` (or start a thread that calls :meth:`respawn`).
         """
         self._owner.check()
         self._channel.add_failure_callback(fn)

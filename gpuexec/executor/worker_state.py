@@ -13,7 +13,9 @@
 
 A worker that dies on its own stays READY (its handle still answers ``exitcode``, and
 the monitor records the death in a :class:`~gpuexec.executor.monitor.WorkerDeath`) until
-the executor stops its workers; only ``stop_workers`` retires a handle. A transition
+the executor stops its workers; only ``stop_workers`` retires a handle. A respawn
+(:mod:`.respawn`) gives the rank a new handle and keeps the old one, READY and exited,
+until shutdown stops it with the rest. A transition
 not in the table is a bug in the driver and raises ``AssertionError`` at once;
 :meth:`WorkerLifecycle.advance` is the one place a state changes.
 """
