@@ -12,7 +12,8 @@
 
 A worker's death does not change the lifecycle: the executor stays RUNNING and *failed*
 (:attr:`~gpuexec.Executor.is_failed`; every call raises ``WorkerDiedError``) until it is
-shut down, or its dead ranks are replaced (:mod:`.respawn`). :meth:`Lifecycle.advance` is the one place a state changes.
+shut down, or its dead ranks are replaced (:mod:`.respawn`). :meth:`Lifecycle.advance`
+is the one place a state changes.
 """
 
 from __future__ import annotations
