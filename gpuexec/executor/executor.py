@@ -284,7 +284,7 @@ class Executor(RpcMethods):
 
     def disown_in_fork(self) -> None:
         """In a fork's child: forget the parent's workers (see :mod:`.ownership`)."""
-        disown_in_fork(self._handles)
+        disown_in_fork(self._handles + self._respawner.retired)
 
     @property
     def transport(self) -> str:

@@ -261,6 +261,8 @@ def _send_regroup(wire: HeldWire, ranks: Sequence[int], distributed: Distributed
         table.pending[call.call_id] = call
     frames = wire.encoder.encode(Regroup(call.call_id, distributed, list(replaced)))
     while not wire.transport.send(ranks, frames):  # a full ring: survivors still reading
+        if table.closing:
+            raise ExecutorClosedError("the executor was shut down while ranks were replaced")
         if time.monotonic() >= deadline:
             table.expire(call)
             break
