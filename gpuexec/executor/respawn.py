@@ -65,15 +65,15 @@ from ..ipc.codec import Encoder
 from ..ipc.messages import DistributedSpec, Regroup, WorkerSpec
 from ..ipc.signals import ABORT_SIGNAL
 from .calls import CallTable, PendingCall
-from .monitor import Monitor
-from .transport import Transport
-
-if TYPE_CHECKING:
-    from .channel import DriverChannel
 from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
+from .monitor import Monitor
 from .processes import UNKNOWN_EXIT
 from .rendezvous import free_port
+from .transport import Transport
 from .zygote_client import get_zygote
+
+if TYPE_CHECKING:
+    from .channel import DriverChannel  # it imports this module (HeldWire)
 
 log = logging.getLogger("gpuexec")
 
