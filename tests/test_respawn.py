@@ -230,6 +230,8 @@ def test_shutdown_during_respawn(tmp_path: Path, no_leaks: None) -> None:
 def test_automatic_mode(transport: str, no_leaks: None) -> None:
     with Executor(CountingWorker, 2, device="cpu", transport=transport, start_method="fork",
                   on_worker_death="respawn", max_respawns=1, respawn_window=600) as ex:
+        gave_up: list[int] = []
+        ex.register_failure_callback(lambda: gave_up.append(len(ex.recoveries)))
         ex.collective_rpc("step", args=(0,))
         pid = _kill(ex, 1)
         _until(lambda: len(ex.recoveries) == 1, "the automatic respawn")
@@ -239,11 +241,13 @@ def test_automatic_mode(transport: str, no_leaks: None) -> None:
         assert rec.reports[0].old_pid == pid and f"pid {pid} ->" in rec.detail
         _until(lambda: not ex.is_failed, "calls flow again")
         assert ex.collective_rpc("step", args=(1,)) == [(0, 1, 2), (1, 1, 1)]
+        assert gave_up == []  # a death that was repaired is no failure of the executor
         _kill(ex, 0)  # a second death within the window: over max_respawns
         _until(lambda: len(ex.recoveries) == 2, "the limit noted")
         assert ex.recoveries[1].outcome == "limit"
         assert "max_respawns=1" in ex.recoveries[1].detail
         assert ex.is_failed
+        _until(lambda: gave_up == [2], "the failure callback, once the recovery gave up")
         with pytest.raises(WorkerDiedError):
             ex.collective_rpc("step", args=(2,))
         # an explicit respawn still works
@@ -292,3 +296,13 @@ def test_on_peers_replaced_without_a_backend(no_leaks: None) -> None:
         _kill(ex, 2)
         ex.respawn()
         assert ex.collective_rpc("replaced_log") == [[[2]], [[2]], []]
+
+
+def test_respawn_async(no_leaks: None) -> None:
+    import asyncio
+
+    with Executor(CountingWorker, 2, device="cpu", start_method="fork") as ex:
+        _kill(ex, 0)
+        (r,) = asyncio.run(ex.respawn_async())
+        assert r.rank == 0 and not ex.is_failed
+        assert ex.collective_rpc("step", args=(1,)) == [(0, 1, 1), (1, 1, 1)]

@@ -353,9 +353,15 @@ class Executor(RpcMethods):
 
         It runs on the monitor thread, with none of the executor's locks held: keep it
         short; it may call :meth:`shutdown` (or start a thread that calls :meth:`respawn`).
+        With ``on_worker_death="respawn"`` it runs only when the executor stays failed
+        (the automatic recovery gave up; :attr:`recoveries` says what happened), on the
+        recovery's thread.
         """
         self._owner.check()
-        self._channel.add_failure_callback(fn)
+        if self._auto is not None:
+            self._auto.add_callback(fn)
+        else:
+            self._channel.add_failure_callback(fn)
 
     # -- replacing ranks (see .respawn) ----------------------------------------------
 
@@ -393,6 +399,13 @@ class Executor(RpcMethods):
         if self._suspension.suspended:
             raise RespawnError("the executor is suspended: resume() before respawn()")
         return self._respawner.respawn(ranks, timeout, kill)
+
+    async def respawn_async(self, ranks: Sequence[int] | None = None, *,
+                            timeout: float | None = None,
+                            kill: bool = False) -> list[RespawnReport]:
+        """:meth:`respawn` without blocking the event loop (it runs in a thread; a
+        cancelled await does not stop the respawn under way)."""
+        return await asyncio.to_thread(self.respawn, ranks, timeout=timeout, kill=kill)
 
     @property
     def dead_ranks(self) -> list[int]:

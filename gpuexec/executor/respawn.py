@@ -32,7 +32,8 @@ Automatic mode (``on_worker_death="respawn"``): :class:`AutoRespawn` is a failur
 callback that starts a thread running ``respawn()``, at most ``max_respawns`` times
 within ``respawn_window`` seconds; past that, or when a respawn fails (other than by a
 further death, which it retries within the same bound), the executor stays failed as it
-would without it. What happened is kept in :attr:`Executor.recoveries`.
+would without it, and only then do the user's failure callbacks run. What happened is
+kept in :attr:`Executor.recoveries`.
 
 Fields: ``_lock`` serialises respawns; ``_retired``: the dead workers' handles, closed at
 shutdown (their descriptors must not be reused while a poll may still hold them);
@@ -316,6 +317,28 @@ class AutoRespawn:
         self._thread: threading.Thread | None = None
         self.recoveries: list[Recovery] = []
         self.gave_up = False  # the limit was reached, or a respawn failed: stays failed
+        self._callbacks: list[Callable[[], None]] = []  # the user's: run on giving up
+
+    def add_callback(self, fn: Callable[[], None]) -> None:
+        """A user's failure callback: in this mode it runs when the executor stays
+        failed (the recovery gave up; :attr:`recoveries` says why), not at a death that
+        is being repaired. At once when it already gave up."""
+        with self._lock:
+            self._callbacks.append(fn)
+            if not self.gave_up:
+                return
+        fn()
+
+    def _give_up(self, recovery: Recovery) -> None:
+        with self._lock:
+            self.gave_up = True
+            self._note(recovery)
+            callbacks = list(self._callbacks)
+        for fn in callbacks:  # this thread holds no lock of the executor's
+            try:
+                fn()
+            except Exception:
+                log.exception("gpuexec: a failure callback raised")
 
     def __call__(self) -> None:
         """The failure callback (the monitor's thread): never blocks."""
@@ -340,25 +363,26 @@ class AutoRespawn:
                 now = time.monotonic()
                 while self._times and self._times[0] <= now - self._window:
                     self._times.popleft()
-                if len(self._times) >= self._max:
-                    self.gave_up = True
-                    self._note(Recovery(dead[0], "limit",
-                                        f"{len(self._times)} automatic respawn(s) within "
-                                        f"{self._window:g} s (max_respawns={self._max}): "
-                                        f"the executor stays failed"))
-                    return
-                self._times.append(now)
+                limited = len(self._times) >= self._max
+                if not limited:
+                    self._times.append(now)
+            if limited:
+                self._give_up(Recovery(dead[0], "limit",
+                                       f"{len(self._times)} automatic respawn(s) within "
+                                       f"{self._window:g} s (max_respawns={self._max}): "
+                                       f"the executor stays failed"))
+                return
             try:
                 reports = self._respawn()
             except ExecutorClosedError:
                 return
             except Exception as e:
-                another_death = isinstance(e.__cause__, WorkerDiedError)
-                with self._lock:
-                    self.gave_up = not another_death  # another death: try again (bounded)
-                    self._note(Recovery(dead[0], "failed", f"{type(e).__name__}: {e}"))
-                if another_death:
+                failed = Recovery(dead[0], "failed", f"{type(e).__name__}: {e}")
+                if isinstance(e.__cause__, WorkerDiedError):  # another death: try again,
+                    with self._lock:                          # within the same bound
+                        self._note(failed)
                     continue
+                self._give_up(failed)
                 return
             with self._lock:
                 self._note(Recovery(dead[0], "respawned", ", ".join(
