@@ -166,7 +166,8 @@ class VllmExecutor(_VllmExecutorBase):
             worker_args=(self.vllm_config, _init_method(), pc.tensor_parallel_size),
             env=_rank_environments(self.vllm_config, self.world_size),
             ready_timeout=float(vllm_envs.VLLM_ENGINE_READY_TIMEOUT_S),
-            shutdown_timeout=float(vllm_envs.VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS))
+            shutdown_timeout=float(vllm_envs.VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS),
+            on_worker_death="fail")  # no respawn: vLLM cannot rebuild its state (README)
         self._gpuexec.register_failure_callback(self._worker_died)
 
     # -- failures --------------------------------------------------------------------
