@@ -43,6 +43,11 @@ class CountingWorker(Worker):
         while not os.path.exists(path):
             time.sleep(0.01)
 
+    def big_after(self, path: str, n: int) -> bytes:
+        """``n`` bytes (over a ring slot: they travel by ZeroMQ) once ``path`` exists."""
+        self.block(path)
+        return bytes([self.rank]) * n
+
     def on_peers_replaced(self, ranks: list[int]) -> None:
         self.replaced.append(list(ranks))
 

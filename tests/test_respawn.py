@@ -306,3 +306,34 @@ def test_respawn_async(no_leaks: None) -> None:
         (r,) = asyncio.run(ex.respawn_async())
         assert r.rank == 0 and not ex.is_failed
         assert ex.collective_rpc("step", args=(1,)) == [(0, 1, 1), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_large_late_replies_around_a_respawn(transport: str, tmp_path: Path,
+                                             no_leaks: None) -> None:
+    """Replies too big for a ring slot, sent by the survivors after the death (late) and
+    during the respawn, never pair with the wrong announcement: calls after the
+    respawn get their own large replies."""
+    n = 3 << 20
+    with Executor(CountingWorker, 3, device="cpu", transport=transport, start_method="fork",
+                  worker_kwargs={"gate": str(tmp_path)}) as ex:
+        late = ex.collective_rpc("big_after", args=(str(tmp_path / "go"), n), non_block=True)
+        _kill(ex, 2)
+        (tmp_path / "block-2").touch()  # the replacement waits in its __init__ ...
+        out: list[object] = []
+        t = threading.Thread(target=lambda: out.append(ex.respawn()))
+        t.start()
+        _until((tmp_path / "init-2").exists, "the replacement's __init__ started")
+        (tmp_path / "go").touch()  # ... while the survivors send their large replies
+        time.sleep(0.2)  # let them arrive during the respawn (either way must work)
+        (tmp_path / "block-2").unlink()
+        t.join(60)
+        assert len(out) == 1
+        with pytest.raises(WorkerDiedError):
+            late.result(timeout=0)
+        for _ in range(3):
+            got = ex.collective_rpc("big_after", args=(str(tmp_path / "go"), n), timeout=30)
+            assert got == [bytes([r]) * n for r in range(3)]
+        stats = ex.stats()
+        assert stats.late_replies >= 2
+        assert "overflow_lost" not in stats.malformed_by_reason  # no reply waited in vain

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +63,9 @@ class ShmTransport(ZmqTransport):
         for fd in sentinels:
             self._overflow_poller.register(fd, zmq.POLLIN)
         self.carries_shm_payloads = shm_payload.available()
+        # Messages a respawn's handshake read from the reply socket: each is what some
+        # ring's BY_ZMQ marker announces, and the next marker takes it (pump lock).
+        self._stash: deque[list[Any]] = deque()
 
     # -- sending -------------------------------------------------------------------
 
@@ -170,6 +174,9 @@ class ShmTransport(ZmqTransport):
         ``_OVERFLOW_WAIT_S`` (dropped and counted as ``overflow_lost``). It never raises:
         the caller may be the monitor thread, which must go on watching."""
         rep, token = self._rep, self._wake_token
+        if self._stash:
+            super().dispatch(self._stash.popleft())
+            return
         deadline = time.monotonic() + _OVERFLOW_WAIT_S
         while not self._table.closing:
             left = deadline - time.monotonic()
@@ -184,7 +191,7 @@ class ShmTransport(ZmqTransport):
                     continue
                 if len(frames) == 1 and frames[0] == token:
                     continue  # a wake-up frame: the loop re-checks the channel
-                self.dispatch(frames)
+                super().dispatch(frames)
                 return
             if events:  # a worker died: what ZeroMQ still holds comes within the grace
                 deadline = min(deadline, time.monotonic() + _OVERFLOW_GRACE_S)
@@ -196,9 +203,23 @@ class ShmTransport(ZmqTransport):
 
     # -- a rank replaced -------------------------------------------------------------
 
+    def dispatch(self, frames: list[Any]) -> None:
+        """A message the respawn's handshake read from the reply socket: over this
+        transport every one is announced by a marker in a ring, which will take it."""
+        if len(frames) == 1 and frames[0] == self._wake_token:
+            return
+        self._stash.append(frames)
+
     def forget(self, rank: int, sentinel: int) -> ShmSpec | None:
         """Stop watching the dead worker and give its rank a place on the rings (the
-        protocol in :mod:`.shm_path`)."""
+        protocol in :mod:`.shm_path`). What its ring still holds is taken first (late
+        replies, dropped and counted), each marker with its message, so that no
+        message it sent by ZeroMQ is left for another ring's marker."""
+        reader = self._shm.replies[rank]
+        while (view := reader.try_read()) is not None:
+            reply = self._decode_packet(reader, view)
+            if reply is not None:
+                self._table.deliver([reply])
         super().forget(rank, sentinel)
         for poller in (self._sentinel_poller, self._overflow_poller):
             unwatch(poller, sentinel)

@@ -13,8 +13,9 @@ takes none itself::
     drain()                       take the replies ready now, never waiting (pump lock)
     wake()                        make a ``recv_for`` that waits return now (wake lock)
     close()                       release the wire (all three locks, once)
-    dispatch(frames)              decode and deliver a message read from the reply
-                                  socket by someone else (a respawn's handshake; pump lock)
+    dispatch(frames)              a message read from the reply socket by someone else
+                                  (a respawn's handshake; pump lock): delivered, or kept
+                                  for the ring marker that announces it (shm)
     forget(rank, sentinel)        a rank is being replaced (``Executor.respawn``): stop
                                   watching its old sentinel, and return what the new
                                   worker needs to join the wire, if anything (pump and
