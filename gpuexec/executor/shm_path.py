@@ -17,8 +17,10 @@ A rank replaced in place (``Executor.respawn``), the protocol::
          (:meth:`RingWriter.skip_reader`): the new worker starts with the next packet
          published, never one meant for the dead worker, and a full ring no longer waits
          on the dead reader
-      2. reply ring: the dead worker's ring is dropped with what it held (its calls were
-         already failed) and a fresh one made, whose writer the new worker becomes
+      2. reply ring: what the dead worker's ring still holds is taken (late replies,
+         dropped and counted; a BY_ZMQ marker with its message, so that no stray message
+         is left for another ring's marker), the ring is dropped and a fresh one made,
+         whose writer the new worker becomes (:meth:`ShmTransport.forget`)
       3. the new worker opens the request ring and the doorbell through the paths the
          driver kept open, attaches its reply ring, subscribes, runs ``__init__``, sends
          Ready; only then do calls flow again, so the first packet it reads is the first
