@@ -187,7 +187,7 @@ def test_death_of_a_survivor_during_respawn(transport: str, tmp_path: Path,
         assert ex.collective_rpc("step", args=(2,)) == [(0, 2, 1), (1, 2, 1), (2, 2, 2)]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", [*TRANSPORTS, "tcp"])
 def test_second_death_right_after(transport: str, no_leaks: None) -> None:
     with Executor(CountingWorker, 2, device="cpu", transport=transport,
                   start_method="zygote") as ex:
