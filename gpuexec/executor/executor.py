@@ -107,7 +107,8 @@ class Executor(RpcMethods):
     preload=None, transport="auto", host=None, allow_callables=True,
     max_inflight_calls=1024, max_message_size=4 GiB, worker_extension_cls=None,
     master_addr=None, master_port=None, distributed_timeout=300.0,
-    max_concurrent_batches=2, backend="mp", ray_resources=None)``
+    max_concurrent_batches=2, backend="mp", ray_resources=None, on_worker_death="fail",
+    max_respawns=3, respawn_window=300.0)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -170,6 +171,10 @@ class Executor(RpcMethods):
       naming the rank.
     * ``max_concurrent_batches``: how many :meth:`collective_rpc_async` calls one event
       loop may have outstanding (default 2); further ones wait for a slot.
+    * ``on_worker_death``: ``"fail"`` (default: every call raises ``WorkerDiedError``
+      until :meth:`respawn` or shutdown) or ``"respawn"`` (the executor replaces a dead
+      rank by itself, at most ``max_respawns`` times within ``respawn_window`` seconds,
+      then fails as in ``"fail"``; see :meth:`respawn` and :attr:`recoveries`).
     * ``ready_timeout``: seconds for the whole start (zygote, placement, launching and
       every worker's handshake); ``rpc_timeout``: default per-call deadline (None or
       ``inf``: no deadline, liveness is still watched);
