@@ -27,6 +27,9 @@ Data flow::
 * **Shutdown** is idempotent and runs from ``shutdown()``, ``__exit__``, garbage
   collection and interpreter exit: a Shutdown message, a grace period, SIGTERM, then
   SIGKILL; then the sockets and the ipc directory go.
+* **Respawn** (:mod:`.respawn`) replaces dead (or stuck) ranks in place while the
+  survivors run on: explicitly (:meth:`Executor.respawn`) or after each death
+  (``on_worker_death="respawn"``).
 """
 
 from __future__ import annotations
