@@ -337,3 +337,15 @@ def test_large_late_replies_around_a_respawn(transport: str, tmp_path: Path,
         stats = ex.stats()
         assert stats.late_replies >= 2
         assert "overflow_lost" not in stats.malformed_by_reason  # no reply waited in vain
+
+
+def test_shutdown_during_an_automatic_respawn(tmp_path: Path, no_leaks: None) -> None:
+    ex = Executor(CountingWorker, 2, device="cpu", start_method="fork",
+                  worker_kwargs={"gate": str(tmp_path)}, on_worker_death="respawn")
+    (tmp_path / "block-1").touch()
+    _kill(ex, 1)
+    _until((tmp_path / "init-1").exists, "the automatic replacement's __init__ started")
+    ex.shutdown()  # ends the respawn under way and stops the replacement too
+    assert ex.recoveries == []
+    with pytest.raises(ExecutorClosedError):
+        ex.respawn()

@@ -498,7 +498,7 @@ class Executor(RpcMethods):
             self._gate.poke,
             lambda: stop_workers(self._handles + self._respawner.retired, grace=grace,
                                  term_grace=self._config.terminate_timeout),
-            self._auto.join if self._auto is not None else lambda: None,
+            lambda: self._auto.join(10.0) if self._auto is not None else None,
             self._suspension.close,
             ray_workers.close if ray_workers is not None else lambda: None,
             self._channel.close,
