@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     worlds = [int(w) for w in args.world_sizes.split(",")]
     backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.device == "cuda":  # NCCL: one GPU per rank
+        from gpuexec.executor.config import visible_gpu_count
+
+        worlds = [w for w in worlds if w <= visible_gpu_count()]
+        if not worlds:
+            ap.error("--device cuda: no world size fits the visible GPUs")
     with tempfile.TemporaryDirectory(prefix="gpuexec-bench-respawn-") as tmp:
         weights = Path(tmp) / "weights.bin"
         with open(weights, "wb") as f:  # the checkpoint: read from the page cache
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                               "start_method": args.start_method,
                               "worker_args": (str(weights),), "distributed_timeout": 120}
         runs = [measure(w, 0, args.trials, kw) for w in worlds]
-        big_world = 4 if 4 in worlds else worlds[0]
+        big_world = 4 if 4 in worlds else worlds[-1]
         runs.append(measure(big_world, args.big_mib, args.trials, kw))
     rows = [[r["world_size"], r["load_mib"], r["respawn_s"] * 1e3, r["respawn_call_s"] * 1e3,
              r["new_worker_init_s"] * 1e3, r["restart_s"] * 1e3, f"{r['speedup']:.1f}x"]
