@@ -261,9 +261,7 @@ class CallTable:
             if call.done:
                 return
             if error is None and call.failures:
-                rank = min(call.failures)
-                error = call_error(rank, call.failures[rank], call.method,
-                                   len(call.failures) - 1)
+                error = call_error(call.failures, call.method)
             if error is not None:
                 call.error = error
             elif call.unique_reply_rank is not None:
