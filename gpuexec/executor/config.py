@@ -24,6 +24,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import ConfigError
+from ..ipc import source
 from ..ipc.messages import DistributedSpec
 from ..worker import extension_clashes
 from ..worker.base import Worker
@@ -103,7 +104,7 @@ def _worker_class_ref(worker_cls: type | str, arg: str = "worker_cls",
     module = worker_cls.__module__
     if module == "__main__" or "<locals>" in worker_cls.__qualname__:
         try:
-            blob = cloudpickle.dumps(worker_cls)
+            blob = source.dumps(worker_cls)
         except Exception as e:
             raise ConfigError(f"{arg} {worker_cls.__qualname__} cannot be pickled: {e}") \
                 from e
