@@ -253,10 +253,11 @@ class CallTable:
             self._on_deferred()
 
     def finish(self, call: PendingCall, error: BaseException | None = None,
-               settle: bool = True) -> None:
+               settle: bool | None = True) -> None:
         """Complete ``call`` once, with its results or ``error``. Its future is settled
         now, or with ``settle=False`` (the caller holds the pump lock) queued for
-        :meth:`settle`, so that its done callbacks never run under a channel lock."""
+        :meth:`settle`, so that its done callbacks never run under a channel lock; with
+        ``settle=None`` left for the caller to settle (:func:`settle_one`)."""
         with self.lock:
             if call.done:
                 return
@@ -281,8 +282,8 @@ class CallTable:
             call.event.set()
         if call.future is not None:
             if settle:
-                _settle_one(call)
-            else:
+                settle_one(call)
+            elif settle is not None:
                 self.unsettled.append(call)
 
     def expire(self, call: PendingCall) -> None:
@@ -304,14 +305,14 @@ class CallTable:
                 call = unsettled.popleft()
             except IndexError:  # another thread took the last one
                 return
-            _settle_one(call)
+            settle_one(call)
 
     def add_draining(self, n: int) -> None:
         with self.lock:
             self.draining += n
 
 
-def _settle_one(call: PendingCall) -> None:
+def settle_one(call: PendingCall) -> None:
     future = call.future
     if future is None:
         return

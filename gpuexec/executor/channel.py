@@ -62,7 +62,7 @@ from typing import Any
 
 import zmq
 
-from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError
+from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError, WorkerDiedError
 from ..ipc.codec import Encoder
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
@@ -134,6 +134,7 @@ class DriverChannel:
             raise ExecutorClosedError("the executor is shut down")
         death = self._monitor.death
         if death is not None:
+            self._monitor.await_callbacks()
             raise death.error()
 
     def snapshot(self) -> ChannelStats:
@@ -169,11 +170,13 @@ class DriverChannel:
                 Call(call.call_id, method, fn_blob, args, kwargs, value_rank), plain)
             self._check_sizes(frames)
             table.register(call, _closed)
-        except BaseException:
+        except BaseException as e:
             for fd in call.segments:
                 os.close(fd)
             call.segments = []
             table.release_slot(call)
+            if isinstance(e, WorkerDiedError):  # a death since check_usable: refused
+                self._monitor.await_callbacks()
             raise
         self._send_call(call, frames)
         if non_block:
@@ -185,7 +188,11 @@ class DriverChannel:
         table = self._table
         call = PendingCall(next(table.ids), "check_health", list(range(len(self._topics))),
                            None, timeout, None)
-        table.register(call, _closed, counted=False)
+        try:
+            table.register(call, _closed, counted=False)
+        except WorkerDiedError:  # a death since check_usable: refused
+            self._monitor.await_callbacks()
+            raise
         self._send_call(call, self._encoder.encode(Ping(call.call_id)))
         return call
 
@@ -318,6 +325,8 @@ class DriverChannel:
         finally:
             if not call.done:  # KeyboardInterrupt or another exception while waiting
                 table.finish(call, ExecutorClosedError("the wait for this call was interrupted"))
+        if isinstance(call.error, WorkerDiedError):
+            self._monitor.await_callbacks()
         return call.outcome()
 
     def abandon(self, call: PendingCall) -> None:

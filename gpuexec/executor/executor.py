@@ -364,6 +364,11 @@ class Executor(RpcMethods):
         With ``on_worker_death="respawn"`` it runs only when the executor stays failed
         (the automatic recovery gave up; :attr:`recoveries` says what happened), on the
         recovery's thread.
+        Every callback has returned before any caller is told of that death (with
+        ``on_worker_death="fail"``): calls waiting for an answer, new calls and
+        ``non_block`` futures get their ``WorkerDiedError`` only then (a call the callback
+        itself makes fails at once). So a callback must not wait for another thread's
+        call to this executor.
         """
         self._owner.check()
         if self._auto is not None:
