@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from conftest import subprocess_env
 
+import gpuexec
 from gpuexec.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,3 +173,44 @@ def test_benchmark_output_goes_where_git_ignores_it() -> None:
     if r.returncode == 128:
         pytest.skip("not a git checkout")
     assert r.returncode == 0
+
+
+def test_version_flag_prints_the_version() -> None:
+    r = subprocess.run([sys.executable, "-m", "gpuexec", "--version"], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, env=subprocess_env())
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"gpuexec {gpuexec.__version__}"
+
+
+NO_TORCH_DOCTOR = ("import sys; sys.modules['torch'] = None; from gpuexec.cli import main; "
+                   "sys.exit(main(['doctor']))")  # as where torch is not installed
+
+
+def _doctor(torch: bool = True, **env: str) -> list[str]:
+    argv = ["-m", "gpuexec", "doctor"] if torch else ["-c", NO_TORCH_DOCTOR]
+    r = subprocess.run([sys.executable, *argv], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, env=subprocess_env(**env))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stdout.splitlines()
+
+
+def test_doctor_lists_every_gpu_the_driver_reports(tmp_path: Path) -> None:
+    """From libcuda itself (the fake's two devices), with no torch and no device nodes."""
+    from fakecuda import build_fake_libcuda
+
+    lib = build_fake_libcuda(tmp_path)
+    out = _doctor(torch=False, GPUEXEC_LIBCUDA=str(lib))
+    assert "visible GPUs: 2" in out and any(ln.startswith("torch: not installed") for ln in out)
+    assert ("  GPU 0: Fake CUDA Device 0, 16.0 GiB, compute capability 9.0, "
+            "context in this process: no") in out
+    assert ("  GPU 1: Fake CUDA Device 1, 32.0 GiB, compute capability 9.1, "
+            "context in this process: no") in out
+    gpus = out[out.index("visible GPUs: 2"):]
+    with_torch = _doctor(GPUEXEC_LIBCUDA=str(lib))  # torch installed: the same list
+    assert with_torch[with_torch.index("visible GPUs: 2"):] == gpus
+
+
+def test_doctor_without_a_driver_says_so() -> None:
+    out = _doctor(GPUEXEC_LIBCUDA="/nonexistent/libcuda.so.1")
+    assert "CUDA driver: not found (no libcuda.so.1): CPU workers only" in out
