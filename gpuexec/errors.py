@@ -158,11 +158,11 @@ def signal_name(exitcode: int | None) -> str | None:
 
 
 _DEATH_HINTS = {
-    "SIGKILL": "killed with SIGKILL: often the kernel's out-of-memory killer (check `dmesg`)",
+    "SIGKILL": "often the kernel's out-of-memory killer: check `dmesg`",
     "SIGSEGV": "segmentation fault in native code (a C extension, CUDA, or ctypes)",
     "SIGABRT": "aborted by native code (a failed C assertion or std::terminate)",
     "SIGBUS": "bus error: often /dev/shm is full or a mapped file was truncated",
-    "SIGTERM": "terminated by SIGTERM from another process",
+    "SIGTERM": "sent by another process",
 }
 
 
