@@ -38,7 +38,9 @@ def doctor() -> int:
                        "pip install 'gpuexec[torch]')"))
     driver = load_driver()
     if driver is None:
-        print(f"GPU device nodes: {visible_gpu_count()}")
+        nodes = visible_gpu_count()
+        print("visible GPUs: 0" + (f" ({nodes} NVIDIA device node(s), but no CUDA driver "
+                                   "library)" if nodes else ""))
         print("CUDA driver: not found (no libcuda.so.1): CPU workers only")
         return 0
     try:

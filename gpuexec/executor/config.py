@@ -112,6 +112,21 @@ def _worker_class_ref(worker_cls: type | str, arg: str = "worker_cls",
     return WorkerClassRef(f"{module}:{worker_cls.__qualname__}", name=worker_cls.__qualname__)
 
 
+KEEP_ZYGOTE_ENV = "GPUEXEC_KEEP_ZYGOTE"
+
+
+def _keep_zygote(keep_zygote: bool | None) -> bool:
+    """``keep_zygote``; None: ``$GPUEXEC_KEEP_ZYGOTE`` ("1" keeps it, "0" or unset not)."""
+    if keep_zygote is not None:
+        if not isinstance(keep_zygote, bool):
+            raise ConfigError(f"keep_zygote must be True, False or None, not {keep_zygote!r}")
+        return keep_zygote
+    value = os.environ.get(KEEP_ZYGOTE_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{KEEP_ZYGOTE_ENV} must be 1 or 0, not {value!r}")
+    return value == "1"
+
+
 def _positive(name: str, value: float | None, allow_none: bool = False) -> float | None:
     """A positive finite number of seconds; with ``allow_none`` (a deadline that may be
     absent), None or ``inf``: None."""
@@ -146,6 +161,7 @@ class ExecutorConfig:
     allow_callables: bool = True       # False: no callables, nothing pickled to workers
     max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes per ZeroMQ frame
+    keep_zygote: bool = False          # the zygote outlives this executor's shutdown
 
     @classmethod
     def build(
@@ -175,6 +191,7 @@ class ExecutorConfig:
         max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         remote_devices: bool = False,
+        keep_zygote: bool | None = None,
     ) -> ExecutorConfig:
         """``remote_devices``: the workers' GPUs are not this host's (``backend="ray"``):
         ``device="cuda"`` needs no local GPU and ``world_size`` must be given."""
@@ -213,6 +230,7 @@ class ExecutorConfig:
         envs = rank_environments(env, size)
         if not isinstance(allow_callables, bool):
             raise ConfigError(f"allow_callables must be True or False, not {allow_callables!r}")
+        keep = _keep_zygote(keep_zygote)
         for name, limit in (("max_inflight_calls", max_inflight_calls),
                             ("max_message_size", max_message_size)):
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -260,4 +278,5 @@ class ExecutorConfig:
             allow_callables=allow_callables,
             max_inflight_calls=max_inflight_calls,
             max_message_size=max_message_size,
+            keep_zygote=keep,
         )
