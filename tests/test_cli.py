@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -148,6 +149,32 @@ def test_benchmarks_help_runs_and_speaks_of_the_product() -> None:
         name, _, text = section.partition("\n")
         assert "usage:" in text, name
         assert "--out DIR" in text or name.endswith("plot.py"), name
+        # every option that takes a value says its default
+        options = re.split(r"\n(?=  -)", text.partition("options:")[2])
+        for option in options:
+            if re.match(r"\s*(-\w, )?--[\w-]+ [A-Z]", option):
+                assert "default" in option, (name, option)
+
+
+def test_benchmark_prints_a_verdict_per_target(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "benchmarks/rpc_latency.py", "--sizes", "1",
+                        "--calls", "30", "--warmup", "3", "--rounds", "1",
+                        "--spaced-calls", "10", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.split("verdict\n")[1].split("\nwrote ")[0].splitlines()[1:]
+    assert len(table) == 4  # two back-to-back targets, two spaced ones, at world 1
+    assert all(re.search(r"  (met|missed)$", row) for row in table), table
+    saved = json.loads((tmp_path / "rpc_latency.json").read_text())["targets"]
+    assert [t["verdict"] for t in saved] == [row.split()[-1] for row in table]
+
+
+def test_every_benchmark_with_a_target_gives_verdicts() -> None:
+    for path in BENCHMARKS:
+        text = path.read_text()
+        if re.search(r"\btargets?\b:", text, re.I):
+            assert "print_targets(" in text or '"met"' in text, path.name
 
 
 WORK_ITEMS = re.compile(r"\bissue\s+\d+|\[\w+\] issue|issue's target", re.I)
