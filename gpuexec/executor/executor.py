@@ -375,7 +375,8 @@ class Executor(RpcMethods):
         ``on_worker_death="fail"``): calls waiting for an answer, new calls and
         ``non_block`` futures get their ``WorkerDiedError`` only then (a call the callback
         itself makes fails at once). So a callback must not wait for another thread's
-        call to this executor.
+        call to this executor. A callback still running after 60 s stops holding the
+        callers back (a warning is logged).
         """
         self._owner.check()
         if self._auto is not None:

@@ -37,7 +37,10 @@ class _Carried:
 
 def dumps(obj: object) -> bytes:
     """``cloudpickle.dumps(obj)``, with the source lines of the code it carries by value."""
-    sources = _sources(obj)
+    try:
+        sources = _sources(obj)
+    except Exception:  # a traceback's comfort: never a reason for a call to fail
+        sources = {}
     blob: bytes = cloudpickle.dumps(_Carried(obj, sources) if sources else obj)
     return blob
 

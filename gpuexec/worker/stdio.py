@@ -115,16 +115,19 @@ class PrefixedStream:
                 self._emit([rest.rstrip("\r") + "\n"])
 
     def _emit(self, lines: list[str]) -> None:
-        text = "".join(self._prefix + line for line in lines)
-        data = text.encode(self._encoding, "backslashreplace")
         if self._fd is None:
+            text = "".join(self._prefix + line for line in lines)
             self._stream.write(text)
             self._stream.flush()
+            data = text.encode(self._encoding, "backslashreplace")
         else:
+            pieces = [(self._prefix + line).encode(self._encoding, "backslashreplace")
+                      for line in lines]
+            data = b"".join(pieces)
             if self._lock_fd is not None:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                for chunk in _chunks(data):
+                for chunk in _chunks(pieces):
                     _write_all(self._fd, chunk)
             except OSError:
                 pass  # the reader went away (a closed pipe): printing must not fail a call
@@ -172,27 +175,19 @@ def _splits(fd: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def _chunks(data: bytes) -> list[bytes]:
-    """``data`` (whole lines) cut at line ends into pieces of at most ``PIPE_BUF`` bytes
-    where it can be (a longer line is a piece of its own)."""
-    if len(data) <= select.PIPE_BUF:
-        return [data]
+def _chunks(pieces: list[bytes]) -> list[bytes]:
+    """Whole lines (``pieces``) joined into writes of at most ``PIPE_BUF`` bytes where
+    they fit (a longer line is a write of its own)."""
     out: list[bytes] = []
-    start = 0
-    while start < len(data):
-        stop = start + select.PIPE_BUF
-        if stop < len(data):
-            cut = max(data.rfind(b"\n", start, stop), data.rfind(b"\r", start, stop))
-            stop = cut + 1 if cut >= start else _line_end(data, stop)
-        out.append(data[start:stop])
-        start = stop
+    size = select.PIPE_BUF + 1  # no chunk open yet
+    for piece in pieces:
+        if size + len(piece) > select.PIPE_BUF:
+            out.append(piece)
+            size = len(piece)
+        else:
+            out[-1] += piece
+            size += len(piece)
     return out
-
-
-def _line_end(data: bytes, start: int) -> int:
-    """The end of the line (or ``\\r`` segment) that runs past ``start``."""
-    ends = [i for i in (data.find(b"\n", start), data.find(b"\r", start)) if i >= 0]
-    return min(ends) + 1 if ends else len(data)
 
 
 def _write_all(fd: int, data: bytes) -> None:
