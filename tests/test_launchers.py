@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_gone
+from conftest import wait_gone, worker_children
 from workers import BrokenInit, EchoWorker
 
 from gpuexec import ConfigError, Executor, WorkerStartupError
@@ -89,8 +89,8 @@ def test_subprocess_workers_are_fresh_interpreters() -> None:
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE}
+    """This process's live children, multiprocessing's helpers excepted, and its zygotes."""
+    return {p.pid for p in worker_children()} | zygote_pids()
 
 
 def test_zygote_ends_with_the_last_executor_that_uses_it() -> None:
