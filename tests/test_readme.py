@@ -27,6 +27,7 @@ RUNNABLE = [(line, code) for line, code in BLOCKS if not code.startswith(NEEDS)]
 def test_blocks_are_found_and_each_needs_line_says_what() -> None:
     assert len(RUNNABLE) >= 2
     for line, code in BLOCKS:
+        compile(code, f"README.md:{line}", "exec")  # those not run here are Python too
         if code.startswith(NEEDS):
             first = code.splitlines()[0]
             assert len(first) > len(NEEDS) + 3, f"README.md:{line}: {first!r}"
