@@ -88,6 +88,18 @@ def test_lines_reach_a_pipe_whole() -> None:
     _check(r.stdout)
 
 
+def test_lines_reach_a_small_non_blocking_pipe_whole() -> None:
+    """Someone made the driver's stdout non-blocking (it is shared with the workers) and
+    the pipe holds less than one long line: workers wait for room as they would on a
+    blocking pipe; nothing is lost or cut."""
+    script = ("import fcntl, os\nfcntl.fcntl(1, fcntl.F_SETPIPE_SZ, 4096)\n"
+              "os.set_blocking(1, False)\n"
+              + PRINTER.replace('print("PIDS"', 'os.set_blocking(1, True); print("PIDS"'))
+    r = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, timeout=120,
+                       check=True, env=subprocess_env())
+    _check(r.stdout)
+
+
 @pytest.mark.skipif(not hasattr(pty, "openpty"), reason="no pseudo-terminals")
 def test_lines_reach_a_terminal_whole() -> None:
     leader, follower = pty.openpty()

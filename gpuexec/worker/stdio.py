@@ -191,9 +191,14 @@ def _chunks(pieces: list[bytes]) -> list[bytes]:
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data``; on a descriptor someone made non-blocking, waiting for room as a
+    blocking write would."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 def install_prefix(rank: int, pid: int, record_path: str | None = None,
