@@ -202,15 +202,21 @@ class CallTable:
         """Enter ``call`` in the table, unless the channel is closing (then raise
         ``refused()``): under the lock ``begin_close`` takes, so that every call is
         either failed by it or refused here, never left waiting for workers that were
-        told to exit. ``counted``: a user's call (``stats.calls``), not a health ping."""
+        told to exit. ``counted``: a user's call (``stats.calls``), not a health ping.
+        A refusal is raised through :attr:`check_usable` when it applies (a death is told
+        only once the failure callbacks returned), outside the lock."""
         with self.lock:
-            if self.refusal is not None:
-                raise refused() if self.closing else self.refusal()
-            self.pending[call.call_id] = call
-            if call.future is not None:
-                self.n_async += 1
-            if counted:
-                self.stats.calls += 1
+            refusal = None if self.refusal is None else \
+                refused if self.closing else self.refusal
+            if refusal is None:
+                self.pending[call.call_id] = call
+                if call.future is not None:
+                    self.n_async += 1
+                if counted:
+                    self.stats.calls += 1
+        if refusal is not None:
+            self.check_usable()
+            raise refusal()
 
     def close_pending(self) -> list[PendingCall] | None:
         """Mark the table closing; the calls to fail (None: it was already closing)."""

@@ -170,13 +170,11 @@ class DriverChannel:
                 Call(call.call_id, method, fn_blob, args, kwargs, value_rank), plain)
             self._check_sizes(frames)
             table.register(call, _closed)
-        except BaseException as e:
+        except BaseException:
             for fd in call.segments:
                 os.close(fd)
             call.segments = []
             table.release_slot(call)
-            if isinstance(e, WorkerDiedError):  # a death since check_usable: refused
-                self._monitor.await_callbacks()
             raise
         self._send_call(call, frames)
         if non_block:
@@ -188,11 +186,7 @@ class DriverChannel:
         table = self._table
         call = PendingCall(next(table.ids), "check_health", list(range(len(self._topics))),
                            None, timeout, None)
-        try:
-            table.register(call, _closed, counted=False)
-        except WorkerDiedError:  # a death since check_usable: refused
-            self._monitor.await_callbacks()
-            raise
+        table.register(call, _closed, counted=False)
         self._send_call(call, self._encoder.encode(Ping(call.call_id)))
         return call
 

@@ -371,6 +371,7 @@ class Executor(RpcMethods):
         With ``on_worker_death="respawn"`` it runs only when the executor stays failed
         (the automatic recovery gave up; :attr:`recoveries` says what happened), on the
         recovery's thread.
+
         Every callback has returned before any caller is told of that death (with
         ``on_worker_death="fail"``): calls waiting for an answer, new calls and
         ``non_block`` futures get their ``WorkerDiedError`` only then (a call the callback
