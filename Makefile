@@ -1,8 +1,12 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first:
+# `make demo` only what the demo runs on (the core and torch: $(BASE_STAMP)); `make test`
+# (and lint, bench) adds the test, lint and benchmark tools and Ray ($(STAMP)).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+BASE_STAMP  := $(VENV)/.base
+BASE_EXTRAS := torch
 STAMP  := $(VENV)/.installed
 EXTRAS := torch,dev,ray,bench
 
@@ -27,7 +31,13 @@ CONSTRAINTS := -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT))
 
 .PHONY: demo test test-vllm lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The last step of each set-up: no CUDA (nvidia-*) wheel on a machine without a GPU.
+define NO_CUDA_WHEELS
+@if [ "$(HAS_GPU)" != 1 ] && $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then \
+	  echo "error: CUDA wheels were installed on a machine without a GPU" >&2; exit 1; fi
+endef
+
+$(BASE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 ifneq ($(HAS_GPU),1)
@@ -38,12 +48,16 @@ ifneq ($(HAS_GPU),1)
 	  $(PIP) install -q $(CONSTRAINTS) --index-url $(TORCH_CPU_INDEX) --extra-index-url $(PUBLIC_INDEX) torch || { \
 	  echo "error: no CPU build of torch $(TORCH_VERSION) could be installed; make TORCH_CPU_INDEX=<a reachable mirror of $(TORCH_CPU_INDEX)> or put the wheel in pip's find-links" >&2; exit 1; }; }
 endif
+	$(PIP) install -q $(CONSTRAINTS) -e '.[$(BASE_EXTRAS)]'
+	$(NO_CUDA_WHEELS)
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(PIP) install -q $(CONSTRAINTS) -e '.[$(EXTRAS)]'
-	@if [ "$(HAS_GPU)" != 1 ] && $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then \
-	  echo "error: CUDA wheels were installed on a machine without a GPU" >&2; exit 1; fi
+	$(NO_CUDA_WHEELS)
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(PY) -m gpuexec demo
 
 test: $(STAMP)
@@ -80,4 +94,5 @@ test-vllm: $(VLLM_STAMP)
 	GPUEXEC_VLLM_SUITE=1 $(VLLM_PY) -m pytest -q tests/vllm_suite
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info \
+	  tests/_build

@@ -52,6 +52,38 @@ def machine() -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows the default of every option that
+    takes a value, unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.option_strings and action.nargs != 0 and "default" not in text \
+                and action.default not in (None, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def arg_parser(description: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script (defaults shown in --help)."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def verdict(ok: bool | None) -> str:
+    """``met`` / ``missed`` for a target; ``n/a`` where this run could not measure it."""
+    return "n/a" if ok is None else "met" if ok else "missed"
+
+
+def print_targets(checks: list[tuple[str, str, bool | None]]) -> list[dict[str, Any]]:
+    """Print one row per target (target, what this run measured, met / missed) and return
+    them for the JSON."""
+    print()
+    print_table(["target", "measured", "verdict"],
+                [[target, measured, verdict(ok)] for target, measured, ok in checks])
+    return [{"target": target, "measured": measured, "verdict": verdict(ok)}
+            for target, measured, ok in checks]
+
+
 def add_out_option(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="directory for the JSON (default: benchmarks/out/, which git "

@@ -16,14 +16,13 @@ new/old, with a 95 % bootstrap interval of that median, and the driver thread's 
 per call of each side (the least noisy number on a shared host). Target: no-op and
 small-argument p50 new/old <= 1.03 at every world size over ZeroMQ and shared memory,
 and the spaced mode unchanged. A row's verdict says ``met`` when the interval's upper
-end is within the target, ``slower`` when its lower end is above it, and ``unresolved``
+end is within the target, ``missed`` when its lower end is above it, and ``unresolved``
 when the interval straddles it (more rounds, or a quieter host). Usage: ``python
 benchmarks/ab_rpc.py [--baseline-ref main] [--rounds 40] [--sizes 1,2,4,8] [--out DIR]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -39,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import add_out_option, export_package, machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, arg_parser, export_package, machine, print_table, write_json  # noqa: E402
 
 TARGET = 1.03
 BOOTSTRAP = 2000
@@ -95,7 +94,7 @@ def median_interval(ratios: list[float], rng: random.Random) -> tuple[float, flo
 
 
 def verdict(hi: float, lo: float) -> str:
-    return "met" if hi <= TARGET else "slower" if lo > TARGET else "unresolved"
+    return "met" if hi <= TARGET else "missed" if lo > TARGET else "unresolved"
 
 
 def run_pairs(trees: dict[str, Path], configs: list[dict[str, Any]], rounds: int,
@@ -127,11 +126,12 @@ def run_pairs(trees: dict[str, Path], configs: list[dict[str, Any]], rounds: int
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--baseline-ref", default="main", help="git revision of the baseline")
     ap.add_argument("--baseline-dir", default=None, metavar="DIR",
                     help="a directory holding the baseline's gpuexec package (instead of "
-                         "--baseline-ref, where there is no git history)")
+                         "--baseline-ref, where there is no git history; default: none, use "
+                         "--baseline-ref)")
     ap.add_argument("--rounds", type=int, default=40, help="pairs per back-to-back config")
     ap.add_argument("--sizes", default="1,2,4", help="world sizes, comma-separated")
     ap.add_argument("--calls", type=int, default=500, help="timed calls per measurement")

@@ -26,7 +26,6 @@ Usage: ``python benchmarks/failure_detection.py [--trials 20] [--methods fork]
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import logging
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil
-from _common import add_out_option, machine, print_table, write_json
+from _common import add_out_option, arg_parser, machine, print_table, write_json
 
 from gpuexec import Executor, Worker, WorkerDiedError
 
@@ -340,8 +339,7 @@ def mp_baseline(n: int, with_watchdog: bool) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--trials", type=int, default=20, help="kills per measurement")
     ap.add_argument("--methods", default="fork",
                     help="start methods for (a) and (b), comma-separated")

@@ -16,7 +16,6 @@ Usage: ``python benchmarks/gap_profile.py [--world 1] [--gap-ms 5] [--calls 300]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_out_option, machine, print_table, write_json
+from _common import add_out_option, arg_parser, machine, print_table, write_json
 
 import gpuexec.ipc.forecast as forecast
 from gpuexec import Executor, Worker
@@ -74,8 +73,7 @@ def measure(world: int, gap_s: float, calls: int, busy: bool, use_forecast: bool
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--world", type=int, default=1, help="workers")
     ap.add_argument("--gap-ms", type=float, default=5.0, help="spacing of the calls, ms")
     ap.add_argument("--calls", type=int, default=300, help="timed calls per set-up")

@@ -3,17 +3,21 @@
 Reads ``DIR/rpc_latency.json`` and ``DIR/payload.json`` where present and writes
 ``rpc_latency.png`` (p50 per world size for every transport and baseline, back to back
 and with calls spaced apart) and ``payload.png`` (broadcast throughput per payload
-size) beside them. Needs matplotlib (not a dependency of gpuexec: ``pip install
-matplotlib``); the benchmarks themselves do not.
+size) beside them. Needs matplotlib, the ``plot`` extra (``pip install
+'gpuexec[plot]'``, or ``pip install '.[plot]'`` in a checkout); the benchmarks themselves
+do not.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import arg_parser
 
 
 def _rpc(results: list[dict[str, Any]], out: Path, plt: Any) -> None:
@@ -58,8 +62,7 @@ def _payload(data: dict[str, Any], out: Path, plt: Any) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("directory", type=Path,
                     help="where rpc_latency.json / payload.json are; the PNGs go beside them")
     args = ap.parse_args()
@@ -69,7 +72,8 @@ def main() -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: pip install matplotlib", file=sys.stderr)
+        print("plot.py needs matplotlib, which is not installed: pip install "
+              "'gpuexec[plot]' (in a checkout: pip install '.[plot]')", file=sys.stderr)
         return 2
     done = []
     rpc = args.directory / "rpc_latency.json"

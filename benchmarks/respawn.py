@@ -25,7 +25,6 @@ Usage: ``python benchmarks/respawn.py [--device cpu|cuda] [--world-sizes 2,4,8]
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import statistics
@@ -39,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_out_option, machine, print_table, write_json
+from _common import add_out_option, arg_parser, machine, print_table, write_json
 
 from gpuexec import Executor, Worker
 
@@ -129,13 +128,14 @@ def measure(world: int, load_mib: int, trials: int, kw: dict[str, Any]) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap = arg_parser(__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the workers run (gloo on cpu, NCCL on cuda)")
     ap.add_argument("--world-sizes", default="2,4,8", help="comma-separated (default 2,4,8)")
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=3, help="kills per measurement")
     ap.add_argument("--big-mib", type=int, default=1024,
                     help="MiB each worker's __init__ loads in the weights run (default 1024)")
-    ap.add_argument("--start-method", default="auto")
+    ap.add_argument("--start-method", default="auto", help="the executors' start method")
     add_out_option(ap)
     args = ap.parse_args(argv)
     worlds = [int(w) for w in args.world_sizes.split(",")]
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(chunk)
         kw: dict[str, Any] = {"device": args.device, "distributed_backend": backend,
                               "start_method": args.start_method,
-                              "worker_args": (str(weights),), "distributed_timeout": 120}
+                              "worker_args": (str(weights),), "distributed_timeout": 120,
+                              "keep_zygote": True}  # the restart starts warm, as before
         runs = [measure(w, 0, args.trials, kw) for w in worlds]
         big_world = 4 if 4 in worlds else worlds[-1]
         runs.append(measure(big_world, args.big_mib, args.trials, kw))

@@ -17,7 +17,6 @@ Usage: ``python benchmarks/rpc_latency.py [--sizes 1,2,4,8] [--calls 3000] [--ou
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import multiprocessing as mp
 import os
@@ -32,7 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
 import zmq
-from _common import add_out_option, machine, print_table, time_calls, write_json
+from _common import (
+    add_out_option,
+    arg_parser,
+    machine,
+    print_table,
+    print_targets,
+    time_calls,
+    write_json,
+)
 
 from gpuexec import Executor, Worker
 from gpuexec.ipc.messages import Call, Reply
@@ -189,8 +196,7 @@ def spaced(n_workers: int, transport: str, gap_s: float, calls: int) -> dict[str
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--sizes", default="", metavar="N,N,...",
                     help="world sizes (default: 1,2,4, and 8 when the host has 9 cores)")
     ap.add_argument("--calls", type=int, default=3000, help="timed calls per measurement")
@@ -243,10 +249,27 @@ def main() -> int:
                 baselines)
     if not have_loky:
         print("note: loky not installed: skipped")
-    print("target: zmq p50 <= 1.3x bare pyzmq; shm p50 <= 15 us (1-4 workers), <= 25 us "
-          "(8); calls 5 ms apart: shm p50 <= 50 us, worker CPU <= 5%")
+    checks: list[tuple[str, str, bool | None]] = []
+    for r in results:
+        n = r["world_size"]
+        shm_max = 15.0 if n <= 4 else 25.0
+        spaced_shm = r["spaced"]["shm"]
+        checks += [
+            (f"world {n}: zmq p50 <= 1.3x bare pyzmq", f"{r['p50_ratio']:.2f}x",
+             r["p50_ratio"] <= 1.3),
+            (f"world {n}: shm p50 <= {shm_max:g} us", f"{r['gpuexec_shm']['p50_us']:.1f} us",
+             r["gpuexec_shm"]["p50_us"] <= shm_max)]
+        if args.gap_ms == 5.0:  # the spaced targets are for calls 5 ms apart
+            checks += [
+                (f"world {n}, 5 ms apart: shm p50 <= 50 us", f"{spaced_shm['p50_us']:.1f} us",
+                 spaced_shm["p50_us"] <= 50),
+                (f"world {n}, 5 ms apart: shm worker CPU <= 5%",
+                 f"{spaced_shm['worker_cpu_pct_max']:.1f}%",
+                 spaced_shm["worker_cpu_pct_max"] <= 5)]
+    targets = print_targets(checks)
     path = write_json("rpc_latency.json", {"machine": machine(), "calls": args.calls,
-                                           "target_ratio": 1.3, "results": results}, args.out)
+                                           "target_ratio": 1.3, "results": results,
+                                           "targets": targets}, args.out)
     print(f"wrote {path}")
     return 0
 

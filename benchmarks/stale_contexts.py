@@ -11,7 +11,6 @@ with two or more GPUs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_out_option, machine, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    add_out_option,
+    arg_parser,
+    machine,
+    print_table,
+    print_targets,
+    write_json,
+)
 
 from gpuexec import Executor  # noqa: E402
 from gpuexec.executor.config import visible_gpu_count  # noqa: E402
@@ -57,8 +63,7 @@ def measure(release: bool, world: int) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     add_out_option(ap)
     args = ap.parse_args()
     world = visible_gpu_count()
@@ -73,12 +78,12 @@ def main() -> int:
     on = [r for r in rows if r["release"]]
     worst_foreign = max(r["foreign_mib"] for r in on)
     worst_ms = max(r["release_ms"] for r in on)
-    print(f"release on: max foreign MiB {worst_foreign:.0f} (target: 0), "
-          f"max release time {worst_ms:.2f} ms (target: <= 5 ms)")
+    targets = print_targets([
+        ("release on: no MiB left on another rank's GPU", f"max {worst_foreign:.0f} MiB",
+         worst_foreign == 0),
+        ("release on: each release <= 5 ms", f"max {worst_ms:.2f} ms", worst_ms <= 5)])
     path = write_json("stale_contexts.json", {"machine": machine(), "world_size": world,
-                                              "rows": rows, "targets": {"foreign_mib": 0,
-                                                                        "release_ms": 5}},
-                      args.out)
+                                              "rows": rows, "targets": targets}, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -14,7 +14,6 @@ Usage: ``python benchmarks/startup.py [--sizes 1,2,4] [--repeats 3] [--out DIR]`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,7 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_out_option, machine, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    add_out_option,
+    arg_parser,
+    machine,
+    print_table,
+    print_targets,
+    write_json,
+)
 
 from gpuexec import Worker  # noqa: E402
 from gpuexec.executor.config import visible_gpu_count  # noqa: E402
@@ -51,7 +57,7 @@ out = []
 for i in range({count}):
     t = time.perf_counter()
     ex = Executor("startup:TorchWorker", {world}, start_method={method!r},
-                  isolate_devices={isolate!r})
+                  isolate_devices={isolate!r}, keep_zygote=True)
     out.append(time.perf_counter() - t)
     ex.shutdown()
 print("RESULT", json.dumps(out))
@@ -85,8 +91,7 @@ def measure(method: str, world: int, isolate: bool, count: int) -> list[float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--sizes", default="", metavar="N,N,...",
                     help="world sizes (default: 1, 2, 4, 8 up to the GPU count; 1, 2, 4 on CPU)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh drivers per configuration")
@@ -126,9 +131,19 @@ def main() -> int:
     print_table(heads, rows)
     if floor:
         print(f"floor (CUDA init in a process that imported torch): {floor:.3f} s")
-    print("target: zygote warm >= 3x faster than spawn; on 4 GPUs within 1.3x of the floor")
+    checks: list[tuple[str, str, bool | None]] = []
+    for r in results:
+        checks.append((f"world {r['world_size']}: zygote warm >= 3x faster than spawn",
+                       f"{r['spawn_over_zygote_warm']:.1f}x",
+                       r["spawn_over_zygote_warm"] >= 3))
+        if r["world_size"] == 4 and gpus:
+            checks.append(("4 GPUs: zygote warm within 1.3x of the floor",
+                           f"{r['zygote_warm_over_floor']:.2f}x",
+                           r["zygote_warm_over_floor"] <= 1.3))
+    targets = print_targets(checks)
     path = write_json("startup.json", {"machine": machine(), "floor_s": floor,
-                                       "repeats": args.repeats, "results": results}, args.out)
+                                       "repeats": args.repeats, "results": results,
+                                       "targets": targets}, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -22,7 +22,6 @@ GB/s: bytes the worker had reserved on the GPU (checkpoint) or the tensor's byte
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_out_option, machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, arg_parser, machine, print_table, write_json  # noqa: E402
 
 from gpuexec import Executor  # noqa: E402
 
@@ -124,8 +123,9 @@ def _usable(ex: Executor) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gib", type=float, nargs="+", default=[1.0, 8.0, 32.0])
+    parser = arg_parser(__doc__.split("\n")[0])
+    parser.add_argument("--gib", type=float, nargs="+", default=[1.0, 8.0, 32.0],
+                        help="GiB of GPU memory each measurement parks and restores")
     add_out_option(parser)
     parser.add_argument("--probes", default="64:keep,1024:keep,1024:free",
                         help="pinned-memory probes, MiB:keep|free, comma-separated ('' none)")

@@ -16,7 +16,6 @@ Usage: ``python benchmarks/tp_step.py [--device cpu|cuda] [--sizes 1,2,4] [--out
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing as mp
 import os
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import torch  # noqa: E402
-from _common import add_out_option, machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, arg_parser, machine, print_table, write_json  # noqa: E402
 from tp_mlp import MLPShard, TPMLPWorker, make_input  # noqa: E402
 
 from gpuexec import Executor  # noqa: E402
@@ -134,7 +133,7 @@ def run_pipe(n: int, device: str, backend: str, dims: tuple[int, int, int],
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser(__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="gloo on cpu, NCCL on cuda")
     ap.add_argument("--sizes", default="1,2,4", metavar="N,N,...", help="world sizes")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _common import add_out_option, machine, print_table, write_json  # noqa: E402
+from _common import add_out_option, arg_parser, machine, print_table, write_json  # noqa: E402
 
 BACKENDS = {
     "mp": "mp",
@@ -121,7 +121,7 @@ def run_one(backend: str, tp: int, model: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--tp", default="1,2",
                         help="tensor-parallel sizes, comma-separated")
     add_out_option(parser)

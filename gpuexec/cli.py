@@ -10,6 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .errors import CudaDriverError
+
+if TYPE_CHECKING:
+    from .worker.cuda_driver import CudaDriver
 
 
 def doctor() -> int:
@@ -29,16 +36,19 @@ def doctor() -> int:
     print("torch: " + ("installed" if torch_installed() else
                        "not installed (tensor payloads and distributed_backend need it: "
                        "pip install 'gpuexec[torch]')"))
-    gpus = visible_gpu_count()
-    print(f"visible GPUs: {gpus}")
     driver = load_driver()
     if driver is None:
+        nodes = visible_gpu_count()
+        print("visible GPUs: 0" + (f" ({nodes} NVIDIA device node(s), but no CUDA driver "
+                                   "library)" if nodes else ""))
         print("CUDA driver: not found (no libcuda.so.1): CPU workers only")
         return 0
     try:
         print(f"CUDA driver: {driver.describe()}")
     except Exception as e:  # a broken driver install is a finding, not a crash
         print(f"CUDA driver: {driver.path} ({e})")
+    for line in gpu_lines(driver):
+        print(line)
     if not nvml.available():
         print("NVML: pynvml not installed; cannot list processes holding GPU memory")
         return 0
@@ -49,6 +59,31 @@ def doctor() -> int:
         held = ", ".join(f"GPU {i}: {mib:.0f} MiB" for i, mib in sorted(gpus_mib.items()))
         print(f"pid {pid} holds memory on {len(gpus_mib)} GPUs ({held})")
     return 0
+
+
+def gpu_lines(driver: CudaDriver) -> list[str]:
+    """Every GPU the CUDA driver reports to this process (after ``CUDA_VISIBLE_DEVICES``):
+    ordinal, name, memory, compute capability, and whether this process holds its primary
+    context. Asks libcuda itself (``cuInit`` in this process), so it needs no torch and
+    sees what workers will see; a query that fails is reported on its line."""
+    try:
+        driver.init()
+        count = driver.device_count()
+    except CudaDriverError as e:
+        return [f"visible GPUs: 0 ({e})"]
+    lines = [f"visible GPUs: {count}"]
+    for ordinal in range(count):
+        try:
+            dev = driver.device(ordinal)
+            major, minor = driver.compute_capability(dev)
+            gib = driver.device_memory(dev) / (1 << 30)
+            _, active = driver.primary_ctx_state(dev)
+            lines.append(f"  GPU {ordinal}: {driver.device_name(dev)}, {gib:.1f} GiB, "
+                         f"compute capability {major}.{minor}, context in this process: "
+                         f"{'yes' if active else 'no'}")
+        except CudaDriverError as e:
+            lines.append(f"  GPU {ordinal}: {e}")
+    return lines
 
 
 def positive_int(text: str) -> int:
@@ -65,6 +100,8 @@ def positive_int(text: str) -> int:
 def build_parser(prog: str = "gpuexec") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="gpuexec: a CUDA-aware multi-process worker executor.")
+    parser.add_argument("--version", action="version", version=f"gpuexec {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,doctor}",
                                 help="what to do")
     demo = sub.add_parser(
@@ -78,8 +115,10 @@ def build_parser(prog: str = "gpuexec") -> argparse.ArgumentParser:
                       help="no-op calls timed for the p50/p99 round trip (default: 2000)")
     sub.add_parser("doctor", help="report CUDA, torch and start-method facts",
                    description="Report what this machine and this process look like to "
-                               "gpuexec: CUDA state, the start method 'auto' picks, GPUs, "
-                               "the CUDA driver, processes holding memory on several GPUs.")
+                               "gpuexec: CUDA state, the start method 'auto' picks, the CUDA "
+                               "driver, every GPU it reports (name, memory, compute "
+                               "capability, whether this process has a context on it), "
+                               "processes holding memory on several GPUs.")
     return parser
 
 

@@ -11,7 +11,7 @@ as ``__cause__`` (CPython's ``concurrent.futures`` does the same with
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "CallRefusedError",
@@ -91,29 +91,59 @@ class _RemoteTraceback(Exception):
         return self.tb
 
 
+# Every failed rank's own error, as a call on that rank alone would have raised it.
+RankErrors = dict[int, "RemoteError | ValueNotCarriedError"]
+
+
+def _others_note(others: Mapping[int, object]) -> str:
+    """The part of a call error's message that points at the other failed ranks."""
+    if not others:
+        return ""
+    ranks = ", ".join(str(r) for r in sorted(others))
+    return f" (rank{'s' if len(others) > 1 else ''} {ranks} failed too: see .errors)"
+
+
+def _rank_errors(own: RemoteError | ValueNotCarriedError, rank: int | None,
+                 others: Mapping[int, RemoteError | ValueNotCarriedError] | None) -> RankErrors:
+    errors: RankErrors = dict(others or {})
+    if rank is not None:
+        errors[rank] = own
+    return dict(sorted(errors.items()))
+
+
 class RemoteError(GpuexecError):
     """A method raised inside a worker. The worker is still alive and usable.
 
     Attributes: ``rank``, ``type_name`` (the remote exception's qualified type name),
-    ``remote_message`` and ``remote_traceback`` (the formatted traceback text, also
-    chained as ``__cause__``).
+    ``remote_message`` (the exception's message exactly as the worker had it),
+    ``remote_traceback`` (the formatted traceback text, also chained as ``__cause__``)
+    and ``errors``: every rank that failed in this call, by rank, each with its own
+    error (a :class:`RemoteError`, or a :class:`ValueNotCarriedError` where that rank's
+    value could not travel). When several ranks fail, the exception raised is the lowest
+    rank's (``errors[rank] is`` the exception itself) and its message names the others.
     """
 
     def __init__(self, rank: int, type_name: str, remote_message: str, remote_traceback: str,
-                 method: str = "") -> None:
+                 method: str = "",
+                 others: Mapping[int, RemoteError | ValueNotCarriedError] | None = None
+                 ) -> None:
         self.rank = rank
         self.type_name = type_name
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         self.method = method
+        self.errors = _rank_errors(self, rank, others)
         where = f" in {method!r}" if method else ""
-        super().__init__(f"worker rank {rank} raised {type_name}{where}: {remote_message}")
+        super().__init__(f"worker rank {rank} raised {type_name}{where}: {remote_message}"
+                         f"{_others_note(others or {})}")
         self.__cause__ = _RemoteTraceback(remote_traceback)
 
-    def __reduce__(self) -> tuple[type[RemoteError], tuple[int, str, str, str, str]]:
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[int, str, str, str, str, RankErrors]]:
+        others = {r: e for r, e in self.errors.items() if e is not self}
         return (
             type(self),
-            (self.rank, self.type_name, self.remote_message, self.remote_traceback, self.method),
+            (self.rank, self.type_name, self.remote_message, self.remote_traceback, self.method,
+             others),
         )
 
 
@@ -128,11 +158,11 @@ def signal_name(exitcode: int | None) -> str | None:
 
 
 _DEATH_HINTS = {
-    "SIGKILL": "killed with SIGKILL: often the kernel's out-of-memory killer (check `dmesg`)",
+    "SIGKILL": "often the kernel's out-of-memory killer: check `dmesg`",
     "SIGSEGV": "segmentation fault in native code (a C extension, CUDA, or ctypes)",
     "SIGABRT": "aborted by native code (a failed C assertion or std::terminate)",
     "SIGBUS": "bus error: often /dev/shm is full or a mapped file was truncated",
-    "SIGTERM": "terminated by SIGTERM from another process",
+    "SIGTERM": "sent by another process",
 }
 
 
@@ -248,27 +278,33 @@ class ValueNotCarriedError(GpuexecError, TypeError):
       A worker stays usable either way.
     * ``remote_traceback``: the worker's traceback text when the failure happened there
       (also chained as ``__cause__``), else "".
+    * ``errors``: as :attr:`RemoteError.errors`, every rank that failed in this call with
+      its own error (empty when this process refused the value before sending it).
     """
 
     def __init__(self, path: str, type_name: str, reason: str, rank: int | None = None,
-                 method: str = "", remote_traceback: str = "") -> None:
+                 method: str = "", remote_traceback: str = "",
+                 others: Mapping[int, RemoteError | ValueNotCarriedError] | None = None
+                 ) -> None:
         self.path = path
         self.type_name = type_name
         self.reason = reason
         self.rank = rank
         self.method = method
         self.remote_traceback = remote_traceback
+        self.errors = _rank_errors(self, rank, others)
         where = f" of {method!r}" if method else ""
         who = "" if rank is None else f"worker rank {rank}: "
         super().__init__(f"{who}{path}{where} ({type_name}) cannot be carried faithfully: "
-                         f"{reason}")
+                         f"{reason}{_others_note(others or {})}")
         if remote_traceback:
             self.__cause__ = _RemoteTraceback(remote_traceback)
 
     def __reduce__(self) -> tuple[type[ValueNotCarriedError],
-                                  tuple[str, str, str, int | None, str, str]]:
+                                  tuple[str, str, str, int | None, str, str, RankErrors]]:
+        others = {r: e for r, e in self.errors.items() if e is not self}
         return (type(self), (self.path, self.type_name, self.reason, self.rank, self.method,
-                             self.remote_traceback))
+                             self.remote_traceback, others))
 
 
 class ExecutorClosedError(GpuexecError):

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # never the directories of another gpuexec user or test run on the same machine.
 RUN_DIR = tempfile.mkdtemp(prefix="gxtest-")
 os.environ["XDG_RUNTIME_DIR"] = RUN_DIR
+# The executors of this test process keep their zygote warm between them (each would pay an
+# interpreter start and `import torch` otherwise); tests of the default pass keep_zygote=False.
+os.environ["GPUEXEC_KEEP_ZYGOTE"] = "1"
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -15,6 +15,8 @@
  *     a test can set another base and catch code that mixes ordinals and handles.
  *   - uuid byte i of device d is (16 * d + i) & 0xff: device 0 starts with a NUL byte, which
  *     catches bindings that read the uuid as a C string.
+ *   - device d has 16 * (d + 1) GiB of memory (more than 4 GiB: catches a 32-bit size) and
+ *     compute capability 9.d (cuDeviceGetAttribute 75/76); other attributes are invalid.
  *
  * Control API (exported next to the cu* symbols, wrapped by tests/fakecuda.py):
  *   fake_reset()                                  back to defaults: 2 devices, driver 12080,
@@ -120,6 +122,9 @@ enum { ST_RUNNING = 0, ST_LOCKED = 1, ST_CHECKPOINTED = 2, ST_FAILED = 3 };
     X(cuDeviceGetCount)                 \
     X(cuDeviceGet)                      \
     X(cuDeviceGetName)                  \
+    X(cuDeviceTotalMem)                 \
+    X(cuDeviceTotalMem_v2)              \
+    X(cuDeviceGetAttribute)             \
     X(cuDeviceGetUuid)                  \
     X(cuDeviceGetUuid_v2)               \
     X(cuDevicePrimaryCtxGetState)       \
@@ -394,6 +399,40 @@ CUresult cuDeviceGetName(char *name, int len, CUdevice handle) {
     buf[n] = '\0';
     strncpy(name, buf, (size_t)len - 1);
     name[len - 1] = '\0';
+    return CUDA_SUCCESS;
+}
+#endif
+
+static CUresult total_mem(int function, size_t *bytes, CUdevice handle) {
+    int dev;
+    CUresult rc = enter_device(function, handle, &dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (bytes == NULL) return CUDA_ERROR_INVALID_VALUE;
+    *bytes = (size_t)16 * (size_t)(dev + 1) << 30;
+    return CUDA_SUCCESS;
+}
+
+#ifndef OMIT_cuDeviceTotalMem
+CUresult cuDeviceTotalMem(size_t *bytes, CUdevice handle) {
+    return total_mem(F_cuDeviceTotalMem, bytes, handle);
+}
+#endif
+
+#ifndef OMIT_cuDeviceTotalMem_v2
+CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice handle) {
+    return total_mem(F_cuDeviceTotalMem_v2, bytes, handle);
+}
+#endif
+
+#ifndef OMIT_cuDeviceGetAttribute
+CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice handle) {
+    int dev;
+    CUresult rc = enter_device(F_cuDeviceGetAttribute, handle, &dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (value == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute == 75) *value = 9;               /* COMPUTE_CAPABILITY_MAJOR */
+    else if (attribute == 76) *value = dev % 10;   /* COMPUTE_CAPABILITY_MINOR */
+    else return CUDA_ERROR_INVALID_VALUE;
     return CUDA_SUCCESS;
 }
 #endif

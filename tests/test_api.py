@@ -11,10 +11,10 @@ from gpuexec import errors
 def test_all_names_resolve_and_are_exactly_the_public_surface() -> None:
     assert sorted(gpuexec.__all__) == sorted([
         "ConfigError", "ContextAction", "CudaDriverError", "DeviceReport", "Executor",
-        "ExecutorClosedError", "GpuexecError", "ProtocolError", "Recovery", "RemoteError",
-        "RespawnReport",
-        "RpcTimeoutError", "StartMethodError", "SuspendReport", "Worker", "WorkerDiedError",
-        "WorkerInfo", "WorkerStartupError", "__version__", "errors"])
+        "ExecutorClosedError", "GpuexecError", "InvalidArgumentError", "ProtocolError",
+        "Recovery", "RemoteError", "RespawnReport", "RpcTimeoutError", "StartMethodError",
+        "SuspendReport", "ValueNotCarriedError", "Worker", "WorkerDiedError", "WorkerInfo",
+        "WorkerStartupError", "__version__", "errors"])
     for name in gpuexec.__all__:
         assert getattr(gpuexec, name) is not None
     assert gpuexec.__version__.count(".") == 2
@@ -37,6 +37,7 @@ def test_worker_died_error_fields_and_message() -> None:
     e = errors.WorkerDiedError(2, 1234, -9, "last line\n")
     assert (e.rank, e.pid, e.exitcode, e.signal_name) == (2, 1234, -9, "SIGKILL")
     assert "rank 2" in str(e) and "SIGKILL" in str(e) and "out-of-memory" in str(e)
+    assert str(e).count("SIGKILL") == 1, str(e)  # said once: "killed by SIGKILL (often ...)"
     assert "last line" in str(e)
     e3 = errors.WorkerDiedError(0, 1, 3)
     assert e3.signal_name is None and "exited with code 3" in str(e3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import subprocess_env
 
+import gpuexec
 from gpuexec.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +149,32 @@ def test_benchmarks_help_runs_and_speaks_of_the_product() -> None:
         name, _, text = section.partition("\n")
         assert "usage:" in text, name
         assert "--out DIR" in text or name.endswith("plot.py"), name
+        # every option that takes a value says its default
+        options = re.split(r"\n(?=  -)", text.partition("options:")[2])
+        for option in options:
+            if re.match(r"\s*(-\w, )?--[\w-]+ [A-Z]", option):
+                assert "default" in option, (name, option)
+
+
+def test_benchmark_prints_a_verdict_per_target(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "benchmarks/rpc_latency.py", "--sizes", "1",
+                        "--calls", "30", "--warmup", "3", "--rounds", "1",
+                        "--spaced-calls", "10", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.split("verdict\n")[1].split("\nwrote ")[0].splitlines()[1:]
+    assert len(table) == 4  # two back-to-back targets, two spaced ones, at world 1
+    assert all(re.search(r"  (met|missed)$", row) for row in table), table
+    saved = json.loads((tmp_path / "rpc_latency.json").read_text())["targets"]
+    assert [t["verdict"] for t in saved] == [row.split()[-1] for row in table]
+
+
+def test_every_benchmark_with_a_target_gives_verdicts() -> None:
+    for path in BENCHMARKS:
+        text = path.read_text()
+        if re.search(r"\btargets?\b:", text, re.I):
+            assert "print_targets(" in text or '"met"' in text, path.name
 
 
 WORK_ITEMS = re.compile(r"\bissue\s+\d+|\[\w+\] issue|issue's target", re.I)
@@ -172,3 +200,44 @@ def test_benchmark_output_goes_where_git_ignores_it() -> None:
     if r.returncode == 128:
         pytest.skip("not a git checkout")
     assert r.returncode == 0
+
+
+def test_version_flag_prints_the_version() -> None:
+    r = subprocess.run([sys.executable, "-m", "gpuexec", "--version"], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, env=subprocess_env())
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"gpuexec {gpuexec.__version__}"
+
+
+NO_TORCH_DOCTOR = ("import sys; sys.modules['torch'] = None; from gpuexec.cli import main; "
+                   "sys.exit(main(['doctor']))")  # as where torch is not installed
+
+
+def _doctor(torch: bool = True, **env: str) -> list[str]:
+    argv = ["-m", "gpuexec", "doctor"] if torch else ["-c", NO_TORCH_DOCTOR]
+    r = subprocess.run([sys.executable, *argv], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, env=subprocess_env(**env))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stdout.splitlines()
+
+
+def test_doctor_lists_every_gpu_the_driver_reports(tmp_path: Path) -> None:
+    """From libcuda itself (the fake's two devices), with no torch and no device nodes."""
+    from fakecuda import build_fake_libcuda
+
+    lib = build_fake_libcuda(tmp_path)
+    out = _doctor(torch=False, GPUEXEC_LIBCUDA=str(lib))
+    assert "visible GPUs: 2" in out and any(ln.startswith("torch: not installed") for ln in out)
+    assert ("  GPU 0: Fake CUDA Device 0, 16.0 GiB, compute capability 9.0, "
+            "context in this process: no") in out
+    assert ("  GPU 1: Fake CUDA Device 1, 32.0 GiB, compute capability 9.1, "
+            "context in this process: no") in out
+    gpus = out[out.index("visible GPUs: 2"):]
+    with_torch = _doctor(GPUEXEC_LIBCUDA=str(lib))  # torch installed: the same list
+    assert with_torch[with_torch.index("visible GPUs: 2"):] == gpus
+
+
+def test_doctor_without_a_driver_says_so() -> None:
+    out = _doctor(GPUEXEC_LIBCUDA="/nonexistent/libcuda.so.1")
+    assert "CUDA driver: not found (no libcuda.so.1): CPU workers only" in out

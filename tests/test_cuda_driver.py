@@ -168,6 +168,8 @@ def test_success_path(fake: FakeCuda, driver: CudaDriver) -> None:
     assert (dev0, dev1) == (0, 1)
     assert driver.device_name(dev0) == "Fake CUDA Device 0"
     assert driver.device_name(dev1) == "Fake CUDA Device 1"
+    assert driver.device_memory(dev1) == 32 << 30  # past 32 bits: size_t, not int
+    assert driver.compute_capability(dev1) == (9, 1)
     assert driver.device_uuid(dev0) == UUID_0
     assert driver.device_uuid(dev1) == UUID_1
     assert re.fullmatch(r"GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", UUID_0)

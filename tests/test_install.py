@@ -53,8 +53,8 @@ def _torch_pin() -> str:
     return pins[0]
 
 
-def _make(tmp_path: Path, has_gpu: str, **fake: str) -> tuple[subprocess.CompletedProcess[str],
-                                                                list[str], Path]:
+def _make(tmp_path: Path, has_gpu: str, target: str = ".installed",
+          **fake: str) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
     if shutil.which("make") is None:
         pytest.fail("make is not installed")
     fake_py = tmp_path / "python3"
@@ -63,7 +63,7 @@ def _make(tmp_path: Path, has_gpu: str, **fake: str) -> tuple[subprocess.Complet
     log = tmp_path / "pip.log"
     venv = tmp_path / "venv"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FAKE_LOG": str(log), **fake}
-    r = subprocess.run(["make", "-C", str(ROOT), f"{venv}/.installed", f"VENV={venv}",
+    r = subprocess.run(["make", "-C", str(ROOT), f"{venv}/{target}", f"VENV={venv}",
                         f"PYTHON={fake_py}", f"HAS_GPU={has_gpu}"],
                        capture_output=True, text=True, timeout=60, env=env)
     lines = log.read_text().splitlines() if log.exists() else []
@@ -122,10 +122,44 @@ def test_gpu_machine_installs_the_default_build_in_one_step(tmp_path: Path) -> N
     r, lines, venv = _make(tmp_path, "1", FAKE_NVIDIA="1")
     assert r.returncode == 0, r.stderr
     installs = [ln for ln in lines if ln.startswith("-m pip install") and "-e ." in ln]
-    assert installs == ["-m pip install -q -c constraints.txt -e .[torch,dev,ray,bench]"]
+    assert installs == ["-m pip install -q -c constraints.txt -e .[torch]",
+                        "-m pip install -q -c constraints.txt -e .[torch,dev,ray,bench]"]
     assert not _torch_installs(lines)
     assert "+cpu" not in "\n".join(lines) and CPU_INDEX not in "\n".join(lines)
     assert not (venv / "cpu-constraints.txt").exists()
+
+
+def test_demo_setup_installs_only_the_core_and_torch(tmp_path: Path) -> None:
+    r, lines, venv = _make(tmp_path, "", ".base", FAKE_LOCAL_CPU_TORCH="1")
+    assert r.returncode == 0, r.stderr
+    installs = [ln for ln in lines if ln.startswith("-m pip install") and "-e ." in ln]
+    assert installs == [f"-m pip install -q -c constraints.txt -c {venv}/cpu-constraints.txt "
+                        "-e .[torch]"]
+    assert (venv / ".base").exists() and not (venv / ".installed").exists()
+    # `make demo` needs no more than that; `make test` adds the tools on top of it.
+    for goal, stamp in (("demo", ".base"), ("test", ".installed")):
+        dry = subprocess.run(["make", "-C", str(ROOT), "-n", "-p", goal], capture_output=True,
+                             text=True, timeout=60)
+        rule = re.search(rf"^{goal}: (.*)$", dry.stdout, re.M)
+        assert rule and rule.group(1).split() == [f".venv/{stamp}"], goal
+    full = subprocess.run(["make", "-C", str(ROOT), "-n", "-p", ".venv/.installed"],
+                          capture_output=True, text=True, timeout=60)
+    assert re.search(r"^\.venv/\.installed: \.venv/\.base$", full.stdout, re.M)
+
+
+def test_clean_removes_every_build_output(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    made = [".venv", ".venv-vllm", ".pytest_cache", ".mypy_cache", ".ruff_cache", "build",
+            "dist", "gpuexec.egg-info", "tests/_build"]
+    for d in made:
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "x").write_text("x")
+    (tmp_path / "keep.py").write_text("")
+    r = subprocess.run(["make", "-C", str(tmp_path), "clean"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [d for d in made if (tmp_path / d).exists()] == []
+    assert (tmp_path / "keep.py").exists() and (tmp_path / "tests").exists()
 
 
 def test_dry_run_reads_the_torch_version_from_constraints() -> None:

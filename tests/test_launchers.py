@@ -7,12 +7,13 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import wait_gone
-from workers import EchoWorker
+from conftest import wait_gone, worker_children
+from workers import BrokenInit, EchoWorker
 
-from gpuexec import Executor
-from gpuexec.executor.zygote_client import get_zygote
+from gpuexec import ConfigError, Executor, WorkerStartupError
+from gpuexec.executor.zygote_client import get_zygote, release_zygote, zygote_pids
 
 
 def _zygote_pid(ex: Executor) -> int:
@@ -26,6 +27,7 @@ def test_zygote_is_clean_and_reused() -> None:
     assert warm and zygote.pid == first
     assert zygote.hello.threads == 1 and not zygote.hello.cuda_initialized
     assert "torch" in zygote.hello.preloaded
+    release_zygote(("torch",), keep_warm=True)
     with Executor(EchoWorker, 2, device="cpu", start_method="zygote") as ex:
         assert "warm zygote" in ex.start_method_reason and _zygote_pid(ex) == first
 
@@ -84,3 +86,49 @@ def test_subprocess_workers_are_fresh_interpreters() -> None:
         assert ex.collective_rpc(lambda w: "pytest" in __import__("sys").modules) \
             == [False, False]
         assert ex.collective_rpc("add", args=(3,)) == [3, 4]
+
+
+def _children() -> set[int]:
+    """This process's live children, multiprocessing's helpers excepted, and its zygotes."""
+    return {p.pid for p in worker_children()} | zygote_pids()
+
+
+def test_zygote_ends_with_the_last_executor_that_uses_it() -> None:
+    """By default nothing of gpuexec's outlives the executors: the zygote is stopped when
+    the last executor using it shuts down (also after a failed start)."""
+    preload = ("json",)  # a zygote of its own, not the warm one other tests share
+    before = _children()
+    a = Executor(EchoWorker, 1, device="cpu", start_method="zygote", preload=preload,
+                 keep_zygote=False)
+    zygote = _zygote_pid(a)
+    assert "new zygote" in a.start_method_reason
+    with Executor(EchoWorker, 1, device="cpu", start_method="zygote", preload=preload,
+                  keep_zygote=False) as b:
+        assert _zygote_pid(b) == zygote  # shared while both run
+        a.shutdown()
+        assert psutil.pid_exists(zygote) and zygote in zygote_pids()  # b still uses it
+        assert b.collective_rpc("add", args=(1,)) == [1]
+    assert wait_gone([zygote], timeout=10) == []
+    assert zygote not in zygote_pids()
+    assert _children() - before == set()
+    with pytest.raises(WorkerStartupError):
+        Executor(BrokenInit, 1, device="cpu", start_method="zygote", preload=preload,
+                 keep_zygote=False)
+    assert _children() - before == set()
+
+
+def test_keep_zygote_keeps_it_warm_for_the_next_executor() -> None:
+    preload = ("json", "csv")
+    with Executor(EchoWorker, 1, device="cpu", start_method="zygote", preload=preload,
+                  keep_zygote=True) as ex:
+        zygote = _zygote_pid(ex)
+    assert psutil.pid_exists(zygote) and zygote in zygote_pids()
+    with Executor(EchoWorker, 1, device="cpu", start_method="zygote", preload=preload,
+                  keep_zygote=False) as ex:
+        assert "warm zygote" in ex.start_method_reason and _zygote_pid(ex) == zygote
+    assert wait_gone([zygote], timeout=10) == []
+
+
+def test_keep_zygote_is_checked() -> None:
+    with pytest.raises(ConfigError, match="keep_zygote must be True, False or None"):
+        Executor(EchoWorker, 1, device="cpu", keep_zygote="yes")  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -109,6 +110,32 @@ def test_remote_error_and_worker_lives_on(ex: Executor) -> None:
         with pytest.raises(RemoteError) as info2:
             ex.collective_rpc("fail_on", args=(1,))
         assert info2.value.rank == 1 and info2.value.type_name == "KeyError"
+
+
+def test_every_failed_rank_has_its_own_error(ex: Executor) -> None:
+    """The lowest failed rank's error is raised, its message exactly the worker's; every
+    failed rank's own error (rank, type, message, traceback) is in ``errors``."""
+    n = ex.world_size
+    with pytest.raises(RemoteError) as info:
+        ex.collective_rpc("fail", args=("kaput",))
+    err = info.value
+    assert err.remote_message == "kaput on rank 0"
+    assert sorted(err.errors) == list(range(n)) and err.errors[0] is err
+    for rank, e in err.errors.items():
+        assert isinstance(e, RemoteError)
+        assert (e.rank, e.type_name, e.remote_message) == (rank, "ValueError",
+                                                           f"kaput on rank {rank}")
+        assert f"ValueError: kaput on rank {rank}" in e.remote_traceback
+        assert rank == 0 or e.errors == {rank: e}
+    if n > 1:
+        others = ", ".join(str(r) for r in range(1, n))
+        assert str(err).endswith(f"kaput on rank 0 (rank{'s' if n > 2 else ''} {others} "
+                                 "failed too: see .errors)")
+        copy = pickle.loads(pickle.dumps(err))
+        assert sorted(copy.errors) == list(range(n)) and copy.errors[0] is copy
+        assert copy.errors[n - 1].remote_message == f"kaput on rank {n - 1}"
+    else:
+        assert str(err).endswith(": kaput on rank 0")
 
 
 def test_unknown_method_names_it(ex: Executor) -> None:

@@ -138,7 +138,7 @@ def test_auto_with_cuda_initialised_never_forks_the_driver(fake_libcuda: Path,
         from gpuexec import Executor
         if __name__ == "__main__":
             for _ in range(2):
-                with Executor("workers:EchoWorker", 2, device="cpu") as ex:
+                with Executor("workers:EchoWorker", 2, device="cpu", keep_zygote=True) as ex:
                     print("METHOD", ex.start_method, ex.collective_rpc("add", args=(1,)))
                     print("REASON", ex.start_method_reason)
     """, prefix=INITIALISED + ("" if zygote else NO_ZYGOTE))

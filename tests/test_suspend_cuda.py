@@ -75,7 +75,6 @@ def test_driver_killed_while_suspended_leaves_no_process_and_no_gpu_memory() -> 
         import os, sys, time
         import psutil
         from gpuexec import Executor
-from gpuexec.errors import CheckpointUnsupportedError
         ex = Executor("cuda_workers:ParkedWorker", 1, device="cuda")
         ex.collective_rpc("load", args=(1.0,))
         ex.suspend()

@@ -266,7 +266,9 @@ def test_unsendable_result_names_rank_and_path(ex: Executor) -> None:
         ex.collective_rpc("return_lock")
     e = info.value
     assert (e.rank, e.path, e.type_name) == (0, "result['k'][1]", "_thread.lock")
-    assert "(and 1 more rank(s) failed)" in e.reason
+    assert "(rank 1 failed too: see .errors)" in str(e)
+    assert sorted(e.errors) == [0, 1] and e.errors[0] is e
+    assert isinstance(e.errors[1], ValueNotCarriedError) and e.errors[1].rank == 1
     assert ex.collective_rpc("identity", args=(1,)) == [1, 1]
 
 

@@ -202,15 +202,21 @@ class CallTable:
         """Enter ``call`` in the table, unless the channel is closing (then raise
         ``refused()``): under the lock ``begin_close`` takes, so that every call is
         either failed by it or refused here, never left waiting for workers that were
-        told to exit. ``counted``: a user's call (``stats.calls``), not a health ping."""
+        told to exit. ``counted``: a user's call (``stats.calls``), not a health ping.
+        A refusal is raised through :attr:`check_usable` when it applies (a death is told
+        only once the failure callbacks returned), outside the lock."""
         with self.lock:
-            if self.refusal is not None:
-                raise refused() if self.closing else self.refusal()
-            self.pending[call.call_id] = call
-            if call.future is not None:
-                self.n_async += 1
-            if counted:
-                self.stats.calls += 1
+            refusal = None if self.refusal is None else \
+                refused if self.closing else self.refusal
+            if refusal is None:
+                self.pending[call.call_id] = call
+                if call.future is not None:
+                    self.n_async += 1
+                if counted:
+                    self.stats.calls += 1
+        if refusal is not None:
+            self.check_usable()
+            raise refusal()
 
     def close_pending(self) -> list[PendingCall] | None:
         """Mark the table closing; the calls to fail (None: it was already closing)."""
@@ -253,17 +259,16 @@ class CallTable:
             self._on_deferred()
 
     def finish(self, call: PendingCall, error: BaseException | None = None,
-               settle: bool = True) -> None:
+               settle: bool | None = True) -> None:
         """Complete ``call`` once, with its results or ``error``. Its future is settled
         now, or with ``settle=False`` (the caller holds the pump lock) queued for
-        :meth:`settle`, so that its done callbacks never run under a channel lock."""
+        :meth:`settle`, so that its done callbacks never run under a channel lock; with
+        ``settle=None`` left for the caller to settle (:func:`settle_one`)."""
         with self.lock:
             if call.done:
                 return
             if error is None and call.failures:
-                rank = min(call.failures)
-                error = call_error(rank, call.failures[rank], call.method,
-                                   len(call.failures) - 1)
+                error = call_error(call.failures, call.method)
             if error is not None:
                 call.error = error
             elif call.unique_reply_rank is not None:
@@ -283,8 +288,8 @@ class CallTable:
             call.event.set()
         if call.future is not None:
             if settle:
-                _settle_one(call)
-            else:
+                settle_one(call)
+            elif settle is not None:
                 self.unsettled.append(call)
 
     def expire(self, call: PendingCall) -> None:
@@ -306,14 +311,14 @@ class CallTable:
                 call = unsettled.popleft()
             except IndexError:  # another thread took the last one
                 return
-            _settle_one(call)
+            settle_one(call)
 
     def add_draining(self, n: int) -> None:
         with self.lock:
             self.draining += n
 
 
-def _settle_one(call: PendingCall) -> None:
+def settle_one(call: PendingCall) -> None:
     future = call.future
     if future is None:
         return

@@ -62,7 +62,7 @@ from typing import Any
 
 import zmq
 
-from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError
+from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError, WorkerDiedError
 from ..ipc.codec import Encoder
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
@@ -134,6 +134,7 @@ class DriverChannel:
             raise ExecutorClosedError("the executor is shut down")
         death = self._monitor.death
         if death is not None:
+            self._monitor.await_callbacks()
             raise death.error()
 
     def snapshot(self) -> ChannelStats:
@@ -318,6 +319,8 @@ class DriverChannel:
         finally:
             if not call.done:  # KeyboardInterrupt or another exception while waiting
                 table.finish(call, ExecutorClosedError("the wait for this call was interrupted"))
+        if isinstance(call.error, WorkerDiedError):
+            self._monitor.await_callbacks()
         return call.outcome()
 
     def abandon(self, call: PendingCall) -> None:

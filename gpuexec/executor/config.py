@@ -24,6 +24,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import ConfigError
+from ..ipc import source
 from ..ipc.messages import DistributedSpec
 from ..worker import extension_clashes
 from ..worker.base import Worker
@@ -103,12 +104,27 @@ def _worker_class_ref(worker_cls: type | str, arg: str = "worker_cls",
     module = worker_cls.__module__
     if module == "__main__" or "<locals>" in worker_cls.__qualname__:
         try:
-            blob = cloudpickle.dumps(worker_cls)
+            blob = source.dumps(worker_cls)
         except Exception as e:
             raise ConfigError(f"{arg} {worker_cls.__qualname__} cannot be pickled: {e}") \
                 from e
         return WorkerClassRef("", blob, worker_cls.__qualname__)
     return WorkerClassRef(f"{module}:{worker_cls.__qualname__}", name=worker_cls.__qualname__)
+
+
+KEEP_ZYGOTE_ENV = "GPUEXEC_KEEP_ZYGOTE"
+
+
+def _keep_zygote(keep_zygote: bool | None) -> bool:
+    """``keep_zygote``; None: ``$GPUEXEC_KEEP_ZYGOTE`` ("1" keeps it, "0" or unset not)."""
+    if keep_zygote is not None:
+        if not isinstance(keep_zygote, bool):
+            raise ConfigError(f"keep_zygote must be True, False or None, not {keep_zygote!r}")
+        return keep_zygote
+    value = os.environ.get(KEEP_ZYGOTE_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{KEEP_ZYGOTE_ENV} must be 1 or 0, not {value!r}")
+    return value == "1"
 
 
 def _positive(name: str, value: float | None, allow_none: bool = False) -> float | None:
@@ -145,6 +161,7 @@ class ExecutorConfig:
     allow_callables: bool = True       # False: no callables, nothing pickled to workers
     max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes per ZeroMQ frame
+    keep_zygote: bool = False          # the zygote outlives this executor's shutdown
 
     @classmethod
     def build(
@@ -174,6 +191,7 @@ class ExecutorConfig:
         max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         remote_devices: bool = False,
+        keep_zygote: bool | None = None,
     ) -> ExecutorConfig:
         """``remote_devices``: the workers' GPUs are not this host's (``backend="ray"``):
         ``device="cuda"`` needs no local GPU and ``world_size`` must be given."""
@@ -212,6 +230,7 @@ class ExecutorConfig:
         envs = rank_environments(env, size)
         if not isinstance(allow_callables, bool):
             raise ConfigError(f"allow_callables must be True or False, not {allow_callables!r}")
+        keep = _keep_zygote(keep_zygote)
         for name, limit in (("max_inflight_calls", max_inflight_calls),
                             ("max_message_size", max_message_size)):
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -259,4 +278,5 @@ class ExecutorConfig:
             allow_callables=allow_callables,
             max_inflight_calls=max_inflight_calls,
             max_message_size=max_message_size,
+            keep_zygote=keep,
         )

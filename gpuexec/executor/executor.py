@@ -59,6 +59,7 @@ from .respawn import AutoRespawn, Recovery, Respawner, RespawnReport
 from .rpc import RpcMethods
 from .start_method import check_not_bootstrapping
 from .suspension import Suspension, refusal
+from .zygote_client import release_zygote
 
 log = logging.getLogger("gpuexec")
 
@@ -121,8 +122,12 @@ class Executor(RpcMethods):
     * ``start_method``: ``"auto"``, ``"zygote"``, ``"subprocess"``, ``"fork"``,
       ``"spawn"`` or ``"forkserver"``; ``GPUEXEC_START_METHOD`` overrides ``"auto"``. See
       :mod:`.start_method`. ``preload``: modules the zygote imports before forking
-      workers (default: torch, when installed); one zygote per preload list is kept
-      for the life of the driver and reused by later executors.
+      workers (default: torch, when installed); one zygote per preload list, shared by
+      the executors that run at the same time. ``keep_zygote``: False (the default, or
+      ``GPUEXEC_KEEP_ZYGOTE=0``) stops the zygote when the last executor using it shuts
+      down, so nothing of gpuexec's is left running; True (or ``GPUEXEC_KEEP_ZYGOTE=1``
+      when None) keeps it warm after this executor's shutdown for the next executor's
+      fast start, until the interpreter exits.
     * ``transport``: ``"auto"`` (shared-memory rings when shared memory is available, else
       ZeroMQ), ``"shm"`` or ``"zmq"`` (``ipc://`` in a private 0700 directory; only
       this process and its descendants may connect), or ``"tcp"`` (ZeroMQ over
@@ -223,6 +228,7 @@ class Executor(RpcMethods):
         on_worker_death: str = "fail",
         max_respawns: int = 3,
         respawn_window: float = 300.0,
+        keep_zygote: bool | None = None,
     ) -> None:
         self._life = Lifecycle()  # STARTING until fully started: shutdown() is a no-op
         self._owner = Ownership()  # forks of this process may not use or stop it
@@ -240,7 +246,7 @@ class Executor(RpcMethods):
             distributed_timeout=distributed_timeout,
             max_concurrent_batches=max_concurrent_batches, allow_callables=allow_callables,
             max_inflight_calls=max_inflight_calls, max_message_size=max_message_size,
-            remote_devices=backend == "ray")
+            remote_devices=backend == "ray", keep_zygote=keep_zygote)
         self._backend = backend
         started = startup.start(config, backend=backend, start_method=start_method,
                                 transport=transport, host=host, preload=preload,
@@ -271,6 +277,7 @@ class Executor(RpcMethods):
         self._endpoints = started.endpoints
         self._endpoint_names = started.endpoint_names
         self._handles = started.handles
+        self._zygote_preload = started.zygote_preload  # its zygote: released at shutdown
         self._all_ranks = list(range(config.world_size))
         self._async_slots = AsyncSlots(config.max_concurrent_batches)
 
@@ -364,6 +371,13 @@ class Executor(RpcMethods):
         With ``on_worker_death="respawn"`` it runs only when the executor stays failed
         (the automatic recovery gave up; :attr:`recoveries` says what happened), on the
         recovery's thread.
+
+        Every callback has returned before any caller is told of that death (with
+        ``on_worker_death="fail"``): calls waiting for an answer, new calls and
+        ``non_block`` futures get their ``WorkerDiedError`` only then (a call the callback
+        itself makes fails at once). So a callback must not wait for another thread's
+        call to this executor. A callback still running after 60 s stops holding the
+        callers back (a warning is logged).
         """
         self._owner.check()
         if self._auto is not None:
@@ -500,6 +514,7 @@ class Executor(RpcMethods):
                                  term_grace=self._config.terminate_timeout),
             lambda: self._auto.join(10.0) if self._auto is not None else None,
             self._suspension.close,
+            self._release_zygote,
             ray_workers.close if ray_workers is not None else lambda: None,
             self._channel.close,
             self._endpoints.close,
@@ -514,6 +529,13 @@ class Executor(RpcMethods):
                 error = error or e
         if error is not None:
             raise error
+
+    def _release_zygote(self) -> None:
+        """After the workers are gone: stop the zygote if no other executor uses it
+        (unless ``keep_zygote``)."""
+        preload, self._zygote_preload = self._zygote_preload, None
+        if preload is not None:
+            release_zygote(preload, self._config.keep_zygote)
 
     def __enter__(self) -> Executor:
         return self

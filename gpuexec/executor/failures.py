@@ -10,21 +10,32 @@ that call ends with the error instead of waiting for an answer that was dropped.
 
 from __future__ import annotations
 
-from ..errors import GpuexecError, RemoteError, ValueNotCarriedError
+from collections.abc import Mapping
+
+from ..errors import RemoteError, ValueNotCarriedError
 from ..ipc.codec import UndecodableValue
 from ..ipc.messages import Failure, Reply
 
 
-def call_error(rank: int, failure: Failure, method: str, others: int) -> GpuexecError:
-    """The error of a call whose lowest failing rank is ``rank`` (``others``: how many
-    more ranks failed)."""
+def call_error(failures: Mapping[int, Failure], method: str
+               ) -> RemoteError | ValueNotCarriedError:
+    """The error of a call whose ranks in ``failures`` failed: the lowest rank's own
+    error, holding every failed rank's in ``errors``."""
+    first, *rest = sorted(failures)
+    others = {rank: rank_error(rank, failures[rank], method) for rank in rest}
+    return rank_error(first, failures[first], method, others)
+
+
+def rank_error(rank: int, failure: Failure, method: str,
+               others: Mapping[int, RemoteError | ValueNotCarriedError] | None = None
+               ) -> RemoteError | ValueNotCarriedError:
+    """What ``rank``'s ``failure`` raises (``others``: the other failed ranks' errors)."""
     type_name, message, traceback = failure.texts()
-    more = f" (and {others} more rank(s) failed)" if others else ""
     fault = failure.value
     if fault is not None:
-        return ValueNotCarriedError(fault.path, fault.type_name, fault.reason + more, rank,
-                                    method, traceback)
-    return RemoteError(rank, type_name, message + more, traceback, method)
+        return ValueNotCarriedError(fault.path, fault.type_name, fault.reason, rank,
+                                    method, traceback, others)
+    return RemoteError(rank, type_name, message, traceback, method, others)
 
 
 def undecodable_reply(e: UndecodableValue) -> Reply | None:

@@ -20,14 +20,25 @@ ranks are ready, which ends the failure if no other rank is dead. A sentinel of 
 handle no longer current for its rank is ignored. Old handles are never closed before
 shutdown, so their descriptors are never reused while a poll may still hold them.
 
+Order on a failure (the first death while no other rank is dead): the death is recorded
+and every pending call failed at once (under the call table's lock), but no caller is
+*told* until the failure callbacks queued for it have returned: a waiting caller, a new
+call and ``check_usable`` wait for ``callbacks_returned`` (a fresh event per failure)
+before raising :class:`~gpuexec.errors.WorkerDiedError`, and the failed futures are
+settled only after it is set. A callback itself (on this thread) is told at once, so a
+call it makes fails fast instead of waiting for itself; a callback still running after
+``CALLBACK_WAIT_S`` no longer holds the callers back.
+
 Fields and threads: ``death``: the first death not yet replaced (None: healthy), written
 under the call table's ``lock`` by this thread (a death) or the respawning thread (a
 kill, or the end of a respawn), read by anyone; ``deaths``: every rank dead and not yet
 replaced, under that lock; ``_callbacks``: any thread, under that lock (kept: they run
 again at each new failure); ``_pump_errors``: this thread only; ``_due``: filled by
 any thread, run by this one; ``_idle``, ``sentinels``: this thread, and the respawning
-thread (it pokes this one afterwards);
-``poke_w``: any thread, under the channel's wake lock (see :mod:`.channel`).
+thread (it pokes this one afterwards); ``callbacks_returned``: replaced under that lock
+at each failure, set by this thread, waited on by any; ``_held``: appended by any
+thread, settled by this one; ``poke_w``: any thread, under the channel's wake lock (see
+:mod:`.channel`).
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ from dataclasses import dataclass
 import zmq
 
 from ..errors import WorkerDiedError
-from .calls import CallTable
+from .calls import CallTable, PendingCall, settle_one
 from .launcher import WorkerHandle
 from .processes import UNKNOWN_EXIT
 from .transport import Transport
@@ -51,6 +62,7 @@ from .transport import Transport
 log = logging.getLogger("gpuexec")
 
 _PUMP_MS = 5  # the monitor releases the pump lock at least this often
+CALLBACK_WAIT_S = 60.0  # the longest a caller waits for the failure callbacks to return
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,11 @@ class Monitor:
         # alive until shutdown, so an id is never reused meanwhile)
         self._callbacks: list[Callable[[], None]] = []
         self._due: deque[Callable[[], None]] = deque()  # failure callbacks to run
+        # Set once the callbacks of the latest failure returned (set: none is running).
+        self.callbacks_returned = threading.Event()
+        self.callbacks_returned.set()
+        self._held: deque[PendingCall] = deque()  # futures a death failed, settled after
+        self._late_logged = False  # any thread: logged once that callbacks ran too long
         self._pump_errors = 0  # this thread only
         # The monitor sleeps on the sentinels and this pipe ("a future was submitted").
         self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -105,6 +122,17 @@ class Monitor:
 
     def on_thread(self) -> bool:
         return threading.current_thread() is self.thread
+
+    def await_callbacks(self) -> None:
+        """Before telling a caller of a death: wait until the failure callbacks have
+        returned (at once on this thread, where they run). Bounded: a callback that has
+        not returned after ``CALLBACK_WAIT_S`` no longer holds the callers back (logged)."""
+        if not self.on_thread() and not self.callbacks_returned.wait(CALLBACK_WAIT_S):
+            if not self._late_logged:
+                self._late_logged = True
+                log.warning("gpuexec: a failure callback has not returned after %g s; "
+                            "callers are told of the worker's death without waiting for it",
+                            CALLBACK_WAIT_S)
 
     def close_fds(self) -> None:
         """The poke pipe (the channel's close, under its wake lock)."""
@@ -136,13 +164,15 @@ class Monitor:
             death = self.deaths[rank] = WorkerDeath(rank, handle.pid, exitcode, tail)
             first = self.death is None
             if first:
+                self.callbacks_returned = threading.Event()  # before death: see await
                 self.death = death
                 table.refusal = death.error
             # After the first death only a respawn's own calls can be pending: fail them.
             pending = list(table.pending.values())
             callbacks = list(self._callbacks) if first else []
-        for call in pending:  # this thread may hold the pump lock: settled below
-            table.finish(call, error=death.error(), settle=False)
+        for call in pending:  # futures settled once the callbacks returned
+            table.finish(call, error=death.error(), settle=None)
+        self._held.extend(c for c in pending if c.future is not None)
         self._wake()
         self._due.extend(callbacks)
 
@@ -186,7 +216,8 @@ class Monitor:
 
     def _run_due_callbacks(self) -> None:
         """Failure callbacks, with no lock held (they may call anything, shutdown
-        included)."""
+        included); then the callers are told of the death."""
+        returned = self.callbacks_returned  # the failure whose callbacks these are
         due = self._due
         while due:
             fn = due.popleft()
@@ -194,6 +225,13 @@ class Monitor:
                 fn()
             except Exception:
                 log.exception("gpuexec: a failure callback raised")
+        self._release_callers(returned)
+
+    def _release_callers(self, returned: threading.Event) -> None:
+        returned.set()
+        held = self._held
+        while held:
+            settle_one(held.popleft())
 
     # -- the loop --------------------------------------------------------------------
 
@@ -202,6 +240,7 @@ class Monitor:
             while not self._table.closing:
                 self._round()
         finally:
+            self._release_callers(self.callbacks_returned)  # nobody waits on a dead monitor
             self._table.settle()
 
     def _round(self) -> None:
@@ -239,5 +278,5 @@ class Monitor:
         if table.n_async:
             table.expire_futures(time.monotonic())
         table.settle()
-        if self._due:
+        if self._due or self._held or not self.callbacks_returned.is_set():
             self._run_due_callbacks()

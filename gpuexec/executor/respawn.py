@@ -209,7 +209,8 @@ class Respawner:
                     specs.append(msgspec.msgpack.encode(spec))
                 zygote = None
                 if self._method == "zygote" and self._preload is not None:
-                    zygote, _ = get_zygote(self._preload, max(0.0, deadline - time.monotonic()))
+                    zygote, _ = get_zygote(self._preload, max(0.0, deadline - time.monotonic()),
+                                           hold=False)  # the executor holds it already
                 new = start_workers(self._method, specs, zygote, deadline, deadline - t0,
                                     ranks=targets)
                 wait_ready(new, wire.pull, wire.xpub, self._method, deadline - t0,

@@ -14,9 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal, overload
 
-import cloudpickle
-
 from ..errors import CallRefusedError, InvalidArgumentError
+from ..ipc import source
 from ..ipc.values import plain
 from .aio import AsyncSlots, await_call
 from .channel import DriverChannel, PendingCall
@@ -183,7 +182,7 @@ class RpcMethods:
         if non_block.__class__ is not bool:
             flag("non_block", non_block)
         # pickled last: every check above is cheap
-        blob = None if isinstance(method, str) else cloudpickle.dumps(method)
+        blob = None if isinstance(method, str) else source.dumps(method)
         simple = simple and (not call_list or plain(call_list))
         return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
                                     deadline, non_block, simple)

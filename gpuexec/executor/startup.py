@@ -40,7 +40,7 @@ from .launcher import WorkerHandle, start_workers, stop_workers, wait_ready
 from .ray_backend import RayWorkers, Slot, check_bundle, import_ray
 from .shm_path import ShmDriverPath, shm_room
 from .start_method import fallback_method, resolve_start_method
-from .zygote_client import ZygoteClient, default_preload, get_zygote
+from .zygote_client import ZygoteClient, default_preload, get_zygote, release_zygote
 
 log = logging.getLogger("gpuexec")
 
@@ -240,6 +240,8 @@ def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: st
             auth.stop()
         ctx.destroy(linger=0)
         endpoints.close()
+        if zygote is not None:
+            release_zygote(zygote.preload, cfg.keep_zygote)
         raise
     return Started(cfg, method, reason, chosen, ray_workers,
                    ray_workers.slots if ray_workers is not None else None, endpoints, ctx,

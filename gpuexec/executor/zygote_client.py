@@ -1,11 +1,16 @@
 """Driver side of the zygote launcher (start_method ``"zygote"``).
 
 One zygote per driver process and preload list, started on first use as a fresh
-interpreter (see :mod:`gpuexec.worker.zygote_server`) and reused by every later executor: the
-first executor pays one interpreter start and ``import torch``, every later one only a
-``fork`` per worker ("warm start"). A zygote that died is replaced at the next start; the
-workers it already forked are not orphaned by that (they watch the driver, not the
-zygote), but their exit codes can no longer be known.
+interpreter (see :mod:`gpuexec.worker.zygote_server`) and shared by every executor that
+starts while it runs: the first executor pays one interpreter start and ``import torch``,
+the others only a ``fork`` per worker ("warm start"). Each executor holds its preload
+list's zygote from its start to its shutdown (``_users``, counted per preload list, so a
+zygote replaced meanwhile is held the same); when the last one shuts down the zygote is
+stopped, so no process of gpuexec's outlives the executors, unless that executor asked to
+keep it warm (``keep_zygote``): then it waits for the next executor and ends with the
+interpreter. A zygote that died is replaced at the next start; the workers it already
+forked are not orphaned by that (they watch the driver, not the zygote), but their exit
+codes can no longer be known.
 
 Workers forked by the zygote are its children, not the driver's: the driver watches each
 through a pidfd the zygote sends along (race-free: opened by the parent before it could
@@ -204,7 +209,8 @@ class ZygoteProcess:
 
 
 _zygotes: dict[tuple[str, ...], ZygoteClient] = {}
-_zygotes_lock = threading.Lock()
+_users: dict[tuple[str, ...], int] = {}  # preload list -> executors holding its zygote
+_zygotes_lock = threading.Lock()  # guards _zygotes and _users
 
 
 def default_preload() -> tuple[str, ...]:
@@ -212,23 +218,44 @@ def default_preload() -> tuple[str, ...]:
     return ("torch",) if importlib.util.find_spec("torch") is not None else ()
 
 
-def get_zygote(preload: tuple[str, ...], timeout: float) -> tuple[ZygoteClient, bool]:
+def get_zygote(preload: tuple[str, ...], timeout: float,
+               hold: bool = True) -> tuple[ZygoteClient, bool]:
     """The live zygote for ``preload`` (started or replaced when needed), and whether it
-    was already running (a warm start)."""
+    was already running (a warm start). ``hold``: an executor starts on it, and holds it
+    until :func:`release_zygote`; False for more workers of an executor that holds it."""
     with _zygotes_lock:
+        if hold:
+            _users[preload] = _users.get(preload, 0) + 1
         zygote = _zygotes.get(preload)
         if zygote is not None and zygote.alive():
             return zygote, True
         if zygote is not None:
             log.warning("gpuexec: the zygote (pid %d) died; starting a new one", zygote.pid)
             zygote.close()
-        zygote = ZygoteClient(preload, timeout)
+        try:
+            zygote = ZygoteClient(preload, timeout)
+        except BaseException:
+            if hold:
+                _users[preload] -= 1
+            raise
         _zygotes[preload] = zygote
         return zygote, False
 
 
+def release_zygote(preload: tuple[str, ...], keep_warm: bool) -> None:
+    """An executor that held ``preload``'s zygote has shut down: stop the zygote if that
+    was its last user, unless ``keep_warm`` (then it waits for the next executor)."""
+    with _zygotes_lock:
+        users = _users[preload] = max(0, _users.get(preload, 0) - 1)
+        if users or keep_warm:
+            return
+        zygote = _zygotes.pop(preload, None)
+    if zygote is not None:
+        zygote.close()
+
+
 def zygote_pids() -> set[int]:
-    """The pids of this process's zygotes (they live as long as this process)."""
+    """The pids of this process's zygotes (running ones, and those kept warm)."""
     with _zygotes_lock:
         return {z.pid for z in _zygotes.values()}
 
@@ -248,9 +275,10 @@ def _forget_zygotes_in_child() -> None:
     both would read its replies) nor stop them at exit: it drops them untouched (kept
     referenced, so not even their socket is closed) and starts its own when it needs one.
     The lock may have been held by a parent thread at the moment of the fork."""
-    global _zygotes_lock, _zygotes
+    global _zygotes_lock, _zygotes, _users
     _inherited.extend(_zygotes.values())
     _zygotes = {}
+    _users = {}
     _zygotes_lock = threading.Lock()
 
 

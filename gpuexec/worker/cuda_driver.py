@@ -23,7 +23,8 @@ Never use this in the driver (parent) process
 ``cuInit`` in a parent leaves driver state that forked children cannot use (they fail
 with ``CUDA_ERROR_NOT_INITIALIZED`` or hang), and even loading ``libcuda.so.1`` there
 maps it into ``/proc/self/maps``, which is exactly the signal the start-method policy
-reads to decide that ``fork`` is unsafe. Only workers call :func:`load_driver`.
+reads to decide that ``fork`` is unsafe. Only workers call :func:`load_driver` (and
+``gpuexec doctor``, a process of its own, to list the GPUs).
 
 Shape
 -----
@@ -98,6 +99,7 @@ SYMBOL_NOT_FOUND = "SYMBOL_NOT_FOUND"
 _UNKNOWN_NAME = "CUDA_ERROR_UNKNOWN"
 _UUID_LEN = 16
 _NAME_LEN = 256
+_CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1  # range of a CUresult (a C int)
 
 CUresult = ctypes.c_int
@@ -176,6 +178,9 @@ _FUNCTIONS: tuple[_Function, ...] = (
     _Function("cuDeviceGetCount", CUresult, (_c_int_p,)),
     _Function("cuDeviceGet", CUresult, (ctypes.POINTER(CUdevice), ctypes.c_int)),
     _Function("cuDeviceGetName", CUresult, (ctypes.c_char_p, ctypes.c_int, CUdevice)),
+    _Function("cuDeviceTotalMem_v2", CUresult, (ctypes.POINTER(ctypes.c_size_t), CUdevice),
+              "cuDeviceTotalMem"),
+    _Function("cuDeviceGetAttribute", CUresult, (_c_int_p, ctypes.c_int, CUdevice)),
     _Function(
         "cuDeviceGetUuid_v2", CUresult, (ctypes.POINTER(CUuuid), CUdevice), "cuDeviceGetUuid"
     ),
@@ -326,6 +331,19 @@ class CudaDriver:
         buffer = ctypes.create_string_buffer(_NAME_LEN)
         self._call("cuDeviceGetName", buffer, _NAME_LEN, dev)
         return buffer.value.decode("utf-8", "replace")
+
+    def device_memory(self, dev: int) -> int:
+        """The device's total memory in bytes."""
+        total = ctypes.c_size_t()
+        self._call("cuDeviceTotalMem_v2", ctypes.byref(total), dev)
+        return total.value
+
+    def compute_capability(self, dev: int) -> tuple[int, int]:
+        """``(major, minor)``: ``(9, 0)`` for an H100 or H200."""
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._call("cuDeviceGetAttribute", ctypes.byref(major), _CC_MAJOR, dev)
+        self._call("cuDeviceGetAttribute", ctypes.byref(minor), _CC_MINOR, dev)
+        return major.value, minor.value
 
     def device_uuid(self, dev: int) -> str:
         """The uuid as nvidia-smi prints it: ``"GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"``."""

@@ -70,7 +70,7 @@ from .distributed import (
 from .guardian import kill_children, start_guardian, stop_guardian
 from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
-from .stdio import install_prefix
+from .stdio import drain_streams, install_prefix
 from .transport import ShmWorkerTransport, ZmqWorkerTransport
 from .watchdog import start_watchdog
 
@@ -117,7 +117,7 @@ def _setup_process(spec: WorkerSpec) -> None:
     isolate_environment(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated)
-    install_prefix(spec.rank, os.getpid(), spec.stderr_record)
+    install_prefix(spec.rank, os.getpid(), spec.stderr_record, spec.ipc_dir)
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -125,6 +125,7 @@ def _terminated(signum: int, frame: object) -> None:
     hook (bounded), take our own children along, exit."""
     if _hook is not None:
         _hook.run_bounded()
+    drain_streams()
     kill_children()
     stop_guardian()
     os._exit(128 + signum)
@@ -328,7 +329,7 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         push.close(linger=2000)
         sub.close(linger=0)
         ctx.term()
-        sys.stderr.flush()
+        drain_streams()
         kill_children()
         stop_guardian()
         os._exit(1)
@@ -348,4 +349,5 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         sub.close()
         push.close()
         ctx.term()
+        drain_streams()
         stop_guardian()
