@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from gpuexec.errors import (
     ExecutorClosedError,
     InvalidArgumentError,
     RemoteError,
+    ValueNotCarriedError,
     WorkerStartupError,
 )
 
@@ -260,3 +262,94 @@ def test_the_hook_run_by_sigterm_drops_its_replies_too(
         os.kill(pid, signal.SIGTERM)
         _exits_of([pid])
         assert Path(f"{marker}.0").read_text() == "500"
+
+
+# -- deep and cyclic values --------------------------------------------------------------
+
+
+def _nest(kind: str, depth: int) -> Any:
+    v: Any = 0
+    for i in range(depth):
+        v = {"list": lambda v: [v], "tuple": lambda v: (v, 1), "dict": lambda v: {"k": v},
+             "intdict": lambda v: {1: v}, "frozenset": lambda v: frozenset([v]),
+             "mixed": lambda v, i=i: [(v,), {"k": {i: v}}][i % 2]}[kind](v)
+    return v
+
+
+def _cycles() -> list[Any]:
+    a: list[Any] = [1]
+    a.append(a)
+    d: dict[str, Any] = {}
+    d["self"] = d
+    deep: list[Any] = [[[[]]]]
+    deep[0][0][0].append(deep)
+    via_tuple: list[Any] = []
+    via_tuple.append((via_tuple,))
+    via_dict_key: dict[Any, Any] = {}
+    via_dict_key[1] = [via_dict_key]
+    return [a, d, deep, via_tuple, via_dict_key]
+
+
+KINDS = ["list", "tuple", "dict", "intdict", "frozenset", "mixed"]
+
+
+@pytest.mark.parametrize("limit", [None, 100_000])
+def test_values_nested_too_deep_or_cyclic_fail_naming_the_path(
+        ex: Executor, limit: int | None) -> None:
+    if limit is not None:
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit)
+    try:
+        for kind in KINDS:
+            for depth in (150, 300, 2_000, 5_000):
+                for where in ("args", "kwargs"):
+                    kw: dict[str, Any] = {"args": (_nest(kind, depth),)} if where == "args" \
+                        else {"kwargs": {"x": _nest(kind, depth)}}
+                    with pytest.raises(ValueNotCarriedError) as info:
+                        ex.collective_rpc(lambda w, *a, **k: None, timeout=60, **kw)
+                    assert info.value.path.startswith(where), info.value.path
+                    assert "deeper than" in info.value.reason
+        for value in _cycles():
+            with pytest.raises(ValueNotCarriedError, match="itself") as info:
+                ex.collective_rpc(lambda w, v: None, args=(value,), timeout=60)
+            assert info.value.path.startswith("args[0]")
+            with pytest.raises(ValueNotCarriedError, match="itself"):
+                ex.collective_rpc("echo", args=(value,), non_block=True)
+    finally:
+        if limit is not None:
+            sys.setrecursionlimit(old)
+    assert [r for r, _ in ex.collective_rpc("rank_pid")] == [0, 1]
+
+
+@pytest.mark.parametrize("limit", [None, 100_000])
+def test_results_nested_too_deep_or_cyclic_fail_that_call_and_the_worker_lives(
+        ex: Executor, limit: int | None) -> None:
+    def deep(w: Any, kind: str, depth: int, raise_limit: bool) -> Any:
+        if raise_limit:
+            sys.setrecursionlimit(100_000)
+        return _nest(kind, depth)
+
+    def cyclic(w: Any, i: int) -> Any:
+        return _cycles()[i]
+
+    pids = [w.pid for w in ex.workers]
+    for kind in KINDS:
+        for depth in (300, 2_000):
+            with pytest.raises(ValueNotCarriedError) as info:
+                ex.collective_rpc(deep, args=(kind, depth, limit is not None), timeout=60)
+            assert info.value.path.startswith("result"), info.value.path
+    for i in range(len(_cycles())):
+        with pytest.raises(ValueNotCarriedError, match="itself"):
+            ex.collective_rpc(cyclic, args=(i,), timeout=60)
+    assert ex.collective_rpc("rank_pid") == [(r, p) for r, p in enumerate(pids)]
+
+
+def test_values_nested_within_the_limit_arrive_faithfully(ex: Executor) -> None:
+    for kind in KINDS:
+        value = _nest(kind, 60)
+        assert ex.collective_rpc(lambda w, v: v, args=(value,), timeout=60) == [value, value]
+        assert ex.collective_rpc(lambda w, **k: k, kwargs={"v": value}, timeout=60) == \
+            [{"v": value}] * 2
+    shared = [1, 2]
+    twice = [shared, (shared, {"a": shared})]  # shared, not cyclic: fine
+    assert ex.collective_rpc(lambda w, v: v, args=(twice,))[0] == twice
