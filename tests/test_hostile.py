@@ -267,12 +267,24 @@ def test_the_hook_run_by_sigterm_drops_its_replies_too(
 # -- deep and cyclic values --------------------------------------------------------------
 
 
+def _wrap(kind: str, v: Any, i: int) -> Any:
+    if kind == "list":
+        return [v]
+    if kind == "tuple":
+        return (v, 1)
+    if kind == "dict":
+        return {"k": v}
+    if kind == "intdict":
+        return {1: v}
+    if kind == "frozenset":
+        return frozenset([v])
+    return [(v,), {"k": {i: v}}][i % 2]  # mixed
+
+
 def _nest(kind: str, depth: int) -> Any:
     v: Any = 0
     for i in range(depth):
-        v = {"list": lambda v: [v], "tuple": lambda v: (v, 1), "dict": lambda v: {"k": v},
-             "intdict": lambda v: {1: v}, "frozenset": lambda v: frozenset([v]),
-             "mixed": lambda v, i=i: [(v,), {"k": {i: v}}][i % 2]}[kind](v)
+        v = _wrap(kind, v, i)
     return v
 
 
