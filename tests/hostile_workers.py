@@ -102,3 +102,26 @@ class HostsExecutor(Worker):
         self.inner = Executor("workers:EchoWorker", 1, device="cpu", transport=transport)
         return [self.inner.endpoints, [w.pid for w in self.inner.workers],
                 self.inner.collective_rpc("add", args=(1, 2))]
+
+
+class BecomesDict:
+    """Pickles as another type: it would arrive as a dict."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, ((("a", 1),),))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BecomesDict)
+
+    __hash__ = object.__hash__
+
+
+class BecomesInt(int):
+    """An int subclass whose pickle rebuilds a plain int."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (int, (int(self),))
+
+
+def becomes(kind: str) -> Any:
+    return BecomesDict() if kind == "dict" else BecomesInt(5)

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,59 @@ def test_values_nested_within_the_limit_arrive_faithfully(ex: Executor) -> None:
     shared = [1, 2]
     twice = [shared, (shared, {"a": shared})]  # shared, not cyclic: fine
     assert ex.collective_rpc(lambda w, v: v, args=(twice,))[0] == twice
+
+
+# -- converted values --------------------------------------------------------------------
+
+
+@dataclass
+class _Holder:
+    item: Any
+
+
+def _views_and_files(tmp: Path) -> list[Any]:
+    (tmp / "f.txt").write_text("hello")
+    text = open(tmp / "f.txt")
+    raw = open(tmp / "f.txt", "rb")
+    two_d = memoryview(np.arange(6, dtype=np.int32).reshape(2, 3))  # type: ignore[arg-type]
+    return [memoryview(b"abc"), two_d, memoryview(bytearray(b"xy")), text, raw, sys.stdout,
+            [1, memoryview(b"q")], {"k": (text,)}, _Holder(memoryview(b"z")), _Holder(text),
+            [_Holder(1), _Holder(memoryview(b"z"))]]
+
+
+def test_memoryviews_and_open_files_are_refused_both_ways(ex: Executor, tmp_path: Path
+                                                          ) -> None:
+    values = _views_and_files(tmp_path)
+    try:
+        for i, value in enumerate(values):
+            with pytest.raises(ValueNotCarriedError) as info:
+                ex.collective_rpc(lambda w, v: None, args=(value,))
+            assert info.value.path.startswith("args[0]"), (i, info.value.path)
+
+            def back(w: Any, tmp: str, i: int) -> Any:
+                return _views_and_files(Path(tmp))[i]
+
+            with pytest.raises(ValueNotCarriedError) as info:
+                ex.collective_rpc(back, args=(str(tmp_path), i), timeout=60)
+            assert info.value.path.startswith("result"), (i, info.value.path)
+    finally:
+        for v in values:
+            if hasattr(v, "close") and v is not sys.stdout:
+                v.close()
+    assert [r for r, _ in ex.collective_rpc("rank_pid")] == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["dict", "int"])
+def test_a_pickle_that_rebuilds_another_type_is_refused_both_ways(ex: Executor, kind: str
+                                                                 ) -> None:
+    import hostile_workers
+
+    value = hostile_workers.becomes(kind)
+    for outer in (value, [value], {"k": (1, value)}, {value: 1} if kind == "int" else [[value]]):
+        with pytest.raises(ValueNotCarriedError) as info:
+            ex.collective_rpc(lambda w, v: None, args=(outer,), timeout=60)
+        assert info.value.rank in (0, 1)
+    with pytest.raises(ValueNotCarriedError) as info:
+        ex.collective_rpc(lambda w: hostile_workers.becomes(kind), timeout=60)
+    assert "Becomes" in str(info.value)
+    assert [r for r, _ in ex.collective_rpc("rank_pid")] == [0, 1]

@@ -23,7 +23,18 @@ unchanged are left to it::
     namedtuples, datetime, UUID, Decimal, Fraction,  out of band), only on a channel that
     deque, OrderedDict, subclasses of the above,     allows pickle; elsewhere refused with
     your own classes, tensors that need autograd...  ValueNotCarriedError before sending
+    memoryview, open text files                      refused (ValueNotCarriedError): a view
+                                                     of this process's memory, a handle of
+                                                     its files (cloudpickle would send
+                                                     bytes and an io.StringIO)
     ===============================================  =====================================
+
+Every pickle carries the type name of what was pickled; the receiver compares it with
+the type of what it rebuilt, and an object whose ``__reduce__`` rebuilds another type
+is not carried (``ValueNotCarriedError``, naming the rank) rather than arriving as that
+other type. The check is per pickle, so it covers each value that travels by pickle (at
+any depth of plain containers); what an object's own pickle holds inside it (the
+fields of a dataclass) is rebuilt as that object's pickle says.
 
 Depth: containers (lists, dicts, tuples, sets) nest at most ``MAX_DEPTH`` levels, and a
 container that contains itself is a cycle; either fails with ``ValueNotCarriedError``
@@ -45,6 +56,8 @@ counted.
 
 from __future__ import annotations
 
+import io
+import pickle
 import reprlib
 import signal
 import struct
@@ -308,7 +321,7 @@ class Walk:
         first = self.frames()
         self.committed += 1
         try:
-            blob = cloudpickle.dumps(v, protocol=5, buffer_callback=self.pickle_buffer)
+            blob = _dumps(v, self.pickle_buffer)
         except CONTAINED as e:
             if self.batch and type(v) in _CONTAINERS:  # name the very object that failed
                 self.batch = False
@@ -324,6 +337,32 @@ class Walk:
 
     def error(self, v: Any, path: Path, reason: str) -> ValueNotCarriedError:
         return ValueNotCarriedError(path_text(path), type_name(v), reason, method=self.method)
+
+
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
+    """cloudpickle, less its reducers that rebuild another type: a ``memoryview``
+    (cloudpickle sends its bytes) and an open text file (it sends the file's content as
+    an ``io.StringIO``) are refused instead: each is a view of this process's memory or a
+    handle of its files, which no other process can be given."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is memoryview:
+            raise pickle.PicklingError(
+                "a memoryview is a view of this process's memory; send bytes(view), a "
+                "bytearray or a numpy array (numpy.frombuffer(view)) instead")
+        if t is io.TextIOWrapper:
+            raise pickle.PicklingError(
+                "an open file is a handle of this process; send its path or its "
+                "content instead")
+        return super().reducer_override(obj)
+
+
+def _dumps(v: Any, buffer_callback: Callable[[Any], bool] | None) -> bytes:
+    """``cloudpickle.dumps(v, protocol=5, buffer_callback=...)`` with :class:`_Pickler`."""
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(v)
+    return out.getvalue()
 
 
 class Refused(Exception):
@@ -422,9 +461,13 @@ class Rebuild:
             raise Unrebuilt(path, name, f"it needs pickle, which {self.where} refuses "
                             "(allow_callables=False)", "pickle_refused")
         try:
-            return cloudpickle.loads(blob, buffers=buffers)
+            value = cloudpickle.loads(blob, buffers=buffers)
         except BaseException as e:
             if not _contained(e):
                 raise
             raise Unrebuilt(path, name, f"unpickling it in {self.where} raised "
                             f"{type(e).__name__}: {_exc_text(e)}", "bad_pickle") from None
+        if type_name(value) != name:  # its __reduce__ rebuilds another type
+            raise Unrebuilt(path, name, f"its pickle rebuilt it in {self.where} as "
+                            f"{type_name(value)}, not {name}", "bad_pickle")
+        return value
