@@ -422,3 +422,62 @@ def test_a_pickle_that_rebuilds_another_type_is_refused_both_ways(ex: Executor, 
         ex.collective_rpc(lambda w: hostile_workers.becomes(kind), timeout=60)
     assert "Becomes" in str(info.value)
     assert [r for r, _ in ex.collective_rpc("rank_pid")] == [0, 1]
+
+
+# -- arrays ------------------------------------------------------------------------------
+
+
+def _arrays() -> list[Any]:
+    meta = np.dtype(np.int32, metadata={"unit": "m"})
+    out: list[Any] = []
+    for n in (3, 2_000, 300_000):  # inline, an out-of-band frame, a shared-memory payload
+        out.append(np.arange(n, dtype=meta))
+        ro = np.arange(n, dtype=np.float64)
+        ro.flags.writeable = False
+        out.append(ro)
+        ro_meta = np.arange(n, dtype=meta)
+        ro_meta.flags.writeable = False
+        out.append(ro_meta)
+        view = np.arange(2 * n, dtype=np.int64)[::2]  # not contiguous, read-only view
+        view.flags.writeable = False
+        out.append(view)
+    rec = np.zeros(4, dtype=[("a", "i4"), ("b", "f8")])
+    rec.flags.writeable = False
+    out.append(rec)
+    return out
+
+
+def _check_arrays(sent: list[Any], got: Any) -> list[str]:
+    """What differs between the arrays sent and those rebuilt (each wrapped: bare, in a
+    list, in a dataclass, in a dict of dataclasses)."""
+    problems = []
+    for i, (a, forms) in enumerate(zip(sent, got, strict=True)):
+        bare, in_list, held, batch = forms
+        for where, b in (("bare", bare), ("list", in_list[0]), ("dataclass", held.item),
+                         ("batch", batch["y"].item)):
+            if type(b) is not np.ndarray or b.dtype != a.dtype or \
+                    b.dtype.metadata != a.dtype.metadata or not np.array_equal(a, b):
+                problems.append(f"{i} {where}: {b.dtype} {b.dtype.metadata}")
+            elif not b.flags.writeable:
+                problems.append(f"{i} {where}: read-only")
+    return problems
+
+
+def _forms(a: Any) -> list[Any]:
+    return [a, [a], _Holder(a), {"x": _Holder(1), "y": _Holder(a)}]
+
+
+def test_arrays_keep_dtype_metadata_and_arrive_writable_both_ways(ex: Executor) -> None:
+    sent = _arrays()
+    payload = [_forms(a) for a in sent]
+
+    def check(w: Any, got: Any) -> list[str]:
+        return _check_arrays(_arrays(), got)
+
+    assert ex.collective_rpc(check, args=(payload,), timeout=120) == [[], []]
+
+    def back(w: Any) -> Any:
+        return [_forms(a) for a in _arrays()]
+
+    for got in ex.collective_rpc(back, timeout=120):
+        assert _check_arrays(sent, got) == []

@@ -355,6 +355,10 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
             raise pickle.PicklingError(
                 "an open file is a handle of this process; send its path or its "
                 "content instead")
+        np = sys.modules.get("numpy")
+        if np is not None and t is np.ndarray and not obj.flags.writeable:
+            # numpy pickles a read-only array's bytes as read-only: it would arrive so
+            return obj.copy().__reduce_ex__(self.proto)
         return super().reducer_override(obj)
 
 
