@@ -481,3 +481,37 @@ def test_arrays_keep_dtype_metadata_and_arrive_writable_both_ways(ex: Executor) 
 
     for got in ex.collective_rpc(back, timeout=120):
         assert _check_arrays(sent, got) == []
+
+
+# -- executors nested in workers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", TRANSPORTS)
+@pytest.mark.parametrize("outer", TRANSPORTS)
+@pytest.mark.parametrize("how", ["shutdown", "sigterm", "sigkill"])
+def test_an_executor_a_worker_never_shuts_down_is_cleaned_with_it(
+        outer: str, inner: str, how: str, no_leaks: None) -> None:
+    ex = Executor("hostile_workers:HostsExecutor", 1, device="cpu", transport=outer)
+    endpoints, inner_pids, value = ex.collective_rpc("build", args=(inner,), timeout=120)[0]
+    assert value == [3]
+    outer_pid = ex.workers[0].pid
+    if how == "shutdown":
+        ex.shutdown()
+    else:
+        os.kill(outer_pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        assert wait_gone([outer_pid], timeout=30) == []
+        ex.shutdown()
+    assert wait_gone([outer_pid, *inner_pids], timeout=30) == []
+    for endpoint in endpoints:
+        path = endpoint.removeprefix("ipc://")
+        if path != endpoint:
+            assert wait_gone_path(Path(path).parent), endpoint
+
+
+def wait_gone_path(path: Path, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()

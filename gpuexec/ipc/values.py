@@ -321,7 +321,7 @@ class Walk:
         first = self.frames()
         self.committed += 1
         try:
-            blob = _dumps(v, self.pickle_buffer)
+            blob = dumps(v, self.pickle_buffer)
         except CONTAINED as e:
             if self.batch and type(v) in _CONTAINERS:  # name the very object that failed
                 self.batch = False
@@ -362,7 +362,7 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
         return super().reducer_override(obj)
 
 
-def _dumps(v: Any, buffer_callback: Callable[[Any], bool] | None) -> bytes:
+def dumps(v: Any, buffer_callback: Callable[[Any], bool] | None) -> bytes:
     """``cloudpickle.dumps(v, protocol=5, buffer_callback=...)`` with :class:`_Pickler`."""
     out = io.BytesIO()
     _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(v)

@@ -34,6 +34,7 @@ import msgspec
 import zmq
 
 from ..errors import ValueNotCarriedError
+from ..ipc import exit_hooks
 from ..ipc.codec import (
     Decoder,
     Encoder,
@@ -78,6 +79,7 @@ log = logging.getLogger("gpuexec.worker")
 
 WORKER_ENV_FLAG = "GPUEXEC_WORKER"
 _FN_CACHE_SIZE = 64
+_NESTED_EXIT_S = 3.0  # how long an exiting worker waits for executors it built to stop
 _ALL = ALL_TOPIC[0]
 _hook: ShutdownHook | None = None  # set once the worker is built; read by _terminated
 _replies: ReplyGate | None = None  # the reply gate, closed by _terminated before the hook
@@ -129,6 +131,7 @@ def _terminated(signum: int, frame: object) -> None:
         _replies.close_now()
     if _hook is not None:
         _hook.run_bounded()
+    exit_hooks.run(0.0, _NESTED_EXIT_S)  # executors this worker built: their dirs too
     kill_children()
     stop_guardian()
     os._exit(128 + signum)
@@ -354,6 +357,7 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         server.serve()
         server.gate.close()  # the driver stopped listening: replies from now on (the
         _hook.run()          # hook's cancelled futures included) are dropped
+        exit_hooks.run(0.0, _NESTED_EXIT_S)  # executors this worker built and left
     finally:
         server.gate.close()  # a future resolving from now on has nobody to answer
         destroy_process_group(server.spec)
