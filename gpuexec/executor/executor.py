@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import ConfigError, ExecutorClosedError, InvalidArgumentError, RespawnError
+from ..errors import ConfigError, ExecutorClosedError, RespawnError
 from ..ipc.checkpoint import SuspendReport
 from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
