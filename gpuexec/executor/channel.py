@@ -181,17 +181,11 @@ class DriverChannel:
         return call
 
     def check_encodable(self, method: str, fn_blob: bytes | None, args: list[Any],
-                        kwargs: dict[str, Any], unique_reply_rank: int | None,
-                        plain: bool | None) -> None:
-        """Encode a call without sending it, to raise now what :meth:`submit` would
-        (``ValueNotCarriedError``, a frame over ``max_message_size``): for a call that is
-        held while the executor is suspended, so that it fails at once (the slow path;
-        the held call is encoded again when it is sent)."""
-        frames, segments = self._encoder.encode_with_segments(
-            Call(0, method, fn_blob, args, kwargs,
-                 -1 if unique_reply_rank is None else unique_reply_rank), plain)
-        for fd in segments:
-            os.close(fd)
+                        kwargs: dict[str, Any], value_rank: int, plain: bool) -> None:
+        """Raise now what :meth:`submit` would, for a call held while suspended."""
+        frames, fds = self._encoder.encode_with_segments(
+            Call(0, method, fn_blob, args, kwargs, value_rank), plain)
+        list(map(os.close, fds))  # the held call is encoded again when it is sent
         self._check_sizes(frames)
 
     def ping(self, timeout: float | None) -> PendingCall:

@@ -193,7 +193,8 @@ class RpcMethods:
         (a blocking call in its caller's thread; a ``non_block`` one in the gate, without
         a thread of its own). For ``non_block``, the call returned stands for the held
         one: only its ``future`` is meant to be used."""
-        self._channel.check_encodable(name, blob, call_list, call_dict, value_rank, simple)
+        self._channel.check_encodable(name, blob, call_list, call_dict,
+                                      -1 if value_rank is None else value_rank, simple)
 
         def send(left: float | None) -> PendingCall:
             return self._channel.submit(name, blob, call_list, call_dict, target,
