@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .errors import InvalidArgumentError
 from .executor.executor import Executor
+from .executor.validate import call_args, call_kwargs, seconds
 from .worker.base import Worker
 
 
@@ -23,9 +25,14 @@ def send_raw(executor: Executor, frames: Sequence[bytes]) -> None:
     """Send ``frames`` to every worker exactly as given (no encoder), by the transport in
     use: a packet in the request ring over shared memory, one multipart message over
     ZeroMQ. Workers drop and count what they cannot decode (``stats().worker_malformed``
-    after :meth:`~gpuexec.Executor.check_health`)."""
-    executor._owner.check()
-    executor._channel.send_raw(list(frames))
+    after :meth:`~gpuexec.Executor.check_health`).
+
+    ``frames``: a non-empty list or tuple of bytes-like frames (``bytes``, ``bytearray``,
+    ``memoryview``); anything else (no frames at all, a ``str``, a frame that is not
+    bytes) raises :class:`~gpuexec.errors.InvalidArgumentError` and sends nothing: it is
+    no message any transport can carry."""
+    _executor(executor)._owner.check()
+    executor._channel.send_raw(_frames(frames))
 
 
 def call_unchecked(executor: Executor, method: str, fn: bytes | None = None,
@@ -34,12 +41,42 @@ def call_unchecked(executor: Executor, method: str, fn: bytes | None = None,
     """Call ``method`` on every worker past the driver's own checks: ``fn`` is a pickled
     callable sent even where the executor refuses callables (``allow_callables=False``),
     so a test can show that the workers refuse it too. Returns the results in rank order;
-    raises what :meth:`~gpuexec.Executor.collective_rpc` raises."""
-    executor._owner.check()
+    raises what :meth:`~gpuexec.Executor.collective_rpc` raises; bad arguments (a method
+    that is not a non-empty str, ``fn`` not bytes, ``args``, ``kwargs`` or ``timeout``
+    as :meth:`~gpuexec.Executor.collective_rpc` refuses them) raise
+    :class:`~gpuexec.errors.InvalidArgumentError` before anything is sent."""
+    _executor(executor)._owner.check()
+    if type(method) is not str or not method:
+        raise InvalidArgumentError(f"method must be a non-empty str, not {method!r}")
+    if fn is not None and not isinstance(fn, bytes):
+        raise InvalidArgumentError(f"fn must be pickled bytes or None, not "
+                                   f"{type(fn).__name__}")
+    call_list, call_dict = call_args(args), call_kwargs(kwargs)
+    deadline = seconds("timeout", timeout)
     channel = executor._channel
-    call = channel.submit(method, fn, list(args), dict(kwargs or {}),
-                          list(range(executor.world_size)), None, timeout, False)
+    call = channel.submit(method, fn, call_list, call_dict,
+                          list(range(executor.world_size)), None, deadline, False)
     return channel.wait(call)  # type: ignore[no-any-return]
+
+
+def _executor(executor: object) -> Executor:
+    if not isinstance(executor, Executor):
+        raise InvalidArgumentError(f"expected an Executor, not {type(executor).__name__}")
+    return executor
+
+
+def _frames(frames: object) -> list[bytes]:
+    if not isinstance(frames, (list, tuple)):
+        raise InvalidArgumentError(f"frames must be a list or tuple of bytes, not "
+                                   f"{type(frames).__name__}")
+    if not frames:
+        raise InvalidArgumentError("frames must hold at least one frame: a message of no "
+                                   "frames is nothing a transport can carry")
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"frames[{i}] must be bytes, bytearray or a "
+                                       f"memoryview, not {type(frame).__name__}")
+    return [bytes(frame) for frame in frames]
 
 
 def worker_wire(worker: Worker) -> tuple[bytes | None, bytes | None, bool]:

@@ -35,6 +35,8 @@ NEUTRAL = {"gpuexec.errors", "gpuexec.optional", "gpuexec.cuda_state"}
 LONG_MODULES = {
     "gpuexec.errors": "every exception a user can receive, in one place (a rule below)",
     "gpuexec.ipc.codec": "encoder and decoder of one wire format, kept side by side",
+    "gpuexec.ipc.values": "the value rule: its table, the walk that sends by it and the "
+                          "rebuild that checks it, side by side",
     "gpuexec.worker.cuda_driver": "one ctypes binding per libcuda entry point, nothing else",
     "gpuexec.executor.executor": "the public Executor: its constructor's docstring is the "
                                  "reference for every option",

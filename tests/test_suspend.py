@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -39,7 +42,9 @@ from gpuexec.errors import (
     ExecutorClosedError,
     GpuexecError,
     HeldCallTimeoutError,
+    InvalidArgumentError,
     RpcTimeoutError,
+    ValueNotCarriedError,
     WorkerDiedError,
 )
 from gpuexec.ipc.reports import ContextAction
@@ -507,3 +512,197 @@ def test_driver_killed_while_suspended_leaves_no_process(script: Script, fake_pa
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+# -- hostile use: forks, bad calls, bad arguments, cancelled held calls ------------------
+
+
+def _in_fork(attempts: dict[str, Callable[[], object]]) -> dict[str, str]:
+    """Run each attempt in an ``os.fork`` child of this process; what each raised (its
+    type name, or "no error"), and whether it raised at once (before a 5 s alarm)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            signal.alarm(20)  # a call that waits is reported by the parent as missing
+            out = {}
+            for name, attempt in attempts.items():
+                try:
+                    attempt()
+                    out[name] = "no error"
+                except BaseException as e:
+                    out[name] = type(e).__name__
+            os.write(write, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(text) if text else {}
+
+
+def test_a_fork_of_the_driver_can_neither_suspend_resume_nor_call_the_parents_workers(
+        ex: Executor, script: Script) -> None:
+    for parent_suspended in (False, True):
+        if parent_suspended:
+            ex.suspend()
+        before = script.calls()
+
+        async def held() -> object:
+            return await ex.collective_rpc_async("bump", timeout=3)
+
+        async def suspend_async() -> object:
+            return await ex.suspend_async(timeout=3)
+
+        attempts: dict[str, Callable[[], object]] = {
+            "suspend": lambda: ex.suspend(),
+            "suspend_timeout": lambda: ex.suspend(timeout=3),
+            "resume": lambda: ex.resume(),
+            "suspend_async": lambda: asyncio.run(suspend_async()),
+            "resume_async": lambda: asyncio.run(ex.resume_async()),
+            "call": lambda: ex.collective_rpc("bump"),
+            "call_timeout": lambda: ex.collective_rpc("bump", timeout=3),
+            "non_block": lambda: ex.collective_rpc("bump", non_block=True),
+            "async": lambda: asyncio.run(held()),
+            "bad_call": lambda: ex.collective_rpc("bump", args="abc"),
+            "check_health": lambda: ex.check_health(),
+            "stats": lambda: ex.stats(),
+        }
+        assert _in_fork(attempts) == dict.fromkeys(attempts, "ForeignProcessError")
+        assert script.calls() == before  # no lock, checkpoint, restore or unlock from it
+        assert ex.is_suspended is parent_suspended
+        if parent_suspended:
+            ex.resume()
+        n = 1 + parent_suspended  # one bump per round: nothing of the child's ran
+        assert ex.collective_rpc("bump") == [n] * 3
+
+
+BAD_CALLS: list[tuple[dict[str, Any], type[Exception]]] = [
+    ({"args": "abc"}, InvalidArgumentError),
+    ({"args": {"a": 1}}, InvalidArgumentError),
+    ({"args": 5}, InvalidArgumentError),
+    ({"kwargs": [1, 2]}, InvalidArgumentError),
+    ({"kwargs": {1: 2}}, InvalidArgumentError),
+    ({"ranks": [7]}, InvalidArgumentError),
+    ({"ranks": []}, InvalidArgumentError),
+    ({"ranks": [0, 0]}, InvalidArgumentError),
+    ({"ranks": [True]}, InvalidArgumentError),
+    ({"ranks": "01"}, InvalidArgumentError),
+    ({"unique_reply_rank": 5}, InvalidArgumentError),
+    ({"ranks": [0], "unique_reply_rank": 1}, InvalidArgumentError),
+    ({"timeout": -1}, InvalidArgumentError),
+    ({"timeout": "3"}, InvalidArgumentError),
+    ({"timeout": float("nan")}, InvalidArgumentError),
+    ({"args": (threading.Lock(),)}, ValueNotCarriedError),
+    ({"kwargs": {"x": [1, {"k": (lambda: None, threading.Lock())}]}}, ValueNotCarriedError),
+    ({"args": (2**70, "x\ud800", open(os.devnull, "rb"))}, ValueNotCarriedError),
+]
+
+
+@pytest.mark.parametrize(("bad", "error"), BAD_CALLS)
+def test_a_bad_call_made_while_suspended_fails_at_once_in_every_mode(
+        ex: Executor, bad: dict[str, Any], error: type[Exception]) -> None:
+    ex.suspend()
+    # No timeout (it would wait until resume if held) and a short one (HeldCallTimeoutError
+    # if held): the typed error comes from the call itself, in each mode.
+    for extra in ({}, {"timeout": 30}):
+        kw = {**extra, **bad}
+        with pytest.raises(error):
+            ex.collective_rpc("echo", **kw)
+        with pytest.raises(error):
+            ex.collective_rpc("echo", non_block=True, **kw)
+
+        async def in_loop(kw: dict[str, Any] = kw) -> object:
+            return await ex.collective_rpc_async("echo", **kw)
+
+        with pytest.raises(error):
+            asyncio.run(in_loop())
+    with pytest.raises(InvalidArgumentError):
+        ex.collective_rpc("echo", non_block="yes")  # type: ignore[call-overload]
+    with pytest.raises(InvalidArgumentError):
+        ex.collective_rpc(42)  # type: ignore[call-overload]
+    ex.resume()
+    assert ex.collective_rpc("bump") == [1, 1, 1]  # nothing of them was sent
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300, 10**400, 2**64, 1e9])
+def test_suspend_and_resume_timeouts_beyond_any_deadline_wait_without_overflow(
+        ex: Executor, timeout: float) -> None:
+    assert [r.state for r in ex.suspend(timeout=timeout)] == ["checkpointed"] * 3
+    held = ex.collective_rpc("bump", non_block=True, timeout=timeout)
+    assert [r.state for r in ex.resume(timeout=timeout)] == ["running"] * 3
+    assert held.result(timeout=30) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("timeout", ["3", b"3", 0, -1, float("-inf"), float("nan"), True,
+                                     [3], complex(1, 0), Decimal("1e400000")])
+def test_bad_suspend_and_resume_timeouts_are_typed_errors(ex: Executor, timeout: object
+                                                          ) -> None:
+    for operation in (ex.suspend, ex.resume):
+        with pytest.raises(InvalidArgumentError, match="timeout"):
+            operation(timeout=timeout)  # type: ignore[arg-type]
+    assert not ex.is_suspended
+    assert ex.collective_rpc("bump") == [1, 1, 1]
+
+
+def test_a_cpu_executor_refuses_suspend_with_any_valid_timeout(no_leaks: None) -> None:
+    with Executor(WORKER, 1, device="cpu") as ex:
+        for timeout in (None, float("inf"), 1e300, 5):
+            for operation in (ex.suspend, ex.resume):
+                if operation == ex.resume:
+                    assert operation(timeout=timeout)[0].changed is False
+                    continue
+                with pytest.raises(CheckpointUnsupportedError):
+                    operation(timeout=timeout)
+        with pytest.raises(InvalidArgumentError):
+            ex.suspend(timeout="soon")  # type: ignore[arg-type]
+
+
+def test_a_cancelled_held_call_is_never_sent(ex: Executor) -> None:
+    ex.suspend()
+    kept = ex.collective_rpc("bump", non_block=True)
+    cancelled = [ex.collective_rpc("bump", non_block=True, timeout=t) for t in (None, 60)]
+    assert all(f.cancel() for f in cancelled)
+
+    async def in_loop() -> None:
+        task = asyncio.ensure_future(ex.collective_rpc_async("bump"))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(in_loop())
+    ex.resume()
+    assert kept.result(timeout=30) == [1, 1, 1]
+    assert all(f.cancelled() for f in cancelled)
+    assert ex.collective_rpc("bump") == [2, 2, 2]  # only the kept call ran
+
+
+def test_many_held_calls_take_no_thread_each_and_all_run_once(ex: Executor) -> None:
+    ex.suspend()
+    threads = threading.active_count()
+    futures = [ex.collective_rpc("bump", ranks=[0], non_block=True) for _ in range(200)]
+    timed = [ex.collective_rpc("bump", ranks=[0], non_block=True, timeout=0.05)
+             for _ in range(20)]
+    assert threading.active_count() <= threads + 1  # one thread holds them all
+    for f in timed:
+        with pytest.raises(HeldCallTimeoutError):
+            f.result(timeout=30)
+    for f in futures[::2]:
+        f.cancel()
+    ex.resume()
+    results = sorted(f.result(timeout=60)[0] for f in futures[1::2])
+    assert results == list(range(1, 101))
+    assert ex.collective_rpc("bump", ranks=[0]) == [101]
+
+
+def test_held_calls_fail_when_the_executor_shuts_down_while_suspended(
+        script: Script, no_leaks: None) -> None:
+    ex = Executor(WORKER, 2, device="cpu", start_method="fork")
+    ex.suspend()
+    futures = [ex.collective_rpc("bump", non_block=True) for _ in range(5)]
+    ex.shutdown()
+    for f in futures:
+        with pytest.raises(ExecutorClosedError):
+            f.result(timeout=30)

@@ -394,9 +394,12 @@ def test_many_objects_are_pickled_once_and_errors_still_name_the_object(
     from gpuexec.ipc import values
 
     pickled: list[Any] = []
-    dumps = values.cloudpickle.dumps
-    monkeypatch.setattr(values.cloudpickle, "dumps",
-                        lambda v, **kw: pickled.append(v) or dumps(v, **kw))
+    dumps = values.dumps
+    def counted(v: Any, callback: Any) -> bytes:
+        pickled.append(v)
+        return dumps(v, callback)
+
+    monkeypatch.setattr(values, "dumps", counted)
     enc = Encoder(allow_pickle=True)
     step = {f"r{i}": Point(i, (i, Color.RED)) for i in range(8)}
     enc.encode(Reply(1, 0, [step, np.ones(2)]))

@@ -181,6 +181,14 @@ class DriverChannel:
             self._poke()
         return call
 
+    def check_encodable(self, method: str, fn_blob: bytes | None, args: list[Any],
+                        kwargs: dict[str, Any], value_rank: int, plain: bool) -> None:
+        """Raise now what :meth:`submit` would, for a call held while suspended."""
+        frames, fds = self._encoder.encode_with_segments(
+            Call(0, method, fn_blob, args, kwargs, value_rank), plain)
+        list(map(os.close, fds))  # the held call is encoded again when it is sent
+        self._check_sizes(frames)
+
     def ping(self, timeout: float | None) -> PendingCall:
         self.check_usable()
         table = self._table

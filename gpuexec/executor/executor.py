@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import ConfigError, ExecutorClosedError, InvalidArgumentError, RespawnError
+from ..errors import ConfigError, ExecutorClosedError, RespawnError
 from ..ipc.checkpoint import SuspendReport
 from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
@@ -59,6 +59,7 @@ from .respawn import AutoRespawn, Recovery, Respawner, RespawnReport
 from .rpc import RpcMethods
 from .start_method import check_not_bootstrapping
 from .suspension import Suspension, refusal
+from .validate import seconds
 from .zygote_client import release_zygote
 
 log = logging.getLogger("gpuexec")
@@ -79,10 +80,10 @@ class WorkerInfo(msgspec.Struct, frozen=True):
 
 
 def _no_default(timeout: float | None) -> float | None:
-    """A suspend/resume timeout: None waits as long as the driver takes (not rpc_timeout)."""
-    if timeout is not None and not timeout > 0:
-        raise InvalidArgumentError(f"timeout must be positive, not {timeout!r}")
-    return timeout
+    """A suspend/resume timeout, by a call's rules (None or ``inf``: no deadline; a
+    positive number of seconds; else ``InvalidArgumentError``), but None waits as long
+    as the driver takes (not ``rpc_timeout``)."""
+    return seconds("timeout", timeout)
 
 
 def _check_recovery(on_worker_death: str, max_respawns: int, window: float,
@@ -360,6 +361,7 @@ class Executor(RpcMethods):
         """Counters (a copy): calls made, late replies dropped, malformed frames the driver
         dropped (in total and by reason), connections refused, calls that waited for a
         slot, and what each worker dropped as of the last :meth:`check_health`."""
+        self._owner.check()
         return self._channel.snapshot()
 
     def register_failure_callback(self, fn: Callable[[], None]) -> None:
@@ -464,6 +466,7 @@ class Executor(RpcMethods):
         back to running (``CheckpointTimeoutError`` when ``timeout`` ran out);
         ``WorkerDiedError`` / ``ExecutorClosedError`` as any call.
         """
+        self._owner.check()
         self._channel.check_usable()
         return self._suspension.suspend(_no_default(timeout))
 
@@ -474,16 +477,19 @@ class Executor(RpcMethods):
         nothing (``changed=False``). On ``CheckpointError`` the executor stays suspended
         and ``resume()`` may be retried; ``shutdown()`` always works.
         """
+        self._owner.check()
         self._channel.check_usable()
         return self._suspension.resume(_no_default(timeout))
 
     async def suspend_async(self, timeout: float | None = None) -> list[SuspendReport]:
         """:meth:`suspend` without blocking the event loop (it runs in a thread; a
         cancelled await does not stop the suspend under way)."""
+        self._owner.check()
         return await asyncio.to_thread(self.suspend, timeout)
 
     async def resume_async(self, timeout: float | None = None) -> list[SuspendReport]:
         """:meth:`resume` without blocking the event loop (see :meth:`suspend_async`)."""
+        self._owner.check()
         return await asyncio.to_thread(self.resume, timeout)
 
     # -- shutdown ------------------------------------------------------------------

@@ -5,7 +5,9 @@ down). At interpreter exit each one is shut down and the zygotes closed. SIGTERM
 driver becomes ``SystemExit(143)`` in the main thread (so ``__exit__`` and the atexit
 shutdown run), installed only over the default action. In a child forked by other code
 the registry is emptied (the parent's executors are not the child's to stop; see
-:mod:`.ownership`) and SIGTERM gets its default action back.
+:mod:`.ownership`) and SIGTERM gets its default action back. In a worker process, which
+exits without interpreter exit, the executors it built are shut down through
+:mod:`gpuexec.ipc.exit_hooks`.
 
 Touched by the thread that builds or shuts down an executor (``live``: a WeakSet, whose
 add/discard are atomic), and by the main thread (signals).
@@ -22,6 +24,7 @@ import threading
 import weakref
 from typing import Protocol
 
+from ..ipc import exit_hooks
 from .zygote_client import close_zygotes
 
 log = logging.getLogger("gpuexec")
@@ -42,6 +45,16 @@ def _shutdown_all() -> None:
     for ex in list(live):
         ex.shutdown()
     close_zygotes()
+
+
+def _shutdown_nested(grace: float) -> None:
+    """This process is a worker exiting (see :mod:`gpuexec.ipc.exit_hooks`): shut down
+    the executors it built and left running, with ``grace`` for their workers."""
+    for ex in list(live):
+        ex.shutdown(timeout=grace)
+
+
+exit_hooks.register(_shutdown_nested)
 
 
 def _forget_live_in_child() -> None:

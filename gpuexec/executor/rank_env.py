@@ -25,17 +25,53 @@ EnvArg = Mapping[str, str] | Sequence[Mapping[str, str]] | Callable[[int], Mappi
 
 
 def _checked(entries: object, where: str) -> dict[str, str]:
+    """``entries`` as a plain ``dict[str, str]``, or a ``ConfigError`` naming ``where``
+    (the rank) and the key. Names and values must be exact ``str`` (a ``numpy.str_`` or
+    another subclass is refused rather than converted: its ``str()`` may not be what
+    was meant) that encode as UTF-8 (a lone surrogate cannot be put in an environment)."""
     if not isinstance(entries, Mapping):
         raise ConfigError(f"{where} must be a mapping of str -> str, not "
                           f"{type(entries).__name__}")
     out: dict[str, str] = {}
-    for k, v in entries.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k \
-                or "\0" in k or "\0" in v:
-            raise ConfigError(f"{where} entries must be str -> str (a name without '=' "
-                              f"or NUL), got {k!r}: {v!r}")
+    try:
+        items = list(entries.items())
+    except Exception as e:
+        raise ConfigError(f"{where} ({_rank(where)}): reading its entries raised "
+                          f"{type(e).__name__}: {e}") from e
+    for k, v in items:
+        if type(k) is not str or not k or "=" in k or "\0" in k or not _utf8(k):
+            raise ConfigError(f"{where} entries must be str -> str ({_rank(where)}): the "
+                              f"name {_show(k)} is not a non-empty str without '=', NUL "
+                              "or lone surrogates")
+        if type(v) is not str or "\0" in v or not _utf8(v):
+            raise ConfigError(f"{where} entries must be str -> str ({_rank(where)}): "
+                              f"{k!r} has the value {_show(v)}, not a str without NUL or "
+                              "lone surrogates (convert it with str() if that is what "
+                              "you mean)")
         out[k] = v
     return out
+
+
+def _rank(where: str) -> str:
+    """Which rank an entry is for: ``env[2]`` and ``env(2)`` name one, ``env`` all."""
+    return "every rank" if where == "env" else f"rank {where[4:-1]}"
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(v: object) -> str:
+    """``v`` for a message: its repr (ASCII, so a lone surrogate prints) and its type."""
+    try:
+        text = ascii(v)
+    except Exception:
+        text = "<unprintable>"
+    return f"{text[:60]} ({type(v).__module__}.{type(v).__qualname__})"
 
 
 def rank_environments(env: EnvArg | None, world_size: int) -> tuple[dict[str, str], ...]:

@@ -10,6 +10,7 @@ channel (:mod:`.channel`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal, overload
@@ -27,9 +28,9 @@ from .validate import call_args, call_kwargs, flag, reply_rank, seconds, target_
 _ARG_TYPES = (tuple, list)  # args taken as they are (anything else: validate.call_args)
 
 
-def _method_name(method: str | Callable[..., Any]) -> str:
-    return method if isinstance(method, str) else \
-        getattr(method, "__qualname__", None) or repr(method)
+def _future(call: PendingCall) -> Future[Any]:
+    assert call.future is not None  # a non_block call
+    return call.future
 
 
 class RpcMethods:
@@ -91,15 +92,6 @@ class RpcMethods:
         ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
         died, ``ExecutorClosedError`` after shutdown.
         """
-        if self._gate.holding:  # suspended: the call waits in the driver, unsent (see .hold)
-            def send(left: float | None) -> Any:
-                call = self._submit(method, args, kwargs, left, ranks, unique_reply_rank,
-                                    non_block)
-                return call.future if non_block else self._channel.wait(call)
-            wait = self._call_timeout(timeout)
-            name = _method_name(method)
-            return self._gate.defer(send, wait, name) if non_block else \
-                send(self._gate.hold(wait, name))
         call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
         if non_block:
             assert call.future is not None
@@ -142,9 +134,11 @@ class RpcMethods:
         ``ExecutorClosedError`` as :meth:`collective_rpc` does.
         """
         self._owner.check()  # before the slots' lock, which a fork may find held
-        if self._gate.holding:  # suspended: wait here, unsent, until resume (see .hold)
-            timeout = await self._gate.hold_async(self._call_timeout(timeout),
-                                                  _method_name(method))
+        if self._gate.holding:  # suspended: checked, then held unsent until resume
+            held = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
+            assert held.future is not None
+            # a cancelled await cancels the held call's Future: it is never sent
+            return await asyncio.wrap_future(held.future)
         async with self._async_slots.for_running_loop():
             call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
             return await await_call(call, self._channel.abandon)
@@ -184,8 +178,31 @@ class RpcMethods:
         # pickled last: every check above is cheap
         blob = None if isinstance(method, str) else source.dumps(method)
         simple = simple and (not call_list or plain(call_list))
+        if self._gate.holding:  # suspended: the call waits in the driver, unsent (see .hold)
+            return self._held(name, blob, call_list, call_dict, target, value_rank, deadline,
+                              non_block, simple)
         return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
                                     deadline, non_block, simple)
+
+    def _held(self, name: str, blob: bytes | None, call_list: list[Any],
+              call_dict: dict[str, Any], target: list[int], value_rank: int | None,
+              deadline: float | None, non_block: bool, simple: bool) -> PendingCall:
+        """A checked call made while suspended: its values are tried on the encoder first
+        (so one that cannot travel fails now, not after resume), then it waits at the gate
+        (a blocking call in its caller's thread; a ``non_block`` one in the gate, without
+        a thread of its own). For ``non_block``, the call returned stands for the held
+        one: only its ``future`` is meant to be used."""
+        self._channel.check_encodable(name, blob, call_list, call_dict,
+                                      -1 if value_rank is None else value_rank, simple)
+
+        def send(left: float | None) -> PendingCall:
+            return self._channel.submit(name, blob, call_list, call_dict, target,
+                                        value_rank, left, non_block, simple)
+
+        if not non_block:
+            return send(self._gate.hold(deadline, name))
+        future = self._gate.defer(lambda left: _future(send(left)), deadline, name)
+        return PendingCall(0, name, target, value_rank, deadline, future)
 
     def _callable_name(self, method: object) -> str:
         """The name of a call's ``method`` other than a plain non-empty ``str``."""
@@ -202,10 +219,6 @@ class RpcMethods:
             return str(name)
         raise InvalidArgumentError(
             f"method must be a name or a callable, not {type(method).__name__}")
-
-    def _call_timeout(self, timeout: float | None) -> float | None:
-        """The call's deadline in seconds (``rpc_timeout`` when None), checked."""
-        return self._config.rpc_timeout if timeout is None else seconds("timeout", timeout)
 
     def check_health(self, timeout: float = 10.0) -> None:
         """Ping every worker; raise ``RpcTimeoutError`` naming the ranks that did not

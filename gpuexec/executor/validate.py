@@ -13,7 +13,9 @@ Rules (the README states the same):
 * ``args``: a tuple or a list (a string, a dict or an iterator is refused, never split).
 * ``kwargs``: None or a mapping whose keys are all strings.
 * ``timeout``: None (no deadline) or a positive real number of seconds; ``inf`` means no
-  deadline, like None; zero, negative numbers, NaN, bools and strings are refused.
+  deadline, like None; zero, negative numbers, NaN, bools and strings are refused. A
+  timeout beyond ``FOREVER_S`` (about 24 days, the longest wait the sockets and locks
+  underneath can be given) is no deadline either: ``1e300`` waits, it does not overflow.
 * ``ranks``: None (every rank) or a non-empty sequence of distinct ranks; a rank is an
   integer (not a bool) in ``range(world_size)``.
 * ``unique_reply_rank``: None or one of the targeted ranks (not a bool).
@@ -54,17 +56,23 @@ def call_kwargs(kwargs: object) -> dict[str, Any]:
     return out
 
 
+FOREVER_S = (2**31 - 1) / 1000  # ZeroMQ's RCVTIMEO is an int of milliseconds
+
+
 def seconds(name: str, value: object) -> float | None:
-    """A deadline in seconds: None or ``inf`` -> None (no deadline); else a positive
-    finite float."""
+    """A deadline in seconds: None, ``inf`` or more than ``FOREVER_S`` -> None (no
+    deadline); else a positive finite float."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidArgumentError(
             f"{name} must be a number of seconds or None, not {type(value).__name__} "
             f"{value!r}")
-    number = float(value)
-    if math.isinf(number) and number > 0:
+    try:
+        number = float(value)
+    except OverflowError:  # an int or a Fraction beyond float: forever, or refused below
+        number = math.inf if value > 0 else -math.inf  # type: ignore[operator]
+    if number > FOREVER_S:  # inf included
         return None
     if not number > 0 or math.isnan(number):
         raise InvalidArgumentError(

@@ -4,8 +4,10 @@ The codec (:mod:`gpuexec.ipc.codec`) sends the raw bytes out of band and the dty
 shape in an extension; this module decides what is carried that way and checks what
 arrives. Only exact ``numpy.ndarray`` and ``torch.Tensor`` objects whose bytes say it
 all are: a subclass (a masked array, an ``nn.Parameter``), a tensor that needs
-autograd, a sparse or quantized tensor or an object dtype is pickled instead, which keeps
-what raw bytes would lose. 0-d arrays keep their shape ``()``.
+autograd, a sparse or quantized tensor, an object dtype or a dtype with metadata is
+pickled instead, which keeps what raw bytes would lose. 0-d arrays keep their shape
+``()``. Arrays arrive writable on every path (raw, pickled, shared memory), as a fresh
+array built by the receiver would be, whether or not the sender's was.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def raw_array(obj: Any, dtypes: dict[Any, bool]) -> tuple[bool, str, tuple[int, 
         ok = dtypes.get(dtype)
         if ok is None:
             ok = dtypes[dtype] = not dtype.hasobject and dtype.fields is None \
-                and dtype.itemsize > 0 and np.dtype(dtype.str) == dtype
+                and dtype.itemsize > 0 and np.dtype(dtype.str) == dtype \
+                and dtype.metadata is None  # metadata: pickled, which keeps it
         if not ok:
             return None
         # Not ascontiguousarray: it turns a 0-d array into a 1-d one.
@@ -95,7 +98,9 @@ def build(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
     if not tensor:
         import numpy as np
 
-        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+        arr = np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+        # arrays arrive writable, whatever memory carried them (a read-only frame)
+        return arr if arr.flags.writeable else arr.copy()
     import torch
 
     tdtype = getattr(torch, dtype)

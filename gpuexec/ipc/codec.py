@@ -361,7 +361,9 @@ class Decoder(Generic[T]):
                 raise MalformedMessage(f"frame {i} used twice", "bad_buffer")
             self._used.add(i)
             buf = _buffer(self._frames[i + 1])
-            out.append(bytearray(buf) if self.copy_buffers else buf)
+            # a copy where the slot is reused, or where the frame is read-only (numpy
+            # would rebuild a read-only array over it)
+            out.append(bytearray(buf) if self.copy_buffers or buf.readonly else buf)
         return out
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:

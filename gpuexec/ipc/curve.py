@@ -18,14 +18,14 @@ whose workers run elsewhere (a Ray actor connects over tcp with the keys it was 
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import msgspec
 import zmq
 from zmq.utils import z85
 
+from ..errors import ConfigError
 from .zap import ZapHandler, guard
-
-WILDCARD_HOSTS = frozenset({"", "*", "0.0.0.0", "::", "[::]"})  # noqa: S104 - to refuse them
 
 
 class CurveClient(msgspec.Struct, frozen=True):
@@ -85,16 +85,60 @@ def secure_client(sock: zmq.Socket[bytes], curve: CurveClient) -> None:
 
 
 def check_host(host: str) -> str:
-    """``host`` if it names one interface to bind; ``ValueError`` for wildcards.
+    """The address to bind for ``host`` if it names one interface; ``ValueError`` else.
 
-    A wildcard (``0.0.0.0``, ``*``, ``::``) would expose the sockets on every network the
-    machine is on, and is no address a worker can connect to either: give the address
-    of the one interface the workers reach (``127.0.0.1`` for local workers).
+    A wildcard would expose the sockets on every network the machine is on, and is no
+    address a worker can connect to either: give the address of the one interface the
+    workers reach (``127.0.0.1`` for local workers). What counts is the address ``host``
+    resolves to, not its spelling: ``0``, ``0x0``, ``000.000.000.000``, ``::0``,
+    ``[0::0]`` and ``::ffff:0.0.0.0`` are all the unspecified address and all refused. A
+    name is resolved here, once, and the address found is what is bound (the check and
+    the bind agree); the name of a local network interface (``lo``, ``eth0``) is left to
+    ZeroMQ, which binds that one interface.
     """
-    if not isinstance(host, str) or host.strip() in WILDCARD_HOSTS:
-        raise ValueError(f"host={host!r} would bind every interface; give the address of "
-                         "the one interface the workers connect to (default 127.0.0.1)")
-    return host.strip()
+    if type(host) is not str:
+        raise ValueError(f"host must be a str (an address, a host name or an interface "
+                         f"name), not {type(host).__name__}")
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name in ("", "*"):
+        raise _wildcard(host)
+    try:
+        literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = \
+            ipaddress.ip_address(name)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        found = [literal]
+    elif name in _interface_names():
+        return name
+    else:
+        try:
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as e:
+            raise ValueError(f"host={host!r} does not resolve to an address to bind: "
+                             f"{e}") from None
+        found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        if not found:
+            raise ValueError(f"host={host!r} resolves to no address to bind")
+    for address in found:
+        mapped = getattr(address, "ipv4_mapped", None)
+        if address.is_unspecified or (mapped is not None and mapped.is_unspecified):
+            raise _wildcard(host)
+    return str(found[0]) if literal is None else name
+
+
+def _wildcard(host: str) -> ValueError:
+    return ValueError(f"host={host!r} would bind every interface; give the address of "
+                      "the one interface the workers connect to (default 127.0.0.1)")
+
+
+def _interface_names() -> set[str]:
+    try:
+        return {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return set()
 
 
 def bind_tcp(sock: zmq.Socket[bytes], host: str) -> str:
@@ -107,5 +151,8 @@ def bind_tcp(sock: zmq.Socket[bytes], host: str) -> str:
     if is_v6:
         sock.setsockopt(zmq.IPV6, 1)
         host = f"[{host.strip('[]')}]"
-    port = sock.bind_to_random_port(f"tcp://{host}")
+    try:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    except zmq.ZMQError as e:  # an address of no interface here, an unknown interface
+        raise ConfigError(f"host={host!r} cannot be bound: {e}") from None
     return f"tcp://{host}:{port}"

@@ -130,6 +130,8 @@ def unpack(packet: memoryview) -> tuple[int, list[memoryview]]:
         if pos + length > len(packet):
             raise ValueError("truncated packet")
         return kind, [packet[pos:pos + length]]
+    if n == 0:  # no message is zero frames (a hostile or broken peer's packet)
+        raise ValueError("packet without frames")
     lengths = struct.unpack_from(f"<{n}I", packet, pos)
     pos += 4 * n
     frames = []

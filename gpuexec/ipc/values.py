@@ -23,7 +23,27 @@ unchanged are left to it::
     namedtuples, datetime, UUID, Decimal, Fraction,  out of band), only on a channel that
     deque, OrderedDict, subclasses of the above,     allows pickle; elsewhere refused with
     your own classes, tensors that need autograd...  ValueNotCarriedError before sending
+    memoryview, open text files                      refused (ValueNotCarriedError): a view
+                                                     of this process's memory, a handle of
+                                                     its files (cloudpickle would send
+                                                     bytes and an io.StringIO)
     ===============================================  =====================================
+
+Every pickle carries the type name of what was pickled; the receiver compares it with
+the type of what it rebuilt, and an object whose ``__reduce__`` rebuilds another type
+is not carried (``ValueNotCarriedError``, naming the rank) rather than arriving as that
+other type. The check is per pickle, so it covers each value that travels by pickle (at
+any depth of plain containers); what an object's own pickle holds inside it (the
+fields of a dataclass) is rebuilt as that object's pickle says.
+
+Depth: containers (lists, dicts, tuples, sets) nest at most ``MAX_DEPTH`` levels, and a
+container that contains itself is a cycle; either fails with ``ValueNotCarriedError``
+naming the path where the limit was passed (or the cycle closed), on the sending side,
+before anything is sent. The limit does not depend on either process's recursion limit:
+what one side encodes the other can always decode (a value nested deeper than the
+receiver's interpreter allows would otherwise be dropped there, and its call never
+answered). Objects that travel by pickle keep their own cycles (pickle memoizes them);
+one too deep to pickle or unpickle fails with the same error.
 
 A value the receiver cannot rebuild (its class is missing there, its ``__reduce__``
 raises on load, unpickling raises even ``SystemExit``, a tensor arrives where torch is
@@ -36,6 +56,9 @@ counted.
 
 from __future__ import annotations
 
+import io
+import pickle
+import reprlib
 import signal
 import struct
 import sys
@@ -62,6 +85,7 @@ PICKLE = 19       # [type name, path, first out-of-band frame, count, cloudpickl
 CODES = frozenset(range(TUPLE, PICKLE + 1))
 
 SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+MAX_DEPTH = 100  # levels of nested containers in one value (see the module docstring)
 _INT_MIN, _INT_END = -(1 << 63), 1 << 64
 _COMPLEX = struct.Struct("<dd")
 # What a failure while pickling or unpickling is contained as. KeyboardInterrupt is
@@ -84,26 +108,31 @@ _CONTAINERS = frozenset({list, dict, tuple, set, frozenset})
 _WHOLE = object()  # Walk._value: "pickle this whole" (never leaves the walk)
 
 
-def plain(v: Any) -> bool:
+def plain(v: Any, depth: int = 0) -> bool:
     """True when msgpack alone carries ``v`` faithfully (up to int range and lone
     surrogates, which the encoder notices by itself): the fast path's whole cost, one
-    type check per item (a long list of scalars is checked in C)."""
+    type check per item (a long list of scalars is checked in C). False also for
+    containers nested deeper than ``MAX_DEPTH`` (a cycle included): the walk names them."""
     t = type(v)
     if t is list:
         if len(v) > 16 and _scalars_only(map(type, v)):
             return True
+        if depth > MAX_DEPTH:
+            return False
         for x in v:
             tx = type(x)
-            if tx in SCALARS or ((tx is list or tx is dict) and plain(x)):
+            if tx in SCALARS or ((tx is list or tx is dict) and plain(x, depth + 1)):
                 continue
             return False
         return True
     if t is dict:
+        if depth > MAX_DEPTH:
+            return False
         for k, x in v.items():
             if type(k) is not str:
                 return False
             tx = type(x)
-            if tx in SCALARS or ((tx is list or tx is dict) and plain(x)):
+            if tx in SCALARS or ((tx is list or tx is dict) and plain(x, depth + 1)):
                 continue
             return False
         return True
@@ -136,9 +165,14 @@ def type_name(v: Any) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+_REPR = reprlib.Repr()  # bounded: a key nested thousands deep is not repr'd in full
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = 40
+
+
 def _short(v: Any) -> str:
     try:
-        r = repr(v)
+        r = _REPR.repr(v)
     except CONTAINED:
         return f"<{type_name(v)}>"
     return r if len(r) <= 40 else r[:37] + "..."
@@ -188,6 +222,7 @@ class Walk:
         self.committed = 0  # arrays, tensors and pickles made: a subtree holding one is
         #                     never pickled whole (its frames are already out)
         self.pickles = 0    # objects found that need pickle
+        self.open: list[int] = []  # ids of the containers being walked (depth, cycles)
 
     def value(self, v: Any, path: Path) -> Any:
         """``v`` ready for msgpack: itself, or extensions in place of what msgpack
@@ -205,19 +240,19 @@ class Walk:
         if t is dict:
             if all(type(k) is str for k in v) and (not self.careful or all(map(utf8, v))):
                 keys = list(v)
-                out = self._items([(x, (path, k, "k")) for k, x in v.items()])
+                out = self._items([(x, (path, k, "k")) for k, x in v.items()], v, path)
                 return out if out is _WHOLE else dict(zip(keys, out, strict=True))
             pairs = []
             for k, x in v.items():
                 pairs.append((k, (path, k, "key")))
                 pairs.append((x, (path, k, "k")))
-            out = self._items(pairs)
+            out = self._items(pairs, v, path)
             return out if out is _WHOLE else Ext(DICT, self.encode(out))
         if t is tuple:
             out = self._list(v, path)
             return out if out is _WHOLE else Ext(TUPLE, self.encode(out))
         if t is set or t is frozenset:
-            out = self._items([(x, (path, x, "item")) for x in v])
+            out = self._items([(x, (path, x, "item")) for x in v], v, path)
             return out if out is _WHOLE else Ext(SET if t is set else FROZENSET,
                                                  self.encode(out))
         if t is complex:
@@ -254,14 +289,25 @@ class Walk:
     def _list(self, v: list[Any] | tuple[Any, ...], path: Path) -> Any:
         if not self.careful and SCALARS.issuperset(map(type, v)):
             return v if type(v) is list else list(v)
-        return self._items([(x, (path, i, "i")) for i, x in enumerate(v)])
+        return self._items([(x, (path, i, "i")) for i, x in enumerate(v)], v, path)
 
-    def _items(self, children: list[tuple[Any, Path]]) -> Any:
-        """The children of a container ready for msgpack, or ``_WHOLE`` when the whole
+    def _items(self, children: list[tuple[Any, Path]], container: Any, path: Path) -> Any:
+        """The children of ``container`` ready for msgpack, or ``_WHOLE`` when the whole
         container is better pickled at once (two or more objects below need pickle, and
         nothing below became an array or a pickle of its own)."""
+        open_ = self.open
+        if len(open_) >= MAX_DEPTH:
+            raise self.error(container, path, f"containers nest deeper than {MAX_DEPTH} "
+                             "levels here (or the value contains itself)")
+        if id(container) in open_:
+            raise self.error(container, path, "it contains itself (a cycle): a container "
+                             "that is its own descendant cannot be carried")
         committed, pickles = self.committed, self.pickles
-        out = [self._value(x, p) for x, p in children]
+        open_.append(id(container))
+        try:
+            out = [self._value(x, p) for x, p in children]
+        finally:
+            open_.pop()
         if self.batch and self.committed == committed and self.pickles - pickles >= 2:
             return _WHOLE
         return [self._pickle(x, p) if o is _WHOLE else o
@@ -275,7 +321,7 @@ class Walk:
         first = self.frames()
         self.committed += 1
         try:
-            blob = cloudpickle.dumps(v, protocol=5, buffer_callback=self.pickle_buffer)
+            blob = dumps(v, self.pickle_buffer)
         except CONTAINED as e:
             if self.batch and type(v) in _CONTAINERS:  # name the very object that failed
                 self.batch = False
@@ -291,6 +337,36 @@ class Walk:
 
     def error(self, v: Any, path: Path, reason: str) -> ValueNotCarriedError:
         return ValueNotCarriedError(path_text(path), type_name(v), reason, method=self.method)
+
+
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
+    """cloudpickle, less its reducers that rebuild another type: a ``memoryview``
+    (cloudpickle sends its bytes) and an open text file (it sends the file's content as
+    an ``io.StringIO``) are refused instead: each is a view of this process's memory or a
+    handle of its files, which no other process can be given."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is memoryview:
+            raise pickle.PicklingError(
+                "a memoryview is a view of this process's memory; send bytes(view), a "
+                "bytearray or a numpy array (numpy.frombuffer(view)) instead")
+        if t is io.TextIOWrapper:
+            raise pickle.PicklingError(
+                "an open file is a handle of this process; send its path or its "
+                "content instead")
+        np = sys.modules.get("numpy")
+        if np is not None and t is np.ndarray and not obj.flags.writeable:
+            # numpy pickles a read-only array's bytes as read-only: it would arrive so
+            return obj.copy().__reduce_ex__(self.proto)
+        return super().reducer_override(obj)
+
+
+def dumps(v: Any, buffer_callback: Callable[[Any], bool] | None) -> bytes:
+    """``cloudpickle.dumps(v, protocol=5, buffer_callback=...)`` with :class:`_Pickler`."""
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(v)
+    return out.getvalue()
 
 
 class Refused(Exception):
@@ -389,9 +465,13 @@ class Rebuild:
             raise Unrebuilt(path, name, f"it needs pickle, which {self.where} refuses "
                             "(allow_callables=False)", "pickle_refused")
         try:
-            return cloudpickle.loads(blob, buffers=buffers)
+            value = cloudpickle.loads(blob, buffers=buffers)
         except BaseException as e:
             if not _contained(e):
                 raise
             raise Unrebuilt(path, name, f"unpickling it in {self.where} raised "
                             f"{type(e).__name__}: {_exc_text(e)}", "bad_pickle") from None
+        if type_name(value) != name:  # its __reduce__ rebuilds another type
+            raise Unrebuilt(path, name, f"its pickle rebuilt it in {self.where} as "
+                            f"{type_name(value)}, not {name}", "bad_pickle")
+        return value

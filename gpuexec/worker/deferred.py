@@ -12,7 +12,13 @@ through :meth:`ReplyGate.send`, which serialises them.
 Replies carry their call id, so the driver matches a late deferred reply to its call
 whatever order replies arrive in. Once the worker has begun to shut down the gate is
 closed: a future that resolves after that has nobody to answer (the driver has failed
-its pending calls with ``ExecutorClosedError``) and its reply is dropped.
+its pending calls with ``ExecutorClosedError``) and its reply is dropped. The gate closes
+*before* the worker's ``on_shutdown`` runs, so a hook that cancels its pending futures
+drops their replies instead of writing them into a reply ring nobody reads any more
+(which would fill up and hang the hook).
+
+A future that is not quite a Future (a subclass whose ``add_done_callback`` raises) ends
+its own call with that error, as a raising method would; the worker lives on.
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ class ReplyGate:
         self._closed = False            # any thread, under _lock
 
     def send(self, reply: Any, method: str) -> bool:
-        """Send ``reply`` (from any thread); False when the gate is already closed."""
+        """Send ``reply`` (from any thread); False when the gate is already closed.
+        Checked before the lock too: after :meth:`close_now` the lock may be held for
+        good by the main thread a signal interrupted mid-send."""
+        if self._closed:
+            return False
         with self._lock:
             if self._closed:
                 return False
@@ -44,11 +54,21 @@ class ReplyGate:
             return True
 
     def defer(self, future: Future[Any], method: str,
-              finish: Callable[[Future[Any]], Any]) -> None:
-        """Send ``finish(future)`` once ``future`` is done (at once if it already is)."""
-        future.add_done_callback(lambda f: self.send(finish(f), method))
+              finish: Callable[[Future[Any]], Any],
+              failed: Callable[[BaseException], Any]) -> None:
+        """Send ``finish(future)`` once ``future`` is done (at once if it already is);
+        should the future refuse the callback, send ``failed(error)`` now instead."""
+        try:
+            future.add_done_callback(lambda f: self.send(finish(f), method))
+        except BaseException as e:  # SystemExit too: the worker lives on
+            self.send(failed(e), method)
 
     def close(self) -> None:
         """No reply leaves after this; waits for a send in progress to finish."""
         with self._lock:
             self._closed = True
+
+    def close_now(self) -> None:
+        """:meth:`close` from a signal handler, which may have interrupted a send on
+        this very thread: no waiting for the lock (a bool store is atomic)."""
+        self._closed = True

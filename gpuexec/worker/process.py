@@ -34,6 +34,7 @@ import msgspec
 import zmq
 
 from ..errors import ValueNotCarriedError
+from ..ipc import exit_hooks
 from ..ipc.codec import (
     Decoder,
     Encoder,
@@ -78,8 +79,10 @@ log = logging.getLogger("gpuexec.worker")
 
 WORKER_ENV_FLAG = "GPUEXEC_WORKER"
 _FN_CACHE_SIZE = 64
+_NESTED_EXIT_S = 3.0  # how long an exiting worker waits for executors it built to stop
 _ALL = ALL_TOPIC[0]
 _hook: ShutdownHook | None = None  # set once the worker is built; read by _terminated
+_replies: ReplyGate | None = None  # the reply gate, closed by _terminated before the hook
 
 
 def failure_from(exc: BaseException, value: ValueFault | None = None) -> Failure:
@@ -122,9 +125,13 @@ def _setup_process(spec: WorkerSpec) -> None:
 
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM (the driver's shutdown escalation, or anyone's): run the worker's shutdown
-    hook (bounded), take our own children along, exit."""
+    hook (bounded), take our own children along, exit. Replies stop first: nobody reads
+    them any more, and a hook resolving deferred futures must not block on a full ring."""
+    if _replies is not None:
+        _replies.close_now()
     if _hook is not None:
         _hook.run_bounded()
+    exit_hooks.run(0.0, _NESTED_EXIT_S)  # executors this worker built: their dirs too
     drain_streams()
     kill_children()
     stop_guardian()
@@ -163,7 +170,8 @@ class _Server:
 
     def host(self, worker: Worker) -> None:
         """Serve ``worker`` (built after the transport: the rings are attached before
-        the driver sees this worker ready and gives up their descriptors)."""
+        the driver sees this worker ready and gives up their descriptors). Called before
+        ``Ready``: an ``rpc_target()`` that raises is a start-up failure."""
         self.worker = worker
         self.target = worker.rpc_target()
 
@@ -184,7 +192,8 @@ class _Server:
                 case Call():
                     out = self._run(msg)
                     if isinstance(out, Future):
-                        self.gate.defer(out, msg.method, self._deferred_reply(msg))
+                        self.gate.defer(out, msg.method, self._deferred_reply(msg),
+                                        self._refused_future(msg))
                     else:
                         self.gate.send(out, msg.method)
                 case Ping(call_id=call_id):
@@ -237,6 +246,10 @@ class _Server:
             return Reply(call.call_id, self.rank, value if keep else None)
 
         return finish
+
+    def _refused_future(self, call: Call) -> Callable[[BaseException], Reply]:
+        """The reply to ``call`` when its Future refused the done callback."""
+        return lambda e: Reply(call.call_id, self.rank, error=failure_from(e))
 
     def _run(self, call: Call) -> Reply | Future[Any]:
         """Run ``call``; its reply, or the Future the method returned (reply deferred)."""
@@ -320,6 +333,8 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         cls = extend_class(spec, cls)
         stage = "__init__"
         worker = build_worker(spec, cls)
+        stage = "rpc_target"
+        server.host(worker)
         if spec.device == "cuda":
             stage = "init_device"  # again: release what the import or __init__ left behind
             report = merge_reports(report, init_device(spec))
@@ -333,15 +348,17 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
         kill_children()
         stop_guardian()
         os._exit(1)
-    global _hook
+    global _hook, _replies
+    _replies = server.gate
     _hook = ShutdownHook(worker.on_shutdown, spec.shutdown_timeout)  # before Ready: a
     # SIGTERM right after the driver saw this worker ready must already run the hook
     push.send_multipart(handshake.encode(
         Ready(PROTOCOL_VERSION, spec.rank, os.getpid(), worker.device, report)))
-    server.host(worker)
     try:
         server.serve()
-        _hook.run()
+        server.gate.close()  # the driver stopped listening: replies from now on (the
+        _hook.run()          # hook's cancelled futures included) are dropped
+        exit_hooks.run(0.0, _NESTED_EXIT_S)  # executors this worker built and left
     finally:
         server.gate.close()  # a future resolving from now on has nobody to answer
         destroy_process_group(server.spec)
