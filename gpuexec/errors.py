@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping, Sequence
+from concurrent.futures import CancelledError
 
 __all__ = [
+    "CallCancelled",
+    "CallCancelledError",
     "CallRefusedError",
     "CheckpointError",
     "CheckpointTimeoutError",
@@ -170,19 +173,25 @@ class WorkerDiedError(GpuexecError):
     """A worker process is gone. Every pending and later call fails with this error.
 
     Attributes: ``rank``, ``pid``, ``exitcode`` (negative: killed by a signal),
-    ``signal_name`` (``"SIGKILL"``...) and ``stderr_tail`` (its last stderr lines,
-    when they could be captured). The executor is failed: shut it down and build a new one.
+    ``signal_name`` (``"SIGKILL"``...), ``stderr_tail`` (its last stderr lines,
+    when they could be captured) and ``reason`` (non-empty when gpuexec killed it: a
+    cancelled call that did not stop within ``cancel_grace``). The executor is failed:
+    shut it down and build a new one.
     """
 
     def __init__(
-        self, rank: int, pid: int | None, exitcode: int | None, stderr_tail: str = ""
+        self, rank: int, pid: int | None, exitcode: int | None, stderr_tail: str = "",
+        reason: str = "",
     ) -> None:
         self.rank = rank
         self.pid = pid
         self.exitcode = exitcode
         self.signal_name = signal_name(exitcode)
         self.stderr_tail = stderr_tail
-        if self.signal_name is not None:
+        self.reason = reason  # set when gpuexec killed it on purpose, and why
+        if reason:
+            how = f"was killed by gpuexec: {reason}"
+        elif self.signal_name is not None:
             how = f"was killed by {self.signal_name}"
             hint = _DEATH_HINTS.get(self.signal_name)
             if hint:
@@ -460,3 +469,44 @@ class RespawnError(GpuexecError):
 
     def __reduce__(self) -> tuple[type[RespawnError], tuple[str, list[int]]]:
         return (type(self), (str(self), self.ranks))
+
+
+class CallCancelledError(GpuexecError, CancelledError):
+    """The call was cancelled before every rank answered: by a Ctrl-C in the waiting
+    thread, by a :meth:`~gpuexec.Executor.check_health` that found its ranks silent, or
+    by another thread's ``Future.cancel()``. A ``concurrent.futures.CancelledError``.
+
+    ``method`` and ``ranks`` (those that had not answered, where the call was interrupted)
+    and ``reason`` (why it was cancelled). The executor stays usable.
+    """
+
+    def __init__(self, method: str, ranks: Sequence[int], reason: str) -> None:
+        self.method = method
+        self.ranks = tuple(ranks)
+        self.reason = reason
+        super().__init__(f"{method!r} was cancelled ({reason}); ranks interrupted: "
+                         f"{list(self.ranks)}")
+
+    def __reduce__(self) -> tuple[type[CallCancelledError], tuple[str, tuple[int, ...], str]]:
+        return (type(self), (self.method, self.ranks, self.reason))
+
+
+class CallCancelled(BaseException):
+    """Raised *inside a worker's method* when its call is cancelled (see
+    :mod:`gpuexec.worker.cancel`): at the next bytecode, or out of the blocking wait the
+    method is in (``time.sleep``, ``Event.wait``, ``select``, a socket read, a
+    ``subprocess`` wait). A ``BaseException``, like ``KeyboardInterrupt``, so that
+    ``except Exception`` in user code does not swallow it; ``finally`` blocks and
+    context managers run as it unwinds. Catch it only to clean up, then re-raise.
+
+    The one exception of this module outside :class:`GpuexecError`: it is raised into
+    user code, never out of gpuexec's API. ``call_id`` and ``method`` name the call.
+    """
+
+    def __init__(self, call_id: int, method: str) -> None:
+        self.call_id = call_id
+        self.method = method
+        super().__init__(f"the call to {method!r} was cancelled by the driver")
+
+    def __reduce__(self) -> tuple[type[CallCancelled], tuple[int, str]]:
+        return (type(self), (self.call_id, self.method))

@@ -377,8 +377,9 @@ def _rank1_hangs(w: Any) -> int:
 
 def test_timeout_and_health_check_name_the_busy_rank(
         no_leaks: None, record_property: Callable[[str, Any], None]) -> None:
+    # cancel_on_timeout=False: the busy ranks stay busy (the default would interrupt them)
     with Executor(EchoWorker, 2, device="cpu", start_method="fork",
-                  shutdown_timeout=0.3) as ex:
+                  shutdown_timeout=0.3, cancel_on_timeout=False) as ex:
         t = time.monotonic()
         with pytest.raises(RpcTimeoutError) as info:
             ex.collective_rpc(_rank1_hangs, timeout=0.3)

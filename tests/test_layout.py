@@ -40,6 +40,8 @@ LONG_MODULES = {
     "gpuexec.worker.cuda_driver": "one ctypes binding per libcuda entry point, nothing else",
     "gpuexec.executor.executor": "the public Executor: its constructor's docstring is the "
                                  "reference for every option",
+    "gpuexec.executor.calls": "how a call ends, under the call table's one lock: results, "
+                              "failures, timeouts, cancellations and their watches",
 }
 
 # Exception classes outside errors.py: internal signals, never raised to a user.
@@ -51,6 +53,7 @@ INTERNAL_EXCEPTIONS = {
     "Unrebuilt": "values.py: becomes ValueNotCarriedError",
     "BadBuffer": "arrays.py: a malformed frame, counted",
     "RingTimeout": "shm_ring.py: no room in a ring now; the sender waits or retries",
+    "FutureCancelled": "calls.py: marks a call whose Future.cancel() took it back",
 }
 
 EXCEPTION_ROOTS = {"BaseException", "Exception", "ValueError", "TypeError", "TimeoutError",
@@ -171,6 +174,9 @@ TEST_PRIVATE_READS = {
     "_SubParsersAction": "argparse's sub-command action, to walk every sub-command",
     "_resource_tracker": "multiprocessing's tracker, isolated per test run",
     "_forkserver": "multiprocessing's fork server, isolated per test run",
+    "_sleep": "torch.cuda._sleep: GPU work of a known length (a cancelled NCCL barrier)",
+    "_current_frames": "sys._current_frames: a test worker waits until its main thread "
+                       "is inside a collective",
 }
 
 

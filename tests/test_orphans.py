@@ -29,6 +29,7 @@ from test_faults import PREAMBLE, Driver
 from workers import EchoWorker
 
 from gpuexec import Executor, WorkerDiedError
+from gpuexec.ipc.signals import CANCEL_SIGNAL
 
 driver = test_faults.driver  # the fixture: a driver subprocess, cleaned up afterwards
 
@@ -46,10 +47,10 @@ def _spawn(w: Any, detached: bool) -> list[int]:
 
 
 def _hold_gil(w: Any, marker: str) -> None:
-    """Hold the GIL in C for 60 s, after creating the file ``marker``. SIGTERM is
-    blocked (it would cut the C ``sleep`` short and run the worker's handler): only a
-    SIGKILL ends this worker, as it would one spinning in C."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    """Hold the GIL in C for 60 s, after creating the file ``marker``. SIGTERM and the
+    cancel signal are blocked (either would cut the C ``sleep`` short and run the
+    worker's handler): only a SIGKILL ends this worker, as it would one spinning in C."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, CANCEL_SIGNAL})
     Path(marker).touch()
     ctypes.PyDLL(None).sleep(60)
 

@@ -12,7 +12,7 @@ from conftest import START_METHODS, wait_gone
 from workers import EchoWorker
 
 from gpuexec import Executor, RemoteError, RpcTimeoutError
-from gpuexec.errors import ValueNotCarriedError
+from gpuexec.errors import CallCancelledError, ValueNotCarriedError
 
 CASES = [(m, n, "zmq") for m in START_METHODS for n in (1, 2, 4)] + \
     [(m, n, "shm") for m in ("zygote", "fork") for n in (1, 2, 4)]
@@ -161,9 +161,10 @@ def test_timeout_then_correct_result(ex: Executor) -> None:
     assert isinstance(info.value, TimeoutError)
     assert info.value.ranks == tuple(range(ex.world_size))
     assert "did not answer" in str(info.value)
-    # The late replies of the timed-out call must not be taken for this call's.
+    # The answers of the timed-out (and cancelled) call must not be taken for this call's.
     assert ex.collective_rpc("add", args=(7,)) == [7 + r for r in range(ex.world_size)]
-    assert ex.stats().late_replies >= ex.world_size
+    stats = ex.stats()
+    assert stats.cancelled_replies + stats.late_replies >= ex.world_size
 
 
 def test_timeout_names_only_the_silent_ranks(ex: Executor) -> None:
@@ -180,11 +181,13 @@ def test_check_health(ex: Executor) -> None:
     ex.check_health(timeout=10)
     if ex.world_size < 2:
         return
-    fut = ex.collective_rpc("sleep", args=(0.6,), ranks=[ex.world_size - 1], non_block=True)
+    fut = ex.collective_rpc("sleep", args=(30,), ranks=[ex.world_size - 1], non_block=True)
     with pytest.raises(RpcTimeoutError) as info:
         ex.check_health(timeout=0.2)
     assert info.value.ranks == (ex.world_size - 1,)
-    fut.result(timeout=10)
+    with pytest.raises(CallCancelledError, match="check_health found rank"):
+        fut.result(timeout=10)  # what the silent rank ran was interrupted
+    ex.check_health(timeout=10)
 
 
 def test_argument_errors_do_not_send(ex: Executor) -> None:

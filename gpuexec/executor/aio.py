@@ -14,11 +14,10 @@ replies while one is outstanding, and the call's ``concurrent.futures.Future`` d
 callback wakes the loop through ``call_soon_threadsafe``. No thread is started or
 borrowed per call, and the loop never blocks.
 
-``asyncio.wrap_future`` is not used on purpose: cancelling its wrapper cancels the
-``concurrent.futures.Future``, which the channel then could not complete (and a
-completed call could not be told apart from an abandoned one). Here a cancelled task
-*abandons* its call instead: it leaves the pending table at once, so its late replies
-are dropped and counted exactly like a timed-out call's, and the executor stays usable.
+A cancelled task *cancels* its call (``Future.cancel()`` of the call's future, see
+:mod:`.cancel`): it leaves the pending table at once and every worker still running it
+is interrupted, so the next call runs at once; the task sees ``asyncio.CancelledError``.
+A call that had already finished everywhere stays finished (its outcome is dropped).
 
 ``max_concurrent_batches`` bounds the calls a loop has outstanding, with one
 ``asyncio.Semaphore`` per event loop (an engine runs one). Workers still run calls in
@@ -31,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -65,8 +63,9 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-async def await_call(call: PendingCall, abandon: Callable[[PendingCall], None]) -> Any:
-    """The outcome of a ``non_block`` call, awaited; cancellation abandons the call."""
+async def await_call(call: PendingCall) -> Any:
+    """The outcome of a ``non_block`` call, awaited; cancelling the task cancels the
+    call."""
     future: Future[Any] | None = call.future
     if future is None:
         raise ValueError("await_call needs a non_block call")
@@ -83,6 +82,6 @@ async def await_call(call: PendingCall, abandon: Callable[[PendingCall], None]) 
     try:
         await waiter
     except asyncio.CancelledError:
-        abandon(call)
+        future.cancel()
         raise
     return call.outcome()

@@ -65,12 +65,34 @@ class ChannelStats:
     worker_malformed: dict[int, dict[str, int]] = field(default_factory=dict)
     refused_connections: int = 0  # peers the ZAP handler turned away (no/wrong key, pid)
     inflight_waits: int = 0      # calls that had to wait for a free slot (backpressure)
+    # How calls ended other than with their results (each also logged, one line apiece):
+    timeouts: int = 0            # RpcTimeoutError (InflightLimitError included)
+    cancelled: int = 0           # Future.cancel(), a cancelled task, Ctrl-C, check_health
+    cancel_kills: int = 0        # workers killed: a cancelled call did not stop in time
+    cancelled_replies: int = 0   # answers of ranks that stopped a cancelled call
 
     def count(self, reason: str) -> int:
         """Record one dropped frame; returns the new total."""
         self.malformed_by_reason[reason] = self.malformed_by_reason.get(reason, 0) + 1
         self.malformed += 1
         return self.malformed
+
+
+class FutureCancelled(Exception):
+    """A call ended by ``Future.cancel()`` (its future is cancelled, not failed)."""
+
+
+@dataclass
+class CancelWatch:
+    """A cancelled call some ranks have not answered yet: each must stop it within
+    ``cancel_grace`` of starting to be watched (when it is the oldest call it owes,
+    i.e. the one it runs), else the monitor kills it (see :mod:`.monitor`)."""
+
+    call_id: int
+    method: str
+    reason: str
+    owed: set[int]
+    deadlines: dict[int, float] = field(default_factory=dict)  # rank -> kill time
 
 
 class PendingCall:
@@ -86,6 +108,7 @@ class PendingCall:
         "future",
         "method",
         "owed",
+        "ping",
         "ranks",
         "segments",
         "slot",
@@ -114,6 +137,7 @@ class PendingCall:
         self.error: BaseException | None = None
         self.segments: list[int] = []  # shared-memory payloads to close once complete
         self.slot = False  # holds one of the table's in-flight slots until finished
+        self.ping = False  # a check_health ping, not a user's call
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -142,6 +166,14 @@ class CallTable:
         # by the monitor or refused here, never sent to a rank that is being replaced.
         self.refusal: Callable[[], BaseException] | None = None
         self.unsettled: deque[PendingCall] = deque()
+        # call id -> a cancelled call whose ranks must still stop (under ``lock``)
+        self.cancelling: dict[int, CancelWatch] = {}
+        # call id -> (call, when its first failure came) while other ranks still owe an
+        # answer: the monitor interrupts them after FAIL_FAST_S (under ``lock``)
+        self.failing: dict[int, tuple[PendingCall, float]] = {}
+        # Called (holding no lock of this table) when a call got its first failure and
+        # other ranks still run it: the channel pokes the monitor.
+        self.on_failure: Callable[[], None] = lambda: None
         self.stats = ChannelStats()
         # Called (holding no lock of this table) when deliver finished a future: the
         # channel pokes the monitor, which settles it outside the pump lock.
@@ -232,12 +264,20 @@ class CallTable:
         they complete. The caller holds the pump lock: futures are queued, not settled."""
         complete: list[PendingCall] = []
         stats = self.stats
+        failed = False
         with self.lock:
             pending = self.pending
             for reply in replies:
                 call = pending.get(reply.call_id)
                 if call is None or reply.rank not in call.owed:
-                    stats.late_replies += 1
+                    watch = self.cancelling.get(reply.call_id) if self.cancelling else None
+                    if watch is not None and reply.rank in watch.owed:
+                        stats.cancelled_replies += 1  # this rank stopped it
+                        watch.owed.discard(reply.rank)
+                        if not watch.owed:
+                            del self.cancelling[reply.call_id]
+                    else:
+                        stats.late_replies += 1
                     continue
                 call.owed.discard(reply.rank)
                 if isinstance(reply, Pong):
@@ -246,6 +286,9 @@ class CallTable:
                 elif reply.error is not None:
                     if call.failures is None:
                         call.failures = {}
+                        if call.owed and call.slot:  # a user's call (not a respawn's)
+                            self.failing[call.call_id] = (call, time.monotonic())
+                            failed = True
                     call.failures[reply.rank] = reply.error
                 else:
                     call.values[reply.rank] = reply.value
@@ -257,16 +300,27 @@ class CallTable:
             deferred = deferred or call.future is not None
         if deferred:
             self._on_deferred()
+        if failed:
+            self.on_failure()
 
     def finish(self, call: PendingCall, error: BaseException | None = None,
-               settle: bool | None = True) -> None:
-        """Complete ``call`` once, with its results or ``error``. Its future is settled
-        now, or with ``settle=False`` (the caller holds the pump lock) queued for
-        :meth:`settle`, so that its done callbacks never run under a channel lock; with
-        ``settle=None`` left for the caller to settle (:func:`settle_one`)."""
+               settle: bool | None = True, watch: str | None = None) -> bool:
+        """Complete ``call`` once, with its results or ``error``; False when it was
+        already complete. Its future is settled now, or with ``settle=False`` (the
+        caller holds the pump lock) queued for :meth:`settle`, so that its done
+        callbacks never run under a channel lock; with ``settle=None`` left for the
+        caller to settle (:func:`settle_one`). ``watch``: the call is cancelled for
+        that reason, and the ranks that still owe an answer must stop it (see
+        :class:`CancelWatch`); recorded in the same take of the lock, so no answer
+        can slip between the call and its watch."""
         with self.lock:
             if call.done:
-                return
+                return False
+            if isinstance(error, RpcTimeoutError):
+                self.stats.timeouts += 1
+            if watch is not None and call.owed:
+                self.cancelling[call.call_id] = CancelWatch(call.call_id, call.method, watch,
+                                                            set(call.owed))
             if error is None and call.failures:
                 error = call_error(call.failures, call.method)
             if error is not None:
@@ -278,6 +332,8 @@ class CallTable:
             # Last: a waiter that reads ``done`` without the lock then reads the outcome.
             call.done = True
             self.pending.pop(call.call_id, None)
+            if self.failing:
+                self.failing.pop(call.call_id, None)
             if call.future is not None:
                 self.n_async -= 1
             self._give_back(call)
@@ -291,17 +347,61 @@ class CallTable:
                 settle_one(call)
             elif settle is not None:
                 self.unsettled.append(call)
+        return True
 
     def expire(self, call: PendingCall) -> None:
+        """End ``call`` with ``RpcTimeoutError``, nothing interrupted (a respawn's own
+        call; a user's call expires through :class:`~gpuexec.executor.cancel.Canceller`)."""
         self.finish(call, RpcTimeoutError(call.method, call.timeout or 0.0, sorted(call.owed)))
 
-    def expire_futures(self, now: float) -> None:
-        """Time out the futures whose deadline has passed (the monitor, each round)."""
+    def failed_error(self, call: PendingCall) -> BaseException | None:
+        """The error of ``call`` from the failures so far (see :func:`.failures.call_error`)."""
         with self.lock:
-            expired = [c for c in self.pending.values() if c.future is not None
-                       and c.deadline is not None and c.deadline <= now]
-        for call in expired:
-            self.expire(call)
+            if not call.failures:
+                return None
+            return call_error(call.failures, call.method)
+
+    def fail_fast_due(self, now: float, after: float) -> list[PendingCall]:
+        """Calls whose first failure came ``after`` seconds ago or more while other ranks
+        still run them (each returned once; the monitor cancels them there)."""
+        with self.lock:
+            due = [c for c, t in self.failing.values() if t + after <= now]
+            for call in due:
+                del self.failing[call.call_id]
+            return due
+
+    def expired_futures(self, now: float) -> list[PendingCall]:
+        """The futures whose deadline has passed (the monitor, each round)."""
+        with self.lock:
+            return [c for c in self.pending.values() if c.future is not None
+                    and c.deadline is not None and c.deadline <= now]
+
+    def running_call(self, rank: int) -> PendingCall | None:
+        """The oldest pending user call ``rank`` owes an answer (the one it runs)."""
+        with self.lock:
+            owing = [c for c in self.pending.values() if not c.ping and rank in c.owed]
+        return min(owing, key=lambda c: c.call_id, default=None)
+
+    def overdue(self, now: float, grace: float) -> list[tuple[int, CancelWatch]]:
+        """``(rank, watch)`` for each rank that has not stopped a cancelled call within
+        ``grace`` of running it; starts the clock of ranks that have just reached one
+        (no older call owed). The monitor, while :attr:`cancelling` is not empty."""
+        out = []
+        with self.lock:
+            watches = sorted(self.cancelling.values(), key=lambda w: w.call_id)
+            for watch in watches:
+                for rank in watch.owed:
+                    deadline = watch.deadlines.get(rank)
+                    if deadline is None:
+                        if not self._owes_older(rank, watch.call_id, watches):
+                            watch.deadlines[rank] = now + grace
+                    elif deadline <= now:
+                        out.append((rank, watch))
+        return out
+
+    def _owes_older(self, rank: int, call_id: int, watches: list[CancelWatch]) -> bool:
+        return any(c.call_id < call_id and rank in c.owed for c in self.pending.values()) \
+            or any(w.call_id < call_id and rank in w.owed for w in watches)
 
     def settle(self) -> None:
         """Settle the futures queued by pumping threads; any thread holding no lock."""
@@ -323,7 +423,9 @@ def settle_one(call: PendingCall) -> None:
     if future is None:
         return
     try:
-        if call.error is not None:
+        if isinstance(call.error, FutureCancelled):  # Future.cancel(): the future's own state
+            Future.cancel(future)
+        elif call.error is not None:
             future.set_exception(call.error)
         else:
             future.set_result(call.value)

@@ -52,12 +52,12 @@ Fields and the threads that may touch them:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future
 from typing import Any
 
 import zmq
@@ -67,6 +67,7 @@ from ..ipc.codec import Encoder
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
 from .calls import CallTable, ChannelStats, PendingCall
+from .cancel import CallFuture, Canceller, Interrupter
 from .launcher import WorkerHandle
 from .monitor import Monitor
 from .respawn import HeldWire
@@ -93,7 +94,8 @@ class DriverChannel:
                  stderr_tail: Callable[[int], str] = lambda rank: "",
                  shm: ShmDriverPath | None = None, *, allow_pickle: bool = True,
                  max_inflight_calls: int = 1024, max_message_size: int = -1,
-                 auth: ZapHandler | None = None) -> None:
+                 auth: ZapHandler | None = None, interrupter: Interrupter | None = None,
+                 cancel_grace: float | None = None, cancel_on_timeout: bool = True) -> None:
         self._ctx = ctx
         self._sockets = (req, rep)  # for a respawn's handshake (see replacing())
         self._auth = auth  # the ZAP handler of ctx, stopped before ctx is terminated
@@ -113,8 +115,12 @@ class DriverChannel:
         self._send_lock = threading.Lock()
         self._wake_lock = threading.Lock()
         self._released = False  # close() released the transport
+        # interrupter None: workers are not interrupted (Ray actors); see .cancel
+        self._interrupter = interrupter
+        self._cancels = Canceller(self._table, interrupter, cancel_on_timeout)
         self._monitor = Monitor(self._table, self._transport, self._pump_lock, handles,
-                                stderr_tail, self._wake)
+                                stderr_tail, self._wake, self._cancels, cancel_grace)
+        self._table.on_failure = self._on_deferred  # the monitor ends it in FAIL_FAST_S
         self._table.check_usable = self.check_usable
 
     # -- state ---------------------------------------------------------------------
@@ -139,16 +145,12 @@ class DriverChannel:
 
     def snapshot(self) -> ChannelStats:
         """A copy of the counters, with the ZAP handler's refusals."""
-        table = self._table
-        with table.lock:
-            stats = table.stats
-            return ChannelStats(
-                calls=stats.calls, late_replies=stats.late_replies,
-                malformed=stats.malformed,
-                malformed_by_reason=dict(stats.malformed_by_reason),
+        with self._table.lock:
+            stats = self._table.stats
+            return dataclasses.replace(
+                stats, malformed_by_reason=dict(stats.malformed_by_reason),
                 worker_malformed={r: dict(d) for r, d in stats.worker_malformed.items()},
-                refused_connections=self._auth.denied if self._auth is not None else 0,
-                inflight_waits=stats.inflight_waits)
+                refused_connections=self._auth.denied if self._auth is not None else 0)
 
     # -- sending -------------------------------------------------------------------
 
@@ -161,8 +163,10 @@ class DriverChannel:
         for it."""
         self.check_usable()
         table = self._table
-        future: Future[Any] | None = Future() if non_block else None
+        future = CallFuture() if non_block else None
         call = PendingCall(next(table.ids), method, ranks, unique_reply_rank, timeout, future)
+        if future is not None:
+            future.bind(lambda: self._cancels.cancel(call, "Future.cancel()"))
         table.take_slot(call)
         value_rank = -1 if unique_reply_rank is None else unique_reply_rank
         try:
@@ -194,6 +198,7 @@ class DriverChannel:
         table = self._table
         call = PendingCall(next(table.ids), "check_health", list(range(len(self._topics))),
                            None, timeout, None)
+        call.ping = True
         table.register(call, _closed, counted=False)
         self._send_call(call, self._encoder.encode(Ping(call.call_id)))
         return call
@@ -204,11 +209,13 @@ class DriverChannel:
         self._send(range(len(self._topics)), frames, time.monotonic() + _RAW_SEND_S)
 
     def _send_call(self, call: PendingCall, frames: list[Any]) -> None:
-        """Send a registered call; on failure it is finished with the error, raised."""
+        """Send a registered call; on failure it is finished with the error, raised (and
+        cancelled in the workers: a Ctrl-C may land after the request left)."""
         try:
             self._send(call.ranks, frames, call.deadline, call)
         except BaseException as e:
-            self._table.finish(call, e)
+            # not known to have been sent: no watch (no answer may ever come)
+            self._cancels.interrupted(call, "its sending was interrupted", e, watch=False)
             raise
 
     def _check_sizes(self, frames: list[Any]) -> None:
@@ -303,7 +310,7 @@ class DriverChannel:
                 if call.deadline is not None:
                     remaining = call.deadline - time.monotonic()
                     if remaining <= 0:
-                        table.expire(call)
+                        self._cancels.expire(call)
                         break
                 else:
                     remaining = _WAIT_SLICE_S
@@ -326,15 +333,10 @@ class DriverChannel:
                         event.wait(min(remaining, _WAIT_SLICE_S))
         finally:
             if not call.done:  # KeyboardInterrupt or another exception while waiting
-                table.finish(call, ExecutorClosedError("the wait for this call was interrupted"))
+                self._cancels.interrupted(call, "the waiting thread was interrupted")
         if isinstance(call.error, WorkerDiedError):
             self._monitor.await_callbacks()
         return call.outcome()
-
-    def abandon(self, call: PendingCall) -> None:
-        """Give up on ``call`` (its awaiting task was cancelled): it leaves the pending
-        table now, so its replies are dropped and counted as late, as after a timeout."""
-        self._table.finish(call, CancelledError(f"the call to {call.method!r} was abandoned"))
 
     # -- a rank replaced (see .respawn) ---------------------------------------------
 
@@ -367,8 +369,10 @@ class DriverChannel:
         if pending is None:
             return
         self._poke()
-        for call in pending:
-            table.finish(call, ExecutorClosedError("the executor was shut down during the call"))
+        for call in pending:  # interrupted in the workers: they read Shutdown next
+            self._cancels.cancel(call, "shutdown",
+                                 ExecutorClosedError("the executor was shut down during the call"))
+        self._monitor.interrupt_orphaned()  # and what survivors of a death still run
         table.settle()
         self._wake()
         try:  # only if there is room now: a full ring or a dead worker gets SIGTERM
@@ -396,6 +400,8 @@ class DriverChannel:
                 self._auth.stop()
             self._ctx.term()
             self._monitor.close_fds()
+            if self._interrupter is not None:
+                self._interrupter.close()
         self._table.settle()
 
 

@@ -34,6 +34,9 @@ from .rendezvous import DEFAULT_DISTRIBUTED_TIMEOUT, distributed_spec
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_MAX_INFLIGHT_CALLS = 1024
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 32  # 4 GiB per frame
+# Seconds a worker has to stop a cancelled call before it is killed: a method that
+# returns to the interpreter stops in milliseconds; one stuck in C gets this long.
+DEFAULT_CANCEL_GRACE = 5.0
 # The most workers one executor runs. Each rank is a process this driver starts, watches
 # (a descriptor in every poll) and waits for on every call, and over shared memory it has
 # its own 4 MiB reply ring: 1,024 is far more than a node's GPUs or the ranks one driver
@@ -162,6 +165,8 @@ class ExecutorConfig:
     max_inflight_calls: int = DEFAULT_MAX_INFLIGHT_CALLS
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes per ZeroMQ frame
     keep_zygote: bool = False          # the zygote outlives this executor's shutdown
+    cancel_grace: float | None = DEFAULT_CANCEL_GRACE  # None: never kill for a cancel
+    cancel_on_timeout: bool = True     # a timed-out call is interrupted in the workers
 
     @classmethod
     def build(
@@ -192,6 +197,8 @@ class ExecutorConfig:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         remote_devices: bool = False,
         keep_zygote: bool | None = None,
+        cancel_grace: float | None = DEFAULT_CANCEL_GRACE,
+        cancel_on_timeout: bool = True,
     ) -> ExecutorConfig:
         """``remote_devices``: the workers' GPUs are not this host's (``backend="ray"``):
         ``device="cuda"`` needs no local GPU and ``world_size`` must be given."""
@@ -228,6 +235,9 @@ class ExecutorConfig:
         if worker_kwargs is not None and not isinstance(worker_kwargs, Mapping):
             raise ConfigError(f"worker_kwargs must be a mapping, not {type(worker_kwargs)}")
         envs = rank_environments(env, size)
+        if not isinstance(cancel_on_timeout, bool):
+            raise ConfigError(f"cancel_on_timeout must be True or False, not "
+                              f"{cancel_on_timeout!r}")
         if not isinstance(allow_callables, bool):
             raise ConfigError(f"allow_callables must be True or False, not {allow_callables!r}")
         keep = _keep_zygote(keep_zygote)
@@ -279,4 +289,6 @@ class ExecutorConfig:
             max_inflight_calls=max_inflight_calls,
             max_message_size=max_message_size,
             keep_zygote=keep,
+            cancel_grace=_positive("cancel_grace", cancel_grace, allow_none=True),
+            cancel_on_timeout=cancel_on_timeout,
         )

@@ -47,8 +47,14 @@ from ..ipc.reports import DeviceReport
 from ..worker.base import Worker
 from . import process_hooks, startup
 from .aio import AsyncSlots
+from .cancel import Interrupter
 from .channel import ChannelStats, DriverChannel
-from .config import DEFAULT_MAX_INFLIGHT_CALLS, DEFAULT_MAX_MESSAGE_SIZE, ExecutorConfig
+from .config import (
+    DEFAULT_CANCEL_GRACE,
+    DEFAULT_MAX_INFLIGHT_CALLS,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    ExecutorConfig,
+)
 from .hold import CallGate
 from .launcher import disown_in_fork, stop_workers
 from .lifecycle import ExecutorState, Lifecycle
@@ -113,7 +119,7 @@ class Executor(RpcMethods):
     max_inflight_calls=1024, max_message_size=4 GiB, worker_extension_cls=None,
     master_addr=None, master_port=None, distributed_timeout=300.0,
     max_concurrent_batches=2, backend="mp", ray_resources=None, on_worker_death="fail",
-    max_respawns=3, respawn_window=300.0)``
+    max_respawns=3, respawn_window=300.0, cancel_grace=5.0, cancel_on_timeout=True)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -184,6 +190,14 @@ class Executor(RpcMethods):
       until :meth:`respawn` or shutdown) or ``"respawn"`` (the executor replaces a dead
       rank by itself, at most ``max_respawns`` times within ``respawn_window`` seconds,
       then fails as in ``"fail"``; see :meth:`respawn` and :attr:`recoveries`).
+    * ``cancel_grace``: seconds a worker has to stop a cancelled call (see
+      :meth:`collective_rpc`) once it runs it; a worker still in it then (a method stuck
+      in C with the GIL held, in a CUDA or NCCL wait) is killed and reported as a death
+      (``WorkerDiedError`` whose ``reason`` says why; the failure callbacks run). None:
+      wait forever. ``cancel_on_timeout``: a call whose ``timeout`` passes is also
+      interrupted in the ranks that did not answer, and a :meth:`check_health` that times
+      out interrupts what its silent ranks run (default); False keeps them running (late
+      answers dropped).
     * ``ready_timeout``: seconds for the whole start (zygote, placement, launching and
       every worker's handshake); ``rpc_timeout``: default per-call deadline (None or
       ``inf``: no deadline, liveness is still watched);
@@ -230,6 +244,8 @@ class Executor(RpcMethods):
         max_respawns: int = 3,
         respawn_window: float = 300.0,
         keep_zygote: bool | None = None,
+        cancel_grace: float | None = DEFAULT_CANCEL_GRACE,
+        cancel_on_timeout: bool = True,
     ) -> None:
         self._life = Lifecycle()  # STARTING until fully started: shutdown() is a no-op
         self._owner = Ownership()  # forks of this process may not use or stop it
@@ -247,7 +263,8 @@ class Executor(RpcMethods):
             distributed_timeout=distributed_timeout,
             max_concurrent_batches=max_concurrent_batches, allow_callables=allow_callables,
             max_inflight_calls=max_inflight_calls, max_message_size=max_message_size,
-            remote_devices=backend == "ray", keep_zygote=keep_zygote)
+            remote_devices=backend == "ray", keep_zygote=keep_zygote,
+            cancel_grace=cancel_grace, cancel_on_timeout=cancel_on_timeout)
         self._backend = backend
         started = startup.start(config, backend=backend, start_method=start_method,
                                 transport=transport, host=host, preload=preload,
@@ -290,7 +307,11 @@ class Executor(RpcMethods):
                                       allow_pickle=cfg.allow_callables,
                                       max_inflight_calls=cfg.max_inflight_calls,
                                       max_message_size=cfg.max_message_size,
-                                      auth=started.auth)
+                                      auth=started.auth,
+                                      interrupter=None if started.board is None else
+                                      Interrupter(started.board, started.handles),
+                                      cancel_grace=cfg.cancel_grace,
+                                      cancel_on_timeout=cfg.cancel_on_timeout)
         self._channel.start()
         # calls made while suspended wait at the gate, unsent (see .hold and .suspension)
         self._gate = CallGate(self._channel.check_usable)
@@ -360,7 +381,10 @@ class Executor(RpcMethods):
     def stats(self) -> ChannelStats:
         """Counters (a copy): calls made, late replies dropped, malformed frames the driver
         dropped (in total and by reason), connections refused, calls that waited for a
-        slot, and what each worker dropped as of the last :meth:`check_health`."""
+        slot, and what each worker dropped as of the last :meth:`check_health`; calls
+        that timed out (``timeouts``), were cancelled (``cancelled``), ranks that stopped
+        a cancelled call (``cancelled_replies``) and workers killed because one did not
+        (``cancel_kills``)."""
         self._owner.check()
         return self._channel.snapshot()
 
@@ -497,8 +521,10 @@ class Executor(RpcMethods):
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop every worker and free every resource; idempotent and thread-safe.
 
-        Sends a Shutdown message and waits ``timeout`` (default ``shutdown_timeout``)
-        seconds, then SIGTERM, then SIGKILL. Pending calls fail with
+        Interrupts the calls the workers run (as a cancel does), sends a Shutdown message
+        and waits ``timeout`` (default ``shutdown_timeout``) seconds, then SIGTERM, then
+        SIGKILL. A Ctrl-C while this runs on the main thread ends the process at once
+        (exit code 130, one line on stderr, the workers killed). Pending calls fail with
         ``ExecutorClosedError``; so does every later call, and every call racing with
         the shutdown on another thread. Safe from any thread, from a failure callback
         and from a future's done callback. In a fork of the process that built the
@@ -527,12 +553,13 @@ class Executor(RpcMethods):
             process_hooks.uninstall_sigterm_handler,
         ]
         error: BaseException | None = None
-        for step in steps:  # each step runs even when an earlier one raised
-            try:
-                step()
-            except BaseException as e:
-                log.warning("gpuexec: a shutdown step failed: %r", e)
-                error = error or e
+        with process_hooks.second_interrupt_exits(self._kill_workers):
+            for step in steps:  # each step runs even when an earlier one raised
+                try:
+                    step()
+                except BaseException as e:
+                    log.warning("gpuexec: a shutdown step failed: %r", e)
+                    error = error or e
         if error is not None:
             raise error
 
@@ -542,6 +569,13 @@ class Executor(RpcMethods):
         preload, self._zygote_preload = self._zygote_preload, None
         if preload is not None:
             release_zygote(preload, self._config.keep_zygote)
+    def _kill_workers(self) -> None:
+        """SIGKILL every worker still running (a second Ctrl-C during shutdown)."""
+        for h in self._handles:
+            try:
+                h.process.kill()
+            except (OSError, ValueError):
+                pass
 
     def __enter__(self) -> Executor:
         return self

@@ -2,11 +2,15 @@
 
 It sleeps in ``poll`` on the workers' process sentinels and a *poke pipe*, so a death is
 seen at once with no periodic polling. On a death it records a :class:`WorkerDeath`,
-fails every pending call, wakes any caller blocked on the transport, and runs the
+fails every pending call (a shutdown then interrupts it in the surviving ranks, so that
+they exit at once), wakes any caller blocked on the transport, and runs the
 failure callbacks. While ``non_block`` futures are outstanding, or a request waits for
 room to be sent, and nobody else pumps, it pumps replies itself (the transport's
 ``pump`` watches the sentinels too). Each round it also times out futures past their
-deadline and settles the futures that pumping threads finished.
+deadline and settles the futures that pumping threads finished. While a cancelled
+call has ranks that have not stopped it (:mod:`.cancel`), it pumps too, and kills a
+rank that has not stopped within ``cancel_grace`` of reaching the call: the death it
+then records carries that reason.
 
 User code never runs under a channel lock: futures are settled and failure callbacks
 run here between pumps, with no lock held, so a callback may call anything,
@@ -33,12 +37,13 @@ Fields and threads: ``death``: the first death not yet replaced (None: healthy),
 under the call table's ``lock`` by this thread (a death) or the respawning thread (a
 kill, or the end of a respawn), read by anyone; ``deaths``: every rank dead and not yet
 replaced, under that lock; ``_callbacks``: any thread, under that lock (kept: they run
-again at each new failure); ``_pump_errors``: this thread only; ``_due``: filled by
-any thread, run by this one; ``_idle``, ``sentinels``: this thread, and the respawning
-thread (it pokes this one afterwards); ``callbacks_returned``: replaced under that lock
-at each failure, set by this thread, waited on by any; ``_held``: appended by any
-thread, settled by this one; ``poke_w``: any thread, under the channel's wake lock (see
-:mod:`.channel`).
+again at each new failure); ``_pump_errors``: this thread only; ``_killed``: this
+thread writes (a kill for ``cancel_grace``), the thread that records that death pops it
+(under the table's lock); ``_due``: filled by any thread, run by this one; ``_idle``,
+``sentinels``: this thread, and the respawning thread (it pokes this one afterwards);
+``callbacks_returned``: replaced under that lock at each failure, set by this thread,
+waited on by any; ``_held``: appended by any thread, settled by this one; ``poke_w``:
+any thread, under the channel's wake lock (see :mod:`.channel`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import zmq
 
 from ..errors import WorkerDiedError
 from .calls import CallTable, PendingCall, settle_one
+from .cancel import Canceller
 from .launcher import WorkerHandle
 from .processes import UNKNOWN_EXIT
 from .transport import Transport
@@ -63,6 +69,10 @@ log = logging.getLogger("gpuexec")
 
 _PUMP_MS = 5  # the monitor releases the pump lock at least this often
 CALLBACK_WAIT_S = 60.0  # the longest a caller waits for the failure callbacks to return
+# A rank failed a call that other ranks still run: they are interrupted this long after
+# (nothing they answer can change the call's outcome, and in a collective they would
+# wait for the failed rank forever); a rank failing within it is still reported.
+FAIL_FAST_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -73,10 +83,12 @@ class WorkerDeath:
     pid: int | None
     exitcode: int | None  # None: unknown (not our child, or not reaped in time)
     stderr_tail: str      # the dead worker's last stderr lines
+    reason: str = ""      # why gpuexec killed it ("": it died on its own)
 
     def error(self) -> WorkerDiedError:
         """A fresh error (raising one instance twice would chain its tracebacks)."""
-        return WorkerDiedError(self.rank, self.pid, self.exitcode, self.stderr_tail)
+        return WorkerDiedError(self.rank, self.pid, self.exitcode, self.stderr_tail,
+                               self.reason)
 
 
 class Monitor:
@@ -84,13 +96,21 @@ class Monitor:
 
     def __init__(self, table: CallTable, transport: Transport, pump_lock: threading.Lock,
                  handles: Sequence[WorkerHandle], stderr_tail: Callable[[int], str],
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None], cancels: Canceller,
+                 cancel_grace: float | None) -> None:
         self._table = table
         self._transport = transport
         self._pump_lock = pump_lock
         self._handles = handles
         self._stderr_tail = stderr_tail
         self._wake = wake  # the channel's: interrupts a caller blocked on the transport
+        self._cancels = cancels  # the channel's: deadlines, taking calls back (.cancel)
+        self._interrupter = cancels.interrupter
+        self._grace = cancel_grace  # None: a cancelled call is waited for, never killed
+        self._killed: dict[int, str] = {}  # rank -> why this thread killed it
+        # (call id, ranks): calls a death failed that survivors may still run; a respawn
+        # releases them through its abort, a shutdown interrupts them (any thread appends)
+        self.orphaned: list[tuple[int, list[int]]] = []
         self.death: WorkerDeath | None = None
         self.deaths: dict[int, WorkerDeath] = {}
         self._seen: set[int] = set()  # id() of the handles whose exit was recorded (kept
@@ -161,7 +181,9 @@ class Monitor:
             if table.closing or id(handle) in self._seen:
                 return
             self._seen.add(id(handle))
-            death = self.deaths[rank] = WorkerDeath(rank, handle.pid, exitcode, tail)
+            death = self.deaths[rank] = WorkerDeath(rank, handle.pid, exitcode, tail,
+                                                    self._killed.pop(rank, ""))
+            table.cancelling.clear()  # every call in flight ends here: nothing to watch
             first = self.death is None
             if first:
                 self.callbacks_returned = threading.Event()  # before death: see await
@@ -172,9 +194,20 @@ class Monitor:
             callbacks = list(self._callbacks) if first else []
         for call in pending:  # futures settled once the callbacks returned
             table.finish(call, error=death.error(), settle=None)
+            survivors = sorted(call.owed - {rank})
+            if survivors and not call.ping:  # shutdown interrupts them (see orphaned)
+                self.orphaned.append((call.call_id, survivors))
         self._held.extend(c for c in pending if c.future is not None)
         self._wake()
         self._due.extend(callbacks)
+
+    def interrupt_orphaned(self) -> None:
+        """Interrupt what survivors of a death still run of the calls it failed (the
+        shutdown, before its Shutdown message: they exit at once)."""
+        orphaned, self.orphaned = self.orphaned, []
+        if self._interrupter is not None:
+            for call_id, ranks in orphaned:
+                self._interrupter.interrupt(call_id, ranks)
 
     def forget(self, handle: WorkerHandle) -> None:
         """Stop watching a dead (or killed) worker's sentinel (the respawning thread)."""
@@ -204,6 +237,31 @@ class Monitor:
             if not table.closing:
                 table.refusal = None
             return True
+
+    def _fail_fast(self) -> None:
+        """End the calls a rank failed :data:`FAIL_FAST_S` ago with that failure, and
+        interrupt them in the ranks still running them (a caller blocked on the
+        transport is woken: no answer it waits for will come)."""
+        for call in self._table.fail_fast_due(time.monotonic(), FAIL_FAST_S):
+            if self._cancels.fail_fast and self._cancels.cancel(
+                    call, "another rank failed it", self._table.failed_error(call)):
+                self._wake()
+
+    def _kill_overdue(self) -> None:
+        """SIGKILL every rank that has not stopped a cancelled call within the grace (its
+        guardian takes its process group along); the sentinel then reports the death."""
+        if self._grace is None or self._interrupter is None:
+            return
+        for rank, watch in self._table.overdue(time.monotonic(), self._grace):
+            if rank in self._killed:
+                continue
+            reason = (f"the cancelled call {watch.method!r} ({watch.reason}) did not stop "
+                      f"within cancel_grace={self._grace:g} s")
+            self._killed[rank] = reason
+            with self._table.lock:
+                self._table.stats.cancel_kills += 1
+            log.warning("gpuexec: killing worker rank %d: %s", rank, reason)
+            self._interrupter.kill(rank)
 
     def _sentinel_fired(self, fd: int) -> None:
         try:
@@ -249,7 +307,7 @@ class Monitor:
         settle futures and run failure callbacks. Those may shut the channel down:
         nothing after them touches the transport."""
         table = self._table
-        busy = table.n_async or table.draining
+        busy = table.n_async or table.draining or table.cancelling or table.failing
         if busy and self._pump_lock.acquire(blocking=False):
             fired = None
             try:
@@ -276,7 +334,12 @@ class Monitor:
                 elif fd in self.sentinels:
                     self._sentinel_fired(fd)
         if table.n_async:
-            table.expire_futures(time.monotonic())
+            for call in table.expired_futures(time.monotonic()):
+                self._cancels.expire(call)
+        if table.failing:
+            self._fail_fast()
+        if table.cancelling and self._grace is not None:
+            self._kill_overdue()
         table.settle()
         if self._due or self._held or not self.callbacks_returned.is_set():
             self._run_due_callbacks()

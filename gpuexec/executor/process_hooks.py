@@ -1,4 +1,4 @@
-"""The driver process's hooks: interpreter exit, SIGTERM and fork.
+"""The driver process's hooks: interpreter exit, SIGTERM, a second Ctrl-C and fork.
 
 Every live executor is in :data:`live` (weakly: garbage collection still shuts one
 down). At interpreter exit each one is shut down and the zygotes closed. SIGTERM to the
@@ -16,12 +16,14 @@ add/discard are atomic), and by the main thread (signals).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing.util  # noqa: F401 - imported before our atexit hook (see below)
 import os
 import signal
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ..ipc import exit_hooks
@@ -131,3 +133,29 @@ def uninstall_sigterm_handler() -> None:
     if not live and threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is _on_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def second_interrupt_exits(kill_workers: Callable[[], None]) -> Iterator[None]:
+    """While an executor shuts down after a Ctrl-C (or any shutdown on the main thread),
+    a further Ctrl-C ends the process at once, quietly: one line on stderr, the
+    workers SIGKILLed (their guardians take their children along), exit code 130; no
+    second traceback through the shutdown's internals. Only on the main thread and over
+    Python's default SIGINT handler: an application's own handler is left alone."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        try:
+            kill_workers()
+        finally:
+            os.write(2, b"gpuexec: interrupted again during shutdown; exiting now\n")
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

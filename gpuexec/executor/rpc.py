@@ -128,8 +128,9 @@ class RpcMethods:
         wait for a slot before they are sent. Workers run calls one at a time in the order
         they were sent, so two calls in flight do not compute in parallel: the second is
         already queued at the workers while the first computes, which hides its dispatch
-        and the first one's gather. Cancelling the awaiting task abandons the call: its
-        late replies are dropped and counted (:meth:`stats`), the executor stays usable.
+        and the first one's gather. Cancelling the awaiting task cancels the call in every
+        worker still running it (as ``Future.cancel()`` does, see :meth:`collective_rpc`);
+        the executor stays usable.
         Raises ``RpcTimeoutError``, ``WorkerDiedError``, ``RemoteError`` and
         ``ExecutorClosedError`` as :meth:`collective_rpc` does.
         """
@@ -141,7 +142,7 @@ class RpcMethods:
             return await asyncio.wrap_future(held.future)
         async with self._async_slots.for_running_loop():
             call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
-            return await await_call(call, self._channel.abandon)
+            return await await_call(call)
 
     def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
                 kwargs: Mapping[str, Any] | None, timeout: float | None,

@@ -30,6 +30,7 @@ import msgspec
 import zmq
 
 from ..errors import ConfigError, ZygoteError
+from ..ipc.cancel_board import BoardWriter
 from ..ipc.curve import CurveServer, bind_tcp, check_host
 from ..ipc.endpoints import EndpointDir
 from ..ipc.messages import ShmSpec, WorkerSpec
@@ -66,6 +67,7 @@ class Started:
     stderr_tail: Callable[[int], str]
     specs: list[WorkerSpec]            # what each rank was started with (a respawn reuses)
     zygote_preload: tuple[str, ...] | None  # the zygote's preload list, when it is used
+    board: BoardWriter | None          # the cancel board (None: Ray actors)
 
 
 def pick_transport(transport: str, world_size: int) -> str:
@@ -130,7 +132,8 @@ def open_sockets(ctx: zmq.Context[zmq.Socket[bytes]], curve: CurveServer | None,
 
 def worker_spec(cfg: ExecutorConfig, rank: int, start_method: str, endpoints: EndpointDir,
                 shm: ShmSpec | None, req_endpoint: str, rep_endpoint: str,
-                curve: CurveServer | None, ray_workers: RayWorkers | None) -> WorkerSpec:
+                curve: CurveServer | None, ray_workers: RayWorkers | None,
+                board: BoardWriter | None = None) -> WorkerSpec:
     """Everything worker ``rank`` needs to start, in one message."""
     slot = ray_workers.slots[rank] if ray_workers is not None else None
     # An actor on another node cannot watch this pid (Ray ties it to the driver).
@@ -154,7 +157,9 @@ def worker_spec(cfg: ExecutorConfig, rank: int, start_method: str, endpoints: En
         distributed=cfg.distributed,
         curve=curve.client(rank) if curve is not None else None,
         allow_callables=cfg.allow_callables, max_message_size=cfg.max_message_size,
-        shutdown_timeout=cfg.shutdown_timeout)
+        shutdown_timeout=cfg.shutdown_timeout,
+        cancel_board=board.path if board is not None else "",
+        max_inflight_calls=cfg.max_inflight_calls)
 
 
 def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: str,
@@ -194,6 +199,7 @@ def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: st
     shm: ShmDriverPath | None = None
     auth: ZapHandler | None = None
     ray_workers: RayWorkers | None = None
+    board: BoardWriter | None = None
     try:
         if backend == "ray":
             # The first processes of this executor start here: placing the actors.
@@ -215,11 +221,13 @@ def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: st
         auth.start()
         if chosen == "shm":
             shm = ShmDriverPath(cfg.world_size)
+        if ray_workers is None:  # only processes started here are signalled
+            board = BoardWriter(endpoints.path, cfg.world_size)
         req, rep, req_endpoint, rep_endpoint = open_sockets(ctx, curve, endpoints, host,
                                                             cfg.max_message_size)
         worker_specs = [worker_spec(
             cfg, rank, method, endpoints, shm.spec_for(rank) if shm is not None else None,
-            req_endpoint, rep_endpoint, curve, ray_workers)
+            req_endpoint, rep_endpoint, curve, ray_workers, board)
             for rank in range(cfg.world_size)]
         specs = [msgspec.msgpack.encode(spec) for spec in worker_specs]
         if ray_workers is not None:
@@ -233,6 +241,8 @@ def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: st
     except BaseException:
         if shm is not None:
             shm.close()
+        if board is not None:
+            board.close()
         stop_workers(handles, grace=0.0, term_grace=1.0)
         if ray_workers is not None:
             ray_workers.close()
@@ -246,7 +256,7 @@ def start(cfg: ExecutorConfig, *, backend: str, start_method: str, transport: st
     return Started(cfg, method, reason, chosen, ray_workers,
                    ray_workers.slots if ray_workers is not None else None, endpoints, ctx,
                    req, rep, (req_endpoint, rep_endpoint), shm, auth, handles, tail,
-                   worker_specs, zygote.preload if zygote is not None else None)
+                   worker_specs, zygote.preload if zygote is not None else None, board)
 
 
 def _zygote(preload: Sequence[str] | None, requested: str, deadline: float,

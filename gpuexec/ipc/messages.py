@@ -101,6 +101,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     allow_callables: bool = True     # False: refuse callables and pickled arguments
     max_message_size: int = -1       # bytes per frame, received and sent; -1: no limit
     shutdown_timeout: float = 5.0    # seconds on_shutdown() may take after a SIGTERM
+    cancel_board: str = ""           # the cancel board's file ("": calls are not interrupted)
+    max_inflight_calls: int = 1024   # calls the driver may have queued at this worker
 
 
 class ValueFault(msgspec.Struct, frozen=True, array_like=True):

@@ -7,6 +7,7 @@ the driver before any process starts), :func:`gpuexec.worker.process.run_worker`
 """
 
 from .base import Worker
+from .cancel import uncancellable
 from .extension import extension_clashes
 
-__all__ = ["Worker", "extension_clashes"]
+__all__ = ["Worker", "extension_clashes", "uncancellable"]

@@ -82,17 +82,19 @@ def _abort_loop() -> None:
     while True:
         signal.sigwait({ABORT_SIGNAL})
         try:
-            _abort_from_thread()
+            abort_in_flight()
         except Exception as e:  # the Regroup that follows aborts it again, or reports
             log.warning("gpuexec: aborting the process group failed: %s", e)
         finally:
             _aborted.release()
 
 
-def _abort_from_thread() -> None:
+def abort_in_flight() -> None:
     """Make a collective the main thread is blocked in return: NCCL's communicators are
     aborted (``ncclCommAbort``); the TCP connections the group opened (gloo's pairs, the
-    store's client) are shut down, so a wait on any of them fails at once."""
+    store's client) are shut down, so a wait on any of them fails at once. From the
+    abort thread (ABORT_SIGNAL), and from the cancel watcher (:mod:`.group_abort`) when
+    a cancelled call waits in a collective."""
     import torch.distributed as dist
 
     if not dist.is_initialized():

@@ -1,7 +1,8 @@
 """A worker process from start to exit: the entry point the executor launches.
 
     spec bytes ──▶ own process group + guardian ──▶ environment, stdio ──▶ transport
-    ──▶ init_device ──▶ torch.distributed group (when asked) ──▶ import/unpickle worker
+    ──▶ cancel handler ──▶ init_device ──▶ torch.distributed group (when asked; its
+    aborter thread, see .group_abort) ──▶ import/unpickle worker
     class (+ extension mixin) ──▶ __init__ ──▶ Ready ──▶ loop { Call ─▶ run ─▶ Reply }
     ──▶ Shutdown ──▶ group destroyed
 
@@ -14,7 +15,9 @@ process, then sleeps on the ring's futex); the guardian process (:mod:`.guardian
 the worker and everything it started if the driver dies, and what it started if the
 worker dies. SIGINT is ignored: it is the driver that decides to shut down (a worker
 leads its own process group, so a terminal's Ctrl-C, which goes to the foreground
-group, does not reach it anyway; a Ray actor's group is Ray's).
+group, does not reach it anyway; a Ray actor's group is Ray's). A call the driver
+cancels is interrupted by CANCEL_SIGNAL on the loop's thread (:mod:`.cancel`); with a
+process group, a cancelled call waiting in a collective aborts it (:mod:`.group_abort`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ import cloudpickle
 import msgspec
 import zmq
 
-from ..errors import ValueNotCarriedError
+from ..errors import CallCancelled, ValueNotCarriedError
 from ..ipc import exit_hooks
+from ..ipc.cancel_board import BoardReader
 from ..ipc.codec import (
     Decoder,
     Encoder,
@@ -59,6 +63,7 @@ from ..ipc.messages import (
     rank_topic,
 )
 from .base import Worker
+from .cancel import CancelPoint, set_point
 from .deferred import ReplyGate
 from .device import init_device, isolate_environment, merge_reports
 from .distributed import (
@@ -68,6 +73,7 @@ from .distributed import (
     regroup,
     start_abort_thread,
 )
+from .group_abort import GroupAborter
 from .guardian import kill_children, start_guardian, stop_guardian
 from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
@@ -167,6 +173,10 @@ class _Server:
         self.dropped_by_reason: dict[str, int] = {}  # sent to the driver with each Pong
         self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
         self.gate = ReplyGate(self._reply)  # every reply leaves through it (any thread)
+        board = None if not spec.cancel_board else \
+            BoardReader(spec.cancel_board, spec.rank, spec.world_size)
+        self.cancel = CancelPoint(board, spec.max_inflight_calls)
+        set_point(self.cancel)
 
     def host(self, worker: Worker) -> None:
         """Serve ``worker`` (built after the transport: the rings are attached before
@@ -184,13 +194,27 @@ class _Server:
 
     def serve(self) -> None:
         next_request = self.transport.next
+        cancel = self.cancel
         while True:
             msg = next_request()
             if msg is None:
                 continue
             match msg:
                 case Call():
-                    out = self._run(msg)
+                    if cancel.recheck and cancel.queued_cancelled(msg.call_id):
+                        out: Reply | Future[Any] = self._cancelled(msg)
+                    else:
+                        # Armed from the method's start to just after it returned; the
+                        # handler raises at most once in between (see .cancel), caught
+                        # here if it lands outside _run's own handler.
+                        cancel.running = msg.call_id
+                        cancel.method = msg.method
+                        try:
+                            cancel.armed = True
+                            out = self._run(msg)
+                            cancel.armed = False
+                        except CallCancelled:
+                            out = self._cancelled(msg)
                     if isinstance(out, Future):
                         self.gate.defer(out, msg.method, self._deferred_reply(msg),
                                         self._refused_future(msg))
@@ -218,6 +242,11 @@ class _Server:
         except BaseException as e:
             return Reply(msg.call_id, self.rank, error=failure_from(e))
         return Reply(msg.call_id, self.rank, None)
+
+    def _cancelled(self, call: Call) -> Reply:
+        """The answer to a call cancelled before it started or as its method returned."""
+        return Reply(call.call_id, self.rank,
+                     error=failure_from(CallCancelled(call.call_id, call.method)))
 
     def _function(self, blob: bytes) -> Callable[..., Any]:
         fn = self._fns.get(blob)
@@ -321,12 +350,15 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
     sub.connect(spec.req_endpoint)
     push.connect(spec.rep_endpoint)
     server = _Server(spec, sub, push)  # attaches the shared-memory rings, if any
+    server.cancel.install()
     handshake = Encoder(allow_pickle=False)
     stage = "init_device"
     try:
         report = init_device(spec)
         stage = "init_distributed"
         init_process_group(spec)
+        if spec.distributed is not None and server.cancel.board is not None:
+            GroupAborter(server.cancel, spec.rank).start()
         stage = "import"
         cls = resolve_class(spec)
         stage = "worker_extension_cls"

@@ -98,8 +98,11 @@ def left_after(current: Callable[[], set[str]], before: set[str],
 
 
 def private_dirs() -> set[str]:
-    """gpuexec's private ipc directories, wherever they were made."""
-    roots = {"/tmp", os.environ.get("TMPDIR", ""), os.environ.get("XDG_RUNTIME_DIR", "")}
+    """gpuexec's private ipc directories: under this run's own runtime directory (the
+    tests' conftest sets ``XDG_RUNTIME_DIR``, so other gpuexec users of the host are not
+    counted), else wherever they could be made."""
+    run_dir = os.environ.get("XDG_RUNTIME_DIR", "")
+    roots = {run_dir} if run_dir else {"/tmp", os.environ.get("TMPDIR", "")}
     found: set[str] = set()
     for root in filter(None, roots):
         found.update(glob.glob(os.path.join(root, "gpuexec-*")))

@@ -3,7 +3,8 @@
 Greedy tokens must be identical to vLLM's own ``mp`` executor at the same tensor-parallel
 size, through ``LLM`` and ``AsyncLLM``, with the class and with the dotted string, with
 async scheduling off and on; a worker killed mid-generation must fail the engine fast
-with vLLM's own engine-dead error and leave nothing behind; a script without a
+with vLLM's own engine-dead error and leave nothing behind, and so must a model whose
+forward raises on rank 0 (LLM and AsyncLLM, TP 1 and 2); a script without a
 ``__main__`` guard must work; shutdown must run vLLM's worker shutdown in every worker.
 """
 
@@ -213,3 +214,76 @@ def test_script_without_main_guard(model_dir: Path, mp_tokens: Tokens, tmp_path:
         except psutil.Error:
             pass
     assert still_running(left) == []
+
+
+# -- vLLM's forward-error case: rank 0's forward raises after 10 steps ---------------------
+
+EVIL = "vllm_suite.evil_worker.EvilForwardCPUWorker"
+HANG_GUARD_S = 300.0  # not a speed target: a hang fails here instead of blocking CI
+
+
+def _nothing_left(started: list[psutil.Process], shm_before: set[str],
+                  dirs_before: set[str]) -> None:
+    assert still_running(started + descendants()) == []
+    assert left_after(shm_entries, shm_before) == set()
+    assert left_after(private_dirs, dirs_before) == set()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_async_llm_forward_error_fails_every_request(model_dir: Path, tp: int) -> None:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    shm_before, dirs_before = shm_entries(), private_dirs()
+    started: list[psutil.Process] = []
+
+    async def run() -> float:
+        engine = _async_engine(model_dir, tp, GX, worker_cls=EVIL)
+        started.extend(descendants())
+        try:
+            async def one(i: int) -> BaseException | None:
+                try:
+                    async for _ in engine.generate(token_prompts()[i % 2],
+                                                   sampling(max_tokens=200),
+                                                   request_id=f"req-{i}"):
+                        pass
+                except Exception as e:
+                    return e
+                return None
+
+            t = time.monotonic()
+            outs = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(3))),
+                                          HANG_GUARD_S)
+            elapsed = time.monotonic() - t
+            assert all(isinstance(o, EngineDeadError) for o in outs), outs
+            assert engine.errored
+            with pytest.raises(EngineDeadError):
+                async for _ in engine.generate(token_prompts()[0], sampling(),
+                                               request_id="after"):
+                    pass
+            psutil.wait_procs(children(started), timeout=30)
+            return elapsed
+        finally:
+            engine.shutdown()
+
+    elapsed = asyncio.run(run())
+    print(f"\nTP={tp}: every request failed with EngineDeadError {elapsed:.2f} s after start")
+    _nothing_left(started, shm_before, dirs_before)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_llm_forward_error_raises_engine_dead(model_dir: Path, tp: int) -> None:
+    from vllm import LLM
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    shm_before, dirs_before = shm_entries(), private_dirs()
+    llm = LLM(**engine_kwargs(model_dir, tp, GX, worker_cls=EVIL))
+    started = descendants()
+    try:
+        t = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            llm.generate(token_prompts(), sampling(max_tokens=200))
+        print(f"\nTP={tp}: EngineDeadError {time.monotonic() - t:.2f} s after generate()")
+        psutil.wait_procs(children(started), timeout=30)
+    finally:
+        shutdown_llm(llm)
+    _nothing_left(started, shm_before, dirs_before)
