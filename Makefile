@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-EXTRAS := torch,dev,ray,bench
+EXTRAS := torch,dev,ray,bench,metrics
 
 # gpuexec itself needs no torch; the tests and the examples do. constraints.txt is the one
 # place its version is pinned. With a GPU (an nvidia-smi that answers) PyPI's default

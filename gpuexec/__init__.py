@@ -23,7 +23,7 @@ from .errors import (
     WorkerDiedError,
     WorkerStartupError,
 )
-from .executor import Executor, WorkerInfo
+from .executor import Executor, RankStatus, WorkerInfo
 from .executor.respawn import Recovery, RespawnReport
 from .ipc.checkpoint import SuspendReport
 from .ipc.reports import ContextAction, DeviceReport
@@ -40,6 +40,7 @@ __all__ = [
     "ExecutorClosedError",
     "GpuexecError",
     "ProtocolError",
+    "RankStatus",
     "Recovery",
     "RemoteError",
     "RespawnReport",

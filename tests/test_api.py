@@ -14,7 +14,7 @@ def test_all_names_resolve_and_are_exactly_the_public_surface() -> None:
         "ExecutorClosedError", "GpuexecError", "ProtocolError", "Recovery", "RemoteError",
         "RespawnReport",
         "RpcTimeoutError", "StartMethodError", "SuspendReport", "Worker", "WorkerDiedError",
-        "WorkerInfo", "WorkerStartupError", "__version__", "errors"])
+        "WorkerInfo", "WorkerStartupError", "__version__", "errors", "RankStatus"])
     for name in gpuexec.__all__:
         assert getattr(gpuexec, name) is not None
     assert gpuexec.__version__.count(".") == 2

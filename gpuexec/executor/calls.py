@@ -46,6 +46,7 @@ from typing import Any
 from ..errors import ExecutorClosedError, InflightLimitError, RpcTimeoutError
 from ..ipc.messages import Failure, Pong, Reply
 from .failures import call_error
+from .metrics import CallMetrics
 
 _SLOT_WAIT_S = 0.1  # a caller waiting for a slot re-checks liveness this often
 
@@ -85,10 +86,12 @@ class PendingCall:
         "failures",
         "future",
         "method",
+        "nbytes",
         "owed",
         "ranks",
         "segments",
         "slot",
+        "started",
         "timeout",
         "unique_reply_rank",
         "value",
@@ -103,7 +106,9 @@ class PendingCall:
         self.ranks = ranks
         self.unique_reply_rank = unique_reply_rank
         self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.started = time.monotonic()  # when it was sent (latency, status' running_s)
+        self.deadline = None if timeout is None else self.started + timeout
+        self.nbytes = 0  # request bytes sent (metrics)
         self.future = future
         self.event: threading.Event | None = None  # made by a waiter that is not pumping
         self.owed = set(ranks)
@@ -125,7 +130,7 @@ class CallTable:
     """The calls in flight; see the module docstring."""
 
     def __init__(self, max_inflight_calls: int,
-                 on_deferred: Callable[[], None] = lambda: None) -> None:
+                 on_deferred: Callable[[], None] = lambda: None, world_size: int = 0) -> None:
         self.lock = threading.Lock()
         self.max_inflight = max_inflight_calls
         self.inflight = 0       # slots taken
@@ -143,6 +148,10 @@ class CallTable:
         self.refusal: Callable[[], BaseException] | None = None
         self.unsettled: deque[PendingCall] = deque()
         self.stats = ChannelStats()
+        self.metrics = CallMetrics(world_size)  # under ``lock`` (see .metrics)
+        # Called (holding no lock) when a call times out: rank -> the stacks of the ranks
+        # that did not answer (set once by the executor; see .forensics).
+        self.explain: Callable[[PendingCall, list[int]], dict[int, str]] = lambda c, r: {}
         # Called (holding no lock of this table) when deliver finished a future: the
         # channel pokes the monitor, which settles it outside the pump lock.
         self._on_deferred = on_deferred
@@ -226,37 +235,45 @@ class CallTable:
         they complete. The caller holds the pump lock: futures are queued, not settled."""
         complete: list[PendingCall] = []
         stats = self.stats
+        metrics = self.metrics
+        now = time.monotonic()
         with self.lock:
             pending = self.pending
             for reply in replies:
                 call = pending.get(reply.call_id)
                 if call is None or reply.rank not in call.owed:
                     stats.late_replies += 1
+                    metrics.late(reply.rank, reply.call_id, now)
                     continue
                 call.owed.discard(reply.rank)
+                metrics.last_reply[reply.rank] = now
                 if isinstance(reply, Pong):
                     stats.worker_malformed[reply.rank] = dict(reply.dropped)
                     call.values[reply.rank] = None
                 elif reply.error is not None:
+                    metrics.replies[reply.rank] += 1
                     if call.failures is None:
                         call.failures = {}
                     call.failures[reply.rank] = reply.error
+                    metrics.failed(reply.rank, reply.error.type_name)
                 else:
+                    metrics.replies[reply.rank] += 1
                     call.values[reply.rank] = reply.value
                 if not call.owed:
                     complete.append(call)
         deferred = False
         for call in complete:  # the caller holds the pump lock: no user code here
-            self.finish(call, settle=False)
+            self.finish(call, settle=False, now=now)
             deferred = deferred or call.future is not None
         if deferred:
             self._on_deferred()
 
     def finish(self, call: PendingCall, error: BaseException | None = None,
-               settle: bool = True) -> None:
+               settle: bool = True, now: float | None = None) -> None:
         """Complete ``call`` once, with its results or ``error``. Its future is settled
         now, or with ``settle=False`` (the caller holds the pump lock) queued for
-        :meth:`settle`, so that its done callbacks never run under a channel lock."""
+        :meth:`settle`, so that its done callbacks never run under a channel lock.
+        ``now``: ``time.monotonic()`` when the last reply was received (its latency)."""
         with self.lock:
             if call.done:
                 return
@@ -264,6 +281,8 @@ class CallTable:
                 rank = min(call.failures)
                 error = call_error(rank, call.failures[rank], call.method,
                                    len(call.failures) - 1)
+            self.metrics.finished(call.method, (time.monotonic() if now is None else now)
+                                  - call.started, call.nbytes, error)
             if error is not None:
                 call.error = error
             elif call.unique_reply_rank is not None:
@@ -288,7 +307,32 @@ class CallTable:
                 self.unsettled.append(call)
 
     def expire(self, call: PendingCall) -> None:
-        self.finish(call, RpcTimeoutError(call.method, call.timeout or 0.0, sorted(call.owed)))
+        """Time ``call`` out: the stacks of the ranks that did not answer are collected
+        first (bounded; see :mod:`.forensics`), then the call ends with
+        ``RpcTimeoutError`` unless their replies came in meanwhile. Holding no lock."""
+        with self.lock:
+            if call.done:
+                return
+            silent = sorted(call.owed)
+        stacks = self.explain(call, silent) if silent else {}
+        with self.lock:
+            if call.done or not call.owed:
+                return
+            silent = sorted(call.owed)
+            self.metrics.silent(call.call_id, call.method, call.started, call.owed,
+                                cancelled=False)
+        self.finish(call, RpcTimeoutError(call.method, call.timeout or 0.0, silent,
+                                          {r: stacks[r] for r in silent if r in stacks}))
+
+    def abandon(self, call: PendingCall, error: BaseException) -> None:
+        """The caller gave ``call`` up (cancelled): the ranks still running it are counted
+        (``gpuexec_cancellations_total``) and the call ends with ``error``."""
+        with self.lock:
+            if call.done:
+                return
+            self.metrics.silent(call.call_id, call.method, call.started, call.owed,
+                                cancelled=True)
+        self.finish(call, error)
 
     def expire_futures(self, now: float) -> None:
         """Time out the futures whose deadline has passed (the monitor, each round)."""

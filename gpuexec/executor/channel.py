@@ -99,7 +99,7 @@ class DriverChannel:
         self._auth = auth  # the ZAP handler of ctx, stopped before ctx is terminated
         self._max_message_size = max_message_size  # -1: no limit
         self._topics = [rank_topic(h.rank) for h in handles]
-        self._table = CallTable(max_inflight_calls, on_deferred=self._on_deferred)
+        self._table = CallTable(max_inflight_calls, self._on_deferred, len(handles))
         sentinels = [h.sentinel for h in handles]
         # The one place the wire is chosen.
         self._transport: Transport = (
@@ -136,6 +136,10 @@ class DriverChannel:
         if death is not None:
             raise death.error()
 
+    @property
+    def table(self) -> CallTable:  # the executor's forensics read it under its lock
+        return self._table
+
     def snapshot(self) -> ChannelStats:
         """A copy of the counters, with the ZAP handler's refusals."""
         table = self._table
@@ -168,6 +172,8 @@ class DriverChannel:
             frames, call.segments = self._encoder.encode_with_segments(
                 Call(call.call_id, method, fn_blob, args, kwargs, value_rank), plain)
             self._check_sizes(frames)
+            call.nbytes = len(frames[0]) if len(frames) == 1 else \
+                sum(memoryview(f).nbytes for f in frames)
             table.register(call, _closed)
         except BaseException:
             for fd in call.segments:
@@ -235,7 +241,8 @@ class DriverChannel:
                 if deadline is not None and now >= deadline:
                     what = call.method if call is not None else "send"
                     timeout = call.timeout if call is not None else 0.0
-                    raise RpcTimeoutError(what, timeout or 0.0, list(ranks))
+                    stacks = {} if call is None else self._table.explain(call, list(ranks))
+                    raise RpcTimeoutError(what, timeout or 0.0, list(ranks), stacks)
                 self.check_usable()
                 if not waiting:
                     waiting = True
@@ -294,8 +301,8 @@ class DriverChannel:
                 if call.deadline is not None:
                     remaining = call.deadline - time.monotonic()
                     if remaining <= 0:
-                        table.expire(call)
-                        break
+                        table.expire(call)  # ends it, unless its replies are being
+                        continue            # delivered right now (then it is done soon)
                 else:
                     remaining = _WAIT_SLICE_S
                 if not self._pump_lock.locked():
@@ -323,7 +330,7 @@ class DriverChannel:
     def abandon(self, call: PendingCall) -> None:
         """Give up on ``call`` (its awaiting task was cancelled): it leaves the pending
         table now, so its replies are dropped and counted as late, as after a timeout."""
-        self._table.finish(call, CancelledError(f"the call to {call.method!r} was abandoned"))
+        self._table.abandon(call, CancelledError(f"the call to {call.method!r} was abandoned"))
 
     # -- a rank replaced (see .respawn) ---------------------------------------------
 

@@ -134,6 +134,8 @@ class Monitor:
                 return
             self._seen.add(id(handle))
             death = self.deaths[rank] = WorkerDeath(rank, handle.pid, exitcode, tail)
+            table.metrics.deaths[rank] += 1
+            table.metrics.abandoned[rank].clear()  # it runs none of them any more
             first = self.death is None
             if first:
                 self.death = death

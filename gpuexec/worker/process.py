@@ -70,6 +70,7 @@ from .distributed import (
 from .guardian import kill_children, start_guardian, stop_guardian
 from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
+from .stacks import open_stacks_channel
 from .stdio import install_prefix
 from .transport import ShmWorkerTransport, ZmqWorkerTransport
 from .watchdog import start_watchdog
@@ -118,6 +119,7 @@ def _setup_process(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated)
     install_prefix(spec.rank, os.getpid(), spec.stderr_record)
+    open_stacks_channel(spec.ipc_dir, spec.rank)  # this thread serves requests (see .stacks)
 
 
 def _terminated(signum: int, frame: object) -> None:
