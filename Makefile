@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 BASE_STAMP  := $(VENV)/.base
 BASE_EXTRAS := torch
 STAMP  := $(VENV)/.installed
-EXTRAS := torch,dev,ray,bench
+EXTRAS := torch,dev,ray,bench,metrics
 
 # gpuexec itself needs no torch; the tests and the examples do. constraints.txt is the one
 # place its version is pinned. With a GPU (an nvidia-smi that answers) PyPI's default

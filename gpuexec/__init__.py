@@ -25,7 +25,7 @@ from .errors import (
     WorkerDiedError,
     WorkerStartupError,
 )
-from .executor import Executor, WorkerInfo
+from .executor import Executor, RankStatus, WorkerInfo
 from .executor.respawn import Recovery, RespawnReport
 from .ipc.checkpoint import SuspendReport
 from .ipc.reports import ContextAction, DeviceReport
@@ -43,6 +43,7 @@ __all__ = [
     "GpuexecError",
     "InvalidArgumentError",
     "ProtocolError",
+    "RankStatus",
     "Recovery",
     "RemoteError",
     "RespawnReport",

@@ -1,4 +1,4 @@
-"""The ``gpuexec`` command (also ``python -m gpuexec``): ``demo`` and ``doctor``.
+"""The ``gpuexec`` command (also ``python -m gpuexec``): ``demo``, ``doctor`` and ``stacks``.
 
 Argument errors exit with status 2 and a one-line usage message (argparse), never a
 traceback; values that cannot work (``--calls 0``, ``--world-size 0``) are refused
@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 
 def doctor() -> int:
     """What this machine and this process look like to gpuexec."""
+    from . import nvml
     from .cuda_state import cuda_state
     from .executor.config import visible_gpu_count
     from .executor.start_method import resolve_start_method
     from .optional import torch_installed
-    from .worker import nvml
     from .worker.cuda_driver import load_driver
 
     # Read this process's own state first: loading the driver below maps libcuda.
@@ -102,7 +102,8 @@ def build_parser(prog: str = "gpuexec") -> argparse.ArgumentParser:
         prog=prog, description="gpuexec: a CUDA-aware multi-process worker executor.")
     parser.add_argument("--version", action="version", version=f"gpuexec {__version__}",
                         help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,doctor}",
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{demo,doctor,stacks}",
                                 help="what to do")
     demo = sub.add_parser(
         "demo", help="start workers, check a matrix product on each, time no-op calls",
@@ -119,7 +120,32 @@ def build_parser(prog: str = "gpuexec") -> argparse.ArgumentParser:
                                "driver, every GPU it reports (name, memory, compute "
                                "capability, whether this process has a context on it), "
                                "processes holding memory on several GPUs.")
+    stacks = sub.add_parser(
+        "stacks", help="print every thread's stack of each worker of a running driver",
+        description="Print every thread's Python stack in each worker of the executors of "
+                    "the driver process PID (or of the worker PID alone), as the workers' "
+                    "signal handlers write them; works while a worker holds the GIL. Same "
+                    "user only; not for executors on transport='tcp' (give a worker's pid).")
+    stacks.add_argument("pid", type=positive_int, metavar="PID",
+                        help="the driver's (or one worker's) process id")
+    stacks.add_argument("--timeout", type=float, default=1.0, metavar="S",
+                        help="seconds to wait for the answers (default: 1)")
     return parser
+
+
+def print_stacks(pid: int, timeout: float) -> int:
+    """``gpuexec stacks PID``: 0 when stacks were printed, 1 when no worker was found."""
+    from .executor.stacks import collect, find_workers
+
+    found = find_workers(pid)
+    if not found:
+        print(f"no gpuexec workers found for process {pid} (a driver on transport='tcp' "
+              "is not found this way: give a worker's pid)", file=sys.stderr)
+        return 1
+    for directory, pids in sorted(found.items()):
+        for rank, text in collect(directory, pids, timeout).items():
+            print(f"--- rank {rank} (pid {pids[rank]}) ---\n{text.rstrip()}\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "gpuexec") -> int:
@@ -133,6 +159,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "gpuexec") -> int:
             return run_demo(args.world_size, args.calls)
         except ConfigError as e:  # e.g. more workers than GPUs: a usage error, not a crash
             parser.exit(2, f"{prog} demo: error: {e}\n")
+    if args.command == "stacks":
+        if not args.timeout > 0:
+            parser.exit(2, f"{prog} stacks: error: --timeout must be positive\n")
+        return print_stacks(args.pid, args.timeout)
     return doctor()
 
 

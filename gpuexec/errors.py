@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Mapping, Sequence
 from concurrent.futures import CancelledError
+from typing import Any
 
 __all__ = [
     "CallCancelled",
@@ -227,16 +228,32 @@ class RpcTimeoutError(GpuexecError, TimeoutError):
 
     ``ranks`` lists the ranks that did not answer. Their late replies are dropped by
     call id, so the executor stays usable; the workers may still be busy with the call.
+
+    ``stacks`` maps each rank that did not answer to what it was doing, taken when the
+    deadline passed (bounded to about a second, before this error was raised): a first
+    paragraph naming the method the rank was running, for how long, and the innermost
+    frames of the thread that runs calls; then, after a blank line, every thread's Python
+    stack as ``faulthandler`` prints it. The message repeats each first paragraph. When a
+    full shared-memory ring kept the call from being sent, every target rank's stacks are
+    there (they show why the ring is not drained). Empty when the call waited for a slot
+    or at the gate (nothing was sent: ``InflightLimitError``, ``HeldCallTimeoutError``).
     """
 
-    def __init__(self, method: str, timeout: float, ranks: Sequence[int]) -> None:
+    def __init__(self, method: str, timeout: float, ranks: Sequence[int],
+                 stacks: Mapping[int, str] | None = None) -> None:
         self.method = method
         self.timeout = timeout
         self.ranks = tuple(ranks)
+        self.stacks: dict[int, str] = dict(stacks or {})
+        summary = "".join("\n" + text.split("\n\n", 1)[0]
+                          for _, text in sorted(self.stacks.items()))
         super().__init__(
             f"{method!r} timed out after {timeout:g} s; ranks that did not answer: "
-            f"{list(self.ranks)}"
+            f"{list(self.ranks)}" + summary
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.method, self.timeout, self.ranks, self.stacks))
 
 
 class InflightLimitError(RpcTimeoutError):

@@ -12,9 +12,9 @@ def test_all_names_resolve_and_are_exactly_the_public_surface() -> None:
     assert sorted(gpuexec.__all__) == sorted([
         "ConfigError", "ContextAction", "CudaDriverError", "DeviceReport", "Executor",
         "ExecutorClosedError", "GpuexecError", "InvalidArgumentError", "ProtocolError",
-        "Recovery", "RemoteError", "RespawnReport", "RpcTimeoutError", "StartMethodError",
-        "SuspendReport", "ValueNotCarriedError", "Worker", "WorkerDiedError", "WorkerInfo",
-        "WorkerStartupError", "__version__", "errors"])
+        "RankStatus", "Recovery", "RemoteError", "RespawnReport", "RpcTimeoutError",
+        "StartMethodError", "SuspendReport", "ValueNotCarriedError", "Worker",
+        "WorkerDiedError", "WorkerInfo", "WorkerStartupError", "__version__", "errors"])
     for name in gpuexec.__all__:
         assert getattr(gpuexec, name) is not None
     assert gpuexec.__version__.count(".") == 2

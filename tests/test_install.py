@@ -83,7 +83,7 @@ def test_cpu_machine_takes_a_local_cpu_wheel_first(tmp_path: Path) -> None:
     assert cons in torch and "--index-url" not in torch
     final = lines[-2]  # then `pip list` of the guard
     assert final.startswith("-m pip install") and cons in final
-    assert "-e .[torch,dev,ray,bench]" in final
+    assert "-e .[torch,dev,ray,bench,metrics]" in final
     assert lines.index(torch) < lines.index(final)  # torch alone, before the rest
     assert (venv / ".installed").exists()
 
@@ -123,7 +123,7 @@ def test_gpu_machine_installs_the_default_build_in_one_step(tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr
     installs = [ln for ln in lines if ln.startswith("-m pip install") and "-e ." in ln]
     assert installs == ["-m pip install -q -c constraints.txt -e .[torch]",
-                        "-m pip install -q -c constraints.txt -e .[torch,dev,ray,bench]"]
+                        "-m pip install -q -c constraints.txt -e .[torch,dev,ray,bench,metrics]"]
     assert not _torch_installs(lines)
     assert "+cpu" not in "\n".join(lines) and CPU_INDEX not in "\n".join(lines)
     assert not (venv / "cpu-constraints.txt").exists()

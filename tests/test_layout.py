@@ -29,7 +29,7 @@ WORKER_ENTRY_POINTS = {
 }
 
 # Modules at the top of the package that any room may import: they import no room.
-NEUTRAL = {"gpuexec.errors", "gpuexec.optional", "gpuexec.cuda_state"}
+NEUTRAL = {"gpuexec.errors", "gpuexec.optional", "gpuexec.cuda_state", "gpuexec.nvml"}
 
 # Modules allowed past MAX_LINES, with the reason.
 LONG_MODULES = {

@@ -149,6 +149,15 @@ def test_collective_rpc_across_two_nodes_with_rank_layout(cluster: Any) -> None:
             ex.collective_rpc("fail")
         assert type(err.value).__name__ == "RemoteError"
         assert ex.collective_rpc("add", args=(0, 0), unique_reply_rank=2) == 2
+        # Stacks over Ray: these "nodes" share one host, so every actor has its channel
+        # (an actor on another host would say it has none).
+        stacks = ex.stacks(timeout=5.0)
+        assert sorted(stacks) == [0, 1, 2, 3]
+        assert all(stacks[r].startswith(f"rank {r} (pid {pids}): idle; innermost frames")
+                   for r, pids in enumerate(i["pid"] for i in info)), stacks
+        status = ex.status()
+        assert [s.state for s in status] == ["idle"] * 4
+        assert all(s.rss_bytes is not None and s.rss_bytes > 0 for s in status)  # one host
         pids = [w.pid for w in ex.workers]
     assert _gone(pids) == []
     assert _resources_back()

@@ -192,6 +192,9 @@ def test_a_full_ring_waits_only_as_long_as_the_call_may(gate: Path, no_leaks: No
         with pytest.raises(RpcTimeoutError) as info:
             ex.collective_rpc("add", args=(-1,), timeout=0.5)
         assert (info.value.method, info.value.timeout, info.value.ranks) == ("add", 0.5, (0,))
+        # why the ring is full: the rank is still in the call that waits for the gate
+        assert sorted(info.value.stacks) == [0]
+        assert "running 'wait_for'" in info.value.stacks[0].split("\n")[0]
         gate.touch()
         assert blocked.result(timeout=JOIN_S) == [True]
         results = [f.result(timeout=JOIN_S) for f in senders.outcomes()]

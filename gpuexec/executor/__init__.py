@@ -1,5 +1,6 @@
 """Driver side: configuration, start-method policy, launching, calls, shutdown."""
 
 from .executor import Executor, WorkerInfo
+from .forensics import RankStatus
 
-__all__ = ["Executor", "WorkerInfo"]
+__all__ = ["Executor", "RankStatus", "WorkerInfo"]

@@ -39,13 +39,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ExecutorClosedError, InflightLimitError, RpcTimeoutError
 from ..ipc.messages import Failure, Pong, Reply
 from .failures import call_error
+from .metrics import CallMetrics
 
 _SLOT_WAIT_S = 0.1  # a caller waiting for a slot re-checks liveness this often
 
@@ -107,11 +108,13 @@ class PendingCall:
         "failures",
         "future",
         "method",
+        "nbytes",
         "owed",
         "ping",
         "ranks",
         "segments",
         "slot",
+        "started",
         "timeout",
         "unique_reply_rank",
         "value",
@@ -126,7 +129,9 @@ class PendingCall:
         self.ranks = ranks
         self.unique_reply_rank = unique_reply_rank
         self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.started = time.monotonic()  # when it was sent (latency, status' running_s)
+        self.deadline = None if timeout is None else self.started + timeout
+        self.nbytes = 0  # request bytes sent (metrics)
         self.future = future
         self.event: threading.Event | None = None  # made by a waiter that is not pumping
         self.owed = set(ranks)
@@ -149,7 +154,7 @@ class CallTable:
     """The calls in flight; see the module docstring."""
 
     def __init__(self, max_inflight_calls: int,
-                 on_deferred: Callable[[], None] = lambda: None) -> None:
+                 on_deferred: Callable[[], None] = lambda: None, world_size: int = 0) -> None:
         self.lock = threading.Lock()
         self.max_inflight = max_inflight_calls
         self.inflight = 0       # slots taken
@@ -175,6 +180,10 @@ class CallTable:
         # other ranks still run it: the channel pokes the monitor.
         self.on_failure: Callable[[], None] = lambda: None
         self.stats = ChannelStats()
+        self.metrics = CallMetrics(world_size)  # under ``lock`` (see .metrics)
+        # Called (holding no lock) when a call times out: rank -> the stacks of the ranks
+        # that did not answer (set once by the executor; see .forensics).
+        self.explain: Callable[[PendingCall, list[int]], dict[int, str]] = lambda c, r: {}
         # Called (holding no lock of this table) when deliver finished a future: the
         # channel pokes the monitor, which settles it outside the pump lock.
         self._on_deferred = on_deferred
@@ -265,6 +274,8 @@ class CallTable:
         complete: list[PendingCall] = []
         stats = self.stats
         failed = False
+        metrics = self.metrics
+        now = time.monotonic()
         with self.lock:
             pending = self.pending
             for reply in replies:
@@ -278,25 +289,30 @@ class CallTable:
                             del self.cancelling[reply.call_id]
                     else:
                         stats.late_replies += 1
+                    metrics.late(reply.rank, reply.call_id, now)
                     continue
                 call.owed.discard(reply.rank)
+                metrics.last_reply[reply.rank] = now
                 if isinstance(reply, Pong):
                     stats.worker_malformed[reply.rank] = dict(reply.dropped)
                     call.values[reply.rank] = None
                 elif reply.error is not None:
+                    metrics.replies[reply.rank] += 1
                     if call.failures is None:
                         call.failures = {}
                         if call.owed and call.slot:  # a user's call (not a respawn's)
-                            self.failing[call.call_id] = (call, time.monotonic())
+                            self.failing[call.call_id] = (call, now)
                             failed = True
                     call.failures[reply.rank] = reply.error
+                    metrics.failed(reply.rank, reply.error.type_name)
                 else:
+                    metrics.replies[reply.rank] += 1
                     call.values[reply.rank] = reply.value
                 if not call.owed:
                     complete.append(call)
         deferred = False
         for call in complete:  # the caller holds the pump lock: no user code here
-            self.finish(call, settle=False)
+            self.finish(call, settle=False, now=now)
             deferred = deferred or call.future is not None
         if deferred:
             self._on_deferred()
@@ -304,7 +320,8 @@ class CallTable:
             self.on_failure()
 
     def finish(self, call: PendingCall, error: BaseException | None = None,
-               settle: bool | None = True, watch: str | None = None) -> bool:
+               settle: bool | None = True, watch: str | None = None,
+               now: float | None = None) -> bool:
         """Complete ``call`` once, with its results or ``error``; False when it was
         already complete. Its future is settled now, or with ``settle=False`` (the
         caller holds the pump lock) queued for :meth:`settle`, so that its done
@@ -312,7 +329,8 @@ class CallTable:
         caller to settle (:func:`settle_one`). ``watch``: the call is cancelled for
         that reason, and the ranks that still owe an answer must stop it (see
         :class:`CancelWatch`); recorded in the same take of the lock, so no answer
-        can slip between the call and its watch."""
+        can slip between the call and its watch. ``now``: ``time.monotonic()`` when the
+        last reply was received (its latency)."""
         with self.lock:
             if call.done:
                 return False
@@ -323,6 +341,15 @@ class CallTable:
                                                             set(call.owed))
             if error is None and call.failures:
                 error = call_error(call.failures, call.method)
+            if call.owed and error is not None:  # ranks still run it (not a death's)
+                if isinstance(error, RpcTimeoutError):
+                    self.metrics.silent(call.call_id, call.method, call.started, call.owed,
+                                        cancelled=False)
+                elif watch is not None or isinstance(error, (FutureCancelled, CancelledError)):
+                    self.metrics.silent(call.call_id, call.method, call.started, call.owed,
+                                        cancelled=True)
+            self.metrics.finished(call.method, (time.monotonic() if now is None else now)
+                                  - call.started, call.nbytes, _kind(error))
             if error is not None:
                 call.error = error
             elif call.unique_reply_rank is not None:
@@ -350,9 +377,29 @@ class CallTable:
         return True
 
     def expire(self, call: PendingCall) -> None:
-        """End ``call`` with ``RpcTimeoutError``, nothing interrupted (a respawn's own
-        call; a user's call expires through :class:`~gpuexec.executor.cancel.Canceller`)."""
-        self.finish(call, RpcTimeoutError(call.method, call.timeout or 0.0, sorted(call.owed)))
+        """End ``call`` with ``RpcTimeoutError`` (see :meth:`timed_out`), nothing
+        interrupted (a respawn's own call; a user's call expires through
+        :class:`~gpuexec.executor.cancel.Canceller`)."""
+        error = self.timed_out(call)
+        if error is not None:
+            self.finish(call, error)
+
+    def timed_out(self, call: PendingCall) -> RpcTimeoutError | None:
+        """The error of ``call``, whose deadline passed: the stacks of the ranks that did
+        not answer are collected first (bounded; see :mod:`.forensics`); None when the
+        call is complete or its last replies are being delivered right now (it is done
+        soon). Holding no lock."""
+        with self.lock:
+            if call.done:
+                return None
+            silent = sorted(call.owed)
+        stacks = self.explain(call, silent) if silent else {}
+        with self.lock:
+            if call.done or not call.owed:
+                return None
+            silent = sorted(call.owed)
+        return RpcTimeoutError(call.method, call.timeout or 0.0, silent,
+                               {r: stacks[r] for r in silent if r in stacks})
 
     def failed_error(self, call: PendingCall) -> BaseException | None:
         """The error of ``call`` from the failures so far (see :func:`.failures.call_error`)."""
@@ -431,6 +478,13 @@ def settle_one(call: PendingCall) -> None:
             future.set_result(call.value)
     except InvalidStateError:  # the caller cancelled the Future: nobody waits for it
         pass
+
+
+def _kind(error: BaseException | None) -> str | None:
+    """The name a call's error is counted under in the metrics."""
+    if error is None:
+        return None
+    return "CancelledError" if isinstance(error, FutureCancelled) else type(error).__name__
 
 
 def _shut_down() -> ExecutorClosedError:

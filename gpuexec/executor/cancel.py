@@ -163,10 +163,14 @@ class Canceller:
     def expire(self, call: PendingCall, settle: bool = True) -> None:
         """``call``'s deadline passed: ``RpcTimeoutError``, and (``cancel_on_timeout``)
         the call interrupted in the ranks that did not answer; a ``check_health`` ping
-        interrupts the calls those ranks are running instead."""
-        ranks = sorted(call.owed)
+        interrupts the calls those ranks are running instead. Nothing, when its last
+        replies are being delivered right now. Holding no lock: the stacks of the silent
+        ranks are collected first (see :meth:`CallTable.timed_out`)."""
+        error = self._table.timed_out(call)  # the silent ranks' stacks first
+        if error is None:
+            return
+        ranks = list(error.ranks)
         timeout = call.timeout or 0.0
-        error = RpcTimeoutError(call.method, timeout, ranks)
         if not self._cancel_on_timeout:
             if self._table.finish(call, error, settle):
                 log.info("gpuexec: call %d %r timed out after %g s; ranks %s run on",

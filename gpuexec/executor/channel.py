@@ -101,7 +101,7 @@ class DriverChannel:
         self._auth = auth  # the ZAP handler of ctx, stopped before ctx is terminated
         self._max_message_size = max_message_size  # -1: no limit
         self._topics = [rank_topic(h.rank) for h in handles]
-        self._table = CallTable(max_inflight_calls, on_deferred=self._on_deferred)
+        self._table = CallTable(max_inflight_calls, self._on_deferred, len(handles))
         sentinels = [h.sentinel for h in handles]
         # The one place the wire is chosen.
         self._transport: Transport = (
@@ -143,6 +143,10 @@ class DriverChannel:
             self._monitor.await_callbacks()
             raise death.error()
 
+    @property
+    def table(self) -> CallTable:  # the executor's forensics read it under its lock
+        return self._table
+
     def snapshot(self) -> ChannelStats:
         """A copy of the counters, with the ZAP handler's refusals."""
         with self._table.lock:
@@ -173,6 +177,8 @@ class DriverChannel:
             frames, call.segments = self._encoder.encode_with_segments(
                 Call(call.call_id, method, fn_blob, args, kwargs, value_rank), plain)
             self._check_sizes(frames)
+            call.nbytes = len(frames[0]) if len(frames) == 1 else \
+                sum(memoryview(f).nbytes for f in frames)
             table.register(call, _closed)
         except BaseException:
             for fd in call.segments:
@@ -251,7 +257,8 @@ class DriverChannel:
                 if deadline is not None and now >= deadline:
                     what = call.method if call is not None else "send"
                     timeout = call.timeout if call is not None else 0.0
-                    raise RpcTimeoutError(what, timeout or 0.0, list(ranks))
+                    stacks = {} if call is None else self._table.explain(call, list(ranks))
+                    raise RpcTimeoutError(what, timeout or 0.0, list(ranks), stacks)
                 self.check_usable()
                 if not waiting:
                     waiting = True
@@ -310,8 +317,8 @@ class DriverChannel:
                 if call.deadline is not None:
                     remaining = call.deadline - time.monotonic()
                     if remaining <= 0:
-                        self._cancels.expire(call)
-                        break
+                        self._cancels.expire(call)  # ends it, unless its replies are
+                        continue  # being delivered right now (then it is done soon)
                 else:
                     remaining = _WAIT_SLICE_S
                 if not self._pump_lock.locked():

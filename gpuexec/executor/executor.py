@@ -55,6 +55,8 @@ from .config import (
     DEFAULT_MAX_MESSAGE_SIZE,
     ExecutorConfig,
 )
+from .forensics import Forensics, ForensicsMethods
+from .hang_report import HangReporter
 from .hold import CallGate
 from .launcher import disown_in_fork, stop_workers
 from .lifecycle import ExecutorState, Lifecycle
@@ -107,7 +109,7 @@ def _check_recovery(on_worker_death: str, max_respawns: int, window: float,
         raise ConfigError("on_worker_death='respawn' is not available with backend='ray'")
 
 
-class Executor(RpcMethods):
+class Executor(RpcMethods, ForensicsMethods):
     """Runs one worker process per rank and calls methods on all of them at once.
 
     ``Executor(worker_cls=Worker, world_size=None, *, device="auto",
@@ -119,7 +121,8 @@ class Executor(RpcMethods):
     max_inflight_calls=1024, max_message_size=4 GiB, worker_extension_cls=None,
     master_addr=None, master_port=None, distributed_timeout=300.0,
     max_concurrent_batches=2, backend="mp", ray_resources=None, on_worker_death="fail",
-    max_respawns=3, respawn_window=300.0, cancel_grace=5.0, cancel_on_timeout=True)``
+    max_respawns=3, respawn_window=300.0, cancel_grace=5.0, cancel_on_timeout=True,
+    hang_report_after=None)``
 
     * ``worker_cls``: a :class:`~gpuexec.Worker` subclass, or ``"package.module:Class"``
       (imported only in the workers, after their device is set).
@@ -203,6 +206,12 @@ class Executor(RpcMethods):
       ``inf``: no deadline, liveness is still watched);
       ``shutdown_timeout``: grace period after the Shutdown message before SIGTERM;
       ``terminate_timeout``: grace period after SIGTERM before SIGKILL.
+    * ``hang_report_after``: seconds (None: never) after which a call that some rank is
+      still running is reported once, with those ranks' stacks, as a warning on the
+      ``gpuexec`` logger; the call goes on (see :mod:`.hang_report`).
+
+    Forensics (:mod:`.forensics`): :meth:`stacks`, :meth:`status`, metrics through
+    :meth:`serve_metrics` / :meth:`metrics_collector`, and ``RpcTimeoutError.stacks``.
 
     Raises :class:`~gpuexec.errors.ConfigError` for bad arguments before any process
     starts, :class:`~gpuexec.errors.StartMethodError` when the start method cannot
@@ -246,11 +255,15 @@ class Executor(RpcMethods):
         keep_zygote: bool | None = None,
         cancel_grace: float | None = DEFAULT_CANCEL_GRACE,
         cancel_on_timeout: bool = True,
+        hang_report_after: float | None = None,
     ) -> None:
         self._life = Lifecycle()  # STARTING until fully started: shutdown() is a no-op
         self._owner = Ownership()  # forks of this process may not use or stop it
+        self._metrics_servers = []  # serve_metrics' HTTP servers, stopped at shutdown
+        self._hang_reporter: HangReporter | None = None
         check_not_bootstrapping()
         _check_recovery(on_worker_death, max_respawns, respawn_window, backend)
+        hang_after = seconds("hang_report_after", hang_report_after)
         self._config = config = ExecutorConfig.build(
             worker_cls, world_size, device=device, start_method=start_method,
             worker_args=worker_args, worker_kwargs=worker_kwargs, env=env,
@@ -281,6 +294,8 @@ class Executor(RpcMethods):
                                      self._respawner.dead_ranks, lambda: self.is_closed,
                                      max_respawns, respawn_window)
             self._channel.add_failure_callback(self._auto)
+        if hang_after is not None:
+            self._hang_reporter = HangReporter(self._forensics, self._channel.table, hang_after)
         self._life.advance(ExecutorState.STARTING, ExecutorState.RUNNING)
         process_hooks.add(self)
 
@@ -318,6 +333,16 @@ class Executor(RpcMethods):
         self._channel.add_failure_callback(self._gate.poke)
         self._suspension = Suspension(self._gate, [(h.rank, h.pid) for h in self._handles],
                                       refusal(cfg.device, self._backend, self.device_reports))
+        suspension = self._suspension
+        self._forensics = Forensics(
+            self._handles, self._channel.table, started.endpoints.path,
+            lambda: suspension.suspended, cfg.device == "cuda",
+            maybe_remote=self._backend == "ray")
+
+    def _check_open(self) -> None:
+        self._owner.check()
+        if self.is_closed:
+            raise ExecutorClosedError("the executor is shut down")
 
     def disown_in_fork(self) -> None:
         """In a fork's child: forget the parent's workers (see :mod:`.ownership`)."""
@@ -492,7 +517,8 @@ class Executor(RpcMethods):
         """
         self._owner.check()
         self._channel.check_usable()
-        return self._suspension.suspend(_no_default(timeout))
+        with self._forensics.timed("suspend"):
+            return self._suspension.suspend(_no_default(timeout))
 
     def resume(self, timeout: float | None = None) -> list[SuspendReport]:
         """Bring every worker's GPU state back (same addresses) and release held calls.
@@ -503,7 +529,8 @@ class Executor(RpcMethods):
         """
         self._owner.check()
         self._channel.check_usable()
-        return self._suspension.resume(_no_default(timeout))
+        with self._forensics.timed("resume"):
+            return self._suspension.resume(_no_default(timeout))
 
     async def suspend_async(self, timeout: float | None = None) -> list[SuspendReport]:
         """:meth:`suspend` without blocking the event loop (it runs in a thread; a
@@ -539,7 +566,10 @@ class Executor(RpcMethods):
         ray_workers = self._ray_workers
         if self._suspension.suspended:
             grace = 0.0  # a parked worker's exit path would block in CUDA until unlocked
+        reporter = self._hang_reporter
         steps: list[Callable[[], object]] = [
+            reporter.close if reporter is not None else lambda: None,
+            self._stop_metrics,
             self._channel.begin_close,
             self._gate.poke,
             lambda: stop_workers(self._handles + self._respawner.retired, grace=grace,

@@ -184,6 +184,8 @@ class Monitor:
             death = self.deaths[rank] = WorkerDeath(rank, handle.pid, exitcode, tail,
                                                     self._killed.pop(rank, ""))
             table.cancelling.clear()  # every call in flight ends here: nothing to watch
+            table.metrics.deaths[rank] += 1
+            table.metrics.abandoned[rank].clear()  # it runs none of them any more
             first = self.death is None
             if first:
                 self.callbacks_returned = threading.Event()  # before death: see await

@@ -67,7 +67,7 @@ def rss_bytes(pid: int) -> int | None:
 
 def gpu_mib(pid: int) -> float | None:
     """MiB ``pid`` holds on all GPUs by NVML; None without NVML (``pynvml``)."""
-    from . import nvml
+    from .. import nvml
 
     if not nvml.available():
         return None

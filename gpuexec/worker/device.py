@@ -77,7 +77,7 @@ def init_device(spec: WorkerSpec) -> DeviceReport:
     start = time.perf_counter()
     if spec.device != "cuda":
         return DeviceReport(rank=spec.rank, device="cpu", ordinal=None)
-    from . import nvml
+    from .. import nvml
     from .cuda_driver import load_driver
     from .stale_contexts import release_stale_contexts
 

@@ -77,6 +77,7 @@ from .group_abort import GroupAborter
 from .guardian import kill_children, start_guardian, stop_guardian
 from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
+from .stacks import open_stacks_channel
 from .stdio import drain_streams, install_prefix
 from .transport import ShmWorkerTransport, ZmqWorkerTransport
 from .watchdog import start_watchdog
@@ -127,6 +128,7 @@ def _setup_process(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated)
     install_prefix(spec.rank, os.getpid(), spec.stderr_record, spec.ipc_dir)
+    open_stacks_channel(spec.ipc_dir, spec.rank)  # this thread serves requests (see .stacks)
 
 
 def _terminated(signum: int, frame: object) -> None:
