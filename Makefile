@@ -25,7 +25,7 @@ CPU_CONSTRAINT := $(VENV)/cpu-constraints.txt
 endif
 CONSTRAINTS := -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT))
 
-.PHONY: demo test test-vllm lint bench clean
+.PHONY: demo test test-python-core test-vllm lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,11 +43,26 @@ endif
 	  echo "error: CUDA wheels were installed on a machine without a GPU" >&2; exit 1; fi
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The compiled ring core (gpuexec/ipc/_ringcore.c, C against the limited API): built by
+# the editable install above and again here whenever its source changes, with the C
+# compiler and Python headers of the machine (Debian/Ubuntu: build-essential python3-dev).
+# It is optional: without them the build says so and gpuexec runs its pure-Python twin.
+CORE := $(VENV)/.ringcore
+$(CORE): $(STAMP) gpuexec/ipc/_ringcore.c setup.py
+	$(PY) setup.py -q build_ext --inplace 2>$(VENV)/ringcore-build.log || true
+	@$(PY) -c "from gpuexec.ipc import ringcore; print('gpuexec ring core:', ringcore.describe())"
+	touch $(CORE)
+
+demo: $(CORE)
 	$(PY) -m gpuexec demo
 
-test: $(STAMP)
+test: $(CORE)
 	$(PY) -m pytest -q
+
+# The whole suite again on the pure-Python ring core (the shared-memory tests run on
+# both cores in `make test` already).
+test-python-core: $(CORE)
+	GPUEXEC_CORE=python $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gpuexec tests benchmarks examples

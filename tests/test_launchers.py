@@ -84,3 +84,14 @@ def test_subprocess_workers_are_fresh_interpreters() -> None:
         assert ex.collective_rpc(lambda w: "pytest" in __import__("sys").modules) \
             == [False, False]
         assert ex.collective_rpc("add", args=(3,)) == [3, 4]
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "subprocess", "spawn", "forkserver"])
+def test_a_worker_never_loads_the_drivers_modules(start_method: str) -> None:
+    """Importing ``gpuexec`` is lazy: a worker (any start method that does not inherit
+    the driver's memory) loads the worker room and the wire, never ``gpuexec.executor``."""
+    with Executor(EchoWorker, 1, device="cpu", start_method=start_method) as ex:
+        [executor_modules] = ex.collective_rpc("loaded", args=("gpuexec.executor",))
+        [worker_modules] = ex.collective_rpc("loaded", args=("gpuexec.worker",))
+    assert executor_modules == []
+    assert "gpuexec.worker.process" in worker_modules  # the check looked at a worker

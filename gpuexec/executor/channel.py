@@ -162,18 +162,17 @@ class DriverChannel:
         table = self._table
         future: Future[Any] | None = Future() if non_block else None
         call = PendingCall(next(table.ids), method, ranks, unique_reply_rank, timeout, future)
-        table.take_slot(call)
+        table.enter(call, _closed)  # a slot and the table, one take of its lock
         value_rank = -1 if unique_reply_rank is None else unique_reply_rank
         try:
             frames, call.segments = self._encoder.encode_with_segments(
                 Call(call.call_id, method, fn_blob, args, kwargs, value_rank), plain)
             self._check_sizes(frames)
-            table.register(call, _closed)
         except BaseException:
             for fd in call.segments:
                 os.close(fd)
             call.segments = []
-            table.release_slot(call)
+            table.withdraw(call)
             raise
         self._send_call(call, frames)
         if non_block:

@@ -71,7 +71,7 @@ from .guardian import kill_children, start_guardian, stop_guardian
 from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
 from .stdio import install_prefix
-from .transport import ShmWorkerTransport, ZmqWorkerTransport
+from .transport import ShmWorkerTransport, WorkerTransport, ZmqWorkerTransport
 from .watchdog import start_watchdog
 
 log = logging.getLogger("gpuexec.worker")
@@ -151,7 +151,7 @@ class _Server:
                            shm_pid=spec.driver_pid, where="the worker")
 
         # The transport, chosen once (see .transport): the loop never asks which it has.
-        self.transport: ZmqWorkerTransport = ZmqWorkerTransport(
+        self.transport: WorkerTransport = ZmqWorkerTransport(
             sub, push, spec.rank, decoder(False), self._drop) if spec.shm is None else \
             ShmWorkerTransport(sub, push, spec.rank, decoder(False), self._drop, spec.shm,
                                decoder(True))
