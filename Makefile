@@ -29,7 +29,7 @@ CPU_CONSTRAINT := $(VENV)/cpu-constraints.txt
 endif
 CONSTRAINTS := -c constraints.txt $(if $(CPU_CONSTRAINT),-c $(CPU_CONSTRAINT))
 
-.PHONY: demo test test-vllm lint bench clean
+.PHONY: demo test test-python-core test-vllm lint bench clean
 
 # The last step of each set-up: no CUDA (nvidia-*) wheel on a machine without a GPU.
 define NO_CUDA_WHEELS
@@ -57,11 +57,26 @@ $(STAMP): $(BASE_STAMP)
 	$(NO_CUDA_WHEELS)
 	touch $(STAMP)
 
-demo: $(BASE_STAMP)
+# The compiled ring core (gpuexec/ipc/_ringcore.c, C against the limited API): built by
+# the editable install above and again here whenever its source changes, with the C
+# compiler and Python headers of the machine (Debian/Ubuntu: build-essential python3-dev).
+# It is optional: without them the build says so and gpuexec runs its pure-Python twin.
+CORE := $(VENV)/.ringcore
+$(CORE): $(BASE_STAMP) gpuexec/ipc/_ringcore.c setup.py
+	$(PY) setup.py -q build_ext --inplace 2>$(VENV)/ringcore-build.log || true
+	@$(PY) -c "from gpuexec.ipc import ringcore; print('gpuexec ring core:', ringcore.describe())"
+	touch $(CORE)
+
+demo: $(CORE)
 	$(PY) -m gpuexec demo
 
-test: $(STAMP)
+test: $(STAMP) $(CORE)
 	$(PY) -m pytest -q
+
+# The whole suite again on the pure-Python ring core (the shared-memory tests run on
+# both cores in `make test` already).
+test-python-core: $(STAMP) $(CORE)
+	GPUEXEC_CORE=python $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gpuexec tests benchmarks examples

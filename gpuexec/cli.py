@@ -25,6 +25,7 @@ def doctor() -> int:
     from .cuda_state import cuda_state
     from .executor.config import visible_gpu_count
     from .executor.start_method import resolve_start_method
+    from .ipc import ringcore
     from .optional import torch_installed
     from .worker.cuda_driver import load_driver
 
@@ -36,6 +37,7 @@ def doctor() -> int:
     print("torch: " + ("installed" if torch_installed() else
                        "not installed (tensor payloads and distributed_backend need it: "
                        "pip install 'gpuexec[torch]')"))
+    print(f"shared-memory ring core: {ringcore.describe()}")
     driver = load_driver()
     if driver is None:
         nodes = visible_gpu_count()

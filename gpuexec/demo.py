@@ -11,6 +11,7 @@ import numpy as np
 
 from .executor import Executor
 from .executor.config import visible_gpu_count
+from .ipc import ringcore
 from .optional import torch_installed
 from .worker import Worker
 
@@ -72,6 +73,8 @@ def run_demo(world_size: int | None = None, calls: int = 2000) -> int:
         started = time.perf_counter() - t0
         print(f"gpuexec demo: {ex.world_size} worker(s), started in {started:.2f} s")
         print(f"start method: {ex.start_method}  ({ex.start_method_reason})")
+        print(f"transport: {ex.transport}" + (f"  (ring core: {ringcore.describe()})"
+                                              if ex.transport == "shm" else ""))
         print(f"{'rank':>4}  {'pid':>7}  {'device':<8}  {'torch':<14}  RANK env")
         for row in ex.collective_rpc("info"):
             print(f"{row['rank']:>4}  {row['pid']:>7}  {row['device']:<8}  {row['torch']:<14}  "

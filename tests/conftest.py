@@ -113,3 +113,21 @@ def no_leaks() -> Iterator[None]:
     leftover = [p.pid for p in worker_children() if p.pid not in pids_before]
     assert wait_gone(leftover) == [], f"worker processes left running: {leftover}"
     assert gpuexec_dirs() - dirs_before == set(), "ipc directories left behind"
+
+
+@pytest.fixture(params=["compiled", "python"])
+def ring_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+              ) -> Iterator[str]:
+    """Run the test on each ring core: this process's rings, and (through the
+    environment every launcher hands on) its workers'. The compiled core must be built
+    here (``tests/test_install.py`` checks that), so it is never skipped."""
+    from gpuexec.ipc import ringcore
+
+    name: str = request.param
+    before = ringcore.current().NAME
+    monkeypatch.setenv(ringcore.ENV, name)
+    ringcore.select(name)
+    try:
+        yield name
+    finally:
+        ringcore.select(before)

@@ -274,6 +274,7 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.usefixtures("ring_core")  # the driver asleep in either core's futex wait
 def test_ctrl_c_during_long_call(driver: Callable[[str], Driver],
                                  record_property: Callable[[str, Any], None]) -> None:
     d = driver(SIGINT_DRIVER)

@@ -116,6 +116,7 @@ def test_outliers_do_not_spoil_a_regular_stream() -> None:
     assert window is not None and window[1] - window[0] < 1e-3
 
 
+@pytest.mark.usefixtures("ring_core")
 def test_reader_with_forecast_gets_every_message_of_a_periodic_stream() -> None:
     w = RingWriter(1, n_slots=4, slot_size=256)
     f = ArrivalForecast()

@@ -198,6 +198,14 @@ class NoTorchVenv:
                               env={**self.env, **env}, cwd=self.cwd)
 
 
+def _copy_source(src: Path) -> None:
+    """What a source distribution holds (no build output of the checkout)."""
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "gpuexec", src / "gpuexec",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+
+
 @pytest.fixture(scope="module")
 def no_torch_venv(tmp_path_factory: pytest.TempPathFactory) -> NoTorchVenv:
     """The wheel, built from a copy of the package (the checkout stays clean), installed
@@ -206,10 +214,7 @@ def no_torch_venv(tmp_path_factory: pytest.TempPathFactory) -> NoTorchVenv:
     tmp = tmp_path_factory.mktemp("no_torch")
     src = tmp / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "gpuexec", src / "gpuexec",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _copy_source(src)
     out = tmp / "dist"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                         "--no-build-isolation", "-w", str(out), str(src)],
@@ -243,6 +248,84 @@ def test_wheel_holds_the_package_its_license_and_no_torch_requirement(
     torch_reqs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: torch")]
     assert torch_reqs == ['Requires-Dist: torch>=2.1; extra == "torch"']
     assert "License-Expression: Apache-2.0" in meta and "Project-URL: " in meta
+    # the compiled ring core, built against the limited API: one wheel for CPython >= 3.10
+    assert "gpuexec/ipc/_ringcore.abi3.so" in names
+    assert "-cp310-abi3-linux_" in no_torch_venv.wheel.name
+
+
+def test_the_installed_wheel_runs_the_compiled_core(no_torch_venv: NoTorchVenv) -> None:
+    v = no_torch_venv
+    r = v.run(str(v.python), "-m", "gpuexec", "doctor")
+    assert "shared-memory ring core: compiled (C, abi3)" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_machine_without_a_compiler_still_installs(tmp_path: Path) -> None:
+    """The compiled core is optional: a failed build leaves a working pure-Python wheel."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_source(src)
+    out = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(out), str(src)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CC": "false"})  # a compiler that always fails
+    assert r.returncode == 0, r.stderr
+    [wheel] = out.glob("gpuexec-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert not [n for n in z.namelist() if n.endswith(".so")]
+        assert "gpuexec/ipc/ringcore_py.py" in z.namelist()
+
+
+def test_the_compiled_core_is_built_in_this_checkout() -> None:
+    """The set-up (``make``) builds it; the suite runs on it and on the pure-Python twin
+    (the ``ring_core`` fixture), so a checkout without it would test only one core."""
+    from gpuexec.ipc import ringcore
+
+    assert ringcore.load("compiled").NAME == "compiled"
+
+
+FALLBACK = """
+import importlib.abc, logging, sys
+
+class NoCore(importlib.abc.MetaPathFinder):  # as if the build had failed
+    def find_spec(self, name, path=None, target=None):
+        if name == "gpuexec.ipc._ringcore":
+            raise ImportError("no compiler here")
+        return None
+
+sys.meta_path.insert(0, NoCore())
+logging.basicConfig(format="LOG %(message)s")
+from gpuexec import Executor, Worker
+from gpuexec.ipc import ringcore
+
+class W(Worker):
+    def plus(self, a):
+        return a + 1 + self.rank
+
+for _ in range(2):
+    with Executor(W, 1, device="cpu", transport="shm") as ex:
+        print("results", ex.collective_rpc("plus", args=(41,)))
+print("core", ringcore.describe())
+try:
+    ringcore.load("compiled")
+except Exception as e:
+    print("refused", type(e).__name__, e)
+"""
+
+
+def test_without_the_compiled_core_one_log_line_and_the_same_results(tmp_path: Path) -> None:
+    script = tmp_path / "fallback.py"
+    script.write_text(FALLBACK)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == ["results [42]"] * 2
+    logged = [ln for ln in r.stderr.splitlines() if ln.startswith("LOG ")]
+    assert len(logged) == 1 and "compiled ring core is not built (no compiler here)" in \
+        logged[0], r.stderr
+    assert "core pure Python (the compiled core is not built: no compiler here)" in r.stdout
+    assert "refused ConfigError GPUEXEC_CORE=compiled, but the compiled ring core is not " \
+        "built (no compiler here)" in r.stdout
 
 
 GUARD_FREE = """

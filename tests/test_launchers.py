@@ -132,3 +132,12 @@ def test_keep_zygote_keeps_it_warm_for_the_next_executor() -> None:
 def test_keep_zygote_is_checked() -> None:
     with pytest.raises(ConfigError, match="keep_zygote must be True, False or None"):
         Executor(EchoWorker, 1, device="cpu", keep_zygote="yes")  # type: ignore[arg-type]
+@pytest.mark.parametrize("start_method", ["zygote", "subprocess", "spawn", "forkserver"])
+def test_a_worker_never_loads_the_drivers_modules(start_method: str) -> None:
+    """Importing ``gpuexec`` is lazy: a worker (any start method that does not inherit
+    the driver's memory) loads the worker room and the wire, never ``gpuexec.executor``."""
+    with Executor(EchoWorker, 1, device="cpu", start_method=start_method) as ex:
+        [executor_modules] = ex.collective_rpc("loaded", args=("gpuexec.executor",))
+        [worker_modules] = ex.collective_rpc("loaded", args=("gpuexec.worker",))
+    assert executor_modules == []
+    assert "gpuexec.worker.process" in worker_modules  # the check looked at a worker

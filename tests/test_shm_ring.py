@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-from gpuexec.ipc import futex, shm_ring
+from gpuexec.ipc import futex, ringcore_py
 from gpuexec.ipc.shm_ring import RingReader, RingSpec, RingTimeout, RingWriter
+
+pytestmark = pytest.mark.usefixtures("ring_core")  # every test on both ring cores
 
 SEED = int(os.environ.get("GPUEXEC_TEST_SEED", random.randrange(1 << 30)))
 
@@ -19,7 +21,7 @@ SEED = int(os.environ.get("GPUEXEC_TEST_SEED", random.randrange(1 << 30)))
 @pytest.mark.parametrize("weak_order", [False, True])  # True: the fences ARM takes
 def test_broadcast_wraparound_and_in_place_reads(weak_order: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shm_ring, "WEAK_ORDER", weak_order)
+    monkeypatch.setattr(ringcore_py, "WEAK_ORDER", weak_order)  # the pure-Python core's
     w = RingWriter(3, n_slots=4, slot_size=256)
     readers = [RingReader(w.spec, i) for i in range(3)]
     w.unlink()
@@ -251,3 +253,74 @@ def test_doorbell_wakes_a_sleeping_waiter_and_costs_nothing_without_one() -> Non
     other.close()
     bell.unlink()
     bell.close()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_signal_handler_runs_while_a_reader_waits() -> None:
+    """The core gives the GIL back while it waits and takes it to run signal handlers: a
+    handler's exception ends the wait at once (Ctrl-C in a waiting caller)."""
+    import signal
+
+    w = RingWriter(1, n_slots=2, slot_size=64)
+    r = RingReader(w.spec, 0, spin=0.001)
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Interrupted):
+            r.read(timeout=5)  # asleep on the futex; None after 5 s if never interrupted
+        assert w.write(b"after")  # the ring is still usable
+        view = r.read(timeout=1)
+        assert view is not None and bytes(view) == b"after"
+        view.release()
+        r.release()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        r.close()
+        w.close()
+
+
+def test_fork_while_another_thread_waits_in_the_core() -> None:
+    """No lock and no thread of the core crosses a fork: a child forked while another
+    thread sleeps in a read (GIL released) builds and uses rings of its own."""
+    import threading
+
+    w = RingWriter(1, n_slots=2, slot_size=64)
+    r = RingReader(w.spec, 0, spin=0.001)
+    got: list[bytes] = []
+
+    def waiter() -> None:
+        view = r.read(timeout=10)
+        if view is not None:
+            got.append(bytes(view))
+            view.release()
+            r.release()
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    time.sleep(0.1)  # the waiter is in the core's futex wait now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's exit status is the check
+        code = 1
+        try:
+            cw = RingWriter(1, n_slots=2, slot_size=64)
+            cr = RingReader(cw.spec, 0, spin=0.001)
+            cw.write(b"child")
+            view = cr.read(timeout=5)
+            code = 0 if view is not None and bytes(view) == b"child" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    w.write(b"parent")
+    th.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert got == [b"parent"]
+    r.close()
+    w.close()

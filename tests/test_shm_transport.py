@@ -14,6 +14,8 @@ from workers import EchoWorker
 
 from gpuexec import ConfigError, Executor, ExecutorClosedError, WorkerDiedError
 
+pytestmark = pytest.mark.usefixtures("ring_core")  # every test on both ring cores
+
 
 def _ours() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith("gpuexec-")}
@@ -279,3 +281,33 @@ def test_a_reused_payload_descriptor_is_refused_not_read_as_another_payload() ->
             assert mm[:4] == b"\xff" * 4
     finally:
         os.close(fd2)
+
+
+def _core_name(worker: object) -> str:
+    from gpuexec.ipc import ringcore
+
+    return ringcore.current().NAME
+
+
+@pytest.mark.parametrize("worker_core", ["compiled", "python"])
+def test_a_driver_and_workers_on_different_cores_talk_both_ways(
+        ring_core: str, worker_core: str) -> None:
+    """The two cores speak the same bytes: a compiled driver with pure-Python workers
+    and the other way round, through requests, replies, a large reply by ZeroMQ with
+    its marker in the ring, calls to one rank, and sleeps on both sides' futexes."""
+    from gpuexec.ipc import ringcore
+
+    assert ringcore.current().NAME == ring_core
+    with Executor(EchoWorker, 2, device="cpu", transport="shm",
+                  env={ringcore.ENV: worker_core}) as ex:
+        assert ex.collective_rpc(_core_name) == [worker_core, worker_core]
+        for k in range(50):
+            assert ex.collective_rpc("echo", args=(k,), kwargs={"k": [k]}) == \
+                [{"args": [k], "kwargs": {"k": [k]}}] * 2
+        assert ex.collective_rpc("echo", args=("one",), ranks=[1]) == \
+            [{"args": ["one"], "kwargs": {}}]
+        big = b"x" * (3 << 20)  # more than a slot: ZeroMQ, a marker in each ring
+        assert ex.collective_rpc("echo", args=(big, 1)) == \
+            [{"args": [big, 1], "kwargs": {}}] * 2
+        time.sleep(0.3)  # both sides asleep on their futexes now
+        assert ex.collective_rpc("echo", args=(2,)) == [{"args": [2], "kwargs": {}}] * 2

@@ -24,6 +24,10 @@ class EchoWorker(Worker):
     def env(self, *names: str) -> dict[str, str | None]:
         return {n: os.environ.get(n) for n in names}
 
+    def loaded(self, prefix: str) -> list[str]:
+        """The modules under ``prefix`` this worker process has imported."""
+        return sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "."))
+
     def echo(self, *args: Any, **kwargs: Any) -> Any:
         return {"args": list(args), "kwargs": kwargs}
 

@@ -1,7 +1,9 @@
 """The driver's call table: the calls in flight, their slots, and how each one ends.
 
-A call enters the table when it is sent (:meth:`CallTable.register`), collects one reply
-per rank (:meth:`CallTable.deliver`) and leaves it once (:meth:`CallTable.finish`): with
+A call enters the table with its slot before it is encoded (:meth:`CallTable.enter`, one
+take of the lock; :meth:`CallTable.withdraw` if it is then not sent), collects one reply
+per rank (:meth:`CallTable.deliver`) and leaves it once (:meth:`CallTable.finish`, or
+inside the same take of the lock as its last reply's delivery): with
 its results, the first failing rank's error, a timeout, a death or shutdown. Its
 ``Future`` (``non_block``) is *settled* (its result set, so its done callbacks run) only
 by a thread that holds none of the channel's locks: a thread that finishes calls while
@@ -238,6 +240,34 @@ class CallTable:
             if self.slot_waiters:
                 self.room.notify()
 
+    def enter(self, call: PendingCall, refused: Callable[[], BaseException],
+              counted: bool = True) -> None:
+        """Take a slot (see :meth:`take_slot`) and :meth:`register` ``call``: one take of
+        the lock when a slot is free (the common case), before anything is encoded; a
+        call that is then not sent leaves by :meth:`withdraw`."""
+        with self.lock:
+            if self.refusal is None and self.inflight < self.max_inflight:
+                self.inflight += 1
+                call.slot = True
+                self._add(call, counted)
+                return
+        self.take_slot(call)  # refused there or in register (see its docstring)
+        try:
+            self.register(call, refused, counted)
+        except BaseException:
+            self.release_slot(call)
+            raise
+
+    def withdraw(self, call: PendingCall, counted: bool = True) -> None:
+        """Take back a call :meth:`enter` made that was never sent (its encoding failed)."""
+        with self.lock:
+            if self.pending.pop(call.call_id, None) is not None:
+                if call.future is not None:
+                    self.n_async -= 1
+                if counted:
+                    self.stats.calls -= 1
+            self._give_back(call)
+
     def register(self, call: PendingCall, refused: Callable[[], BaseException],
                  counted: bool = True) -> None:
         """Enter ``call`` in the table, unless the channel is closing (then raise
@@ -250,14 +280,18 @@ class CallTable:
             refusal = None if self.refusal is None else \
                 refused if self.closing else self.refusal
             if refusal is None:
-                self.pending[call.call_id] = call
-                if call.future is not None:
-                    self.n_async += 1
-                if counted:
-                    self.stats.calls += 1
+                self._add(call, counted)
         if refusal is not None:
             self.check_usable()
             raise refusal()
+
+    def _add(self, call: PendingCall, counted: bool) -> None:
+        """Enter ``call`` in ``pending`` (caller holds ``lock``)."""
+        self.pending[call.call_id] = call
+        if call.future is not None:
+            self.n_async += 1
+        if counted:
+            self.stats.calls += 1
 
     def close_pending(self) -> list[PendingCall] | None:
         """Mark the table closing; the calls to fail (None: it was already closing)."""
@@ -268,10 +302,11 @@ class CallTable:
             self.refusal = _shut_down
             return list(self.pending.values())
 
-    def deliver(self, replies: list[Reply | Pong]) -> None:
-        """Record ``replies`` in their calls (one take of the lock) and finish the calls
-        they complete. The caller holds the pump lock: futures are queued, not settled."""
-        complete: list[PendingCall] = []
+    def deliver(self, replies: Sequence[Reply | Pong]) -> None:
+        """Record ``replies`` in their calls and complete the calls they complete, all in
+        one take of the lock. The caller holds the pump lock: futures are queued, not
+        settled."""
+        complete: list[PendingCall] | None = None
         stats = self.stats
         failed = False
         metrics = self.metrics
@@ -308,14 +343,17 @@ class CallTable:
                 else:
                     metrics.replies[reply.rank] += 1
                     call.values[reply.rank] = reply.value
-                if not call.owed:
+                if not call.owed and self._end(call, None, None, now):
+                    if complete is None:
+                        complete = []
                     complete.append(call)
-        deferred = False
-        for call in complete:  # the caller holds the pump lock: no user code here
-            self.finish(call, settle=False, now=now)
-            deferred = deferred or call.future is not None
-        if deferred:
-            self._on_deferred()
+        if complete is not None:
+            deferred = False
+            for call in complete:  # the caller holds the pump lock: no user code here
+                self._ended(call, settle=False)
+                deferred = deferred or call.future is not None
+            if deferred:
+                self._on_deferred()
         if failed:
             self.on_failure()
 
@@ -332,38 +370,52 @@ class CallTable:
         can slip between the call and its watch. ``now``: ``time.monotonic()`` when the
         last reply was received (its latency)."""
         with self.lock:
-            if call.done:
+            if not self._end(call, error, watch, now):
                 return False
+        self._ended(call, settle)
+        return True
+
+    def _end(self, call: PendingCall, error: BaseException | None, watch: str | None,
+             now: float | None) -> bool:
+        """The outcome of ``call`` and its leaving the table (caller holds ``lock``);
+        False when it had already ended. See :meth:`finish`."""
+        if call.done:
+            return False
+        if isinstance(error, RpcTimeoutError):
+            self.stats.timeouts += 1
+        if watch is not None and call.owed:
+            self.cancelling[call.call_id] = CancelWatch(call.call_id, call.method, watch,
+                                                        set(call.owed))
+        if error is None and call.failures:
+            error = call_error(call.failures, call.method)
+        if call.owed and error is not None:  # ranks still run it (not a death's)
             if isinstance(error, RpcTimeoutError):
-                self.stats.timeouts += 1
-            if watch is not None and call.owed:
-                self.cancelling[call.call_id] = CancelWatch(call.call_id, call.method, watch,
-                                                            set(call.owed))
-            if error is None and call.failures:
-                error = call_error(call.failures, call.method)
-            if call.owed and error is not None:  # ranks still run it (not a death's)
-                if isinstance(error, RpcTimeoutError):
-                    self.metrics.silent(call.call_id, call.method, call.started, call.owed,
-                                        cancelled=False)
-                elif watch is not None or isinstance(error, (FutureCancelled, CancelledError)):
-                    self.metrics.silent(call.call_id, call.method, call.started, call.owed,
-                                        cancelled=True)
-            self.metrics.finished(call.method, (time.monotonic() if now is None else now)
-                                  - call.started, call.nbytes, _kind(error))
-            if error is not None:
-                call.error = error
-            elif call.unique_reply_rank is not None:
-                call.value = call.values[call.unique_reply_rank]
-            else:
-                call.value = [call.values[r] for r in call.ranks]
-            # Last: a waiter that reads ``done`` without the lock then reads the outcome.
-            call.done = True
-            self.pending.pop(call.call_id, None)
-            if self.failing:
-                self.failing.pop(call.call_id, None)
-            if call.future is not None:
-                self.n_async -= 1
-            self._give_back(call)
+                self.metrics.silent(call.call_id, call.method, call.started, call.owed,
+                                    cancelled=False)
+            elif watch is not None or isinstance(error, (FutureCancelled, CancelledError)):
+                self.metrics.silent(call.call_id, call.method, call.started, call.owed,
+                                    cancelled=True)
+        self.metrics.finished(call.method, (time.monotonic() if now is None else now)
+                              - call.started, call.nbytes, _kind(error))
+        if error is not None:
+            call.error = error
+        elif call.unique_reply_rank is not None:
+            call.value = call.values[call.unique_reply_rank]
+        else:
+            call.value = [call.values[r] for r in call.ranks]
+        # Last: a waiter that reads ``done`` without the lock then reads the outcome.
+        call.done = True
+        self.pending.pop(call.call_id, None)
+        if self.failing:
+            self.failing.pop(call.call_id, None)
+        if call.future is not None:
+            self.n_async -= 1
+        self._give_back(call)
+        return True
+
+    def _ended(self, call: PendingCall, settle: bool | None) -> None:
+        """What follows :meth:`_end`, outside the lock: payloads closed, waiters woken,
+        the future settled (see :meth:`finish`)."""
         for fd in call.segments:  # every target has mapped its payloads (or never will)
             os.close(fd)
         call.segments = []
@@ -374,7 +426,6 @@ class CallTable:
                 settle_one(call)
             elif settle is not None:
                 self.unsettled.append(call)
-        return True
 
     def expire(self, call: PendingCall) -> None:
         """End ``call`` with ``RpcTimeoutError`` (see :meth:`timed_out`), nothing

@@ -171,7 +171,7 @@ class DriverChannel:
         call = PendingCall(next(table.ids), method, ranks, unique_reply_rank, timeout, future)
         if future is not None:
             future.bind(lambda: self._cancels.cancel(call, "Future.cancel()"))
-        table.take_slot(call)
+        table.enter(call, _closed)  # a slot and the table, one take of its lock
         value_rank = -1 if unique_reply_rank is None else unique_reply_rank
         try:
             frames, call.segments = self._encoder.encode_with_segments(
@@ -179,12 +179,11 @@ class DriverChannel:
             self._check_sizes(frames)
             call.nbytes = len(frames[0]) if len(frames) == 1 else \
                 sum(memoryview(f).nbytes for f in frames)
-            table.register(call, _closed)
         except BaseException:
             for fd in call.segments:
                 os.close(fd)
             call.segments = []
-            table.release_slot(call)
+            table.withdraw(call)
             raise
         self._send_call(call, frames)
         if non_block:

@@ -36,7 +36,10 @@ read the driver's ``/proc`` entry could open them meanwhile (SECURITY.md).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 
+from ..ipc import ringcore
 from ..ipc.doorbell import Doorbell
 from ..ipc.messages import ShmSpec
 from ..ipc.shm_ring import RingReader, RingWriter, segment_size
@@ -82,18 +85,35 @@ class ShmDriverPath:
         self.worker_spin = WORKER_SPIN_S if roomy else 0.0
         self.request = RingWriter(world_size, n_slots=REQUEST_SLOTS, slot_size=SLOT_SIZE)
         self.doorbell = Doorbell.create()
-        self.replies: list[RingReader] = []
+        self.replies: tuple[RingReader, ...] = ()  # rank order; see _bind_gather
         self._reply_writers: list[RingWriter] = []  # detached: the paths workers attach to
         try:
             for _ in range(world_size):
                 writer = RingWriter(1, n_slots=REPLY_SLOTS, slot_size=SLOT_SIZE)
                 self._reply_writers.append(writer)
-                self.replies.append(RingReader(writer.spec, 0, spin=spin))
+                self.replies += (RingReader(writer.spec, 0, spin=spin),)
                 writer.detach()  # the worker becomes its writer
         except BaseException:
             self.close()
             raise
         self.spin = spin
+        ringcore.announce()  # one line if the pure-Python core runs for want of a build
+        self._bind_gather()
+
+    def _bind_gather(self) -> None:
+        """Bind :attr:`gather` and :attr:`epoch` to the reply rings and the doorbell (one
+        C call per wait, no Python frame around it). The binding holds the rings'
+        addresses: whoever replaces a reply ring in :attr:`replies` (a tuple, so that it
+        cannot change unnoticed) calls this again before the next wait."""
+        core, bell = ringcore.current(), self.doorbell
+        # gather(epoch, spin_until, sleep_until) -> mask: bit r set when rank r's reply
+        # ring holds a reply; spins until ``spin_until``, then sleeps on the doorbell
+        # until ``sleep_until``, or returns 0 at once when the doorbell is no longer at
+        # ``epoch`` (see Doorbell.poke).
+        self.gather: Callable[[int, float, float], int] = partial(
+            core.gather, tuple(r.address[0] for r in self.replies),
+            tuple(r.address[1] for r in self.replies), bell.view, bell.base)
+        self.epoch: Callable[[], int] = partial(core.epoch, bell.view, bell.base)
 
     def spec_for(self, rank: int) -> ShmSpec:
         return ShmSpec(self.request.spec, self._reply_writers[rank].spec, self.doorbell.path,
@@ -116,14 +136,13 @@ class ShmDriverPath:
             writer.close()
             raise
         writer.detach()
-        old_reader, self.replies[rank] = self.replies[rank], reader
+        old_reader = self.replies[rank]
+        self.replies = (*self.replies[:rank], reader, *self.replies[rank + 1:])
+        self._bind_gather()  # before the old ring is unmapped: the gather holds addresses
         old_writer, self._reply_writers[rank] = self._reply_writers[rank], writer
         old_reader.close()
         old_writer.unlink()
         return self.spec_for(rank)
-
-    def ready_reply(self) -> bool:
-        return any(r.poll() for r in self.replies)
 
     def close(self) -> None:
         self.unlink()

@@ -7,7 +7,7 @@
                    ▲  caller spins, then sleeps on the doorbell futex
                    └── a ``BY_ZMQ`` marker: the message itself is on the reply socket
 
-A message too big for a slot goes by ZeroMQ (this transport extends
+A message too big for a slot goes by ZeroMQ (this transport holds a
 :class:`.zmq_transport.ZmqTransport`, which carries it) and a marker takes its place in
 the ring, which keeps the order: this module is the only place that writes or reads
 that protocol on the driver side. Deaths and shutdown ring the doorbell as well as
@@ -20,6 +20,7 @@ Fields and threads: ``_shm.request``: the holder of the send lock; ``_shm.replie
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import time
 from collections import deque
@@ -29,28 +30,28 @@ from typing import Any
 import zmq
 
 from ..ipc import packets, shm_payload
-from ..ipc.codec import Decoder, MalformedMessage, recv_frames
+from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import Pong, Reply, ShmSpec, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
 from .calls import CallTable, PendingCall
 from .shm_path import ShmDriverPath
+from .transport import Transport
 from .zmq_transport import ZmqTransport, unwatch
 
 log = logging.getLogger("gpuexec")
 
-_OVERFLOW_WAIT_S = 10.0  # a reply announced in its ring is on its way: it comes at once,
-#                         unless its worker died while ZeroMQ was still sending it
-_OVERFLOW_GRACE_S = 0.05  # after a death, for what ZeroMQ may still be reading
-_OVERFLOW_SLICE_MS = 100  # the wait re-checks that the channel is not closing this often
+_INF = math.inf
 
 
-class ShmTransport(ZmqTransport):
+class ShmTransport(Transport):
     """Requests and replies through shared-memory rings; see the module docstring."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], req: zmq.Socket[bytes],
                  rep: zmq.Socket[bytes], topics: Sequence[bytes], table: CallTable,
                  sentinels: Sequence[int], shm: ShmDriverPath) -> None:
-        super().__init__(ctx, req, rep, topics, table, sentinels)
+        self._zmq = ZmqTransport(ctx, req, rep, topics, table, sentinels)  # the overflow
+        self._table = table
+        self._stats = table.stats
         self._shm = shm
         self._n_ranks = len(topics)
         self._shm_decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True,
@@ -83,7 +84,7 @@ class ShmTransport(ZmqTransport):
             return False
         if slot is None:  # pragma: no cover - a marker always fits a slot
             raise RuntimeError("the ring's slots cannot hold a marker")
-        self.publish(ranks, frames)
+        self._zmq.publish(ranks, frames)
         slot[:] = marker
         ring.publish()
         return True
@@ -106,40 +107,47 @@ class ShmTransport(ZmqTransport):
     def _recv(self, call: PendingCall | None, timeout: float | None) -> None:
         """Replies from the reply rings until ``call`` is done (or one round when ``call``
         is None), spinning ``spin`` seconds after the last reply, then asleep on the
-        doorbell; returns after ``timeout`` seconds at most (None: no limit)."""
+        doorbell; returns after ``timeout`` seconds at most (None: no limit). The wait
+        across every ring is one call into the ring core (:meth:`ShmDriverPath.gather`,
+        GIL released); it answers with the rings that hold a reply, as a bit mask."""
         shm = self._shm
         table = self._table
-        now = time.monotonic()
-        deadline = None if timeout is None else now + timeout
-        spin_until = now + shm.spin
+        gather = shm.gather
+        epoch = shm.epoch
         readers = shm.replies
+        now = time.monotonic()
+        deadline = _INF if timeout is None else now + timeout
+        spin_until = now + shm.spin
         while call is None or not call.done:
-            got = False
-            replies: list[Reply | Pong] = []
-            for reader in readers:
-                view = reader.try_read()
-                if view is not None:
-                    got = True
-                    reply = self._decode_packet(reader, view)
+            seen = epoch()  # before the checks: a poke after them ends the gather
+            if table.closing:
+                return
+            mask = gather(seen, spin_until, deadline)
+            if not mask:  # the deadline passed, or the doorbell was poked
+                if call is None or time.monotonic() >= deadline:
+                    return
+                continue
+            if mask & (mask - 1):  # several rings: their replies under one take of the lock
+                replies: list[Reply | Pong] = []
+                while mask:
+                    low = mask & -mask
+                    reply = self._read(readers[low.bit_length() - 1])
                     if reply is not None:
                         replies.append(reply)
-            if replies:  # every ring's reply of this pass under one take of the lock
-                table.deliver(replies)
-            now = time.monotonic()
-            if got:
-                if call is None:
-                    return
-                spin_until = now + shm.spin
-                continue
-            if deadline is not None and now >= deadline:
+                    mask ^= low
+                if replies:
+                    table.deliver(replies)
+            else:
+                reply = self._read(readers[mask.bit_length() - 1])
+                if reply is not None:
+                    table.deliver((reply,))
+            if call is None:
                 return
-            if now < spin_until:
-                continue
-            nap = 0.05 if deadline is None else min(0.05, deadline - now)
-            shm.doorbell.wait(lambda: shm.ready_reply() or (call is not None and call.done)
-                              or table.closing, nap)
-            if table.closing or (call is None and not shm.ready_reply()):
-                return
+            spin_until = time.monotonic() + shm.spin
+
+    def _read(self, reader: RingReader) -> Reply | Pong | None:
+        view = reader.try_read()
+        return None if view is None else self._decode_packet(reader, view)
 
     def _decode_packet(self, reader: RingReader, view: memoryview) -> Reply | Pong | None:
         """The reply in a ring packet, released from the ring; None when it was dropped,
@@ -150,13 +158,13 @@ class ShmTransport(ZmqTransport):
                 try:   # token: those come by ZeroMQ only)
                     return self._shm_decoder.decode_header(frame)
                 except MalformedMessage as e:
-                    return self.not_decoded(e)
+                    return self._zmq.not_decoded(e)
             kind, frames = packets.unpack(view)
             if kind == packets.BY_ZMQ:
                 reader.release()
                 self._overflow()
                 return None
-            return self.decode(frames, self._shm_decoder)
+            return self._zmq.decode(frames, self._shm_decoder)
         except (ValueError, struct.error) as e:
             if self._stats.count(getattr(e, "reason", "packet")) == 1:
                 log.warning("gpuexec: dropped a malformed reply packet (%s)", e)
@@ -167,35 +175,17 @@ class ShmTransport(ZmqTransport):
 
     def _overflow(self) -> None:
         """Receive and deliver the message a ``BY_ZMQ`` marker announced (caller holds
-        the pump lock). The worker sent it before it wrote the marker, so it is on its
-        way, unless the worker died while ZeroMQ was still sending it (a large message):
-        the wait ends when it arrives, shortly after any worker's death (the monitor
-        then fails the calls with ``WorkerDiedError``), when the channel closes, or after
-        ``_OVERFLOW_WAIT_S`` (dropped and counted as ``overflow_lost``). It never raises:
-        the caller may be the monitor thread, which must go on watching."""
-        rep, token = self._rep, self._wake_token
+        the pump lock): one a respawn's handshake already read (:meth:`dispatch`), else
+        the next from the reply socket. The wait ends when it arrives, shortly after any
+        worker's death (the monitor then fails the calls with ``WorkerDiedError``), when
+        the channel closes, or after a while (dropped and counted as
+        ``overflow_lost``)."""
         if self._stash:
-            super().dispatch(self._stash.popleft())
+            self._zmq.dispatch(self._stash.popleft())
             return
-        deadline = time.monotonic() + _OVERFLOW_WAIT_S
-        while not self._table.closing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            events = dict(self._overflow_poller.poll(
-                max(1, min(_OVERFLOW_SLICE_MS, int(left * 1000 + 0.999)))))
-            if events.pop(rep, 0):
-                try:
-                    frames = recv_frames(rep, zmq.NOBLOCK)
-                except zmq.Again:  # pragma: no cover - POLLIN means a whole message
-                    continue
-                if len(frames) == 1 and frames[0] == token:
-                    continue  # a wake-up frame: the loop re-checks the channel
-                super().dispatch(frames)
-                return
-            if events:  # a worker died: what ZeroMQ still holds comes within the grace
-                deadline = min(deadline, time.monotonic() + _OVERFLOW_GRACE_S)
-        if self._table.closing:  # shutting down: nobody waits for it any more
+        table = self._table
+        if self._zmq.receive_announced(lambda: table.closing, self._overflow_poller) or \
+                table.closing:  # shutting down: nobody waits for it any more
             return
         if self._stats.count("overflow_lost") == 1:
             log.warning("gpuexec: a reply announced in a reply ring never came by ZeroMQ "
@@ -206,9 +196,8 @@ class ShmTransport(ZmqTransport):
     def dispatch(self, frames: list[Any]) -> None:
         """A message the respawn's handshake read from the reply socket: over this
         transport every one is announced by a marker in a ring, which will take it."""
-        if len(frames) == 1 and frames[0] == self._wake_token:
-            return
-        self._stash.append(frames)
+        if not self._zmq.is_wake_up(frames):
+            self._stash.append(frames)
 
     def forget(self, rank: int, sentinel: int) -> ShmSpec | None:
         """Stop watching the dead worker and give its rank a place on the rings (the
@@ -220,13 +209,13 @@ class ShmTransport(ZmqTransport):
             reply = self._decode_packet(reader, view)
             if reply is not None:
                 self._table.deliver([reply])
-        super().forget(rank, sentinel)
+        self._zmq.forget(rank, sentinel)
         for poller in (self._sentinel_poller, self._overflow_poller):
             unwatch(poller, sentinel)
         return self._shm.replace_rank(rank)
 
     def adopt(self, sentinel: int) -> None:
-        super().adopt(sentinel)
+        self._zmq.adopt(sentinel)
         self._sentinel_poller.register(sentinel, zmq.POLLIN)
         self._overflow_poller.register(sentinel, zmq.POLLIN)
         self._shm.unlink()  # it has attached its reply ring: give up the path
@@ -234,9 +223,9 @@ class ShmTransport(ZmqTransport):
     # -- wake-up and close ---------------------------------------------------------
 
     def wake(self) -> None:
-        super().wake()
-        self._shm.doorbell.ring()
+        self._zmq.wake()
+        self._shm.doorbell.poke()
 
     def close(self) -> None:
-        super().close()
+        self._zmq.close()
         self._shm.close()

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -42,6 +43,11 @@ from .failures import undecodable_reply
 from .transport import Transport
 
 log = logging.getLogger("gpuexec")
+
+ANNOUNCED_WAIT_S = 10.0   # an announced message is on its way: it comes at once, unless
+#                          its sender died while ZeroMQ was still sending it
+_ANNOUNCED_GRACE_S = 0.05  # after a death, for what ZeroMQ may still be reading
+_ANNOUNCED_SLICE_MS = 100  # the wait re-checks that the channel is not closing this often
 
 
 class ZmqTransport(Transport):
@@ -155,6 +161,38 @@ class ZmqTransport(Transport):
         if self._stats.count(e.reason) == 1:
             log.warning("gpuexec: dropped a malformed reply (%s); counting further ones", e)
         return None
+
+    def receive_announced(self, closing: Callable[[], bool], watch: zmq.Poller) -> bool:
+        """Receive and deliver the next message of the reply socket, one another wire
+        announced (the shared-memory transport's ``BY_ZMQ`` marker: its sender sent it
+        first, so it is on its way). Waits until it comes, ``closing()``, or
+        ``ANNOUNCED_WAIT_S``; shortly after any descriptor of ``watch`` (which also
+        watches the reply socket) fires (a worker's death). False when it never came.
+        Never raises: the caller may be the monitor thread."""
+        rep, token = self._rep, self._wake_token
+        deadline = time.monotonic() + ANNOUNCED_WAIT_S
+        while not closing():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            events = dict(watch.poll(
+                max(1, min(_ANNOUNCED_SLICE_MS, int(left * 1000 + 0.999)))))
+            if events.pop(rep, 0):
+                try:
+                    frames = recv_frames(rep, zmq.NOBLOCK)
+                except zmq.Again:  # pragma: no cover - POLLIN means a whole message
+                    continue
+                if len(frames) == 1 and frames[0] == token:
+                    continue  # a wake-up frame: the loop re-checks the channel
+                self.dispatch(frames)
+                return True
+            if events:  # a worker died: what ZeroMQ still holds comes within the grace
+                deadline = min(deadline, time.monotonic() + _ANNOUNCED_GRACE_S)
+        return False
+
+    def is_wake_up(self, frames: list[Any]) -> bool:
+        """Whether ``frames`` is this transport's own wake-up frame."""
+        return len(frames) == 1 and frames[0] == self._wake_token
 
     # -- a rank replaced -------------------------------------------------------------
 

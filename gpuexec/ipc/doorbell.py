@@ -3,14 +3,11 @@ sleeps on (see :class:`Doorbell`)."""
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 
-from . import futex
-from .memfile import MemFile, fence
-
-_U32 = struct.Struct("<I")
+from . import ringcore
+from .memfile import MemFile
 
 
 class Doorbell:
@@ -21,7 +18,12 @@ class Doorbell:
     either the waiter sees the message or the writer sees the flag and wakes it. When the
     driver spins, replies from many workers therefore do not fight over one cache line.
     Ringing is then ``counter += 1`` (a lost increment between two writers is harmless:
-    only "it changed" matters, and every ring that sees the flag wakes)."""
+    only "it changed" matters, and every ring that sees the flag wakes).
+
+    :meth:`poke` moves the counter whether or not the waiter sleeps: the driver's own
+    threads (a death, shutdown) use it, and a waiter that took :meth:`epoch` before
+    checking its call returns at once (no wake-up is lost between the check and the
+    sleep). The handshakes themselves are the ring core's (:mod:`.ringcore`)."""
 
     SIZE = 128
     _COUNTER = 0
@@ -32,6 +34,9 @@ class Doorbell:
         self._m = MemFile(path, self.SIZE if path is None else None, "gpuexec-bell",
                           self.SIZE)
         self.path = self._m.path
+        self._core = ringcore.current()
+        self.view = self._m.view   # (view, base): the segment, for the core's gather
+        self.base = self._m.base
 
     @classmethod
     def create(cls) -> Doorbell:
@@ -39,30 +44,24 @@ class Doorbell:
 
     def ring(self) -> None:
         """Wake the waiter if it sleeps; call after publishing what it waits for."""
-        view = self._m.view
-        fence()  # what was published before reading the flag (Dekker)
-        if not _U32.unpack_from(view, self._SLEEPING)[0]:
-            return
-        _U32.pack_into(view, self._COUNTER, (_U32.unpack_from(view, self._COUNTER)[0] + 1)
-                       & 0xFFFFFFFF)
-        if futex.available():
-            futex.wake(self._m.base + self._COUNTER)
+        self._core.ring(self.view, self.base)
+
+    def poke(self) -> None:
+        """Move the counter and wake the waiter (see the class docstring)."""
+        self._core.poke(self.view, self.base)
+
+    def epoch(self) -> int:
+        """The counter now: a gather given it returns once it moves."""
+        return self._core.epoch(self.view, self.base)
 
     def wait(self, ready: Callable[[], bool], timeout: float) -> bool:
-        """Sleep until ``ready()`` (checked after announcing the sleep) or ``timeout``."""
-        view = self._m.view
-        _U32.pack_into(view, self._SLEEPING, 1)
-        fence()
-        expected = _U32.unpack_from(view, self._COUNTER)[0]
-        try:
-            if ready():
-                return True
-            if futex.available():
-                futex.wait(self._m.base + self._COUNTER, expected, timeout)
-            else:
-                time.sleep(min(timeout, 1e-3))
-        finally:
-            _U32.pack_into(view, self._SLEEPING, 0)
+        """Sleep until ``ready()`` (checked after announcing the sleep), a :meth:`poke`,
+        or ``timeout``."""
+        epoch = self.epoch()
+        if ready():
+            return True
+        self._core.gather((), (), self.view, self.base, epoch, 0.0,
+                          time.monotonic() + timeout)
         return ready()
 
     def unlink(self) -> None:

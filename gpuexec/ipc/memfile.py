@@ -1,9 +1,7 @@
-"""Memory shared between processes: anonymous memory files, and the barrier that orders
-Python's stores and loads in them.
+"""Memory shared between processes: anonymous memory files.
 
 A segment is a ``memfd_create`` file, never a name in /dev/shm: see :class:`MemFile`.
-:func:`fence` is the only memory barrier pure Python has; :mod:`.shm_ring` says when the
-ring protocol needs it, :mod:`.doorbell` uses it for its Dekker handshake.
+What orders stores and loads in them is the ring core's (:mod:`.ringcore`).
 """
 
 from __future__ import annotations
@@ -11,16 +9,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import threading
-
-_fence_lock = threading.Lock()
-
-
-def fence() -> None:
-    """A full memory barrier: taking and releasing a lock is an atomic read-modify-write
-    (``lock``-prefixed on x86; an acquire/release pair on ARM, CPython's mutexes)."""
-    with _fence_lock:  # not acquire()/release(): a signal between them would keep it
-        pass
 
 
 class MemFile:

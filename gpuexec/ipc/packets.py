@@ -76,6 +76,16 @@ def put(ring: RingWriter, frames: Sequence[Any], targets: Sequence[int] | None,
     """Write the packet for ``frames`` straight into ``ring``'s next slot and publish it;
     False when it does not fit in a slot (see :meth:`RingWriter.write`) or has more than
     ``MAX_FRAMES`` frames."""
+    if targets is None and len(frames) == 1 and type(frames[0]) is bytes:
+        frame = frames[0]  # almost every message (an encoded header): no views, no list
+        n = len(frame)
+        slot = ring.claim(_ONE.size + n, timeout, alive)
+        if slot is None:
+            return False
+        _ONE.pack_into(slot, 0, INLINE, 0, 1, n)
+        slot[_ONE.size:] = frame
+        ring.publish()
+        return True
     if len(frames) > MAX_FRAMES:
         return False
     head, views, size = measure(frames, targets)

@@ -45,46 +45,40 @@ Every futex wait also has a timeout, so even a lost wake-up is bounded. A reader
 when requests come regularly, sleeps only until just before the next one is due and
 spins across its expected arrival (see that module).
 
-Memory ordering: payload stores must be visible before ``write_seq`` (release), and a
-reader must read ``write_seq`` before the payload (acquire). Pure Python has no fence
-instruction; :func:`fence` takes and releases a lock, whose atomic read-modify-write is a
-full barrier on x86 (``lock``-prefixed) and an acquire/release pair on ARM (CPython's
-mutexes), which is what the publish/consume order needs. On x86 (TSO: loads are not
-reordered with loads, stores not with stores, nor a load with a later store) acquire and
-release need no instruction at all, only the compiler barrier that every interpreted
-operation already is, so there :data:`WEAK_ORDER` is false and those fences are skipped
-(one lock round trip less per message and per reply ring, on the hot path). The Dekker
-handshakes (a store, then a load of the other side's word) need the full fence
-everywhere, TSO included.
+Memory ordering and the waits are the ring core's (:mod:`.ringcore`): the compiled one
+publishes with a release store and reads with an acquire load, spins and sleeps with the
+GIL released; its pure-Python twin does the same on the same bytes with a lock as its
+fence. This module keeps the bookkeeping (sequences, slot offsets, the forecast) and asks
+the core for every load and store another process may race with.
+
+Version 4 is the first layout both cores share (the offsets above are also named in
+``_ringcore.c`` and ``ringcore_py.py``); a reader refuses a ring of another version.
 """
 
 from __future__ import annotations
 
-import platform
+import math
 import struct
 import time
 from collections.abc import Callable
 
 import msgspec
 
-from . import futex
+from . import ringcore
 from .forecast import ArrivalForecast
-from .memfile import MemFile, fence
+from .memfile import MemFile
 
 MAGIC = b"GPXRING1"
-VERSION = 3
+VERSION = 4
 _HEADER = struct.Struct("<8sIIII")   # magic, version, n_slots, slot_size, n_readers
 _WRITE_SEQ_OFF = 64
-_FUTEX_OFF = 72
 _SLEEPING_OFF = 128
 _LINE = 64
 _SLOT_HEADER = 16
 _PUBLISHED_OFF = 8      # in a slot: the publish time, CLOCK_MONOTONIC ns
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
-
-# Whether acquire/release orderings need a fence here (everywhere but x86).
-WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+_INF = math.inf
 
 
 class RingSpec(msgspec.Struct, frozen=True):
@@ -125,16 +119,20 @@ class RingWriter:
 
     def _bind(self, spec: RingSpec, mapped: MemFile) -> None:
         self._m = mapped
+        self._core = ringcore.current()
+        self._view = mapped.view
+        self._base = mapped.base
         self.spec = spec
+        self._n_slots = spec.n_slots
+        self._slot_size = spec.slot_size
+        self._n_readers = spec.n_readers
         self._seq = int(_U64.unpack_from(mapped.view, _WRITE_SEQ_OFF)[0])
         self._data = _data_offset(spec.n_readers)
-        first = _readers_offset(spec.n_readers)
-        self._readers = [first + _LINE * i for i in range(spec.n_readers)]
-        self._sleeping = slice(_SLEEPING_OFF, _SLEEPING_OFF + spec.n_readers)
-        self._awake = bytes(spec.n_readers)
+        self._first_reader = _readers_offset(spec.n_readers)
         self._min_read = 0  # the slowest reader's read_seq when last looked at
         self.max_message = spec.slot_size - _SLOT_HEADER
         self._claimed: memoryview | None = None  # the slot between claim() and publish()
+        self._claimed_off = 0                     # its offset in the segment
 
     @classmethod
     def attach(cls, spec: RingSpec) -> RingWriter:
@@ -160,8 +158,8 @@ class RingWriter:
         self._m.unlink()
 
     def _min_read_seq(self) -> int:
-        view = self._m.view
-        self._min_read = min(int(_U64.unpack_from(view, off)[0]) for off in self._readers)
+        self._min_read = self._core.min_read(self._view, self._base, self._first_reader,
+                                             self._n_readers)
         return self._min_read
 
     def write(self, payload: bytes | bytearray | memoryview, timeout: float | None = None,
@@ -189,39 +187,31 @@ class RingWriter:
         if n > self.max_message:
             return None
         seq = self._seq
-        oldest = seq - self.spec.n_slots  # the message whose slot this one takes
+        oldest = seq - self._n_slots  # the message whose slot this one takes
         if self._min_read <= oldest and self._min_read_seq() <= oldest:
             self._wait_for_space(seq, timeout, alive)
-        view = self._m.view
-        off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
-        _U32.pack_into(view, off, n)
-        self._claimed = view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
+        off = self._data + (seq % self._n_slots) * self._slot_size
+        _U32.pack_into(self._view, off, n)
+        self._claimed_off = off
+        self._claimed = self._view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
         return self._claimed
 
     def publish(self) -> None:
-        """Make the claimed slot readable and wake sleeping readers."""
+        """Make the claimed slot readable and wake sleeping readers (one call into the
+        core: the time stamp, the release store of the sequence, the fence, the wake)."""
         slot, self._claimed = self._claimed, None
         if slot is None:
             raise RuntimeError("nothing claimed")
         slot.release()
-        view = self._m.view
-        seq = self._seq
-        off = self._data + (seq % self.spec.n_slots) * self.spec.slot_size
-        _U64.pack_into(view, off + _PUBLISHED_OFF, time.monotonic_ns())
-        if WEAK_ORDER:
-            fence()  # the payload before the sequence (release)
-        self._seq = seq + 1
-        _U64.pack_into(view, _WRITE_SEQ_OFF, seq + 1)
-        _U32.pack_into(view, _FUTEX_OFF, (seq + 1) & 0xFFFFFFFF)
-        fence()  # the sequence before reading the sleeping flags (Dekker)
-        if view[self._sleeping] != self._awake and futex.available():
-            futex.wake(self._m.base + _FUTEX_OFF)
+        self._seq += 1
+        self._core.publish(self._view, self._base, self._claimed_off, self._seq,
+                           self._n_readers)
 
     def _wait_for_space(self, seq: int, timeout: float | None,
                         alive: Callable[[], bool] | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         nap = 1e-5
-        while self._min_read_seq() <= seq - self.spec.n_slots:
+        while self._min_read_seq() <= seq - self._n_slots:
             if alive is not None and not alive():
                 raise RingTimeout("a reader is gone")
             if deadline is not None and time.monotonic() >= deadline:
@@ -235,9 +225,9 @@ class RingWriter:
         and never sees what was addressed to its predecessor. Call it with the writer's
         lock held and before the new reader opens the ring (it reads its position once,
         when it opens)."""
-        view = self._m.view
-        view[_SLEEPING_OFF + index] = 0
-        _U64.pack_into(view, self._readers[index], self._seq)
+        self._view[_SLEEPING_OFF + index] = 0
+        self._core.release(self._view, self._base, self._first_reader + _LINE * index,
+                           self._seq)
         self._min_read = 0  # look again at every reader before the next claim
 
     def close(self) -> None:
@@ -264,42 +254,48 @@ class RingReader:
         self.spec = spec
         self.spin = spin
         self.forecast = forecast
+        self._core = ringcore.current()
+        self._view = self._m.view
+        self._base = self._m.base
+        self._n_slots = n_slots
+        self._slot_size = slot_size
         self._off = _readers_offset(n_readers) + _LINE * index
         self._flag = _SLEEPING_OFF + index
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
         self._data = _data_offset(n_readers)
         self._holding = False
 
-    def _published(self) -> int:
-        return int(_U64.unpack_from(self._m.view, _WRITE_SEQ_OFF)[0])
+    @property
+    def address(self) -> tuple[memoryview, int]:
+        """``(view, base)`` of the segment, for the core's gather over reply rings."""
+        return self._view, self._base
 
     def poll(self) -> bool:
         """Whether a message is waiting (no wait)."""
-        return self._published() > self._seq
+        return self._core.published(self._view, self._base) > self._seq
 
     def read(self, timeout: float | None = None) -> memoryview | None:
         """The next message, read in place (valid until :meth:`release`); None when
         ``timeout`` passes first."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
-        if self._published() <= self._seq and not self._wait(self._seq, timeout):
+        if self._core.published(self._view, self._base) <= self._seq and \
+                not self._wait(self._seq, timeout):
             return None
         return self._take()
 
     def try_read(self) -> memoryview | None:
         """The next message if one is waiting, else None at once (:meth:`poll` and
-        :meth:`read` in one look at the sequence: the driver's loop over reply rings)."""
+        :meth:`read` in one look at the sequence)."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
-        if self._published() <= self._seq:
+        if self._core.published(self._view, self._base) <= self._seq:
             return None
         return self._take()
 
     def _take(self) -> memoryview:
-        view = self._m.view
-        if WEAK_ORDER:
-            fence()  # the sequence before the payload (acquire)
-        off = self._data + (self._seq % self.spec.n_slots) * self.spec.slot_size
+        view = self._view
+        off = self._data + (self._seq % self._n_slots) * self._slot_size
         n = _U32.unpack_from(view, off)[0]
         if self.forecast is not None:
             self.forecast.observe(_U64.unpack_from(view, off + _PUBLISHED_OFF)[0] * 1e-9)
@@ -311,58 +307,29 @@ class RingReader:
         if not self._holding:
             return
         self._holding = False
-        if WEAK_ORDER:
-            fence()  # finish reading before the writer may reuse the slot
         self._seq += 1
-        _U64.pack_into(self._m.view, self._off, self._seq)
+        self._core.release(self._view, self._base, self._off, self._seq)
 
     def _wait(self, seq: int, timeout: float | None) -> bool:
+        """Wait for message ``seq``: the phases of :mod:`.forecast`, each one call into the
+        core (which spins and sleeps with the GIL released)."""
+        wait, view, base, flag = self._core.wait, self._view, self._base, self._flag
         start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
+        deadline = _INF if timeout is None else start + timeout
         window = self.forecast.window() if self.forecast is not None else None
         # Spin after a message unless the forecast says the next one is far off.
-        spin_until = start + self.spin if window is None or window[0] < start + self.spin \
-            else start
-        while time.monotonic() < spin_until:
-            if self._published() > seq:
+        if window is None or window[0] < start + self.spin:
+            if wait(view, base, seq, flag, min(start + self.spin, deadline), 0.0):
                 return True
         if window is not None and self.forecast is not None:
-            wake_at, spin_until = window
-            if deadline is not None:
-                wake_at, spin_until = min(wake_at, deadline), min(spin_until, deadline)
-            now = time.monotonic()
-            while wake_at > now:
-                if self._sleep(seq, wake_at - now):
+            wake_at, spin_until = min(window[0], deadline), min(window[1], deadline)
+            if wake_at > start:
+                if wait(view, base, seq, flag, 0.0, wake_at):
                     return True
-                now = time.monotonic()
-                if now >= wake_at:
-                    self.forecast.woke(wake_at, now)
-            while time.monotonic() < spin_until:
-                if self._published() > seq:
-                    return True
-        while True:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return False
-            if self._sleep(seq, 0.05 if deadline is None else min(0.05, deadline - now)):
+                self.forecast.woke(wake_at, time.monotonic())
+            if wait(view, base, seq, flag, spin_until, 0.0):
                 return True
-
-    def _sleep(self, seq: int, nap: float) -> bool:
-        """Futex sleep up to ``nap`` seconds; True once message ``seq`` is published."""
-        view = self._m.view
-        flag = self._flag
-        view[flag] = 1
-        fence()  # the flag before re-reading the sequence (Dekker)
-        expected = _U32.unpack_from(view, _FUTEX_OFF)[0]
-        if self._published() > seq:
-            view[flag] = 0
-            return True
-        if futex.available():
-            futex.wait(self._m.base + _FUTEX_OFF, expected, nap)
-        else:
-            time.sleep(min(nap, 1e-3))
-        view[flag] = 0
-        return self._published() > seq
+        return wait(view, base, seq, flag, 0.0, deadline)
 
     def close(self) -> None:
         self._m.close()

@@ -79,7 +79,7 @@ from .loading import build_worker, extend_class, resolve_class
 from .shutdown_hook import ShutdownHook
 from .stacks import open_stacks_channel
 from .stdio import drain_streams, install_prefix
-from .transport import ShmWorkerTransport, ZmqWorkerTransport
+from .transport import ShmWorkerTransport, WorkerTransport, ZmqWorkerTransport
 from .watchdog import start_watchdog
 
 log = logging.getLogger("gpuexec.worker")
@@ -167,7 +167,7 @@ class _Server:
                            shm_pid=spec.driver_pid, where="the worker")
 
         # The transport, chosen once (see .transport): the loop never asks which it has.
-        self.transport: ZmqWorkerTransport = ZmqWorkerTransport(
+        self.transport: WorkerTransport = ZmqWorkerTransport(
             sub, push, spec.rank, decoder(False), self._drop) if spec.shm is None else \
             ShmWorkerTransport(sub, push, spec.rank, decoder(False), self._drop, spec.shm,
                                decoder(True))

@@ -78,14 +78,16 @@ class ZmqWorkerTransport:
         send_frames(self.push, frames)
 
 
-class ShmWorkerTransport(ZmqWorkerTransport):
-    """Requests from the broadcast ring, replies into this worker's ring; ZeroMQ for what
-    does not fit a slot (see the module docstring)."""
+class ShmWorkerTransport:
+    """Requests from the broadcast ring, replies into this worker's ring; ZeroMQ (a
+    :class:`ZmqWorkerTransport` it holds) for what does not fit a slot (see the module
+    docstring)."""
 
     def __init__(self, sub: zmq.Socket[bytes], push: zmq.Socket[bytes], rank: int,
                  decoder: Decoder[ToWorker], drop: Drop, spec: ShmSpec,
                  ring_decoder: Decoder[ToWorker]) -> None:
-        super().__init__(sub, push, rank, decoder, drop)
+        self.zmq = ZmqWorkerTransport(sub, push, rank, decoder, drop)  # the overflow
+        self.drop = drop
         self.rank = rank
         self.ring_decoder = ring_decoder  # copies buffers: the ring slot is reused
         # Forecasting arrivals means spinning around them: only where spinning is allowed
@@ -104,11 +106,14 @@ class ShmWorkerTransport(ZmqWorkerTransport):
         if view is None:  # pragma: no cover - no timeout was given
             return None
         try:
+            frame = packets.single_frame(view)
+            if frame:  # one frame for every rank: almost every request
+                return self.ring_decoder.decode_header(frame)
             if not packets.for_rank(view, self.rank):
                 return None
             kind, frames = packets.unpack(view)
             if kind == packets.BY_ZMQ:
-                return super().next()
+                return self.zmq.next()
             if len(frames) > 1:
                 return self.ring_decoder.decode(frames)
             return self.ring_decoder.decode_header(frames[0])
@@ -123,8 +128,11 @@ class ShmWorkerTransport(ZmqWorkerTransport):
 
     def send(self, frames: list[Any]) -> None:
         if not packets.put(self.reply, frames, None):
-            send_frames(self.push, frames)  # too big for a slot: ZeroMQ, and a marker
+            self.zmq.send(frames)  # too big for a slot: ZeroMQ, and a marker
             self.reply.write(packets.pack_marker(None))
         self.doorbell.ring()
         if self.forecast is not None:  # the next request may be timed from this reply
             self.forecast.replied(time.monotonic())
+
+
+WorkerTransport = ZmqWorkerTransport | ShmWorkerTransport  # the request loop's wire

@@ -1,0 +1,468 @@
+/* The compiled ring core: the shared-memory hot path of gpuexec.ipc.shm_ring and
+ * gpuexec.ipc.doorbell with real atomics, a real futex, and the GIL released while it
+ * spins or sleeps.
+ *
+ * Every function here has a pure-Python twin in ringcore_py.py with the same name, the
+ * same arguments and the same effect on the same bytes (the layout is drawn in
+ * shm_ring.py): a compiled driver and a pure-Python worker share a ring. Each takes the
+ * segment's memoryview (used by the twin) and its base address (used here).
+ *
+ * Memory ordering (C11 model, GCC/Clang __atomic builtins):
+ *   publish   payload stores, then write_seq with RELEASE; then a SEQ_CST fence before
+ *             reading the sleeping flags (Dekker with a sleeping reader)
+ *   read      write_seq with ACQUIRE, then the payload
+ *   release   read_seq with RELEASE (the reads of the slot happen before the writer
+ *             may reuse it); the writer loads read_seq with ACQUIRE
+ *   sleep     flag store, SEQ_CST fence, re-check write_seq, FUTEX_WAIT (Dekker)
+ *
+ * Fork and signals: no thread, no lock, no static mutable state, so a fork at any
+ * moment leaves nothing behind. While spinning or sleeping the GIL is released; it is
+ * taken back after every futex wait (at most SLICE_S apart, and at once when a signal
+ * interrupts the wait) to run Python's signal handlers: an exception they raise
+ * (KeyboardInterrupt) leaves the wait. A spin is bounded by its caller (microseconds to
+ * milliseconds) and also stops to check signals every SLICE_S.
+ *
+ * Built against the limited API (abi3): one wheel for every CPython >= 3.10.
+ */
+#define Py_LIMITED_API 0x030A0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <math.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* The ring layout (shm_ring.py draws it; ringcore_py.py names the same numbers). */
+#define WRITE_SEQ_OFF 64
+#define FUTEX_OFF 72
+#define SLEEPING_OFF 128
+#define PUBLISHED_OFF 8
+#define ONE_READER_SEQ_OFF 192 /* read_seq of a ring with one reader (a reply ring) */
+/* The doorbell. */
+#define BELL_COUNTER 0
+#define BELL_SLEEPING 64
+
+#define SLICE_S 0.05 /* the longest the GIL stays released without a signal check */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint64_t *u64_at(uintptr_t base, uint64_t off) {
+    return (uint64_t *)(base + off);
+}
+
+static inline uint32_t *u32_at(uintptr_t base, uint64_t off) {
+    return (uint32_t *)(base + off);
+}
+
+static inline uint64_t load_acq(uintptr_t base, uint64_t off) {
+    return __atomic_load_n(u64_at(base, off), __ATOMIC_ACQUIRE);
+}
+
+/* FUTEX_WAIT (shared: the word is in a mapping of several processes). 0 when woken or
+ * the word already differed, else errno (ETIMEDOUT, EINTR). */
+static int futex_wait(uint32_t *addr, uint32_t expected, double seconds) {
+    struct timespec ts;
+    if (seconds < 0)
+        seconds = 0;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    long r = syscall(SYS_futex, addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+    if (r == 0 || errno == EAGAIN)
+        return 0;
+    return errno;
+}
+
+static void futex_wake(uint32_t *addr) {
+    syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* -- argument parsing ------------------------------------------------------------- */
+
+static int nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char *name) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want,
+                     nargs);
+        return 0;
+    }
+    return 1;
+}
+
+static int as_u64(PyObject *o, uint64_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return 0;
+    *out = (uint64_t)v;
+    return 1;
+}
+
+static int as_double(PyObject *o, double *out) {
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred())
+        return 0;
+    *out = v;
+    return 1;
+}
+
+/* -- the ring ---------------------------------------------------------------------- */
+
+static PyObject *core_fence(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    (void)args;
+    if (!nargs_ok(nargs, 0, "fence"))
+        return NULL;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+/* published(view, base) -> write_seq, loaded with acquire. */
+static PyObject *core_published(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base;
+    if (!nargs_ok(nargs, 2, "published") || !as_u64(args[1], &base))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(load_acq((uintptr_t)base, WRITE_SEQ_OFF));
+}
+
+/* publish(view, base, slot_off, seq, n_readers): stamp the slot, publish message
+ * ``seq - 1`` by storing write_seq = seq (release) and its futex word, then wake the
+ * readers if any sleeps (after a full fence: Dekker). */
+static PyObject *core_publish(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, slot_off, seq, n_readers;
+    if (!nargs_ok(nargs, 5, "publish") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &slot_off) || !as_u64(args[3], &seq) ||
+        !as_u64(args[4], &n_readers))
+        return NULL;
+    uintptr_t b = (uintptr_t)base;
+    __atomic_store_n(u64_at(b, slot_off + PUBLISHED_OFF), now_ns(), __ATOMIC_RELAXED);
+    __atomic_store_n(u64_at(b, WRITE_SEQ_OFF), seq, __ATOMIC_RELEASE);
+    __atomic_store_n(u32_at(b, FUTEX_OFF), (uint32_t)seq, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    const unsigned char *flags = (const unsigned char *)(b + SLEEPING_OFF);
+    for (uint64_t i = 0; i < n_readers; i++) {
+        if (__atomic_load_n(flags + i, __ATOMIC_RELAXED)) {
+            futex_wake(u32_at(b, FUTEX_OFF));
+            break;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* release(view, base, off, seq): store this reader's read_seq (release). */
+static PyObject *core_release(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, off, seq;
+    if (!nargs_ok(nargs, 4, "release") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &off) || !as_u64(args[3], &seq))
+        return NULL;
+    __atomic_store_n(u64_at((uintptr_t)base, off), seq, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+/* min_read(view, base, first_off, n_readers) -> the slowest reader's read_seq. */
+static PyObject *core_min_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, first, n;
+    if (!nargs_ok(nargs, 4, "min_read") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &first) || !as_u64(args[3], &n))
+        return NULL;
+    uint64_t lo = UINT64_MAX;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t v = load_acq((uintptr_t)base, first + 64 * i);
+        if (v < lo)
+            lo = v;
+    }
+    return PyLong_FromUnsignedLongLong(n ? lo : 0);
+}
+
+/* Take the GIL back for a moment and run signal handlers: -1 when one raised. */
+static int check_signals(PyThreadState **ts) {
+    PyEval_RestoreThread(*ts);
+    int r = PyErr_CheckSignals();
+    *ts = PyEval_SaveThread();
+    return r;
+}
+
+/* wait(view, base, seq, flag_off, spin_until, sleep_until) -> bool: True once
+ * write_seq > seq. Spins (GIL released) until ``spin_until``, then sleeps on the futex
+ * word with the Dekker handshake on this reader's flag until ``sleep_until`` (monotonic
+ * seconds; inf: no limit); False when that passes first. */
+static PyObject *core_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, seq, flag_off;
+    double spin_until, sleep_until;
+    if (!nargs_ok(nargs, 6, "wait") || !as_u64(args[1], &base) || !as_u64(args[2], &seq) ||
+        !as_u64(args[3], &flag_off) || !as_double(args[4], &spin_until) ||
+        !as_double(args[5], &sleep_until))
+        return NULL;
+    uintptr_t b = (uintptr_t)base;
+    if (load_acq(b, WRITE_SEQ_OFF) > seq)
+        Py_RETURN_TRUE;
+    int ok = 0, failed = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+    double check_at = now_s() + SLICE_S;
+    for (unsigned n = 0;; n++) {
+        if (load_acq(b, WRITE_SEQ_OFF) > seq) {
+            ok = 1;
+            break;
+        }
+        if ((n & 31) == 0) {
+            double t = now_s();
+            if (t >= spin_until)
+                break;
+            if (t >= check_at) {
+                if (check_signals(&ts) < 0) {
+                    failed = 1;
+                    break;
+                }
+                check_at = t + SLICE_S;
+            }
+        }
+        CPU_RELAX();
+    }
+    unsigned char *flag = (unsigned char *)(b + flag_off);
+    uint32_t *word = u32_at(b, FUTEX_OFF);
+    while (!ok && !failed) {
+        double left = sleep_until - now_s();
+        if (left <= 0)
+            break;
+        __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint32_t expected = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        if (load_acq(b, WRITE_SEQ_OFF) <= seq)
+            futex_wait(word, expected, left < SLICE_S ? left : SLICE_S);
+        __atomic_store_n(flag, 0, __ATOMIC_RELAXED);
+        if (load_acq(b, WRITE_SEQ_OFF) > seq) {
+            ok = 1;
+            break;
+        }
+        if (check_signals(&ts) < 0)
+            failed = 1;
+    }
+    PyEval_RestoreThread(ts);
+    if (failed)
+        return NULL;
+    return PyBool_FromLong(ok);
+}
+
+/* -- the doorbell and the gather ------------------------------------------------------ */
+
+/* ring(view, base): wake the doorbell's waiter if it sleeps (after a full fence). */
+static PyObject *core_ring(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base;
+    if (!nargs_ok(nargs, 2, "ring") || !as_u64(args[1], &base))
+        return NULL;
+    uintptr_t b = (uintptr_t)base;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(u32_at(b, BELL_SLEEPING), __ATOMIC_RELAXED))
+        Py_RETURN_NONE;
+    __atomic_fetch_add(u32_at(b, BELL_COUNTER), 1, __ATOMIC_SEQ_CST);
+    futex_wake(u32_at(b, BELL_COUNTER));
+    Py_RETURN_NONE;
+}
+
+/* poke(view, base): move the counter whether or not the waiter sleeps, and wake it:
+ * a gather that took its epoch before this returns at once. */
+static PyObject *core_poke(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base;
+    if (!nargs_ok(nargs, 2, "poke") || !as_u64(args[1], &base))
+        return NULL;
+    uintptr_t b = (uintptr_t)base;
+    __atomic_fetch_add(u32_at(b, BELL_COUNTER), 1, __ATOMIC_SEQ_CST);
+    futex_wake(u32_at(b, BELL_COUNTER));
+    Py_RETURN_NONE;
+}
+
+/* epoch(view, base) -> the doorbell's counter, to hand to gather(). */
+static PyObject *core_epoch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base;
+    if (!nargs_ok(nargs, 2, "epoch") || !as_u64(args[1], &base))
+        return NULL;
+    return PyLong_FromUnsignedLong(
+        __atomic_load_n(u32_at((uintptr_t)base, BELL_COUNTER), __ATOMIC_ACQUIRE));
+}
+
+/* Which of the reply rings hold a message: bit i of the mask for ring i. */
+static int ready_mask(const uintptr_t *bases, Py_ssize_t n, uint64_t *mask, Py_ssize_t words) {
+    int any = 0;
+    for (Py_ssize_t w = 0; w < words; w++)
+        mask[w] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (load_acq(bases[i], WRITE_SEQ_OFF) > load_acq(bases[i], ONE_READER_SEQ_OFF)) {
+            mask[i / 64] |= 1ull << (i % 64);
+            any = 1;
+        }
+    }
+    return any;
+}
+
+static PyObject *mask_to_int(const uint64_t *mask, Py_ssize_t words) {
+    PyObject *out = PyLong_FromUnsignedLongLong(mask[words - 1]);
+    for (Py_ssize_t w = words - 2; out != NULL && w >= 0; w--) {
+        PyObject *shift = PyLong_FromLong(64);
+        PyObject *low = PyLong_FromUnsignedLongLong(mask[w]);
+        PyObject *shifted = shift ? PyNumber_Lshift(out, shift) : NULL;
+        PyObject *joined = (shifted && low) ? PyNumber_Or(shifted, low) : NULL;
+        Py_XDECREF(shift);
+        Py_XDECREF(low);
+        Py_XDECREF(shifted);
+        Py_DECREF(out);
+        out = joined;
+    }
+    return out;
+}
+
+/* gather(views, bases, bell_view, bell_base, epoch, spin_until, sleep_until) -> mask:
+ * bit i set when reply ring i (a ring of one reader) holds a message. Spins over the
+ * rings (GIL released) until ``spin_until``, then sleeps on the doorbell with its
+ * handshake until ``sleep_until``; 0 when that passes, or at once when the doorbell's
+ * counter is no longer ``epoch`` (poked: the caller re-checks its call). */
+static PyObject *core_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t bell, epoch;
+    double spin_until, sleep_until;
+    if (!nargs_ok(nargs, 7, "gather") || !as_u64(args[3], &bell) ||
+        !as_u64(args[4], &epoch) || !as_double(args[5], &spin_until) ||
+        !as_double(args[6], &sleep_until))
+        return NULL;
+    PyObject *seq = args[1];
+    if (!PyTuple_Check(seq)) {
+        PyErr_SetString(PyExc_TypeError, "gather() wants a tuple of ring addresses");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_Size(seq); /* 0: sleep on the doorbell alone */
+    Py_ssize_t words = n > 0 ? (n + 63) / 64 : 1;
+    uintptr_t small_bases[64];
+    uint64_t small_mask[1];
+    uintptr_t *bases = n <= 64 ? small_bases : PyMem_Malloc(sizeof(uintptr_t) * (size_t)n);
+    uint64_t *mask = words == 1 ? small_mask : PyMem_Malloc(sizeof(uint64_t) * (size_t)words);
+    PyObject *out = NULL;
+    if (bases == NULL || mask == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t v;
+        if (!as_u64(PyTuple_GetItem(seq, i), &v))
+            goto done;
+        bases[i] = (uintptr_t)v;
+    }
+    uintptr_t b = (uintptr_t)bell;
+    uint32_t *counter = u32_at(b, BELL_COUNTER);
+    uint32_t *sleeping = u32_at(b, BELL_SLEEPING);
+    int any = ready_mask(bases, n, mask, words);
+    int failed = 0;
+    if (!any) {
+        PyThreadState *ts = PyEval_SaveThread();
+        double check_at = now_s() + SLICE_S;
+        for (unsigned k = 0;; k++) {
+            if ((any = ready_mask(bases, n, mask, words)))
+                break;
+            if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != (uint32_t)epoch)
+                break;
+            if ((k & 15) == 0) {
+                double t = now_s();
+                if (t >= spin_until)
+                    break;
+                if (t >= check_at) {
+                    if (check_signals(&ts) < 0) {
+                        failed = 1;
+                        break;
+                    }
+                    check_at = t + SLICE_S;
+                }
+            }
+            CPU_RELAX();
+        }
+        while (!any && !failed) {
+            if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != (uint32_t)epoch)
+                break;
+            double left = sleep_until - now_s();
+            if (left <= 0)
+                break;
+            __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            uint32_t expected = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
+            if (expected == (uint32_t)epoch && !ready_mask(bases, n, mask, words))
+                futex_wait(counter, expected, left < SLICE_S ? left : SLICE_S);
+            __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
+            if ((any = ready_mask(bases, n, mask, words)))
+                break;
+            if (check_signals(&ts) < 0)
+                failed = 1;
+        }
+        PyEval_RestoreThread(ts);
+    }
+    if (!failed)
+        out = any ? mask_to_int(mask, words) : PyLong_FromLong(0);
+done:
+    if (bases != NULL && bases != small_bases)
+        PyMem_Free(bases);
+    if (mask != NULL && mask != small_mask)
+        PyMem_Free(mask);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"fence", (PyCFunction)(void (*)(void))core_fence, METH_FASTCALL, "A full memory barrier."},
+    {"published", (PyCFunction)(void (*)(void))core_published, METH_FASTCALL,
+     "published(view, base) -> write_seq (acquire)."},
+    {"publish", (PyCFunction)(void (*)(void))core_publish, METH_FASTCALL,
+     "publish(view, base, slot_off, seq, n_readers): stamp, publish, wake sleepers."},
+    {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL,
+     "release(view, base, off, seq): store a reader's read_seq (release)."},
+    {"min_read", (PyCFunction)(void (*)(void))core_min_read, METH_FASTCALL,
+     "min_read(view, base, first_off, n_readers) -> the slowest reader's read_seq."},
+    {"wait", (PyCFunction)(void (*)(void))core_wait, METH_FASTCALL,
+     "wait(view, base, seq, flag_off, spin_until, sleep_until) -> bool."},
+    {"ring", (PyCFunction)(void (*)(void))core_ring, METH_FASTCALL,
+     "ring(view, base): wake the doorbell's waiter if it sleeps."},
+    {"poke", (PyCFunction)(void (*)(void))core_poke, METH_FASTCALL,
+     "poke(view, base): move the doorbell's counter and wake its waiter."},
+    {"epoch", (PyCFunction)(void (*)(void))core_epoch, METH_FASTCALL,
+     "epoch(view, base) -> the doorbell's counter."},
+    {"gather", (PyCFunction)(void (*)(void))core_gather, METH_FASTCALL,
+     "gather(views, bases, bell_view, bell_base, epoch, spin_until, sleep_until) -> mask."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ringcore",
+    "The compiled ring core (see ringcore.py for the interface both cores share).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__ringcore(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "NAME", "compiled") < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

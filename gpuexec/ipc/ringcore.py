@@ -1,0 +1,117 @@
+"""Which ring core runs the shared-memory hot path: the compiled one or its pure-Python
+twin. Both speak the same bytes, so either side of a ring may run either.
+
+The compiled core (``_ringcore``, C against Python's limited API: one abi3 build for
+every CPython >= 3.10) has real acquire/release atomics, a real futex, and releases the
+GIL while it spins or sleeps; :mod:`.ringcore_py` does the same with a lock as its fence
+and ctypes for the futex. Every function takes ``(view, base, ...)``: the segment's
+memoryview (the twin's way in) and its address (the compiled core's).
+
+The choice is made once per process, when the first ring is built, from
+``GPUEXEC_CORE``: ``auto`` (the default: compiled when it is built), ``compiled``
+(:class:`~gpuexec.errors.ConfigError` when it is not) or ``python``. A driver falling
+back from ``auto`` says so in one log line (:func:`announce`); ``gpuexec doctor`` shows
+which core runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Protocol, cast
+
+from ..errors import ConfigError
+
+log = logging.getLogger("gpuexec")
+
+ENV = "GPUEXEC_CORE"
+CHOICES = ("auto", "compiled", "python")
+
+
+class Core(Protocol):
+    """The functions both cores define (see ``_ringcore.c`` for each one's contract)."""
+
+    NAME: str
+
+    def fence(self) -> None: ...
+    def published(self, view: memoryview, base: int) -> int: ...
+    def publish(self, view: memoryview, base: int, slot_off: int, seq: int,
+                n_readers: int) -> None: ...
+    def release(self, view: memoryview, base: int, off: int, seq: int) -> None: ...
+    def min_read(self, view: memoryview, base: int, first_off: int,
+                 n_readers: int) -> int: ...
+    def wait(self, view: memoryview, base: int, seq: int, flag_off: int,
+             spin_until: float, sleep_until: float) -> bool: ...
+    def ring(self, view: memoryview, base: int) -> None: ...
+    def poke(self, view: memoryview, base: int) -> None: ...
+    def epoch(self, view: memoryview, base: int) -> int: ...
+    def gather(self, views: tuple[memoryview, ...], bases: tuple[int, ...],
+               bell_view: memoryview, bell_base: int, epoch: int, spin_until: float,
+               sleep_until: float) -> int: ...
+
+
+_current: Core | None = None
+_why_not = ""          # why the compiled core could not be loaded ("" if it was)
+_announced = False
+
+
+def _compiled() -> Core | None:
+    global _why_not
+    try:
+        return cast(Core, importlib.import_module("gpuexec.ipc._ringcore"))
+    except ImportError as e:
+        _why_not = str(e) or type(e).__name__
+        return None
+
+
+def load(choice: str) -> Core:
+    """The core for ``choice`` (one of :data:`CHOICES`)."""
+    if choice not in CHOICES:
+        raise ConfigError(f"{ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice != "python":
+        core = _compiled()
+        if core is not None:
+            return core
+        if choice == "compiled":
+            raise ConfigError(f"{ENV}=compiled, but the compiled ring core is not "
+                                  f"built ({_why_not})")
+    return cast(Core, importlib.import_module("gpuexec.ipc.ringcore_py"))
+
+
+def current() -> Core:
+    """This process's core, chosen on first use (see the module docstring)."""
+    global _current
+    if _current is None:
+        _current = load(os.environ.get(ENV, "auto").strip().lower() or "auto")
+    return _current
+
+
+def select(choice: str) -> Core:
+    """Make ``choice`` this process's core for rings built from now on (tests, bench)."""
+    global _current
+    _current = load(choice)
+    return _current
+
+
+def describe() -> str:
+    """Which core runs here and, for the fallback, why (``gpuexec doctor``)."""
+    core = current()
+    if core.NAME == "compiled":
+        return "compiled (C, abi3)"
+    if _why_not:
+        return f"pure Python (the compiled core is not built: {_why_not})"
+    return f"pure Python ({ENV}=python)"
+
+
+def announce() -> None:
+    """Log, once per process, that the pure-Python fallback runs because the compiled
+    core is not built (an explicit ``GPUEXEC_CORE=python`` is not announced)."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    if current().NAME != "compiled" and _why_not:
+        log.warning("gpuexec: the compiled ring core is not built (%s); shared memory runs "
+                    "on the pure-Python core (same behaviour, slower; see README: "
+                    "Installing)", _why_not)

@@ -1,0 +1,170 @@
+"""The ring core in pure Python: the twin of the compiled ``_ringcore`` (same names, same
+arguments, same bytes; see :mod:`.ringcore`), used where that is not built.
+
+Each function takes the segment's memoryview (used here) and its base address (used for
+futex calls, and by the compiled twin for everything). Pure Python has no fence
+instruction: :func:`fence` takes and releases a lock, a full barrier; acquire and release
+orderings need it only where stores and loads may be reordered (:data:`WEAK_ORDER`, not
+x86: there every interpreted operation is already the compiler barrier TSO needs).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import struct
+import threading
+import time
+
+from . import futex
+
+NAME = "python"
+
+# The layout (drawn in shm_ring.py); the compiled twin names the same numbers.
+WRITE_SEQ_OFF = 64
+FUTEX_OFF = 72
+SLEEPING_OFF = 128
+PUBLISHED_OFF = 8
+ONE_READER_SEQ_OFF = 192   # read_seq of a ring with one reader (a reply ring)
+BELL_COUNTER = 0
+BELL_SLEEPING = 64
+_SLICE_S = 0.05             # the longest one futex wait lasts
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_u64 = _U64.unpack_from
+_u32 = _U32.unpack_from
+
+# Whether acquire/release orderings need a fence here (everywhere but x86).
+WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier: taking and releasing a lock is an atomic read-modify-write
+    (``lock``-prefixed on x86; an acquire/release pair on ARM, CPython's mutexes)."""
+    with _fence_lock:  # not acquire()/release(): a signal between them would keep it
+        pass
+
+
+def published(view: memoryview, base: int) -> int:
+    seq: int = _u64(view, WRITE_SEQ_OFF)[0]
+    if WEAK_ORDER:
+        fence()  # the sequence before the payload (acquire)
+    return seq
+
+
+def publish(view: memoryview, base: int, slot_off: int, seq: int, n_readers: int) -> None:
+    _U64.pack_into(view, slot_off + PUBLISHED_OFF, time.monotonic_ns())
+    if WEAK_ORDER:
+        fence()  # the payload before the sequence (release)
+    _U64.pack_into(view, WRITE_SEQ_OFF, seq)
+    _U32.pack_into(view, FUTEX_OFF, seq & 0xFFFFFFFF)
+    fence()  # the sequence before reading the sleeping flags (Dekker)
+    if any(view[SLEEPING_OFF:SLEEPING_OFF + n_readers]) and futex.available():
+        futex.wake(base + FUTEX_OFF)
+
+
+def release(view: memoryview, base: int, off: int, seq: int) -> None:
+    if WEAK_ORDER:
+        fence()  # finish reading the slot before the writer may reuse it
+    _U64.pack_into(view, off, seq)
+
+
+def min_read(view: memoryview, base: int, first_off: int, n_readers: int) -> int:
+    lo = min(_u64(view, first_off + 64 * i)[0] for i in range(n_readers))
+    if WEAK_ORDER:
+        fence()
+    return int(lo)
+
+
+def wait(view: memoryview, base: int, seq: int, flag_off: int, spin_until: float,
+         sleep_until: float) -> bool:
+    """True once ``write_seq > seq``: spin until ``spin_until``, then futex sleeps with
+    the Dekker handshake on the flag at ``flag_off`` until ``sleep_until`` (inf: no
+    limit); False when that passes first."""
+    monotonic = time.monotonic
+    while True:
+        if _u64(view, WRITE_SEQ_OFF)[0] > seq:
+            return True
+        if monotonic() >= spin_until:
+            break
+    while True:
+        left = sleep_until - monotonic()
+        if left <= 0:
+            return False
+        view[flag_off] = 1
+        fence()  # the flag before re-reading the sequence (Dekker)
+        expected = _u32(view, FUTEX_OFF)[0]
+        if _u64(view, WRITE_SEQ_OFF)[0] <= seq:
+            nap = _SLICE_S if math.isinf(left) else min(left, _SLICE_S)
+            if futex.available():
+                futex.wait(base + FUTEX_OFF, expected, nap)
+            else:
+                time.sleep(min(nap, 1e-3))
+        view[flag_off] = 0
+        if _u64(view, WRITE_SEQ_OFF)[0] > seq:
+            if WEAK_ORDER:
+                fence()
+            return True
+
+
+def ring(view: memoryview, base: int) -> None:
+    fence()  # what was published before reading the flag (Dekker)
+    if _u32(view, BELL_SLEEPING)[0]:
+        poke(view, base)
+
+
+def poke(view: memoryview, base: int) -> None:
+    _U32.pack_into(view, BELL_COUNTER, (_u32(view, BELL_COUNTER)[0] + 1) & 0xFFFFFFFF)
+    if futex.available():
+        futex.wake(base + BELL_COUNTER)
+
+
+def epoch(view: memoryview, base: int) -> int:
+    return int(_u32(view, BELL_COUNTER)[0])
+
+
+def _ready(views: tuple[memoryview, ...]) -> int:
+    mask = 0
+    for i, v in enumerate(views):
+        if _u64(v, WRITE_SEQ_OFF)[0] > _u64(v, ONE_READER_SEQ_OFF)[0]:
+            mask |= 1 << i
+    return mask
+
+
+def gather(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: memoryview,
+           bell_base: int, epoch: int, spin_until: float, sleep_until: float) -> int:
+    """Bit i set when reply ring i holds a message: spin over the rings until
+    ``spin_until``, then sleep on the doorbell until ``sleep_until``; 0 when that passes
+    or at once when the doorbell's counter is no longer ``epoch``."""
+    monotonic = time.monotonic
+    while True:
+        mask = _ready(views)
+        if mask or _u32(bell_view, BELL_COUNTER)[0] != epoch:
+            break
+        if monotonic() >= spin_until:
+            break
+    while not mask:
+        if _u32(bell_view, BELL_COUNTER)[0] != epoch:
+            return 0
+        left = sleep_until - monotonic()
+        if left <= 0:
+            return 0
+        _U32.pack_into(bell_view, BELL_SLEEPING, 1)
+        fence()
+        expected = _u32(bell_view, BELL_COUNTER)[0]
+        try:
+            if expected == epoch and not _ready(views):
+                nap = _SLICE_S if math.isinf(left) else min(left, _SLICE_S)
+                if futex.available():
+                    futex.wait(bell_base + BELL_COUNTER, expected, nap)
+                else:
+                    time.sleep(min(nap, 1e-3))
+        finally:
+            _U32.pack_into(bell_view, BELL_SLEEPING, 0)
+        mask = _ready(views)
+    if WEAK_ORDER:
+        fence()
+    return mask

@@ -1,0 +1,24 @@
+"""The compiled ring core (gpuexec/ipc/_ringcore.c): an optional extension.
+
+Built against Python's limited API (one abi3 build for every CPython >= 3.10) with the C
+compiler and Python headers of the machine (Debian/Ubuntu: ``build-essential
+python3-dev``). When it cannot be built, the install goes on without it (``optional``)
+and gpuexec runs its pure-Python twin, saying so in one log line; ``gpuexec doctor``
+shows which one runs. Everything else about the package is in pyproject.toml.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "gpuexec.ipc._ringcore",
+            ["gpuexec/ipc/_ringcore.c"],
+            define_macros=[("Py_LIMITED_API", "0x030A0000")],
+            extra_compile_args=["-O2", "-std=gnu11"],
+            py_limited_api=True,
+            optional=True,
+        )
+    ],
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
