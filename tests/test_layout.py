@@ -40,6 +40,8 @@ LONG_MODULES = {
     "gpuexec.worker.cuda_driver": "one ctypes binding per libcuda entry point, nothing else",
     "gpuexec.executor.executor": "the public Executor: its constructor's docstring is the "
                                  "reference for every option",
+    "gpuexec.executor.channel": "the driver's three locks, their written order and every "
+                                "path that takes them (send, wait, close), side by side",
     "gpuexec.executor.calls": "how a call ends, under the call table's one lock: results, "
                               "failures, timeouts, cancellations and their watches",
 }

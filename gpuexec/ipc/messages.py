@@ -39,6 +39,7 @@ Hot messages (``Call``, ``Reply``) are ``array_like`` to keep the msgpack small.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 import msgspec
@@ -141,6 +142,26 @@ class Failure(msgspec.Struct, frozen=True, array_like=True):
         except UnicodeEncodeError:
             return cls(_to_latin1(type_name), _to_latin1(message), _to_latin1(traceback),
                        value, True)
+
+    @classmethod
+    def of(cls, exc: BaseException, value: ValueFault | None = None) -> Failure:
+        """``exc`` as it crosses to the driver (the worker's side). Never raises: an
+        exception whose ``__str__`` raises is reported as such (the worker lives on), and
+        texts with lone surrogates arrive unchanged (see :meth:`make`)."""
+        t = type(exc)
+        name = t.__qualname__ if t.__module__ == "builtins" else \
+            f"{t.__module__}.{t.__qualname__}"
+        try:
+            message = str(exc)
+            if type(message) is not str:  # a __str__ returning a str subclass
+                message = str.__str__(message)
+        except BaseException as e:
+            message = f"<str() of the {name} raised {type(e).__qualname__}>"
+        try:
+            tb = "".join(traceback.format_exception(exc))
+        except BaseException as e:
+            tb = f"<the traceback could not be formatted: {type(e).__qualname__}>"
+        return cls.make(name, message, tb, value)
 
     def texts(self) -> tuple[str, str, str]:
         """``(type_name, message, traceback)`` exactly as the worker had them."""

@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -90,25 +89,6 @@ _NESTED_EXIT_S = 3.0  # how long an exiting worker waits for executors it built 
 _ALL = ALL_TOPIC[0]
 _hook: ShutdownHook | None = None  # set once the worker is built; read by _terminated
 _replies: ReplyGate | None = None  # the reply gate, closed by _terminated before the hook
-
-
-def failure_from(exc: BaseException, value: ValueFault | None = None) -> Failure:
-    """``exc`` as it crosses to the driver. Never raises: an exception whose ``__str__``
-    raises is reported as such (the worker lives on), and texts with lone surrogates
-    arrive unchanged (see :meth:`Failure.make`)."""
-    t = type(exc)
-    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    try:
-        message = str(exc)
-        if type(message) is not str:  # a __str__ returning a str subclass
-            message = str.__str__(message)
-    except BaseException as e:
-        message = f"<str() of the {name} raised {type(e).__qualname__}>"
-    try:
-        tb = "".join(traceback.format_exception(exc))
-    except BaseException as e:
-        tb = f"<the traceback could not be formatted: {type(e).__qualname__}>"
-    return Failure.make(name, message, tb, value)
 
 
 def _setup_process(spec: WorkerSpec) -> None:
@@ -242,13 +222,13 @@ class _Server:
             if self.worker is not None:
                 self.worker.on_peers_replaced(list(msg.replaced))
         except BaseException as e:
-            return Reply(msg.call_id, self.rank, error=failure_from(e))
+            return Reply(msg.call_id, self.rank, error=Failure.of(e))
         return Reply(msg.call_id, self.rank, None)
 
     def _cancelled(self, call: Call) -> Reply:
         """The answer to a call cancelled before it started or as its method returned."""
         return Reply(call.call_id, self.rank,
-                     error=failure_from(CallCancelled(call.call_id, call.method)))
+                     error=Failure.of(CallCancelled(call.call_id, call.method)))
 
     def _function(self, blob: bytes) -> Callable[..., Any]:
         fn = self._fns.get(blob)
@@ -273,14 +253,14 @@ class _Server:
             try:
                 value = future.result()
             except BaseException as e:  # CancelledError is a BaseException
-                return Reply(call.call_id, self.rank, error=failure_from(e))
+                return Reply(call.call_id, self.rank, error=Failure.of(e))
             return Reply(call.call_id, self.rank, value if keep else None)
 
         return finish
 
     def _refused_future(self, call: Call) -> Callable[[BaseException], Reply]:
         """The reply to ``call`` when its Future refused the done callback."""
-        return lambda e: Reply(call.call_id, self.rank, error=failure_from(e))
+        return lambda e: Reply(call.call_id, self.rank, error=Failure.of(e))
 
     def _run(self, call: Call) -> Reply | Future[Any]:
         """Run ``call``; its reply, or the Future the method returned (reply deferred)."""
@@ -295,7 +275,7 @@ class _Server:
             else:
                 value = self._method(call.method)(*call.args, **call.kwargs)
         except BaseException as e:  # SystemExit too: the worker lives on
-            return Reply(call.call_id, self.rank, error=failure_from(e))
+            return Reply(call.call_id, self.rank, error=Failure.of(e))
         if isinstance(value, Future):
             return value
         keep = call.value_rank < 0 or call.value_rank == self.rank
@@ -307,10 +287,10 @@ class _Server:
             _check_sizes(frames, self.max_message_size)
         except BaseException as e:
             if isinstance(e, ValueNotCarriedError):
-                failure = failure_from(e, ValueFault(e.path, e.type_name,
+                failure = Failure.of(e, ValueFault(e.path, e.type_name,
                                                      f"{e.reason} (in the worker)"))
             else:
-                failure = failure_from(TypeError(
+                failure = Failure.of(TypeError(
                     f"the result of {method!r} cannot be sent back: {e!r}"))
             frames = self.encoder.encode(Reply(reply.call_id, self.rank, error=failure))
         self.transport.send(frames)
@@ -374,7 +354,7 @@ def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
             report = merge_reports(report, init_device(spec))
     except BaseException as e:  # SystemExit in __init__ is a start-up failure too
         push.send_multipart(handshake.encode(StartupFailed(
-            PROTOCOL_VERSION, spec.rank, os.getpid(), stage, failure_from(e))))
+            PROTOCOL_VERSION, spec.rank, os.getpid(), stage, Failure.of(e))))
         push.close(linger=2000)
         sub.close(linger=0)
         ctx.term()
