@@ -21,7 +21,6 @@ minutes on 2 cores.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import itertools
 import logging
@@ -38,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_out_option, machine, print_table, write_json
+from _common import add_out_option, arg_parser, machine, print_table, write_json
 
 from gpuexec import Executor, Worker, WorkerDiedError
 
@@ -156,8 +155,7 @@ def ctrl_c_once(script: Path, kind: str, method: str) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--trials", type=int, default=20, help="cancels per measurement")
     ap.add_argument("--stuck-trials", type=int, default=5, help="kills per transport")
     ap.add_argument("--methods", default="zygote,fork",

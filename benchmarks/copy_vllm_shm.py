@@ -5,16 +5,18 @@
 handful of vLLM modules it imports are replaced by the few names it uses from them
 (``sched_yield`` is vLLM's own code; the logger, the platform and the network helpers
 are only touched to create the queue, never on its hot path). Usage:
-``python benchmarks/copy_vllm_shm.py --vllm-venv .venv-vllm --out benchmarks/out/vllm_shm``.
+``python benchmarks/copy_vllm_shm.py --vllm-venv .venv-vllm`` (writes
+``benchmarks/out/vllm_shm``).
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import shutil
 import sys
 from pathlib import Path
+
+from _common import OUT, arg_parser
 
 STUBS = {
     "vllm/__init__.py": "",
@@ -55,9 +57,9 @@ STUBS = {
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-venv", default=".venv-vllm", help="a venv with vLLM installed")
-    ap.add_argument("--out", required=True, metavar="DIR",
+    ap.add_argument("--out", default=str(OUT / "vllm_shm"), metavar="DIR",
                     help="directory to write the package into")
     args = ap.parse_args()
     found = glob.glob(f"{args.vllm_venv}/lib/python3*/site-packages/vllm/distributed/"

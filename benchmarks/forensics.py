@@ -18,7 +18,6 @@ Usage: ``python benchmarks/forensics.py [--trials 20] [--sizes 1,2,4,8] [--out D
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_out_option, machine, print_table, time_calls, write_json
+from _common import add_out_option, arg_parser, machine, print_table, time_calls, write_json
 
 from gpuexec import Executor, Worker
 from gpuexec.executor.metrics import CallMetrics
@@ -110,10 +109,11 @@ def metrics_cost(loops: int) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--sizes", default="1,2,4,8")
-    ap.add_argument("--loops", type=int, default=200_000)
+    ap = arg_parser(__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20, help="stack collections per size")
+    ap.add_argument("--sizes", default="1,2,4,8", help="world sizes, comma-separated")
+    ap.add_argument("--loops", type=int, default=200_000,
+                    help="calls timed for the metrics overhead")
     add_out_option(ap)
     args = ap.parse_args()
     results: dict[str, Any] = {"stacks": {}, "metrics": {}}

@@ -26,7 +26,6 @@ Usage: ``python benchmarks/hot_path.py [--sizes 1,2,4,8] [--calls 2000] [--out D
 
 from __future__ import annotations
 
-import argparse
 import mmap
 import multiprocessing as mp
 import os
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
-from _common import add_out_option, machine, print_table, time_calls, write_json
+from _common import add_out_option, arg_parser, machine, print_table, time_calls, write_json
 
 from gpuexec import Executor, Worker
 from gpuexec.ipc import ringcore
@@ -217,7 +216,7 @@ def vllm_round_trip(world: int, calls: int, warmup: int) -> dict[str, float] | s
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,2,4,8", help="world sizes, comma-separated")
     ap.add_argument("--calls", type=int, default=2000, help="timed calls per measurement")
     ap.add_argument("--warmup", type=int, default=300, help="untimed calls before them")
@@ -226,7 +225,8 @@ def main() -> int:
     ap.add_argument("--floor-factor", type=float, default=4.0,
                     help="target: compiled no-op p50 <= this x the floor")
     ap.add_argument("--vllm-path", default=None, metavar="DIR",
-                    help="a directory to import vLLM's shm_broadcast from")
+                    help="a directory to import vLLM's shm_broadcast from (default: "
+                         "vLLM as installed; without it vLLM's queue is not measured)")
     add_out_option(ap)
     args = ap.parse_args()
     if args.vllm_path:
