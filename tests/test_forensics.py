@@ -198,6 +198,26 @@ def test_metrics_endpoint_over_http(transport: str, tmp_path: Path, no_leaks: No
         _scrape(host, port)
 
 
+def test_metrics_count_a_cancelled_call_per_rank_running_it(
+        tmp_path: Path, no_leaks: None) -> None:
+    pytest.importorskip("prometheus_client")
+    with executor("shm") as ex:
+        host, port = ex.serve_metrics()
+        fut = ex.collective_rpc("blocked_in_wait", args=(str(tmp_path / "in"), 3600.0),
+                                ranks=[1], non_block=True)
+        wait_for(tmp_path / "in")
+        assert ex.status()[1].method == "blocked_in_wait"
+        assert fut.cancel()
+        assert ex.collective_rpc("ok") == [0, 1]  # rank 1 stopped the cancelled call
+        got = _scrape(host, port)
+        assert got[("gpuexec_cancellations_total", (("rank", "1"),))] == 1
+        assert got[("gpuexec_cancellations_total", (("rank", "0"),))] == 0
+        assert got[("gpuexec_timeouts_total", (("rank", "1"),))] == 0
+        assert got[("gpuexec_method_errors_total",
+                    (("kind", "CancelledError"), ("method", "blocked_in_wait")))] == 1
+        assert [s.method for s in ex.status()] == [None, None]
+
+
 def test_metrics_collector_in_an_engines_registry(no_leaks: None) -> None:
     prometheus_client = pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
