@@ -51,12 +51,12 @@ ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
 
 def _workers() -> list[Any]:
     """The engine's worker processes: the processes of this tree whose only children (if
-    any) are multiprocessing's resource trackers (the engine core and gpuexec's zygote
-    have workers as children)."""
+    any) are multiprocessing's resource trackers or gpuexec's guardians (the engine core
+    and gpuexec's zygote have workers as children; each gpuexec worker has a guardian)."""
     import psutil
 
     def tracker(p: Any) -> bool:
-        return "resource_tracker" in " ".join(p.cmdline())
+        return "resource_tracker" in " ".join(p.cmdline()) or p.name() == "gpuexec-guard"
 
     out = []
     for p in psutil.Process().children(recursive=True):
