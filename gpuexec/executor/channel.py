@@ -164,21 +164,29 @@ class DriverChannel:
                ) -> PendingCall:
         """Send a call (``plain``: whether its arguments were found plain msgpack data,
         None: not looked at; see :meth:`Encoder.encode_with_segments`); the caller waits
-        for it."""
-        self.check_usable()
+        for it. A closed or failed channel refuses it in :meth:`CallTable.enter` (which
+        raises what :meth:`check_usable` would)."""
         table = self._table
         future = CallFuture() if non_block else None
         call = PendingCall(next(table.ids), method, ranks, unique_reply_rank, timeout, future)
         if future is not None:
             future.bind(lambda: self._cancels.cancel(call, "Future.cancel()"))
         table.enter(call, _closed)  # a slot and the table, one take of its lock
-        value_rank = -1 if unique_reply_rank is None else unique_reply_rank
         try:
-            frames, call.segments = self._encoder.encode_with_segments(
-                Call(call.call_id, method, fn_blob, args, kwargs, value_rank), plain)
-            self._check_sizes(frames)
-            call.nbytes = len(frames[0]) if len(frames) == 1 else \
-                sum(memoryview(f).nbytes for f in frames)
+            # A call by name without arguments (the hot path's no-op): its cached header.
+            header = None if fn_blob is not None or args or kwargs or \
+                unique_reply_rank is not None else self._encoder.bare_call(call.call_id, method)
+            if header is not None:
+                frames: list[Any] = [header]
+                call.nbytes = len(header)
+            else:
+                frames, call.segments = self._encoder.encode_with_segments(
+                    Call(call.call_id, method, fn_blob, args, kwargs,
+                         -1 if unique_reply_rank is None else unique_reply_rank), plain)
+                call.nbytes = len(frames[0]) if len(frames) == 1 else \
+                    sum(memoryview(f).nbytes for f in frames)
+            if len(frames) > 1 or len(frames[0]) > self._max_message_size >= 0:
+                self._check_sizes(frames)  # raises if a frame is over the limit
         except BaseException:
             for fd in call.segments:
                 os.close(fd)

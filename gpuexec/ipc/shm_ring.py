@@ -131,8 +131,13 @@ class RingWriter:
         self._first_reader = _readers_offset(spec.n_readers)
         self._min_read = 0  # the slowest reader's read_seq when last looked at
         self.max_message = spec.slot_size - _SLOT_HEADER
-        self._claimed: memoryview | None = None  # the slot between claim() and publish()
-        self._claimed_off = 0                     # its offset in the segment
+        # The segment, for a writer that fills a slot in place (see claim_offset): an
+        # mmap takes slice assignment without a view being made.
+        self.buffer = mapped.mm
+        self._claimed: memoryview | None = None  # the slot claim() handed out
+        self._claimed_off = -1                    # the claimed slot's offset (-1: none)
+        self._bell_view: memoryview | None = None  # a doorbell publish rings (see
+        self._bell_base = 0                        # ring_on_publish; 0: none)
 
     @classmethod
     def attach(cls, spec: RingSpec) -> RingWriter:
@@ -181,11 +186,22 @@ class RingWriter:
         straight into shared memory); None when ``n`` does not fit in a slot. Waits for
         room like :meth:`write`. A claim never published (an exception while filling
         it) is dropped by the next claim: the sequence had not moved."""
+        start = self.claim_offset(n, timeout, alive)
+        if start < 0:
+            return None
+        self._claimed = self._view[start:start + n]
+        return self._claimed
+
+    def claim_offset(self, n: int, timeout: float | None = None,
+                     alive: Callable[[], bool] | None = None) -> int:
+        """:meth:`claim` without a view: the offset in :attr:`buffer` of the next slot's
+        ``n`` payload bytes (-1 when ``n`` does not fit in a slot). The hot path's
+        writers fill it by slice assignment and ``pack_into``, which make no object."""
         if self._claimed is not None:
             self._claimed.release()
             self._claimed = None
         if n > self.max_message:
-            return None
+            return -1
         seq = self._seq
         oldest = seq - self._n_slots  # the message whose slot this one takes
         if self._min_read <= oldest and self._min_read_seq() <= oldest:
@@ -193,19 +209,27 @@ class RingWriter:
         off = self._data + (seq % self._n_slots) * self._slot_size
         _U32.pack_into(self._view, off, n)
         self._claimed_off = off
-        self._claimed = self._view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
-        return self._claimed
+        return off + _SLOT_HEADER
+
+    def ring_on_publish(self, view: memoryview, base: int) -> None:
+        """Ring the doorbell at ``(view, base)`` (:class:`~gpuexec.ipc.doorbell.Doorbell`)
+        with every publish, after the same fence (a worker's reply ring)."""
+        self._bell_view, self._bell_base = view, base
 
     def publish(self) -> None:
         """Make the claimed slot readable and wake sleeping readers (one call into the
-        core: the time stamp, the release store of the sequence, the fence, the wake)."""
-        slot, self._claimed = self._claimed, None
-        if slot is None:
+        core: the time stamp, the release store of the sequence, one fence, the wake of
+        the ring's readers and of the doorbell's waiter, each only if it sleeps)."""
+        off = self._claimed_off
+        if off < 0:
             raise RuntimeError("nothing claimed")
-        slot.release()
+        self._claimed_off = -1
+        if self._claimed is not None:
+            self._claimed.release()
+            self._claimed = None
         self._seq += 1
-        self._core.publish(self._view, self._base, self._claimed_off, self._seq,
-                           self._n_readers)
+        self._core.publish(self._view, self._base, off, self._seq, self._n_readers,
+                           self._bell_view, self._bell_base)
 
     def _wait_for_space(self, seq: int, timeout: float | None,
                         alive: Callable[[], bool] | None) -> None:
@@ -234,6 +258,7 @@ class RingWriter:
         if self._claimed is not None:
             self._claimed.release()
             self._claimed = None
+        self._claimed_off = -1
         self._m.close()
 
 

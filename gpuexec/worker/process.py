@@ -283,8 +283,12 @@ class _Server:
 
     def _reply(self, reply: Reply | Pong, method: str) -> None:
         try:
-            frames = self.encoder.encode(reply)
-            _check_sizes(frames, self.max_message_size)
+            if type(reply) is Reply and reply.value is None and reply.error is None:
+                frames = [self.encoder.none_reply(reply.call_id, reply.rank)]  # cached
+            else:
+                frames = self.encoder.encode(reply)
+            if len(frames) > 1 or len(frames[0]) > self.max_message_size >= 0:
+                _check_sizes(frames, self.max_message_size)  # raises if one is over it
         except BaseException as e:
             if isinstance(e, ValueNotCarriedError):
                 failure = Failure.of(e, ValueFault(e.path, e.type_name,
@@ -298,12 +302,13 @@ class _Server:
 
 def _check_sizes(frames: list[Any], limit: int) -> None:
     """Refuse to send a frame the driver's socket would refuse (``MAXMSGSIZE``: it would
-    drop the connection, and the reply with it)."""
-    if limit >= 0:
-        for frame in frames:
-            size = memoryview(frame).nbytes
-            if size > limit:
-                raise ValueError(f"a frame of {size} bytes is over max_message_size={limit}")
+    drop the connection, and the reply with it); ``limit`` -1: none."""
+    if limit < 0:
+        return
+    for frame in frames:
+        size = memoryview(frame).nbytes
+        if size > limit:
+            raise ValueError(f"a frame of {size} bytes is over max_message_size={limit}")
 
 
 def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:
