@@ -302,24 +302,19 @@ class RingReader:
     def read(self, timeout: float | None = None) -> memoryview | None:
         """The next message, read in place (valid until :meth:`release`); None when
         ``timeout`` passes first."""
-        if self._holding:
-            raise RuntimeError("release() the previous message first")
         if self._core.published(self._view, self._base) <= self._seq and \
                 not self._wait(self._seq, timeout):
             return None
-        return self._take()
+        return self.try_read()
 
     def try_read(self) -> memoryview | None:
         """The next message if one is waiting, else None at once (:meth:`poll` and
         :meth:`read` in one look at the sequence)."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
-        if self._core.published(self._view, self._base) <= self._seq:
-            return None
-        return self._take()
-
-    def _take(self) -> memoryview:
         view = self._view
+        if self._core.published(view, self._base) <= self._seq:
+            return None
         off = self._data + (self._seq % self._n_slots) * self._slot_size
         n = _U32.unpack_from(view, off)[0]
         if self.forecast is not None:

@@ -239,12 +239,6 @@ class _Server:
                 self._fns.popitem(last=False)
         return fn
 
-    def _method(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.target, name, None) if not name.startswith("__") else None
-        if method is None or not callable(method):
-            raise AttributeError(f"{type(self.target).__qualname__} has no method {name!r}")
-        return method  # type: ignore[no-any-return]
-
     def _deferred_reply(self, call: Call) -> Callable[[Future[Any]], Reply]:
         """The reply to ``call`` from the future its method returned (see .deferred)."""
         keep = call.value_rank < 0 or call.value_rank == self.rank
@@ -272,8 +266,13 @@ class _Server:
                                       "the worker does not unpickle callables")
             if call.fn is not None:
                 value = self._function(call.fn)(self.target, *call.args, **call.kwargs)
-            else:
-                value = self._method(call.method)(*call.args, **call.kwargs)
+            else:  # a method by name (no dunder: nothing the worker did not declare)
+                name = call.method
+                method = getattr(self.target, name, None) if not name.startswith("__") else None
+                if method is None or not callable(method):
+                    raise AttributeError(
+                        f"{type(self.target).__qualname__} has no method {name!r}")
+                value = method(*call.args, **call.kwargs)
         except BaseException as e:  # SystemExit too: the worker lives on
             return Reply(call.call_id, self.rank, error=Failure.of(e))
         if isinstance(value, Future):
