@@ -402,8 +402,8 @@ class CallTable:
             call.error = error
         elif call.unique_reply_rank is not None:
             call.value = call.values[call.unique_reply_rank]
-        else:  # the results in the order of ranks (map: no frame per call, as a
-            call.value = list(map(call.values.__getitem__, call.ranks))  # listcomp has)
+        else:
+            call.value = [call.values[r] for r in call.ranks]
         # Last: a waiter that reads ``done`` without the lock then reads the outcome.
         call.done = True
         self.pending.pop(call.call_id, None)

@@ -112,17 +112,17 @@ def for_rank(packet: memoryview, rank: int) -> bool:
     return byte < mask_len and bool(packet[_HEAD.size + byte] & (1 << (rank % 8)))
 
 
-_ONE_PREFIX = _ONE.pack(INLINE, 0, 1, 0)[:_HEAD.size + _N.size]
-
-
 def single_frame(packet: memoryview) -> memoryview | None:
     """The frame of a packet that holds one frame for every rank (almost every reply),
     read without :func:`unpack`'s general walk; None for any other packet. The ring slot
     is exactly the packet's size, so the frame is the rest of it."""
-    if packet[:_HEAD.size + _N.size] != _ONE_PREFIX:
+    if packet.nbytes < _ONE.size:
+        return None
+    kind, mask_len, n, length = _ONE.unpack_from(packet)
+    if kind != INLINE or mask_len or n != 1:
         return None
     frame = packet[_ONE.size:]
-    if _LEN.unpack_from(packet, _HEAD.size + _N.size)[0] != frame.nbytes:
+    if length != frame.nbytes:
         raise ValueError("truncated packet")
     return frame
 

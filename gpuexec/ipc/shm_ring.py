@@ -283,12 +283,17 @@ class RingReader:
         self._view = self._m.view
         self._base = self._m.base
         self._n_slots = n_slots
-        self._slot_size = slot_size
         self._off = _readers_offset(n_readers) + _LINE * index
         self._flag = _SLEEPING_OFF + index
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
-        self._data = _data_offset(n_readers)
         self._holding = False
+        # Per slot: the offset of its length word and a view of its payload bytes, made
+        # once (a message is then one slice of a view, no offset computed per read);
+        # released by close(), before the segment is unmapped.
+        first = _data_offset(n_readers)
+        self._lengths = [first + i * slot_size for i in range(n_slots)]
+        self._payloads: list[memoryview[int]] = [
+            self._view[at + _SLOT_HEADER:at + slot_size] for at in self._lengths]
 
     @property
     def address(self) -> tuple[memoryview, int]:
@@ -315,12 +320,14 @@ class RingReader:
         view = self._view
         if self._core.published(view, self._base) <= self._seq:
             return None
-        off = self._data + (self._seq % self._n_slots) * self._slot_size
-        n = _U32.unpack_from(view, off)[0]
+        slot = self._seq % self._n_slots
+        n = _U32.unpack_from(view, self._lengths[slot])[0]
         if self.forecast is not None:
-            self.forecast.observe(_U64.unpack_from(view, off + _PUBLISHED_OFF)[0] * 1e-9)
+            self.forecast.observe(_U64.unpack_from(
+                view, self._lengths[slot] + _PUBLISHED_OFF)[0] * 1e-9)
         self._holding = True
-        return view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
+        message: memoryview = self._payloads[slot][:n]
+        return message
 
     def release(self) -> None:
         """Done with the message: its slot may be overwritten."""
@@ -352,4 +359,6 @@ class RingReader:
         return wait(view, base, seq, flag, 0.0, deadline)
 
     def close(self) -> None:
+        for payload in self._payloads:
+            payload.release()
         self._m.close()
