@@ -38,8 +38,10 @@ with a deadline). A reader reads in place (zero copy) until it calls :meth:`rele
 Waiting, reader side: spin on ``write_seq`` for ``spin`` seconds (a back-to-back call
 keeps spin latency), then set its ``sleeping`` flag, re-check, and ``FUTEX_WAIT`` on the
 futex word (an idle reader costs no CPU). The writer, after publishing, wakes the futex
-only if some reader sleeps. Dekker-style, each side stores its own word, fences, then
-reads the other's: either the writer sees the flag or the reader sees the new sequence.
+only if some reader sleeps (a worker's reply ring also rings the driver's doorbell, see
+:meth:`RingWriter.ring_on_publish`, after the same fence). Dekker-style, each side
+stores its own word, fences, then reads the other's: either the writer sees the flag or
+the reader sees the new sequence.
 Every futex wait also has a timeout, so even a lost wake-up is bounded. A reader given an
 :class:`~gpuexec.ipc.forecast.ArrivalForecast` learns the gap between publish times and,
 when requests come regularly, sleeps only until just before the next one is due and
