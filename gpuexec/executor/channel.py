@@ -42,20 +42,21 @@ Counted on this design (the compiled core, 2-core host, traced with ``sys.setpro
 and an allocation hook, per call; "blocks": every memory block Python allocates, ints
 above 256 and floats included):
 
-    =============  ===========  ==================  ============  =================
-    N = 1 / 2      Python calls module crossings    memory blocks locks (fences)
-    =============  ===========  ==================  ============  =================
-    driver         27 / 33      18 / 22             49 / 57       4: table x2, send,
-                                                                  pump (1 per publish)
-    worker (each)  22 / 16      16 / 13             30 / 26       1: reply gate
-                                                                  (1 per publish)
-    =============  ===========  ==================  ============  =================
+    ==============  ============  ================  =============  =====================
+    N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
+    ==============  ============  ================  =============  =====================
+    driver          27 / 33       18 / 22           49 / 57        table x2, send, pump;
+                                                                   1 (the publish)
+    worker (each)   22 / 16       16 / 13           30 / 26        reply gate;
+                                                                   1 (the publish)
+    ==============  ============  ================  =============  =====================
 
 (The worker's count at N = 1 includes the arrival forecast, which runs only where
-spinning is allowed; per rank added, the driver reads one more reply: 5 Python calls, 4
-blocks.) What is not on this path: no Call struct, argument list or frame list is
-encoded for a call without arguments (its header is cached per method name, the same
-bytes msgspec writes); no reply is encoded for a None result (cached per rank); no view
+spinning is allowed; a second rank costs the driver one more reply to read and the
+several-rings branch of the gather: 6 Python calls and 8 blocks.) What is not on this
+path: no Call struct is built or encoded for a call without arguments (its header is
+cached per method name, the same bytes msgspec writes); no reply is encoded for a None
+result (cached per rank, in the worker); no view
 of a request slot is made to fill it; no list is built per pass of the gather; no thread
 hand-off (the caller pumps its own replies); no check of the call table's state before
 entering it (``enter`` refuses a call to a closed or failed channel under its one take
