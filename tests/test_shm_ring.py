@@ -281,7 +281,7 @@ def test_a_reply_ring_publish_rings_the_doorbell_only_for_a_sleeper(ring_core: s
 
     th = threading.Thread(target=waiter)
     th.start()
-    while not struct.unpack_from("<I", bell.view, Doorbell._SLEEPING)[0]:
+    while not struct.unpack_from("<I", bell.view, ringcore_py.BELL_SLEEPING)[0]:
         time.sleep(0.001)  # until the waiter has announced its sleep
     assert w.write(b"reply")
     th.join(60)
