@@ -255,6 +255,43 @@ def test_doorbell_wakes_a_sleeping_waiter_and_costs_nothing_without_one() -> Non
     bell.close()
 
 
+def test_a_reply_ring_publish_rings_the_doorbell_only_for_a_sleeper(ring_core: str) -> None:
+    """A worker's reply ring rings the driver's doorbell in the publish itself (one
+    fence): the counter moves only when the waiter sleeps, and the sleeper wakes."""
+    import struct
+    import threading
+
+    from gpuexec.ipc.doorbell import Doorbell
+
+    bell = Doorbell.create()
+    w = RingWriter(1, n_slots=4, slot_size=64)
+    r = RingReader(w.spec, 0)
+    w.ring_on_publish(bell.view, bell.base)
+    before = bell.epoch()
+    for _ in range(3):  # nobody sleeps on the doorbell: it is not touched
+        assert w.write(b"x")
+        assert r.read(0) is not None
+        r.release()
+    assert bell.epoch() == before
+    woke = threading.Event()
+
+    def waiter() -> None:
+        if bell.wait(r.poll, 60.0):
+            woke.set()
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    while not struct.unpack_from("<I", bell.view, ringcore_py.BELL_SLEEPING)[0]:
+        time.sleep(0.001)  # until the waiter has announced its sleep
+    assert w.write(b"reply")
+    th.join(60)
+    assert woke.is_set() and bell.epoch() == before + 1  # rung once, by the publish
+    r.close()
+    w.close()
+    bell.unlink()
+    bell.close()
+
+
 class _Interrupted(Exception):
     pass
 

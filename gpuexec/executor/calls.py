@@ -396,7 +396,8 @@ class CallTable:
                 self.metrics.silent(call.call_id, call.method, call.started, call.owed,
                                     cancelled=True)
         self.metrics.finished(call.method, (time.monotonic() if now is None else now)
-                              - call.started, call.nbytes, _kind(error))
+                              - call.started, call.nbytes,
+                              None if error is None else _kind(error))
         if error is not None:
             call.error = error
         elif call.unique_reply_rank is not None:
@@ -531,10 +532,8 @@ def settle_one(call: PendingCall) -> None:
         pass
 
 
-def _kind(error: BaseException | None) -> str | None:
+def _kind(error: BaseException) -> str:
     """The name a call's error is counted under in the metrics."""
-    if error is None:
-        return None
     return "CancelledError" if isinstance(error, FutureCancelled) else type(error).__name__
 
 

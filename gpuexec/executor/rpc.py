@@ -7,36 +7,8 @@ validated here (:mod:`.validate`) before anything is encoded, waits at the gate 
 the executor is suspended (:mod:`.hold`), and is then sent and waited for by the
 channel (:mod:`.channel`).
 
-The anatomy of a blocking no-op call over shared memory (the default transport), with
-what it costs; N is the number of ranks called. Counted by tracing one call on the
-compiled ring core (``sys.setprofile``): in the driver, 40 Python-level calls and 24
-changes of module at N = 2, of which 7 calls per rank; in the worker, about 22 calls::
-
-    driver thread                                            worker (main thread)
-    ─────────────                                            ────────────────────
-    rpc.collective_rpc ─▶ channel.submit
-      calls.enter            [table lock #1: slot + pending]
-      codec.encode           (one msgspec encode, C)
-      channel._send          [send lock]
-        shm_transport.send ─▶ packets.put ─▶ shm_ring.claim/publish
-                             (core.publish: release store, 1 fence,
-                              futex wake only if a reader sleeps)  ──▶ core.wait (spins, then
-    channel.wait             [pump lock]                                futex; GIL released)
-      shm_transport._recv                                          packets.single_frame
-        core.gather  (every reply ring, one C call: spins,         codec.decode_header
-                      then sleeps on the doorbell; GIL released)   process._run ─▶ method
-        per ready ring: try_read, single_frame,        ◀──          ReplyGate [gate lock]
-                        decode_header, release                     codec.encode
-      calls.deliver          [table lock #2: records every         packets.put ─▶ publish
-                              reply and completes the call]        doorbell.ring (core.ring:
-    outcome ─▶ list of results                                      1 fence, wake if asleep)
-
-Locks: four in the driver whatever N (the call table's twice: entering, and delivering
-with completion; the send lock; the pump lock), one in the worker (its reply gate).
-Objects made in the driver: the PendingCall (with its set of owed ranks and dict of
-values), the Call struct, its encoded bytes and frame list, the claimed slot view and
-the result list; per reply, two memoryviews of the slot and the decoded Reply. No
-thread hand-off: the caller pumps its own replies.
+The anatomy of a call, from here to the workers and back, with what it costs (module
+crossings, locks, allocations) is drawn at the top of :mod:`.channel`, which owns it.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class ShmTransport(Transport):
         # Messages a respawn's handshake read from the reply socket: each is what some
         # ring's BY_ZMQ marker announces, and the next marker takes it (pump lock).
         self._stash: deque[list[Any]] = deque()
+        self._batch: list[Reply | Pong] = []  # the replies of one pass (see _recv)
 
     # -- sending -------------------------------------------------------------------
 
@@ -109,45 +110,51 @@ class ShmTransport(Transport):
         is None), spinning ``spin`` seconds after the last reply, then asleep on the
         doorbell; returns after ``timeout`` seconds at most (None: no limit). The wait
         across every ring is one call into the ring core (:meth:`ShmDriverPath.gather`,
-        GIL released); it answers with the rings that hold a reply, as a bit mask."""
+        GIL released); it answers with the rings that hold a reply, as a bit mask. The
+        replies of one pass are delivered under one take of the table's lock, from a
+        list kept for it (no list is made per pass; one reply needs none)."""
         shm = self._shm
         table = self._table
         gather = shm.gather
         epoch = shm.epoch
         readers = shm.replies
+        decode = self._decode_packet
         now = time.monotonic()
         deadline = _INF if timeout is None else now + timeout
         spin_until = now + shm.spin
-        while call is None or not call.done:
+        if call is not None and call.done:
+            return
+        while True:
             seen = epoch()  # before the checks: a poke after them ends the gather
             if table.closing:
                 return
             mask = gather(seen, spin_until, deadline)
-            if not mask:  # the deadline passed, or the doorbell was poked
-                if call is None or time.monotonic() >= deadline:
+            if not mask:  # the deadline passed, or the doorbell was poked (a death, a
+                if call is None or call.done or time.monotonic() >= deadline:  # close)
                     return
                 continue
             if mask & (mask - 1):  # several rings: their replies under one take of the lock
-                replies: list[Reply | Pong] = []
+                batch = self._batch
                 while mask:
                     low = mask & -mask
-                    reply = self._read(readers[low.bit_length() - 1])
-                    if reply is not None:
-                        replies.append(reply)
+                    reader = readers[low.bit_length() - 1]
+                    view = reader.try_read()
+                    if view is not None and (reply := decode(reader, view)) is not None:
+                        batch.append(reply)
                     mask ^= low
-                if replies:
-                    table.deliver(replies)
+                if batch:
+                    try:
+                        table.deliver(batch)
+                    finally:
+                        batch.clear()
             else:
-                reply = self._read(readers[mask.bit_length() - 1])
-                if reply is not None:
+                reader = readers[mask.bit_length() - 1]
+                view = reader.try_read()
+                if view is not None and (reply := decode(reader, view)) is not None:
                     table.deliver((reply,))
-            if call is None:
+            if call is None or call.done:
                 return
             spin_until = time.monotonic() + shm.spin
-
-    def _read(self, reader: RingReader) -> Reply | Pong | None:
-        view = reader.try_read()
-        return None if view is None else self._decode_packet(reader, view)
 
     def _decode_packet(self, reader: RingReader, view: memoryview) -> Reply | Pong | None:
         """The reply in a ring packet, released from the ring; None when it was dropped,

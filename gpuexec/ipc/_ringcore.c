@@ -146,15 +146,17 @@ static PyObject *core_published(PyObject *self, PyObject *const *args, Py_ssize_
     return PyLong_FromUnsignedLongLong(load_acq((uintptr_t)base, WRITE_SEQ_OFF));
 }
 
-/* publish(view, base, slot_off, seq, n_readers): stamp the slot, publish message
- * ``seq - 1`` by storing write_seq = seq (release) and its futex word, then wake the
- * readers if any sleeps (after a full fence: Dekker). */
+/* publish(view, base, slot_off, seq, n_readers, bell_view, bell_base): stamp the
+ * slot, publish message ``seq - 1`` by storing write_seq = seq (release) and its futex
+ * word, then, after one full fence (Dekker), wake the ring's readers if any sleeps and,
+ * given a doorbell (bell_base 0: none), its waiter if it sleeps (what ring() does,
+ * without a second fence). */
 static PyObject *core_publish(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    uint64_t base, slot_off, seq, n_readers;
-    if (!nargs_ok(nargs, 5, "publish") || !as_u64(args[1], &base) ||
+    uint64_t base, slot_off, seq, n_readers, bell;
+    if (!nargs_ok(nargs, 7, "publish") || !as_u64(args[1], &base) ||
         !as_u64(args[2], &slot_off) || !as_u64(args[3], &seq) ||
-        !as_u64(args[4], &n_readers))
+        !as_u64(args[4], &n_readers) || !as_u64(args[6], &bell))
         return NULL;
     uintptr_t b = (uintptr_t)base;
     __atomic_store_n(u64_at(b, slot_off + PUBLISHED_OFF), now_ns(), __ATOMIC_RELAXED);
@@ -167,6 +169,10 @@ static PyObject *core_publish(PyObject *self, PyObject *const *args, Py_ssize_t 
             futex_wake(u32_at(b, FUTEX_OFF));
             break;
         }
+    }
+    if (bell != 0 && __atomic_load_n(u32_at((uintptr_t)bell, BELL_SLEEPING), __ATOMIC_RELAXED)) {
+        __atomic_fetch_add(u32_at((uintptr_t)bell, BELL_COUNTER), 1, __ATOMIC_SEQ_CST);
+        futex_wake(u32_at((uintptr_t)bell, BELL_COUNTER));
     }
     Py_RETURN_NONE;
 }
@@ -434,7 +440,8 @@ static PyMethodDef methods[] = {
     {"published", (PyCFunction)(void (*)(void))core_published, METH_FASTCALL,
      "published(view, base) -> write_seq (acquire)."},
     {"publish", (PyCFunction)(void (*)(void))core_publish, METH_FASTCALL,
-     "publish(view, base, slot_off, seq, n_readers): stamp, publish, wake sleepers."},
+     "publish(view, base, slot_off, seq, n_readers, bell_view, bell_base): stamp, "
+     "publish, wake sleepers (and the doorbell's, after the same fence)."},
     {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL,
      "release(view, base, off, seq): store a reader's read_seq (release)."},
     {"min_read", (PyCFunction)(void (*)(void))core_min_read, METH_FASTCALL,

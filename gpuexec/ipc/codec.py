@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -39,6 +39,7 @@ from . import arrays, shm_payload, values
 from .messages import Call, Failure, Reply, ValueFault
 
 INLINE_LIMIT = 4096
+_IDS_CACHED = 1024  # headers an encoder keeps the bytes of (see Encoder._around_id)
 
 _EXT_NDARRAY = 1   # payload: [dtype.str, shape, frame index]     (out of band)
 _EXT_TENSOR = 2    # payload: [torch dtype name, shape, frame index]
@@ -154,10 +155,47 @@ class Encoder:
         self._lock = threading.Lock()
         self._frames: list[Frame] = []  # out-of-band frames of the message being encoded
         self._dtypes: dict[Any, bool] = {}  # numpy dtype -> rebuilt exactly from dtype.str
+        # method name (bare_call) or rank (none_reply) -> the bytes of that header
+        # around its id (see _around_id); any thread (one dict operation at a time)
+        self._ids: dict[str | int, tuple[bytes, bytes]] = {}
 
     def encode(self, msg: Any) -> list[Frame]:
         """``[header, *buffers]`` for ``msg`` (an encoder without shared-memory payloads)."""
         return self.encode_with_segments(msg)[0]
+
+    def bare_call(self, call_id: int, method: str) -> bytes | None:
+        """The header of ``Call(call_id, method, None, [], {})`` (a call by name without
+        arguments: the no-op of the hot path), the very bytes :meth:`encode` gives,
+        without building the Call (see :meth:`_around_id`). None when the name cannot
+        be encoded as it is (:meth:`encode` explains why)."""
+        parts = self._ids.get(method)
+        if parts is None:
+            try:
+                parts = self._around_id(method, lambda i: Call(i, method, None, [], {}))
+            except (OverflowError, UnicodeEncodeError):  # a lone surrogate in the name
+                return None
+        return parts[0] + self._plain.encode(call_id) + parts[1]
+
+    def none_reply(self, call_id: int, rank: int) -> bytes:
+        """The header of ``Reply(call_id, rank)`` (a method that returned None), the very
+        bytes :meth:`encode` gives, without encoding it (see :meth:`_around_id`)."""
+        parts = self._ids.get(rank)
+        if parts is None:
+            parts = self._around_id(rank, lambda i: Reply(i, rank))
+        return parts[0] + self._plain.encode(call_id) + parts[1]
+
+    def _around_id(self, key: str | int, make: Callable[[int], Any]) -> tuple[bytes, bytes]:
+        """The bytes before and after the id (its first field) in the header of the
+        message ``make(id)`` makes, cached under ``key``: msgpack writes the id in its
+        shortest form, as msgspec does, so ``before + encode(id) + after`` is that
+        header for every id. Raises what msgpack raises for a message it refuses."""
+        zero, one = self._plain.encode(make(0)), self._plain.encode(make(1))
+        at = next(i for i, (a, b) in enumerate(zip(zero, one, strict=True)) if a != b)
+        parts = (zero[:at], zero[at + 1:])  # ids 0 and 1 take one byte each
+        if len(self._ids) >= _IDS_CACHED:
+            self._ids.clear()  # names made up at run time: never grow without bound
+        self._ids[key] = parts
+        return parts
 
     def encode_with_segments(self, msg: Any, plain_call: bool | None = None
                              ) -> tuple[list[Frame], list[int]]:

@@ -56,17 +56,21 @@ class _Gaps:
 
     def __init__(self) -> None:
         self.gaps: deque[float] = deque(maxlen=HISTORY)
+        # Enough gaps, the last one within MIN_GAP..MAX_GAP: the series may be forecast
+        # (back-to-back traffic never is, and is told so without sorting anything).
+        self.candidate = False
 
     def add(self, gap: float) -> None:
         if gap > 0:  # a clock oddity is ignored, not learned
             self.gaps.append(gap)
+            self.candidate = len(self.gaps) >= 4 and MIN_GAP <= gap <= MAX_GAP
 
     def window(self) -> tuple[float, float, float] | None:
         """``(lo, hi, typical)`` after the anchor, or None when the series is not regular
         enough to forecast within the spin budget."""
-        gaps = self.gaps
-        if len(gaps) < 4 or not MIN_GAP <= gaps[-1] <= MAX_GAP:
+        if not self.candidate:
             return None
+        gaps = self.gaps
         ordered = sorted(gaps)
         cut = len(ordered) // 8
         lo, hi = ordered[cut] - MIN_MARGIN, ordered[-1 - cut] + MIN_MARGIN
@@ -118,6 +122,8 @@ class ArrivalForecast:
     def window(self) -> tuple[float, float] | None:
         """``(wake_at, spin_until)`` for the next message, or None when neither series is
         regular enough to forecast within the spin budget."""
+        if not (self._since_request.candidate or self._since_reply.candidate):
+            return None  # back-to-back traffic (the hot path): nothing to sort
         found = [(anchor, w) for anchor, gaps in ((self._last, self._since_request),
                                                   (self._replied, self._since_reply))
                  if anchor is not None and (w := gaps.window()) is not None]

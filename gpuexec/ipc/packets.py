@@ -77,13 +77,14 @@ def put(ring: RingWriter, frames: Sequence[Any], targets: Sequence[int] | None,
     False when it does not fit in a slot (see :meth:`RingWriter.write`) or has more than
     ``MAX_FRAMES`` frames."""
     if targets is None and len(frames) == 1 and type(frames[0]) is bytes:
-        frame = frames[0]  # almost every message (an encoded header): no views, no list
-        n = len(frame)
-        slot = ring.claim(_ONE.size + n, timeout, alive)
-        if slot is None:
+        frame = frames[0]  # almost every message (an encoded header): no views, no list,
+        n = len(frame)     # written into the segment by offset (no object made)
+        at = ring.claim_offset(_ONE.size + n, timeout, alive)
+        if at < 0:
             return False
-        _ONE.pack_into(slot, 0, INLINE, 0, 1, n)
-        slot[_ONE.size:] = frame
+        buf = ring.buffer
+        _ONE.pack_into(buf, at, INLINE, 0, 1, n)
+        buf[at + _ONE.size:at + _ONE.size + n] = frame
         ring.publish()
         return True
     if len(frames) > MAX_FRAMES:
@@ -111,17 +112,17 @@ def for_rank(packet: memoryview, rank: int) -> bool:
     return byte < mask_len and bool(packet[_HEAD.size + byte] & (1 << (rank % 8)))
 
 
-_ONE_PREFIX = _ONE.pack(INLINE, 0, 1, 0)[:_HEAD.size + _N.size]
-
-
 def single_frame(packet: memoryview) -> memoryview | None:
     """The frame of a packet that holds one frame for every rank (almost every reply),
     read without :func:`unpack`'s general walk; None for any other packet. The ring slot
     is exactly the packet's size, so the frame is the rest of it."""
-    if packet[:_HEAD.size + _N.size] != _ONE_PREFIX:
+    if packet.nbytes < _ONE.size:
+        return None
+    kind, mask_len, n, length = _ONE.unpack_from(packet)
+    if kind != INLINE or mask_len or n != 1:
         return None
     frame = packet[_ONE.size:]
-    if _LEN.unpack_from(packet, _HEAD.size + _N.size)[0] != frame.nbytes:
+    if length != frame.nbytes:
         raise ValueError("truncated packet")
     return frame
 

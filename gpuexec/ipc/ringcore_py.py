@@ -55,15 +55,18 @@ def published(view: memoryview, base: int) -> int:
     return seq
 
 
-def publish(view: memoryview, base: int, slot_off: int, seq: int, n_readers: int) -> None:
+def publish(view: memoryview, base: int, slot_off: int, seq: int, n_readers: int,
+            bell_view: memoryview | None, bell_base: int) -> None:
     _U64.pack_into(view, slot_off + PUBLISHED_OFF, time.monotonic_ns())
     if WEAK_ORDER:
         fence()  # the payload before the sequence (release)
     _U64.pack_into(view, WRITE_SEQ_OFF, seq)
     _U32.pack_into(view, FUTEX_OFF, seq & 0xFFFFFFFF)
-    fence()  # the sequence before reading the sleeping flags (Dekker)
+    fence()  # the sequence before reading the sleeping flags (Dekker), the bell's too
     if any(view[SLEEPING_OFF:SLEEPING_OFF + n_readers]) and futex.available():
         futex.wake(base + FUTEX_OFF)
+    if bell_view is not None and _u32(bell_view, BELL_SLEEPING)[0]:
+        poke(bell_view, bell_base)
 
 
 def release(view: memoryview, base: int, off: int, seq: int) -> None:

@@ -38,8 +38,10 @@ with a deadline). A reader reads in place (zero copy) until it calls :meth:`rele
 Waiting, reader side: spin on ``write_seq`` for ``spin`` seconds (a back-to-back call
 keeps spin latency), then set its ``sleeping`` flag, re-check, and ``FUTEX_WAIT`` on the
 futex word (an idle reader costs no CPU). The writer, after publishing, wakes the futex
-only if some reader sleeps. Dekker-style, each side stores its own word, fences, then
-reads the other's: either the writer sees the flag or the reader sees the new sequence.
+only if some reader sleeps (a worker's reply ring also rings the driver's doorbell, see
+:meth:`RingWriter.ring_on_publish`, after the same fence). Dekker-style, each side
+stores its own word, fences, then reads the other's: either the writer sees the flag or
+the reader sees the new sequence.
 Every futex wait also has a timeout, so even a lost wake-up is bounded. A reader given an
 :class:`~gpuexec.ipc.forecast.ArrivalForecast` learns the gap between publish times and,
 when requests come regularly, sleeps only until just before the next one is due and
@@ -131,8 +133,13 @@ class RingWriter:
         self._first_reader = _readers_offset(spec.n_readers)
         self._min_read = 0  # the slowest reader's read_seq when last looked at
         self.max_message = spec.slot_size - _SLOT_HEADER
-        self._claimed: memoryview | None = None  # the slot between claim() and publish()
-        self._claimed_off = 0                     # its offset in the segment
+        # The segment, for a writer that fills a slot in place (see claim_offset): an
+        # mmap takes slice assignment without a view being made.
+        self.buffer = mapped.mm
+        self._claimed: memoryview | None = None  # the slot claim() handed out
+        self._claimed_off = -1                    # the claimed slot's offset (-1: none)
+        self._bell_view: memoryview | None = None  # a doorbell publish rings (see
+        self._bell_base = 0                        # ring_on_publish; 0: none)
 
     @classmethod
     def attach(cls, spec: RingSpec) -> RingWriter:
@@ -181,11 +188,22 @@ class RingWriter:
         straight into shared memory); None when ``n`` does not fit in a slot. Waits for
         room like :meth:`write`. A claim never published (an exception while filling
         it) is dropped by the next claim: the sequence had not moved."""
+        start = self.claim_offset(n, timeout, alive)
+        if start < 0:
+            return None
+        self._claimed = self._view[start:start + n]
+        return self._claimed
+
+    def claim_offset(self, n: int, timeout: float | None = None,
+                     alive: Callable[[], bool] | None = None) -> int:
+        """:meth:`claim` without a view: the offset in :attr:`buffer` of the next slot's
+        ``n`` payload bytes (-1 when ``n`` does not fit in a slot). The hot path's
+        writers fill it by slice assignment and ``pack_into``, which make no object."""
         if self._claimed is not None:
             self._claimed.release()
             self._claimed = None
         if n > self.max_message:
-            return None
+            return -1
         seq = self._seq
         oldest = seq - self._n_slots  # the message whose slot this one takes
         if self._min_read <= oldest and self._min_read_seq() <= oldest:
@@ -193,19 +211,27 @@ class RingWriter:
         off = self._data + (seq % self._n_slots) * self._slot_size
         _U32.pack_into(self._view, off, n)
         self._claimed_off = off
-        self._claimed = self._view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
-        return self._claimed
+        return off + _SLOT_HEADER
+
+    def ring_on_publish(self, view: memoryview, base: int) -> None:
+        """Ring the doorbell at ``(view, base)`` (:class:`~gpuexec.ipc.doorbell.Doorbell`)
+        with every publish, after the same fence (a worker's reply ring)."""
+        self._bell_view, self._bell_base = view, base
 
     def publish(self) -> None:
         """Make the claimed slot readable and wake sleeping readers (one call into the
-        core: the time stamp, the release store of the sequence, the fence, the wake)."""
-        slot, self._claimed = self._claimed, None
-        if slot is None:
+        core: the time stamp, the release store of the sequence, one fence, the wake of
+        the ring's readers and of the doorbell's waiter, each only if it sleeps)."""
+        off = self._claimed_off
+        if off < 0:
             raise RuntimeError("nothing claimed")
-        slot.release()
+        self._claimed_off = -1
+        if self._claimed is not None:
+            self._claimed.release()
+            self._claimed = None
         self._seq += 1
-        self._core.publish(self._view, self._base, self._claimed_off, self._seq,
-                           self._n_readers)
+        self._core.publish(self._view, self._base, off, self._seq, self._n_readers,
+                           self._bell_view, self._bell_base)
 
     def _wait_for_space(self, seq: int, timeout: float | None,
                         alive: Callable[[], bool] | None) -> None:
@@ -234,6 +260,7 @@ class RingWriter:
         if self._claimed is not None:
             self._claimed.release()
             self._claimed = None
+        self._claimed_off = -1
         self._m.close()
 
 
@@ -258,12 +285,17 @@ class RingReader:
         self._view = self._m.view
         self._base = self._m.base
         self._n_slots = n_slots
-        self._slot_size = slot_size
         self._off = _readers_offset(n_readers) + _LINE * index
         self._flag = _SLEEPING_OFF + index
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
-        self._data = _data_offset(n_readers)
         self._holding = False
+        # Per slot: the offset of its length word and a view of its payload bytes, made
+        # once (a message is then one slice of a view, no offset computed per read);
+        # released by close(), before the segment is unmapped.
+        first = _data_offset(n_readers)
+        self._lengths = [first + i * slot_size for i in range(n_slots)]
+        self._payloads: list[memoryview[int]] = [
+            self._view[at + _SLOT_HEADER:at + slot_size] for at in self._lengths]
 
     @property
     def address(self) -> tuple[memoryview, int]:
@@ -277,30 +309,27 @@ class RingReader:
     def read(self, timeout: float | None = None) -> memoryview | None:
         """The next message, read in place (valid until :meth:`release`); None when
         ``timeout`` passes first."""
-        if self._holding:
-            raise RuntimeError("release() the previous message first")
         if self._core.published(self._view, self._base) <= self._seq and \
                 not self._wait(self._seq, timeout):
             return None
-        return self._take()
+        return self.try_read()
 
     def try_read(self) -> memoryview | None:
         """The next message if one is waiting, else None at once (:meth:`poll` and
         :meth:`read` in one look at the sequence)."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
-        if self._core.published(self._view, self._base) <= self._seq:
-            return None
-        return self._take()
-
-    def _take(self) -> memoryview:
         view = self._view
-        off = self._data + (self._seq % self._n_slots) * self._slot_size
-        n = _U32.unpack_from(view, off)[0]
+        if self._core.published(view, self._base) <= self._seq:
+            return None
+        slot = self._seq % self._n_slots
+        n = _U32.unpack_from(view, self._lengths[slot])[0]
         if self.forecast is not None:
-            self.forecast.observe(_U64.unpack_from(view, off + _PUBLISHED_OFF)[0] * 1e-9)
+            self.forecast.observe(_U64.unpack_from(
+                view, self._lengths[slot] + _PUBLISHED_OFF)[0] * 1e-9)
         self._holding = True
-        return view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
+        message: memoryview = self._payloads[slot][:n]
+        return message
 
     def release(self) -> None:
         """Done with the message: its slot may be overwritten."""
@@ -332,4 +361,6 @@ class RingReader:
         return wait(view, base, seq, flag, 0.0, deadline)
 
     def close(self) -> None:
+        for payload in self._payloads:
+            payload.release()
         self._m.close()

@@ -239,12 +239,6 @@ class _Server:
                 self._fns.popitem(last=False)
         return fn
 
-    def _method(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.target, name, None) if not name.startswith("__") else None
-        if method is None or not callable(method):
-            raise AttributeError(f"{type(self.target).__qualname__} has no method {name!r}")
-        return method  # type: ignore[no-any-return]
-
     def _deferred_reply(self, call: Call) -> Callable[[Future[Any]], Reply]:
         """The reply to ``call`` from the future its method returned (see .deferred)."""
         keep = call.value_rank < 0 or call.value_rank == self.rank
@@ -272,8 +266,13 @@ class _Server:
                                       "the worker does not unpickle callables")
             if call.fn is not None:
                 value = self._function(call.fn)(self.target, *call.args, **call.kwargs)
-            else:
-                value = self._method(call.method)(*call.args, **call.kwargs)
+            else:  # a method by name (no dunder: nothing the worker did not declare)
+                name = call.method
+                method = getattr(self.target, name, None) if not name.startswith("__") else None
+                if method is None or not callable(method):
+                    raise AttributeError(
+                        f"{type(self.target).__qualname__} has no method {name!r}")
+                value = method(*call.args, **call.kwargs)
         except BaseException as e:  # SystemExit too: the worker lives on
             return Reply(call.call_id, self.rank, error=Failure.of(e))
         if isinstance(value, Future):
@@ -283,8 +282,12 @@ class _Server:
 
     def _reply(self, reply: Reply | Pong, method: str) -> None:
         try:
-            frames = self.encoder.encode(reply)
-            _check_sizes(frames, self.max_message_size)
+            if type(reply) is Reply and reply.value is None and reply.error is None:
+                frames = [self.encoder.none_reply(reply.call_id, reply.rank)]  # cached
+            else:
+                frames = self.encoder.encode(reply)
+            if len(frames) > 1 or len(frames[0]) > self.max_message_size >= 0:
+                _check_sizes(frames, self.max_message_size)  # raises if one is over it
         except BaseException as e:
             if isinstance(e, ValueNotCarriedError):
                 failure = Failure.of(e, ValueFault(e.path, e.type_name,
@@ -298,12 +301,13 @@ class _Server:
 
 def _check_sizes(frames: list[Any], limit: int) -> None:
     """Refuse to send a frame the driver's socket would refuse (``MAXMSGSIZE``: it would
-    drop the connection, and the reply with it)."""
-    if limit >= 0:
-        for frame in frames:
-            size = memoryview(frame).nbytes
-            if size > limit:
-                raise ValueError(f"a frame of {size} bytes is over max_message_size={limit}")
+    drop the connection, and the reply with it); ``limit`` -1: none."""
+    if limit < 0:
+        return
+    for frame in frames:
+        size = memoryview(frame).nbytes
+        if size > limit:
+            raise ValueError(f"a frame of {size} bytes is over max_message_size={limit}")
 
 
 def run_worker(spec_bytes: bytes, own_process: bool = True) -> None:

@@ -100,6 +100,8 @@ class ShmWorkerTransport:
         self.request = RingReader(spec.request, rank, spin=spec.spin, forecast=forecast)
         self.reply = RingWriter.attach(spec.reply)
         self.doorbell = Doorbell(spec.doorbell)
+        # Every reply (a marker too) rings the doorbell, after the publish's own fence.
+        self.reply.ring_on_publish(self.doorbell.view, self.doorbell.base)
 
     def next(self) -> Next:
         view = self.request.read()
@@ -127,10 +129,9 @@ class ShmWorkerTransport:
             self.request.release()
 
     def send(self, frames: list[Any]) -> None:
-        if not packets.put(self.reply, frames, None):
+        if not packets.put(self.reply, frames, None):  # the doorbell rung (see __init__)
             self.zmq.send(frames)  # too big for a slot: ZeroMQ, and a marker
             self.reply.write(packets.pack_marker(None))
-        self.doorbell.ring()
         if self.forecast is not None:  # the next request may be timed from this reply
             self.forecast.replied(time.monotonic())
 
