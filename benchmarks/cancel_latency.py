@@ -121,8 +121,11 @@ def stuck_once(transport: str) -> float:
 
 
 _DRIVER = """
-import sys, time
+import signal, sys, time
 sys.path.insert(0, {root!r})
+# Ctrl-C as in a terminal, also when this benchmark was started with SIGINT ignored (a
+# background job of a non-interactive shell passes that on to every child).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if __name__ == "__main__":
     if sys.argv[1] == "executor":
         from gpuexec import Executor, Worker

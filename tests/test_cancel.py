@@ -200,8 +200,13 @@ def test_ctrl_c_in_a_waiting_call_cancels_it(ex: Executor, tmp_path: Path) -> No
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
     threading.Thread(target=interrupt_when_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        ex.collective_rpc("block", args=("sleep", str(go), str(mark)))
+    # Python's own Ctrl-C handler, also when pytest was started with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.collective_rpc("block", args=("sleep", str(go), str(mark)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert ex.collective_rpc("noop") == [0, 1]
     assert marks(mark, 2) == ["CallCancelled block"] * 2
     assert ex.stats().cancelled == 1
@@ -350,11 +355,14 @@ def test_a_cancelled_rank_in_an_nccl_barrier_aborts_its_group(tmp_path: Path,
 # -- Ctrl-C in a script ------------------------------------------------------------------
 
 _SCRIPT = """
-import sys
+import signal, sys
 from gpuexec import Executor
 from cancel_workers import CancelWorker
 
 if __name__ == "__main__":
+    # Ctrl-C as in a terminal, also under a CI that started the tests with SIGINT ignored
+    # (a background job of a non-interactive shell passes that on to every child).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     how, go = sys.argv[1], sys.argv[2]
     with Executor(CancelWorker, 2, device="cpu", shutdown_timeout=60, cancel_grace=None) as ex:
         print("ready", flush=True)
@@ -373,9 +381,23 @@ def _driver(tmp_path: Path, how: str) -> tuple[subprocess.Popen[str], Path]:
     proc = subprocess.Popen([sys.executable, str(script), how, str(go)], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=subprocess_env())
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    assert _line(proc) == "ready\n"
     started(go, 2)
     return proc, go
+
+
+def _line(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:
+    """The driver's next line of output, or the test fails after ``timeout`` (the driver
+    killed), never waiting forever."""
+    assert proc.stdout is not None
+    stdout, got = proc.stdout, []
+    reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not got:
+        proc.kill()
+        raise AssertionError(f"no line from the driver within {timeout:g} s")
+    return got[0]
 
 
 def test_ctrl_c_in_with_leaves_at_once_without_escalation(tmp_path: Path,
@@ -391,7 +413,7 @@ def test_a_second_ctrl_c_during_shutdown_exits_quietly(tmp_path: Path,
                                                        no_leaks: None) -> None:
     proc, _ = _driver(tmp_path, "gil")  # will not stop: the shutdown waits
     proc.send_signal(signal.SIGINT)
-    assert proc.stdout is not None and proc.stdout.readline() == "interrupted\n"
+    assert _line(proc) == "interrupted\n"
     # Again until it exits: a Ctrl-C that lands before shutdown() began only moves the
     # shutdown to __exit__; one during the shutdown ends the process.
     deadline = time.monotonic() + 60
