@@ -58,12 +58,14 @@ $(STAMP): $(BASE_STAMP)
 	touch $(STAMP)
 
 # The compiled ring core (gpuexec/ipc/_ringcore.c, C against the limited API): built by
-# the editable install above and again here whenever its source changes, with the C
+# the editable install above and again here whenever its source changes (by setup.py, or
+# where the venv has no setuptools, Python >= 3.12, by the editable install), with the C
 # compiler and Python headers of the machine (Debian/Ubuntu: build-essential python3-dev).
 # It is optional: without them the build says so and gpuexec runs its pure-Python twin.
 CORE := $(VENV)/.ringcore
 $(CORE): $(BASE_STAMP) gpuexec/ipc/_ringcore.c setup.py
-	$(PY) setup.py -q build_ext --inplace 2>$(VENV)/ringcore-build.log || true
+	$(PY) setup.py -q build_ext --inplace 2>$(VENV)/ringcore-build.log || \
+	  $(PIP) install -q --no-deps -e . >>$(VENV)/ringcore-build.log 2>&1 || true
 	@$(PY) -c "from gpuexec.ipc import ringcore; print('gpuexec ring core:', ringcore.describe())"
 	touch $(CORE)
 

@@ -330,6 +330,43 @@ def test_without_the_compiled_core_one_log_line_and_the_same_results(tmp_path: P
         "built (no compiler here)" in r.stdout
 
 
+STALE = """
+import logging, sys, types
+from gpuexec.ipc import ringcore
+
+old = types.ModuleType("gpuexec.ipc._ringcore")  # a build from an older source
+old.NAME, old.API = "compiled", ringcore.API - 1
+sys.modules["gpuexec.ipc._ringcore"] = old
+logging.basicConfig(format="LOG %(message)s")
+from gpuexec import Executor, Worker
+
+class W(Worker):
+    def plus(self, a):
+        return a + 1 + self.rank
+
+with Executor(W, 1, device="cpu", transport="shm") as ex:
+    print("results", ex.collective_rpc("plus", args=(41,)))
+print("core", ringcore.describe())
+"""
+
+
+def test_a_stale_build_of_the_core_is_refused_and_the_twin_runs(tmp_path: Path) -> None:
+    """An editable install keeps its old build after a pull until make rebuilds it: a
+    build whose interface differs is not called (one log line says why)."""
+    script = tmp_path / "stale.py"
+    script.write_text(STALE)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "results [42]"
+    from gpuexec.ipc.ringcore import API
+
+    stale = f"the build found is stale: interface {API - 1}, this source needs {API}; rebuild"
+    logged = [ln for ln in r.stderr.splitlines() if ln.startswith("LOG ")]
+    assert len(logged) == 1 and stale in logged[0], r.stderr
+    assert f"core pure Python (the compiled core is not built: {stale}" in r.stdout
+
+
 GUARD_FREE = """
 from gpuexec import Executor, Worker
 from gpuexec.errors import MissingDependencyError

@@ -465,9 +465,14 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
+/* The interface version: ringcore.py's API must match, so that a build left over from an
+ * older source (an editable install after a pull) is refused, not called wrongly. */
+#define CORE_API 2
+
 PyMODINIT_FUNC PyInit__ringcore(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddStringConstant(m, "NAME", "compiled") < 0) {
+    if (m != NULL && (PyModule_AddStringConstant(m, "NAME", "compiled") < 0 ||
+                      PyModule_AddIntConstant(m, "API", CORE_API) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

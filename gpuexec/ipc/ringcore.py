@@ -27,6 +27,10 @@ log = logging.getLogger("gpuexec")
 
 ENV = "GPUEXEC_CORE"
 CHOICES = ("auto", "compiled", "python")
+# The interface below; ``_ringcore.c``'s CORE_API must be the same. A build from an older
+# source (an editable install after a pull, before make rebuilt it) is refused: it would
+# be called with the wrong arguments.
+API = 2
 
 
 class Core(Protocol):
@@ -59,10 +63,16 @@ _announced = False
 def _compiled() -> Core | None:
     global _why_not
     try:
-        return cast(Core, importlib.import_module("gpuexec.ipc._ringcore"))
+        module = importlib.import_module("gpuexec.ipc._ringcore")
     except ImportError as e:
         _why_not = str(e) or type(e).__name__
         return None
+    built = getattr(module, "API", None)
+    if built != API:
+        _why_not = (f"the build found is stale: interface {built}, this source needs {API}; "
+                    f"rebuild it with make or pip install -e .")
+        return None
+    return cast(Core, module)
 
 
 def load(choice: str) -> Core:
