@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 from gpuexec import Worker
 from gpuexec.errors import CallCancelled
+from gpuexec.ipc.signals import CANCEL_SIGNAL
 from gpuexec.worker import uncancellable
 
 
@@ -94,6 +96,24 @@ class CancelWorker(Worker):
         finally:
             if mark:
                 Path(f"{mark}.{self.rank}").write_text(seen)
+
+    def lose_the_first_signal(self, started: str, mark: str) -> str:
+        """Take the first cancel signal away from the handler (as if it had gone astray),
+        then sleep: only a later signal can end the sleep."""
+        seen = "returned"
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {CANCEL_SIGNAL})
+            _start(started)
+            signal.sigtimedwait({CANCEL_SIGNAL}, 60)  # the first one, swallowed
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {CANCEL_SIGNAL})
+            time.sleep(60)
+            return "finished"
+        except BaseException as e:
+            seen = type(e).__qualname__
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {CANCEL_SIGNAL})
+            Path(f"{mark}.{self.rank}").write_text(seen)
 
     def fail_or_block(self, failing: int, started: str, mark: str) -> str:
         """Rank ``failing`` raises once the others block; they block until interrupted."""

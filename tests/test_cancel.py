@@ -191,6 +191,18 @@ def test_check_health_timeout_without_cancel_on_timeout(tmp_path: Path) -> None:
         assert future.result() == ["released", "released"]
 
 
+def test_a_cancel_signal_that_went_astray_is_sent_again(ex: Executor, tmp_path: Path) -> None:
+    go, mark = tmp_path / "go", tmp_path / "mark"
+    future = ex.collective_rpc("lose_the_first_signal", args=(str(go), str(mark)),
+                               non_block=True)
+    started(go, 2)
+    assert future.cancel()
+    assert ex.collective_rpc("noop") == [0, 1]  # well before cancel_grace (5 s)
+    assert marks(mark, 2) == ["CallCancelled"] * 2
+    stats = ex.stats()
+    assert stats.cancel_kills == 0 and stats.cancelled_replies == 2
+
+
 def test_ctrl_c_in_a_waiting_call_cancels_it(ex: Executor, tmp_path: Path) -> None:
     go, mark = tmp_path / "go", tmp_path / "mark"
 

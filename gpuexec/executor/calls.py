@@ -96,6 +96,7 @@ class CancelWatch:
     reason: str
     owed: set[int]
     deadlines: dict[int, float] = field(default_factory=dict)  # rank -> kill time
+    signalled: dict[int, float] = field(default_factory=dict)  # rank -> last signal
 
 
 class PendingCall:
@@ -481,11 +482,15 @@ class CallTable:
             owing = [c for c in self.pending.values() if not c.ping and rank in c.owed]
         return min(owing, key=lambda c: c.call_id, default=None)
 
-    def overdue(self, now: float, grace: float) -> list[tuple[int, CancelWatch]]:
-        """``(rank, watch)`` for each rank that has not stopped a cancelled call within
-        ``grace`` of running it; starts the clock of ranks that have just reached one
-        (no older call owed). The monitor, while :attr:`cancelling` is not empty."""
-        out = []
+    def overdue(self, now: float, grace: float | None, every: float
+                ) -> tuple[list[tuple[int, CancelWatch]], list[tuple[int, CancelWatch]]]:
+        """``(overdue, again)``: ``(rank, watch)`` for each rank that has not stopped a
+        cancelled call within ``grace`` of running it (None: never overdue), and for each
+        running it that was last signalled ``every`` seconds ago or more (signalled
+        again: the cancel must not hang on one signal). Starts the clock of ranks that
+        have just reached one (no older call owed). The monitor, while
+        :attr:`cancelling` is not empty."""
+        overdue, again = [], []
         with self.lock:
             watches = sorted(self.cancelling.values(), key=lambda w: w.call_id)
             for watch in watches:
@@ -493,10 +498,16 @@ class CallTable:
                     deadline = watch.deadlines.get(rank)
                     if deadline is None:
                         if not self._owes_older(rank, watch.call_id, watches):
-                            watch.deadlines[rank] = now + grace
-                    elif deadline <= now:
-                        out.append((rank, watch))
-        return out
+                            watch.deadlines[rank] = now + grace if grace is not None \
+                                else float("inf")
+                            watch.signalled.setdefault(rank, now)
+                        continue
+                    if deadline <= now:
+                        overdue.append((rank, watch))
+                    elif watch.signalled.get(rank, now) + every <= now:
+                        watch.signalled[rank] = now
+                        again.append((rank, watch))
+        return overdue, again
 
     def _owes_older(self, rank: int, call_id: int, watches: list[CancelWatch]) -> bool:
         return any(c.call_id < call_id and rank in c.owed for c in self.pending.values()) \

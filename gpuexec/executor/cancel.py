@@ -13,7 +13,9 @@
             the main thread from its wait)
     worker: the method raises CallCancelled (:mod:`gpuexec.worker.cancel`), answers
         ──▶ the answer clears the rank from the watch (``stats().cancelled_replies``)
-    monitor, while watches remain: a rank that has not answered ``cancel_grace`` seconds
+    monitor, while watches remain: a rank that runs the cancelled call and has not
+        answered is signalled again every 0.2 s (one signal that went astray must not
+        leave the method running); one that has not answered ``cancel_grace`` seconds
         after it reached the cancelled call (a method stuck in C with the GIL held, in a
         CUDA or NCCL wait) ──▶ SIGKILL; its guardian takes its process group along; the
         death is a WorkerDiedError whose ``reason`` says why (``stats().cancel_kills``)

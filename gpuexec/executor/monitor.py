@@ -73,6 +73,8 @@ CALLBACK_WAIT_S = 60.0  # the longest a caller waits for the failure callbacks t
 # (nothing they answer can change the call's outcome, and in a collective they would
 # wait for the failed rank forever); a rank failing within it is still reported.
 FAIL_FAST_S = 0.05
+# A rank that runs a cancelled call and has not answered is signalled again this often.
+RESIGNAL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -249,12 +251,18 @@ class Monitor:
                     call, "another rank failed it", self._table.failed_error(call)):
                 self._wake()
 
-    def _kill_overdue(self) -> None:
-        """SIGKILL every rank that has not stopped a cancelled call within the grace (its
-        guardian takes its process group along); the sentinel then reports the death."""
-        if self._grace is None or self._interrupter is None:
+    def _chase_cancels(self) -> None:
+        """Signal again every :data:`RESIGNAL_S` a rank that runs a cancelled call and has
+        not answered (one signal that went astray must not leave the method running);
+        SIGKILL every rank that has not stopped it
+        within the grace (its guardian takes its process group along); the sentinel then
+        reports the death."""
+        if self._interrupter is None:
             return
-        for rank, watch in self._table.overdue(time.monotonic(), self._grace):
+        overdue, again = self._table.overdue(time.monotonic(), self._grace, RESIGNAL_S)
+        for rank, watch in again:
+            self._interrupter.interrupt(watch.call_id, [rank])
+        for rank, watch in overdue:
             if rank in self._killed:
                 continue
             reason = (f"the cancelled call {watch.method!r} ({watch.reason}) did not stop "
@@ -340,8 +348,8 @@ class Monitor:
                 self._cancels.expire(call)
         if table.failing:
             self._fail_fast()
-        if table.cancelling and self._grace is not None:
-            self._kill_overdue()
+        if table.cancelling:
+            self._chase_cancels()
         table.settle()
         if self._due or self._held or not self.callbacks_returned.is_set():
             self._run_due_callbacks()
