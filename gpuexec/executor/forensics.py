@@ -142,7 +142,7 @@ class Forensics:
         try:
             pids = {r: self._pid(self.handles[r]) for r in ranks}
             dumps = channel.collect(self._directory, pids,
-                                    max(0.0, deadline - time.monotonic()))
+                                    max(0.0, deadline - time.monotonic()), timeout)
         finally:
             self._lock.release()
         running = self.running()

@@ -116,10 +116,13 @@ def _whole(asked: _Asked) -> bool:
     return not _pending(asked.pid) and _blocking(asked.pid) <= asked.blocking
 
 
-def collect(directory: str, pids: Mapping[int, int | None], timeout: float) -> dict[int, str]:
+def collect(directory: str, pids: Mapping[int, int | None], timeout: float,
+            given: float | None = None) -> dict[int, str]:
     """Every thread's stack of each rank in ``pids`` (rank -> pid, None: exited), as
     faulthandler prints it, or a sentence saying why there is none; within ``timeout``
-    seconds for all ranks together. A partial answer ends with a line that says so."""
+    seconds for all ranks together. A partial answer ends with a line that says so,
+    naming ``given`` (the caller's own timeout, of which ``timeout`` is what is left;
+    default: ``timeout``)."""
     out: dict[int, str] = {}
     waiting: dict[int, _Asked] = {}
     for rank, pid in pids.items():
@@ -143,7 +146,8 @@ def collect(directory: str, pids: Mapping[int, int | None], timeout: float) -> d
     for rank, asked in waiting.items():
         text = _answer(asked)
         state = process_state(asked.pid)
-        why = f"no answer within {timeout:.3g} s; the process is {state}"
+        why = f"no answer within {timeout if given is None else given:.3g} s; the " \
+              f"process is {state}"
         out[rank] = f"{text.rstrip()}\n(incomplete: {why})" if text else why
     return {rank: out[rank] for rank in sorted(out)}
 
