@@ -599,13 +599,17 @@ class Executor(RpcMethods, ForensicsMethods):
         preload, self._zygote_preload = self._zygote_preload, None
         if preload is not None:
             release_zygote(preload, self._config.keep_zygote)
+
     def _kill_workers(self) -> None:
-        """SIGKILL every worker still running (a second Ctrl-C during shutdown)."""
+        """SIGKILL every worker still running and remove the private directory (a second
+        Ctrl-C during shutdown: the process exits next, and nothing is left for the
+        guardians to clean up after it)."""
         for h in self._handles:
             try:
                 h.process.kill()
             except (OSError, ValueError):
                 pass
+        self._endpoints.close()
 
     def __enter__(self) -> Executor:
         return self
