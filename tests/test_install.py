@@ -315,11 +315,17 @@ except Exception as e:
 """
 
 
+def _auto_core_env() -> dict[str, str]:
+    """The environment of a script that must choose its core itself (``auto``), also
+    when the suite runs on the pure-Python core (``GPUEXEC_CORE=python``)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "GPUEXEC_CORE": "auto"}
+
+
 def test_without_the_compiled_core_one_log_line_and_the_same_results(tmp_path: Path) -> None:
     script = tmp_path / "fallback.py"
     script.write_text(FALLBACK)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       timeout=120, env=_auto_core_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[:2] == ["results [42]"] * 2
     logged = [ln for ln in r.stderr.splitlines() if ln.startswith("LOG ")]
@@ -356,7 +362,7 @@ def test_a_stale_build_of_the_core_is_refused_and_the_twin_runs(tmp_path: Path) 
     script = tmp_path / "stale.py"
     script.write_text(STALE)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       timeout=120, env=_auto_core_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "results [42]"
     from gpuexec.ipc.ringcore import API
