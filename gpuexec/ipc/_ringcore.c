@@ -212,6 +212,21 @@ static int check_signals(PyThreadState **ts) {
     return r;
 }
 
+/* One check of a spin loop, made every few iterations: 0 to go on spinning; 1 once
+ * ``spin_until`` has passed; -1 when a Python signal handler raised (checked at most
+ * every SLICE_S, taking the GIL back for it). */
+static int spin_tick(double spin_until, double *check_at, PyThreadState **ts) {
+    double t = now_s();
+    if (t >= spin_until)
+        return 1;
+    if (t >= *check_at) {
+        if (check_signals(ts) < 0)
+            return -1;
+        *check_at = t + SLICE_S;
+    }
+    return 0;
+}
+
 /* wait(view, base, seq, flag_off, spin_until, sleep_until) -> bool: True once
  * write_seq > seq. Spins (GIL released) until ``spin_until``, then sleeps on the futex
  * word with the Dekker handshake on this reader's flag until ``sleep_until`` (monotonic
@@ -236,15 +251,10 @@ static PyObject *core_wait(PyObject *self, PyObject *const *args, Py_ssize_t nar
             break;
         }
         if ((n & 31) == 0) {
-            double t = now_s();
-            if (t >= spin_until)
+            int tick = spin_tick(spin_until, &check_at, &ts);
+            if (tick != 0) {
+                failed = tick < 0;
                 break;
-            if (t >= check_at) {
-                if (check_signals(&ts) < 0) {
-                    failed = 1;
-                    break;
-                }
-                check_at = t + SLICE_S;
             }
         }
         CPU_RELAX();
@@ -393,15 +403,10 @@ static PyObject *core_gather(PyObject *self, PyObject *const *args, Py_ssize_t n
             if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != (uint32_t)epoch)
                 break;
             if ((k & 15) == 0) {
-                double t = now_s();
-                if (t >= spin_until)
+                int tick = spin_tick(spin_until, &check_at, &ts);
+                if (tick != 0) {
+                    failed = tick < 0;
                     break;
-                if (t >= check_at) {
-                    if (check_signals(&ts) < 0) {
-                        failed = 1;
-                        break;
-                    }
-                    check_at = t + SLICE_S;
                 }
             }
             CPU_RELAX();
