@@ -559,8 +559,15 @@ class Executor(RpcMethods, ForensicsMethods):
         """
         if not self._owner.here():
             return
-        if not self._life.advance(ExecutorState.RUNNING, ExecutorState.CLOSED):
-            return  # not started, or already shut down (see .lifecycle)
+        # The second-Ctrl-C handler goes in before the state moves to CLOSED: a Ctrl-C
+        # between the two would otherwise leave an executor marked closed whose workers
+        # no shutdown stops (``__exit__``'s retry would return at once).
+        with process_hooks.second_interrupt_exits(self._kill_workers):
+            if self._life.advance(ExecutorState.RUNNING, ExecutorState.CLOSED):
+                self._shut_down(timeout)
+
+    def _shut_down(self, timeout: float | None) -> None:
+        """The steps of :meth:`shutdown`, once, under its second-Ctrl-C handler."""
         process_hooks.discard(self)
         grace = self._config.shutdown_timeout if timeout is None else timeout
         ray_workers = self._ray_workers
@@ -583,13 +590,12 @@ class Executor(RpcMethods, ForensicsMethods):
             process_hooks.uninstall_sigterm_handler,
         ]
         error: BaseException | None = None
-        with process_hooks.second_interrupt_exits(self._kill_workers):
-            for step in steps:  # each step runs even when an earlier one raised
-                try:
-                    step()
-                except BaseException as e:
-                    log.warning("gpuexec: a shutdown step failed: %r", e)
-                    error = error or e
+        for step in steps:  # each step runs even when an earlier one raised
+            try:
+                step()
+            except BaseException as e:
+                log.warning("gpuexec: a shutdown step failed: %r", e)
+                error = error or e
         if error is not None:
             raise error
 
