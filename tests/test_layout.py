@@ -42,6 +42,8 @@ LONG_MODULES = {
                                  "reference for every option",
     "gpuexec.executor.channel": "the driver's three locks, their written order and every "
                                 "path that takes them (send, wait, close), side by side",
+    "gpuexec.ipc.shm_ring": "the ring's writer and readers: one layout and one table of "
+                            "slot states, each side's moves next to the other's",
     "gpuexec.executor.calls": "how a call ends, under the call table's one lock: results, "
                               "failures, timeouts, cancellations and their watches",
 }

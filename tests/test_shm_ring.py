@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -223,6 +224,93 @@ def test_packets_single_frame_fast_path_and_general_walk_agree() -> None:
     with pytest.raises(ValueError, match="truncated"):
         packets.single_frame(memoryview(bytes(bad)))
     r.close()
+    w.close()
+
+
+@pytest.fixture
+def reader_core(ring_core: str) -> Iterator[Callable[[str], None]]:
+    """Choose the core later rings are read with (a ring's reader binds the core current
+    when it is made): the writer on ``ring_core``, each reader on either."""
+    from gpuexec.ipc import ringcore
+
+    yield ringcore.select
+    ringcore.select(ring_core)
+
+
+def test_put_one_writes_the_packet_put_would_and_take_one_takes_only_its_bytes(
+        reader_core: Callable[[str], None]) -> None:
+    """The hot path's one-call send and its driver's take of a reply known by its bytes:
+    the slot holds what the general path writes, read back by either core, and a take
+    leaves every other message, whole, to the general read."""
+    from gpuexec.ipc import packets
+
+    w = RingWriter(1, n_slots=4, slot_size=128)
+    for core in ("compiled", "python"):
+        reader_core(core)
+        r = RingReader(w.spec, 0)
+        for frame in (b"abc", b"", b"x" * 40):  # wraps around the four slots
+            assert w.put_one(frame)
+            view = r.try_read()
+            assert view is not None
+            assert view.tobytes() == packets.measure([frame], None)[0] + frame
+            view.release()
+            r.release()
+        assert not w.put_one(b"y" * 120)  # over a slot: for another path, nothing sent
+        assert not r.poll()
+        assert w.put_one(b"head-17-tail")
+        assert not r.take_one(b"head-", b"18", b"-tail")   # another id: left where it is
+        assert not r.take_one(b"head-", b"17", b"-tai")    # shorter
+        assert not r.take_one(b"head-", b"17", b"-tailx")  # longer
+        assert not r.take_one(b"head-17-tail" * 20, b"", b"")  # more than a slot holds
+        assert r.poll()
+        assert r.take_one(b"head-", b"17", b"-tail")
+        assert not r.poll() and not r.take_one(b"head-", b"17", b"-tail")  # nothing left
+        assert packets.put(w, [b"head", b"-17-tail"], None)  # two frames: not that packet
+        assert not r.take_one(b"head", b"-17", b"-tail")
+        view = r.try_read()
+        assert view is not None and not r.take_one(b"a", b"b", b"c")  # held: not taken
+        assert [bytes(f) for f in packets.unpack(view)[1]] == [b"head", b"-17-tail"]
+        view.release()
+        r.release()
+        r.close()
+    w.close()
+
+
+def test_read_frame_copies_out_a_one_frame_packet_and_hands_any_other_as_a_view(
+        reader_core: Callable[[str], None]) -> None:
+    """A worker's read of the next request: a packet of one frame for every reader comes
+    out as bytes with its slot released (each reader its own, on either core), anything
+    else as the held view :meth:`read` gives, one whose lengths disagree too (the general
+    path drops it)."""
+    import struct
+
+    from gpuexec.ipc import packets
+
+    w = RingWriter(2, n_slots=4, slot_size=128)
+    readers = []
+    for core in ("compiled", "python"):
+        reader_core(core)
+        readers.append(RingReader(w.spec, len(readers)))
+    assert readers[0].read_frame(0) is None  # nothing yet: the timeout passes
+    for frame in (b"abc", b"", b"z" * 103):  # 103: the largest a slot holds
+        assert w.put_one(frame)
+        assert [r.read_frame() for r in readers] == [frame, frame]
+    assert packets.put(w, [b"a", b"b"], None)  # two frames: the packet, held
+    assert packets.put(w, [b"c"], [1])         # for rank 1 only: the packet, held
+    # one frame for everyone, its length field saying more than the slot holds
+    assert w.write(struct.pack("<BHHI", packets.INLINE, 0, 1, 50) + b"abc")
+    for r in readers:
+        for frames in ([b"a", b"b"], [b"c"], None):
+            got = r.read_frame()
+            assert isinstance(got, memoryview)
+            if frames is None:
+                with pytest.raises(ValueError, match="truncated"):
+                    packets.single_frame(got)
+            else:
+                assert [bytes(f) for f in packets.unpack(got)[1]] == frames
+            got.release()
+            r.release()
+        r.close()
     w.close()
 
 

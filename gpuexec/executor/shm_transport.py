@@ -27,10 +27,11 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import zmq
 
 from ..ipc import packets, shm_payload
-from ..ipc.codec import Decoder, MalformedMessage
+from ..ipc.codec import Decoder, MalformedMessage, none_reply_parts
 from ..ipc.messages import Pong, Reply, ShmSpec, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
 from .calls import CallTable, PendingCall
@@ -41,6 +42,7 @@ from .zmq_transport import ZmqTransport, unwatch
 log = logging.getLogger("gpuexec")
 
 _INF = math.inf
+_encode_id = msgspec.msgpack.encode  # a call id as the replies' headers hold it
 
 
 class ShmTransport(Transport):
@@ -54,6 +56,10 @@ class ShmTransport(Transport):
         self._stats = table.stats
         self._shm = shm
         self._n_ranks = len(topics)
+        # Per rank, the bytes around the call id of its reply to a method that returned
+        # None: such a reply to the awaited call is taken from its ring without being
+        # read or decoded (RingReader.take_one).
+        self._none_parts = [none_reply_parts(rank) for rank in range(len(topics))]
         self._shm_decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True,
                                                        copy_buffers=True, where="the driver")
         self._sentinel_poller = zmq.Poller()
@@ -112,7 +118,9 @@ class ShmTransport(Transport):
         across every ring is one call into the ring core (:meth:`ShmDriverPath.gather`,
         GIL released); it answers with the rings that hold a reply, as a bit mask. The
         replies of one pass are delivered under one take of the table's lock, from a
-        list kept for it (no list is made per pass; one reply needs none)."""
+        list kept for it (no list is made per pass; one reply needs none). A reply of
+        ``call``'s that says None is recognised by its bytes in the ring and released
+        there (one core call, no view, no decoding)."""
         shm = self._shm
         table = self._table
         gather = shm.gather
@@ -122,8 +130,13 @@ class ShmTransport(Transport):
         now = time.monotonic()
         deadline = _INF if timeout is None else now + timeout
         spin_until = now + shm.spin
-        if call is not None and call.done:
+        if call is None:
+            call_id, middle = -1, b""
+        elif call.done:
             return
+        else:  # its None replies are known by their bytes: taken, not read or decoded
+            call_id, middle = call.call_id, _encode_id(call.call_id)
+        parts = self._none_parts
         while True:
             seen = epoch()  # before the checks: a poke after them ends the gather
             if table.closing:
@@ -137,9 +150,12 @@ class ShmTransport(Transport):
                 batch = self._batch
                 while mask:
                     low = mask & -mask
-                    reader = readers[low.bit_length() - 1]
-                    view = reader.try_read()
-                    if view is not None and (reply := decode(reader, view)) is not None:
+                    rank = low.bit_length() - 1
+                    reader = readers[rank]
+                    if middle and reader.take_one(parts[rank][0], middle, parts[rank][1]):
+                        batch.append(Reply(call_id, rank))
+                    elif (view := reader.try_read()) is not None and \
+                            (reply := decode(reader, view)) is not None:
                         batch.append(reply)
                     mask ^= low
                 if batch:
@@ -148,9 +164,12 @@ class ShmTransport(Transport):
                     finally:
                         batch.clear()
             else:
-                reader = readers[mask.bit_length() - 1]
-                view = reader.try_read()
-                if view is not None and (reply := decode(reader, view)) is not None:
+                rank = mask.bit_length() - 1
+                reader = readers[rank]
+                if middle and reader.take_one(parts[rank][0], middle, parts[rank][1]):
+                    table.deliver((Reply(call_id, rank),))
+                elif (view := reader.try_read()) is not None and \
+                        (reply := decode(reader, view)) is not None:
                     table.deliver((reply,))
             if call is None or call.done:
                 return

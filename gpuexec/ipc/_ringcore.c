@@ -33,6 +33,7 @@
 #include <linux/futex.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -43,6 +44,11 @@
 #define SLEEPING_OFF 128
 #define PUBLISHED_OFF 8
 #define ONE_READER_SEQ_OFF 192 /* read_seq of a ring with one reader (a reply ring) */
+#define SLOT_HEADER 16           /* a slot: length u32, pad u32, publish time u64, payload */
+/* A packet holding one frame for every rank (packets.py): kind u8 = 0 (inline),
+ * mask_len u16 = 0, n u16 = 1, length u32, then the frame. */
+#define ONE_HEAD 9
+static const unsigned char ONE_PACKET[5] = {0, 0, 0, 1, 0};
 /* The doorbell. */
 #define BELL_COUNTER 0
 #define BELL_SLEEPING 64
@@ -128,6 +134,28 @@ static int as_double(PyObject *o, double *out) {
 
 /* -- the ring ---------------------------------------------------------------------- */
 
+/* Stamp the slot at ``slot_off``, publish it by storing write_seq = seq (release) and
+ * its futex word, then, after one full fence (Dekker), wake the ring's readers if any
+ * sleeps and, given a doorbell (``bell`` 0: none), its waiter if it sleeps. */
+static void publish_at(uintptr_t b, uint64_t slot_off, uint64_t seq, uint64_t n_readers,
+                       uintptr_t bell) {
+    __atomic_store_n(u64_at(b, slot_off + PUBLISHED_OFF), now_ns(), __ATOMIC_RELAXED);
+    __atomic_store_n(u64_at(b, WRITE_SEQ_OFF), seq, __ATOMIC_RELEASE);
+    __atomic_store_n(u32_at(b, FUTEX_OFF), (uint32_t)seq, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    const unsigned char *flags = (const unsigned char *)(b + SLEEPING_OFF);
+    for (uint64_t i = 0; i < n_readers; i++) {
+        if (__atomic_load_n(flags + i, __ATOMIC_RELAXED)) {
+            futex_wake(u32_at(b, FUTEX_OFF));
+            break;
+        }
+    }
+    if (bell != 0 && __atomic_load_n(u32_at(bell, BELL_SLEEPING), __ATOMIC_RELAXED)) {
+        __atomic_fetch_add(u32_at(bell, BELL_COUNTER), 1, __ATOMIC_SEQ_CST);
+        futex_wake(u32_at(bell, BELL_COUNTER));
+    }
+}
+
 static PyObject *core_fence(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     (void)args;
@@ -158,22 +186,36 @@ static PyObject *core_publish(PyObject *self, PyObject *const *args, Py_ssize_t 
         !as_u64(args[2], &slot_off) || !as_u64(args[3], &seq) ||
         !as_u64(args[4], &n_readers) || !as_u64(args[6], &bell))
         return NULL;
+    publish_at((uintptr_t)base, slot_off, seq, n_readers, (uintptr_t)bell);
+    Py_RETURN_NONE;
+}
+
+/* put_one(view, base, slot_off, frame, seq, n_readers, bell_view, bell_base): write a
+ * packet of one frame for every rank (``frame``: bytes) into the slot at ``slot_off``
+ * (the caller made sure it is free and fits) and publish it as publish() does: the
+ * whole send of a one-frame message in one call. */
+static PyObject *core_put_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, slot_off, seq, n_readers, bell;
+    if (!nargs_ok(nargs, 8, "put_one") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &slot_off) || !as_u64(args[4], &seq) ||
+        !as_u64(args[5], &n_readers) || !as_u64(args[7], &bell))
+        return NULL;
+    char *frame;
+    Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(args[3], &frame, &n) < 0)
+        return NULL;
     uintptr_t b = (uintptr_t)base;
-    __atomic_store_n(u64_at(b, slot_off + PUBLISHED_OFF), now_ns(), __ATOMIC_RELAXED);
-    __atomic_store_n(u64_at(b, WRITE_SEQ_OFF), seq, __ATOMIC_RELEASE);
-    __atomic_store_n(u32_at(b, FUTEX_OFF), (uint32_t)seq, __ATOMIC_RELEASE);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    const unsigned char *flags = (const unsigned char *)(b + SLEEPING_OFF);
-    for (uint64_t i = 0; i < n_readers; i++) {
-        if (__atomic_load_n(flags + i, __ATOMIC_RELAXED)) {
-            futex_wake(u32_at(b, FUTEX_OFF));
-            break;
-        }
-    }
-    if (bell != 0 && __atomic_load_n(u32_at((uintptr_t)bell, BELL_SLEEPING), __ATOMIC_RELAXED)) {
-        __atomic_fetch_add(u32_at((uintptr_t)bell, BELL_COUNTER), 1, __ATOMIC_SEQ_CST);
-        futex_wake(u32_at((uintptr_t)bell, BELL_COUNTER));
-    }
+    unsigned char *head = (unsigned char *)(b + slot_off + SLOT_HEADER);
+    uint32_t length = (uint32_t)n, total = (uint32_t)(n + ONE_HEAD);
+    uint16_t zero = 0, one = 1;
+    memcpy(u32_at(b, slot_off), &total, 4);
+    head[0] = 0;
+    memcpy(head + 1, &zero, 2);
+    memcpy(head + 3, &one, 2);
+    memcpy(head + 5, &length, 4);
+    memcpy(head + ONE_HEAD, frame, (size_t)n);
+    publish_at(b, slot_off, seq, n_readers, (uintptr_t)bell);
     Py_RETURN_NONE;
 }
 
@@ -202,6 +244,92 @@ static PyObject *core_min_read(PyObject *self, PyObject *const *args, Py_ssize_t
             lo = v;
     }
     return PyLong_FromUnsignedLongLong(n ? lo : 0);
+}
+
+/* take_one(view, base, data_off, n_slots, slot_size, before, middle, after) -> bool: in
+ * a ring of one reader (a reply ring) of that shape, the next message, when it is the one-frame
+ * packet whose frame is exactly ``before + middle + after`` (bytes each, together
+ * smaller than a slot), is released at once and True returned; any other message, or
+ * none, is left where it is (False). The driver's way to take a reply it can tell by
+ * its bytes (a None result) without reading it. The shape comes from the caller, not
+ * from the segment, which the ring's writer (a worker) could have overwritten. */
+static PyObject *core_take_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, data_off, n_slots, slot_size;
+    char *parts[3];
+    Py_ssize_t lens[3];
+    if (!nargs_ok(nargs, 8, "take_one") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &data_off) || !as_u64(args[3], &n_slots) ||
+        !as_u64(args[4], &slot_size))
+        return NULL;
+    for (int i = 0; i < 3; i++)
+        if (PyBytes_AsStringAndSize(args[5 + i], &parts[i], &lens[i]) < 0)
+            return NULL;
+    uintptr_t b = (uintptr_t)base;
+    uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
+    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
+        Py_RETURN_FALSE;
+    uint32_t total, length;
+    uint64_t slot = data_off + (seq % n_slots) * slot_size;
+    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
+    uint64_t want = (uint64_t)lens[0] + (uint64_t)lens[1] + (uint64_t)lens[2];
+    if (want + ONE_HEAD + SLOT_HEADER > slot_size)
+        Py_RETURN_FALSE;
+    memcpy(&total, u32_at(b, slot), 4);
+    memcpy(&length, head + 5, 4);
+    if (total != want + ONE_HEAD || length != want || memcmp(head, ONE_PACKET, 5) != 0)
+        Py_RETURN_FALSE;
+    const unsigned char *at = head + ONE_HEAD;
+    for (int i = 0; i < 3; i++) {
+        if (memcmp(at, parts[i], (size_t)lens[i]) != 0)
+            Py_RETURN_FALSE;
+        at += lens[i];
+    }
+    __atomic_store_n(u64_at(b, ONE_READER_SEQ_OFF), seq + 1, __ATOMIC_RELEASE);
+    Py_RETURN_TRUE;
+}
+
+/* take_frame(view, base, reader_off, data_off, n_slots, slot_size) ->
+ * (frame, published_ns) | None: the next message of the reader whose read_seq is at
+ * ``reader_off`` in a ring of that shape, when it is a packet of one frame for every
+ * rank: its frame copied out (bytes), its publish time, and the slot released at once.
+ * None, leaving it where it is, for any other message (a truncated one too) or none. */
+static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, reader_off, data_off, n_slots, slot_size;
+    if (!nargs_ok(nargs, 6, "take_frame") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &reader_off) || !as_u64(args[3], &data_off) ||
+        !as_u64(args[4], &n_slots) || !as_u64(args[5], &slot_size))
+        return NULL;
+    uintptr_t b = (uintptr_t)base;
+    uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
+    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
+        Py_RETURN_NONE;
+    uint32_t total, length;
+    uint64_t slot = data_off + (seq % n_slots) * slot_size;
+    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
+    memcpy(&total, u32_at(b, slot), 4);
+    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER)
+        Py_RETURN_NONE;
+    memcpy(&length, head + 5, 4);
+    if (length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0)
+        Py_RETURN_NONE;
+    uint64_t stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
+    PyObject *frame = PyBytes_FromStringAndSize((const char *)head + ONE_HEAD, length);
+    if (frame == NULL)
+        return NULL;
+    __atomic_store_n(u64_at(b, reader_off), seq + 1, __ATOMIC_RELEASE);
+    PyObject *out = PyTuple_New(2);
+    PyObject *ns = PyLong_FromUnsignedLongLong(stamp);
+    if (out == NULL || ns == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(ns);
+        Py_DECREF(frame);
+        return NULL; /* the slot is released: the message is lost with the exception */
+    }
+    PyTuple_SetItem(out, 0, frame);
+    PyTuple_SetItem(out, 1, ns);
+    return out;
 }
 
 /* Take the GIL back for a moment and run signal handlers: -1 when one raised. */
@@ -447,6 +575,18 @@ static PyMethodDef methods[] = {
     {"publish", (PyCFunction)(void (*)(void))core_publish, METH_FASTCALL,
      "publish(view, base, slot_off, seq, n_readers, bell_view, bell_base): stamp, "
      "publish, wake sleepers (and the doorbell's, after the same fence)."},
+    {"put_one", (PyCFunction)(void (*)(void))core_put_one, METH_FASTCALL,
+     "put_one(view, base, slot_off, frame, seq, n_readers, bell_view, bell_base): "
+     "write a one-frame packet into a slot and publish it."},
+    {"take_one", (PyCFunction)(void (*)(void))core_take_one, METH_FASTCALL,
+     "take_one(view, base, data_off, n_slots, slot_size, before, middle, after) -> bool: "
+     "release "
+     "the next message of "
+     "a reply ring when it is that one-frame packet."},
+    {"take_frame", (PyCFunction)(void (*)(void))core_take_frame, METH_FASTCALL,
+     "take_frame(view, base, reader_off, data_off, n_slots, slot_size) -> "
+     "(frame, published_ns) | None: copy out and "
+     "release the next message when it is a one-frame packet."},
     {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL,
      "release(view, base, off, seq): store a reader's read_seq (release)."},
     {"min_read", (PyCFunction)(void (*)(void))core_min_read, METH_FASTCALL,
@@ -472,7 +612,7 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 2
+#define CORE_API 3
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     PyObject *m = PyModule_Create(&module);

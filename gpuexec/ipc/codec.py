@@ -134,6 +134,21 @@ plain = values.plain
 plain_values = values.plain_values
 
 
+def around_id(make: Callable[[int], Any]) -> tuple[bytes, bytes]:
+    """The bytes before and after the id (the first field) in the header of the message
+    ``make(id)`` makes: msgpack writes the id in its shortest form, as msgspec does, so
+    ``before + msgspec.msgpack.encode(id) + after`` is that header for every id."""
+    zero, one = msgspec.msgpack.encode(make(0)), msgspec.msgpack.encode(make(1))
+    at = next(i for i, (a, b) in enumerate(zip(zero, one, strict=True)) if a != b)
+    return zero[:at], zero[at + 1:]  # ids 0 and 1 take one byte each
+
+
+def none_reply_parts(rank: int) -> tuple[bytes, bytes]:
+    """:func:`around_id` of ``Reply(id, rank)``: what a worker sends for a method that
+    returned None (:meth:`Encoder.none_reply`), known by its bytes on arrival."""
+    return around_id(lambda i: Reply(i, rank))
+
+
 class Encoder:
     """Encodes messages into frames. Thread-safe (one lock around the shared state).
 
@@ -185,13 +200,9 @@ class Encoder:
         return parts[0] + self._plain.encode(call_id) + parts[1]
 
     def _around_id(self, key: str | int, make: Callable[[int], Any]) -> tuple[bytes, bytes]:
-        """The bytes before and after the id (its first field) in the header of the
-        message ``make(id)`` makes, cached under ``key``: msgpack writes the id in its
-        shortest form, as msgspec does, so ``before + encode(id) + after`` is that
-        header for every id. Raises what msgpack raises for a message it refuses."""
-        zero, one = self._plain.encode(make(0)), self._plain.encode(make(1))
-        at = next(i for i, (a, b) in enumerate(zip(zero, one, strict=True)) if a != b)
-        parts = (zero[:at], zero[at + 1:])  # ids 0 and 1 take one byte each
+        """:func:`around_id`, cached under ``key``. Raises what msgpack raises for a
+        message it refuses."""
+        parts = around_id(make)
         if len(self._ids) >= _IDS_CACHED:
             self._ids.clear()  # names made up at run time: never grow without bound
         self._ids[key] = parts

@@ -77,16 +77,9 @@ def put(ring: RingWriter, frames: Sequence[Any], targets: Sequence[int] | None,
     False when it does not fit in a slot (see :meth:`RingWriter.write`) or has more than
     ``MAX_FRAMES`` frames."""
     if targets is None and len(frames) == 1 and type(frames[0]) is bytes:
-        frame = frames[0]  # almost every message (an encoded header): no views, no list,
-        n = len(frame)     # written into the segment by offset (no object made)
-        at = ring.claim_offset(_ONE.size + n, timeout, alive)
-        if at < 0:
-            return False
-        buf = ring.buffer
-        _ONE.pack_into(buf, at, INLINE, 0, 1, n)
-        buf[at + _ONE.size:at + _ONE.size + n] = frame
-        ring.publish()
-        return True
+        # almost every message (an encoded header): claimed, written and published by
+        # one call into the ring core (no view, no list)
+        return ring.put_one(frames[0], timeout, alive)
     if len(frames) > MAX_FRAMES:
         return False
     head, views, size = measure(frames, targets)

@@ -26,6 +26,7 @@ FUTEX_OFF = 72
 SLEEPING_OFF = 128
 PUBLISHED_OFF = 8
 ONE_READER_SEQ_OFF = 192   # read_seq of a ring with one reader (a reply ring)
+SLOT_HEADER = 16           # a slot: length u32, pad u32, publish time u64, payload
 BELL_COUNTER = 0
 BELL_SLEEPING = 64
 _SLICE_S = 0.05             # the longest one futex wait lasts
@@ -67,6 +68,56 @@ def publish(view: memoryview, base: int, slot_off: int, seq: int, n_readers: int
         futex.wake(base + FUTEX_OFF)
     if bell_view is not None and _u32(bell_view, BELL_SLEEPING)[0]:
         poke(bell_view, bell_base)
+
+
+# A packet of one frame for every rank (packets.py): kind 0, mask_len 0, one frame, its
+# length; then the frame.
+_ONE = struct.Struct("<IIQBHHI")  # the slot's length, pad and time, then that head
+_ONE_HEAD = 9
+
+
+def put_one(view: memoryview, base: int, slot_off: int, frame: bytes, seq: int,
+            n_readers: int, bell_view: memoryview | None, bell_base: int) -> None:
+    n = len(frame)
+    at = slot_off + SLOT_HEADER + _ONE_HEAD
+    _ONE.pack_into(view, slot_off, n + _ONE_HEAD, 0, 0, 0, 0, 1, n)
+    view[at:at + n] = frame
+    publish(view, base, slot_off, seq, n_readers, bell_view, bell_base)
+
+
+def take_one(view: memoryview, base: int, data_off: int, n_slots: int, slot_size: int,
+             before: bytes, middle: bytes, after: bytes) -> bool:
+    seq = _u64(view, ONE_READER_SEQ_OFF)[0]
+    if published(view, base) <= seq:
+        return False
+    slot = data_off + (seq % n_slots) * slot_size
+    n = len(before) + len(middle) + len(after)
+    if n + _ONE_HEAD + SLOT_HEADER > slot_size:
+        return False
+    total, _, _, kind, mask_len, frames, length = _ONE.unpack_from(view, slot)
+    if (total, kind, mask_len, frames, length) != (n + _ONE_HEAD, 0, 0, 1, n):
+        return False
+    at = slot + SLOT_HEADER + _ONE_HEAD
+    if view[at:at + n] != before + middle + after:
+        return False
+    release(view, base, ONE_READER_SEQ_OFF, seq + 1)
+    return True
+
+
+def take_frame(view: memoryview, base: int, reader_off: int, data_off: int, n_slots: int,
+               slot_size: int) -> tuple[bytes, int] | None:
+    seq = _u64(view, reader_off)[0]
+    if published(view, base) <= seq:
+        return None
+    slot = data_off + (seq % n_slots) * slot_size
+    total, _, stamp, kind, mask_len, frames, length = _ONE.unpack_from(view, slot)
+    if not _ONE_HEAD <= total <= slot_size - SLOT_HEADER or \
+            (kind, mask_len, frames, length) != (0, 0, 1, total - _ONE_HEAD):
+        return None
+    at = slot + SLOT_HEADER + _ONE_HEAD
+    frame = bytes(view[at:at + length])
+    release(view, base, reader_off, seq + 1)
+    return frame, int(stamp)
 
 
 def release(view: memoryview, base: int, off: int, seq: int) -> None:

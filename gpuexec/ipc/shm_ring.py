@@ -78,6 +78,7 @@ _SLEEPING_OFF = 128
 _LINE = 64
 _SLOT_HEADER = 16
 _PUBLISHED_OFF = 8      # in a slot: the publish time, CLOCK_MONOTONIC ns
+_ONE_HEAD = 9           # the head of a packet of one frame for every rank (.packets)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _INF = math.inf
@@ -133,9 +134,6 @@ class RingWriter:
         self._first_reader = _readers_offset(spec.n_readers)
         self._min_read = 0  # the slowest reader's read_seq when last looked at
         self.max_message = spec.slot_size - _SLOT_HEADER
-        # The segment, for a writer that fills a slot in place (see claim_offset): an
-        # mmap takes slice assignment without a view being made.
-        self.buffer = mapped.mm
         self._claimed: memoryview | None = None  # the slot claim() handed out
         self._claimed_off = -1                    # the claimed slot's offset (-1: none)
         self._bell_view: memoryview | None = None  # a doorbell publish rings (see
@@ -188,30 +186,43 @@ class RingWriter:
         straight into shared memory); None when ``n`` does not fit in a slot. Waits for
         room like :meth:`write`. A claim never published (an exception while filling
         it) is dropped by the next claim: the sequence had not moved."""
-        start = self.claim_offset(n, timeout, alive)
-        if start < 0:
+        off = self._next_slot(n, timeout, alive)
+        if off < 0:
             return None
-        self._claimed = self._view[start:start + n]
+        _U32.pack_into(self._view, off, n)
+        self._claimed_off = off
+        self._claimed = self._view[off + _SLOT_HEADER:off + _SLOT_HEADER + n]
         return self._claimed
 
-    def claim_offset(self, n: int, timeout: float | None = None,
-                     alive: Callable[[], bool] | None = None) -> int:
-        """:meth:`claim` without a view: the offset in :attr:`buffer` of the next slot's
-        ``n`` payload bytes (-1 when ``n`` does not fit in a slot). The hot path's
-        writers fill it by slice assignment and ``pack_into``, which make no object."""
+    def put_one(self, frame: bytes, timeout: float | None = None,
+                alive: Callable[[], bool] | None = None) -> bool:
+        """Publish a packet of one frame for every reader (``frame``: its only frame; see
+        :mod:`.packets`), claimed here, written and published by one call into the core:
+        the hot path's send. False when it does not fit in a slot. Waits for room as
+        :meth:`write` does."""
+        off = self._next_slot(len(frame) + _ONE_HEAD, timeout, alive)
+        if off < 0:
+            return False
+        self._seq += 1
+        self._core.put_one(self._view, self._base, off, frame, self._seq, self._n_readers,
+                           self._bell_view, self._bell_base)
+        return True
+
+    def _next_slot(self, n: int, timeout: float | None,
+                   alive: Callable[[], bool] | None) -> int:
+        """The offset of the next slot once it is free (waiting for room), for a message
+        of ``n`` bytes; -1 when that does not fit in a slot. Drops an unpublished claim."""
         if self._claimed is not None:
             self._claimed.release()
             self._claimed = None
+        self._claimed_off = -1
         if n > self.max_message:
             return -1
         seq = self._seq
         oldest = seq - self._n_slots  # the message whose slot this one takes
         if self._min_read <= oldest and self._min_read_seq() <= oldest:
             self._wait_for_space(seq, timeout, alive)
-        off = self._data + (seq % self._n_slots) * self._slot_size
-        _U32.pack_into(self._view, off, n)
-        self._claimed_off = off
-        return off + _SLOT_HEADER
+        return self._data + (seq % self._n_slots) * self._slot_size
 
     def ring_on_publish(self, view: memoryview, base: int) -> None:
         """Ring the doorbell at ``(view, base)`` (:class:`~gpuexec.ipc.doorbell.Doorbell`)
@@ -285,6 +296,7 @@ class RingReader:
         self._view = self._m.view
         self._base = self._m.base
         self._n_slots = n_slots
+        self._slot_size = slot_size
         self._off = _readers_offset(n_readers) + _LINE * index
         self._flag = _SLEEPING_OFF + index
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
@@ -330,6 +342,38 @@ class RingReader:
         self._holding = True
         message: memoryview = self._payloads[slot][:n]
         return message
+
+    def take_one(self, before: bytes, middle: bytes, after: bytes) -> bool:
+        """Release the next message at once when it is the packet of one frame
+        ``before + middle + after`` (a reply the reader knows by its bytes); False, and
+        the message left to :meth:`try_read`, for any other. A ring of one reader only
+        (a reply ring)."""
+        if self._holding or not self._core.take_one(
+                self._view, self._base, self._lengths[0], self._n_slots, self._slot_size,
+                before, middle, after):
+            return False
+        self._seq += 1
+        return True
+
+    def read_frame(self, timeout: float | None = None) -> bytes | memoryview | None:
+        """The next message as :meth:`read` gives it, except a packet of one frame for
+        every reader (almost every message; see :mod:`.packets`): that one's frame,
+        copied out (``bytes``), its slot already released, in one call into the core.
+        Any other message is a held view, as from :meth:`read` (then :meth:`release`
+        it). None when ``timeout`` passes first."""
+        if self._holding:
+            raise RuntimeError("release() the previous message first")
+        if self._core.published(self._view, self._base) <= self._seq and \
+                not self._wait(self._seq, timeout):
+            return None
+        taken = self._core.take_frame(self._view, self._base, self._off, self._lengths[0],
+                                      self._n_slots, self._slot_size)
+        if taken is None:
+            return self.try_read()
+        self._seq += 1
+        if self.forecast is not None:
+            self.forecast.observe(taken[1] * 1e-9)
+        return taken[0]
 
     def release(self) -> None:
         """Done with the message: its slot may be overwritten."""

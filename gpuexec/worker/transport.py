@@ -104,13 +104,18 @@ class ShmWorkerTransport:
         self.reply.ring_on_publish(self.doorbell.view, self.doorbell.base)
 
     def next(self) -> Next:
-        view = self.request.read()
-        if view is None:  # pragma: no cover - no timeout was given
+        view = self.request.read_frame()
+        if type(view) is bytes:  # one frame for every rank: almost every request,
+            try:                 # taken from the ring in one call (slot released)
+                return self.ring_decoder.decode_header(view)
+            except UndecodableValue as e:
+                return e
+            except MalformedMessage as e:
+                self.drop(e)
+                return None
+        if not isinstance(view, memoryview):  # pragma: no cover - no timeout was given
             return None
         try:
-            frame = packets.single_frame(view)
-            if frame:  # one frame for every rank: almost every request
-                return self.ring_decoder.decode_header(frame)
             if not packets.for_rank(view, self.rank):
                 return None
             kind, frames = packets.unpack(view)
