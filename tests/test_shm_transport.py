@@ -322,7 +322,9 @@ def test_a_driver_and_workers_on_different_cores_talk_both_ways(
 def test_cached_headers_are_the_bytes_the_encoder_writes() -> None:
     """A call without arguments and a None reply skip the encoder on the hot path: their
     headers, made from cached bytes around the id, are byte for byte what it writes."""
-    from gpuexec.ipc.codec import Encoder
+    import msgspec
+
+    from gpuexec.ipc.codec import Encoder, none_reply_parts
     from gpuexec.ipc.messages import Call, Reply
 
     enc = Encoder(allow_pickle=True)
@@ -332,6 +334,35 @@ def test_cached_headers_are_the_bytes_the_encoder_writes() -> None:
             assert enc.bare_call(call_id, method) == \
                 enc.encode(Call(call_id, method, None, [], {}))[0]
     for rank in (0, 1, 127, 128, 70000):
+        before, after = none_reply_parts(rank)  # what the driver knows None replies by
         for call_id in ids:
-            assert enc.none_reply(call_id, rank) == enc.encode(Reply(call_id, rank))[0]
+            assert enc.none_reply(call_id, rank) == enc.encode(Reply(call_id, rank))[0] \
+                == before + msgspec.msgpack.encode(call_id) + after
     assert enc.bare_call(1, "bad\udc80name") is None  # not msgpack: the encoder explains
+
+
+def test_a_none_result_taken_by_its_bytes_is_recorded_as_a_decoded_one() -> None:
+    """The driver's table records a None result taken from a ring by its bytes as it
+    records a decoded reply: the call completes once every rank answered, a repeated or
+    late answer is counted as late, and a failure of another rank still fails the call."""
+    from gpuexec import RemoteError
+    from gpuexec.executor.calls import CallTable, PendingCall
+    from gpuexec.ipc.messages import Failure, Reply
+
+    table = CallTable(8, world_size=2)
+    call = PendingCall(1, "noop", [0, 1], None, None, None)
+    table.enter(call, ExecutorClosedError)
+    table.deliver_none(call, 0)
+    table.deliver_none(call, 0)  # rank 0 answered already: late
+    assert not call.done and table.stats.late_replies == 1
+    table.deliver_none(call, 1)
+    assert call.done and call.outcome() == [None, None]
+    table.deliver_none(call, 1)  # after the end: late
+    assert table.stats.late_replies == 2
+    failing = PendingCall(2, "noop", [0, 1], None, None, None)
+    table.enter(failing, ExecutorClosedError)
+    table.deliver([Reply(2, 0, error=Failure.of(ValueError("rank 0 broke")))])
+    table.deliver_none(failing, 1)
+    with pytest.raises(RemoteError, match="rank 0 broke"):
+        failing.outcome()
+    assert table.metrics.replies == [2, 2] and not table.pending

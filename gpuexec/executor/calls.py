@@ -358,6 +358,32 @@ class CallTable:
         if failed:
             self.on_failure()
 
+    def deliver_none(self, call: PendingCall, rank: int) -> None:
+        """:meth:`deliver` of ``rank``'s None result to ``call``, which the caller (holding
+        the pump lock) took from the rank's ring by its bytes: the hot path's reply,
+        recorded without a Reply made for it. A reply the call no longer awaits (it
+        ended meanwhile) goes through :meth:`deliver`, which counts it."""
+        metrics = self.metrics
+        now = time.monotonic()
+        with self.lock:
+            owed = call.owed
+            if rank in owed and not call.done:
+                owed.discard(rank)
+                metrics.last_reply[rank] = now
+                metrics.replies[rank] += 1
+                call.values[rank] = None
+                if owed or not self._end(call, None, None, now):
+                    return
+                late = False
+            else:
+                late = True
+        if late:
+            self.deliver((Reply(call.call_id, rank),))
+            return
+        self._ended(call, settle=False)
+        if call.future is not None:
+            self._on_deferred()
+
     def finish(self, call: PendingCall, error: BaseException | None = None,
                settle: bool | None = True, watch: str | None = None,
                now: float | None = None) -> bool:

@@ -95,6 +95,15 @@ class RpcMethods:
         ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
         died, ``ExecutorClosedError`` after shutdown.
         """
+        if method.__class__ is str and args.__class__ is tuple and not args and \
+                kwargs is None and ranks is None and unique_reply_rank is None and \
+                timeout is None and non_block is False and method and \
+                not self._owner.foreign and not self._gate.holding:
+            # The hot path's form (a method by name, nothing else given): every check of
+            # _submit passes by construction, so it is skipped.
+            channel = self._channel
+            return channel.wait(channel.submit(method, None, [], {}, self._all_ranks, None,
+                                               self._config.rpc_timeout, False, True))
         call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
         if non_block:
             assert call.future is not None

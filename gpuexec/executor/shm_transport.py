@@ -166,8 +166,9 @@ class ShmTransport(Transport):
             else:
                 rank = mask.bit_length() - 1
                 reader = readers[rank]
-                if middle and reader.take_one(parts[rank][0], middle, parts[rank][1]):
-                    table.deliver((Reply(call_id, rank),))
+                if call is not None and middle and \
+                        reader.take_one(parts[rank][0], middle, parts[rank][1]):
+                    table.deliver_none(call, rank)
                 elif (view := reader.try_read()) is not None and \
                         (reply := decode(reader, view)) is not None:
                     table.deliver((reply,))
