@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from gpuexec.ipc import futex, ringcore_py
-from gpuexec.ipc.shm_ring import RingReader, RingSpec, RingTimeout, RingWriter
+from gpuexec.ipc.shm_ring import TAKEN_MAX, RingReader, RingSpec, RingTimeout, RingWriter
 
 pytestmark = pytest.mark.usefixtures("ring_core")  # every test on both ring cores
 
@@ -299,6 +299,22 @@ def test_read_frame_copies_out_a_one_frame_packet_and_hands_any_other_as_a_view(
     assert packets.put(w, [b"c"], [1])         # for rank 1 only: the packet, held
     # one frame for everyone, its length field saying more than the slot holds
     assert w.write(struct.pack("<BHHI", packets.INLINE, 0, 1, 50) + b"abc")
+    big = RingWriter(1, n_slots=2, slot_size=TAKEN_MAX + 64)
+    big_reader = RingReader(big.spec, 0)
+    for n in (TAKEN_MAX, TAKEN_MAX + 1):  # copied out up to TAKEN_MAX, else read in place
+        assert big.put_one(b"q" * n)
+        got = big_reader.read_frame()
+        if n <= TAKEN_MAX:
+            assert got == b"q" * n
+        else:
+            assert isinstance(got, memoryview)
+            frame = packets.single_frame(got)
+            assert frame is not None and frame.nbytes == n
+            del frame
+            got.release()
+            big_reader.release()
+    big_reader.close()
+    big.close()
     for r in readers:
         for frames in ([b"a", b"b"], [b"c"], None):
             got = r.read_frame()

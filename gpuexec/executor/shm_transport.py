@@ -127,6 +127,7 @@ class ShmTransport(Transport):
         epoch = shm.epoch
         readers = shm.replies
         decode = self._decode_packet
+        decode_frame = self._decode_frame
         now = time.monotonic()
         deadline = _INF if timeout is None else now + timeout
         spin_until = now + shm.spin
@@ -154,6 +155,9 @@ class ShmTransport(Transport):
                     reader = readers[rank]
                     if middle and reader.take_one(parts[rank][0], middle, parts[rank][1]):
                         batch.append(Reply(call_id, rank))
+                    elif (frame := reader.take_frame()) is not None:
+                        if (reply := decode_frame(frame)) is not None:
+                            batch.append(reply)
                     elif (view := reader.try_read()) is not None and \
                             (reply := decode(reader, view)) is not None:
                         batch.append(reply)
@@ -169,6 +173,9 @@ class ShmTransport(Transport):
                 if call is not None and middle and \
                         reader.take_one(parts[rank][0], middle, parts[rank][1]):
                     table.deliver_none(call, rank)
+                elif (frame := reader.take_frame()) is not None:
+                    if (reply := decode_frame(frame)) is not None:
+                        table.deliver((reply,))
                 elif (view := reader.try_read()) is not None and \
                         (reply := decode(reader, view)) is not None:
                     table.deliver((reply,))
@@ -176,16 +183,23 @@ class ShmTransport(Transport):
                 return
             spin_until = time.monotonic() + shm.spin
 
+    def _decode_frame(self, frame: bytes | memoryview) -> Reply | Pong | None:
+        """The reply in a packet's only frame; None when it was dropped (counted). The
+        common case: nothing to walk, and no wake-up token (those come by ZeroMQ only)."""
+        try:
+            if not frame:
+                raise MalformedMessage("empty frame", "empty")
+            return self._shm_decoder.decode_header(frame)
+        except MalformedMessage as e:
+            return self._zmq.not_decoded(e)
+
     def _decode_packet(self, reader: RingReader, view: memoryview) -> Reply | Pong | None:
         """The reply in a ring packet, released from the ring; None when it was dropped,
         or when it came by ZeroMQ (then already delivered)."""
         try:
             frame = packets.single_frame(view)
-            if frame:  # the common case: one frame, nothing to walk (and no wake-up
-                try:   # token: those come by ZeroMQ only)
-                    return self._shm_decoder.decode_header(frame)
-                except MalformedMessage as e:
-                    return self._zmq.not_decoded(e)
+            if frame is not None:
+                return self._decode_frame(frame)
             kind, frames = packets.unpack(view)
             if kind == packets.BY_ZMQ:
                 reader.release()

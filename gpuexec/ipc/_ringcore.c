@@ -289,17 +289,19 @@ static PyObject *core_take_one(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_TRUE;
 }
 
-/* take_frame(view, base, reader_off, data_off, n_slots, slot_size) ->
+/* take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len) ->
  * (frame, published_ns) | None: the next message of the reader whose read_seq is at
- * ``reader_off`` in a ring of that shape, when it is a packet of one frame for every
- * rank: its frame copied out (bytes), its publish time, and the slot released at once.
- * None, leaving it where it is, for any other message (a truncated one too) or none. */
+ * ``reader_off`` in a ring of that shape, when it is a packet of one frame of at most
+ * ``max_len`` bytes for every rank: its frame copied out (bytes), its publish time, and
+ * the slot released at once. None, leaving it where it is, for any other message (a
+ * longer or truncated one too: a long frame is better read in place) or none. */
 static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    uint64_t base, reader_off, data_off, n_slots, slot_size;
-    if (!nargs_ok(nargs, 6, "take_frame") || !as_u64(args[1], &base) ||
+    uint64_t base, reader_off, data_off, n_slots, slot_size, max_len;
+    if (!nargs_ok(nargs, 7, "take_frame") || !as_u64(args[1], &base) ||
         !as_u64(args[2], &reader_off) || !as_u64(args[3], &data_off) ||
-        !as_u64(args[4], &n_slots) || !as_u64(args[5], &slot_size))
+        !as_u64(args[4], &n_slots) || !as_u64(args[5], &slot_size) ||
+        !as_u64(args[6], &max_len))
         return NULL;
     uintptr_t b = (uintptr_t)base;
     uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
@@ -309,7 +311,7 @@ static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize
     uint64_t slot = data_off + (seq % n_slots) * slot_size;
     const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
     memcpy(&total, u32_at(b, slot), 4);
-    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER)
+    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER || total - ONE_HEAD > max_len)
         Py_RETURN_NONE;
     memcpy(&length, head + 5, 4);
     if (length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0)
@@ -584,7 +586,7 @@ static PyMethodDef methods[] = {
      "the next message of "
      "a reply ring when it is that one-frame packet."},
     {"take_frame", (PyCFunction)(void (*)(void))core_take_frame, METH_FASTCALL,
-     "take_frame(view, base, reader_off, data_off, n_slots, slot_size) -> "
+     "take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len) -> "
      "(frame, published_ns) | None: copy out and "
      "release the next message when it is a one-frame packet."},
     {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL,

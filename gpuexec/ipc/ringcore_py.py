@@ -105,13 +105,13 @@ def take_one(view: memoryview, base: int, data_off: int, n_slots: int, slot_size
 
 
 def take_frame(view: memoryview, base: int, reader_off: int, data_off: int, n_slots: int,
-               slot_size: int) -> tuple[bytes, int] | None:
+               slot_size: int, max_len: int) -> tuple[bytes, int] | None:
     seq = _u64(view, reader_off)[0]
     if published(view, base) <= seq:
         return None
     slot = data_off + (seq % n_slots) * slot_size
     total, _, stamp, kind, mask_len, frames, length = _ONE.unpack_from(view, slot)
-    if not _ONE_HEAD <= total <= slot_size - SLOT_HEADER or \
+    if not _ONE_HEAD <= total <= min(slot_size - SLOT_HEADER, max_len + _ONE_HEAD) or \
             (kind, mask_len, frames, length) != (0, 0, 1, total - _ONE_HEAD):
         return None
     at = slot + SLOT_HEADER + _ONE_HEAD

@@ -79,6 +79,9 @@ _LINE = 64
 _SLOT_HEADER = 16
 _PUBLISHED_OFF = 8      # in a slot: the publish time, CLOCK_MONOTONIC ns
 _ONE_HEAD = 9           # the head of a packet of one frame for every rank (.packets)
+# A frame up to this long is copied out of its slot (one core call, the slot free at
+# once); a longer one is read in place (see RingReader.take_frame).
+TAKEN_MAX = 16 << 10
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _INF = math.inf
@@ -355,25 +358,30 @@ class RingReader:
         self._seq += 1
         return True
 
-    def read_frame(self, timeout: float | None = None) -> bytes | memoryview | None:
-        """The next message as :meth:`read` gives it, except a packet of one frame for
-        every reader (almost every message; see :mod:`.packets`): that one's frame,
-        copied out (``bytes``), its slot already released, in one call into the core.
-        Any other message is a held view, as from :meth:`read` (then :meth:`release`
-        it). None when ``timeout`` passes first."""
+    def take_frame(self) -> bytes | None:
+        """The next message's frame when it is a packet of one frame of at most
+        :data:`TAKEN_MAX` bytes for every reader (almost every message; see
+        :mod:`.packets`): copied out, its slot released, in one call into the core. None,
+        leaving it to :meth:`try_read`, for any other message or none."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
-        if self._core.published(self._view, self._base) <= self._seq and \
-                not self._wait(self._seq, timeout):
-            return None
         taken = self._core.take_frame(self._view, self._base, self._off, self._lengths[0],
-                                      self._n_slots, self._slot_size)
+                                      self._n_slots, self._slot_size, TAKEN_MAX)
         if taken is None:
-            return self.try_read()
+            return None
         self._seq += 1
         if self.forecast is not None:
             self.forecast.observe(taken[1] * 1e-9)
         return taken[0]
+
+    def read_frame(self, timeout: float | None = None) -> bytes | memoryview | None:
+        """The next message as :meth:`take_frame` gives it, or else as :meth:`read` does
+        (a held view: :meth:`release` it); None when ``timeout`` passes first."""
+        if self._core.published(self._view, self._base) <= self._seq and \
+                not self._wait(self._seq, timeout):
+            return None
+        frame = self.take_frame()
+        return self.try_read() if frame is None else frame
 
     def release(self) -> None:
         """Done with the message: its slot may be overwritten."""
