@@ -430,7 +430,7 @@ class CallTable:
         elif call.unique_reply_rank is not None:
             call.value = call.values[call.unique_reply_rank]
         else:
-            call.value = [call.values[r] for r in call.ranks]
+            call.value = list(map(call.values.__getitem__, call.ranks))
         # Last: a waiter that reads ``done`` without the lock then reads the outcome.
         call.done = True
         self.pending.pop(call.call_id, None)

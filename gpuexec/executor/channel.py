@@ -399,9 +399,12 @@ class DriverChannel:
         finally:
             if not call.done:  # KeyboardInterrupt or another exception while waiting
                 self._cancels.interrupted(call, "the waiting thread was interrupted")
-        if isinstance(call.error, WorkerDiedError):
+        error = call.error
+        if error is None:
+            return call.value
+        if isinstance(error, WorkerDiedError):
             self._monitor.await_callbacks()
-        return call.outcome()
+        raise error
 
     # -- a rank replaced (see .respawn) ---------------------------------------------
 
