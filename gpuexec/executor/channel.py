@@ -16,51 +16,55 @@ the hot path: ``collective_rpc("noop")`` to N ranks, no arguments, a None result
 
     driver thread                                          worker main thread (each rank)
     ─────────────                                          ──────────────────────────────
-    rpc.collective_rpc ─▶ rpc._submit ─▶ channel.submit
+    rpc.collective_rpc (the bare form: no argument checks) ─▶ channel.submit
       PendingCall                                  (owed set, values dict)
       calls.enter          [table lock #1]          slot + pending + counted
       codec.bare_call                               cached header: before + id + after
       channel._send        [send lock]
-        shm_transport.send ─▶ packets.put ─▶ shm_ring.claim_offset / publish
-          packet head + header written into the slot by offset (no view)
-          core.publish: release store, 1 fence, futex wake only if a reader sleeps ──▶
-    channel.wait           [pump lock]                     shm_ring.read: core.wait (spins,
-      shm_transport.recv_for                                 then futex; GIL released)
-        core.gather: every reply ring in one C call        shm_ring.try_read (slot view)
-          (spins, then sleeps on the doorbell;             packets.single_frame
-           GIL released) ◀──────────────────────┐          codec.decode_header ─▶ Call
-        per ready ring: shm_ring.try_read,      │          process._run ─▶ the method
-          packets.single_frame,                 │          deferred.ReplyGate [gate lock]
-          codec.decode_header ─▶ Reply,         │          codec.none_reply: cached header
-          shm_ring.release                      │          packets.put ─▶ publish: 1 fence,
-        calls.deliver      [table lock #2]      └────────   readers and doorbell woken only
-          records every reply of the pass and ends          if asleep (one core call)
-          the call (metrics under the same take)
+        shm_transport.send ─▶ shm_ring.put_one
+          core.put_one: packet written into the slot, release store, 1 fence,
+          futex wake only if a reader sleeps ───────────────▶
+    channel.wait           [pump lock]                     shm_ring.read_frame: core.wait
+      shm_transport.recv_for                                 (spins, then futex; GIL
+        core.gather: every reply ring in one C call          released), core.take_frame:
+          (spins, then sleeps on the doorbell;               the frame copied out, the
+           GIL released) ◀──────────────────────┐            slot released (one C call)
+        per ready ring: shm_ring.take_one:      │          codec.decode_header ─▶ Call
+          the awaited call's None reply known   │          process._run ─▶ the method
+          by its bytes, released (one C call;   │          deferred.ReplyGate [gate lock]
+          no view, no decoding, no Reply)       │          codec.none_reply: cached header
+        calls.deliver_none [table lock #2]      └────────  shm_ring.put_one ─▶ core.put_one:
+          records it and ends the call                       1 fence, readers and doorbell
+          (metrics under the same take)                      woken only if asleep
       the list of results
 
 Counted on this design (the compiled core, 2-core host, traced with ``sys.setprofile``
-and an allocation hook, per call; "blocks": every memory block Python allocates, ints
-above 256 and floats included):
+and a counting allocator hook, per call; "blocks": every memory block Python allocates,
+ints above 256 and floats included; ``benchmarks/results/`` holds the timings):
 
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          27 / 33       18 / 22           49 / 57        table x2, send, pump;
+    driver          20 / 22       12 / 14           41 / 48        table x2, send, pump;
                                                                    1 (the publish)
-    worker (each)   22 / 16       16 / 13           30 / 26        reply gate;
+    worker (each)   18 / 13       12 / 9            23 / 22        reply gate;
                                                                    1 (the publish)
     ==============  ============  ================  =============  =====================
 
 (The worker's count at N = 1 includes the arrival forecast, which runs only where
-spinning is allowed; a second rank costs the driver one more reply to read and the
-several-rings branch of the gather: 6 Python calls and 8 blocks.) What is not on this
-path: no Call struct is built or encoded for a call without arguments (its header is
-cached per method name, the same bytes msgspec writes); no reply is encoded for a None
-result (cached per rank, in the worker); no view
-of a request slot is made to fill it; no list is built per pass of the gather; no thread
-hand-off (the caller pumps its own replies); no check of the call table's state before
-entering it (``enter`` refuses a call to a closed or failed channel under its one take
-of the lock). A call with arguments encodes one Call (``codec.encode_with_segments``).
+spinning is allowed; a second rank costs the driver one more reply to take and the
+several-rings branch of the gather, which delivers the pass's replies together.) What
+is not on this path: no Call struct is built or encoded for a call without arguments
+(its header is cached per method name, the same bytes msgspec writes); no reply is
+encoded for a None result (cached per rank, in the worker) nor read or decoded by the
+driver (known by its bytes in the ring); no view of a slot is made on either side (a
+one-frame packet is written, and a frame of up to 16 KiB taken, by one core call); no
+list is built per pass of the gather; no thread hand-off (the caller pumps its own
+replies); no check of the call table's state before entering it (``enter`` refuses a
+call to a closed or failed channel under its one take of the lock). A call with
+arguments is checked (:mod:`.validate`) and encodes one Call
+(``codec.encode_with_segments``); its reply is decoded from the frame taken out of the
+ring.
 
 The pieces, each in its own module: :mod:`.transport` (the interface),
 :mod:`.zmq_transport` and :mod:`.shm_transport` (the two wires; the one place a wire is
