@@ -341,10 +341,11 @@ def test_cached_headers_are_the_bytes_the_encoder_writes() -> None:
     assert enc.bare_call(1, "bad\udc80name") is None  # not msgpack: the encoder explains
 
 
-def test_a_none_result_taken_by_its_bytes_is_recorded_as_a_decoded_one() -> None:
-    """The driver's table records a None result taken from a ring by its bytes as it
-    records a decoded reply: the call completes once every rank answered, a repeated or
-    late answer is counted as late, and a failure of another rank still fails the call."""
+def test_a_result_delivered_on_the_hot_path_is_recorded_as_by_the_general_walk() -> None:
+    """The driver's table records a result delivered by the hot path (a None taken from a
+    ring by its bytes, or a decoded value) as it records any reply: the call completes
+    once every rank answered, a repeated or late answer is counted as late, and a
+    failure of another rank still fails the call."""
     from gpuexec import RemoteError
     from gpuexec.executor.calls import CallTable, PendingCall
     from gpuexec.ipc.messages import Failure, Reply
@@ -352,17 +353,23 @@ def test_a_none_result_taken_by_its_bytes_is_recorded_as_a_decoded_one() -> None
     table = CallTable(8, world_size=2)
     call = PendingCall(1, "noop", [0, 1], None, None, None)
     table.enter(call, ExecutorClosedError)
-    table.deliver_none(call, 0)
-    table.deliver_none(call, 0)  # rank 0 answered already: late
+    table.deliver_value(call, 0)
+    table.deliver_value(call, 0)  # rank 0 answered already: late
     assert not call.done and table.stats.late_replies == 1
-    table.deliver_none(call, 1)
+    table.deliver_value(call, 1)
     assert call.done and call.outcome() == [None, None]
-    table.deliver_none(call, 1)  # after the end: late
+    table.deliver_value(call, 1)  # after the end: late
     assert table.stats.late_replies == 2
     failing = PendingCall(2, "noop", [0, 1], None, None, None)
     table.enter(failing, ExecutorClosedError)
     table.deliver([Reply(2, 0, error=Failure.of(ValueError("rank 0 broke")))])
-    table.deliver_none(failing, 1)
+    table.deliver_value(failing, 1)
     with pytest.raises(RemoteError, match="rank 0 broke"):
         failing.outcome()
-    assert table.metrics.replies == [2, 2] and not table.pending
+    valued = PendingCall(3, "pid", [1], None, None, None)  # a decoded value, one rank
+    table.enter(valued, ExecutorClosedError)
+    table.deliver_value(valued, 1, {"pid": 7})
+    assert valued.outcome() == [{"pid": 7}]
+    table.deliver_value(valued, 1, 8)  # late: counted, the outcome kept
+    assert valued.outcome() == [{"pid": 7}] and table.stats.late_replies == 3
+    assert table.metrics.replies == [2, 3] and not table.pending

@@ -358,11 +358,12 @@ class CallTable:
         if failed:
             self.on_failure()
 
-    def deliver_none(self, call: PendingCall, rank: int) -> None:
-        """:meth:`deliver` of ``rank``'s None result to ``call``, which the caller (holding
-        the pump lock) took from the rank's ring by its bytes: the hot path's reply,
-        recorded without a Reply made for it. A reply the call no longer awaits (it
-        ended meanwhile) goes through :meth:`deliver`, which counts it."""
+    def deliver_value(self, call: PendingCall, rank: int, value: Any = None) -> None:
+        """:meth:`deliver` of ``rank``'s result ``value`` to ``call``, which the caller
+        (holding the pump lock) awaits: the hot path's reply (a None result taken from
+        the rank's ring by its bytes, without a Reply made for it; or a decoded reply
+        without an error), recorded without the general walk. A reply the call no longer
+        awaits (it ended meanwhile) goes through :meth:`deliver`, which counts it."""
         metrics = self.metrics
         now = time.monotonic()
         with self.lock:
@@ -371,14 +372,14 @@ class CallTable:
                 owed.discard(rank)
                 metrics.last_reply[rank] = now
                 metrics.replies[rank] += 1
-                call.values[rank] = None
+                call.values[rank] = value
                 if owed or not self._end(call, None, None, now):
                     return
                 late = False
             else:
                 late = True
         if late:
-            self.deliver((Reply(call.call_id, rank),))
+            self.deliver((Reply(call.call_id, rank, value),))
             return
         self._ended(call, settle=False)
         if call.future is not None:

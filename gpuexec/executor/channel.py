@@ -33,7 +33,7 @@ the hot path: ``collective_rpc("noop")`` to N ranks, no arguments, a None result
           the awaited call's None reply known   │          process._run ─▶ the method
           by its bytes, released (one C call;   │          deferred.ReplyGate [gate lock]
           no view, no decoding, no Reply)       │          codec.none_reply: cached header
-        calls.deliver_none [table lock #2]      └────────  shm_ring.put_one ─▶ core.put_one:
+        calls.deliver_value [table lock #2]     └────────  shm_ring.put_one ─▶ core.put_one:
           records it and ends the call                       1 fence, readers and doorbell
           (metrics under the same take)                      woken only if asleep
       the list of results

@@ -175,9 +175,13 @@ class ShmTransport(Transport):
                 reader = readers[rank]
                 if call is not None and middle and \
                         reader.take_one(parts[rank][0], middle, parts[rank][1]):
-                    table.deliver_none(call, rank)
+                    table.deliver_value(call, rank)
                 elif (frame := reader.take_frame()) is not None:
-                    if (reply := decode_frame(frame)) is not None:
+                    reply = decode_frame(frame)
+                    if call is not None and reply.__class__ is Reply and \
+                            reply.call_id == call_id and reply.error is None:
+                        table.deliver_value(call, rank, reply.value)
+                    elif reply is not None:
                         table.deliver((reply,))
                 elif (view := reader.try_read()) is not None and \
                         (reply := decode(reader, view)) is not None:
