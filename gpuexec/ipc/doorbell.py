@@ -9,6 +9,8 @@ from collections.abc import Callable
 from . import ringcore
 from .memfile import MemFile
 
+LOOK_S = 0.05  # Doorbell.wait looks at its condition at least this often
+
 
 class Doorbell:
     """A futex word many writers ring and one waiter sleeps on (the driver waiting for
@@ -56,13 +58,22 @@ class Doorbell:
 
     def wait(self, ready: Callable[[], bool], timeout: float) -> bool:
         """Sleep until ``ready()`` (checked after announcing the sleep), a :meth:`poke`,
-        or ``timeout``."""
-        epoch = self.epoch()
-        if ready():
-            return True
-        self._core.gather((), (), self.view, self.base, epoch, 0.0,
-                          time.monotonic() + timeout)
-        return ready()
+        or ``timeout``. ``ready`` is Python, which the core cannot look at while it
+        sleeps: a ring that lands while the waiter is between two of its sleeps (its
+        flag down) is seen at the next look, at most :data:`LOOK_S` later. (The driver
+        does not wait this way: its gathers look at the rings themselves.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            epoch = self.epoch()
+            if ready():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._core.gather((), (), self.view, self.base, epoch, 0.0,
+                                 time.monotonic() + min(left, LOOK_S)) == 0 and \
+                    self.epoch() != epoch:
+                return ready()  # poked or rung
 
     def unlink(self) -> None:
         self._m.unlink()
