@@ -3,6 +3,7 @@ readers, concurrency across processes, cleanup of /dev/shm."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import random
@@ -237,11 +238,9 @@ def reader_core(ring_core: str) -> Iterator[Callable[[str], None]]:
     ringcore.select(ring_core)
 
 
-def test_put_one_writes_the_packet_put_would_and_take_one_takes_only_its_bytes(
-        reader_core: Callable[[str], None]) -> None:
-    """The hot path's one-call send and its driver's take of a reply known by its bytes:
-    the slot holds what the general path writes, read back by either core, and a take
-    leaves every other message, whole, to the general read."""
+def test_put_one_writes_the_packet_put_would(reader_core: Callable[[str], None]) -> None:
+    """The hot path's one-call send: the slot holds what the general path writes, read
+    back by either core; a message over a slot is refused for another path."""
     from gpuexec.ipc import packets
 
     w = RingWriter(1, n_slots=4, slot_size=128)
@@ -257,23 +256,82 @@ def test_put_one_writes_the_packet_put_would_and_take_one_takes_only_its_bytes(
             r.release()
         assert not w.put_one(b"y" * 120)  # over a slot: for another path, nothing sent
         assert not r.poll()
-        assert w.put_one(b"head-17-tail")
-        assert not r.take_one(b"head-", b"18", b"-tail")   # another id: left where it is
-        assert not r.take_one(b"head-", b"17", b"-tai")    # shorter
-        assert not r.take_one(b"head-", b"17", b"-tailx")  # longer
-        assert not r.take_one(b"head-17-tail" * 20, b"", b"")  # more than a slot holds
-        assert r.poll()
-        assert r.take_one(b"head-", b"17", b"-tail")
-        assert not r.poll() and not r.take_one(b"head-", b"17", b"-tail")  # nothing left
-        assert packets.put(w, [b"head", b"-17-tail"], None)  # two frames: not that packet
-        assert not r.take_one(b"head", b"-17", b"-tail")
-        view = r.try_read()
-        assert view is not None and not r.take_one(b"a", b"b", b"c")  # held: not taken
-        assert [bytes(f) for f in packets.unpack(view)[1]] == [b"head", b"-17-tail"]
-        view.release()
-        r.release()
         r.close()
     w.close()
+
+
+def test_collect_takes_the_awaited_replies_by_their_bytes_and_leaves_the_rest(
+        reader_core: Callable[[str], None]) -> None:
+    """The driver's wait for a call's replies in one core call: each wanted ring's reply
+    that is exactly the expected bytes is released as it comes, any other message is
+    left in place and reported, unwanted rings are not touched; it returns when every
+    wanted ring is one or the other, at its deadline, when the doorbell is poked, and
+    when a publish rings the doorbell it sleeps on."""
+    import threading
+
+    from gpuexec.ipc import packets, ringcore
+    from gpuexec.ipc.doorbell import Doorbell
+
+    for core in ("compiled", "python"):
+        reader_core("python" if core == "compiled" else "compiled")  # writers: the other
+        bell = Doorbell.create()
+        writers = [RingWriter(1, n_slots=4, slot_size=128) for _ in range(3)]
+        reader_core(core)
+        readers = [RingReader(w.spec, 0) for w in writers]
+        for w in writers:
+            w.ring_on_publish(bell.view, bell.base)
+        befores, afters = (b"<0|", b"<1|", b"<2|"), (b"|0>", b"|1>", b"|2>")
+        collect = functools.partial(
+            ringcore.current().collect, tuple(r.address[0] for r in readers),
+            tuple(r.address[1] for r in readers), bell.view, bell.base, *readers[0].shape,
+            befores, afters)
+
+        def now_collect(want: int, middle: bytes = b"17") -> tuple[int, int]:
+            return collect(bell.epoch(), 0.0, time.monotonic() + 0.05, middle, want)
+
+        assert now_collect(0b111) == (0, 0)  # nothing came: the deadline
+        assert writers[0].put_one(b"<0|17|0>")
+        assert writers[1].put_one(b"<1|17|1>")
+        assert writers[2].put_one(b"<2|17|2> and more")  # a value, not the None reply
+        assert now_collect(0b001) == (0b001, 0)  # only ring 0 wanted: ring 1 untouched
+        readers[0].took()
+        assert not readers[0].poll() and readers[1].poll()
+        assert now_collect(0b110) == (0b010, 0b100)
+        readers[1].took()
+        assert not readers[1].poll()
+        assert readers[2].take_frame() == b"<2|17|2> and more"  # left in place, whole
+        assert writers[0].put_one(b"<0|18|0>")  # another call's reply: not this one's
+        assert packets.put(writers[1], [b"<1|", b"17|1>"], None)  # two frames: other
+        assert now_collect(0b011) == (0, 0b011)
+        assert readers[0].take_frame() == b"<0|18|0>"
+        view = readers[1].try_read()
+        assert view is not None
+        view.release()
+        readers[1].release()
+        epoch = bell.epoch()
+        bell.poke()  # a death or a close: the wait ends at once, nothing taken
+        assert collect(epoch, 0.0, time.monotonic() + 60, b"17", 0b001) == (0, 0)
+
+        def reply_later() -> None:
+            time.sleep(0.2)  # the collect below is asleep on the doorbell by then
+            writers[2].put_one(b"<2|19|2>")
+
+        th = threading.Thread(target=reply_later)
+        th.start()
+        started = time.monotonic()
+        assert collect(bell.epoch(), 0.0, started + 60, b"19", 0b100) == (0b100, 0)
+        assert time.monotonic() - started < 30  # woken by the publish, not the deadline
+        th.join()
+        readers[2].took()
+        with pytest.raises(ValueError, match="a part for each"):
+            now_collect(0b1000)  # a ring it was not given
+        for r in readers:
+            assert not r.poll()
+            r.close()
+        for w in writers:
+            w.close()
+        bell.unlink()
+        bell.close()
 
 
 def test_read_frame_copies_out_a_one_frame_packet_and_hands_any_other_as_a_view(

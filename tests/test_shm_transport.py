@@ -134,6 +134,25 @@ def test_large_messages_overflow_to_zeromq_in_order() -> None:
         assert got[1][0][1] == float(big.sum()) and got[0][0][1] == float(big[:10].sum())
 
 
+def _big_after(worker: EchoWorker, seconds: float) -> tuple[int, bytes]:
+    time.sleep(seconds)
+    return worker.rank, bytes([worker.rank]) * (3 << 20)
+
+
+def test_a_large_reply_announced_in_a_ring_the_call_does_not_await_is_still_read() -> None:
+    """Large replies travel by the one reply socket and are announced by a marker in
+    their rank's ring; a marker takes whichever message comes next on the socket. Here
+    rank 1's reply to an earlier call comes first, taken at rank 0's marker while the
+    caller awaits rank 0 only: rank 0's reply is then announced by rank 1's marker, in a
+    ring the call does not await, and must be read all the same (not a hang)."""
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        for _ in range(3):
+            early = ex.collective_rpc(_big_after, args=(0.2,), ranks=[1], non_block=True)
+            assert ex.collective_rpc(_big_after, args=(0.6,), ranks=[0], timeout=20) == \
+                [(0, b"\0" * (3 << 20))]
+            assert early.result(timeout=20) == [(1, b"\1" * (3 << 20))]
+
+
 def test_a_worker_dying_while_its_large_reply_is_on_zeromq_fails_the_calls(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The reply announced in the ring never comes whole (the worker exits while ZeroMQ
@@ -353,23 +372,23 @@ def test_a_result_delivered_on_the_hot_path_is_recorded_as_by_the_general_walk()
     table = CallTable(8, world_size=2)
     call = PendingCall(1, "noop", [0, 1], None, None, None)
     table.enter(call, ExecutorClosedError)
-    table.deliver_value(call, 0)
-    table.deliver_value(call, 0)  # rank 0 answered already: late
+    table.deliver_values(call, [0])
+    table.deliver_values(call, [0])  # rank 0 answered already: late
     assert not call.done and table.stats.late_replies == 1
-    table.deliver_value(call, 1)
+    table.deliver_values(call, [1])
     assert call.done and call.outcome() == [None, None]
-    table.deliver_value(call, 1)  # after the end: late
+    table.deliver_values(call, [1])  # after the end: late
     assert table.stats.late_replies == 2
     failing = PendingCall(2, "noop", [0, 1], None, None, None)
     table.enter(failing, ExecutorClosedError)
     table.deliver([Reply(2, 0, error=Failure.of(ValueError("rank 0 broke")))])
-    table.deliver_value(failing, 1)
+    table.deliver_values(failing, [1])
     with pytest.raises(RemoteError, match="rank 0 broke"):
         failing.outcome()
     valued = PendingCall(3, "pid", [1], None, None, None)  # a decoded value, one rank
     table.enter(valued, ExecutorClosedError)
-    table.deliver_value(valued, 1, {"pid": 7})
+    table.deliver_values(valued, [1], {"pid": 7})
     assert valued.outcome() == [{"pid": 7}]
-    table.deliver_value(valued, 1, 8)  # late: counted, the outcome kept
+    table.deliver_values(valued, [1], 8)  # late: counted, the outcome kept
     assert valued.outcome() == [{"pid": 7}] and table.stats.late_replies == 3
     assert table.metrics.replies == [2, 3] and not table.pending

@@ -358,32 +358,36 @@ class CallTable:
         if failed:
             self.on_failure()
 
-    def deliver_value(self, call: PendingCall, rank: int, value: Any = None) -> None:
-        """:meth:`deliver` of ``rank``'s result ``value`` to ``call``, which the caller
-        (holding the pump lock) awaits: the hot path's reply (a None result taken from
-        the rank's ring by its bytes, without a Reply made for it; or a decoded reply
-        without an error), recorded without the general walk. A reply the call no longer
-        awaits (it ended meanwhile) goes through :meth:`deliver`, which counts it."""
+    def deliver_values(self, call: PendingCall, ranks: Sequence[int],
+                       value: Any = None) -> None:
+        """:meth:`deliver` of the result ``value`` of each of ``ranks`` to ``call``, which
+        the caller (holding the pump lock) awaits: the hot path's replies (None results
+        taken from the rings by their bytes, without a Reply made for each; or one
+        decoded reply without an error), recorded under one take of the lock without the
+        general walk. An answer the call no longer awaits (it ended meanwhile, or the
+        rank answered already) goes through :meth:`deliver`, which counts it."""
         metrics = self.metrics
         now = time.monotonic()
+        late: list[int] | None = None
         with self.lock:
-            owed = call.owed
-            if rank in owed and not call.done:
-                owed.discard(rank)
-                metrics.last_reply[rank] = now
-                metrics.replies[rank] += 1
-                call.values[rank] = value
-                if owed or not self._end(call, None, None, now):
-                    return
-                late = False
-            else:
-                late = True
-        if late:
-            self.deliver((Reply(call.call_id, rank, value),))
-            return
-        self._ended(call, settle=False)
-        if call.future is not None:
-            self._on_deferred()
+            owed, values = call.owed, call.values
+            for rank in ranks:
+                if rank in owed and not call.done:
+                    owed.discard(rank)
+                    metrics.last_reply[rank] = now
+                    metrics.replies[rank] += 1
+                    values[rank] = value
+                elif late is None:
+                    late = [rank]
+                else:
+                    late.append(rank)
+            ended = not owed and self._end(call, None, None, now)
+        if late is not None:
+            self.deliver([Reply(call.call_id, rank, value) for rank in late])
+        if ended:
+            self._ended(call, settle=False)
+            if call.future is not None:
+                self._on_deferred()
 
     def finish(self, call: PendingCall, error: BaseException | None = None,
                settle: bool | None = True, watch: str | None = None,

@@ -26,17 +26,16 @@ the hot path: ``collective_rpc("noop")`` to N ranks, no arguments, a None result
           futex wake only if a reader sleeps ───────────────▶
     channel.wait           [pump lock]                     shm_ring.read_frame: core.wait
       shm_transport.recv_for                                 (spins, then futex; GIL
-        core.gather: every reply ring in one C call          released), core.take_frame:
+        core.collect: the awaited rings in one C call        released), core.take_frame:
           (spins, then sleeps on the doorbell;               the frame copied out, the
-           GIL released) ◀──────────────────────┐            slot released (one C call)
-        per ready ring: shm_ring.take_one:      │          codec.decode_header ─▶ Call
-          the awaited call's None reply known   │          process._run ─▶ the method
-          by its bytes, released (one C call;   │          deferred.ReplyGate [gate lock]
-          no view, no decoding, no Reply)       │          codec.none_reply: cached header
-        calls.deliver_value [table lock #2]     └────────  shm_ring.put_one ─▶ core.put_one:
-          records it and ends the call                       1 fence, readers and doorbell
-          (metrics under the same take)                      woken only if asleep
-      the list of results
+           GIL released), each None reply       ┌            slot released (one C call)
+           to the call known by its bytes and   │          codec.decode_header ─▶ Call
+           released as it comes (no view, no    │          process._run ─▶ the method
+           decoding, no Reply) ◀────────────────┤          deferred.ReplyGate [gate lock]
+        calls.deliver_values [table lock #2]    │          codec.none_reply: cached header
+          records them all and ends the call    └────────  shm_ring.put_one ─▶ core.put_one:
+          (metrics under the same take)                      1 fence, readers and doorbell
+      the list of results                                    woken only if asleep
 
 Counted on this design (the compiled core, 2-core host, traced with ``sys.setprofile``
 and a counting allocator hook, per call; "blocks": every memory block Python allocates,
@@ -45,21 +44,21 @@ ints above 256 and floats included; ``benchmarks/results/`` holds the timings):
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          20 / 22       12 / 14           41 / 48        table x2, send, pump;
+    driver          20 / 21       12 / 13           44 / 46        table x2, send, pump;
                                                                    1 (the publish)
     worker (each)   18 / 13       12 / 9            23 / 22        reply gate;
                                                                    1 (the publish)
     ==============  ============  ================  =============  =====================
 
 (The worker's count at N = 1 includes the arrival forecast, which runs only where
-spinning is allowed; a second rank costs the driver one more reply to take and the
-several-rings branch of the gather, which delivers the pass's replies together.) What
+spinning is allowed; a second rank costs the driver one more rank in the mask that
+collect answers, whose replies are recorded together.) What
 is not on this path: no Call struct is built or encoded for a call without arguments
 (its header is cached per method name, the same bytes msgspec writes); no reply is
 encoded for a None result (cached per rank, in the worker) nor read or decoded by the
 driver (known by its bytes in the ring); no view of a slot is made on either side (a
 one-frame packet is written, and a frame of up to 16 KiB taken, by one core call); no
-list is built per pass of the gather; no thread hand-off (the caller pumps its own
+list is built per pass of the wait; no thread hand-off (the caller pumps its own
 replies); no check of the call table's state before entering it (``enter`` refuses a
 call to a closed or failed channel under its one take of the lock). A call with
 arguments is checked (:mod:`.validate`) and encodes one Call

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from functools import partial
 
 from ..ipc import ringcore
+from ..ipc.codec import none_reply_parts
 from ..ipc.doorbell import Doorbell
 from ..ipc.messages import ShmSpec
 from ..ipc.shm_ring import RingReader, RingWriter, segment_size
@@ -110,10 +111,23 @@ class ShmDriverPath:
         # ring holds a reply; spins until ``spin_until``, then sleeps on the doorbell
         # until ``sleep_until``, or returns 0 at once when the doorbell is no longer at
         # ``epoch`` (see Doorbell.poke).
+        views = tuple(r.address[0] for r in self.replies)
+        bases = tuple(r.address[1] for r in self.replies)
         self.gather: Callable[[int, float, float], int] = partial(
-            core.gather, tuple(r.address[0] for r in self.replies),
-            tuple(r.address[1] for r in self.replies), bell.view, bell.base)
+            core.gather, views, bases, bell.view, bell.base)
         self.epoch: Callable[[], int] = partial(core.epoch, bell.view, bell.base)
+        # collect(epoch, spin_until, sleep_until, id, want) -> (taken, other): the same
+        # wait for the rings in the mask ``want``, taking from each the None reply to the
+        # call whose msgpack-encoded id is ``id`` (known by its bytes, see
+        # codec.none_reply_parts) as it comes; ``other``: rings holding another message.
+        # None above 64 ranks (the core's limit): the caller gathers instead.
+        self.collect: Callable[[int, float, float, bytes, int], tuple[int, int]] | None = \
+            None
+        if 0 < len(self.replies) <= 64:
+            parts = [none_reply_parts(rank) for rank in range(len(self.replies))]
+            self.collect = partial(
+                core.collect, views, bases, bell.view, bell.base, *self.replies[0].shape,
+                tuple(p[0] for p in parts), tuple(p[1] for p in parts))
 
     def spec_for(self, rank: int) -> ShmSpec:
         return ShmSpec(self.request.spec, self._reply_writers[rank].spec, self.doorbell.path,

@@ -31,7 +31,7 @@ import msgspec
 import zmq
 
 from ..ipc import packets, shm_payload
-from ..ipc.codec import Decoder, MalformedMessage, none_reply_parts
+from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import Pong, Reply, ShmSpec, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
 from .calls import CallTable, PendingCall
@@ -56,10 +56,6 @@ class ShmTransport(Transport):
         self._stats = table.stats
         self._shm = shm
         self._n_ranks = len(topics)
-        # Per rank, the bytes around the call id of its reply to a method that returned
-        # None: such a reply to the awaited call is taken from its ring without being
-        # read or decoded (RingReader.take_one).
-        self._none_parts = [none_reply_parts(rank) for rank in range(len(topics))]
         self._shm_decoder: Decoder[ToDriver] = Decoder(ToDriver, allow_pickle=True,
                                                        copy_buffers=True, where="the driver")
         self._sentinel_poller = zmq.Poller()
@@ -102,7 +98,11 @@ class ShmTransport(Transport):
     # -- receiving -----------------------------------------------------------------
 
     def recv_for(self, call: PendingCall, timeout_ms: int) -> None:
-        self._recv(call, None if timeout_ms < 0 else timeout_ms / 1000)
+        timeout = None if timeout_ms < 0 else timeout_ms / 1000
+        if self._shm.collect is not None:
+            self._collect(call, timeout)
+        else:  # more ranks than the core's collect takes
+            self._recv(call, timeout)
 
     def pump(self, timeout_ms: int) -> list[int]:
         self._recv(None, timeout_ms / 1000)
@@ -114,33 +114,79 @@ class ShmTransport(Transport):
     def drain(self) -> None:
         self._recv(None, 0)
 
+    def _collect(self, call: PendingCall, timeout: float | None) -> None:
+        """The replies to ``call`` until it is done, spinning ``spin`` seconds after the
+        last one, then asleep on the doorbell; returns after ``timeout`` seconds at most
+        (None: no limit). The hot path: the wait across the rings of the ranks it awaits
+        is one call into the ring core (:meth:`ShmDriverPath.collect`, GIL released),
+        which also takes each None result by its bytes as it comes (no view, no decoding,
+        no Reply); those are recorded together (:meth:`CallTable.deliver_values`). Rings
+        holding anything else (a value, an error, a late reply to an earlier call) are
+        read here, and the wait for what is still owed goes on in :meth:`_recv`, across
+        every ring: a ``BY_ZMQ`` marker takes the next message from the shared reply
+        socket, which may be another rank's, whose own marker then sits in a ring this
+        call does not await."""
+        shm = self._shm
+        table = self._table
+        collect = shm.collect
+        assert collect is not None
+        epoch = shm.epoch
+        readers = shm.replies
+        now = time.monotonic()
+        deadline = _INF if timeout is None else now + timeout
+        spin_until = now + shm.spin
+        if call.done:
+            return
+        call_id = _encode_id(call.call_id)
+        want = 0
+        for rank in call.owed:
+            want |= 1 << rank
+        while True:
+            seen = epoch()  # before the checks: a poke after them ends the wait
+            if table.closing:
+                return
+            taken, other = collect(seen, spin_until, deadline, call_id, want)
+            if taken:
+                ranks = []
+                rest = taken
+                while rest:
+                    low = rest & -rest
+                    rank = low.bit_length() - 1
+                    readers[rank].took()
+                    ranks.append(rank)
+                    rest ^= low
+                table.deliver_values(call, ranks)
+                want &= ~taken
+            if other:  # read with every ring in view from here on: a ZeroMQ marker in
+                self._read_rings(other, call)  # one ring may announce another's reply
+                if not call.done:
+                    left = None if deadline == _INF else max(0.0, deadline - time.monotonic())
+                    self._recv(call, left)
+                return
+            if call.done:
+                return
+            if not (taken or other):  # the deadline passed, or the doorbell was poked
+                if time.monotonic() >= deadline:  # (a death, a close: the table says)
+                    return
+                continue
+            spin_until = time.monotonic() + shm.spin
+
     def _recv(self, call: PendingCall | None, timeout: float | None) -> None:
         """Replies from the reply rings until ``call`` is done (or one round when ``call``
         is None), spinning ``spin`` seconds after the last reply, then asleep on the
         doorbell; returns after ``timeout`` seconds at most (None: no limit). The wait
         across every ring is one call into the ring core (:meth:`ShmDriverPath.gather`,
-        GIL released); it answers with the rings that hold a reply, as a bit mask. The
-        replies of one pass are delivered under one take of the table's lock, from a
-        list kept for it (no list is made per pass; one reply needs none). A reply of
-        ``call``'s that says None is recognised by its bytes in the ring and released
-        there (one core call, no view, no decoding)."""
+        GIL released); it answers with the rings that hold a reply, as a bit mask, which
+        :meth:`_read_rings` reads."""
         shm = self._shm
         table = self._table
         gather = shm.gather
         epoch = shm.epoch
-        readers = shm.replies
-        decode = self._decode_packet
-        decode_frame = self._decode_frame
         now = time.monotonic()
         deadline = _INF if timeout is None else now + timeout
         spin_until = now + shm.spin
-        if call is None:
-            call_id, middle = -1, b""
-        elif call.done:
+        if call is not None and call.done:
             return
-        else:  # its None replies are known by their bytes: taken, not read or decoded
-            call_id, middle = call.call_id, _encode_id(call.call_id)
-        parts = self._none_parts
         while True:
             seen = epoch()  # before the checks: a poke after them ends the gather
             if table.closing:
@@ -150,45 +196,48 @@ class ShmTransport(Transport):
                 if call is None or call.done or time.monotonic() >= deadline:  # close)
                     return
                 continue
-            if mask & (mask - 1):  # several rings: their replies under one take of the lock
-                batch = self._batch
-                while mask:
-                    low = mask & -mask
-                    rank = low.bit_length() - 1
-                    reader = readers[rank]
-                    if middle and reader.take_one(parts[rank][0], middle, parts[rank][1]):
-                        batch.append(Reply(call_id, rank))
-                    elif (frame := reader.take_frame()) is not None:
-                        if (reply := decode_frame(frame)) is not None:
-                            batch.append(reply)
-                    elif (view := reader.try_read()) is not None and \
-                            (reply := decode(reader, view)) is not None:
-                        batch.append(reply)
-                    mask ^= low
-                if batch:
-                    try:
-                        table.deliver(batch)
-                    finally:
-                        batch.clear()
-            else:
-                rank = mask.bit_length() - 1
-                reader = readers[rank]
-                if call is not None and middle and \
-                        reader.take_one(parts[rank][0], middle, parts[rank][1]):
-                    table.deliver_value(call, rank)
-                elif (frame := reader.take_frame()) is not None:
-                    reply = decode_frame(frame)
-                    if call is not None and reply.__class__ is Reply and \
-                            reply.call_id == call_id and reply.error is None:
-                        table.deliver_value(call, rank, reply.value)
-                    elif reply is not None:
-                        table.deliver((reply,))
-                elif (view := reader.try_read()) is not None and \
-                        (reply := decode(reader, view)) is not None:
-                    table.deliver((reply,))
+            self._read_rings(mask, call)
             if call is None or call.done:
                 return
             spin_until = time.monotonic() + shm.spin
+
+    def _read_rings(self, mask: int, call: PendingCall | None) -> None:
+        """Read the next message of each reply ring in ``mask`` and deliver the replies
+        under one take of the table's lock (a list kept for it: none is made per pass;
+        one reply needs none). A frame of up to 16 KiB is taken out of its ring in one
+        core call; a longer one is decoded in place. ``call``'s own reply without an
+        error is recorded without the general walk."""
+        readers = self._shm.replies
+        table = self._table
+        if mask & (mask - 1):  # several rings
+            batch = self._batch
+            while mask:
+                low = mask & -mask
+                reply = self._read_ring(readers[low.bit_length() - 1])
+                if reply is not None:
+                    batch.append(reply)
+                mask ^= low
+            if batch:
+                try:
+                    table.deliver(batch)
+                finally:
+                    batch.clear()
+            return
+        reply = self._read_ring(readers[mask.bit_length() - 1])
+        if call is not None and reply.__class__ is Reply and \
+                reply.call_id == call.call_id and reply.error is None:
+            table.deliver_values(call, (reply.rank,), reply.value)
+        elif reply is not None:
+            table.deliver((reply,))
+
+    def _read_ring(self, reader: RingReader) -> Reply | Pong | None:
+        """The reply in ``reader``'s next message, released; None when there is none, it
+        was dropped, or it came by ZeroMQ (then already delivered)."""
+        frame = reader.take_frame()
+        if frame is not None:
+            return self._decode_frame(frame)
+        view = reader.try_read()
+        return None if view is None else self._decode_packet(reader, view)
 
     def _decode_frame(self, frame: bytes | memoryview) -> Reply | Pong | None:
         """The reply in a packet's only frame; None when it was dropped (counted). The

@@ -246,49 +246,6 @@ static PyObject *core_min_read(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyLong_FromUnsignedLongLong(n ? lo : 0);
 }
 
-/* take_one(view, base, data_off, n_slots, slot_size, before, middle, after) -> bool: in
- * a ring of one reader (a reply ring) of that shape, the next message, when it is the one-frame
- * packet whose frame is exactly ``before + middle + after`` (bytes each, together
- * smaller than a slot), is released at once and True returned; any other message, or
- * none, is left where it is (False). The driver's way to take a reply it can tell by
- * its bytes (a None result) without reading it. The shape comes from the caller, not
- * from the segment, which the ring's writer (a worker) could have overwritten. */
-static PyObject *core_take_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    uint64_t base, data_off, n_slots, slot_size;
-    char *parts[3];
-    Py_ssize_t lens[3];
-    if (!nargs_ok(nargs, 8, "take_one") || !as_u64(args[1], &base) ||
-        !as_u64(args[2], &data_off) || !as_u64(args[3], &n_slots) ||
-        !as_u64(args[4], &slot_size))
-        return NULL;
-    for (int i = 0; i < 3; i++)
-        if (PyBytes_AsStringAndSize(args[5 + i], &parts[i], &lens[i]) < 0)
-            return NULL;
-    uintptr_t b = (uintptr_t)base;
-    uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
-    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
-        Py_RETURN_FALSE;
-    uint32_t total, length;
-    uint64_t slot = data_off + (seq % n_slots) * slot_size;
-    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
-    uint64_t want = (uint64_t)lens[0] + (uint64_t)lens[1] + (uint64_t)lens[2];
-    if (want + ONE_HEAD + SLOT_HEADER > slot_size)
-        Py_RETURN_FALSE;
-    memcpy(&total, u32_at(b, slot), 4);
-    memcpy(&length, head + 5, 4);
-    if (total != want + ONE_HEAD || length != want || memcmp(head, ONE_PACKET, 5) != 0)
-        Py_RETURN_FALSE;
-    const unsigned char *at = head + ONE_HEAD;
-    for (int i = 0; i < 3; i++) {
-        if (memcmp(at, parts[i], (size_t)lens[i]) != 0)
-            Py_RETURN_FALSE;
-        at += lens[i];
-    }
-    __atomic_store_n(u64_at(b, ONE_READER_SEQ_OFF), seq + 1, __ATOMIC_RELEASE);
-    Py_RETURN_TRUE;
-}
-
 /* take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len) ->
  * (frame, published_ns) | None: the next message of the reader whose read_seq is at
  * ``reader_off`` in a ring of that shape, when it is a packet of one frame of at most
@@ -484,6 +441,68 @@ static PyObject *mask_to_int(const uint64_t *mask, Py_ssize_t words) {
     return out;
 }
 
+/* Wait on the doorbell at ``b`` until ``ready(ctx)`` says so: spin (GIL released) until
+ * ``spin_until``, then sleep with the handshake until ``sleep_until``. 1 once ready; 0
+ * when that passes, or at once when the counter is no longer ``epoch`` (poked); -1 when
+ * a signal handler raised. Called with the GIL held; returns with it held. */
+typedef int (*ready_fn)(void *ctx);
+
+static int wait_bell(uintptr_t b, uint32_t epoch, double spin_until, double sleep_until,
+                     ready_fn ready, void *ctx) {
+    uint32_t *counter = u32_at(b, BELL_COUNTER);
+    uint32_t *sleeping = u32_at(b, BELL_SLEEPING);
+    if (ready(ctx))
+        return 1;
+    int got = 0, failed = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+    double check_at = now_s() + SLICE_S;
+    for (unsigned k = 0;; k++) {
+        if ((got = ready(ctx)))
+            break;
+        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != epoch)
+            break;
+        if ((k & 15) == 0) {
+            int tick = spin_tick(spin_until, &check_at, &ts);
+            if (tick != 0) {
+                failed = tick < 0;
+                break;
+            }
+        }
+        CPU_RELAX();
+    }
+    while (!got && !failed) {
+        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != epoch)
+            break;
+        double left = sleep_until - now_s();
+        if (left <= 0)
+            break;
+        __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint32_t expected = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
+        if (expected == epoch && !ready(ctx))
+            futex_wait(counter, expected, left < SLICE_S ? left : SLICE_S);
+        __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
+        if ((got = ready(ctx)))
+            break;
+        if (check_signals(&ts) < 0)
+            failed = 1;
+    }
+    PyEval_RestoreThread(ts);
+    return failed ? -1 : got;
+}
+
+struct rings {
+    const uintptr_t *bases;
+    Py_ssize_t n;
+    uint64_t *mask;
+    Py_ssize_t words;
+};
+
+static int any_ready(void *ctx) {
+    struct rings *r = ctx;
+    return ready_mask(r->bases, r->n, r->mask, r->words);
+}
+
 /* gather(views, bases, bell_view, bell_base, epoch, spin_until, sleep_until) -> mask:
  * bit i set when reply ring i (a ring of one reader) holds a message. Spins over the
  * rings (GIL released) until ``spin_until``, then sleeps on the doorbell with its
@@ -519,54 +538,133 @@ static PyObject *core_gather(PyObject *self, PyObject *const *args, Py_ssize_t n
             goto done;
         bases[i] = (uintptr_t)v;
     }
-    uintptr_t b = (uintptr_t)bell;
-    uint32_t *counter = u32_at(b, BELL_COUNTER);
-    uint32_t *sleeping = u32_at(b, BELL_SLEEPING);
-    int any = ready_mask(bases, n, mask, words);
-    int failed = 0;
-    if (!any) {
-        PyThreadState *ts = PyEval_SaveThread();
-        double check_at = now_s() + SLICE_S;
-        for (unsigned k = 0;; k++) {
-            if ((any = ready_mask(bases, n, mask, words)))
-                break;
-            if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != (uint32_t)epoch)
-                break;
-            if ((k & 15) == 0) {
-                int tick = spin_tick(spin_until, &check_at, &ts);
-                if (tick != 0) {
-                    failed = tick < 0;
-                    break;
-                }
-            }
-            CPU_RELAX();
-        }
-        while (!any && !failed) {
-            if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != (uint32_t)epoch)
-                break;
-            double left = sleep_until - now_s();
-            if (left <= 0)
-                break;
-            __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            uint32_t expected = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
-            if (expected == (uint32_t)epoch && !ready_mask(bases, n, mask, words))
-                futex_wait(counter, expected, left < SLICE_S ? left : SLICE_S);
-            __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
-            if ((any = ready_mask(bases, n, mask, words)))
-                break;
-            if (check_signals(&ts) < 0)
-                failed = 1;
-        }
-        PyEval_RestoreThread(ts);
-    }
-    if (!failed)
-        out = any ? mask_to_int(mask, words) : PyLong_FromLong(0);
+    struct rings rings = {bases, n, mask, words};
+    int got = wait_bell((uintptr_t)bell, (uint32_t)epoch, spin_until, sleep_until, any_ready,
+                        &rings);
+    if (got >= 0)
+        out = got ? mask_to_int(mask, words) : PyLong_FromLong(0);
 done:
     if (bases != NULL && bases != small_bases)
         PyMem_Free(bases);
     if (mask != NULL && mask != small_mask)
         PyMem_Free(mask);
+    return out;
+}
+
+/* What collect() waits for: the awaited call's replies in up to 64 reply rings. */
+struct awaited {
+    uintptr_t bases[64];
+    Py_ssize_t n;
+    uint64_t data_off, n_slots, slot_size;
+    const char *parts[3][64]; /* per ring: before, (the id), after */
+    Py_ssize_t lens[3][64];
+    uint64_t want, taken, other;
+};
+
+/* Whether ring i's next message is the one-frame packet before_i + middle + after_i. */
+static int is_expected(const struct awaited *w, Py_ssize_t i, uint64_t seq) {
+    uintptr_t b = w->bases[i];
+    uint64_t slot = w->data_off + (seq % w->n_slots) * w->slot_size;
+    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
+    uint64_t want = (uint64_t)w->lens[0][i] + (uint64_t)w->lens[1][i] + (uint64_t)w->lens[2][i];
+    uint32_t total, length;
+    if (want + ONE_HEAD + SLOT_HEADER > w->slot_size)
+        return 0;
+    memcpy(&total, u32_at(b, slot), 4);
+    memcpy(&length, head + 5, 4);
+    if (total != want + ONE_HEAD || length != want || memcmp(head, ONE_PACKET, 5) != 0)
+        return 0;
+    const unsigned char *at = head + ONE_HEAD;
+    for (int k = 0; k < 3; k++) {
+        if (memcmp(at, w->parts[k][i], (size_t)w->lens[k][i]) != 0)
+            return 0;
+        at += w->lens[k][i];
+    }
+    return 1;
+}
+
+/* Take what has come: each awaited ring's expected reply is released (``taken``), any
+ * other message marks its ring (``other``: left for the caller). Ready once every
+ * awaited ring is one or the other. */
+static int scan_awaited(void *ctx) {
+    struct awaited *w = ctx;
+    uint64_t open = w->want & ~(w->taken | w->other);
+    while (open) {
+        Py_ssize_t i = __builtin_ctzll(open);
+        open &= open - 1;
+        uintptr_t b = w->bases[i];
+        uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
+        if (load_acq(b, WRITE_SEQ_OFF) <= seq)
+            continue;
+        if (is_expected(w, i, seq)) {
+            __atomic_store_n(u64_at(b, ONE_READER_SEQ_OFF), seq + 1, __ATOMIC_RELEASE);
+            w->taken |= 1ull << i;
+        } else {
+            w->other |= 1ull << i;
+        }
+    }
+    return (w->taken | w->other) == w->want;
+}
+
+/* collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, befores,
+ * afters, epoch, spin_until, sleep_until, middle, want) -> (taken, other): wait as
+ * gather() does for the reply rings in the mask ``want`` (up to 64 rings of one reader,
+ * all of that shape), releasing in each the reply that is exactly ``befores[i] + middle
+ * + afters[i]`` (the awaited call's None result, known by its bytes) as it comes; until
+ * every wanted ring gave that reply (bit set in ``taken``) or holds another message
+ * (bit set in ``other``, the message left in place), the deadline passes or the
+ * doorbell is poked. The driver's whole wait for a call's replies in one call; the
+ * arguments that do not change from call to call come first (to bind them once). */
+static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t bell, epoch;
+    double spin_until, sleep_until;
+    struct awaited w;
+    if (!nargs_ok(nargs, 14, "collect") || !as_u64(args[3], &bell) ||
+        !as_u64(args[4], &w.data_off) || !as_u64(args[5], &w.n_slots) ||
+        !as_u64(args[6], &w.slot_size) || !as_u64(args[9], &epoch) ||
+        !as_double(args[10], &spin_until) || !as_double(args[11], &sleep_until) ||
+        !as_u64(args[13], &w.want))
+        return NULL;
+    PyObject *seq = args[1], *befores = args[7], *afters = args[8];
+    if (!PyTuple_Check(seq) || !PyTuple_Check(befores) || !PyTuple_Check(afters)) {
+        PyErr_SetString(PyExc_TypeError, "collect() wants tuples of addresses and bytes");
+        return NULL;
+    }
+    w.n = PyTuple_Size(seq);
+    if (w.n > 64 || PyTuple_Size(befores) != w.n || PyTuple_Size(afters) != w.n ||
+        (w.n < 64 && (w.want >> w.n) != 0) || w.n_slots == 0) {
+        PyErr_SetString(PyExc_ValueError, "collect(): up to 64 rings, a part for each");
+        return NULL;
+    }
+    char *middle;
+    Py_ssize_t middle_len;
+    if (PyBytes_AsStringAndSize(args[12], &middle, &middle_len) < 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < w.n; i++) {
+        uint64_t v;
+        char *before, *after;
+        if (!as_u64(PyTuple_GetItem(seq, i), &v) ||
+            PyBytes_AsStringAndSize(PyTuple_GetItem(befores, i), &before, &w.lens[0][i]) < 0 ||
+            PyBytes_AsStringAndSize(PyTuple_GetItem(afters, i), &after, &w.lens[2][i]) < 0)
+            return NULL;
+        w.bases[i] = (uintptr_t)v;
+        w.parts[0][i] = before;
+        w.parts[1][i] = middle;
+        w.lens[1][i] = middle_len;
+        w.parts[2][i] = after;
+    }
+    w.taken = w.other = 0;
+    /* The bytes objects stay alive: the caller holds them, and the GIL is released only
+     * inside this call, whose arguments it keeps. */
+    if (wait_bell((uintptr_t)bell, (uint32_t)epoch, spin_until, sleep_until, scan_awaited,
+                  &w) < 0)
+        return NULL;
+    PyObject *taken = PyLong_FromUnsignedLongLong(w.taken);
+    PyObject *other = PyLong_FromUnsignedLongLong(w.other);
+    PyObject *out = (taken && other) ? PyTuple_Pack(2, taken, other) : NULL;
+    Py_XDECREF(taken);
+    Py_XDECREF(other);
     return out;
 }
 
@@ -580,11 +678,6 @@ static PyMethodDef methods[] = {
     {"put_one", (PyCFunction)(void (*)(void))core_put_one, METH_FASTCALL,
      "put_one(view, base, slot_off, frame, seq, n_readers, bell_view, bell_base): "
      "write a one-frame packet into a slot and publish it."},
-    {"take_one", (PyCFunction)(void (*)(void))core_take_one, METH_FASTCALL,
-     "take_one(view, base, data_off, n_slots, slot_size, before, middle, after) -> bool: "
-     "release "
-     "the next message of "
-     "a reply ring when it is that one-frame packet."},
     {"take_frame", (PyCFunction)(void (*)(void))core_take_frame, METH_FASTCALL,
      "take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len) -> "
      "(frame, published_ns) | None: copy out and "
@@ -601,6 +694,9 @@ static PyMethodDef methods[] = {
      "poke(view, base): move the doorbell's counter and wake its waiter."},
     {"epoch", (PyCFunction)(void (*)(void))core_epoch, METH_FASTCALL,
      "epoch(view, base) -> the doorbell's counter."},
+    {"collect", (PyCFunction)(void (*)(void))core_collect, METH_FASTCALL,
+     "collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, befores, "
+     "afters, epoch, spin_until, sleep_until, middle, want) -> (taken, other)."},
     {"gather", (PyCFunction)(void (*)(void))core_gather, METH_FASTCALL,
      "gather(views, bases, bell_view, bell_base, epoch, spin_until, sleep_until) -> mask."},
     {NULL, NULL, 0, NULL},
@@ -614,7 +710,7 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 3
+#define CORE_API 4
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     PyObject *m = PyModule_Create(&module);

@@ -15,6 +15,7 @@ import platform
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from . import futex
 
@@ -85,8 +86,10 @@ def put_one(view: memoryview, base: int, slot_off: int, frame: bytes, seq: int,
     publish(view, base, slot_off, seq, n_readers, bell_view, bell_base)
 
 
-def take_one(view: memoryview, base: int, data_off: int, n_slots: int, slot_size: int,
-             before: bytes, middle: bytes, after: bytes) -> bool:
+def _take_expected(view: memoryview, base: int, data_off: int, n_slots: int,
+                   slot_size: int, before: bytes, middle: bytes, after: bytes) -> bool:
+    """Release the next message of a ring of one reader when it is the one-frame packet
+    ``before + middle + after`` (collect's test of each ring)."""
     seq = _u64(view, ONE_READER_SEQ_OFF)[0]
     if published(view, base) <= seq:
         return False
@@ -188,29 +191,28 @@ def _ready(views: tuple[memoryview, ...]) -> int:
     return mask
 
 
-def gather(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: memoryview,
-           bell_base: int, epoch: int, spin_until: float, sleep_until: float) -> int:
-    """Bit i set when reply ring i holds a message: spin over the rings until
-    ``spin_until``, then sleep on the doorbell until ``sleep_until``; 0 when that passes
-    or at once when the doorbell's counter is no longer ``epoch``."""
+def _wait_bell(bell_view: memoryview, bell_base: int, epoch: int, spin_until: float,
+               sleep_until: float, ready: Callable[[], bool]) -> bool:
+    """Until ``ready()``: spin until ``spin_until``, then sleep on the doorbell until
+    ``sleep_until``; False when that passes or at once when the doorbell's counter is
+    no longer ``epoch``."""
     monotonic = time.monotonic
     while True:
-        mask = _ready(views)
-        if mask or _u32(bell_view, BELL_COUNTER)[0] != epoch:
+        if ready():
+            return True
+        if _u32(bell_view, BELL_COUNTER)[0] != epoch or monotonic() >= spin_until:
             break
-        if monotonic() >= spin_until:
-            break
-    while not mask:
+    while True:
         if _u32(bell_view, BELL_COUNTER)[0] != epoch:
-            return 0
+            return False
         left = sleep_until - monotonic()
         if left <= 0:
-            return 0
+            return False
         _U32.pack_into(bell_view, BELL_SLEEPING, 1)
         fence()
         expected = _u32(bell_view, BELL_COUNTER)[0]
         try:
-            if expected == epoch and not _ready(views):
+            if expected == epoch and not ready():
                 nap = _SLICE_S if math.isinf(left) else min(left, _SLICE_S)
                 if futex.available():
                     futex.wait(bell_base + BELL_COUNTER, expected, nap)
@@ -218,7 +220,55 @@ def gather(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: mem
                     time.sleep(min(nap, 1e-3))
         finally:
             _U32.pack_into(bell_view, BELL_SLEEPING, 0)
+        if ready():
+            return True
+
+
+def gather(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: memoryview,
+           bell_base: int, epoch: int, spin_until: float, sleep_until: float) -> int:
+    """Bit i set when reply ring i holds a message: spin over the rings until
+    ``spin_until``, then sleep on the doorbell until ``sleep_until``; 0 when that passes
+    or at once when the doorbell's counter is no longer ``epoch``."""
+    mask = 0
+
+    def ready() -> bool:
+        nonlocal mask
         mask = _ready(views)
+        return mask != 0
+
+    _wait_bell(bell_view, bell_base, epoch, spin_until, sleep_until, ready)
     if WEAK_ORDER:
         fence()
     return mask
+
+
+def collect(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: memoryview,
+            bell_base: int, data_off: int, n_slots: int, slot_size: int,
+            befores: tuple[bytes, ...], afters: tuple[bytes, ...], epoch: int,
+            spin_until: float, sleep_until: float, middle: bytes,
+            want: int) -> tuple[int, int]:
+    """``(taken, other)``: wait as :func:`gather` does for the rings in ``want``, taking
+    from each the reply ``befores[i] + middle + afters[i]`` as it comes (bit set in
+    ``taken``) or leaving another message in place (bit set in ``other``), until every
+    wanted ring is one or the other."""
+    if len(views) > 64 or len(befores) != len(views) or len(afters) != len(views) or \
+            want >> len(views) or not n_slots:
+        raise ValueError("collect(): up to 64 rings, a part for each")
+    taken = other = 0
+
+    def ready() -> bool:
+        nonlocal taken, other
+        open_ = want & ~(taken | other)
+        while open_:
+            low = open_ & -open_
+            i = low.bit_length() - 1
+            open_ ^= low
+            if _take_expected(views[i], bases[i], data_off, n_slots, slot_size, befores[i],
+                              middle, afters[i]):
+                taken |= low
+            elif published(views[i], bases[i]) > _u64(views[i], ONE_READER_SEQ_OFF)[0]:
+                other |= low
+        return taken | other == want
+
+    _wait_bell(bell_view, bell_base, epoch, spin_until, sleep_until, ready)
+    return taken, other

@@ -317,6 +317,15 @@ class RingReader:
         """``(view, base)`` of the segment, for the core's gather over reply rings."""
         return self._view, self._base
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(first slot's offset, n_slots, slot_size)``, for the core's collect."""
+        return self._lengths[0], self._n_slots, self._slot_size
+
+    def took(self) -> None:
+        """The core released this reader's next message itself (collect): count it."""
+        self._seq += 1
+
     def poll(self) -> bool:
         """Whether a message is waiting (no wait)."""
         return self._core.published(self._view, self._base) > self._seq
@@ -345,18 +354,6 @@ class RingReader:
         self._holding = True
         message: memoryview = self._payloads[slot][:n]
         return message
-
-    def take_one(self, before: bytes, middle: bytes, after: bytes) -> bool:
-        """Release the next message at once when it is the packet of one frame
-        ``before + middle + after`` (a reply the reader knows by its bytes); False, and
-        the message left to :meth:`try_read`, for any other. A ring of one reader only
-        (a reply ring)."""
-        if self._holding or not self._core.take_one(
-                self._view, self._base, self._lengths[0], self._n_slots, self._slot_size,
-                before, middle, after):
-            return False
-        self._seq += 1
-        return True
 
     def take_frame(self) -> bytes | None:
         """The next message's frame when it is a packet of one frame of at most
