@@ -260,13 +260,15 @@ def test_put_one_writes_the_packet_put_would(reader_core: Callable[[str], None])
     w.close()
 
 
-def test_collect_takes_the_awaited_replies_by_their_bytes_and_leaves_the_rest(
+def test_collect_takes_the_awaited_replies_by_their_bytes_then_short_frames(
         reader_core: Callable[[str], None]) -> None:
     """The driver's wait for a call's replies in one core call: each wanted ring's reply
-    that is exactly the expected bytes is released as it comes, any other message is
-    left in place and reported, unwanted rings are not touched; it returns when every
-    wanted ring is one or the other, at its deadline, when the doorbell is poked, and
-    when a publish rings the doorbell it sleeps on."""
+    that is exactly the expected bytes is released as it comes; it returns when every
+    wanted ring gave that or holds another message, at its deadline, when the doorbell
+    is poked, and when a publish rings the doorbell it sleeps on. Then every other
+    message of one frame up to ``max_len`` is copied out and released (in ring order);
+    anything else (several frames, a longer frame) is left in place and reported;
+    unwanted rings are not touched."""
     import threading
 
     from gpuexec.ipc import packets, ringcore
@@ -284,33 +286,36 @@ def test_collect_takes_the_awaited_replies_by_their_bytes_and_leaves_the_rest(
         collect = functools.partial(
             ringcore.current().collect, tuple(r.address[0] for r in readers),
             tuple(r.address[1] for r in readers), bell.view, bell.base, *readers[0].shape,
-            befores, afters)
+            32, befores, afters)
 
-        def now_collect(want: int, middle: bytes = b"17") -> tuple[int, int]:
-            return collect(bell.epoch(), 0.0, time.monotonic() + 0.05, middle, want)
+        def now_collect(want: int, middle: bytes = b"17") -> tuple[object, ...]:
+            got = collect(bell.epoch(), 0.0, time.monotonic() + 0.05, middle, want)
+            return (*got[:3], list(got[3]))
 
-        assert now_collect(0b111) == (0, 0)  # nothing came: the deadline
+        assert now_collect(0b111) == (0, 0, 0, [])  # nothing came: the deadline
         assert writers[0].put_one(b"<0|17|0>")
         assert writers[1].put_one(b"<1|17|1>")
         assert writers[2].put_one(b"<2|17|2> and more")  # a value, not the None reply
-        assert now_collect(0b001) == (0b001, 0)  # only ring 0 wanted: ring 1 untouched
+        assert now_collect(0b001) == (0b001, 0, 0, [])  # only ring 0 wanted: 1 untouched
         readers[0].took()
         assert not readers[0].poll() and readers[1].poll()
-        assert now_collect(0b110) == (0b010, 0b100)
+        assert now_collect(0b110) == (0b010, 0b100, 0, [b"<2|17|2> and more"])
         readers[1].took()
-        assert not readers[1].poll()
-        assert readers[2].take_frame() == b"<2|17|2> and more"  # left in place, whole
-        assert writers[0].put_one(b"<0|18|0>")  # another call's reply: not this one's
-        assert packets.put(writers[1], [b"<1|", b"17|1>"], None)  # two frames: other
-        assert now_collect(0b011) == (0, 0b011)
-        assert readers[0].take_frame() == b"<0|18|0>"
+        readers[2].took()
+        assert not readers[1].poll() and not readers[2].poll()
+        assert writers[0].put_one(b"<0|18|0>")  # another call's reply: a frame
+        assert packets.put(writers[1], [b"<1|", b"17|1>"], None)  # two frames: left
+        assert writers[2].put_one(b"x" * 33)  # longer than max_len: left
+        assert now_collect(0b111) == (0, 0b001, 0b110, [b"<0|18|0>"])
+        readers[0].took()
         view = readers[1].try_read()
         assert view is not None
         view.release()
         readers[1].release()
+        assert readers[2].take_frame() == b"x" * 33  # left in place, whole
         epoch = bell.epoch()
         bell.poke()  # a death or a close: the wait ends at once, nothing taken
-        assert collect(epoch, 0.0, time.monotonic() + 60, b"17", 0b001) == (0, 0)
+        assert collect(epoch, 0.0, time.monotonic() + 60, b"17", 0b001)[:3] == (0, 0, 0)
 
         def reply_later() -> None:
             time.sleep(0.2)  # the collect below is asleep on the doorbell by then
@@ -319,7 +324,7 @@ def test_collect_takes_the_awaited_replies_by_their_bytes_and_leaves_the_rest(
         th = threading.Thread(target=reply_later)
         th.start()
         started = time.monotonic()
-        assert collect(bell.epoch(), 0.0, started + 60, b"19", 0b100) == (0b100, 0)
+        assert collect(bell.epoch(), 0.0, started + 60, b"19", 0b100)[:3] == (0b100, 0, 0)
         assert time.monotonic() - started < 30  # woken by the publish, not the deadline
         th.join()
         readers[2].took()

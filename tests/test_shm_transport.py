@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import msgspec
 import pytest
 from workers import EchoWorker
 
@@ -336,6 +337,40 @@ def test_a_driver_and_workers_on_different_cores_talk_both_ways(
             [{"args": [big, 1], "kwargs": {}}] * 2
         time.sleep(0.3)  # both sides asleep on their futexes now
         assert ex.collective_rpc("echo", args=(2,)) == [{"args": [2], "kwargs": {}}] * 2
+
+
+def _junk_then_rank(worker: EchoWorker, junk: bytes) -> int:
+    """Put ``junk`` into this rank's reply ring as a reply of one frame (what a broken or
+    hostile worker could write there), then answer as usual."""
+    import gc
+
+    from gpuexec.worker.transport import ShmWorkerTransport
+
+    (ours,) = [o for o in gc.get_objects() if isinstance(o, ShmWorkerTransport)]
+    assert ours.reply.put_one(junk)
+    return worker.rank
+
+
+def test_frames_that_do_not_decode_are_dropped_and_counted_and_the_call_completes() -> None:
+    """Short frames in the reply rings are copied out and decoded together; one that is
+    not a reply (bad msgpack, an empty frame, a message of another type) is dropped and
+    counted by its reason, the replies around it still delivered."""
+    from gpuexec.ipc.messages import Call
+
+    junk = [b"\xc1", b"", msgspec.msgpack.encode({"type": "nope"}),
+            msgspec.msgpack.encode(Call(1, "m", None, [], {}))]
+    reasons = ["undecodable", "empty", "unknown_type", "unknown_type"]
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        before = ex.stats().malformed_by_reason
+        for bad in junk:
+            assert ex.collective_rpc(_junk_then_rank, args=(bad,), timeout=20) == [0, 1]
+            assert ex.collective_rpc(_junk_then_rank, args=(bad,), ranks=[1],
+                                     timeout=20) == [1]
+        after = ex.stats().malformed_by_reason
+        for reason in set(reasons):
+            assert after.get(reason, 0) - before.get(reason, 0) == \
+                3 * reasons.count(reason), reason
+        assert ex.collective_rpc("echo") == [{"args": [], "kwargs": {}}] * 2
 
 
 def test_cached_headers_are_the_bytes_the_encoder_writes() -> None:

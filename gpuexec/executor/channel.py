@@ -57,13 +57,13 @@ is not on this path: no Call struct is built or encoded for a call without argum
 (its header is cached per method name, the same bytes msgspec writes); no reply is
 encoded for a None result (cached per rank, in the worker) nor read or decoded by the
 driver (known by its bytes in the ring); no view of a slot is made on either side (a
-one-frame packet is written, and a frame of up to 16 KiB taken, by one core call); no
-list is built per pass of the wait; no thread hand-off (the caller pumps its own
+one-frame packet is written, and a frame of up to 16 KiB taken, by one core call); one
+list per pass of the wait (the ranks that answered); no thread hand-off (the caller pumps its own
 replies); no check of the call table's state before entering it (``enter`` refuses a
 call to a closed or failed channel under its one take of the lock). A call with
 arguments is checked (:mod:`.validate`) and encodes one Call
-(``codec.encode_with_segments``); its reply is decoded from the frame taken out of the
-ring.
+(``codec.encode_with_segments``); the replies' frames are copied out of their rings by
+the same collect call and decoded one after another in one ``map``.
 
 The pieces, each in its own module: :mod:`.transport` (the interface),
 :mod:`.zmq_transport` and :mod:`.shm_transport` (the two wires; the one place a wire is

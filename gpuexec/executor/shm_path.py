@@ -43,7 +43,7 @@ from ..ipc import ringcore
 from ..ipc.codec import none_reply_parts
 from ..ipc.doorbell import Doorbell
 from ..ipc.messages import ShmSpec
-from ..ipc.shm_ring import RingReader, RingWriter, segment_size
+from ..ipc.shm_ring import TAKEN_MAX, RingReader, RingWriter, segment_size
 
 REQUEST_SLOTS = 8
 REPLY_SLOTS = 4
@@ -116,18 +116,20 @@ class ShmDriverPath:
         self.gather: Callable[[int, float, float], int] = partial(
             core.gather, views, bases, bell.view, bell.base)
         self.epoch: Callable[[], int] = partial(core.epoch, bell.view, bell.base)
-        # collect(epoch, spin_until, sleep_until, id, want) -> (taken, other): the same
-        # wait for the rings in the mask ``want``, taking from each the None reply to the
-        # call whose msgpack-encoded id is ``id`` (known by its bytes, see
-        # codec.none_reply_parts) as it comes; ``other``: rings holding another message.
-        # None above 64 ranks (the core's limit): the caller gathers instead.
-        self.collect: Callable[[int, float, float, bytes, int], tuple[int, int]] | None = \
-            None
+        # collect(epoch, spin_until, sleep_until, id, want) -> (taken, framed, other,
+        # frames): the same wait for the rings in the mask ``want``, taking from each the
+        # None reply to the call whose msgpack-encoded id is ``id`` (known by its bytes,
+        # see codec.none_reply_parts) as it comes, until each holds that or another
+        # message; then the other messages of one frame up to TAKEN_MAX are copied out
+        # (``framed``, ``frames``), and ``other``: rings holding anything else, left in
+        # place. None above 64 ranks (the core's limit): the caller gathers instead.
+        self.collect: Callable[[int, float, float, bytes, int],
+                               tuple[int, int, int, list[bytes] | tuple[()]]] | None = None
         if 0 < len(self.replies) <= 64:
             parts = [none_reply_parts(rank) for rank in range(len(self.replies))]
             self.collect = partial(
                 core.collect, views, bases, bell.view, bell.base, *self.replies[0].shape,
-                tuple(p[0] for p in parts), tuple(p[1] for p in parts))
+                TAKEN_MAX, tuple(p[0] for p in parts), tuple(p[1] for p in parts))
 
     def spec_for(self, rank: int) -> ShmSpec:
         return ShmSpec(self.request.spec, self._reply_writers[rank].spec, self.doorbell.path,

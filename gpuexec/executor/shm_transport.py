@@ -24,7 +24,7 @@ import math
 import struct
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -43,6 +43,24 @@ log = logging.getLogger("gpuexec")
 
 _INF = math.inf
 _encode_id = msgspec.msgpack.encode  # a call id as the replies' headers hold it
+
+
+def _mask(ranks: Iterable[int]) -> int:
+    """The bit mask of ``ranks``."""
+    mask = 0
+    for rank in ranks:
+        mask |= 1 << rank
+    return mask
+
+
+def _ranks(mask: int) -> list[int]:
+    """The ranks whose bits are set in ``mask``, in rank order."""
+    ranks = []
+    while mask:
+        low = mask & -mask
+        ranks.append(low.bit_length() - 1)
+        mask ^= low
+    return ranks
 
 
 class ShmTransport(Transport):
@@ -120,12 +138,13 @@ class ShmTransport(Transport):
         (None: no limit). The hot path: the wait across the rings of the ranks it awaits
         is one call into the ring core (:meth:`ShmDriverPath.collect`, GIL released),
         which also takes each None result by its bytes as it comes (no view, no decoding,
-        no Reply); those are recorded together (:meth:`CallTable.deliver_values`). Rings
-        holding anything else (a value, an error, a late reply to an earlier call) are
-        read here, and the wait for what is still owed goes on in :meth:`_recv`, across
-        every ring: a ``BY_ZMQ`` marker takes the next message from the shared reply
-        socket, which may be another rank's, whose own marker then sits in a ring this
-        call does not await."""
+        no Reply), and then copies out every other reply of one short frame; the None
+        results are recorded together (:meth:`CallTable.deliver_values`), the frames
+        decoded and delivered together (:meth:`_deliver_frames`). A ring holding
+        anything else (a long or several-frame reply, a ``BY_ZMQ`` marker) is read
+        here, and the wait for what is still owed goes on in :meth:`_recv`, across every
+        ring: a marker takes the next message from the shared reply socket, which may be
+        another rank's, whose own marker then sits in a ring this call does not await."""
         shm = self._shm
         table = self._table
         collect = shm.collect
@@ -145,8 +164,8 @@ class ShmTransport(Transport):
             seen = epoch()  # before the checks: a poke after them ends the wait
             if table.closing:
                 return
-            taken, other = collect(seen, spin_until, deadline, call_id, want)
-            if taken:
+            taken, framed, other, frames = collect(seen, spin_until, deadline, call_id, want)
+            if taken:  # released by the core: the readers count them
                 ranks = []
                 rest = taken
                 while rest:
@@ -156,20 +175,59 @@ class ShmTransport(Transport):
                     ranks.append(rank)
                     rest ^= low
                 table.deliver_values(call, ranks)
-                want &= ~taken
-            if other:  # read with every ring in view from here on: a ZeroMQ marker in
-                self._read_rings(other, call)  # one ring may announce another's reply
+            if framed:
+                for rank in _ranks(framed):
+                    readers[rank].took()
+            if frames:
+                self._deliver_frames(call, frames)
+            if other:  # read with every ring in view from here on (see above)
+                self._read_rings(other, call)
                 if not call.done:
                     left = None if deadline == _INF else max(0.0, deadline - time.monotonic())
                     self._recv(call, left)
                 return
             if call.done:
                 return
-            if not (taken or other):  # the deadline passed, or the doorbell was poked
+            if not (taken or framed):  # the deadline passed, or the doorbell was poked
                 if time.monotonic() >= deadline:  # (a death, a close: the table says)
                     return
                 continue
+            # A frame may have been a late reply to an earlier call: ask the call.
+            want = want & ~taken if not framed else _mask(call.owed)
             spin_until = time.monotonic() + shm.spin
+
+    def _deliver_frames(self, call: PendingCall, frames: list[bytes] | tuple[()]) -> None:
+        """Decode the replies in ``frames`` (one frame each, copied out by the core) and
+        deliver them under one take of the table's lock; ``call``'s own lone reply
+        without an error is recorded without the general walk. A frame that does not
+        decode is dropped and counted, the others delivered."""
+        if all(frames):  # (an empty frame is counted as such by _decode_frame)
+            replies: list[Reply | Pong] = []
+            it = iter(frames)
+            decode = self._shm_decoder.decode_header
+            while True:
+                try:
+                    replies.extend(map(decode, it))  # keeps what it decoded on an error
+                    break
+                except MalformedMessage as e:
+                    reply = self._zmq.not_decoded(e)
+                    if reply is not None:
+                        replies.append(reply)
+        else:
+            replies = [r for f in frames if (r := self._decode_frame(f)) is not None]
+        if len(replies) == 1:
+            self._deliver_one(call, replies[0])
+        elif replies:
+            self._table.deliver(replies)
+
+    def _deliver_one(self, call: PendingCall | None, reply: Reply | Pong) -> None:
+        """Deliver one reply: ``call``'s own without an error is recorded without the
+        general walk (:meth:`CallTable.deliver_values`)."""
+        if call is not None and reply.__class__ is Reply and \
+                reply.call_id == call.call_id and reply.error is None:
+            self._table.deliver_values(call, (reply.rank,), reply.value)
+        else:
+            self._table.deliver((reply,))
 
     def _recv(self, call: PendingCall | None, timeout: float | None) -> None:
         """Replies from the reply rings until ``call`` is done (or one round when ``call``
@@ -224,11 +282,8 @@ class ShmTransport(Transport):
                     batch.clear()
             return
         reply = self._read_ring(readers[mask.bit_length() - 1])
-        if call is not None and reply.__class__ is Reply and \
-                reply.call_id == call.call_id and reply.error is None:
-            table.deliver_values(call, (reply.rank,), reply.value)
-        elif reply is not None:
-            table.deliver((reply,))
+        if reply is not None:
+            self._deliver_one(call, reply)
 
     def _read_ring(self, reader: RingReader) -> Reply | Pong | None:
         """The reply in ``reader``'s next message, released; None when there is none, it

@@ -252,42 +252,52 @@ static PyObject *core_min_read(PyObject *self, PyObject *const *args, Py_ssize_t
  * ``max_len`` bytes for every rank: its frame copied out (bytes), its publish time, and
  * the slot released at once. None, leaving it where it is, for any other message (a
  * longer or truncated one too: a long frame is better read in place) or none. */
-static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    uint64_t base, reader_off, data_off, n_slots, slot_size, max_len;
-    if (!nargs_ok(nargs, 7, "take_frame") || !as_u64(args[1], &base) ||
-        !as_u64(args[2], &reader_off) || !as_u64(args[3], &data_off) ||
-        !as_u64(args[4], &n_slots) || !as_u64(args[5], &slot_size) ||
-        !as_u64(args[6], &max_len))
-        return NULL;
-    uintptr_t b = (uintptr_t)base;
+/* The core of take_frame (GIL held): 1 with *frame (new bytes) and *stamp set and the
+ * slot released; 0 when the next message is not such a packet, or there is none; -1 with
+ * an exception set (no memory: the message left in place). */
+static int take_frame_at(uintptr_t b, uint64_t reader_off, uint64_t data_off,
+                         uint64_t n_slots, uint64_t slot_size, uint64_t max_len,
+                         PyObject **frame, uint64_t *stamp) {
     uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
     if (load_acq(b, WRITE_SEQ_OFF) <= seq)
-        Py_RETURN_NONE;
+        return 0;
     uint32_t total, length;
     uint64_t slot = data_off + (seq % n_slots) * slot_size;
     const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
     memcpy(&total, u32_at(b, slot), 4);
     if (total < ONE_HEAD || total > slot_size - SLOT_HEADER || total - ONE_HEAD > max_len)
-        Py_RETURN_NONE;
+        return 0;
     memcpy(&length, head + 5, 4);
     if (length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0)
-        Py_RETURN_NONE;
-    uint64_t stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
-    PyObject *frame = PyBytes_FromStringAndSize((const char *)head + ONE_HEAD, length);
-    if (frame == NULL)
-        return NULL;
+        return 0;
+    *stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
+    *frame = PyBytes_FromStringAndSize((const char *)head + ONE_HEAD, length);
+    if (*frame == NULL)
+        return -1;
     __atomic_store_n(u64_at(b, reader_off), seq + 1, __ATOMIC_RELEASE);
-    PyObject *out = PyTuple_New(2);
-    PyObject *ns = PyLong_FromUnsignedLongLong(stamp);
-    if (out == NULL || ns == NULL) {
-        Py_XDECREF(out);
-        Py_XDECREF(ns);
-        Py_DECREF(frame);
-        return NULL; /* the slot is released: the message is lost with the exception */
+    return 1;
+}
+
+static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, reader_off, data_off, n_slots, slot_size, max_len, stamp;
+    PyObject *frame;
+    if (!nargs_ok(nargs, 7, "take_frame") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &reader_off) || !as_u64(args[3], &data_off) ||
+        !as_u64(args[4], &n_slots) || !as_u64(args[5], &slot_size) ||
+        !as_u64(args[6], &max_len))
+        return NULL;
+    int got = take_frame_at((uintptr_t)base, reader_off, data_off, n_slots, slot_size,
+                            max_len, &frame, &stamp);
+    if (got <= 0) {
+        if (got < 0)
+            return NULL;
+        Py_RETURN_NONE;
     }
-    PyTuple_SetItem(out, 0, frame);
-    PyTuple_SetItem(out, 1, ns);
+    PyObject *ns = PyLong_FromUnsignedLongLong(stamp);
+    PyObject *out = ns == NULL ? NULL : PyTuple_Pack(2, frame, ns);
+    Py_XDECREF(ns);
+    Py_DECREF(frame); /* the slot is released: on failure the message is lost with it */
     return out;
 }
 
@@ -606,27 +616,31 @@ static int scan_awaited(void *ctx) {
     return (w->taken | w->other) == w->want;
 }
 
-/* collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, befores,
- * afters, epoch, spin_until, sleep_until, middle, want) -> (taken, other): wait as
- * gather() does for the reply rings in the mask ``want`` (up to 64 rings of one reader,
- * all of that shape), releasing in each the reply that is exactly ``befores[i] + middle
- * + afters[i]`` (the awaited call's None result, known by its bytes) as it comes; until
- * every wanted ring gave that reply (bit set in ``taken``) or holds another message
- * (bit set in ``other``, the message left in place), the deadline passes or the
- * doorbell is poked. The driver's whole wait for a call's replies in one call; the
- * arguments that do not change from call to call come first (to bind them once). */
+/* collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, max_len,
+ * befores, afters, epoch, spin_until, sleep_until, middle, want) -> (taken, framed, other,
+ * frames): wait as gather() does for the reply rings in the mask ``want`` (up to 64 rings
+ * of one reader, all of that shape), releasing in each the reply that is exactly
+ * ``befores[i] + middle + afters[i]`` (the awaited call's None result, known by its
+ * bytes) as it comes (bit set in ``taken``), until every wanted ring gave that reply or
+ * holds another message, the deadline passes or the doorbell is poked. Then each ring
+ * holding another message that is a packet of one frame of at most ``max_len`` bytes
+ * has that frame copied out and released (bit set in ``framed``, the frames in
+ * ``frames`` in ring order, as take_frame gives them); any other message is left in
+ * place (bit set in ``other``). The driver's whole wait for a call's replies in one
+ * call; the arguments that do not change from call to call come first (to bind them
+ * once). */
 static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    uint64_t bell, epoch;
+    uint64_t bell, epoch, max_len;
     double spin_until, sleep_until;
     struct awaited w;
-    if (!nargs_ok(nargs, 14, "collect") || !as_u64(args[3], &bell) ||
+    if (!nargs_ok(nargs, 15, "collect") || !as_u64(args[3], &bell) ||
         !as_u64(args[4], &w.data_off) || !as_u64(args[5], &w.n_slots) ||
-        !as_u64(args[6], &w.slot_size) || !as_u64(args[9], &epoch) ||
-        !as_double(args[10], &spin_until) || !as_double(args[11], &sleep_until) ||
-        !as_u64(args[13], &w.want))
+        !as_u64(args[6], &w.slot_size) || !as_u64(args[7], &max_len) ||
+        !as_u64(args[10], &epoch) || !as_double(args[11], &spin_until) ||
+        !as_double(args[12], &sleep_until) || !as_u64(args[14], &w.want))
         return NULL;
-    PyObject *seq = args[1], *befores = args[7], *afters = args[8];
+    PyObject *seq = args[1], *befores = args[8], *afters = args[9];
     if (!PyTuple_Check(seq) || !PyTuple_Check(befores) || !PyTuple_Check(afters)) {
         PyErr_SetString(PyExc_TypeError, "collect() wants tuples of addresses and bytes");
         return NULL;
@@ -639,7 +653,7 @@ static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     char *middle;
     Py_ssize_t middle_len;
-    if (PyBytes_AsStringAndSize(args[12], &middle, &middle_len) < 0)
+    if (PyBytes_AsStringAndSize(args[13], &middle, &middle_len) < 0)
         return NULL;
     for (Py_ssize_t i = 0; i < w.n; i++) {
         uint64_t v;
@@ -660,11 +674,43 @@ static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t 
     if (wait_bell((uintptr_t)bell, (uint32_t)epoch, spin_until, sleep_until, scan_awaited,
                   &w) < 0)
         return NULL;
+    /* A failure from here on (no memory) raises with this pass's replies released and
+     * lost, as take_frame loses its message: the call ends by its timeout or a close. */
+    uint64_t framed = 0;
+    PyObject *frames = NULL, *out = NULL;
+    for (uint64_t open = w.other; open; open &= open - 1) {
+        Py_ssize_t i = __builtin_ctzll(open);
+        PyObject *frame;
+        uint64_t stamp;
+        int got = take_frame_at(w.bases[i], ONE_READER_SEQ_OFF, w.data_off, w.n_slots,
+                                w.slot_size, max_len, &frame, &stamp);
+        if (got < 0)
+            goto fail;
+        if (got == 0)
+            continue;
+        if (frames == NULL && (frames = PyList_New(0)) == NULL) {
+            Py_DECREF(frame);
+            goto fail;
+        }
+        int appended = PyList_Append(frames, frame);
+        Py_DECREF(frame);
+        if (appended < 0)
+            goto fail;
+        framed |= 1ull << i;
+    }
+    w.other &= ~framed;
     PyObject *taken = PyLong_FromUnsignedLongLong(w.taken);
+    PyObject *framed_int = PyLong_FromUnsignedLongLong(framed);
     PyObject *other = PyLong_FromUnsignedLongLong(w.other);
-    PyObject *out = (taken && other) ? PyTuple_Pack(2, taken, other) : NULL;
+    if (frames == NULL)
+        frames = PyTuple_New(0);
+    if (taken && framed_int && other && frames)
+        out = PyTuple_Pack(4, taken, framed_int, other, frames);
     Py_XDECREF(taken);
+    Py_XDECREF(framed_int);
     Py_XDECREF(other);
+fail:
+    Py_XDECREF(frames);
     return out;
 }
 
@@ -695,8 +741,9 @@ static PyMethodDef methods[] = {
     {"epoch", (PyCFunction)(void (*)(void))core_epoch, METH_FASTCALL,
      "epoch(view, base) -> the doorbell's counter."},
     {"collect", (PyCFunction)(void (*)(void))core_collect, METH_FASTCALL,
-     "collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, befores, "
-     "afters, epoch, spin_until, sleep_until, middle, want) -> (taken, other)."},
+     "collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, max_len, "
+     "befores, afters, epoch, spin_until, sleep_until, middle, want) -> "
+     "(taken, framed, other, frames)."},
     {"gather", (PyCFunction)(void (*)(void))core_gather, METH_FASTCALL,
      "gather(views, bases, bell_view, bell_base, epoch, spin_until, sleep_until) -> mask."},
     {NULL, NULL, 0, NULL},
@@ -710,7 +757,7 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 4
+#define CORE_API 5
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     PyObject *m = PyModule_Create(&module);

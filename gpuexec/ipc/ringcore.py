@@ -30,7 +30,7 @@ CHOICES = ("auto", "compiled", "python")
 # The interface below; ``_ringcore.c``'s CORE_API must be the same. A build from an older
 # source (an editable install after a pull, before make rebuilt it) is refused: it would
 # be called with the wrong arguments.
-API = 4
+API = 5
 
 
 class Core(Protocol):
@@ -56,9 +56,10 @@ class Core(Protocol):
     def epoch(self, view: memoryview, base: int) -> int: ...
     def collect(self, views: tuple[memoryview, ...], bases: tuple[int, ...],
                 bell_view: memoryview, bell_base: int, data_off: int, n_slots: int,
-                slot_size: int, befores: tuple[bytes, ...], afters: tuple[bytes, ...],
-                epoch: int, spin_until: float, sleep_until: float, middle: bytes,
-                want: int) -> tuple[int, int]: ...
+                slot_size: int, max_len: int, befores: tuple[bytes, ...],
+                afters: tuple[bytes, ...], epoch: int, spin_until: float,
+                sleep_until: float, middle: bytes,
+                want: int) -> tuple[int, int, int, list[bytes] | tuple[()]]: ...
     def gather(self, views: tuple[memoryview, ...], bases: tuple[int, ...],
                bell_view: memoryview, bell_base: int, epoch: int, spin_until: float,
                sleep_until: float) -> int: ...

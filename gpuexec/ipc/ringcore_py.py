@@ -243,14 +243,16 @@ def gather(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: mem
 
 
 def collect(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: memoryview,
-            bell_base: int, data_off: int, n_slots: int, slot_size: int,
+            bell_base: int, data_off: int, n_slots: int, slot_size: int, max_len: int,
             befores: tuple[bytes, ...], afters: tuple[bytes, ...], epoch: int,
             spin_until: float, sleep_until: float, middle: bytes,
-            want: int) -> tuple[int, int]:
-    """``(taken, other)``: wait as :func:`gather` does for the rings in ``want``, taking
-    from each the reply ``befores[i] + middle + afters[i]`` as it comes (bit set in
-    ``taken``) or leaving another message in place (bit set in ``other``), until every
-    wanted ring is one or the other."""
+            want: int) -> tuple[int, int, int, list[bytes] | tuple[()]]:
+    """``(taken, framed, other, frames)``: wait as :func:`gather` does for the rings in
+    ``want``, taking from each the reply ``befores[i] + middle + afters[i]`` as it comes
+    (bit set in ``taken``), until every wanted ring gave it or holds another message;
+    then each such message that :func:`take_frame` would take is taken (bit set in
+    ``framed``, its frame in ``frames``, in ring order), any other left in place (bit
+    set in ``other``)."""
     if len(views) > 64 or len(befores) != len(views) or len(afters) != len(views) or \
             want >> len(views) or not n_slots:
         raise ValueError("collect(): up to 64 rings, a part for each")
@@ -271,4 +273,16 @@ def collect(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: me
         return taken | other == want
 
     _wait_bell(bell_view, bell_base, epoch, spin_until, sleep_until, ready)
-    return taken, other
+    framed = 0
+    frames: list[bytes] = []
+    open_ = other
+    while open_:
+        low = open_ & -open_
+        i = low.bit_length() - 1
+        open_ ^= low
+        got = take_frame(views[i], bases[i], ONE_READER_SEQ_OFF, data_off, n_slots,
+                         slot_size, max_len)
+        if got is not None:
+            frames.append(got[0])
+            framed |= low
+    return taken, framed, other & ~framed, frames or ()
