@@ -44,7 +44,7 @@ ints above 256 and floats included; ``benchmarks/results/`` holds the timings):
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          20 / 21       12 / 13           44 / 46        table x2, send, pump;
+    driver          20 / 21-22    12 / 13-14        44 / 47-55     table x2, send, pump;
                                                                    1 (the publish)
     worker (each)   18 / 13       12 / 9            23 / 22        reply gate;
                                                                    1 (the publish)
@@ -52,7 +52,8 @@ ints above 256 and floats included; ``benchmarks/results/`` holds the timings):
 
 (The worker's count at N = 1 includes the arrival forecast, which runs only where
 spinning is allowed; a second rank costs the driver one more rank in the mask that
-collect answers, whose replies are recorded together.) What
+collect answers, whose replies are recorded together: the lower counts when both came
+in one pass of the wait, the higher when the second came after it returned.) What
 is not on this path: no Call struct is built or encoded for a call without arguments
 (its header is cached per method name, the same bytes msgspec writes); no reply is
 encoded for a None result (cached per rank, in the worker) nor read or decoded by the
