@@ -24,7 +24,7 @@ import math
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -43,24 +43,6 @@ log = logging.getLogger("gpuexec")
 
 _INF = math.inf
 _encode_id = msgspec.msgpack.encode  # a call id as the replies' headers hold it
-
-
-def _mask(ranks: Iterable[int]) -> int:
-    """The bit mask of ``ranks``."""
-    mask = 0
-    for rank in ranks:
-        mask |= 1 << rank
-    return mask
-
-
-def _ranks(mask: int) -> list[int]:
-    """The ranks whose bits are set in ``mask``, in rank order."""
-    ranks = []
-    while mask:
-        low = mask & -mask
-        ranks.append(low.bit_length() - 1)
-        mask ^= low
-    return ranks
 
 
 class ShmTransport(Transport):
@@ -157,27 +139,26 @@ class ShmTransport(Transport):
         if call.done:
             return
         call_id = _encode_id(call.call_id)
-        want = 0
-        for rank in call.owed:
-            want |= 1 << rank
         while True:
+            want = 0  # the ranks still owed (a frame may have been another call's reply)
+            for rank in call.owed:
+                want |= 1 << rank
             seen = epoch()  # before the checks: a poke after them ends the wait
             if table.closing:
                 return
             taken, framed, other, frames = collect(seen, spin_until, deadline, call_id, want)
-            if taken:  # released by the core: the readers count them
+            if taken | framed:  # released by the core: the readers count them
                 ranks = []
-                rest = taken
+                rest = taken | framed
                 while rest:
                     low = rest & -rest
                     rank = low.bit_length() - 1
                     readers[rank].took()
-                    ranks.append(rank)
+                    if low & taken:
+                        ranks.append(rank)
                     rest ^= low
-                table.deliver_values(call, ranks)
-            if framed:
-                for rank in _ranks(framed):
-                    readers[rank].took()
+                if ranks:
+                    table.deliver_values(call, ranks)
             if frames:
                 self._deliver_frames(call, frames)
             if other:  # read with every ring in view from here on (see above)
@@ -192,8 +173,6 @@ class ShmTransport(Transport):
                 if time.monotonic() >= deadline:  # (a death, a close: the table says)
                     return
                 continue
-            # A frame may have been a late reply to an earlier call: ask the call.
-            want = want & ~taken if not framed else _mask(call.owed)
             spin_until = time.monotonic() + shm.spin
 
     def _deliver_frames(self, call: PendingCall, frames: list[bytes] | tuple[()]) -> None:

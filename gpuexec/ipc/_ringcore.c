@@ -566,8 +566,8 @@ struct awaited {
     uintptr_t bases[64];
     Py_ssize_t n;
     uint64_t data_off, n_slots, slot_size;
-    const char *parts[3][64]; /* per ring: before, (the id), after */
-    Py_ssize_t lens[3][64];
+    const char *before[64], *after[64], *middle; /* per ring: before + middle + after */
+    Py_ssize_t before_len[64], after_len[64], middle_len;
     uint64_t want, taken, other;
 };
 
@@ -576,7 +576,8 @@ static int is_expected(const struct awaited *w, Py_ssize_t i, uint64_t seq) {
     uintptr_t b = w->bases[i];
     uint64_t slot = w->data_off + (seq % w->n_slots) * w->slot_size;
     const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
-    uint64_t want = (uint64_t)w->lens[0][i] + (uint64_t)w->lens[1][i] + (uint64_t)w->lens[2][i];
+    uint64_t want = (uint64_t)w->before_len[i] + (uint64_t)w->middle_len +
+                    (uint64_t)w->after_len[i];
     uint32_t total, length;
     if (want + ONE_HEAD + SLOT_HEADER > w->slot_size)
         return 0;
@@ -585,12 +586,10 @@ static int is_expected(const struct awaited *w, Py_ssize_t i, uint64_t seq) {
     if (total != want + ONE_HEAD || length != want || memcmp(head, ONE_PACKET, 5) != 0)
         return 0;
     const unsigned char *at = head + ONE_HEAD;
-    for (int k = 0; k < 3; k++) {
-        if (memcmp(at, w->parts[k][i], (size_t)w->lens[k][i]) != 0)
-            return 0;
-        at += w->lens[k][i];
-    }
-    return 1;
+    return memcmp(at, w->before[i], (size_t)w->before_len[i]) == 0 &&
+           memcmp(at + w->before_len[i], w->middle, (size_t)w->middle_len) == 0 &&
+           memcmp(at + w->before_len[i] + w->middle_len, w->after[i],
+                  (size_t)w->after_len[i]) == 0;
 }
 
 /* Take what has come: each awaited ring's expected reply is released (``taken``), any
@@ -651,22 +650,20 @@ static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "collect(): up to 64 rings, a part for each");
         return NULL;
     }
-    char *middle;
-    Py_ssize_t middle_len;
-    if (PyBytes_AsStringAndSize(args[13], &middle, &middle_len) < 0)
+    char *text;
+    if (PyBytes_AsStringAndSize(args[13], &text, &w.middle_len) < 0)
         return NULL;
+    w.middle = text;
     for (Py_ssize_t i = 0; i < w.n; i++) {
         uint64_t v;
         char *before, *after;
         if (!as_u64(PyTuple_GetItem(seq, i), &v) ||
-            PyBytes_AsStringAndSize(PyTuple_GetItem(befores, i), &before, &w.lens[0][i]) < 0 ||
-            PyBytes_AsStringAndSize(PyTuple_GetItem(afters, i), &after, &w.lens[2][i]) < 0)
+            PyBytes_AsStringAndSize(PyTuple_GetItem(befores, i), &before, &w.before_len[i]) < 0 ||
+            PyBytes_AsStringAndSize(PyTuple_GetItem(afters, i), &after, &w.after_len[i]) < 0)
             return NULL;
         w.bases[i] = (uintptr_t)v;
-        w.parts[0][i] = before;
-        w.parts[1][i] = middle;
-        w.lens[1][i] = middle_len;
-        w.parts[2][i] = after;
+        w.before[i] = before;
+        w.after[i] = after;
     }
     w.taken = w.other = 0;
     /* The bytes objects stay alive: the caller holds them, and the GIL is released only
