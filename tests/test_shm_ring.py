@@ -297,17 +297,17 @@ def test_collect_takes_the_awaited_replies_by_their_bytes_then_short_frames(
         assert writers[1].put_one(b"<1|17|1>")
         assert writers[2].put_one(b"<2|17|2> and more")  # a value, not the None reply
         assert now_collect(0b001) == (0b001, 0, 0, [])  # only ring 0 wanted: 1 untouched
-        readers[0].took()
+        readers[0].catch_up()
         assert not readers[0].poll() and readers[1].poll()
         assert now_collect(0b110) == (0b010, 0b100, 0, [b"<2|17|2> and more"])
-        readers[1].took()
-        readers[2].took()
+        readers[1].catch_up()
+        readers[2].catch_up()
         assert not readers[1].poll() and not readers[2].poll()
         assert writers[0].put_one(b"<0|18|0>")  # another call's reply: a frame
         assert packets.put(writers[1], [b"<1|", b"17|1>"], None)  # two frames: left
         assert writers[2].put_one(b"x" * 33)  # longer than max_len: left
         assert now_collect(0b111) == (0, 0b001, 0b110, [b"<0|18|0>"])
-        readers[0].took()
+        readers[0].catch_up()
         view = readers[1].try_read()
         assert view is not None
         view.release()
@@ -327,7 +327,7 @@ def test_collect_takes_the_awaited_replies_by_their_bytes_then_short_frames(
         assert collect(bell.epoch(), 0.0, started + 60, b"19", 0b100)[:3] == (0b100, 0, 0)
         assert time.monotonic() - started < 30  # woken by the publish, not the deadline
         th.join()
-        readers[2].took()
+        readers[2].catch_up()
         with pytest.raises(ValueError, match="a part for each"):
             now_collect(0b1000)  # a ring it was not given
         for r in readers:

@@ -24,18 +24,21 @@ the hot path: ``collective_rpc("noop")`` to N ranks, no arguments, a None result
         shm_transport.send ─▶ shm_ring.put_one
           core.put_one: packet written into the slot, release store, 1 fence,
           futex wake only if a reader sleeps ───────────────▶
-    channel.wait           [pump lock]                     shm_ring.read_frame: core.wait
-      shm_transport.recv_for                                 (spins, then futex; GIL
-        core.collect: the awaited rings in one C call        released), core.take_frame:
-          (spins, then sleeps on the doorbell;               the frame copied out, the
-           GIL released), each None reply       ┌            slot released (one C call)
-           to the call known by its bytes and   │          codec.decode_header ─▶ Call
-           released as it comes (no view, no    │          process._run ─▶ the method
-           decoding, no Reply) ◀────────────────┤          deferred.ReplyGate [gate lock]
-        calls.deliver_values [table lock #2]    │          codec.none_reply: cached header
-          records them all and ends the call    └────────  shm_ring.put_one ─▶ core.put_one:
-          (metrics under the same take)                      1 fence, readers and doorbell
-      the list of results                                    woken only if asleep
+    channel.wait           [pump lock]                     shm_ring.read_frame:
+      shm_transport.recv_for                                 core.next_frame: the wait
+        core.collect: the awaited rings in one C call        (spins, then futex; GIL
+          (spins, then sleeps on the doorbell;               released) and the take (the
+           GIL released), each None reply       ┌            frame copied out, the slot
+           to the call known by its bytes and   │            released) in one C call
+           released as it comes (no view, no    │          codec.decode_header ─▶ Call
+           decoding, no Reply) ◀────────────────┤          process._run ─▶ the method
+        calls.deliver_values [table lock #2]    │          deferred.ReplyGate (no lock
+          records them all and ends the call    │            until a method returned a
+          (metrics under the same take)         │            Future)
+      the list of results                       │          codec.none_reply: cached header
+                                                └────────  shm_ring.put_one ─▶ core.put_one:
+                                                             1 fence, readers and doorbell
+                                                             woken only if asleep
 
 Counted on this design (the compiled core, 2-core host, traced with ``sys.setprofile``
 and a counting allocator hook, per call; "blocks": every memory block Python allocates,
@@ -44,23 +47,24 @@ ints above 256 and floats included; ``benchmarks/results/`` holds the timings):
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          20 / 21-22    12 / 13-14        44 / 47-55     table x2, send, pump;
+    driver          18 / 18       11 / 11           44 / 45        table x2, send, pump;
                                                                    1 (the publish)
-    worker (each)   18 / 13       12 / 9            23 / 22        reply gate;
+    worker (each)   15 / 11       11 / 9            19 / 19        none;
                                                                    1 (the publish)
     ==============  ============  ================  =============  =====================
 
 (The worker's count at N = 1 includes the arrival forecast, which runs only where
 spinning is allowed; a second rank costs the driver one more rank in the mask that
-collect answers, whose replies are recorded together: the lower counts when both came
-in one pass of the wait, the higher when the second came after it returned.) What
+collect answers, whose replies are recorded together; the reply rings' readers take up
+the positions the core moved only when they are next read themselves.) What
 is not on this path: no Call struct is built or encoded for a call without arguments
 (its header is cached per method name, the same bytes msgspec writes); no reply is
 encoded for a None result (cached per rank, in the worker) nor read or decoded by the
 driver (known by its bytes in the ring); no view of a slot is made on either side (a
 one-frame packet is written, and a frame of up to 16 KiB taken, by one core call); one
-list per pass of the wait (the ranks that answered); no thread hand-off (the caller pumps its own
-replies); no check of the call table's state before entering it (``enter`` refuses a
+list per pass of the wait (the ranks that answered), no loop over them when all did; no
+lock in the worker's reply path; no thread hand-off (the caller pumps its own replies);
+no check of the call table's state before entering it (``enter`` refuses a
 call to a closed or failed channel under its one take of the lock). A call with
 arguments is checked (:mod:`.validate`) and encodes one Call
 (``codec.encode_with_segments``); the replies' frames are copied out of their rings by

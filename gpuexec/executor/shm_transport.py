@@ -70,6 +70,10 @@ class ShmTransport(Transport):
         # ring's BY_ZMQ marker announces, and the next marker takes it (pump lock).
         self._stash: deque[list[Any]] = deque()
         self._batch: list[Reply | Pong] = []  # the replies of one pass (see _recv)
+        self._every = (1 << self._n_ranks) - 1  # the mask of every rank (see _collect)
+        # Reply rings the core released messages of (collect) since their readers last
+        # looked: each reader re-reads its position before it is next used (_catch_up).
+        self._moved = 0
 
     # -- sending -------------------------------------------------------------------
 
@@ -132,32 +136,35 @@ class ShmTransport(Transport):
         collect = shm.collect
         assert collect is not None
         epoch = shm.epoch
-        readers = shm.replies
         now = time.monotonic()
         deadline = _INF if timeout is None else now + timeout
         spin_until = now + shm.spin
         if call.done:
             return
         call_id = _encode_id(call.call_id)
+        every, n_ranks = self._every, self._n_ranks
         while True:
-            want = 0  # the ranks still owed (a frame may have been another call's reply)
-            for rank in call.owed:
-                want |= 1 << rank
+            owed = call.owed  # the ranks still owed (a frame may be another call's reply)
+            if len(owed) == n_ranks:
+                want = every
+            else:
+                want = 0
+                for rank in owed:
+                    want |= 1 << rank
             seen = epoch()  # before the checks: a poke after them ends the wait
             if table.closing:
                 return
             taken, framed, other, frames = collect(seen, spin_until, deadline, call_id, want)
-            if taken | framed:  # released by the core: the readers count them
-                ranks = []
-                rest = taken | framed
-                while rest:
-                    low = rest & -rest
-                    rank = low.bit_length() - 1
-                    readers[rank].took()
-                    if low & taken:
-                        ranks.append(rank)
-                    rest ^= low
-                if ranks:
+            if taken | framed:  # released by the core: the readers catch up when next used
+                self._moved |= taken | framed
+                if taken == want:  # every rank awaited answered None (the common case)
+                    table.deliver_values(call, list(owed))
+                elif taken:
+                    ranks = []
+                    while taken:
+                        low = taken & -taken
+                        ranks.append(low.bit_length() - 1)
+                        taken ^= low
                     table.deliver_values(call, ranks)
             if frames:
                 self._deliver_frames(call, frames)
@@ -244,6 +251,8 @@ class ShmTransport(Transport):
         one reply needs none). A frame of up to 16 KiB is taken out of its ring in one
         core call; a longer one is decoded in place. ``call``'s own reply without an
         error is recorded without the general walk."""
+        if self._moved:
+            self._catch_up()
         readers = self._shm.replies
         table = self._table
         if mask & (mask - 1):  # several rings
@@ -263,6 +272,15 @@ class ShmTransport(Transport):
         reply = self._read_ring(readers[mask.bit_length() - 1])
         if reply is not None:
             self._deliver_one(call, reply)
+
+    def _catch_up(self) -> None:
+        """Each reader of a ring the core released messages of re-reads its position."""
+        readers, moved = self._shm.replies, self._moved
+        self._moved = 0
+        while moved:
+            low = moved & -moved
+            readers[low.bit_length() - 1].catch_up()
+            moved ^= low
 
     def _read_ring(self, reader: RingReader) -> Reply | Pong | None:
         """The reply in ``reader``'s next message, released; None when there is none, it
@@ -335,6 +353,8 @@ class ShmTransport(Transport):
         protocol in :mod:`.shm_path`). What its ring still holds is taken first (late
         replies, dropped and counted), each marker with its message, so that no
         message it sent by ZeroMQ is left for another ring's marker."""
+        if self._moved:
+            self._catch_up()
         reader = self._shm.replies[rank]
         while (view := reader.try_read()) is not None:
             reply = self._decode_packet(reader, view)

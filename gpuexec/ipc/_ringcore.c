@@ -324,21 +324,14 @@ static int spin_tick(double spin_until, double *check_at, PyThreadState **ts) {
     return 0;
 }
 
-/* wait(view, base, seq, flag_off, spin_until, sleep_until) -> bool: True once
- * write_seq > seq. Spins (GIL released) until ``spin_until``, then sleeps on the futex
- * word with the Dekker handshake on this reader's flag until ``sleep_until`` (monotonic
- * seconds; inf: no limit); False when that passes first. */
-static PyObject *core_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    uint64_t base, seq, flag_off;
-    double spin_until, sleep_until;
-    if (!nargs_ok(nargs, 6, "wait") || !as_u64(args[1], &base) || !as_u64(args[2], &seq) ||
-        !as_u64(args[3], &flag_off) || !as_double(args[4], &spin_until) ||
-        !as_double(args[5], &sleep_until))
-        return NULL;
-    uintptr_t b = (uintptr_t)base;
+/* Wait until write_seq > seq: spin (GIL released) until ``spin_until``, then sleep on
+ * the futex word with the Dekker handshake on this reader's flag at ``flag_off`` until
+ * ``sleep_until`` (monotonic seconds; inf: no limit). 1 once it is; 0 when that passes
+ * first; -1 when a signal handler raised. Called with the GIL held; returns with it. */
+static int wait_seq(uintptr_t b, uint64_t seq, uint64_t flag_off, double spin_until,
+                    double sleep_until) {
     if (load_acq(b, WRITE_SEQ_OFF) > seq)
-        Py_RETURN_TRUE;
+        return 1;
     int ok = 0, failed = 0;
     PyThreadState *ts = PyEval_SaveThread();
     double check_at = now_s() + SLICE_S;
@@ -376,9 +369,69 @@ static PyObject *core_wait(PyObject *self, PyObject *const *args, Py_ssize_t nar
             failed = 1;
     }
     PyEval_RestoreThread(ts);
-    if (failed)
+    return failed ? -1 : ok;
+}
+
+/* wait(view, base, seq, flag_off, spin_until, sleep_until) -> bool: True once
+ * write_seq > seq (see wait_seq); False when ``sleep_until`` passes first. */
+static PyObject *core_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, seq, flag_off;
+    double spin_until, sleep_until;
+    if (!nargs_ok(nargs, 6, "wait") || !as_u64(args[1], &base) || !as_u64(args[2], &seq) ||
+        !as_u64(args[3], &flag_off) || !as_double(args[4], &spin_until) ||
+        !as_double(args[5], &sleep_until))
         return NULL;
-    return PyBool_FromLong(ok);
+    int got = wait_seq((uintptr_t)base, seq, flag_off, spin_until, sleep_until);
+    if (got < 0)
+        return NULL;
+    return PyBool_FromLong(got);
+}
+
+/* next_frame(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len,
+ * spin, timeout) -> (frame, published_ns) | True | False: a reader's wait for its next
+ * message (spinning ``spin`` seconds, then asleep until ``timeout`` seconds have passed;
+ * inf: no limit) and, when that is a packet of one frame of at most ``max_len`` bytes for
+ * every rank, its take (as take_frame) in the same call: the worker's wait for a
+ * request. True when the message is another kind (left in place, to read in place);
+ * False when the timeout passes first. The reader's position is its read_seq. */
+static PyObject *core_next_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, stamp;
+    double spin, timeout;
+    if (!nargs_ok(nargs, 10, "next_frame") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &reader_off) || !as_u64(args[3], &flag_off) ||
+        !as_u64(args[4], &data_off) || !as_u64(args[5], &n_slots) ||
+        !as_u64(args[6], &slot_size) || !as_u64(args[7], &max_len) ||
+        !as_double(args[8], &spin) || !as_double(args[9], &timeout))
+        return NULL;
+    if (n_slots == 0) {
+        PyErr_SetString(PyExc_ValueError, "next_frame(): a ring has slots");
+        return NULL;
+    }
+    uintptr_t b = (uintptr_t)base;
+    uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
+    double start = load_acq(b, WRITE_SEQ_OFF) > seq ? 0.0 : now_s(); /* no clock if there */
+    double sleep_until = start + timeout; /* inf stays inf */
+    int got = wait_seq(b, seq, flag_off, start + (spin < timeout ? spin : timeout),
+                       sleep_until);
+    if (got <= 0) {
+        if (got < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    PyObject *frame;
+    got = take_frame_at(b, reader_off, data_off, n_slots, slot_size, max_len, &frame, &stamp);
+    if (got <= 0) {
+        if (got < 0)
+            return NULL;
+        Py_RETURN_TRUE;
+    }
+    PyObject *ns = PyLong_FromUnsignedLongLong(stamp);
+    PyObject *out = ns == NULL ? NULL : PyTuple_Pack(2, frame, ns);
+    Py_XDECREF(ns);
+    Py_DECREF(frame); /* the slot is released: on failure the message is lost with it */
+    return out;
 }
 
 /* -- the doorbell and the gather ------------------------------------------------------ */
@@ -731,6 +784,9 @@ static PyMethodDef methods[] = {
      "min_read(view, base, first_off, n_readers) -> the slowest reader's read_seq."},
     {"wait", (PyCFunction)(void (*)(void))core_wait, METH_FASTCALL,
      "wait(view, base, seq, flag_off, spin_until, sleep_until) -> bool."},
+    {"next_frame", (PyCFunction)(void (*)(void))core_next_frame, METH_FASTCALL,
+     "next_frame(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, "
+     "spin, timeout) -> (frame, published_ns) | True | False: wait, then take."},
     {"ring", (PyCFunction)(void (*)(void))core_ring, METH_FASTCALL,
      "ring(view, base): wake the doorbell's waiter if it sleeps."},
     {"poke", (PyCFunction)(void (*)(void))core_poke, METH_FASTCALL,
@@ -754,7 +810,7 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 5
+#define CORE_API 6
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     PyObject *m = PyModule_Create(&module);

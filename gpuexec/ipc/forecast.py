@@ -98,6 +98,9 @@ class ArrivalForecast:
         self._since_reply = _Gaps()
         self._late: deque[float] = deque(maxlen=HISTORY)  # woke - asked to wake
         self._lead = 0.0                  # how much earlier to wake
+        # Whether either series may be forecast (else :meth:`window` is None): read by
+        # the reader before it asks, so back-to-back traffic makes no call for it.
+        self.regular = False
 
     def observe(self, published: float) -> None:
         """A message published at ``published`` (time.monotonic seconds) arrived."""
@@ -107,6 +110,7 @@ class ArrivalForecast:
             self._since_request.add(published - last)
             if replied is not None:
                 self._since_reply.add(published - replied)
+            self.regular = self._since_request.candidate or self._since_reply.candidate
 
     def replied(self, when: float) -> None:
         """The reader answered the latest message at ``when`` (time.monotonic)."""
@@ -122,7 +126,7 @@ class ArrivalForecast:
     def window(self) -> tuple[float, float] | None:
         """``(wake_at, spin_until)`` for the next message, or None when neither series is
         regular enough to forecast within the spin budget."""
-        if not (self._since_request.candidate or self._since_reply.candidate):
+        if not self.regular:
             return None  # back-to-back traffic (the hot path): nothing to sort
         found = [(anchor, w) for anchor, gaps in ((self._last, self._since_request),
                                                   (self._replied, self._since_reply))

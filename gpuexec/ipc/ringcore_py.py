@@ -167,6 +167,20 @@ def wait(view: memoryview, base: int, seq: int, flag_off: int, spin_until: float
             return True
 
 
+def next_frame(view: memoryview, base: int, reader_off: int, flag_off: int, data_off: int,
+               n_slots: int, slot_size: int, max_len: int, spin: float,
+               timeout: float) -> tuple[bytes, int] | bool:
+    """:func:`wait` for the reader's next message (spinning ``spin`` seconds, then asleep
+    until ``timeout`` seconds have passed; inf: no limit), then :func:`take_frame` it:
+    the frame and its time, True for a message of another kind (left in place), False
+    when the timeout passes first."""
+    seq: int = _u64(view, reader_off)[0]
+    start = time.monotonic()
+    if not wait(view, base, seq, flag_off, start + min(spin, timeout), start + timeout):
+        return False
+    return take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len) or True
+
+
 def ring(view: memoryview, base: int) -> None:
     fence()  # what was published before reading the flag (Dekker)
     if _u32(view, BELL_SLEEPING)[0]:

@@ -203,9 +203,14 @@ class RingWriter:
         :mod:`.packets`), claimed here, written and published by one call into the core:
         the hot path's send. False when it does not fit in a slot. Waits for room as
         :meth:`write` does."""
-        off = self._next_slot(len(frame) + _ONE_HEAD, timeout, alive)
-        if off < 0:
-            return False
+        seq = self._seq
+        if self._min_read > seq - self._n_slots and self._claimed is None and \
+                len(frame) + _ONE_HEAD <= self.max_message:  # room, as last seen: no wait
+            off = self._data + (seq % self._n_slots) * self._slot_size
+        else:
+            off = self._next_slot(len(frame) + _ONE_HEAD, timeout, alive)
+            if off < 0:
+                return False
         self._seq += 1
         self._core.put_one(self._view, self._base, off, frame, self._seq, self._n_readers,
                            self._bell_view, self._bell_base)
@@ -322,9 +327,10 @@ class RingReader:
         """``(first slot's offset, n_slots, slot_size)``, for the core's collect."""
         return self._lengths[0], self._n_slots, self._slot_size
 
-    def took(self) -> None:
-        """The core released this reader's next message itself (collect): count it."""
-        self._seq += 1
+    def catch_up(self) -> None:
+        """The core released messages of this reader itself (collect): take up its
+        position from the ring (the reader's own word; nothing is held meanwhile)."""
+        self._seq = int(_U64.unpack_from(self._view, self._off)[0])
 
     def poll(self) -> bool:
         """Whether a message is waiting (no wait)."""
@@ -373,12 +379,30 @@ class RingReader:
 
     def read_frame(self, timeout: float | None = None) -> bytes | memoryview | None:
         """The next message as :meth:`take_frame` gives it, or else as :meth:`read` does
-        (a held view: :meth:`release` it); None when ``timeout`` passes first."""
-        if self._core.published(self._view, self._base) <= self._seq and \
-                not self._wait(self._seq, timeout):
+        (a held view: :meth:`release` it); None when ``timeout`` passes first. Unless the
+        forecast has a window to sleep through, the wait and the take are one call into
+        the core (a worker's wait for its next request: the hot path)."""
+        if self._holding:
+            raise RuntimeError("release() the previous message first")
+        forecast = self.forecast
+        window = forecast.window() if forecast is not None and forecast.regular else None
+        if window is not None:
+            if self._core.published(self._view, self._base) <= self._seq and \
+                    not self._wait_phases(self._seq, timeout, window):
+                return None
+            frame = self.take_frame()
+            return self.try_read() if frame is None else frame
+        got = self._core.next_frame(self._view, self._base, self._off, self._flag,
+                                    self._lengths[0], self._n_slots, self._slot_size,
+                                    TAKEN_MAX, self.spin, _INF if timeout is None else timeout)
+        if got is True:  # another kind of message: read in place
+            return self.try_read()
+        if got is False:
             return None
-        frame = self.take_frame()
-        return self.try_read() if frame is None else frame
+        self._seq += 1
+        if forecast is not None:
+            forecast.observe(got[1] * 1e-9)
+        return got[0]
 
     def release(self) -> None:
         """Done with the message: its slot may be overwritten."""
@@ -389,24 +413,37 @@ class RingReader:
         self._core.release(self._view, self._base, self._off, self._seq)
 
     def _wait(self, seq: int, timeout: float | None) -> bool:
-        """Wait for message ``seq``: the phases of :mod:`.forecast`, each one call into the
-        core (which spins and sleeps with the GIL released)."""
+        """Wait for message ``seq``: the phases of :mod:`.forecast` (see
+        :meth:`_wait_phases`), or a spin and then a sleep when it offers no window."""
+        forecast = self.forecast
+        window = forecast.window() if forecast is not None and forecast.regular else None
+        if window is not None:
+            return self._wait_phases(seq, timeout, window)
+        start = time.monotonic()
+        deadline = _INF if timeout is None else start + timeout
+        return self._core.wait(self._view, self._base, seq, self._flag,
+                               min(start + self.spin, deadline), deadline)
+
+    def _wait_phases(self, seq: int, timeout: float | None,
+                     window: tuple[float, float]) -> bool:
+        """Wait for message ``seq`` through the forecast's ``window``: each phase of
+        :mod:`.forecast` one call into the core (which spins and sleeps with the GIL
+        released)."""
         wait, view, base, flag = self._core.wait, self._view, self._base, self._flag
         start = time.monotonic()
         deadline = _INF if timeout is None else start + timeout
-        window = self.forecast.window() if self.forecast is not None else None
         # Spin after a message unless the forecast says the next one is far off.
-        if window is None or window[0] < start + self.spin:
+        if window[0] < start + self.spin:
             if wait(view, base, seq, flag, min(start + self.spin, deadline), 0.0):
                 return True
-        if window is not None and self.forecast is not None:
-            wake_at, spin_until = min(window[0], deadline), min(window[1], deadline)
-            if wake_at > start:
-                if wait(view, base, seq, flag, 0.0, wake_at):
-                    return True
-                self.forecast.woke(wake_at, time.monotonic())
-            if wait(view, base, seq, flag, spin_until, 0.0):
+        assert self.forecast is not None
+        wake_at, spin_until = min(window[0], deadline), min(window[1], deadline)
+        if wake_at > start:
+            if wait(view, base, seq, flag, 0.0, wake_at):
                 return True
+            self.forecast.woke(wake_at, time.monotonic())
+        if wait(view, base, seq, flag, spin_until, 0.0):
+            return True
         return wait(view, base, seq, flag, 0.0, deadline)
 
     def close(self) -> None:

@@ -33,13 +33,19 @@ class ReplyGate:
     """The one way out for a worker's replies, safe to call from any thread.
 
     Lock order: ``_lock`` is the innermost lock of the worker; ``send`` (called with it
-    held) takes no other lock of gpuexec.
+    held) takes no other lock of gpuexec. It is taken only once a reply may come from
+    another thread (a method returned a Future).
     """
 
     def __init__(self, send: Callable[[Any, str], None]) -> None:
-        self._send = send               # set once; called only under _lock
+        self._send = send               # set once; called only under _lock once shared
         self._lock = threading.Lock()   # guards _closed and every call of _send
         self._closed = False            # any thread, under _lock
+        # Whether another thread may send: from the first deferred reply on (set by the
+        # serving thread before it hands a future its callback). Until then only the
+        # serving thread sends (signal handlers run on it, between its bytecodes), and
+        # a reply leaves without the lock.
+        self._shared = False
 
     def send(self, reply: Any, method: str) -> bool:
         """Send ``reply`` (from any thread); False when the gate is already closed.
@@ -47,6 +53,9 @@ class ReplyGate:
         good by the main thread a signal interrupted mid-send."""
         if self._closed:
             return False
+        if not self._shared:
+            self._send(reply, method)
+            return True
         with self._lock:
             if self._closed:
                 return False
@@ -58,6 +67,7 @@ class ReplyGate:
               failed: Callable[[BaseException], Any]) -> None:
         """Send ``finish(future)`` once ``future`` is done (at once if it already is);
         should the future refuse the callback, send ``failed(error)`` now instead."""
+        self._shared = True  # before the callback exists: it may run on another thread
         try:
             future.add_done_callback(lambda f: self.send(finish(f), method))
         except BaseException as e:  # SystemExit too: the worker lives on

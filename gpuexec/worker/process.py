@@ -210,7 +210,8 @@ class _Server:
                 case Regroup():
                     self.gate.send(self._regroup(msg), "regroup")
                 case UndecodableValue(envelope=Call() as call) as e:
-                    self._reply(Reply(call.call_id, self.rank, error=e.failure()), call.method)
+                    self.gate.send(Reply(call.call_id, self.rank, error=e.failure()),
+                                   call.method)
                 case UndecodableValue() as e:  # pragma: no cover - only calls carry values
                     self._drop(e)
 
