@@ -68,6 +68,13 @@ class DeferringWorker(Worker):
         self.gates.setdefault(key, threading.Event()).set()
         return f"released {key}"
 
+    def soon(self, value: Any) -> Future[Any]:
+        """Resolved by a pool thread as soon as it can (while this thread serves on)."""
+        return self.pool.submit(lambda: value)
+
+    def echo(self, value: Any) -> Any:
+        return value
+
     def now(self, value: Any) -> Future[Any]:
         f: Future[Any] = Future()
         f.set_result(value)

@@ -43,6 +43,25 @@ def test_deferred_replies_resolve_out_of_order(transport: str) -> None:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_deferred_replies_from_other_threads_and_direct_ones_all_arrive_whole(
+        transport: str) -> None:
+    """Replies sent by pool threads (futures resolving) while the serving thread sends
+    its own: every one arrives, whole and to its call (a worker's replies leave one at
+    a time once a method returned a Future)."""
+    with Executor(DeferringWorker, 2, device="cpu", transport=transport) as ex:
+        assert ex.collective_rpc("echo", args=("before",)) == ["before"] * 2
+        futures = []
+        for i in range(300):
+            method = "soon" if i % 2 else "echo"
+            value = {"i": i, "pad": "x" * (i % 7) * 500}
+            futures.append((value, ex.collective_rpc(method, args=(value,), non_block=True)))
+        for value, future in futures:
+            assert future.result(timeout=60) == [value, value]
+        assert ex.stats().late_replies == 0
+        assert ex.stats().malformed == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_deferred_failures_are_typed(transport: str) -> None:
     with Executor(DeferringWorker, 2, device="cpu", transport=transport) as ex:
         with pytest.raises(RemoteError) as info:
