@@ -173,3 +173,44 @@ def test_the_early_wake_up_is_cut_to_the_spin_budget() -> None:
     window = f.window()
     assert window is not None
     assert last + 5e-3 - window[0] <= SPIN_BUDGET * 5e-3 + 1e-9  # spin within budget
+
+
+def test_read_frame_teaches_the_forecast_after_the_answer_or_at_the_next_read() -> None:
+    """A request read_frame takes in one core call (no window to sleep through) is
+    learned once it is answered (off the request's path) or, unanswered, before the next
+    read waits: every arrival once, in order, each answer after its arrival; a periodic
+    stream is then forecast."""
+
+    class Spy(ArrivalForecast):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, float]] = []
+
+        def observe(self, published: float) -> None:
+            self.seen.append(("arrived", published))
+            super().observe(published)
+
+        def replied(self, when: float) -> None:
+            self.seen.append(("answered", when))
+            super().replied(when)
+
+    w = RingWriter(1, n_slots=4, slot_size=256)
+    f = Spy()
+    r = RingReader(w.spec, 0, spin=50e-6, forecast=f)
+    for i in range(8):
+        time.sleep(2e-3)
+        assert w.put_one(b"m%d" % i)
+        assert r.read_frame(timeout=5) == b"m%d" % i
+        if i < 4:  # no window yet (too few gaps): the fast path, learned after the answer
+            assert [k for k, _ in f.seen].count("arrived") == i
+        if i % 2:
+            r.answered(time.monotonic())
+            assert [k for k, _ in f.seen][-2:] == ["arrived", "answered"]
+    assert r.read_frame(timeout=0) is None  # nothing waiting: the last arrival is learned
+    kinds = [k for k, _ in f.seen]
+    assert kinds.count("arrived") == 8 and kinds.count("answered") == 4
+    arrivals = [t for k, t in f.seen if k == "arrived"]
+    assert arrivals == sorted(arrivals) and len(set(arrivals)) == 8
+    assert f.window() is not None  # 2 ms apart: forecast
+    r.close()
+    w.close()

@@ -47,14 +47,16 @@ ints above 256 and floats included; ``benchmarks/results/`` holds the timings):
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          18 / 18       11 / 11           44 / 45        table x2, send, pump;
+    driver          17 / 17       11 / 11           44 / 46        table x2, send, pump;
                                                                    1 (the publish)
-    worker (each)   15 / 11       11 / 9            19 / 19        none;
-                                                                   1 (the publish)
+    worker (each)   17 / 12       13 / 10           19 / 19        none;
+                    (10 before                                     1 (the publish)
+                    the reply)
     ==============  ============  ================  =============  =====================
 
 (The worker's count at N = 1 includes the arrival forecast, which runs only where
-spinning is allowed; a second rank costs the driver one more rank in the mask that
+spinning is allowed, after the reply is out: what it learns from a request waits until
+the driver has the answer; a second rank costs the driver one more rank in the mask that
 collect answers, whose replies are recorded together; the reply rings' readers take up
 the positions the core moved only when they are next read themselves.) What
 is not on this path: no Call struct is built or encoded for a call without arguments
@@ -252,7 +254,7 @@ class DriverChannel:
             call.segments = []
             table.withdraw(call)
             raise
-        self._send_call(call, frames)
+        self._send(call.ranks, frames, call.deadline, call)
         if non_block:
             self._poke()
         return call
@@ -272,23 +274,13 @@ class DriverChannel:
                            None, timeout, None)
         call.ping = True
         table.register(call, _closed, counted=False)
-        self._send_call(call, self._encoder.encode(Ping(call.call_id)))
+        self._send(call.ranks, self._encoder.encode(Ping(call.call_id)), call.deadline, call)
         return call
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Test hook (the fuzz tests): send ``frames`` to every worker as they are,
         bypassing the encoder, by the transport in use (ring packet or ZeroMQ)."""
         self._send(range(len(self._topics)), frames, time.monotonic() + _RAW_SEND_S)
-
-    def _send_call(self, call: PendingCall, frames: list[Any]) -> None:
-        """Send a registered call; on failure it is finished with the error, raised (and
-        cancelled in the workers: a Ctrl-C may land after the request left)."""
-        try:
-            self._send(call.ranks, frames, call.deadline, call)
-        except BaseException as e:
-            # not known to have been sent: no watch (no answer may ever come)
-            self._cancels.interrupted(call, "its sending was interrupted", e, watch=False)
-            raise
 
     def _check_sizes(self, frames: list[Any]) -> None:
         """Refuse a frame the workers' sockets would refuse (``MAXMSGSIZE`` drops the
@@ -307,7 +299,9 @@ class DriverChannel:
         """Send a request to ``ranks``, waiting for room until ``deadline``
         (``time.monotonic()``; None: no limit) and then raising ``RpcTimeoutError`` (for
         ``call``), or ``ExecutorClosedError`` / ``WorkerDiedError`` as soon as the channel
-        closes or fails."""
+        closes or fails. A registered ``call`` that fails to be sent is finished with the
+        error, raised (and cancelled in the workers: a Ctrl-C may land after the request
+        left)."""
         transport = self._transport
         waiting = False
         nap = _ROOM_NAP_S[0]
@@ -333,6 +327,12 @@ class DriverChannel:
                 self._drain_if_monitor()
                 time.sleep(nap if deadline is None else max(0.0, min(nap, deadline - now)))
                 nap = min(nap * 2, _ROOM_NAP_S[1])
+        except BaseException as e:
+            if call is not None:
+                # not known to have been sent: no watch (no answer may ever come)
+                self._cancels.interrupted(call, "its sending was interrupted", e,
+                                          watch=False)
+            raise
         finally:
             if waiting:
                 self._table.add_draining(-1)

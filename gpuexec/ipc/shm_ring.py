@@ -309,6 +309,7 @@ class RingReader:
         self._flag = _SLEEPING_OFF + index
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
         self._holding = False
+        self._arrived = 0  # publish time (ns) of a message read_frame took, not yet learned
         # Per slot: the offset of its length word and a view of its payload bytes, made
         # once (a message is then one slice of a view, no offset computed per read);
         # released by close(), before the segment is unmapped.
@@ -349,6 +350,8 @@ class RingReader:
         :meth:`read` in one look at the sequence)."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
+        if self._arrived:
+            self.answered(None)
         view = self._view
         if self._core.published(view, self._base) <= self._seq:
             return None
@@ -368,6 +371,8 @@ class RingReader:
         leaving it to :meth:`try_read`, for any other message or none."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
+        if self._arrived:
+            self.answered(None)
         taken = self._core.take_frame(self._view, self._base, self._off, self._lengths[0],
                                       self._n_slots, self._slot_size, TAKEN_MAX)
         if taken is None:
@@ -381,10 +386,14 @@ class RingReader:
         """The next message as :meth:`take_frame` gives it, or else as :meth:`read` does
         (a held view: :meth:`release` it); None when ``timeout`` passes first. Unless the
         forecast has a window to sleep through, the wait and the take are one call into
-        the core (a worker's wait for its next request: the hot path)."""
+        the core (a worker's wait for its next request: the hot path), and what the
+        forecast learns from the arrival waits for :meth:`answered` (after the reply is
+        out, off the request's path) or the next read."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
         forecast = self.forecast
+        if forecast is not None and self._arrived:
+            self.answered(None)
         window = forecast.window() if forecast is not None and forecast.regular else None
         if window is not None:
             if self._core.published(self._view, self._base) <= self._seq and \
@@ -401,8 +410,22 @@ class RingReader:
             return None
         self._seq += 1
         if forecast is not None:
-            forecast.observe(got[1] * 1e-9)
+            self._arrived = got[1]
         return got[0]
+
+    def answered(self, when: float | None) -> None:
+        """The forecast learns the arrival of the message :meth:`read_frame` took last
+        (if it has not yet) and, given ``when`` (time.monotonic), that the reader
+        answered it then. The reading thread calls it; without a forecast it does
+        nothing."""
+        forecast = self.forecast
+        if forecast is None:
+            return
+        if self._arrived:
+            forecast.observe(self._arrived * 1e-9)
+            self._arrived = 0
+        if when is not None:
+            forecast.replied(when)
 
     def release(self) -> None:
         """Done with the message: its slot may be overwritten."""

@@ -176,6 +176,7 @@ class _Server:
 
     def serve(self) -> None:
         next_request = self.transport.next
+        served = self.transport.served  # after each reply this thread sent (see there)
         cancel = self.cancel
         while True:
             msg = next_request()
@@ -202,16 +203,20 @@ class _Server:
                                         self._refused_future(msg))
                     else:
                         self.gate.send(out, msg.method)
+                        served()
                 case Ping(call_id=call_id):
                     self.gate.send(Pong(call_id, self.rank, dict(self.dropped_by_reason)),
                                    "ping")
+                    served()
                 case Shutdown():
                     return
                 case Regroup():
                     self.gate.send(self._regroup(msg), "regroup")
+                    served()
                 case UndecodableValue(envelope=Call() as call) as e:
                     self.gate.send(Reply(call.call_id, self.rank, error=e.failure()),
                                    call.method)
+                    served()
                 case UndecodableValue() as e:  # pragma: no cover - only calls carry values
                     self._drop(e)
 

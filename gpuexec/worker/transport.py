@@ -77,6 +77,10 @@ class ZmqWorkerTransport:
     def send(self, frames: list[Any]) -> None:
         send_frames(self.push, frames)
 
+    def served(self) -> None:
+        """The serving thread's reply to the request it took last is out (nothing to
+        learn here: see :meth:`ShmWorkerTransport.served`)."""
+
 
 class ShmWorkerTransport:
     """Requests from the broadcast ring, replies into this worker's ring; ZeroMQ (a
@@ -140,8 +144,14 @@ class ShmWorkerTransport:
                 type(frames[0]) is bytes else packets.put(self.reply, frames, None)):
             self.zmq.send(frames)  # too big for a slot: ZeroMQ, and a marker
             self.reply.write(packets.pack_marker(None))
-        if self.forecast is not None:  # the next request may be timed from this reply
-            self.forecast.replied(time.monotonic())
+
+    def served(self) -> None:
+        """The serving thread's reply to the request it took last is out: the arrival
+        forecast learns when that request came and when it was answered (the next one may
+        be timed from either), now that the driver has the reply. Only the serving
+        thread: a deferred reply, sent from another thread, teaches it nothing."""
+        if self.forecast is not None:
+            self.request.answered(time.monotonic())
 
 
 WorkerTransport = ZmqWorkerTransport | ShmWorkerTransport  # the request loop's wire
