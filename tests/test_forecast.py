@@ -211,6 +211,6 @@ def test_read_frame_teaches_the_forecast_after_the_answer_or_at_the_next_read() 
     assert kinds.count("arrived") == 8 and kinds.count("answered") == 4
     arrivals = [t for k, t in f.seen if k == "arrived"]
     assert arrivals == sorted(arrivals) and len(set(arrivals)) == 8
-    assert f.window() is not None  # 2 ms apart: forecast
+    assert f.regular  # gaps of 2 ms or more, learned: a stream the forecast may time
     r.close()
     w.close()

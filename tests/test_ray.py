@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, subprocess_env, wait_gone
 
 from gpuexec import Executor, Worker
 from gpuexec.errors import ConfigError, RemoteError, WorkerDiedError, WorkerStartupError
@@ -113,18 +113,6 @@ def _resources_back(timeout: float = 30.0) -> bool:
     return False
 
 
-def _gone(pids: list[int], timeout: float = 30.0) -> list[int]:
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if psutil.pid_exists(p) and
-                 psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.1)
-    return alive
-
-
 def test_collective_rpc_across_two_nodes_with_rank_layout(cluster: Any) -> None:
     driver_node = ray.get_runtime_context().get_node_id()
     with Executor(WhereWorker, 4, device="cpu", backend="ray",
@@ -159,7 +147,7 @@ def test_collective_rpc_across_two_nodes_with_rank_layout(cluster: Any) -> None:
         assert [s.state for s in status] == ["idle"] * 4
         assert all(s.rss_bytes is not None and s.rss_bytes > 0 for s in status)  # one host
         pids = [w.pid for w in ex.workers]
-    assert _gone(pids) == []
+    assert wait_gone(pids, timeout=30.0) == []
     assert _resources_back()
     from ray.util.placement_group import placement_group_table
 
@@ -271,7 +259,7 @@ def test_driver_death_takes_the_actors_along(cluster: Any, tmp_path: Any) -> Non
         assert len(pids) == 2
         proc.kill()
         proc.wait(10)
-        assert _gone(pids, timeout=60) == []
+        assert wait_gone(pids, timeout=60.0) == []
         assert _resources_back(60)
     finally:
         if proc.poll() is None:
