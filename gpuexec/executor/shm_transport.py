@@ -70,7 +70,8 @@ class ShmTransport(Transport):
         # ring's BY_ZMQ marker announces, and the next marker takes it (pump lock).
         self._stash: deque[list[Any]] = deque()
         self._batch: list[Reply | Pong] = []  # the replies of one pass (see _recv)
-        self._every = (1 << self._n_ranks) - 1  # the mask of every rank (see _collect)
+        self._every = (1 << self._n_ranks) - 1  # every rank, as a mask and in order
+        self._all_ranks = tuple(range(self._n_ranks))  # (see _collect)
         # Reply rings the core released messages of (collect) since their readers last
         # looked: each reader re-reads its position before it is next used (_catch_up).
         self._moved = 0
@@ -142,7 +143,7 @@ class ShmTransport(Transport):
         if call.done:
             return
         call_id = _encode_id(call.call_id)
-        every, n_ranks = self._every, self._n_ranks
+        every, n_ranks, all_ranks = self._every, self._n_ranks, self._all_ranks
         while True:
             owed = call.owed  # the ranks still owed (a frame may be another call's reply)
             if len(owed) == n_ranks:
@@ -157,8 +158,8 @@ class ShmTransport(Transport):
             taken, framed, other, frames = collect(seen, spin_until, deadline, call_id, want)
             if taken | framed:  # released by the core: the readers catch up when next used
                 self._moved |= taken | framed
-                if taken == want:  # every rank awaited answered None (the common case)
-                    table.deliver_values(call, list(owed))
+                if taken == every:  # every rank answered None (the common case)
+                    table.deliver_values(call, all_ranks)
                 elif taken:
                     ranks = []
                     while taken:

@@ -278,6 +278,16 @@ static int take_frame_at(uintptr_t b, uint64_t reader_off, uint64_t data_off,
     return 1;
 }
 
+/* (frame, published_ns) for a frame take_frame_at copied out; the reference to
+ * ``frame`` is consumed. The slot is released: on failure the message is lost with it. */
+static PyObject *taken_pair(PyObject *frame, uint64_t stamp) {
+    PyObject *ns = PyLong_FromUnsignedLongLong(stamp);
+    PyObject *out = ns == NULL ? NULL : PyTuple_Pack(2, frame, ns);
+    Py_XDECREF(ns);
+    Py_DECREF(frame);
+    return out;
+}
+
 static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     uint64_t base, reader_off, data_off, n_slots, slot_size, max_len, stamp;
@@ -294,11 +304,7 @@ static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize
             return NULL;
         Py_RETURN_NONE;
     }
-    PyObject *ns = PyLong_FromUnsignedLongLong(stamp);
-    PyObject *out = ns == NULL ? NULL : PyTuple_Pack(2, frame, ns);
-    Py_XDECREF(ns);
-    Py_DECREF(frame); /* the slot is released: on failure the message is lost with it */
-    return out;
+    return taken_pair(frame, stamp);
 }
 
 /* Take the GIL back for a moment and run signal handlers: -1 when one raised. */
@@ -427,11 +433,7 @@ static PyObject *core_next_frame(PyObject *self, PyObject *const *args, Py_ssize
             return NULL;
         Py_RETURN_TRUE;
     }
-    PyObject *ns = PyLong_FromUnsignedLongLong(stamp);
-    PyObject *out = ns == NULL ? NULL : PyTuple_Pack(2, frame, ns);
-    Py_XDECREF(ns);
-    Py_DECREF(frame); /* the slot is released: on failure the message is lost with it */
-    return out;
+    return taken_pair(frame, stamp);
 }
 
 /* -- the doorbell and the gather ------------------------------------------------------ */
