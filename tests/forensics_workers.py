@@ -16,6 +16,20 @@ def _entered(marker: str) -> None:
         pass
 
 
+def _set_once_exists(path: str) -> threading.Event:
+    """An event a helper thread sets once ``path`` exists: a method waiting on it is in
+    ``Event.wait`` whenever its stack is taken (not between two waits, polling)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not os.path.exists(path):
+            done.wait(0.05)
+        done.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
 class StuckWorker(Worker):
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -50,9 +64,9 @@ class StuckWorker(Worker):
         each until ``stop`` exists."""
         mine = f"{marker}.{self.rank}"
         if self.rank == 0:
+            stopped = _set_once_exists(stop)  # its thread started before the marker
             _entered(mine)
-            while not os.path.exists(stop):
-                self.event.wait(0.05)
+            stopped.wait()
             return self.rank
         if self.rank == 1:
             return self.spinning_in_python(mine, stop)
@@ -61,7 +75,7 @@ class StuckWorker(Worker):
     def stuck_on(self, rank: int, marker: str) -> int:
         """``rank`` waits (in Event.wait) until the file ``marker + ".stop"`` exists."""
         if self.rank == rank:
+            stopped = _set_once_exists(marker + ".stop")
             _entered(marker)
-            while not os.path.exists(marker + ".stop"):
-                self.event.wait(0.05)
+            stopped.wait()
         return self.rank

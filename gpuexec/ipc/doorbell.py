@@ -67,11 +67,11 @@ class Doorbell:
             epoch = self.epoch()
             if ready():
                 return True
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 return False
             if self._core.gather((), (), self.view, self.base, epoch, 0.0,
-                                 time.monotonic() + min(left, LOOK_S)) == 0 and \
+                                 min(deadline, now + LOOK_S)) == 0 and \
                     self.epoch() != epoch:
                 return ready()  # poked or rung
 

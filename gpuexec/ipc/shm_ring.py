@@ -391,9 +391,9 @@ class RingReader:
         out, off the request's path) or the next read."""
         if self._holding:
             raise RuntimeError("release() the previous message first")
-        forecast = self.forecast
-        if forecast is not None and self._arrived:
+        if self._arrived:
             self.answered(None)
+        forecast = self.forecast
         window = forecast.window() if forecast is not None and forecast.regular else None
         if window is not None:
             if self._core.published(self._view, self._base) <= self._seq and \
