@@ -54,6 +54,18 @@ class CancelWorker(Worker):
         self.calls += 1
         return self.rank
 
+    def plan(self, *how: str) -> None:
+        """What the next ``quiet`` does: ``block(*how)``."""
+        self.planned: tuple[str, ...] | None = how
+
+    def quiet(self) -> None:
+        """A method by name without arguments returning None (the ring core answers it
+        once the worker served it): counts, and blocks as planned, once."""
+        self.calls += 1
+        how, self.planned = getattr(self, "planned", None), None
+        if how is not None:
+            self.block(*how)
+
     def block(self, how: str, started: str, mark: str = "") -> str:
         """Block in one of the ways a cancellation must interrupt; on the way out, write
         the exception that ended it to ``mark`` (from a ``finally`` block)."""

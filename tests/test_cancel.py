@@ -100,6 +100,31 @@ def test_a_queued_call_is_cancelled_before_it_runs(ex: Executor, tmp_path: Path)
     assert ex.stats().cancelled_replies == 4
 
 
+def test_a_bare_call_answered_in_the_ring_core_is_cancelled_and_skipped_alike(
+        ex: Executor, tmp_path: Path) -> None:
+    """A call by name without arguments, once served, runs in the worker's ring core
+    (shared memory): it is interrupted as the request loop's calls are, with its own
+    name, and one queued behind a cancelled call is still skipped."""
+    for _ in range(3):
+        assert ex.collective_rpc("quiet") == [None, None]
+    for how in ("loop", "sleep"):
+        go, mark = tmp_path / f"go-{how}", tmp_path / f"mark-{how}"
+        ex.collective_rpc("plan", args=(how, str(go), str(mark)))
+        future = ex.collective_rpc("quiet", non_block=True)
+        started(go, 2)
+        assert future.cancel()
+        assert ex.collective_rpc("quiet") == [None, None]
+        assert marks(mark, 2) == ["CallCancelled quiet"] * 2
+    calls = ex.collective_rpc(lambda w: w.calls)
+    go, mark = tmp_path / "go", tmp_path / "mark"
+    first = ex.collective_rpc("block", args=("sleep", str(go), str(mark)), non_block=True)
+    queued = ex.collective_rpc("quiet", non_block=True)
+    started(go, 2)
+    assert queued.cancel() and first.cancel()
+    assert ex.collective_rpc(lambda w: w.calls) == calls  # the queued quiet never ran
+    assert ex.collective_rpc("quiet") == [None, None]
+
+
 def test_the_method_sees_a_base_exception_and_except_exception_does_not_stop_it(
         ex: Executor, tmp_path: Path) -> None:
     go, mark = tmp_path / "go", tmp_path / "mark"

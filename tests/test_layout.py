@@ -44,6 +44,8 @@ LONG_MODULES = {
                                 "path that takes them (send, wait, close), side by side",
     "gpuexec.ipc.shm_ring": "the ring's writer and readers: one layout and one table of "
                             "slot states, each side's moves next to the other's",
+    "gpuexec.ipc.ringcore_py": "the compiled core's twin: one function per C function, "
+                               "with the same contract on the same bytes",
     "gpuexec.executor.calls": "how a call ends, under the call table's one lock: results, "
                               "failures, timeouts, cancellations and their watches",
 }

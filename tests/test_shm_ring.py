@@ -528,3 +528,117 @@ def test_fork_while_another_thread_waits_in_the_core() -> None:
     assert got == [b"parent"]
     r.close()
     w.close()
+
+
+def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
+        reader_core: Callable[[str], None]) -> None:
+    """A worker's wait that answers calls in the core (either one, against a driver's
+    rings on the other): each known bare call's method runs armed for cancellation, its
+    None reply is the encoder's bytes (every length of id); what it cannot answer comes
+    back as the loop must see it: an unknown, hidden or queued-after-a-cancel call as
+    its frame, untaken; a raise, a value, a closed gate, a full reply ring or a reply
+    over the size limit as a Ran; another kind of message as a held view. The forecast
+    learns every answered call in order, and the rings' positions are taken up."""
+    import types
+
+    from gpuexec.ipc import packets
+    from gpuexec.ipc.codec import Encoder, around_id, none_reply_parts
+    from gpuexec.ipc.doorbell import Doorbell
+    from gpuexec.ipc.forecast import ArrivalForecast
+    from gpuexec.ipc.messages import Call
+    from gpuexec.ipc.shm_ring import Ran
+
+    class Learning(ArrivalForecast):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, float]] = []
+
+        def observe(self, published: float) -> None:
+            self.seen.append(("request", published))
+            super().observe(published)
+
+        def replied(self, when: float) -> None:
+            self.seen.append(("reply", when))
+            super().replied(when)
+
+    enc = Encoder(allow_pickle=False)
+    cancel = types.SimpleNamespace(running=0, method="", armed=False, recheck=0)
+    gate = types.SimpleNamespace(closed=False, shared=False)
+    armed: list[tuple[int, str, bool]] = []
+
+    class Target:
+        hidden = 3
+
+        def noop(self) -> None:
+            armed.append((cancel.running, cancel.method, cancel.armed))
+
+        def value(self) -> int:
+            return 5
+
+        def boom(self) -> None:
+            raise ValueError("boom")
+
+    calls = {around_id(lambda i, n=name: Call(i, n, None, [], {}))[1]: name
+             for name in ("noop", "value", "boom", "hidden", "absent")}
+    before = around_id(lambda i: Call(i, "noop", None, [], {}))[0]
+    for core in ("compiled", "python"):
+        reader_core("python" if core == "compiled" else "compiled")  # the driver's
+        bell = Doorbell.create()
+        requests = RingWriter(1, n_slots=8, slot_size=256)
+        replies = RingWriter(1, n_slots=4, slot_size=64)
+        replies.ring_on_publish(bell.view, bell.base)
+        from_worker = RingReader(replies.spec, 0)
+        reader_core(core)
+        forecast = Learning()
+        reader = RingReader(requests.spec, 0, spin=0.01, forecast=forecast)
+
+        def serve(max_reply: int = -1) -> object:
+            return reader.serve(replies, before, calls, none_reply_parts(2), max_reply,
+                                Target(), cancel, gate)
+
+        ids = [1, 300, 70000, 2**33, 6]  # every form of msgpack int; the 5th: no room
+        for call_id in ids:
+            assert requests.put_one(enc.bare_call(call_id, "noop"))
+        assert serve() == Ran(6, "noop", None, None)  # four answered, then the ring full
+        assert armed == [(i, "noop", True) for i in ids]
+        assert (cancel.running, cancel.armed) == (6, False)
+        assert [from_worker.read_frame() for _ in range(4)] == \
+            [enc.none_reply(i, 2) for i in ids[:4]]
+        assert [k for k, _ in forecast.seen] == ["request", "reply"] * 4
+        assert replies.put_one(b"after")  # the writer took up the core's position
+        assert from_worker.read_frame() == b"after"
+        assert requests.put_one(enc.bare_call(7, "noop"))
+        assert serve() is None  # answered; nothing more came within the spin
+        assert from_worker.read_frame() == enc.none_reply(7, 2)
+        for name in ("other", "hidden", "absent"):  # unknown, not callable, not there
+            assert requests.put_one(enc.bare_call(8, name))
+            assert serve() == enc.bare_call(8, name)
+        cancel.recheck = 1  # a cancel came: the loop looks at the board first
+        assert requests.put_one(enc.bare_call(9, "noop"))
+        assert serve() == enc.bare_call(9, "noop")
+        cancel.recheck = 0
+        assert requests.put_one(enc.bare_call(10, "value"))
+        assert serve() == Ran(10, "value", 5, None)
+        assert requests.put_one(enc.bare_call(11, "boom"))
+        ran = serve()
+        assert isinstance(ran, Ran) and isinstance(ran.error, ValueError)
+        assert ran.error.__traceback__ is not None and ran.value is None
+        gate.closed = True
+        assert requests.put_one(enc.bare_call(12, "noop"))
+        assert serve() == Ran(12, "noop", None, None)
+        gate.closed = False
+        assert requests.put_one(enc.bare_call(13, "noop"))
+        assert serve(max_reply=4) == Ran(13, "noop", None, None)
+        assert packets.put(requests, [enc.bare_call(14, "noop"), b"x"], None)
+        view = serve()
+        assert isinstance(view, memoryview)  # two frames: read in place
+        view.release()
+        reader.release()
+        assert not from_worker.poll() and not reader.poll()
+        armed.clear()
+        for r in (reader, from_worker):
+            r.close()
+        for w in (requests, replies):
+            w.close()
+        bell.unlink()
+        bell.close()

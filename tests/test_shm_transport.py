@@ -427,3 +427,41 @@ def test_a_result_delivered_on_the_hot_path_is_recorded_as_by_the_general_walk()
     table.deliver_values(valued, [1], 8)  # late: counted, the outcome kept
     assert valued.outcome() == [{"pid": 7}] and table.stats.late_replies == 3
     assert table.metrics.replies == [2, 3] and not table.pending
+
+
+@pytest.mark.parametrize("future", [False, True])
+def test_bare_calls_the_ring_core_answers_keep_every_outcome(future: bool) -> None:
+    """A call by name without arguments that a worker served once is then answered by
+    its ring core (the method run there, its None reply written there): what it returns,
+    raises, or a replaced or hidden method reach the driver as the request loop would
+    give them; a Future returned (a deferred reply) hands the loop back for good."""
+    from workers import ShiftingWorker
+
+    from gpuexec import RemoteError
+
+    with Executor(ShiftingWorker, 2, device="cpu", transport="shm") as ex:
+        for _ in range(200):  # the first one learned by the loop, the rest by the core
+            assert ex.collective_rpc("turn") == [None, None]
+        assert ex.collective_rpc(lambda w: w.callers[:3]) == [["_run", "serve", "serve"]] * 2
+        ex.collective_rpc("plan", args=("value", "none", "raise", "none", "exit", "none",
+                                        *(["future", "none"] if future else [])))
+        assert ex.collective_rpc("turn") == [201, 201]
+        assert ex.collective_rpc("turn") == [None, None]
+        with pytest.raises(RemoteError, match="turn 203 broke") as broke:
+            ex.collective_rpc("turn")
+        assert broke.value.type_name == "ValueError" and broke.value.method == "turn"
+        assert "in turn" in broke.value.remote_traceback  # the method's own frame
+        assert ex.collective_rpc("turn") == [None, None]
+        with pytest.raises(RemoteError) as exited:  # SystemExit: the worker lives on
+            ex.collective_rpc("turn")
+        assert exited.value.type_name == "SystemExit"
+        assert ex.collective_rpc("turn") == [None, None]
+        if future:
+            assert ex.collective_rpc("turn") == ["later 207"] * 2
+            assert ex.collective_rpc("turn") == [None, None]
+        ex.collective_rpc("swap")  # the name is looked up at every call
+        assert ex.collective_rpc("turn") == ["swapped 0", "swapped 1"]
+        ex.collective_rpc("hide")
+        with pytest.raises(RemoteError, match="has no method 'turn'"):
+            ex.collective_rpc("turn")
+        assert ex.collective_rpc(lambda w: w.turns) == [206 + 2 * future] * 2

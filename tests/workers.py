@@ -92,3 +92,42 @@ class ExitInit(Worker):
 class SlowInit(Worker):
     def __init__(self, seconds: float) -> None:
         time.sleep(seconds)
+
+
+class ShiftingWorker(Worker):
+    """``turn``: a method by name without arguments (which the ring core answers once the
+    worker served it) whose outcome changes from call to call, as ``plan`` says: every
+    outcome must still reach the driver as the request loop gives it."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.outcomes: list[str] = []
+        self.callers: list[str] = []  # the function that called each turn
+
+    def plan(self, *outcomes: str) -> None:
+        self.outcomes = list(outcomes)
+
+    def turn(self) -> Any:
+        from concurrent.futures import Future
+        from threading import Timer
+
+        self.turns += 1
+        self.callers.append(sys._getframe(1).f_code.co_name)
+        what = self.outcomes.pop(0) if self.outcomes else "none"
+        if what == "value":
+            return self.turns
+        if what == "raise":
+            raise ValueError(f"turn {self.turns} broke")
+        if what == "exit":
+            raise SystemExit(3)
+        if what == "future":
+            later: Future[str] = Future()
+            Timer(0.05, later.set_result, (f"later {self.turns}",)).start()
+            return later
+        return None
+
+    def swap(self) -> None:
+        self.turn = lambda: f"swapped {self.rank}"  # type: ignore[method-assign]
+
+    def hide(self) -> None:
+        self.turn = 7  # type: ignore[assignment,method-assign]

@@ -766,6 +766,356 @@ fail:
     return out;
 }
 
+/* -- the worker's request loop ------------------------------------------------------- */
+
+/* Attribute names the serving loop reads and stores (interned once, at import). */
+static PyObject *S_RECHECK, *S_RUNNING, *S_METHOD, *S_ARMED, *S_CLOSED;
+
+/* The msgpack form msgspec gives a non-negative int (its shortest): its length, written
+ * at ``out`` (9 bytes at most). */
+static Py_ssize_t pack_uint(uint64_t v, unsigned char *out) {
+    if (v <= 0x7f) {
+        out[0] = (unsigned char)v;
+        return 1;
+    }
+    int n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffull ? 4 : 8;
+    out[0] = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
+    for (int i = 0; i < n; i++)
+        out[1 + i] = (unsigned char)(v >> (8 * (n - 1 - i)));
+    return 1 + n;
+}
+
+/* The non-negative msgpack int at ``p`` (``left`` bytes there): its length, 0 if none. */
+static Py_ssize_t unpack_uint(const unsigned char *p, Py_ssize_t left, uint64_t *v) {
+    if (left < 1)
+        return 0;
+    int n = p[0] <= 0x7f ? 0 : p[0] == 0xcc ? 1 : p[0] == 0xcd ? 2 : p[0] == 0xce ? 4
+                                             : p[0] == 0xcf ? 8 : -1;
+    if (n < 0 || left < 1 + n)
+        return 0;
+    if (n == 0) {
+        *v = p[0];
+        return 1;
+    }
+    uint64_t out = 0;
+    for (int i = 0; i < n; i++)
+        out = out << 8 | p[1 + i];
+    *v = out;
+    return 1 + n;
+}
+
+/* A bare call in the slot at ``slot``: a packet of one frame for every rank that is
+ * ``before`` + a call id + a rest (the method's part of the header). 1 with *id, *rest,
+ * *rest_len set; 0 for any other message. */
+static int bare_call_at(uintptr_t b, uint64_t slot, uint64_t slot_size, const char *before,
+                        Py_ssize_t before_len, uint64_t *id, const unsigned char **rest,
+                        Py_ssize_t *rest_len) {
+    uint32_t total, length;
+    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
+    memcpy(&total, u32_at(b, slot), 4);
+    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER)
+        return 0;
+    memcpy(&length, head + 5, 4);
+    if (length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0 ||
+        (Py_ssize_t)length <= before_len || memcmp(head + ONE_HEAD, before, (size_t)before_len))
+        return 0;
+    const unsigned char *at = head + ONE_HEAD + before_len;
+    Py_ssize_t left = (Py_ssize_t)length - before_len;
+    Py_ssize_t n = unpack_uint(at, left, id);
+    if (n == 0)
+        return 0;
+    *rest = at + n;
+    *rest_len = left - n;
+    return 1;
+}
+
+#define RECORDS 33 /* arrivals kept for the forecast: its history (32 gaps) and one */
+
+/* What serve() keeps of the calls it answered: when each request was published and
+ * when its reply left (the forecast's two anchors), the last RECORDS of them. */
+struct records {
+    uint64_t stamp[RECORDS];
+    double replied[RECORDS];
+    unsigned long n;
+};
+
+static PyObject *records_list(const struct records *r) {
+    if (r->n == 0)
+        Py_RETURN_NONE;
+    unsigned long first = r->n > RECORDS ? r->n - RECORDS : 0;
+    PyObject *out = PyList_New((Py_ssize_t)(r->n - first));
+    for (unsigned long k = first; out != NULL && k < r->n; k++) {
+        PyObject *pair = Py_BuildValue("(Kd)", (unsigned long long)r->stamp[k % RECORDS],
+                                       r->replied[k % RECORDS]);
+        if (pair == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SetItem(out, (Py_ssize_t)(k - first), pair);
+    }
+    return out;
+}
+
+/* Whether attribute ``name`` of ``obj`` is true: 1, 0, or -1 with an exception set. */
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* The bound method ``name`` of ``target`` when it is one a bare call may run now (the
+ * serving loop's state allows it and it is callable): a new reference; NULL with no
+ * exception set when the call must be left to Python; NULL with one set on failure. */
+static PyObject *runnable(PyObject *target, PyObject *name, PyObject *cancel) {
+    int recheck = attr_true(cancel, S_RECHECK); /* a cancelled call may be queued */
+    if (recheck != 0)
+        return NULL;
+    PyObject *method = PyObject_GetAttr(target, name);
+    if (method == NULL || !PyCallable_Check(method)) {
+        PyErr_Clear(); /* Python's loop answers it (AttributeError) */
+        Py_XDECREF(method);
+        return NULL;
+    }
+    return method;
+}
+
+/* Run ``method`` as the request loop runs a call's method, armed for cancellation
+ * (cancel.running / method / armed, as CancelPoint expects): its result, or NULL with
+ * the exception it raised moved into *error. */
+static PyObject *run_armed(PyObject *method, PyObject *cancel, PyObject *id, PyObject *name,
+                           PyObject **error) {
+    *error = NULL;
+    if (PyObject_SetAttr(cancel, S_RUNNING, id) < 0 ||
+        PyObject_SetAttr(cancel, S_METHOD, name) < 0 ||
+        PyObject_SetAttr(cancel, S_ARMED, Py_True) < 0)
+        return NULL;
+    PyObject *value = PyObject_CallNoArgs(method);
+    PyObject *type = NULL, *tb = NULL;
+    if (value == NULL) {
+        PyErr_Fetch(&type, error, &tb);
+        PyErr_NormalizeException(&type, error, &tb);
+        if (tb != NULL && *error != NULL)
+            PyException_SetTraceback(*error, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+    }
+    if (PyObject_SetAttr(cancel, S_ARMED, Py_False) < 0) {
+        Py_XDECREF(value);
+        Py_CLEAR(*error);
+        return NULL;
+    }
+    return value;
+}
+
+struct reply_ring {
+    uintptr_t b, bell;
+    uint64_t data_off, n_slots, slot_size, seq, min_read;
+    const char *before, *after;
+    Py_ssize_t before_len, after_len, max_reply;
+};
+
+/* Write and publish ``before + id + after`` (the reply of a method that returned None)
+ * when it fits and the ring has room: 1; 0 to leave it to Python (it waits for room,
+ * refuses what is over max_message_size). */
+static int put_none_reply(struct reply_ring *r, uint64_t id) {
+    unsigned char packed[9];
+    Py_ssize_t id_len = pack_uint(id, packed);
+    uint64_t n = (uint64_t)(r->before_len + id_len + r->after_len);
+    if ((r->max_reply >= 0 && n > (uint64_t)r->max_reply) ||
+        n + ONE_HEAD + SLOT_HEADER > r->slot_size)
+        return 0;
+    if (r->min_read + r->n_slots <= r->seq) {
+        r->min_read = load_acq(r->b, ONE_READER_SEQ_OFF);
+        if (r->min_read + r->n_slots <= r->seq)
+            return 0;
+    }
+    uint64_t slot = r->data_off + (r->seq % r->n_slots) * r->slot_size;
+    unsigned char *head = (unsigned char *)(r->b + slot + SLOT_HEADER);
+    uint32_t length = (uint32_t)n, total = (uint32_t)(n + ONE_HEAD);
+    uint16_t zero = 0, one = 1;
+    memcpy(u32_at(r->b, slot), &total, 4);
+    head[0] = 0;
+    memcpy(head + 1, &zero, 2);
+    memcpy(head + 3, &one, 2);
+    memcpy(head + 5, &length, 4);
+    unsigned char *at = head + ONE_HEAD;
+    memcpy(at, r->before, (size_t)r->before_len);
+    memcpy(at + r->before_len, packed, (size_t)id_len);
+    memcpy(at + r->before_len + id_len, r->after, (size_t)r->after_len);
+    r->seq += 1;
+    publish_at(r->b, slot, r->seq, 1, r->bell);
+    return 1;
+}
+
+/* The name ``calls`` maps the method part of a bare call's header to (borrowed; the dict
+ * holds it), or NULL with no exception set when it is not there. The last one found is
+ * kept in *key / *name (owned) and compared first: a loop calls one method or a few. */
+static PyObject *cached_name(PyObject *calls, const unsigned char *rest, Py_ssize_t len,
+                             PyObject **key, PyObject **name) {
+    if (*key != NULL && PyBytes_Size(*key) == len &&
+        memcmp(PyBytes_AsString(*key), rest, (size_t)len) == 0)
+        return *name;
+    PyObject *k = PyBytes_FromStringAndSize((const char *)rest, len);
+    if (k == NULL)
+        return NULL;
+    PyObject *found = PyDict_GetItemWithError(calls, k);
+    if (found == NULL || !PyUnicode_Check(found)) {
+        Py_DECREF(k);
+        return NULL;
+    }
+    Py_XDECREF(*key);
+    *key = k;
+    Py_INCREF(found);
+    Py_XDECREF(*name);
+    *name = found;
+    return found;
+}
+
+/* serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len,
+ * first_spin, spin, timeout, reply_view, reply_base, reply_data_off, reply_n_slots,
+ * reply_slot_size, reply_seq, reply_min_read, bell_view, bell_base, call_before, calls,
+ * reply_before, reply_after, max_reply, target, cancel, gate) -> (got, ran, records): a
+ * worker's wait for its next request (as next_frame, spinning ``first_spin`` seconds)
+ * that also answers the requests it can without Python: a bare call (``call_before`` +
+ * id + a method part that ``calls`` maps to a method name) is taken, its method
+ * ``getattr(target, name)`` run armed for cancellation, and when it returns None,
+ * ``reply_before`` + id + ``reply_after`` is published into the reply ring (the doorbell
+ * rung); then the wait goes on, spinning ``spin`` seconds only. ``got`` is what
+ * next_frame gives for the first request left to Python (False: none came), None when
+ * ``ran`` = (call_id, name, value, error, stamp) is a call whose method ran here and
+ * that Python must answer (it raised, returned something else, the gate was closed, the
+ * reply ring full, the reply over ``max_reply`` bytes when that is >= 0); ``records``:
+ * (published_ns, replied) of each call answered here, the last RECORDS (None: none).
+ * The reader's read_seq and the reply ring's write_seq are in the rings (the caller
+ * takes them up). */
+static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    uint64_t base, reader_off, flag_off, data_off, n_slots, slot_size, max_len;
+    double first_spin, spin, timeout;
+    struct reply_ring r;
+    uint64_t rbase, rbell;
+    long long max_reply;
+    char *call_before, *text;
+    Py_ssize_t call_before_len;
+    if (!nargs_ok(nargs, 28, "serve") || !as_u64(args[1], &base) ||
+        !as_u64(args[2], &reader_off) || !as_u64(args[3], &flag_off) ||
+        !as_u64(args[4], &data_off) || !as_u64(args[5], &n_slots) ||
+        !as_u64(args[6], &slot_size) || !as_u64(args[7], &max_len) ||
+        !as_double(args[8], &first_spin) || !as_double(args[9], &spin) ||
+        !as_double(args[10], &timeout) || !as_u64(args[12], &rbase) ||
+        !as_u64(args[13], &r.data_off) || !as_u64(args[14], &r.n_slots) ||
+        !as_u64(args[15], &r.slot_size) || !as_u64(args[16], &r.seq) ||
+        !as_u64(args[17], &r.min_read) || !as_u64(args[19], &rbell))
+        return NULL;
+    if (PyBytes_AsStringAndSize(args[20], &call_before, &call_before_len) < 0 ||
+        PyBytes_AsStringAndSize(args[22], &text, &r.before_len) < 0)
+        return NULL;
+    r.before = text;
+    if (PyBytes_AsStringAndSize(args[23], &text, &r.after_len) < 0)
+        return NULL;
+    r.after = text;
+    max_reply = PyLong_AsLongLong(args[24]);
+    if (max_reply == -1 && PyErr_Occurred())
+        return NULL;
+    r.max_reply = max_reply < 0 ? -1 : (Py_ssize_t)max_reply;
+    PyObject *calls = args[21], *target = args[25], *cancel = args[26], *gate = args[27];
+    if (n_slots == 0 || r.n_slots == 0 || !PyDict_Check(calls)) {
+        PyErr_SetString(PyExc_ValueError, "serve(): rings with slots and a dict of calls");
+        return NULL;
+    }
+    r.b = (uintptr_t)rbase;
+    r.bell = (uintptr_t)rbell;
+    uintptr_t b = (uintptr_t)base;
+    struct records rec;
+    rec.n = 0;
+    PyObject *key = NULL, *name = NULL, *got = NULL, *ran = NULL, *out = NULL;
+    uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
+    double start = load_acq(b, WRITE_SEQ_OFF) > seq ? 0.0 : now_s();
+    double spin_until = start + (first_spin < timeout ? first_spin : timeout);
+    double sleep_until = start + timeout;
+    for (;;) {
+        int waited = wait_seq(b, seq, flag_off, spin_until, sleep_until);
+        if (waited < 0)
+            goto done;
+        if (waited == 0) {
+            got = Py_False;
+            Py_INCREF(got);
+            break;
+        }
+        uint64_t slot = data_off + (seq % n_slots) * slot_size, id;
+        const unsigned char *rest;
+        Py_ssize_t rest_len;
+        PyObject *called = NULL, *method = NULL;
+        if (bare_call_at(b, slot, slot_size, call_before, call_before_len, &id, &rest,
+                         &rest_len) &&
+            (called = cached_name(calls, rest, rest_len, &key, &name)) != NULL)
+            method = runnable(target, called, cancel);
+        if (PyErr_Occurred())
+            goto done;
+        if (method == NULL) { /* Python's: taken as next_frame takes it */
+            PyObject *frame;
+            uint64_t stamp;
+            int took = take_frame_at(b, reader_off, data_off, n_slots, slot_size, max_len,
+                                     &frame, &stamp);
+            if (took < 0)
+                goto done;
+            if (took == 0) {
+                got = Py_True;
+                Py_INCREF(got);
+            } else if ((got = taken_pair(frame, stamp)) == NULL) {
+                goto done;
+            }
+            break;
+        }
+        uint64_t stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
+        seq += 1;
+        __atomic_store_n(u64_at(b, reader_off), seq, __ATOMIC_RELEASE); /* taken */
+        PyObject *id_obj = PyLong_FromUnsignedLongLong(id), *error = NULL, *value = NULL;
+        if (id_obj != NULL)
+            value = run_armed(method, cancel, id_obj, called, &error);
+        Py_DECREF(method);
+        if (value == NULL && error == NULL) {
+            Py_XDECREF(id_obj);
+            goto done;
+        }
+        int closed = value == Py_None ? attr_true(gate, S_CLOSED) : 1;
+        if (closed < 0 || (closed == 0 && !put_none_reply(&r, id)) || closed > 0) {
+            if (closed >= 0)
+                ran = Py_BuildValue("(OOOOK)", id_obj, called, value ? value : Py_None,
+                                    error ? error : Py_None, (unsigned long long)stamp);
+            Py_DECREF(id_obj);
+            Py_XDECREF(value);
+            Py_XDECREF(error);
+            if (ran == NULL)
+                goto done;
+            got = Py_None;
+            Py_INCREF(got);
+            break;
+        }
+        Py_DECREF(id_obj);
+        Py_DECREF(value);
+        double now = now_s();
+        rec.stamp[rec.n % RECORDS] = stamp;
+        rec.replied[rec.n % RECORDS] = now;
+        rec.n += 1;
+        spin_until = sleep_until = now + spin; /* from here on: spin, then leave */
+    }
+    PyObject *records = records_list(&rec);
+    if (records != NULL) {
+        out = PyTuple_Pack(3, got, ran ? ran : Py_None, records);
+        Py_DECREF(records);
+    }
+done:
+    Py_XDECREF(got);
+    Py_XDECREF(ran);
+    Py_XDECREF(key);
+    Py_XDECREF(name);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"fence", (PyCFunction)(void (*)(void))core_fence, METH_FASTCALL, "A full memory barrier."},
     {"published", (PyCFunction)(void (*)(void))core_published, METH_FASTCALL,
@@ -801,6 +1151,12 @@ static PyMethodDef methods[] = {
      "(taken, framed, other, frames)."},
     {"gather", (PyCFunction)(void (*)(void))core_gather, METH_FASTCALL,
      "gather(views, bases, bell_view, bell_base, epoch, spin_until, sleep_until) -> mask."},
+    {"serve", (PyCFunction)(void (*)(void))core_serve, METH_FASTCALL,
+     "serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, "
+     "first_spin, spin, timeout, reply_view, reply_base, reply_data_off, reply_n_slots, reply_slot_size, "
+     "reply_seq, reply_min_read, bell_view, bell_base, call_before, calls, reply_before, "
+     "reply_after, max_reply, target, cancel, gate) -> (got, ran, records): wait for the "
+     "next request, answering the bare calls it can."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -812,9 +1168,15 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 6
+#define CORE_API 7
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
+    if ((S_RECHECK = PyUnicode_InternFromString("recheck")) == NULL ||
+        (S_RUNNING = PyUnicode_InternFromString("running")) == NULL ||
+        (S_METHOD = PyUnicode_InternFromString("method")) == NULL ||
+        (S_ARMED = PyUnicode_InternFromString("armed")) == NULL ||
+        (S_CLOSED = PyUnicode_InternFromString("closed")) == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddStringConstant(m, "NAME", "compiled") < 0 ||
                       PyModule_AddIntConstant(m, "API", CORE_API) < 0)) {

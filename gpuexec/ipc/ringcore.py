@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from ..errors import ConfigError
 
@@ -30,7 +30,7 @@ CHOICES = ("auto", "compiled", "python")
 # The interface below; ``_ringcore.c``'s CORE_API must be the same. A build from an older
 # source (an editable install after a pull, before make rebuilt it) is refused: it would
 # be called with the wrong arguments.
-API = 6
+API = 7
 
 
 class Core(Protocol):
@@ -66,6 +66,17 @@ class Core(Protocol):
     def gather(self, views: tuple[memoryview, ...], bases: tuple[int, ...],
                bell_view: memoryview, bell_base: int, epoch: int, spin_until: float,
                sleep_until: float) -> int: ...
+    def serve(self, view: memoryview, base: int, reader_off: int, flag_off: int,
+              data_off: int, n_slots: int, slot_size: int, max_len: int,
+              first_spin: float, spin: float, timeout: float, reply_view: memoryview,
+              reply_base: int, reply_data_off: int, reply_n_slots: int,
+              reply_slot_size: int, reply_seq: int, reply_min_read: int,
+              bell_view: memoryview | None, bell_base: int,
+              call_before: bytes, calls: dict[bytes, str], reply_before: bytes,
+              reply_after: bytes, max_reply: int, target: object, cancel: object,
+              gate: object) -> tuple[tuple[bytes, int] | bool | None,
+                                     tuple[int, str, Any, BaseException | None, int] | None,
+                                     list[tuple[int, float]] | None]: ...
 
 
 _current: Core | None = None

@@ -15,7 +15,9 @@ import platform
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from . import futex
 
@@ -300,3 +302,106 @@ def collect(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: me
             frames.append(got[0])
             framed |= low
     return taken, framed, other & ~framed, frames or ()
+
+
+_RECORDS = 33  # the compiled twin's RECORDS: the forecast's history (32 gaps) and one
+
+
+def _unpack_uint(frame: bytes, at: int) -> tuple[int, int] | None:
+    """The non-negative msgpack int at ``frame[at]``: ``(value, length)``, None if none."""
+    if at >= len(frame):
+        return None
+    first = frame[at]
+    if first <= 0x7F:
+        return first, 1
+    n = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(first)
+    if n is None or at + 1 + n > len(frame):
+        return None
+    return int.from_bytes(frame[at + 1:at + 1 + n], "big"), 1 + n
+
+
+def _pack_uint(value: int) -> bytes:
+    """msgpack's shortest form of a non-negative int (msgspec's)."""
+    if value <= 0x7F:
+        return bytes((value,))
+    for code, n in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        if value < 1 << (8 * n):
+            return bytes((code,)) + value.to_bytes(n, "big")
+    raise OverflowError("a call id beyond 64 bits")  # pragma: no cover - ids are counted
+
+
+def _bare_call(view: memoryview, slot: int, slot_size: int, call_before: bytes
+               ) -> tuple[int, bytes, int] | None:
+    """``(call id, method part, publish time)`` of a bare call in the slot at ``slot``
+    (see serve), None for any other message."""
+    total, _, stamp, kind, mask_len, frames, length = _ONE.unpack_from(view, slot)
+    if not _ONE_HEAD <= total <= slot_size - SLOT_HEADER or \
+            (kind, mask_len, frames, length) != (0, 0, 1, total - _ONE_HEAD):
+        return None
+    at = slot + SLOT_HEADER + _ONE_HEAD
+    frame = bytes(view[at:at + length])
+    if len(frame) <= len(call_before) or not frame.startswith(call_before):
+        return None
+    got = _unpack_uint(frame, len(call_before))
+    if got is None:
+        return None
+    return got[0], frame[len(call_before) + got[1]:], int(stamp)
+
+
+def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off: int,
+          n_slots: int, slot_size: int, max_len: int, first_spin: float, spin: float,
+          timeout: float, reply_view: memoryview, reply_base: int, reply_data_off: int,
+          reply_n_slots: int, reply_slot_size: int, reply_seq: int, reply_min_read: int,
+          bell_view: memoryview | None, bell_base: int, call_before: bytes,
+          calls: dict[bytes, str], reply_before: bytes, reply_after: bytes,
+          max_reply: int, target: object, cancel: Any, gate: Any
+          ) -> tuple[tuple[bytes, int] | bool | None,
+                     tuple[int, str, Any, BaseException | None, int] | None,
+                     list[tuple[int, float]] | None]:
+    """The request loop's wait that answers the bare calls it can (see ``_ringcore.c``
+    and :meth:`~gpuexec.ipc.shm_ring.RingReader.serve`)."""
+    records: deque[tuple[int, float]] = deque(maxlen=_RECORDS)
+    seq: int = _u64(view, reader_off)[0]
+    start = time.monotonic()
+    spin_until, sleep_until = start + min(first_spin, timeout), start + timeout
+    while True:
+        if not wait(view, base, seq, flag_off, spin_until, sleep_until):
+            return False, None, list(records) or None
+        slot = data_off + (seq % n_slots) * slot_size
+        bare = _bare_call(view, slot, slot_size, call_before)
+        name = None if bare is None else calls.get(bare[1])
+        method = None
+        if name is not None and not cancel.recheck:
+            method = getattr(target, name, None)
+            method = method if callable(method) else None
+        if method is None:
+            taken = take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len)
+            return (True if taken is None else taken), None, list(records) or None
+        assert bare is not None and name is not None
+        call_id, _, stamp = bare
+        seq += 1
+        release(view, base, reader_off, seq)  # taken
+        cancel.running, cancel.method, cancel.armed = call_id, name, True
+        value: Any = None
+        error: BaseException | None = None
+        try:
+            value = method()
+        except BaseException as e:  # the caller answers it, as the request loop does
+            error = e
+        cancel.armed = False
+        reply = reply_before + _pack_uint(call_id) + reply_after
+        room = reply_min_read + reply_n_slots > reply_seq
+        if not room:
+            reply_min_read = min_read(reply_view, reply_base, ONE_READER_SEQ_OFF, 1)
+            room = reply_min_read + reply_n_slots > reply_seq
+        if error is not None or value is not None or gate.closed or not room or \
+                0 <= max_reply < len(reply) or \
+                len(reply) + _ONE_HEAD + SLOT_HEADER > reply_slot_size:
+            return None, (call_id, name, value, error, stamp), list(records) or None
+        reply_seq += 1
+        put_one(reply_view, reply_base,
+                reply_data_off + ((reply_seq - 1) % reply_n_slots) * reply_slot_size,
+                reply, reply_seq, 1, bell_view, bell_base)
+        now = time.monotonic()
+        records.append((stamp, now))
+        spin_until = sleep_until = now + spin

@@ -63,6 +63,7 @@ import math
 import struct
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -94,6 +95,16 @@ class RingSpec(msgspec.Struct, frozen=True):
     n_slots: int
     slot_size: int
     n_readers: int
+
+
+class Ran(NamedTuple):
+    """A bare call whose method the ring core ran and that Python answers (see
+    :meth:`RingReader.serve`): what the method returned, or the exception it raised."""
+
+    call_id: int
+    method: str
+    value: Any
+    error: BaseException | None
 
 
 class RingTimeout(TimeoutError):
@@ -232,6 +243,11 @@ class RingWriter:
             self._wait_for_space(seq, timeout, alive)
         return self._data + (seq % self._n_slots) * self._slot_size
 
+    def catch_up(self) -> None:
+        """The core published messages of this writer itself (a reader's serve()): take
+        up its position from the ring (the writer's own word)."""
+        self._seq = int(_U64.unpack_from(self._view, _WRITE_SEQ_OFF)[0])
+
     def ring_on_publish(self, view: memoryview, base: int) -> None:
         """Ring the doorbell at ``(view, base)`` (:class:`~gpuexec.ipc.doorbell.Doorbell`)
         with every publish, after the same fence (a worker's reply ring)."""
@@ -310,6 +326,7 @@ class RingReader:
         self._seq = int(_U64.unpack_from(self._m.view, self._off)[0])
         self._holding = False
         self._arrived = 0  # publish time (ns) of a message read_frame took, not yet learned
+        self._spun = False  # serve() spun after its last answer: the next wait sleeps first
         # Per slot: the offset of its length word and a view of its payload bytes, made
         # once (a message is then one slice of a view, no offset computed per read);
         # released by close(), before the segment is unmapped.
@@ -409,6 +426,62 @@ class RingReader:
         if got is False:
             return None
         self._seq += 1
+        if forecast is not None:
+            self._arrived = got[1]
+        return got[0]
+
+    def serve(self, writer: RingWriter, call_before: bytes, calls: dict[bytes, str],
+              reply_parts: tuple[bytes, bytes], max_reply: int, target: object,
+              cancel: object, gate: object) -> bytes | memoryview | Ran | None:
+        """:meth:`read_frame` (no timeout) for a worker whose ring core answers the bare
+        calls it knows by their bytes, without Python between them: a request that is
+        ``call_before`` + an id + a method part ``calls`` maps to a name is taken, the
+        method ``getattr(target, name)`` run with ``cancel`` armed (its ``running``,
+        ``method`` and ``armed``, as the request loop sets them; never while
+        ``cancel.recheck``), and when it returns None and ``gate.closed`` is false, the
+        reply ``reply_parts[0]`` + id + ``reply_parts[1]`` (what the encoder's
+        ``none_reply`` gives) published into ``writer``'s ring, this reader's only
+        writer's (the caller makes sure nobody else writes it meanwhile). Returns the
+        first request left to Python as :meth:`read_frame` gives it; a :class:`Ran` for a
+        call whose method ran in the core and that Python answers (it raised, returned
+        something else, the gate was closed, the reply ring was full or ``max_reply``
+        (>= 0) too small); None after a pass that answered calls and saw no further
+        one within ``spin`` (the next wait then starts with its sleep, or with the
+        forecast's window: what the core answered is learned first, the last
+        :data:`~gpuexec.ipc.forecast.HISTORY` calls of it in order). With a forecast
+        window open, the wait is :meth:`read_frame`'s and nothing is answered."""
+        if self._holding:
+            raise RuntimeError("release() the previous message first")
+        if self._arrived:
+            self.answered(None)
+        forecast = self.forecast
+        if forecast is not None and forecast.regular and forecast.window() is not None:
+            return self.read_frame()
+        first_spin, self._spun = (0.0 if self._spun else self.spin), False
+        try:
+            got, ran, records = self._core.serve(
+                self._view, self._base, self._off, self._flag, self._lengths[0],
+                self._n_slots, self._slot_size, TAKEN_MAX, first_spin, self.spin, _INF,
+                writer._view, writer._base, writer._data, writer._n_slots,
+                writer._slot_size, writer._seq, writer._min_read, writer._bell_view,
+                writer._bell_base, call_before, calls, reply_parts[0], reply_parts[1],
+                max_reply, target, cancel, gate)
+        finally:  # the core moved both rings' positions (an exception too)
+            self.catch_up()
+            writer.catch_up()
+        if records is not None and forecast is not None:
+            for published, replied in records:
+                forecast.observe(published * 1e-9)
+                forecast.replied(replied)
+        if ran is not None:
+            if forecast is not None:
+                self._arrived = ran[4]
+            return Ran(*ran[:4])
+        if got is True:
+            return self.try_read()
+        if not got:  # False: after answering, nothing came (None comes with a Ran only)
+            self._spun = True
+            return None
         if forecast is not None:
             self._arrived = got[1]
         return got[0]

@@ -39,25 +39,27 @@ class ReplyGate:
 
     def __init__(self, send: Callable[[Any, str], None]) -> None:
         self._send = send               # set once; called only under _lock once shared
-        self._lock = threading.Lock()   # guards _closed and every call of _send
-        self._closed = False            # any thread, under _lock
+        self._lock = threading.Lock()   # guards closed and every call of _send
+        # Any thread, under _lock; read without it by the ring core's serving loop
+        # (ipc.shm_ring.RingReader.serve), between a method's return and its reply.
+        self.closed = False
         # Whether another thread may send: from the first deferred reply on (set by the
         # serving thread before it hands a future its callback). Until then only the
         # serving thread sends (signal handlers run on it, between its bytecodes), and
         # a reply leaves without the lock.
-        self._shared = False
+        self.shared = False
 
     def send(self, reply: Any, method: str) -> bool:
         """Send ``reply`` (from any thread); False when the gate is already closed.
         Checked before the lock too: after :meth:`close_now` the lock may be held for
         good by the main thread a signal interrupted mid-send."""
-        if self._closed:
+        if self.closed:
             return False
-        if not self._shared:
+        if not self.shared:
             self._send(reply, method)
             return True
         with self._lock:
-            if self._closed:
+            if self.closed:
                 return False
             self._send(reply, method)
             return True
@@ -67,7 +69,7 @@ class ReplyGate:
               failed: Callable[[BaseException], Any]) -> None:
         """Send ``finish(future)`` once ``future`` is done (at once if it already is);
         should the future refuse the callback, send ``failed(error)`` now instead."""
-        self._shared = True  # before the callback exists: it may run on another thread
+        self.shared = True  # before the callback exists: it may run on another thread
         try:
             future.add_done_callback(lambda f: self.send(finish(f), method))
         except BaseException as e:  # SystemExit too: the worker lives on
@@ -76,9 +78,9 @@ class ReplyGate:
     def close(self) -> None:
         """No reply leaves after this; waits for a send in progress to finish."""
         with self._lock:
-            self._closed = True
+            self.closed = True
 
     def close_now(self) -> None:
         """:meth:`close` from a signal handler, which may have interrupted a send on
         this very thread: no waiting for the lock (a bool store is atomic)."""
-        self._closed = True
+        self.closed = True

@@ -38,11 +38,7 @@ import zmq
 from ..errors import CallCancelled, ValueNotCarriedError
 from ..ipc import exit_hooks
 from ..ipc.cancel_board import BoardReader
-from ..ipc.codec import (
-    Decoder,
-    Encoder,
-    UndecodableValue,
-)
+from ..ipc.codec import Decoder, Encoder, UndecodableValue
 from ..ipc.curve import secure_client
 from ..ipc.messages import (
     ALL_TOPIC,
@@ -61,6 +57,7 @@ from ..ipc.messages import (
     WorkerSpec,
     rank_topic,
 )
+from ..ipc.shm_ring import Ran
 from .base import Worker
 from .cancel import CancelPoint, set_point
 from .deferred import ReplyGate
@@ -175,8 +172,10 @@ class _Server:
             log.warning("dropped a malformed request (%s); counting further ones", e)
 
     def serve(self) -> None:
+        # Bare calls served once: then answered by the ring core (see .transport).
+        self.transport.answer_in_core(self.target, self.cancel, self.gate,
+                                      self.max_message_size)
         next_request = self.transport.next
-        served = self.transport.served  # after each reply this thread sent (see there)
         cancel = self.cancel
         while True:
             msg = next_request()
@@ -198,27 +197,31 @@ class _Server:
                             cancel.armed = False
                         except CallCancelled:
                             out = self._cancelled(msg)
-                    if isinstance(out, Future):
-                        self.gate.defer(out, msg.method, self._deferred_reply(msg),
-                                        self._refused_future(msg))
-                    else:
-                        self.gate.send(out, msg.method)
-                        served()
+                    self._answer(out, msg.method, msg)
+                case Ran():  # a bare call whose method the ring core ran (see .transport)
+                    call = Call(msg.call_id, msg.method, None, [], {})
+                    self._answer(self._outcome(call, msg.value, msg.error), msg.method, call)
                 case Ping(call_id=call_id):
-                    self.gate.send(Pong(call_id, self.rank, dict(self.dropped_by_reason)),
-                                   "ping")
-                    served()
+                    self._answer(Pong(call_id, self.rank, dict(self.dropped_by_reason)), "ping")
                 case Shutdown():
                     return
                 case Regroup():
-                    self.gate.send(self._regroup(msg), "regroup")
-                    served()
+                    self._answer(self._regroup(msg), "regroup")
                 case UndecodableValue(envelope=Call() as call) as e:
-                    self.gate.send(Reply(call.call_id, self.rank, error=e.failure()),
-                                   call.method)
-                    served()
+                    self._answer(Reply(call.call_id, self.rank, error=e.failure()), call.method)
                 case UndecodableValue() as e:  # pragma: no cover - only calls carry values
                     self._drop(e)
+
+    def _answer(self, out: Reply | Pong | Future[Any], method: str,
+                call: Call | None = None) -> None:
+        """Send a reply (then the transport learns it is out), or ``call``'s once the
+        Future its method returned is done."""
+        if isinstance(out, Future):
+            assert call is not None  # only a call's method returns one
+            self.gate.defer(out, method, self._deferred_reply(call), self._refused_future(call))
+        else:
+            self.gate.send(out, method)
+            self.transport.served()
 
     def _regroup(self, msg: Regroup) -> Reply:
         """Peers were replaced: a new process group, then the worker's hook."""
@@ -280,7 +283,15 @@ class _Server:
                         f"{type(self.target).__qualname__} has no method {name!r}")
                 value = method(*call.args, **call.kwargs)
         except BaseException as e:  # SystemExit too: the worker lives on
-            return Reply(call.call_id, self.rank, error=Failure.of(e))
+            return self._outcome(call, None, e)
+        return self._outcome(call, value, None)
+
+    def _outcome(self, call: Call, value: Any, error: BaseException | None
+                 ) -> Reply | Future[Any]:
+        """The reply to ``call`` whose method returned ``value`` or raised ``error``, or
+        the Future it returned (reply deferred)."""
+        if error is not None:
+            return Reply(call.call_id, self.rank, error=Failure.of(error))
         if isinstance(value, Future):
             return value
         keep = call.value_rank < 0 or call.value_rank == self.rank

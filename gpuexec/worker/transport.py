@@ -32,15 +32,25 @@ from typing import Any
 import zmq
 
 from ..ipc import futex, packets
-from ..ipc.codec import Decoder, MalformedMessage, UndecodableValue, recv_rest, send_frames
+from ..ipc.codec import (
+    Decoder,
+    MalformedMessage,
+    UndecodableValue,
+    around_id,
+    none_reply_parts,
+    recv_rest,
+    send_frames,
+)
 from ..ipc.doorbell import Doorbell
 from ..ipc.forecast import ArrivalForecast
-from ..ipc.messages import ALL_TOPIC, ShmSpec, ToWorker, rank_topic
-from ..ipc.shm_ring import RingReader, RingWriter
+from ..ipc.messages import ALL_TOPIC, Call, ShmSpec, ToWorker, rank_topic
+from ..ipc.shm_ring import Ran, RingReader, RingWriter
+from .deferred import ReplyGate
 
 _ALL = ALL_TOPIC[0]
 
 Next = ToWorker | UndecodableValue | None
+_NAMES_ANSWERED = 1024  # method names the ring core answers calls of, at most
 Drop = Callable[[Exception], None]
 
 
@@ -56,7 +66,7 @@ class ZmqWorkerTransport:
         self.decoder = decoder
         self.drop = drop
 
-    def next(self) -> Next:
+    def next(self) -> Next | Ran:
         """The next request (blocks until one comes)."""
         sub = self.sub
         first = sub.recv(copy=False)
@@ -76,6 +86,11 @@ class ZmqWorkerTransport:
 
     def send(self, frames: list[Any]) -> None:
         send_frames(self.push, frames)
+
+    def answer_in_core(self, target: object, cancel: object, gate: ReplyGate,
+                       max_reply: int) -> None:
+        """Nothing here: every request is decoded and answered by the loop (see
+        :meth:`ShmWorkerTransport.answer_in_core`)."""
 
     def served(self) -> None:
         """The serving thread's reply to the request it took last is out (nothing to
@@ -106,17 +121,49 @@ class ShmWorkerTransport:
         self.doorbell = Doorbell(spec.doorbell)
         # Every reply (a marker too) rings the doorbell, after the publish's own fence.
         self.reply.ring_on_publish(self.doorbell.view, self.doorbell.base)
+        # Bare calls the core answers (see answer_in_core): target, cancel point, reply
+        # gate and the reply size limit; the header's method part -> the method's name.
+        self._core_answers: tuple[object, object, ReplyGate, int] | None = None
+        self._call_before = b""
+        self._reply_parts = (b"", b"")
+        self._bare_calls: dict[bytes, str] = {}
+        self._learned: set[str] = set()
 
-    def next(self) -> Next:
-        view = self.request.read_frame()
+    def answer_in_core(self, target: object, cancel: object, gate: ReplyGate,
+                       max_reply: int) -> None:
+        """From now on, let the ring core answer the bare calls (a method by name, no
+        arguments) this worker has served once, back to back without Python between
+        them (:meth:`RingReader.serve`): ``getattr(target, name)()`` run with ``cancel``
+        armed, and when it returns None its cached reply published, unless the gate is
+        closed or a reply of ``max_reply`` bytes (>= 0) would be too long. A call the
+        core cannot finish comes back from :meth:`next` as a :class:`Ran` for the loop
+        to answer. Only while ``gate`` is not shared (no reply from another thread can
+        be under way): a worker whose method returned a Future keeps the Python loop."""
+        self._core_answers = (target, cancel, gate, max_reply)
+        self._call_before = around_id(lambda i: Call(i, "m", None, [], {}))[0]
+        self._reply_parts = none_reply_parts(self.rank)
+
+    def next(self) -> Next | Ran:
+        answers = self._core_answers
+        if answers is not None and not answers[2].shared:
+            view = self.request.serve(self.reply, self._call_before, self._bare_calls,
+                                      self._reply_parts, answers[3], *answers[:3])
+            if view.__class__ is Ran:
+                return view
+        else:
+            view = self.request.read_frame()
         if type(view) is bytes:  # one frame for every rank: almost every request,
             try:                 # taken from the ring in one call (slot released)
-                return self.ring_decoder.decode_header(view)
+                msg = self.ring_decoder.decode_header(view)
             except UndecodableValue as e:
                 return e
             except MalformedMessage as e:
                 self.drop(e)
                 return None
+            if answers is not None and msg.__class__ is Call and msg.fn is None and \
+                    not msg.args and not msg.kwargs and msg.value_rank < 0:
+                self._learn(msg.method)
+            return msg
         if not isinstance(view, memoryview):  # pragma: no cover - no timeout was given
             return None
         try:
@@ -136,6 +183,22 @@ class ShmWorkerTransport:
         finally:
             view.release()
             self.request.release()
+
+    def _learn(self, name: str) -> None:
+        """Let the core answer calls of ``name`` by their header's method part (not a
+        dunder: the loop refuses those; at most a bounded number of names)."""
+        if name in self._learned or name.startswith("__"):
+            return
+        if len(self._learned) >= _NAMES_ANSWERED:
+            self._learned.clear()  # names made up at run time: never grow without bound
+            self._bare_calls.clear()
+        self._learned.add(name)
+        try:
+            before, after = around_id(lambda i: Call(i, name, None, [], {}))
+        except (OverflowError, UnicodeEncodeError):  # a lone surrogate in the name
+            return
+        if before == self._call_before:
+            self._bare_calls[after] = name
 
     def send(self, frames: list[Any]) -> None:
         # The doorbell is rung by the publish (see __init__). Almost every reply is one
