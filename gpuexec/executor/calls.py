@@ -389,6 +389,38 @@ class CallTable:
             if call.future is not None:
                 self._on_deferred()
 
+    def answered_none(self, call: PendingCall) -> None:
+        """:meth:`deliver_values` of None from every rank ``call`` was sent to, all at once
+        (collect's common case; the caller holds the pump lock): what it and :meth:`_end`
+        do for such a call, without their general tests, under one take of the lock. A
+        call that is not simply waiting for all of them (one ended, or answered already,
+        or failed, or a future's) takes :meth:`deliver_values`."""
+        metrics = self.metrics
+        now = time.monotonic()
+        ranks = call.ranks
+        with self.lock:
+            if call.done or len(call.owed) != len(ranks) or call.failures is not None or \
+                    call.future is not None or call.unique_reply_rank is not None:
+                simple = False
+            else:
+                simple = True
+                replies, last = metrics.replies, metrics.last_reply
+                for rank in ranks:
+                    replies[rank] += 1
+                    last[rank] = now
+                call.owed.clear()
+                metrics.finished(call.method, now - call.started, call.nbytes, None)
+                call.value = [None] * len(ranks)
+                call.done = True  # last but the table's own: see _end
+                del self.pending[call.call_id]
+                if self.failing:
+                    self.failing.pop(call.call_id, None)
+                self._give_back(call)
+        if not simple:
+            self.deliver_values(call, ranks)
+        elif call.segments or call.event is not None:
+            self._ended(call, settle=False)
+
     def finish(self, call: PendingCall, error: BaseException | None = None,
                settle: bool | None = True, watch: str | None = None,
                now: float | None = None) -> bool:

@@ -259,6 +259,50 @@ class DriverChannel:
             self._poke()
         return call
 
+    def call_bare(self, method: str, ranks: Sequence[int], timeout: float | None) -> Any:
+        """:meth:`submit` then :meth:`wait` of a blocking call by name without arguments
+        to ``ranks`` (the hot path's form, checked by the caller), with their steps for
+        it in one place: its cached header sent and its replies collected under one take
+        of the pump lock when nobody else pumps and the request ring has room (the send
+        lock taken inside it, as their order says); anything else (another pumper, no
+        room, a reply still owed after the first round, a name the encoder does not
+        cache) goes on by the general steps, which behave as they would have from the
+        start."""
+        table = self._table
+        call = PendingCall(next(table.ids), method, ranks, None, timeout, None)
+        table.enter(call, _closed)
+        header = self._encoder.bare_call(call.call_id, method)
+        if header is None or len(header) > self._max_message_size >= 0:
+            table.withdraw(call)  # the general path sends it, or explains why not
+            return self.wait(self.submit(method, None, [], {}, ranks, None, timeout, False,
+                                         True))
+        call.nbytes = len(header)
+        frames = [header]
+        sent = False
+        if not self._pump_lock.locked():
+            try:
+                with self._pump_lock:
+                    with self._send_lock:
+                        sent = not self._released and self._transport.send(ranks, frames)
+                    if sent:
+                        deadline = call.deadline
+                        self._transport.recv_for(call, -1 if deadline is None else max(
+                            1, int((deadline - time.monotonic()) * 1000 + 0.999)))
+            except BaseException as e:
+                if not sent:  # (as _send and wait would: not known to be sent: no watch)
+                    self._cancels.interrupted(call, "its sending was interrupted", e,
+                                              watch=False)
+                elif not call.done:
+                    self._cancels.interrupted(call, "the waiting thread was interrupted")
+                raise
+            if table.unsettled:
+                table.settle()
+            if call.done and call.error is None:
+                return call.value
+        if not sent:
+            self._send(ranks, frames, call.deadline, call)
+        return self.wait(call)
+
     def check_encodable(self, method: str, fn_blob: bytes | None, args: list[Any],
                         kwargs: dict[str, Any], value_rank: int, plain: bool) -> None:
         """Raise now what :meth:`submit` would, for a call held while suspended."""

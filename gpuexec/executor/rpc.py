@@ -101,9 +101,7 @@ class RpcMethods:
                 not self._owner.foreign and not self._gate.holding:
             # The hot path's form (a method by name, nothing else given): every check of
             # _submit passes by construction, so it is skipped.
-            channel = self._channel
-            return channel.wait(channel.submit(method, None, [], {}, self._all_ranks, None,
-                                               self._config.rpc_timeout, False, True))
+            return self._channel.call_bare(method, self._all_ranks, self._config.rpc_timeout)
         call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
         if non_block:
             assert call.future is not None

@@ -71,7 +71,6 @@ class ShmTransport(Transport):
         self._stash: deque[list[Any]] = deque()
         self._batch: list[Reply | Pong] = []  # the replies of one pass (see _recv)
         self._every = (1 << self._n_ranks) - 1  # every rank, as a mask and in order
-        self._all_ranks = tuple(range(self._n_ranks))  # (see _collect)
         # Reply rings the core released messages of (collect) since their readers last
         # looked: each reader re-reads its position before it is next used (_catch_up).
         self._moved = 0
@@ -143,7 +142,7 @@ class ShmTransport(Transport):
         if call.done:
             return
         call_id = _encode_id(call.call_id)
-        every, n_ranks, all_ranks = self._every, self._n_ranks, self._all_ranks
+        every, n_ranks = self._every, self._n_ranks
         while True:
             owed = call.owed  # the ranks still owed (a frame may be another call's reply)
             if len(owed) == n_ranks:
@@ -159,7 +158,7 @@ class ShmTransport(Transport):
             if taken | framed:  # released by the core: the readers catch up when next used
                 self._moved |= taken | framed
                 if taken == every:  # every rank answered None (the common case)
-                    table.deliver_values(call, all_ranks)
+                    table.answered_none(call)
                 elif taken:
                     ranks = []
                     while taken:
