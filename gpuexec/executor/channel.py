@@ -227,6 +227,27 @@ class DriverChannel:
         None: not looked at; see :meth:`Encoder.encode_with_segments`); the caller waits
         for it. A closed or failed channel refuses it in :meth:`CallTable.enter` (which
         raises what :meth:`check_usable` would)."""
+        call, frames = self._enter(method, fn_blob, args, kwargs, ranks, unique_reply_rank,
+                                   timeout, non_block, plain)
+        self._send(call.ranks, frames, call.deadline, call)
+        if non_block:
+            self._poke()
+        return call
+
+    def call(self, method: str, fn_blob: bytes | None, args: list[Any],
+             kwargs: dict[str, Any], ranks: Sequence[int], unique_reply_rank: int | None,
+             timeout: float | None, plain: bool | None = None) -> Any:
+        """:meth:`submit` and :meth:`wait` of a blocking call: its result (see
+        :meth:`_round_trip`)."""
+        call, frames = self._enter(method, fn_blob, args, kwargs, ranks, unique_reply_rank,
+                                   timeout, False, plain)
+        return self._round_trip(call, frames)
+
+    def _enter(self, method: str, fn_blob: bytes | None, args: list[Any],
+               kwargs: dict[str, Any], ranks: Sequence[int], unique_reply_rank: int | None,
+               timeout: float | None, non_block: bool, plain: bool | None
+               ) -> tuple[PendingCall, list[Any]]:
+        """A call entered in the table with its frames, not sent yet (see :meth:`submit`)."""
         table = self._table
         future = CallFuture() if non_block else None
         call = PendingCall(next(table.ids), method, ranks, unique_reply_rank, timeout, future)
@@ -254,30 +275,31 @@ class DriverChannel:
             call.segments = []
             table.withdraw(call)
             raise
-        self._send(call.ranks, frames, call.deadline, call)
-        if non_block:
-            self._poke()
-        return call
+        return call, frames
 
     def call_bare(self, method: str, ranks: Sequence[int], timeout: float | None) -> Any:
-        """:meth:`submit` then :meth:`wait` of a blocking call by name without arguments
-        to ``ranks`` (the hot path's form, checked by the caller), with their steps for
-        it in one place: its cached header sent and its replies collected under one take
-        of the pump lock when nobody else pumps and the request ring has room (the send
-        lock taken inside it, as their order says); anything else (another pumper, no
-        room, a reply still owed after the first round, a name the encoder does not
-        cache) goes on by the general steps, which behave as they would have from the
-        start."""
+        """:meth:`call` of a call by name without arguments to ``ranks`` (the hot path's
+        form, checked by the caller): no Call is built or encoded, its header is the
+        encoder's cached bytes (a name it does not cache takes :meth:`call`)."""
         table = self._table
         call = PendingCall(next(table.ids), method, ranks, None, timeout, None)
         table.enter(call, _closed)
         header = self._encoder.bare_call(call.call_id, method)
         if header is None or len(header) > self._max_message_size >= 0:
             table.withdraw(call)  # the general path sends it, or explains why not
-            return self.wait(self.submit(method, None, [], {}, ranks, None, timeout, False,
-                                         True))
+            return self.call(method, None, [], {}, ranks, None, timeout, True)
         call.nbytes = len(header)
-        frames = [header]
+        return self._round_trip(call, [header])
+
+    def _round_trip(self, call: PendingCall, frames: list[Any]) -> Any:
+        """Send a blocking ``call`` entered in the table and wait for it: its result. The
+        request is sent and the replies collected under one take of the pump lock when
+        nobody else pumps and the request ring has room (the send lock taken inside it,
+        as their order says); anything else (another pumper, no room, a reply still
+        owed after the first round) goes on by :meth:`_send` and :meth:`wait`, which
+        behave as they would have from the start."""
+        table = self._table
+        ranks = call.ranks
         sent = False
         if not self._pump_lock.locked():
             try:

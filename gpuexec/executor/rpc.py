@@ -102,11 +102,11 @@ class RpcMethods:
             # The hot path's form (a method by name, nothing else given): every check of
             # _submit passes by construction, so it is skipped.
             return self._channel.call_bare(method, self._all_ranks, self._config.rpc_timeout)
-        call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, non_block)
-        if non_block:
-            assert call.future is not None
-            return call.future
-        return self._channel.wait(call)
+        if non_block is False:
+            return self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank,
+                                False, wait=True)
+        return _future(self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank,
+                                    non_block))  # checked there
 
     @overload
     async def collective_rpc_async(
@@ -154,14 +154,27 @@ class RpcMethods:
             call = self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank, True)
             return await await_call(call)
 
+    @overload
     def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
                 kwargs: Mapping[str, Any] | None, timeout: float | None,
                 ranks: Sequence[int] | None, unique_reply_rank: int | None,
-                non_block: bool) -> PendingCall:
+                non_block: bool) -> PendingCall: ...
+
+    @overload
+    def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any] | None, timeout: float | None,
+                ranks: Sequence[int] | None, unique_reply_rank: int | None,
+                non_block: Literal[False], wait: Literal[True]) -> Any: ...
+
+    def _submit(self, method: str | Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any] | None, timeout: float | None,
+                ranks: Sequence[int] | None, unique_reply_rank: int | None,
+                non_block: bool, wait: bool = False) -> Any:
         """Validate a call's arguments (:mod:`.validate`) and send it; the caller waits
-        for it. Every call passes here: the common forms (a method name, a tuple or list
-        of arguments, defaults elsewhere) are recognised inline, anything else goes
-        through the validators, which accept the same and explain the rest."""
+        for it, or (``wait``, a blocking call) its result is returned. Every call passes
+        here: the common forms (a method name, a tuple or list of arguments, defaults
+        elsewhere) are recognised inline, anything else goes through the validators,
+        which accept the same and explain the rest."""
         owner = self._owner
         if owner.foreign:
             owner.check()
@@ -190,8 +203,12 @@ class RpcMethods:
         blob = None if isinstance(method, str) else source.dumps(method)
         simple = simple and (not call_list or plain(call_list))
         if self._gate.holding:  # suspended: the call waits in the driver, unsent (see .hold)
-            return self._held(name, blob, call_list, call_dict, target, value_rank, deadline,
+            held = self._held(name, blob, call_list, call_dict, target, value_rank, deadline,
                               non_block, simple)
+            return self._channel.wait(held) if wait else held
+        if wait:
+            return self._channel.call(name, blob, call_list, call_dict, target, value_rank,
+                                      deadline, simple)
         return self._channel.submit(name, blob, call_list, call_dict, target, value_rank,
                                     deadline, non_block, simple)
 
