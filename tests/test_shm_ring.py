@@ -593,8 +593,9 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
         reader = RingReader(requests.spec, 0, spin=0.01, forecast=forecast)
 
         def serve(max_reply: int = -1) -> object:
-            return reader.serve(replies, before, calls, none_reply_parts(2), max_reply,
-                                Target(), cancel, gate)
+            reader.answer_in_core(replies, before, calls, none_reply_parts(2), max_reply,
+                                  Target(), cancel, gate)
+            return reader.serve()
 
         ids = [1, 300, 70000, 2**33, 6]  # every form of msgpack int; the 5th: no room
         for call_id in ids:

@@ -389,18 +389,21 @@ class CallTable:
             if call.future is not None:
                 self._on_deferred()
 
-    def answered_none(self, call: PendingCall) -> None:
-        """:meth:`deliver_values` of None from every rank ``call`` was sent to, all at once
-        (collect's common case; the caller holds the pump lock): what it and :meth:`_end`
-        do for such a call, without their general tests, under one take of the lock. A
-        call that is not simply waiting for all of them (one ended, or answered already,
-        or failed, or a future's) takes :meth:`deliver_values`."""
+    def answered(self, call: PendingCall, values: dict[int, Any] | None = None) -> None:
+        """Every rank ``call`` was sent to answered it at once, without an error: None each
+        (``values`` None: collect's common case) or ``values[rank]`` (decoded replies).
+        What :meth:`deliver_values` and :meth:`_end` do for such a call, without their
+        general tests, under one take of the lock; the caller holds the pump lock. A call
+        that is not simply waiting for all of them (one ended, or some answered already,
+        or failed, or a future's) takes :meth:`deliver_values`, one rank at a time."""
         metrics = self.metrics
         now = time.monotonic()
         ranks = call.ranks
         with self.lock:
-            if call.done or len(call.owed) != len(ranks) or call.failures is not None or \
-                    call.future is not None or call.unique_reply_rank is not None:
+            owed = call.owed
+            if call.done or call.failures is not None or call.future is not None or \
+                    call.unique_reply_rank is not None or len(owed) != len(ranks) or \
+                    (values is not None and owed != values.keys()):
                 simple = False
             else:
                 simple = True
@@ -408,18 +411,23 @@ class CallTable:
                 for rank in ranks:
                     replies[rank] += 1
                     last[rank] = now
-                call.owed.clear()
+                owed.clear()
                 metrics.finished(call.method, now - call.started, call.nbytes, None)
-                call.value = [None] * len(ranks)
+                call.value = [None] * len(ranks) if values is None else \
+                    list(map(values.__getitem__, ranks))
                 call.done = True  # last but the table's own: see _end
                 del self.pending[call.call_id]
                 if self.failing:
                     self.failing.pop(call.call_id, None)
                 self._give_back(call)
-        if not simple:
+        if simple:
+            if call.segments or call.event is not None:
+                self._ended(call, settle=False)
+        elif values is None:
             self.deliver_values(call, ranks)
-        elif call.segments or call.event is not None:
-            self._ended(call, settle=False)
+        else:
+            for rank, value in values.items():
+                self.deliver_values(call, (rank,), value)
 
     def finish(self, call: PendingCall, error: BaseException | None = None,
                settle: bool | None = True, watch: str | None = None,

@@ -25,7 +25,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -158,7 +158,7 @@ class ShmTransport(Transport):
             if taken | framed:  # released by the core: the readers catch up when next used
                 self._moved |= taken | framed
                 if taken == every:  # every rank answered None (the common case)
-                    table.answered_none(call)
+                    table.answered(call)
                 elif taken:
                     ranks = []
                     while taken:
@@ -204,14 +204,24 @@ class ShmTransport(Transport):
         if len(replies) == 1:
             self._deliver_one(call, replies[0])
         elif replies:
-            self._table.deliver(replies)
+            call_id = call.call_id
+            if all(r.__class__ is Reply and r.call_id == call_id and r.error is None
+                   for r in replies):  # every one call's own result (values, each rank)
+                own = cast(list[Reply], replies)
+                self._table.answered(call, {r.rank: r.value for r in own})
+            else:
+                self._table.deliver(replies)
 
     def _deliver_one(self, call: PendingCall | None, reply: Reply | Pong) -> None:
         """Deliver one reply: ``call``'s own without an error is recorded without the
-        general walk (:meth:`CallTable.deliver_values`)."""
+        general walk (:meth:`CallTable.answered` when the call awaited it alone, else
+        :meth:`CallTable.deliver_values`)."""
         if call is not None and reply.__class__ is Reply and \
                 reply.call_id == call.call_id and reply.error is None:
-            self._table.deliver_values(call, (reply.rank,), reply.value)
+            if len(call.owed) == 1:
+                self._table.answered(call, {reply.rank: reply.value})
+            else:
+                self._table.deliver_values(call, (reply.rank,), reply.value)
         else:
             self._table.deliver((reply,))
 

@@ -974,23 +974,24 @@ static PyObject *cached_name(PyObject *calls, const unsigned char *rest, Py_ssiz
     return found;
 }
 
-/* serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len,
- * first_spin, spin, timeout, reply_view, reply_base, reply_data_off, reply_n_slots,
- * reply_slot_size, reply_seq, reply_min_read, bell_view, bell_base, call_before, calls,
- * reply_before, reply_after, max_reply, target, cancel, gate) -> (got, ran, records): a
- * worker's wait for its next request (as next_frame, spinning ``first_spin`` seconds)
- * that also answers the requests it can without Python: a bare call (``call_before`` +
- * id + a method part that ``calls`` maps to a method name) is taken, its method
- * ``getattr(target, name)`` run armed for cancellation, and when it returns None,
- * ``reply_before`` + id + ``reply_after`` is published into the reply ring (the doorbell
- * rung); then the wait goes on, spinning ``spin`` seconds only. ``got`` is what
- * next_frame gives for the first request left to Python (False: none came), None when
- * ``ran`` = (call_id, name, value, error, stamp) is a call whose method ran here and
- * that Python must answer (it raised, returned something else, the gate was closed, the
- * reply ring full, the reply over ``max_reply`` bytes when that is >= 0); ``records``:
- * (published_ns, replied) of each call answered here, the last RECORDS (None: none).
- * The reader's read_seq and the reply ring's write_seq are in the rings (the caller
- * takes them up). */
+/* serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, spin,
+ * timeout, reply_view, reply_base, reply_data_off, reply_n_slots, reply_slot_size,
+ * bell_view, bell_base, call_before, calls, reply_before, reply_after, max_reply, target,
+ * cancel, gate, first_spin) -> (got, ran, records): a worker's wait for its next request
+ * (as next_frame, spinning ``first_spin`` seconds) that also answers the requests it can
+ * without Python: a bare call (``call_before`` + id + a method part that ``calls`` maps
+ * to a method name) is taken, its method ``getattr(target, name)`` run armed for
+ * cancellation, and when it returns None, ``reply_before`` + id + ``reply_after`` is
+ * published into the reply ring (of one reader, whose only writer the caller is: its
+ * position is read from the ring) with the doorbell rung; then the wait goes on,
+ * spinning ``spin`` seconds only. ``got`` is what next_frame gives for the first request
+ * left to Python (False: none came), None when ``ran`` = (call_id, name, value, error,
+ * stamp) is a call whose method ran here and that Python must answer (it raised,
+ * returned something else, the gate was closed, the reply ring full, the reply over
+ * ``max_reply`` bytes when that is >= 0); ``records``: (published_ns, replied) of each
+ * call answered here, the last RECORDS (None: none). The reader's read_seq and the reply
+ * ring's write_seq are in the rings (the caller takes them up). Every argument but the
+ * last stays the same from call to call (to bind them once). */
 static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     uint64_t base, reader_off, flag_off, data_off, n_slots, slot_size, max_len;
@@ -1000,34 +1001,35 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
     long long max_reply;
     char *call_before, *text;
     Py_ssize_t call_before_len;
-    if (!nargs_ok(nargs, 28, "serve") || !as_u64(args[1], &base) ||
+    if (!nargs_ok(nargs, 26, "serve") || !as_u64(args[1], &base) ||
         !as_u64(args[2], &reader_off) || !as_u64(args[3], &flag_off) ||
         !as_u64(args[4], &data_off) || !as_u64(args[5], &n_slots) ||
         !as_u64(args[6], &slot_size) || !as_u64(args[7], &max_len) ||
-        !as_double(args[8], &first_spin) || !as_double(args[9], &spin) ||
-        !as_double(args[10], &timeout) || !as_u64(args[12], &rbase) ||
-        !as_u64(args[13], &r.data_off) || !as_u64(args[14], &r.n_slots) ||
-        !as_u64(args[15], &r.slot_size) || !as_u64(args[16], &r.seq) ||
-        !as_u64(args[17], &r.min_read) || !as_u64(args[19], &rbell))
+        !as_double(args[8], &spin) || !as_double(args[9], &timeout) ||
+        !as_u64(args[11], &rbase) || !as_u64(args[12], &r.data_off) ||
+        !as_u64(args[13], &r.n_slots) || !as_u64(args[14], &r.slot_size) ||
+        !as_u64(args[16], &rbell) || !as_double(args[25], &first_spin))
         return NULL;
-    if (PyBytes_AsStringAndSize(args[20], &call_before, &call_before_len) < 0 ||
-        PyBytes_AsStringAndSize(args[22], &text, &r.before_len) < 0)
+    if (PyBytes_AsStringAndSize(args[17], &call_before, &call_before_len) < 0 ||
+        PyBytes_AsStringAndSize(args[19], &text, &r.before_len) < 0)
         return NULL;
     r.before = text;
-    if (PyBytes_AsStringAndSize(args[23], &text, &r.after_len) < 0)
+    if (PyBytes_AsStringAndSize(args[20], &text, &r.after_len) < 0)
         return NULL;
     r.after = text;
-    max_reply = PyLong_AsLongLong(args[24]);
+    max_reply = PyLong_AsLongLong(args[21]);
     if (max_reply == -1 && PyErr_Occurred())
         return NULL;
     r.max_reply = max_reply < 0 ? -1 : (Py_ssize_t)max_reply;
-    PyObject *calls = args[21], *target = args[25], *cancel = args[26], *gate = args[27];
+    PyObject *calls = args[18], *target = args[22], *cancel = args[23], *gate = args[24];
     if (n_slots == 0 || r.n_slots == 0 || !PyDict_Check(calls)) {
         PyErr_SetString(PyExc_ValueError, "serve(): rings with slots and a dict of calls");
         return NULL;
     }
     r.b = (uintptr_t)rbase;
     r.bell = (uintptr_t)rbell;
+    r.seq = __atomic_load_n(u64_at(r.b, WRITE_SEQ_OFF), __ATOMIC_RELAXED); /* its own word */
+    r.min_read = 0; /* not looked at yet: read when the ring may be full */
     uintptr_t b = (uintptr_t)base;
     struct records rec;
     rec.n = 0;
@@ -1152,11 +1154,11 @@ static PyMethodDef methods[] = {
     {"gather", (PyCFunction)(void (*)(void))core_gather, METH_FASTCALL,
      "gather(views, bases, bell_view, bell_base, epoch, spin_until, sleep_until) -> mask."},
     {"serve", (PyCFunction)(void (*)(void))core_serve, METH_FASTCALL,
-     "serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, "
-     "first_spin, spin, timeout, reply_view, reply_base, reply_data_off, reply_n_slots, reply_slot_size, "
-     "reply_seq, reply_min_read, bell_view, bell_base, call_before, calls, reply_before, "
-     "reply_after, max_reply, target, cancel, gate) -> (got, ran, records): wait for the "
-     "next request, answering the bare calls it can."},
+     "serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, spin, "
+     "timeout, reply_view, reply_base, reply_data_off, reply_n_slots, reply_slot_size, "
+     "bell_view, bell_base, call_before, calls, reply_before, reply_after, max_reply, "
+     "target, cancel, gate, first_spin) -> (got, ran, records): wait for the next request, "
+     "answering the bare calls it can."},
     {NULL, NULL, 0, NULL},
 };
 

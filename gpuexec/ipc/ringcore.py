@@ -67,16 +67,15 @@ class Core(Protocol):
                bell_view: memoryview, bell_base: int, epoch: int, spin_until: float,
                sleep_until: float) -> int: ...
     def serve(self, view: memoryview, base: int, reader_off: int, flag_off: int,
-              data_off: int, n_slots: int, slot_size: int, max_len: int,
-              first_spin: float, spin: float, timeout: float, reply_view: memoryview,
-              reply_base: int, reply_data_off: int, reply_n_slots: int,
-              reply_slot_size: int, reply_seq: int, reply_min_read: int,
-              bell_view: memoryview | None, bell_base: int,
-              call_before: bytes, calls: dict[bytes, str], reply_before: bytes,
-              reply_after: bytes, max_reply: int, target: object, cancel: object,
-              gate: object) -> tuple[tuple[bytes, int] | bool | None,
-                                     tuple[int, str, Any, BaseException | None, int] | None,
-                                     list[tuple[int, float]] | None]: ...
+              data_off: int, n_slots: int, slot_size: int, max_len: int, spin: float,
+              timeout: float, reply_view: memoryview, reply_base: int, reply_data_off: int,
+              reply_n_slots: int, reply_slot_size: int, bell_view: memoryview | None,
+              bell_base: int, call_before: bytes, calls: dict[bytes, str],
+              reply_before: bytes, reply_after: bytes, max_reply: int, target: object,
+              cancel: object, gate: object, first_spin: float
+              ) -> tuple[tuple[bytes, int] | bool | None,
+                         tuple[int, str, Any, BaseException | None, int] | None,
+                         list[tuple[int, float]] | None]: ...
 
 
 _current: Core | None = None

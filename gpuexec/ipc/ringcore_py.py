@@ -349,19 +349,20 @@ def _bare_call(view: memoryview, slot: int, slot_size: int, call_before: bytes
 
 
 def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off: int,
-          n_slots: int, slot_size: int, max_len: int, first_spin: float, spin: float,
-          timeout: float, reply_view: memoryview, reply_base: int, reply_data_off: int,
-          reply_n_slots: int, reply_slot_size: int, reply_seq: int, reply_min_read: int,
-          bell_view: memoryview | None, bell_base: int, call_before: bytes,
-          calls: dict[bytes, str], reply_before: bytes, reply_after: bytes,
-          max_reply: int, target: object, cancel: Any, gate: Any
-          ) -> tuple[tuple[bytes, int] | bool | None,
-                     tuple[int, str, Any, BaseException | None, int] | None,
-                     list[tuple[int, float]] | None]:
+          n_slots: int, slot_size: int, max_len: int, spin: float, timeout: float,
+          reply_view: memoryview, reply_base: int, reply_data_off: int, reply_n_slots: int,
+          reply_slot_size: int, bell_view: memoryview | None, bell_base: int,
+          call_before: bytes, calls: dict[bytes, str], reply_before: bytes,
+          reply_after: bytes, max_reply: int, target: object, cancel: Any, gate: Any,
+          first_spin: float) -> tuple[tuple[bytes, int] | bool | None,
+                                      tuple[int, str, Any, BaseException | None, int] | None,
+                                      list[tuple[int, float]] | None]:
     """The request loop's wait that answers the bare calls it can (see ``_ringcore.c``
     and :meth:`~gpuexec.ipc.shm_ring.RingReader.serve`)."""
     records: deque[tuple[int, float]] = deque(maxlen=_RECORDS)
     seq: int = _u64(view, reader_off)[0]
+    reply_seq: int = _u64(reply_view, WRITE_SEQ_OFF)[0]  # the caller's own word
+    reply_min_read = 0  # not looked at yet
     start = time.monotonic()
     spin_until, sleep_until = start + min(first_spin, timeout), start + timeout
     while True:

@@ -63,6 +63,7 @@ import math
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import msgspec
@@ -105,6 +106,13 @@ class Ran(NamedTuple):
     method: str
     value: Any
     error: BaseException | None
+
+
+# What the core's serve() answers: (what next_frame would, a Ran's fields and publish
+# time, (published_ns, replied) of each call the core answered).
+_Served = tuple[tuple[bytes, int] | bool | None,
+                tuple[int, str, Any, BaseException | None, int] | None,
+                list[tuple[int, float]] | None]
 
 
 class RingTimeout(TimeoutError):
@@ -327,6 +335,8 @@ class RingReader:
         self._holding = False
         self._arrived = 0  # publish time (ns) of a message read_frame took, not yet learned
         self._spun = False  # serve() spun after its last answer: the next wait sleeps first
+        self._answer: Callable[[float], _Served] | None = None  # see answer_in_core
+        self._answer_writer: RingWriter | None = None
         # Per slot: the offset of its length word and a view of its payload bytes, made
         # once (a message is then one slice of a view, no offset computed per read);
         # released by close(), before the segment is unmapped.
@@ -430,24 +440,36 @@ class RingReader:
             self._arrived = got[1]
         return got[0]
 
-    def serve(self, writer: RingWriter, call_before: bytes, calls: dict[bytes, str],
-              reply_parts: tuple[bytes, bytes], max_reply: int, target: object,
-              cancel: object, gate: object) -> bytes | memoryview | Ran | None:
-        """:meth:`read_frame` (no timeout) for a worker whose ring core answers the bare
-        calls it knows by their bytes, without Python between them: a request that is
-        ``call_before`` + an id + a method part ``calls`` maps to a name is taken, the
-        method ``getattr(target, name)`` run with ``cancel`` armed (its ``running``,
-        ``method`` and ``armed``, as the request loop sets them; never while
-        ``cancel.recheck``), and when it returns None and ``gate.closed`` is false, the
-        reply ``reply_parts[0]`` + id + ``reply_parts[1]`` (what the encoder's
-        ``none_reply`` gives) published into ``writer``'s ring, this reader's only
-        writer's (the caller makes sure nobody else writes it meanwhile). Returns the
-        first request left to Python as :meth:`read_frame` gives it; a :class:`Ran` for a
-        call whose method ran in the core and that Python answers (it raised, returned
-        something else, the gate was closed, the reply ring was full or ``max_reply``
-        (>= 0) too small); None after a pass that answered calls and saw no further
-        one within ``spin`` (the next wait then starts with its sleep, or with the
-        forecast's window: what the core answered is learned first, the last
+    def answer_in_core(self, writer: RingWriter, call_before: bytes, calls: dict[bytes, str],
+                       reply_parts: tuple[bytes, bytes], max_reply: int, target: object,
+                       cancel: object, gate: object) -> None:
+        """Let :meth:`serve` answer the bare calls the core knows by their bytes, without
+        Python between them: a request that is ``call_before`` + an id + a method part
+        ``calls`` maps to a name (the dict is read at every request: the caller may add
+        names) is taken, the method ``getattr(target, name)`` run with ``cancel`` armed
+        (its ``running``, ``method`` and ``armed``, as the request loop sets them; never
+        while ``cancel.recheck``), and when it returns None and ``gate.closed`` is false,
+        the reply ``reply_parts[0]`` + id + ``reply_parts[1]`` (what the encoder's
+        ``none_reply`` gives) is published into ``writer``'s ring (a ring of one reader;
+        the caller makes sure nobody else writes it while :meth:`serve` runs). Bound once:
+        the rings' shapes, this reader's spin and the objects above."""
+        self._answer = partial(
+            self._core.serve, self._view, self._base, self._off, self._flag,
+            self._lengths[0], self._n_slots, self._slot_size, TAKEN_MAX, self.spin, _INF,
+            writer._view, writer._base, writer._data, writer._n_slots, writer._slot_size,
+            writer._bell_view, writer._bell_base, call_before, calls, reply_parts[0],
+            reply_parts[1], max_reply, target, cancel, gate)
+        self._answer_writer = writer
+
+    def serve(self) -> bytes | memoryview | Ran | None:
+        """:meth:`read_frame` (no timeout) that lets the core answer calls as
+        :meth:`answer_in_core` said. Returns the first request left to Python as
+        :meth:`read_frame` gives it; a :class:`Ran` for a call whose method ran in the core
+        and that Python answers (it raised, returned something else, the gate was
+        closed, the reply ring was full or the reply over ``max_reply`` (>= 0) bytes);
+        None after a pass that answered calls and saw no further one within ``spin``
+        (the next wait then starts with its sleep, or with the forecast's window: what
+        the core answered is learned first, the last
         :data:`~gpuexec.ipc.forecast.HISTORY` calls of it in order). With a forecast
         window open, the wait is :meth:`read_frame`'s and nothing is answered."""
         if self._holding:
@@ -457,18 +479,21 @@ class RingReader:
         forecast = self.forecast
         if forecast is not None and forecast.regular and forecast.window() is not None:
             return self.read_frame()
+        answer, writer = self._answer, self._answer_writer
+        if answer is None or writer is None:
+            raise RuntimeError("answer_in_core() first")
         first_spin, self._spun = (0.0 if self._spun else self.spin), False
         try:
-            got, ran, records = self._core.serve(
-                self._view, self._base, self._off, self._flag, self._lengths[0],
-                self._n_slots, self._slot_size, TAKEN_MAX, first_spin, self.spin, _INF,
-                writer._view, writer._base, writer._data, writer._n_slots,
-                writer._slot_size, writer._seq, writer._min_read, writer._bell_view,
-                writer._bell_base, call_before, calls, reply_parts[0], reply_parts[1],
-                max_reply, target, cancel, gate)
-        finally:  # the core moved both rings' positions (an exception too)
+            got, ran, records = answer(first_spin)
+        except BaseException:  # (a signal handler's): what the core did is in the rings
             self.catch_up()
             writer.catch_up()
+            raise
+        if records is not None or ran is not None:  # the core answered: positions moved
+            self.catch_up()
+            writer.catch_up()
+        elif got.__class__ is tuple:
+            self._seq += 1  # taken as next_frame takes it
         if records is not None and forecast is not None:
             for published, replied in records:
                 forecast.observe(published * 1e-9)

@@ -121,11 +121,10 @@ class ShmWorkerTransport:
         self.doorbell = Doorbell(spec.doorbell)
         # Every reply (a marker too) rings the doorbell, after the publish's own fence.
         self.reply.ring_on_publish(self.doorbell.view, self.doorbell.base)
-        # Bare calls the core answers (see answer_in_core): target, cancel point, reply
-        # gate and the reply size limit; the header's method part -> the method's name.
-        self._core_answers: tuple[object, object, ReplyGate, int] | None = None
+        # Bare calls the core answers (see answer_in_core): the reply gate (None: none
+        # answered there), and the header's method part -> the method's name.
+        self._gate: ReplyGate | None = None
         self._call_before = b""
-        self._reply_parts = (b"", b"")
         self._bare_calls: dict[bytes, str] = {}
         self._learned: set[str] = set()
 
@@ -139,15 +138,16 @@ class ShmWorkerTransport:
         core cannot finish comes back from :meth:`next` as a :class:`Ran` for the loop
         to answer. Only while ``gate`` is not shared (no reply from another thread can
         be under way): a worker whose method returned a Future keeps the Python loop."""
-        self._core_answers = (target, cancel, gate, max_reply)
         self._call_before = around_id(lambda i: Call(i, "m", None, [], {}))[0]
-        self._reply_parts = none_reply_parts(self.rank)
+        self.request.answer_in_core(self.reply, self._call_before, self._bare_calls,
+                                    none_reply_parts(self.rank), max_reply, target, cancel,
+                                    gate)
+        self._gate = gate
 
     def next(self) -> Next | Ran:
-        answers = self._core_answers
-        if answers is not None and not answers[2].shared:
-            view = self.request.serve(self.reply, self._call_before, self._bare_calls,
-                                      self._reply_parts, answers[3], *answers[:3])
+        gate = self._gate
+        if gate is not None and not gate.shared:
+            view = self.request.serve()
             if view.__class__ is Ran:
                 return view
         else:
@@ -160,7 +160,7 @@ class ShmWorkerTransport:
             except MalformedMessage as e:
                 self.drop(e)
                 return None
-            if answers is not None and msg.__class__ is Call and msg.fn is None and \
+            if gate is not None and msg.__class__ is Call and msg.fn is None and \
                     not msg.args and not msg.kwargs and msg.value_rank < 0:
                 self._learn(msg.method)
             return msg
