@@ -3,25 +3,29 @@
 Timestamps on CLOCK_MONOTONIC (one clock for every process) at six points of each
 ``collective_rpc("noop")``, p50 over ``--calls`` calls per world size:
 
-    a  the driver enters collective_rpc         d  the worker starts sending its reply
-    b  the driver starts sending the request    e  the driver's wait in the ring core returns
-    c  the worker has the request's frame       f  collective_rpc returns
+    a  the driver enters collective_rpc         q  a worker's reply is published (the
+    b  the driver starts sending the request       stamp the ring core puts in its slot)
+    p  the request is published (its slot's     e  the driver's wait in the ring core
+       stamp)                                      returns
+                                                f  collective_rpc returns
 
-so ``a->b`` and ``e->f`` are the driver's Python around the rings, ``c->d`` the worker's
-(decode, dispatch, the method, the reply's header), and ``b->c`` / ``d->e`` the two
-hand-offs (a put into a ring, the other side's wait noticing it, the Python between).
-The points are put there by wrapping the shared-memory transport's entry points of this
-version (private attributes: the script describes this tree, not an interface), so each
-hop carries a wrapper call or two (about 0.1 us); ``a->f`` is therefore a little above
-what ``hot_path.py`` measures. Diagnostic only: no target.
+so ``a->b`` and ``e->f`` are the driver's Python around the rings, ``b->p`` its send, ``p->q``
+a worker's turn (its wait noticing the request, the method, the reply written: all in
+the worker's ring core once it has served that name), ``q->e`` the reply's hand-off (or,
+when the reply came before the driver waited, the driver's own Python in between). The
+points are taken by wrapping the shared-memory transport's entry points of this version
+and reading the slots' stamps (private attributes: the script describes this tree, not an
+interface), so each hop carries a wrapper call (about 0.1 us); ``a->f`` is therefore a
+little above what ``hot_path.py`` measures. Nothing runs in the workers but the calls.
+Diagnostic only: no target.
 
 Usage: ``python benchmarks/call_anatomy.py [--sizes 1,2,4,8] [--calls 20000]``.
 """
 
 from __future__ import annotations
 
-import gc
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +40,7 @@ from _common import add_out_option, arg_parser, machine, print_table, write_json
 from gpuexec import Executor, Worker
 
 ns = time.monotonic_ns
+_U64 = struct.Struct("<Q")
 
 
 class NoopWorker(Worker):
@@ -43,39 +48,14 @@ class NoopWorker(Worker):
         return None
 
 
-def _stamp_worker(worker: Worker) -> None:
-    """Run in each worker: stamp c (the frame taken) and d (the reply about to leave)."""
-    from gpuexec.worker.transport import ShmWorkerTransport
-
-    transport = next(o for o in gc.get_objects() if isinstance(o, ShmWorkerTransport))
-    took: list[int] = []
-    sent: list[int] = []
-    worker.__dict__["_anatomy"] = (took, sent)
-    read_frame, send = transport.request.read_frame, transport.send
-
-    def stamped_read(*args: Any) -> Any:
-        frame = read_frame(*args)
-        took.append(ns())
-        return frame
-
-    def stamped_send(frames: list[Any]) -> None:
-        sent.append(ns())
-        send(frames)
-
-    transport.request.read_frame = stamped_read  # type: ignore[method-assign,assignment]
-    transport.send = stamped_send  # type: ignore[method-assign]
+def _stamp(view: memoryview, slot_off: int) -> int:
+    """The publish time the ring core stamped into the slot at ``slot_off``."""
+    return int(_U64.unpack_from(view, slot_off + 8)[0])
 
 
-def _stamps(worker: Worker) -> tuple[list[int], list[int]]:
-    """The worker's stamps so far (this call's own c included, its d not), cleared."""
-    took, sent = worker.__dict__["_anatomy"]
-    out = (list(took), list(sent))
-    took.clear()
-    sent.clear()
-    return out
-
-
-def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None) -> None:
+def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None,
+          then: Callable[[], None]) -> None:
+    """Stamp ``obj.name``'s entry (``before``) or return (``after``), then call ``then``."""
     fn: Callable[..., Any] = getattr(obj, name)
 
     def wrapped(*args: Any) -> Any:
@@ -84,6 +64,7 @@ def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None
         out = fn(*args)
         if after is not None:
             after.append(ns())
+        then()
         return out
 
     setattr(obj, name, wrapped)
@@ -92,16 +73,26 @@ def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None
 def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
     with Executor(NoopWorker, world, device="cpu", transport="shm") as ex:
         transport: Any = ex._channel._transport  # private: see the module docstring
+        request, replies = transport._shm.request, transport._shm.replies
         sends: list[int] = []
+        published: list[int] = []
         waits: list[int] = []
-        _wrap(transport, "send", sends, None)
-        _wrap(transport._shm, "collect", None, waits)
-        ex.collective_rpc(_stamp_worker)
+        answered: list[list[int]] = []
+
+        def on_send() -> None:  # the slot the request took
+            published.append(_stamp(request._view, request._data + (
+                (request._seq - 1) % request._n_slots) * request._slot_size))
+
+        def on_wait() -> None:  # the slot of each ring's latest reply
+            answered.append([_stamp(r._view, r._lengths[
+                (_U64.unpack_from(r._view, r._off)[0] - 1) % r._n_slots]) for r in replies])
+
+        _wrap(transport, "send", sends, None, on_send)
+        _wrap(transport._shm, "collect", None, waits, on_wait)
         for _ in range(warmup):
             ex.collective_rpc("noop")
-        ex.collective_rpc(_stamps)
-        sends.clear()
-        waits.clear()
+        for lst in (sends, published, waits, answered):
+            lst.clear()
         entered: list[int] = []
         returned: list[int] = []
         rpc = ex.collective_rpc
@@ -109,16 +100,12 @@ def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
             entered.append(ns())
             rpc("noop")
             returned.append(ns())
-        per_rank = ex.collective_rpc(_stamps)
-    # The worker's lists start with the stamps call's own d, and end with this one's c.
-    took = [t[:calls] for t, _ in per_rank]
-    sent = [s[1:calls + 1] for _, s in per_rank]
     # The last wait that returned before each call did (a call may wait more than once).
-    last_wait, k = [], 0
+    last, k = [], 0
     for i in range(calls):
         while k + 1 < len(waits) and waits[k + 1] <= returned[i]:
             k += 1
-        last_wait.append(waits[k])
+        last.append(k)
 
     def p50(values: list[int]) -> float:
         return statistics.median(values) / 1000
@@ -126,14 +113,11 @@ def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
     rows = range(calls)
     return {
         "a->b driver before the send": p50([sends[i] - entered[i] for i in rows]),
-        "b->c request to the first worker": p50(
-            [min(t[i] for t in took) - sends[i] for i in rows]),
-        "b->c request to the last worker": p50(
-            [max(t[i] for t in took) - sends[i] for i in rows]),
-        "c->d worker (the slowest)": p50(
-            [max(s[i] - t[i] for t, s in zip(took, sent, strict=True)) for i in rows]),
-        "d->e reply (the last)": p50([last_wait[i] - max(s[i] for s in sent) for i in rows]),
-        "e->f driver after the wait": p50([returned[i] - last_wait[i] for i in rows]),
+        "b->p the send": p50([published[i] - sends[i] for i in rows]),
+        "p->q first worker's turn": p50([min(answered[last[i]]) - published[i] for i in rows]),
+        "p->q last worker's turn": p50([max(answered[last[i]]) - published[i] for i in rows]),
+        "q->e reply (the last)": p50([waits[last[i]] - max(answered[last[i]]) for i in rows]),
+        "e->f driver after the wait": p50([returned[i] - waits[last[i]] for i in rows]),
         "a->f whole call": p50([returned[i] - entered[i] for i in rows]),
     }
 

@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -131,3 +132,24 @@ def ring_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         yield name
     finally:
         ringcore.select(before)
+
+
+def forecast_spy() -> Any:
+    """An :class:`~gpuexec.ipc.forecast.ArrivalForecast` that also lists what it learns,
+    in order: ``("arrived", published)`` and ``("answered", when)``."""
+    from gpuexec.ipc.forecast import ArrivalForecast
+
+    class Spy(ArrivalForecast):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, float]] = []
+
+        def observe(self, published: float) -> None:
+            self.seen.append(("arrived", published))
+            super().observe(published)
+
+        def replied(self, when: float) -> None:
+            self.seen.append(("answered", when))
+            super().replied(when)
+
+    return Spy()

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import forecast_spy
 
 from gpuexec.ipc.forecast import MAX_DUTY, MIN_MARGIN, ArrivalForecast
 from gpuexec.ipc.shm_ring import RingReader, RingWriter
@@ -181,21 +182,8 @@ def test_read_frame_teaches_the_forecast_after_the_answer_or_at_the_next_read() 
     read waits: every arrival once, in order, each answer after its arrival; a periodic
     stream is then forecast."""
 
-    class Spy(ArrivalForecast):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[tuple[str, float]] = []
-
-        def observe(self, published: float) -> None:
-            self.seen.append(("arrived", published))
-            super().observe(published)
-
-        def replied(self, when: float) -> None:
-            self.seen.append(("answered", when))
-            super().replied(when)
-
     w = RingWriter(1, n_slots=4, slot_size=256)
-    f = Spy()
+    f = forecast_spy()
     r = RingReader(w.spec, 0, spin=50e-6, forecast=f)
     for i in range(8):
         time.sleep(2e-3)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import forecast_spy
 
 from gpuexec.ipc import futex, ringcore_py
 from gpuexec.ipc.shm_ring import TAKEN_MAX, RingReader, RingSpec, RingTimeout, RingWriter
@@ -544,22 +545,8 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
     from gpuexec.ipc import packets
     from gpuexec.ipc.codec import Encoder, around_id, none_reply_parts
     from gpuexec.ipc.doorbell import Doorbell
-    from gpuexec.ipc.forecast import ArrivalForecast
     from gpuexec.ipc.messages import Call
     from gpuexec.ipc.shm_ring import Ran
-
-    class Learning(ArrivalForecast):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[tuple[str, float]] = []
-
-        def observe(self, published: float) -> None:
-            self.seen.append(("request", published))
-            super().observe(published)
-
-        def replied(self, when: float) -> None:
-            self.seen.append(("reply", when))
-            super().replied(when)
 
     enc = Encoder(allow_pickle=False)
     cancel = types.SimpleNamespace(running=0, method="", armed=False, recheck=0)
@@ -589,7 +576,7 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
         replies.ring_on_publish(bell.view, bell.base)
         from_worker = RingReader(replies.spec, 0)
         reader_core(core)
-        forecast = Learning()
+        forecast = forecast_spy()
         reader = RingReader(requests.spec, 0, spin=0.01, forecast=forecast)
 
         def serve(max_reply: int = -1) -> object:
@@ -605,7 +592,7 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
         assert (cancel.running, cancel.armed) == (6, False)
         assert [from_worker.read_frame() for _ in range(4)] == \
             [enc.none_reply(i, 2) for i in ids[:4]]
-        assert [k for k, _ in forecast.seen] == ["request", "reply"] * 4
+        assert [k for k, _ in forecast.seen] == ["arrived", "answered"] * 4
         assert replies.put_one(b"after")  # the writer took up the core's position
         assert from_worker.read_frame() == b"after"
         assert requests.put_one(enc.bare_call(7, "noop"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -112,7 +113,7 @@ class ShiftingWorker(Worker):
         from threading import Timer
 
         self.turns += 1
-        self.callers.append(sys._getframe(1).f_code.co_name)
+        self.callers.append(inspect.stack(0)[1].function)
         what = self.outcomes.pop(0) if self.outcomes else "none"
         if what == "value":
             return self.turns

@@ -173,10 +173,9 @@ class _Server:
 
     def serve(self) -> None:
         # Bare calls served once: then answered by the ring core (see .transport).
-        self.transport.answer_in_core(self.target, self.cancel, self.gate,
-                                      self.max_message_size)
-        next_request = self.transport.next
         cancel = self.cancel
+        self.transport.answer_in_core(self.target, cancel, self.gate, self.max_message_size)
+        next_request = self.transport.next
         while True:
             msg = next_request()
             if msg is None:
@@ -214,11 +213,11 @@ class _Server:
 
     def _answer(self, out: Reply | Pong | Future[Any], method: str,
                 call: Call | None = None) -> None:
-        """Send a reply (then the transport learns it is out), or ``call``'s once the
-        Future its method returned is done."""
+        """Send a reply, or ``call``'s once the Future its method returned is done."""
         if isinstance(out, Future):
             assert call is not None  # only a call's method returns one
-            self.gate.defer(out, method, self._deferred_reply(call), self._refused_future(call))
+            self.gate.defer(out, method, self._deferred_reply(call),  # or, refused:
+                            lambda e: self._outcome(call, None, e))
         else:
             self.gate.send(out, method)
             self.transport.served()
@@ -261,10 +260,6 @@ class _Server:
 
         return finish
 
-    def _refused_future(self, call: Call) -> Callable[[BaseException], Reply]:
-        """The reply to ``call`` when its Future refused the done callback."""
-        return lambda e: Reply(call.call_id, self.rank, error=Failure.of(e))
-
     def _run(self, call: Call) -> Reply | Future[Any]:
         """Run ``call``; its reply, or the Future the method returned (reply deferred)."""
         try:
@@ -288,8 +283,8 @@ class _Server:
 
     def _outcome(self, call: Call, value: Any, error: BaseException | None
                  ) -> Reply | Future[Any]:
-        """The reply to ``call`` whose method returned ``value`` or raised ``error``, or
-        the Future it returned (reply deferred)."""
+        """The reply to ``call`` whose method returned ``value`` (a Future: deferred)
+        or raised ``error``."""
         if error is not None:
             return Reply(call.call_id, self.rank, error=Failure.of(error))
         if isinstance(value, Future):
