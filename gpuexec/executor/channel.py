@@ -12,65 +12,64 @@ the monitor.
     monitor thread: poll(sentinels, poke pipe) ── a death or close ─────┘
 
 The anatomy of a blocking call over shared memory (``transport="shm"``, the default),
-the hot path: ``collective_rpc("noop")`` to N ranks, no arguments, a None result::
+the hot path: ``collective_rpc("noop")`` to N ranks, no arguments, a None result, once
+each worker has served a call of that name (the first one takes its request loop)::
 
     driver thread                                          worker main thread (each rank)
     ─────────────                                          ──────────────────────────────
-    rpc.collective_rpc (the bare form: no argument checks) ─▶ channel.submit
-      PendingCall                                  (owed set, values dict)
-      calls.enter          [table lock #1]          slot + pending + counted
-      codec.bare_call                               cached header: before + id + after
-      channel._send        [send lock]
-        shm_transport.send ─▶ shm_ring.put_one
+    rpc.collective_rpc (the bare form: no argument checks)  in the ring core, GIL held only
+      ─▶ channel.call_bare                                 around the method (core.serve,
+      PendingCall                  (owed set, values dict)  entered once per run of calls):
+      calls.enter     [table lock #1] slot + pending + counted
+      codec.bare_call      cached header: before + id + after
+      channel._round_trip  [pump lock]
+        [send lock] shm_transport.send ─▶ shm_ring.put_one
           core.put_one: packet written into the slot, release store, 1 fence,
-          futex wake only if a reader sleeps ───────────────▶
-    channel.wait           [pump lock]                     shm_ring.read_frame:
-      shm_transport.recv_for                                 core.next_frame: the wait
-        core.collect: the awaited rings in one C call        (spins, then futex; GIL
-          (spins, then sleeps on the doorbell;               released) and the take (the
-           GIL released), each None reply       ┌            frame copied out, the slot
-           to the call known by its bytes and   │            released) in one C call
-           released as it comes (no view, no    │          codec.decode_header ─▶ Call
-           decoding, no Reply) ◀────────────────┤          process._run ─▶ the method
-        calls.deliver_values [table lock #2]    │          deferred.ReplyGate (no lock
-          records them all and ends the call    │            until a method returned a
-          (metrics under the same take)         │            Future)
-      the list of results                       │          codec.none_reply: cached header
-                                                └────────  shm_ring.put_one ─▶ core.put_one:
-                                                             1 fence, readers and doorbell
-                                                             woken only if asleep
+          futex wake only if a reader sleeps ───────────────▶ the wait (spins, then
+        shm_transport.recv_for                                 futex; GIL released)
+          core.collect: the awaited rings in one C call        the header known by its
+          (spins, then sleeps on the doorbell;                   bytes: id, method name
+           GIL released), each None reply       ┌            the method looked up and run,
+           to the call known by its bytes and   │              armed for cancellation
+           released as it comes (no view, no    │            its None reply: the cached
+           decoding, no Reply) ◀────────────────┤              bytes around the id,
+          calls.answered   [table lock #2]      │              published: 1 fence,
+            records them all and ends the call  └────────      doorbell woken if asleep
+            (metrics under the same take)                    and the wait again
+      the list of results
 
 Counted on this design (the compiled core, 2-core host, traced with ``sys.setprofile``
-and a counting allocator hook, per call; "blocks": every memory block Python allocates,
-ints above 256 and floats included; ``benchmarks/results/`` holds the timings):
+and a counting allocator hook on the object and memory domains, per call; "blocks":
+every memory block Python allocates, ints above 256 and floats included;
+``benchmarks/results/`` holds the timings):
 
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          17 / 17       11 / 11           44 / 46        table x2, send, pump;
+    driver          14 / 14       10 / 10           33 / 40        table x2, pump, send;
                                                                    1 (the publish)
-    worker (each)   17 / 12       13 / 10           19 / 19        none;
-                    (10 before                                     1 (the publish)
-                    the reply)
+    worker (each)   1 / 1         0 / 0             4 / 8          none;
+                    (the method)                                   1 (the publish)
     ==============  ============  ================  =============  =====================
 
-(The worker's count at N = 1 includes the arrival forecast, which runs only where
-spinning is allowed, after the reply is out: what it learns from a request waits until
-the driver has the answer; a second rank costs the driver one more rank in the mask that
-collect answers, whose replies are recorded together; the reply rings' readers take up
-the positions the core moved only when they are next read themselves.) What
-is not on this path: no Call struct is built or encoded for a call without arguments
-(its header is cached per method name, the same bytes msgspec writes); no reply is
-encoded for a None result (cached per rank, in the worker) nor read or decoded by the
-driver (known by its bytes in the ring); no view of a slot is made on either side (a
-one-frame packet is written, and a frame of up to 16 KiB taken, by one core call); one
-list per pass of the wait (the ranks that answered), no loop over them when all did; no
-lock in the worker's reply path; no thread hand-off (the caller pumps its own replies);
-no check of the call table's state before entering it (``enter`` refuses a
-call to a closed or failed channel under its one take of the lock). A call with
-arguments is checked (:mod:`.validate`) and encodes one Call
-(``codec.encode_with_segments``); the replies' frames are copied out of their rings by
-the same collect call and decoded one after another in one ``map``.
+(A second rank costs the driver one more rank in the mask that collect answers, whose
+replies are recorded together; a worker's blocks are the call id's int, the bound method
+and, spread over a run, what the arrival forecast is given when the core hands back.)
+What is not on this path: no Call struct is built or encoded for a call without arguments
+(its header is cached per method name, the same bytes msgspec writes) and none is decoded
+by the worker (the core knows the header by its bytes); no Reply is built or encoded for a
+None result (its bytes are cached per rank) nor read or decoded by the driver (known by
+its bytes in the ring); no Python runs in the worker between two such calls but the
+method (the request loop, its decode, the reply gate and the arrival forecast are not
+entered; the forecast learns the calls afterwards, in order); no view of a slot is made
+on either side; no thread hand-off (the caller pumps its own replies); the send and the
+wait take the pump lock once; no check of the call table's state before entering it
+(``enter`` refuses a call to a closed or failed channel under its one take of the lock).
+A call with arguments is checked (:mod:`.validate`) and encodes one Call
+(``codec.encode_with_segments``); its request takes the worker's request loop (decode,
+dispatch, reply); the replies' frames are copied out of their rings by the same collect
+call, decoded one after another in one ``map`` and, when they are all the call's own
+results, recorded in one step as the None replies are.
 
 The pieces, each in its own module: :mod:`.transport` (the interface),
 :mod:`.zmq_transport` and :mod:`.shm_transport` (the two wires; the one place a wire is
@@ -79,7 +78,9 @@ how a call ends), :mod:`.monitor` (deaths, failure callbacks, pumping for future
 
 Who reads replies: whoever holds the *pump lock*. A blocking ``collective_rpc`` takes it
 and receives its replies itself (``transport.recv_for``), so the common path has no
-thread hand-off. A caller that cannot take the lock waits on its call's event, completed
+thread hand-off; when it finds the lock free it sends its request under it too (the
+send lock taken inside, see :meth:`DriverChannel._round_trip`), one take for the whole
+call. A caller that cannot take the lock waits on its call's event, completed
 by the pumping thread. Late replies (after a timeout or an abandoned wait) find no
 pending call and are dropped and counted.
 
@@ -94,7 +95,8 @@ listed after it)::
     _pump_lock ─▶ _send_lock ─▶ _wake_lock        table.lock: a leaf (nothing under it)
 
 * ``_pump_lock``: who reads replies (the transport's receiving side, the decoders).
-  Taken by a blocking caller in :meth:`wait`, by the monitor, and by :meth:`close`.
+  Taken by a blocking caller in :meth:`_round_trip` (around its send too) and
+  :meth:`wait`, by the monitor, and by :meth:`close`.
 * ``_send_lock``: who writes requests (the transport's sending side). Held only while a
   request is written, never while waiting for room or for another lock.
 * ``_wake_lock``: the transport's wake-up and the monitor's poke pipe, against close.

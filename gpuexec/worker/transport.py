@@ -13,13 +13,25 @@ shared memory       the broadcast ring: a packet     a packet in this worker's r
                     for this rank, decoded with its  the doorbell rung; too big for a
                     buffers copied (the slot is      slot: ZeroMQ, and a marker in the
                     reused); a marker: the request   ring that keeps the order
-                    waits on ZeroMQ
+                    waits on ZeroMQ; a bare call     (a bare call's None reply: written
+                    seen before: answered in the     by the ring core)
+                    ring core (see below)
 ==================  ===============================  ====================================
 
 Both hand back a decoded :data:`~gpuexec.ipc.messages.ToWorker`, an
 :class:`~gpuexec.ipc.codec.UndecodableValue` for a call whose arguments this worker cannot
 rebuild (the loop answers it with the error), or None for a frame set dropped (counted by
 the ``drop`` callback the loop passes in).
+
+Over shared memory, a call by name without arguments (the hot path's no-op, a serving
+engine's step by name) is answered by the ring core once the loop has served a call of
+that name: the core recognises its header by its bytes, runs the method armed for
+cancellation as the loop would, and writes a None result's reply itself, with no Python
+between two such calls but the method; whatever it cannot finish (an exception, a value,
+a Future, a closed reply gate, a full reply ring) comes back to the loop as a
+:class:`~gpuexec.ipc.shm_ring.Ran`, answered as the loop answers its own calls. Only
+while no reply can come from another thread: once a method returned a Future (a deferred
+reply), the loop serves every request itself.
 """
 
 from __future__ import annotations
