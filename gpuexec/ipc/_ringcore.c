@@ -15,12 +15,14 @@
  *             may reuse it); the writer loads read_seq with ACQUIRE
  *   sleep     flag store, SEQ_CST fence, re-check write_seq, FUTEX_WAIT (Dekker)
  *
- * Fork and signals: no thread, no lock, no static mutable state, so a fork at any
- * moment leaves nothing behind. While spinning or sleeping the GIL is released; it is
+ * Fork and signals: no thread, no lock, no static mutable state (the attribute names
+ * serve() reads are interned once, at import), so a fork at any moment leaves nothing
+ * behind. While spinning or sleeping the GIL is released; it is
  * taken back after every futex wait (at most SLICE_S apart, and at once when a signal
  * interrupts the wait) to run Python's signal handlers: an exception they raise
  * (KeyboardInterrupt) leaves the wait. A spin is bounded by its caller (microseconds to
- * milliseconds) and also stops to check signals every SLICE_S.
+ * milliseconds) and also stops to check signals every SLICE_S. serve() holds the GIL
+ * while it runs a worker's method, which is Python code: its handlers run there.
  *
  * Built against the limited API (abi3): one wheel for every CPython >= 3.10.
  */
