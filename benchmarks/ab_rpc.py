@@ -144,14 +144,16 @@ def main() -> int:
     ap.add_argument("--restart-every", type=int, default=10,
                     help="start both agents afresh every this many rounds")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--transports", default="zmq,shm", help="transports, comma-separated")
     add_out_option(ap)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    transports = args.transports.split(",")
     fast = [{"transport": t, "world": n, "kind": k, "calls": args.calls,
              "warmup": args.warmup, "gap_ms": 0.0}
-            for n in sizes for t in ("zmq", "shm") for k in ("noop", "small")]
+            for n in sizes for t in transports for k in ("noop", "small")]
     spaced = [{"transport": t, "world": n, "kind": "noop", "calls": args.spaced_calls,
-               "warmup": 50, "gap_ms": args.gap_ms} for n in sizes for t in ("zmq", "shm")]
+               "warmup": 50, "gap_ms": args.gap_ms} for n in sizes for t in transports]
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="gpuexec-ab-") as tmp:
         work = Path(tmp)

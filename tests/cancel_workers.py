@@ -7,6 +7,7 @@ method's ``finally`` blocks and handlers saw.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import select
@@ -55,14 +56,17 @@ class CancelWorker(Worker):
         return self.rank
 
     def plan(self, *how: str) -> None:
-        """What the next ``quiet`` does: ``block(*how)``."""
-        self.planned: tuple[str, ...] | None = how
+        """What the ``quiet`` after next does: ``block(*how)`` (the next one, after a
+        call with arguments, is the request loop's; the one after it the ring core's)."""
+        self.planned: list[Any] = [None, how]
 
     def quiet(self) -> None:
         """A method by name without arguments returning None (the ring core answers it
-        once the worker served it): counts, and blocks as planned, once."""
+        once the worker served it): counts, notes who called it, blocks as planned."""
         self.calls += 1
-        how, self.planned = getattr(self, "planned", None), None
+        self.caller = inspect.stack(0)[1].function
+        planned = getattr(self, "planned", None)
+        how = planned.pop(0) if planned else None
         if how is not None:
             self.block(*how)
 

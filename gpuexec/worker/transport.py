@@ -31,7 +31,8 @@ between two such calls but the method; whatever it cannot finish (an exception, 
 a Future, a closed reply gate, a full reply ring) comes back to the loop as a
 :class:`~gpuexec.ipc.shm_ring.Ran`, answered as the loop answers its own calls. Only
 while no reply can come from another thread: once a method returned a Future (a deferred
-reply), the loop serves every request itself.
+reply), the loop serves every request itself; and after a cancellation the loop serves
+the next ``max_inflight_calls`` requests (it looks each up on the cancel board first).
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ class ShmWorkerTransport:
         # Bare calls the core answers (see answer_in_core): the reply gate (None: none
         # answered there), and the header's method part -> the method's name.
         self._gate: ReplyGate | None = None
+        # Whether the next wait is the core's (after a bare call: the next is likely one
+        # too) or read_frame's (after a call with arguments: cheaper to leave to Python).
+        self._core_first = True
         self._call_before = b""
         self._bare_calls: dict[bytes, str] = {}
         self._learned: set[str] = set()
@@ -149,7 +153,9 @@ class ShmWorkerTransport:
         closed or a reply of ``max_reply`` bytes (>= 0) would be too long. A call the
         core cannot finish comes back from :meth:`next` as a :class:`Ran` for the loop
         to answer. Only while ``gate`` is not shared (no reply from another thread can
-        be under way): a worker whose method returned a Future keeps the Python loop."""
+        be under way): a worker whose method returned a Future keeps the Python loop.
+        The core waits for a request after a bare call (or one it ran); after any other
+        request the loop's plain wait does, which costs a call with arguments less."""
         self._call_before = around_id(lambda i: Call(i, "m", None, [], {}))[0]
         self.request.answer_in_core(self.reply, self._call_before, self._bare_calls,
                                     none_reply_parts(self.rank), max_reply, target, cancel,
@@ -158,7 +164,7 @@ class ShmWorkerTransport:
 
     def next(self) -> Next | Ran:
         gate = self._gate
-        if gate is not None and not gate.shared:
+        if self._core_first and gate is not None and not gate.shared:
             view = self.request.serve()
             if view.__class__ is Ran:
                 return view
@@ -172,9 +178,13 @@ class ShmWorkerTransport:
             except MalformedMessage as e:
                 self.drop(e)
                 return None
-            if gate is not None and msg.__class__ is Call and msg.fn is None and \
-                    not msg.args and not msg.kwargs and msg.value_rank < 0:
-                self._learn(msg.method)
+            if gate is not None:  # the core waits for the next request after a bare call
+                if msg.__class__ is Call and msg.fn is None and not msg.args and \
+                        not msg.kwargs and msg.value_rank < 0:
+                    self._core_first = True
+                    self._learn(msg.method)
+                else:
+                    self._core_first = False
             return msg
         if not isinstance(view, memoryview):  # pragma: no cover - no timeout was given
             return None
