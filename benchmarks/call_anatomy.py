@@ -53,9 +53,8 @@ def _stamp(view: memoryview, slot_off: int) -> int:
     return int(_U64.unpack_from(view, slot_off + 8)[0])
 
 
-def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None,
-          then: Callable[[], None]) -> None:
-    """Stamp ``obj.name``'s entry (``before``) or return (``after``), then call ``then``."""
+def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None) -> None:
+    """Stamp ``obj.name``'s entry (``before``) or its return (``after``)."""
     fn: Callable[..., Any] = getattr(obj, name)
 
     def wrapped(*args: Any) -> Any:
@@ -64,7 +63,6 @@ def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None
         out = fn(*args)
         if after is not None:
             after.append(ns())
-        then()
         return out
 
     setattr(obj, name, wrapped)
@@ -75,37 +73,34 @@ def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
         transport: Any = ex._channel._transport  # private: see the module docstring
         request, replies = transport._shm.request, transport._shm.replies
         sends: list[int] = []
-        published: list[int] = []
         waits: list[int] = []
-        answered: list[list[int]] = []
-
-        def on_send() -> None:  # the slot the request took
-            published.append(_stamp(request._view, request._data + (
-                (request._seq - 1) % request._n_slots) * request._slot_size))
-
-        def on_wait() -> None:  # the slot of each ring's latest reply
-            answered.append([_stamp(r._view, r._lengths[
-                (_U64.unpack_from(r._view, r._off)[0] - 1) % r._n_slots]) for r in replies])
-
-        _wrap(transport, "send", sends, None, on_send)
-        _wrap(transport._shm, "collect", None, waits, on_wait)
+        _wrap(transport, "send", sends, None)
+        _wrap(transport._shm, "collect", None, waits)
         for _ in range(warmup):
             ex.collective_rpc("noop")
-        for lst in (sends, published, waits, answered):
-            lst.clear()
+        sends.clear()
+        waits.clear()
         entered: list[int] = []
         returned: list[int] = []
+        published: list[int] = []
+        answered: list[list[int]] = []
         rpc = ex.collective_rpc
         for _ in range(calls):
             entered.append(ns())
             rpc("noop")
             returned.append(ns())
+            # Read once the call is done (no slot is written again before the next one):
+            # the request's slot, and the slot of each ring's reply.
+            published.append(_stamp(request._view, request._data + (
+                (request._seq - 1) % request._n_slots) * request._slot_size))
+            answered.append([_stamp(r._view, r._lengths[
+                (_U64.unpack_from(r._view, r._off)[0] - 1) % r._n_slots]) for r in replies])
     # The last wait that returned before each call did (a call may wait more than once).
-    last, k = [], 0
+    last_wait, k = [], 0
     for i in range(calls):
         while k + 1 < len(waits) and waits[k + 1] <= returned[i]:
             k += 1
-        last.append(k)
+        last_wait.append(waits[k])
 
     def p50(values: list[int]) -> float:
         return statistics.median(values) / 1000
@@ -114,10 +109,10 @@ def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
     return {
         "a->b driver before the send": p50([sends[i] - entered[i] for i in rows]),
         "b->p the send": p50([published[i] - sends[i] for i in rows]),
-        "p->q first worker's turn": p50([min(answered[last[i]]) - published[i] for i in rows]),
-        "p->q last worker's turn": p50([max(answered[last[i]]) - published[i] for i in rows]),
-        "q->e reply (the last)": p50([waits[last[i]] - max(answered[last[i]]) for i in rows]),
-        "e->f driver after the wait": p50([returned[i] - waits[last[i]] for i in rows]),
+        "p->q first worker's turn": p50([min(answered[i]) - published[i] for i in rows]),
+        "p->q last worker's turn": p50([max(answered[i]) - published[i] for i in rows]),
+        "q->e reply (the last)": p50([last_wait[i] - max(answered[i]) for i in rows]),
+        "e->f driver after the wait": p50([returned[i] - last_wait[i] for i in rows]),
         "a->f whole call": p50([returned[i] - entered[i] for i in rows]),
     }
 

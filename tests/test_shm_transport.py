@@ -427,6 +427,24 @@ def test_a_result_delivered_on_the_hot_path_is_recorded_as_by_the_general_walk()
     table.deliver_values(valued, [1], 8)  # late: counted, the outcome kept
     assert valued.outcome() == [{"pid": 7}] and table.stats.late_replies == 3
     assert table.metrics.replies == [2, 3] and not table.pending
+    # Every rank at once (answered): None each, or each rank's value; a call some rank
+    # answered already, or one that ended, takes the general steps (counted as there).
+    together = PendingCall(4, "noop", [1, 0], None, None, None)
+    table.enter(together, ExecutorClosedError)
+    table.answered(together)
+    assert together.outcome() == [None, None] and table.metrics.replies == [3, 4]
+    table.answered(together)  # after the end: both late
+    assert table.stats.late_replies == 5
+    values = PendingCall(5, "pid", [0, 1], None, None, None)
+    table.enter(values, ExecutorClosedError)
+    table.answered(values, {1: "b", 0: "a"})
+    assert values.outcome() == ["a", "b"]
+    halfway = PendingCall(6, "pid", [0, 1], None, None, None)
+    table.enter(halfway, ExecutorClosedError)
+    table.deliver_values(halfway, [0], "a")
+    table.answered(halfway, {0: "again", 1: "b"})  # rank 0 twice: late, its value kept
+    assert halfway.outcome() == ["a", "b"] and table.stats.late_replies == 6
+    assert table.metrics.replies == [5, 6] and not table.pending and table.inflight == 0
 
 
 @pytest.mark.parametrize("future", [False, True])
@@ -464,4 +482,7 @@ def test_bare_calls_the_ring_core_answers_keep_every_outcome(future: bool) -> No
         ex.collective_rpc("hide")
         with pytest.raises(RemoteError, match="has no method 'turn'"):
             ex.collective_rpc("turn")
+        for _ in range(3):  # a name whose lookup raises: the loop's answer every time
+            with pytest.raises(RemoteError, match="no such thing"):
+                ex.collective_rpc("broken")
         assert ex.collective_rpc(lambda w: w.turns) == [206 + 2 * future] * 2

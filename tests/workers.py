@@ -127,6 +127,10 @@ class ShiftingWorker(Worker):
             return later
         return None
 
+    @property
+    def broken(self) -> Any:  # looking the name up raises
+        raise ValueError("no such thing")
+
     def swap(self) -> None:
         self.turn = lambda: f"swapped {self.rank}"  # type: ignore[method-assign]
 

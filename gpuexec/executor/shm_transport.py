@@ -207,10 +207,11 @@ class ShmTransport(Transport):
             call_id = call.call_id
             if all(r.__class__ is Reply and r.call_id == call_id and r.error is None
                    for r in replies):  # every one call's own result (values, each rank)
-                own = cast(list[Reply], replies)
-                self._table.answered(call, {r.rank: r.value for r in own})
-            else:
-                self._table.deliver(replies)
+                values = {r.rank: r.value for r in cast(list[Reply], replies)}
+                if len(values) == len(replies):  # (a rank twice: the walk counts it)
+                    self._table.answered(call, values)
+                    return
+            self._table.deliver(replies)
 
     def _deliver_one(self, call: PendingCall | None, reply: Reply | Pong) -> None:
         """Deliver one reply: ``call``'s own without an error is recorded without the

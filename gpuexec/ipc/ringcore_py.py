@@ -373,7 +373,10 @@ def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off:
         name = None if bare is None else calls.get(bare[1])
         method = None
         if name is not None and not cancel.recheck:
-            method = getattr(target, name, None)
+            try:
+                method = getattr(target, name)
+            except Exception:  # (a property that raises): the loop answers it
+                method = None
             method = method if callable(method) else None
         if method is None:
             taken = take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len)

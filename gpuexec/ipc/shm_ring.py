@@ -478,6 +478,7 @@ class RingReader:
             self.answered(None)
         forecast = self.forecast
         if forecast is not None and forecast.regular and forecast.window() is not None:
+            self._spun = False  # (the window's phases have their own spin)
             return self.read_frame()
         answer, writer = self._answer, self._answer_writer
         if answer is None or writer is None:

@@ -63,8 +63,8 @@ from .deferred import ReplyGate
 _ALL = ALL_TOPIC[0]
 
 Next = ToWorker | UndecodableValue | None
-_NAMES_ANSWERED = 1024  # method names the ring core answers calls of, at most
 Drop = Callable[[Exception], None]
+_NAMES_ANSWERED = 1024  # method names the ring core answers calls of, at most
 
 
 class ZmqWorkerTransport:
