@@ -37,6 +37,7 @@ pipeline parallelism, several nodes, data-parallel engines spanning nodes.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -133,6 +134,27 @@ def _init_method() -> str:
     return str(net.get_distributed_init_method(net.get_loopback_ip(), net.get_open_port()))
 
 
+def _remove_named_segments(init_method: str) -> None:
+    """Remove what vLLM's CPU communicator named in /dev/shm for this engine (its
+    ``VLLM_DIST_IDENT``, the file rendezvous' fresh ``vllm_dist_<uuid>``, begins each
+    name): a worker stuck in its shared-memory all-reduce when a peer died cannot run
+    its own clean-up and is killed, and named segments outlive their last user. Called
+    once every worker is gone; only names of this engine's rendezvous are touched."""
+    if not init_method.startswith("file://"):
+        return  # a TCP rendezvous names nothing this engine alone owns
+    ident = os.path.basename(init_method.removeprefix("file://"))
+    if not ident.startswith("vllm_dist_"):
+        return
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(ident + "-"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
+
+
 class VllmExecutor(_VllmExecutorBase):
     """vLLM's executor on gpuexec workers (see the module docstring)."""
 
@@ -160,10 +182,11 @@ class VllmExecutor(_VllmExecutorBase):
         self.world_size = pc.world_size
         tp = pc.tensor_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
         self.output_rank = self.world_size - tp  # first TP rank of the last stage
+        self._rendezvous = _init_method()  # read-only (see _remove_named_segments)
         self._gpuexec = GpuexecExecutor(
             VllmWorkerHost, self.world_size, device=device, start_method=self.start_method,
             preload=self.preload, transport=self.transport,
-            worker_args=(self.vllm_config, _init_method(), pc.tensor_parallel_size),
+            worker_args=(self.vllm_config, self._rendezvous, pc.tensor_parallel_size),
             env=_rank_environments(self.vllm_config, self.world_size),
             ready_timeout=float(vllm_envs.VLLM_ENGINE_READY_TIMEOUT_S),
             shutdown_timeout=float(vllm_envs.VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS),
@@ -182,9 +205,8 @@ class VllmExecutor(_VllmExecutorBase):
         not exit before the workers are reaped and the private directory is removed.
         """
         self._failed.set()
-        gx = self._gpuexec
-        if gx is not None:
-            self._stopper = threading.Thread(target=gx.shutdown, kwargs={"timeout": 0.0},
+        if self._gpuexec is not None:
+            self._stopper = threading.Thread(target=self._stop, args=(0.0,),
                                              name="gpuexec-vllm-stop")
             self._stopper.start()
         with self._callback_lock:
@@ -276,8 +298,15 @@ class VllmExecutor(_VllmExecutorBase):
         stopper = self._stopper
         if stopper is not None:  # a worker died: its stop is under way
             stopper.join()
-        if self._gpuexec is not None:
-            self._gpuexec.shutdown()
+        self._stop(None)
+
+    def _stop(self, timeout: float | None) -> None:
+        """Stop the workers (``timeout``: how long they may take to leave, None: vLLM's
+        setting), then remove what vLLM named for them in /dev/shm."""
+        gx = self._gpuexec
+        if gx is not None:
+            gx.shutdown(timeout=timeout)
+            _remove_named_segments(self._rendezvous)
 
     @classmethod
     def supports_async_scheduling(cls) -> bool:
