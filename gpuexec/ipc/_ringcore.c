@@ -158,6 +158,20 @@ static void publish_at(uintptr_t b, uint64_t slot_off, uint64_t seq, uint64_t n_
     }
 }
 
+/* Write the head of a packet of one frame of ``length`` bytes for every rank into the slot
+ * at ``slot_off`` (its length word too): where the frame goes. */
+static unsigned char *one_packet_head(uintptr_t b, uint64_t slot_off, uint32_t length) {
+    unsigned char *head = (unsigned char *)(b + slot_off + SLOT_HEADER);
+    uint32_t total = length + ONE_HEAD;
+    uint16_t zero = 0, one = 1;
+    memcpy(u32_at(b, slot_off), &total, 4);
+    head[0] = 0;
+    memcpy(head + 1, &zero, 2);
+    memcpy(head + 3, &one, 2);
+    memcpy(head + 5, &length, 4);
+    return head + ONE_HEAD;
+}
+
 static PyObject *core_fence(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     (void)args;
@@ -208,15 +222,7 @@ static PyObject *core_put_one(PyObject *self, PyObject *const *args, Py_ssize_t 
     if (PyBytes_AsStringAndSize(args[3], &frame, &n) < 0)
         return NULL;
     uintptr_t b = (uintptr_t)base;
-    unsigned char *head = (unsigned char *)(b + slot_off + SLOT_HEADER);
-    uint32_t length = (uint32_t)n, total = (uint32_t)(n + ONE_HEAD);
-    uint16_t zero = 0, one = 1;
-    memcpy(u32_at(b, slot_off), &total, 4);
-    head[0] = 0;
-    memcpy(head + 1, &zero, 2);
-    memcpy(head + 3, &one, 2);
-    memcpy(head + 5, &length, 4);
-    memcpy(head + ONE_HEAD, frame, (size_t)n);
+    memcpy(one_packet_head(b, slot_off, (uint32_t)n), frame, (size_t)n);
     publish_at(b, slot_off, seq, n_readers, (uintptr_t)bell);
     Py_RETURN_NONE;
 }
@@ -257,23 +263,35 @@ static PyObject *core_min_read(PyObject *self, PyObject *const *args, Py_ssize_t
 /* The core of take_frame (GIL held): 1 with *frame (new bytes) and *stamp set and the
  * slot released; 0 when the next message is not such a packet, or there is none; -1 with
  * an exception set (no memory: the message left in place). */
+/* The frame of the message in the slot at ``slot`` when it is a packet of one frame of
+ * at most ``max_len`` bytes for every rank whose lengths agree: its first byte, its length
+ * in *length; NULL for any other message. */
+static const unsigned char *one_frame_at(uintptr_t b, uint64_t slot, uint64_t slot_size,
+                                         uint64_t max_len, uint32_t *length) {
+    uint32_t total;
+    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
+    memcpy(&total, u32_at(b, slot), 4);
+    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER || total - ONE_HEAD > max_len)
+        return NULL;
+    memcpy(length, head + 5, 4);
+    if (*length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0)
+        return NULL;
+    return head + ONE_HEAD;
+}
+
 static int take_frame_at(uintptr_t b, uint64_t reader_off, uint64_t data_off,
                          uint64_t n_slots, uint64_t slot_size, uint64_t max_len,
                          PyObject **frame, uint64_t *stamp) {
     uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
     if (load_acq(b, WRITE_SEQ_OFF) <= seq)
         return 0;
-    uint32_t total, length;
+    uint32_t length;
     uint64_t slot = data_off + (seq % n_slots) * slot_size;
-    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
-    memcpy(&total, u32_at(b, slot), 4);
-    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER || total - ONE_HEAD > max_len)
-        return 0;
-    memcpy(&length, head + 5, 4);
-    if (length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0)
+    const unsigned char *at = one_frame_at(b, slot, slot_size, max_len, &length);
+    if (at == NULL)
         return 0;
     *stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
-    *frame = PyBytes_FromStringAndSize((const char *)head + ONE_HEAD, length);
+    *frame = PyBytes_FromStringAndSize((const char *)at, length);
     if (*frame == NULL)
         return -1;
     __atomic_store_n(u64_at(b, reader_off), seq + 1, __ATOMIC_RELEASE);
@@ -812,16 +830,12 @@ static Py_ssize_t unpack_uint(const unsigned char *p, Py_ssize_t left, uint64_t 
 static int bare_call_at(uintptr_t b, uint64_t slot, uint64_t slot_size, const char *before,
                         Py_ssize_t before_len, uint64_t *id, const unsigned char **rest,
                         Py_ssize_t *rest_len) {
-    uint32_t total, length;
-    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
-    memcpy(&total, u32_at(b, slot), 4);
-    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER)
+    uint32_t length;
+    const unsigned char *frame = one_frame_at(b, slot, slot_size, UINT32_MAX, &length);
+    if (frame == NULL || (Py_ssize_t)length <= before_len ||
+        memcmp(frame, before, (size_t)before_len))
         return 0;
-    memcpy(&length, head + 5, 4);
-    if (length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0 ||
-        (Py_ssize_t)length <= before_len || memcmp(head + ONE_HEAD, before, (size_t)before_len))
-        return 0;
-    const unsigned char *at = head + ONE_HEAD + before_len;
+    const unsigned char *at = frame + before_len;
     Py_ssize_t left = (Py_ssize_t)length - before_len;
     Py_ssize_t n = unpack_uint(at, left, id);
     if (n == 0)
@@ -935,15 +949,7 @@ static int put_none_reply(struct reply_ring *r, uint64_t id) {
             return 0;
     }
     uint64_t slot = r->data_off + (r->seq % r->n_slots) * r->slot_size;
-    unsigned char *head = (unsigned char *)(r->b + slot + SLOT_HEADER);
-    uint32_t length = (uint32_t)n, total = (uint32_t)(n + ONE_HEAD);
-    uint16_t zero = 0, one = 1;
-    memcpy(u32_at(r->b, slot), &total, 4);
-    head[0] = 0;
-    memcpy(head + 1, &zero, 2);
-    memcpy(head + 3, &one, 2);
-    memcpy(head + 5, &length, 4);
-    unsigned char *at = head + ONE_HEAD;
+    unsigned char *at = one_packet_head(r->b, slot, (uint32_t)n);
     memcpy(at, r->before, (size_t)r->before_len);
     memcpy(at + r->before_len, packed, (size_t)id_len);
     memcpy(at + r->before_len + id_len, r->after, (size_t)r->after_len);

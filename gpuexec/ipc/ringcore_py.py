@@ -109,20 +109,27 @@ def _take_expected(view: memoryview, base: int, data_off: int, n_slots: int,
     return True
 
 
-def take_frame(view: memoryview, base: int, reader_off: int, data_off: int, n_slots: int,
-               slot_size: int, max_len: int) -> tuple[bytes, int] | None:
-    seq = _u64(view, reader_off)[0]
-    if published(view, base) <= seq:
-        return None
-    slot = data_off + (seq % n_slots) * slot_size
+def _one_frame(view: memoryview, slot: int, slot_size: int, max_len: int
+               ) -> tuple[bytes, int] | None:
+    """``(frame, publish time)`` of the message in the slot at ``slot`` when it is a packet
+    of one frame of at most ``max_len`` bytes for every rank, None for any other."""
     total, _, stamp, kind, mask_len, frames, length = _ONE.unpack_from(view, slot)
     if not _ONE_HEAD <= total <= min(slot_size - SLOT_HEADER, max_len + _ONE_HEAD) or \
             (kind, mask_len, frames, length) != (0, 0, 1, total - _ONE_HEAD):
         return None
     at = slot + SLOT_HEADER + _ONE_HEAD
-    frame = bytes(view[at:at + length])
-    release(view, base, reader_off, seq + 1)
-    return frame, int(stamp)
+    return bytes(view[at:at + length]), int(stamp)
+
+
+def take_frame(view: memoryview, base: int, reader_off: int, data_off: int, n_slots: int,
+               slot_size: int, max_len: int) -> tuple[bytes, int] | None:
+    seq = _u64(view, reader_off)[0]
+    if published(view, base) <= seq:
+        return None
+    got = _one_frame(view, data_off + (seq % n_slots) * slot_size, slot_size, max_len)
+    if got is not None:
+        release(view, base, reader_off, seq + 1)
+    return got
 
 
 def release(view: memoryview, base: int, off: int, seq: int) -> None:
@@ -334,18 +341,16 @@ def _bare_call(view: memoryview, slot: int, slot_size: int, call_before: bytes
                ) -> tuple[int, bytes, int] | None:
     """``(call id, method part, publish time)`` of a bare call in the slot at ``slot``
     (see serve), None for any other message."""
-    total, _, stamp, kind, mask_len, frames, length = _ONE.unpack_from(view, slot)
-    if not _ONE_HEAD <= total <= slot_size - SLOT_HEADER or \
-            (kind, mask_len, frames, length) != (0, 0, 1, total - _ONE_HEAD):
+    one = _one_frame(view, slot, slot_size, slot_size)
+    if one is None:
         return None
-    at = slot + SLOT_HEADER + _ONE_HEAD
-    frame = bytes(view[at:at + length])
+    frame, stamp = one
     if len(frame) <= len(call_before) or not frame.startswith(call_before):
         return None
     got = _unpack_uint(frame, len(call_before))
     if got is None:
         return None
-    return got[0], frame[len(call_before) + got[1]:], int(stamp)
+    return got[0], frame[len(call_before) + got[1]:], stamp
 
 
 def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off: int,
