@@ -531,24 +531,31 @@ def test_fork_while_another_thread_waits_in_the_core() -> None:
     w.close()
 
 
-def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
+def test_serve_answers_the_calls_it_can_and_leaves_the_rest(
         reader_core: Callable[[str], None]) -> None:
     """A worker's wait that answers calls in the core (either one, against a driver's
-    rings on the other): each known bare call's method runs armed for cancellation, its
-    None reply is the encoder's bytes (every length of id); what it cannot answer comes
-    back as the loop must see it: an unknown, hidden or queued-after-a-cancel call as
-    its frame, untaken; a raise, a value, a closed gate, a full reply ring or a reply
-    over the size limit as a Ran; another kind of message as a held view. The forecast
-    learns every answered call in order, and the rings' positions are taken up."""
+    rings on the other). Without a decoder: each known bare call's method runs armed for
+    cancellation, its None reply is the encoder's bytes (every length of id); what it
+    cannot answer comes back as the loop must see it: an unknown, hidden or
+    queued-after-a-cancel call as its frame, untaken; a raise, a value that is not plain
+    data, a closed gate, a full reply ring or a reply over the size limit as a Ran;
+    another kind of message as a held view. With one: a call by name with arguments runs with them, armed, its None
+    or plain value answered as the encoder writes it; what it cannot send as a Ran; what
+    it must not run (a bare call of a new name, a dunder, a call for one rank's value, a
+    hidden name, a call queued after a cancel) as the decoded message; a frame the
+    decoder refuses as its bytes. The forecast learns every answered call in order, and
+    the rings' positions are taken up."""
     import types
+    from functools import partial
 
     from gpuexec.ipc import packets
-    from gpuexec.ipc.codec import Encoder, around_id, none_reply_parts
+    from gpuexec.ipc.codec import Decoder, Encoder, around_id, none_reply_parts
     from gpuexec.ipc.doorbell import Doorbell
-    from gpuexec.ipc.messages import Call
+    from gpuexec.ipc.messages import Call, ToWorker
     from gpuexec.ipc.shm_ring import Ran
 
     enc = Encoder(allow_pickle=False)
+    dec = Decoder(ToWorker, allow_pickle=False, copy_buffers=True)
     cancel = types.SimpleNamespace(running=0, method="", armed=False, recheck=0)
     gate = types.SimpleNamespace(closed=False, shared=False)
     armed: list[tuple[int, str, bool]] = []
@@ -559,11 +566,15 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
         def noop(self) -> None:
             armed.append((cancel.running, cancel.method, cancel.armed))
 
-        def value(self) -> int:
-            return 5
+        def value(self) -> tuple[int]:
+            return (5,)  # not plain msgpack data: the encoder's walk (the loop's) sends it
 
         def boom(self) -> None:
             raise ValueError("boom")
+
+        def echo(self, *args: object, **kwargs: object) -> object:
+            armed.append((cancel.running, cancel.method, cancel.armed))
+            return args[0] if args else None
 
     calls = {around_id(lambda i, n=name: Call(i, n, None, [], {}))[1]: name
              for name in ("noop", "value", "boom", "hidden", "absent")}
@@ -579,9 +590,11 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
         forecast = forecast_spy()
         reader = RingReader(requests.spec, 0, spin=0.01, forecast=forecast)
 
-        def serve(max_reply: int = -1) -> object:
+        def serve(max_reply: int = -1, decode: bool = False) -> object:
             reader.answer_in_core(replies, before, calls, none_reply_parts(2), max_reply,
-                                  Target(), cancel, gate)
+                                  Target(), cancel, gate,
+                                  dec.decode_header if decode else None,  # type: ignore[arg-type]
+                                  Call, partial(enc.value_reply, 2))
             return reader.serve()
 
         ids = [1, 300, 70000, 2**33, 6]  # every form of msgpack int; the 5th: no room
@@ -606,7 +619,7 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
         assert serve() == enc.bare_call(9, "noop")
         cancel.recheck = 0
         assert requests.put_one(enc.bare_call(10, "value"))
-        assert serve() == Ran(10, "value", 5, None)
+        assert serve() == Ran(10, "value", (5,), None)
         assert requests.put_one(enc.bare_call(11, "boom"))
         ran = serve()
         assert isinstance(ran, Ran) and isinstance(ran.error, ValueError)
@@ -622,6 +635,44 @@ def test_serve_answers_the_bare_calls_it_knows_and_leaves_the_rest(
         assert isinstance(view, memoryview)  # two frames: read in place
         view.release()
         reader.release()
+        assert not from_worker.poll() and not reader.poll()
+        armed.clear()
+
+        def call(call_id: int, name: str, *args: object, value_rank: int = -1,
+                 **kwargs: object) -> bytes:
+            frame = enc.encode(Call(call_id, name, None, list(args), kwargs, value_rank))[0]
+            assert requests.put_one(frame)
+            return frame
+
+        call(20, "echo", None, k=1)
+        call(21, "echo", 5)
+        assert serve(decode=True) is None  # both answered here
+        assert armed == [(20, "echo", True), (21, "echo", True)]
+        assert [from_worker.read_frame() for _ in range(2)] == \
+            [enc.none_reply(20, 2), enc.value_reply(2, 21, 5)]
+        call(22, "echo", (1, 2))  # a tuple needs the encoder's walk: the loop sends it
+        assert serve(decode=True) == Ran(22, "echo", (1, 2), None)
+        call(23, "boom", 1)
+        ran = serve(decode=True)
+        assert isinstance(ran, Ran) and isinstance(ran.error, TypeError)
+        gate.closed = True
+        call(24, "echo", 1)
+        assert serve(decode=True) == Ran(24, "echo", 1, None)
+        gate.closed = False
+        call(25, "echo", 1)
+        assert serve(max_reply=4, decode=True) == Ran(25, "echo", 1, None)
+        assert requests.put_one(enc.bare_call(26, "fresh"))
+        assert serve(decode=True) == Call(26, "fresh", None, [], {})  # the loop learns it
+        for frame in (call(27, "__init__", 1), call(28, "echo", 1, value_rank=0),
+                      call(29, "hidden", 1), call(30, "absent", 1)):
+            assert serve(decode=True) == dec.decode_header(frame)
+        cancel.recheck = 1
+        frame = call(31, "echo", 1)
+        assert serve(decode=True) == dec.decode_header(frame)
+        cancel.recheck = 0
+        assert requests.put_one(b"\xc1")  # msgpack's never-used byte: not decoded
+        assert serve(decode=True) == b"\xc1"
+        assert [a[0] for a in armed] == [20, 21, 22, 24, 25]  # run: answered here or not
         assert not from_worker.poll() and not reader.poll()
         armed.clear()
         for r in (reader, from_worker):

@@ -789,7 +789,8 @@ fail:
 /* -- the worker's request loop ------------------------------------------------------- */
 
 /* Attribute names the serving loop reads and stores (interned once, at import). */
-static PyObject *S_RECHECK, *S_RUNNING, *S_METHOD, *S_ARMED, *S_CLOSED;
+static PyObject *S_RECHECK, *S_RUNNING, *S_METHOD, *S_ARMED, *S_CLOSED, *S_FN, *S_VALUE_RANK,
+    *S_ARGS, *S_KWARGS, *S_CALL_ID, *S_DUNDER;
 
 /* The msgpack form msgspec gives a non-negative int (its shortest): its length, written
  * at ``out`` (9 bytes at most). */
@@ -899,16 +900,18 @@ static PyObject *runnable(PyObject *target, PyObject *name, PyObject *cancel) {
 }
 
 /* Run ``method`` as the request loop runs a call's method, armed for cancellation
- * (cancel.running / method / armed, as CancelPoint expects): its result, or NULL with
- * the exception it raised moved into *error. */
-static PyObject *run_armed(PyObject *method, PyObject *cancel, PyObject *id, PyObject *name,
-                           PyObject **error) {
+ * (cancel.running / method / armed, as CancelPoint expects), with ``call_args`` (a tuple;
+ * NULL: none) and ``call_kwargs`` (a dict; NULL: none): its result, or NULL with the
+ * exception it raised moved into *error. */
+static PyObject *run_armed(PyObject *method, PyObject *call_args, PyObject *call_kwargs,
+                           PyObject *cancel, PyObject *id, PyObject *name, PyObject **error) {
     *error = NULL;
     if (PyObject_SetAttr(cancel, S_RUNNING, id) < 0 ||
         PyObject_SetAttr(cancel, S_METHOD, name) < 0 ||
         PyObject_SetAttr(cancel, S_ARMED, Py_True) < 0)
         return NULL;
-    PyObject *value = PyObject_CallNoArgs(method);
+    PyObject *value = call_args == NULL ? PyObject_CallNoArgs(method)
+                                        : PyObject_Call(method, call_args, call_kwargs);
     PyObject *type = NULL, *tb = NULL;
     if (value == NULL) {
         PyErr_Fetch(&type, error, &tb);
@@ -926,6 +929,65 @@ static PyObject *run_armed(PyObject *method, PyObject *cancel, PyObject *id, PyO
     return value;
 }
 
+/* A request serve() decoded (``decode`` gave ``msg``) that it may run now: a call by name
+ * with arguments (a ``call_type``, no callable, every rank's value wanted, a name that is
+ * no dunder and a callable attribute of ``target``, no cancelled call possibly queued):
+ * 1 with *id and new references in *name, *method, *call_args (a tuple) and *call_kwargs
+ * (NULL when empty); 0 to give ``msg`` to the request loop (a call without arguments too:
+ * the loop learns its name for serve's bare calls); -1 with an exception set. */
+static int servable_call(PyObject *msg, PyObject *call_type, PyObject *target,
+                         PyObject *cancel, uint64_t *id, PyObject **name, PyObject **method,
+                         PyObject **call_args, PyObject **call_kwargs) {
+    if ((PyObject *)Py_TYPE(msg) != call_type)
+        return 0;
+    PyObject *fn = NULL, *rank = NULL, *a = NULL, *k = NULL, *nm = NULL, *cid = NULL;
+    int out = -1;
+    if ((fn = PyObject_GetAttr(msg, S_FN)) == NULL ||
+        (rank = PyObject_GetAttr(msg, S_VALUE_RANK)) == NULL ||
+        (a = PyObject_GetAttr(msg, S_ARGS)) == NULL ||
+        (k = PyObject_GetAttr(msg, S_KWARGS)) == NULL ||
+        (nm = PyObject_GetAttr(msg, S_METHOD)) == NULL ||
+        (cid = PyObject_GetAttr(msg, S_CALL_ID)) == NULL)
+        goto end;
+    out = 0;
+    long value_rank = PyLong_AsLong(rank);
+    if (value_rank == -1 && PyErr_Occurred())
+        goto failed;
+    if (fn != Py_None || value_rank >= 0 || !PyList_Check(a) || !PyDict_Check(k) ||
+        (PyList_Size(a) == 0 && PyDict_Size(k) == 0) || !PyUnicode_Check(nm) ||
+        PyUnicode_Tailmatch(nm, S_DUNDER, 0, PY_SSIZE_T_MAX, -1) != 0)
+        goto end;
+    unsigned long long call_id = PyLong_AsUnsignedLongLong(cid);
+    if (call_id == (unsigned long long)-1 && PyErr_Occurred())
+        goto failed;
+    if ((*method = runnable(target, nm, cancel)) == NULL) {
+        out = PyErr_Occurred() ? -1 : 0;
+        goto end;
+    }
+    if ((*call_args = PyList_AsTuple(a)) == NULL) {
+        Py_CLEAR(*method);
+        out = -1;
+        goto end;
+    }
+    *id = call_id;
+    *call_kwargs = PyDict_Size(k) ? k : NULL;
+    Py_XINCREF(*call_kwargs);
+    *name = nm;
+    Py_INCREF(nm);
+    out = 1;
+    goto end;
+failed: /* a field msgspec would not have decoded: the loop looks at it */
+    PyErr_Clear();
+end:
+    Py_XDECREF(fn);
+    Py_XDECREF(rank);
+    Py_XDECREF(a);
+    Py_XDECREF(k);
+    Py_XDECREF(nm);
+    Py_XDECREF(cid);
+    return out;
+}
+
 struct reply_ring {
     uintptr_t b, bell;
     uint64_t data_off, n_slots, slot_size, seq, min_read;
@@ -933,13 +995,13 @@ struct reply_ring {
     Py_ssize_t before_len, after_len, max_reply;
 };
 
-/* Write and publish ``before + id + after`` (the reply of a method that returned None)
- * when it fits and the ring has room: 1; 0 to leave it to Python (it waits for room,
- * refuses what is over max_message_size). */
-static int put_none_reply(struct reply_ring *r, uint64_t id) {
-    unsigned char packed[9];
-    Py_ssize_t id_len = pack_uint(id, packed);
-    uint64_t n = (uint64_t)(r->before_len + id_len + r->after_len);
+/* Write and publish one reply frame made of three parts (``c`` NULL: two) when it fits
+ * and the ring has room: 1; 0 to leave it to Python (it waits for room, refuses what is
+ * over max_message_size). */
+static int put_reply(struct reply_ring *r, const char *a, Py_ssize_t a_len,
+                     const unsigned char *m, Py_ssize_t m_len, const char *c,
+                     Py_ssize_t c_len) {
+    uint64_t n = (uint64_t)(a_len + m_len + c_len);
     if ((r->max_reply >= 0 && n > (uint64_t)r->max_reply) ||
         n + ONE_HEAD + SLOT_HEADER > r->slot_size)
         return 0;
@@ -950,12 +1012,41 @@ static int put_none_reply(struct reply_ring *r, uint64_t id) {
     }
     uint64_t slot = r->data_off + (r->seq % r->n_slots) * r->slot_size;
     unsigned char *at = one_packet_head(r->b, slot, (uint32_t)n);
-    memcpy(at, r->before, (size_t)r->before_len);
-    memcpy(at + r->before_len, packed, (size_t)id_len);
-    memcpy(at + r->before_len + id_len, r->after, (size_t)r->after_len);
+    memcpy(at, a, (size_t)a_len);
+    if (m_len)
+        memcpy(at + a_len, m, (size_t)m_len);
+    if (c_len)
+        memcpy(at + a_len + m_len, c, (size_t)c_len);
     r->seq += 1;
     publish_at(r->b, slot, r->seq, 1, r->bell);
     return 1;
+}
+
+/* Publish the reply to call ``id`` whose method returned ``value``: None's cached bytes
+ * around the id, any other value's frame as ``reply_frame(id, value)`` makes it (None from
+ * it, or an Exception: Python's encoder takes the value). 1 when published; 0 to leave it
+ * to Python; -1 with a BaseException set that is no Exception (it propagates). */
+static int put_value_reply(struct reply_ring *r, uint64_t id, PyObject *id_obj,
+                           PyObject *value, PyObject *reply_frame) {
+    if (value == Py_None) {
+        unsigned char packed[9];
+        Py_ssize_t id_len = pack_uint(id, packed);
+        return put_reply(r, r->before, r->before_len, packed, id_len, r->after, r->after_len);
+    }
+    if (reply_frame == Py_None)
+        return 0;
+    PyObject *frame = PyObject_CallFunctionObjArgs(reply_frame, id_obj, value, NULL);
+    if (frame == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    int put = 0;
+    if (PyBytes_Check(frame))
+        put = put_reply(r, PyBytes_AsString(frame), PyBytes_Size(frame), NULL, 0, NULL, 0);
+    Py_DECREF(frame);
+    return put;
 }
 
 /* The name ``calls`` maps the method part of a bare call's header to (borrowed; the dict
@@ -985,19 +1076,26 @@ static PyObject *cached_name(PyObject *calls, const unsigned char *rest, Py_ssiz
 /* serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, spin,
  * timeout, reply_view, reply_base, reply_data_off, reply_n_slots, reply_slot_size,
  * bell_view, bell_base, call_before, calls, reply_before, reply_after, max_reply, target,
- * cancel, gate, first_spin) -> (got, ran, records): a worker's wait for its next request
- * (as next_frame, spinning ``first_spin`` seconds) that also answers the requests it can
- * without Python: a bare call (``call_before`` + id + a method part that ``calls`` maps
- * to a method name) is taken, its method ``getattr(target, name)`` run armed for
- * cancellation, and when it returns None, ``reply_before`` + id + ``reply_after`` is
- * published into the reply ring (of one reader, whose only writer the caller is: its
- * position is read from the ring) with the doorbell rung; then the wait goes on,
- * spinning ``spin`` seconds only. ``got`` is what next_frame gives for the first request
- * left to Python (False: none came), None when ``ran`` = (call_id, name, value, error,
- * stamp) is a call whose method ran here and that Python must answer (it raised,
- * returned something else, the gate was closed, the reply ring full, the reply over
- * ``max_reply`` bytes when that is >= 0); ``records``: (published_ns, replied) of each
- * call answered here, the last RECORDS (None: none). The reader's read_seq and the reply
+ * cancel, gate, decode, call_type, reply_frame, first_spin) -> (got, ran, records): a
+ * worker's wait for its next request (as next_frame, spinning ``first_spin`` seconds) that
+ * also answers the requests it can without the request loop:
+ *   - a bare call (``call_before`` + id + a method part that ``calls`` maps to a method
+ *     name) is taken and its method ``getattr(target, name)`` run, without decoding;
+ *   - any other request of one frame for every rank is taken and given to ``decode``
+ *     (None: not done); a call by name with arguments (see servable_call) has its method
+ *     run with them;
+ * each armed for cancellation; when it returns None, ``reply_before`` + id +
+ * ``reply_after`` is published into the reply ring (of one reader, whose only writer the
+ * caller is: its position is read from the ring) with the doorbell rung, and any other
+ * value as ``reply_frame(id, value)`` makes its frame; then the wait goes on, spinning
+ * ``spin`` seconds only. ``got`` is what next_frame gives for the first request left to
+ * Python, or (message, stamp) for one ``decode`` decoded that the loop must answer
+ * ((frame, stamp) again when ``decode`` raised: the loop decodes it and deals with the
+ * error), False when none came, None when ``ran`` = (call_id, name, value, error, stamp)
+ * is a call whose method ran here and that Python must answer (it raised, the gate was
+ * closed, the reply ring full, the reply over ``max_reply`` bytes when that is >= 0, the
+ * value not made a frame here); ``records``: (published_ns, replied) of each call
+ * answered here, the last RECORDS (None: none). The reader's read_seq and the reply
  * ring's write_seq are in the rings (the caller takes them up). Every argument but the
  * last stays the same from call to call (to bind them once). */
 static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -1009,14 +1107,14 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
     long long max_reply;
     char *call_before, *text;
     Py_ssize_t call_before_len;
-    if (!nargs_ok(nargs, 26, "serve") || !as_u64(args[1], &base) ||
+    if (!nargs_ok(nargs, 29, "serve") || !as_u64(args[1], &base) ||
         !as_u64(args[2], &reader_off) || !as_u64(args[3], &flag_off) ||
         !as_u64(args[4], &data_off) || !as_u64(args[5], &n_slots) ||
         !as_u64(args[6], &slot_size) || !as_u64(args[7], &max_len) ||
         !as_double(args[8], &spin) || !as_double(args[9], &timeout) ||
         !as_u64(args[11], &rbase) || !as_u64(args[12], &r.data_off) ||
         !as_u64(args[13], &r.n_slots) || !as_u64(args[14], &r.slot_size) ||
-        !as_u64(args[16], &rbell) || !as_double(args[25], &first_spin))
+        !as_u64(args[16], &rbell) || !as_double(args[28], &first_spin))
         return NULL;
     if (PyBytes_AsStringAndSize(args[17], &call_before, &call_before_len) < 0 ||
         PyBytes_AsStringAndSize(args[19], &text, &r.before_len) < 0)
@@ -1030,6 +1128,7 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     r.max_reply = max_reply < 0 ? -1 : (Py_ssize_t)max_reply;
     PyObject *calls = args[18], *target = args[22], *cancel = args[23], *gate = args[24];
+    PyObject *decode = args[25], *call_type = args[26], *reply_frame = args[27];
     if (n_slots == 0 || r.n_slots == 0 || !PyDict_Check(calls)) {
         PyErr_SetString(PyExc_ValueError, "serve(): rings with slots and a dict of calls");
         return NULL;
@@ -1055,19 +1154,23 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
             Py_INCREF(got);
             break;
         }
-        uint64_t slot = data_off + (seq % n_slots) * slot_size, id;
+        uint64_t slot = data_off + (seq % n_slots) * slot_size, id, stamp;
         const unsigned char *rest;
         Py_ssize_t rest_len;
-        PyObject *called = NULL, *method = NULL;
+        PyObject *called = NULL, *method = NULL, *call_args = NULL, *call_kwargs = NULL;
         if (bare_call_at(b, slot, slot_size, call_before, call_before_len, &id, &rest,
                          &rest_len) &&
             (called = cached_name(calls, rest, rest_len, &key, &name)) != NULL)
             method = runnable(target, called, cancel);
         if (PyErr_Occurred())
             goto done;
-        if (method == NULL) { /* Python's: taken as next_frame takes it */
-            PyObject *frame;
-            uint64_t stamp;
+        if (method != NULL) { /* a bare call: taken */
+            Py_INCREF(called);
+            stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
+            seq += 1;
+            __atomic_store_n(u64_at(b, reader_off), seq, __ATOMIC_RELEASE);
+        } else { /* Python's, or decoded here: taken as next_frame takes it */
+            PyObject *frame, *msg;
             int took = take_frame_at(b, reader_off, data_off, n_slots, slot_size, max_len,
                                      &frame, &stamp);
             if (took < 0)
@@ -1075,30 +1178,60 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
             if (took == 0) {
                 got = Py_True;
                 Py_INCREF(got);
-            } else if ((got = taken_pair(frame, stamp)) == NULL) {
-                goto done;
+                break;
             }
-            break;
+            seq += 1;
+            if (decode == Py_None ||
+                (msg = PyObject_CallFunctionObjArgs(decode, frame, NULL)) == NULL) {
+                if (decode != Py_None && !PyErr_ExceptionMatches(PyExc_Exception)) {
+                    Py_DECREF(frame);
+                    goto done;
+                }
+                PyErr_Clear(); /* the loop decodes it again and deals with what it is */
+                if ((got = taken_pair(frame, stamp)) == NULL)
+                    goto done;
+                break;
+            }
+            Py_DECREF(frame);
+            int can = servable_call(msg, call_type, target, cancel, &id, &called, &method,
+                                    &call_args, &call_kwargs);
+            if (can <= 0) {
+                if (can == 0)
+                    got = taken_pair(msg, stamp); /* the loop answers it */
+                else
+                    Py_DECREF(msg);
+                if (got == NULL)
+                    goto done;
+                break;
+            }
+            Py_DECREF(msg);
         }
-        uint64_t stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
-        seq += 1;
-        __atomic_store_n(u64_at(b, reader_off), seq, __ATOMIC_RELEASE); /* taken */
         PyObject *id_obj = PyLong_FromUnsignedLongLong(id), *error = NULL, *value = NULL;
         if (id_obj != NULL)
-            value = run_armed(method, cancel, id_obj, called, &error);
+            value = run_armed(method, call_args, call_kwargs, cancel, id_obj, called, &error);
         Py_DECREF(method);
-        if (value == NULL && error == NULL) {
+        Py_XDECREF(call_args);
+        Py_XDECREF(call_kwargs);
+        int put = 0; /* 1: published here; 0: Python answers it; -1: failed */
+        if (value != NULL) {
+            int closed = attr_true(gate, S_CLOSED);
+            put = closed < 0 ? -1 : closed ? 0 : put_value_reply(&r, id, id_obj, value,
+                                                                 reply_frame);
+        }
+        if ((value == NULL && error == NULL) || put < 0) {
             Py_XDECREF(id_obj);
+            Py_XDECREF(value);
+            Py_XDECREF(error);
+            Py_DECREF(called);
             goto done;
         }
-        int closed = value == Py_None ? attr_true(gate, S_CLOSED) : 1;
-        if (closed < 0 || (closed == 0 && !put_none_reply(&r, id)) || closed > 0) {
-            if (closed >= 0)
-                ran = Py_BuildValue("(OOOOK)", id_obj, called, value ? value : Py_None,
-                                    error ? error : Py_None, (unsigned long long)stamp);
+        if (put == 0) {
+            ran = Py_BuildValue("(OOOOK)", id_obj, called, value ? value : Py_None,
+                                error ? error : Py_None, (unsigned long long)stamp);
             Py_DECREF(id_obj);
             Py_XDECREF(value);
             Py_XDECREF(error);
+            Py_DECREF(called);
             if (ran == NULL)
                 goto done;
             got = Py_None;
@@ -1107,6 +1240,7 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
         Py_DECREF(id_obj);
         Py_DECREF(value);
+        Py_DECREF(called);
         double now = now_s();
         rec.stamp[rec.n % RECORDS] = stamp;
         rec.replied[rec.n % RECORDS] = now;
@@ -1165,8 +1299,8 @@ static PyMethodDef methods[] = {
      "serve(view, base, reader_off, flag_off, data_off, n_slots, slot_size, max_len, spin, "
      "timeout, reply_view, reply_base, reply_data_off, reply_n_slots, reply_slot_size, "
      "bell_view, bell_base, call_before, calls, reply_before, reply_after, max_reply, "
-     "target, cancel, gate, first_spin) -> (got, ran, records): wait for the next request, "
-     "answering the bare calls it can."},
+     "target, cancel, gate, decode, call_type, reply_frame, first_spin) -> (got, ran, "
+     "records): wait for the next request, answering the calls it can."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1178,14 +1312,20 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 7
+#define CORE_API 8
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     if ((S_RECHECK = PyUnicode_InternFromString("recheck")) == NULL ||
         (S_RUNNING = PyUnicode_InternFromString("running")) == NULL ||
         (S_METHOD = PyUnicode_InternFromString("method")) == NULL ||
         (S_ARMED = PyUnicode_InternFromString("armed")) == NULL ||
-        (S_CLOSED = PyUnicode_InternFromString("closed")) == NULL)
+        (S_CLOSED = PyUnicode_InternFromString("closed")) == NULL ||
+        (S_FN = PyUnicode_InternFromString("fn")) == NULL ||
+        (S_VALUE_RANK = PyUnicode_InternFromString("value_rank")) == NULL ||
+        (S_ARGS = PyUnicode_InternFromString("args")) == NULL ||
+        (S_KWARGS = PyUnicode_InternFromString("kwargs")) == NULL ||
+        (S_CALL_ID = PyUnicode_InternFromString("call_id")) == NULL ||
+        (S_DUNDER = PyUnicode_InternFromString("__")) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddStringConstant(m, "NAME", "compiled") < 0 ||

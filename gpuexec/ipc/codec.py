@@ -199,6 +199,17 @@ class Encoder:
             parts = self._around_id(rank, lambda i: Reply(i, rank))
         return parts[0] + self._plain.encode(call_id) + parts[1]
 
+    def value_reply(self, rank: int, call_id: int, value: Any) -> bytes | None:
+        """The header of ``Reply(call_id, rank, value)`` when ``value`` is plain msgpack
+        data (:meth:`encode_with_segments`' fast path, the one frame it gives); None when
+        it needs the walk (then :meth:`encode` takes it)."""
+        if value.__class__ in _SCALARS or plain(value):
+            try:
+                return self._plain.encode(Reply(call_id, rank, value))
+            except (OverflowError, UnicodeEncodeError):
+                pass
+        return None
+
     def _around_id(self, key: str | int, make: Callable[[int], Any]) -> tuple[bytes, bytes]:
         """:func:`around_id`, cached under ``key``. Raises what msgpack raises for a
         message it refuses."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from ..errors import ConfigError
@@ -30,7 +31,7 @@ CHOICES = ("auto", "compiled", "python")
 # The interface below; ``_ringcore.c``'s CORE_API must be the same. A build from an older
 # source (an editable install after a pull, before make rebuilt it) is refused: it would
 # be called with the wrong arguments.
-API = 7
+API = 8
 
 
 class Core(Protocol):
@@ -72,8 +73,9 @@ class Core(Protocol):
               reply_n_slots: int, reply_slot_size: int, bell_view: memoryview | None,
               bell_base: int, call_before: bytes, calls: dict[bytes, str],
               reply_before: bytes, reply_after: bytes, max_reply: int, target: object,
-              cancel: object, gate: object, first_spin: float
-              ) -> tuple[tuple[bytes, int] | bool | None,
+              cancel: object, gate: object, decode: Callable[[bytes], Any] | None,
+              call_type: type, reply_frame: Callable[[int, Any], bytes | None] | None,
+              first_spin: float) -> tuple[tuple[Any, int] | bool | None,
                          tuple[int, str, Any, BaseException | None, int] | None,
                          list[tuple[int, float]] | None]: ...
 

@@ -359,11 +359,13 @@ def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off:
           reply_slot_size: int, bell_view: memoryview | None, bell_base: int,
           call_before: bytes, calls: dict[bytes, str], reply_before: bytes,
           reply_after: bytes, max_reply: int, target: object, cancel: Any, gate: Any,
-          first_spin: float) -> tuple[tuple[bytes, int] | bool | None,
-                                      tuple[int, str, Any, BaseException | None, int] | None,
-                                      list[tuple[int, float]] | None]:
-    """The request loop's wait that answers the bare calls it can (see ``_ringcore.c``
-    and :meth:`~gpuexec.ipc.shm_ring.RingReader.serve`)."""
+          decode: Callable[[bytes], Any] | None, call_type: type,
+          reply_frame: Callable[[int, Any], bytes | None] | None, first_spin: float
+          ) -> tuple[tuple[Any, int] | bool | None,
+                     tuple[int, str, Any, BaseException | None, int] | None,
+                     list[tuple[int, float]] | None]:
+    """The request loop's wait that answers the calls it can (see ``_ringcore.c`` and
+    :meth:`~gpuexec.ipc.shm_ring.RingReader.serve`)."""
     records: deque[tuple[int, float]] = deque(maxlen=_RECORDS)
     seq: int = _u64(view, reader_off)[0]
     reply_seq: int = _u64(reply_view, WRITE_SEQ_OFF)[0]  # the caller's own word
@@ -376,36 +378,59 @@ def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off:
         slot = data_off + (seq % n_slots) * slot_size
         bare = _bare_call(view, slot, slot_size, call_before)
         name = None if bare is None else calls.get(bare[1])
-        method = None
-        if name is not None and not cancel.recheck:
-            try:
-                method = getattr(target, name)
-            except Exception:  # (a property that raises): the loop answers it
-                method = None
-            method = method if callable(method) else None
-        if method is None:
+        method = _runnable(target, name, cancel) if name is not None else None
+        call_args: tuple[Any, ...] = ()
+        call_kwargs: dict[str, Any] = {}
+        if method is not None:  # a bare call: taken
+            assert bare is not None and name is not None
+            call_id, _, stamp = bare
+            seq += 1
+            release(view, base, reader_off, seq)
+        else:  # Python's, or decoded here: taken as next_frame takes it
             taken = take_frame(view, base, reader_off, data_off, n_slots, slot_size, max_len)
-            return (True if taken is None else taken), None, list(records) or None
-        assert bare is not None and name is not None
-        call_id, _, stamp = bare
-        seq += 1
-        release(view, base, reader_off, seq)  # taken
+            if taken is None:
+                return True, None, list(records) or None
+            seq += 1
+            if decode is None:
+                return taken, None, list(records) or None
+            frame, stamp = taken
+            try:
+                msg = decode(frame)
+            except Exception:  # the loop decodes it again and deals with what it is
+                return taken, None, list(records) or None
+            servable = _servable_call(msg, call_type, target, cancel)
+            if servable is None:
+                return (msg, stamp), None, list(records) or None
+            call_id, name, method, call_args, call_kwargs = servable
         cancel.running, cancel.method, cancel.armed = call_id, name, True
         value: Any = None
         error: BaseException | None = None
         try:
-            value = method()
+            value = method(*call_args, **call_kwargs)
         except BaseException as e:  # the caller answers it, as the request loop does
             error = e
         cancel.armed = False
-        reply = reply_before + _pack_uint(call_id) + reply_after
-        room = reply_min_read + reply_n_slots > reply_seq
-        if not room:
-            reply_min_read = min_read(reply_view, reply_base, ONE_READER_SEQ_OFF, 1)
+        if error is None and not gate.closed:
+            if value is None:
+                reply: bytes | None = reply_before + _pack_uint(call_id) + reply_after
+            elif reply_frame is None:
+                reply = None
+            else:
+                try:
+                    reply = reply_frame(call_id, value)
+                except Exception:  # Python's encoder takes the value
+                    reply = None
+        else:
+            reply = None
+        if reply is not None:
             room = reply_min_read + reply_n_slots > reply_seq
-        if error is not None or value is not None or gate.closed or not room or \
-                0 <= max_reply < len(reply) or \
-                len(reply) + _ONE_HEAD + SLOT_HEADER > reply_slot_size:
+            if not room:
+                reply_min_read = min_read(reply_view, reply_base, ONE_READER_SEQ_OFF, 1)
+                room = reply_min_read + reply_n_slots > reply_seq
+            if not room or 0 <= max_reply < len(reply) or \
+                    len(reply) + _ONE_HEAD + SLOT_HEADER > reply_slot_size:
+                reply = None
+        if reply is None:
             return None, (call_id, name, value, error, stamp), list(records) or None
         reply_seq += 1
         put_one(reply_view, reply_base,
@@ -414,3 +439,30 @@ def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off:
         now = time.monotonic()
         records.append((stamp, now))
         spin_until = sleep_until = now + spin
+
+
+def _runnable(target: object, name: str, cancel: Any) -> Callable[..., Any] | None:
+    """The bound method ``name`` of ``target`` when a call may run it now (no cancelled
+    call possibly queued, a callable attribute); None: the request loop answers it."""
+    if cancel.recheck:
+        return None
+    try:
+        method = getattr(target, name)
+    except Exception:  # (a property that raises): the loop answers it
+        return None
+    return method if callable(method) else None
+
+
+def _servable_call(msg: Any, call_type: type, target: object, cancel: Any
+                   ) -> tuple[int, str, Callable[..., Any], tuple[Any, ...],
+                              dict[str, Any]] | None:
+    """``(call_id, name, method, args, kwargs)`` of a decoded request serve() may run now:
+    a call by name with arguments (see ``servable_call`` in ``_ringcore.c``); None to give
+    it to the request loop."""
+    if msg.__class__ is not call_type or msg.fn is not None or msg.value_rank >= 0 or \
+            not (msg.args or msg.kwargs) or msg.method.startswith("__"):
+        return None
+    method = _runnable(target, msg.method, cancel)
+    if method is None:
+        return None
+    return msg.call_id, msg.method, method, tuple(msg.args), msg.kwargs

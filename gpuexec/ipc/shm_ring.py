@@ -99,7 +99,7 @@ class RingSpec(msgspec.Struct, frozen=True):
 
 
 class Ran(NamedTuple):
-    """A bare call whose method the ring core ran and that Python answers (see
+    """A call whose method the ring core ran and that Python answers (see
     :meth:`RingReader.serve`): what the method returned, or the exception it raised."""
 
     call_id: int
@@ -108,9 +108,10 @@ class Ran(NamedTuple):
     error: BaseException | None
 
 
-# What the core's serve() answers: (what next_frame would, a Ran's fields and publish
-# time, (published_ns, replied) of each call the core answered).
-_Served = tuple[tuple[bytes, int] | bool | None,
+# What the core's serve() answers: (what next_frame would, or a message it decoded and
+# its publish time; a Ran's fields and publish time; (published_ns, replied) of each call
+# the core answered).
+_Served = tuple[tuple[Any, int] | bool | None,
                 tuple[int, str, Any, BaseException | None, int] | None,
                 list[tuple[int, float]] | None]
 
@@ -442,34 +443,45 @@ class RingReader:
 
     def answer_in_core(self, writer: RingWriter, call_before: bytes, calls: dict[bytes, str],
                        reply_parts: tuple[bytes, bytes], max_reply: int, target: object,
-                       cancel: object, gate: object) -> None:
-        """Let :meth:`serve` answer the bare calls the core knows by their bytes, without
-        Python between them: a request that is ``call_before`` + an id + a method part
-        ``calls`` maps to a name (the dict is read at every request: the caller may add
-        names) is taken, the method ``getattr(target, name)`` run with ``cancel`` armed
-        (its ``running``, ``method`` and ``armed``, as the request loop sets them; never
-        while ``cancel.recheck``), and when it returns None and ``gate.closed`` is false,
-        the reply ``reply_parts[0]`` + id + ``reply_parts[1]`` (what the encoder's
-        ``none_reply`` gives) is published into ``writer``'s ring (a ring of one reader;
-        the caller makes sure nobody else writes it while :meth:`serve` runs). Bound once:
-        the rings' shapes, this reader's spin and the objects above."""
+                       cancel: object, gate: object, decode: Callable[[bytes], Any],
+                       call_type: type, reply_frame: Callable[[int, Any], bytes | None]
+                       ) -> None:
+        """Let :meth:`serve` answer requests in the core, without Python between them:
+
+        * a bare call the core knows by its bytes (``call_before`` + an id + a method part
+          ``calls`` maps to a name; the dict is read at every request: the caller may
+          add names) is taken without decoding and ``getattr(target, name)()`` run;
+        * any other request of one frame for every rank is taken and given to
+          ``decode``; a ``call_type`` message by name with arguments (no callable, every
+          rank's value wanted, no dunder name) has ``getattr(target, method)(*args,
+          **kwargs)`` run; any other message is handed to the caller decoded;
+
+        each with ``cancel`` armed (its ``running``, ``method`` and ``armed``, as the
+        request loop sets them; never while ``cancel.recheck``). Unless ``gate.closed``,
+        a None result's reply ``reply_parts[0]`` + id + ``reply_parts[1]`` (what the
+        encoder's ``none_reply`` gives), or any other value's frame as
+        ``reply_frame(id, value)`` makes it (None: left to Python), is published into
+        ``writer``'s ring (a ring of one reader; the caller makes sure nobody else writes
+        it while :meth:`serve` runs). Bound once: the rings' shapes, this reader's spin
+        and the objects above."""
         self._answer = partial(
             self._core.serve, self._view, self._base, self._off, self._flag,
             self._lengths[0], self._n_slots, self._slot_size, TAKEN_MAX, self.spin, _INF,
             writer._view, writer._base, writer._data, writer._n_slots, writer._slot_size,
             writer._bell_view, writer._bell_base, call_before, calls, reply_parts[0],
-            reply_parts[1], max_reply, target, cancel, gate)
+            reply_parts[1], max_reply, target, cancel, gate, decode, call_type, reply_frame)
         self._answer_writer = writer
 
-    def serve(self) -> bytes | memoryview | Ran | None:
+    def serve(self) -> Any:
         """:meth:`read_frame` (no timeout) that lets the core answer calls as
-        :meth:`answer_in_core` said. Returns the first request left to Python as
-        :meth:`read_frame` gives it; a :class:`Ran` for a call whose method ran in the core
-        and that Python answers (it raised, returned something else, the gate was
-        closed, the reply ring was full or the reply over ``max_reply`` (>= 0) bytes);
-        None after a pass that answered calls and saw no further one within ``spin``
-        (the next wait then starts with its sleep, or with the forecast's window: what
-        the core answered is learned first, the last
+        :meth:`answer_in_core` said. Returns the first request left to Python: as
+        :meth:`read_frame` gives it (bytes: a frame the decoder refused, or one read
+        without it), or the message the decoder made of it; a :class:`Ran` for a call
+        whose method ran in the core and that Python answers (it raised, returned a value
+        the core did not send, the gate was closed, the reply ring was full or the reply
+        over ``max_reply`` (>= 0) bytes); None after a pass that answered calls and saw
+        no further one within ``spin`` (the next wait then starts with its sleep, or with
+        the forecast's window: what the core answered is learned first, the last
         :data:`~gpuexec.ipc.forecast.HISTORY` calls of it in order). With a forecast
         window open, the wait is :meth:`read_frame`'s and nothing is answered."""
         if self._holding:

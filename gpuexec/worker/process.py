@@ -172,9 +172,10 @@ class _Server:
             log.warning("dropped a malformed request (%s); counting further ones", e)
 
     def serve(self) -> None:
-        # Bare calls served once: then answered by the ring core (see .transport).
+        # Calls by name answered by the ring core from now on (see .transport).
         cancel = self.cancel
-        self.transport.answer_in_core(self.target, cancel, self.gate, self.max_message_size)
+        self.transport.answer_in_core(self.target, cancel, self.gate, self.max_message_size,
+                                      self.encoder)
         next_request = self.transport.next
         while True:
             msg = next_request()
@@ -197,7 +198,7 @@ class _Server:
                         except CallCancelled:
                             out = self._cancelled(msg)
                     self._answer(out, msg.method, msg)
-                case Ran():  # a bare call whose method the ring core ran (see .transport)
+                case Ran():  # a call whose method the ring core ran (see .transport)
                     call = Call(msg.call_id, msg.method, None, [], {})
                     self._answer(self._outcome(call, msg.value, msg.error), msg.method, call)
                 case Ping(call_id=call_id):

@@ -13,9 +13,9 @@ shared memory       the broadcast ring: a packet     a packet in this worker's r
                     for this rank, decoded with its  the doorbell rung; too big for a
                     buffers copied (the slot is      slot: ZeroMQ, and a marker in the
                     reused); a marker: the request   ring that keeps the order
-                    waits on ZeroMQ; a bare call     (a bare call's None reply: written
-                    seen before: answered in the     by the ring core)
-                    ring core (see below)
+                    waits on ZeroMQ; a call by name  (a reply of one frame the core
+                    answered in the ring core (see   could make: written by it)
+                    below)
 ==================  ===============================  ====================================
 
 Both hand back a decoded :data:`~gpuexec.ipc.messages.ToWorker`, an
@@ -23,16 +23,21 @@ Both hand back a decoded :data:`~gpuexec.ipc.messages.ToWorker`, an
 rebuild (the loop answers it with the error), or None for a frame set dropped (counted by
 the ``drop`` callback the loop passes in).
 
-Over shared memory, a call by name without arguments (the hot path's no-op, a serving
-engine's step by name) is answered by the ring core once the loop has served a call of
-that name: the core recognises its header by its bytes, runs the method armed for
-cancellation as the loop would, and writes a None result's reply itself, with no Python
-between two such calls but the method; whatever it cannot finish (an exception, a value,
-a Future, a closed reply gate, a full reply ring) comes back to the loop as a
-:class:`~gpuexec.ipc.shm_ring.Ran`, answered as the loop answers its own calls. Only
-while no reply can come from another thread: once a method returned a Future (a deferred
-reply), the loop serves every request itself; and after a cancellation the loop serves
-the next ``max_inflight_calls`` requests (it looks each up on the cancel board first).
+Over shared memory, a call by name is answered by the ring core: one without arguments
+(the hot path's no-op, a serving engine's step by name) once the loop has served a call of
+that name (the core then recognises its header by its bytes, without decoding it), one
+with arguments decoded by the core calling this transport's decoder. The core runs the
+method armed for cancellation as the loop would and writes its reply itself (a None
+result's cached bytes; another value's frame, made by the encoder when the value is plain
+msgpack data), with no Python between two such calls but the method and those two
+codec calls; whatever it cannot finish (an exception, a value it did not send, a Future,
+a closed reply gate, a full reply ring) comes back to the loop as a
+:class:`~gpuexec.ipc.shm_ring.Ran`, answered as the loop answers its own calls, and any
+other request (a callable, a call for one rank's value, a ping, shutdown) as the decoded
+message. Only while no reply can come from another thread: once a method returned a
+Future (a deferred reply), the loop serves every request itself; and after a
+cancellation the loop serves the next ``max_inflight_calls`` requests (it looks each up
+on the cancel board first).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import zmq
@@ -47,6 +53,7 @@ import zmq
 from ..ipc import futex, packets
 from ..ipc.codec import (
     Decoder,
+    Encoder,
     MalformedMessage,
     UndecodableValue,
     around_id,
@@ -101,7 +108,7 @@ class ZmqWorkerTransport:
         send_frames(self.push, frames)
 
     def answer_in_core(self, target: object, cancel: object, gate: ReplyGate,
-                       max_reply: int) -> None:
+                       max_reply: int, encoder: Encoder) -> None:
         """Nothing here: every request is decoded and answered by the loop (see
         :meth:`ShmWorkerTransport.answer_in_core`)."""
 
@@ -134,60 +141,59 @@ class ShmWorkerTransport:
         self.doorbell = Doorbell(spec.doorbell)
         # Every reply (a marker too) rings the doorbell, after the publish's own fence.
         self.reply.ring_on_publish(self.doorbell.view, self.doorbell.base)
-        # Bare calls the core answers (see answer_in_core): the reply gate (None: none
-        # answered there), and the header's method part -> the method's name.
+        # Calls the core answers (see answer_in_core): the reply gate (None: none answered
+        # there), and a bare call header's method part -> the method's name.
         self._gate: ReplyGate | None = None
-        # Whether the next wait is the core's (after a bare call: the next is likely one
-        # too) or read_frame's (after a call with arguments: cheaper to leave to Python).
-        self._core_first = True
         self._call_before = b""
         self._bare_calls: dict[bytes, str] = {}
         self._learned: set[str] = set()
 
     def answer_in_core(self, target: object, cancel: object, gate: ReplyGate,
-                       max_reply: int) -> None:
-        """From now on, let the ring core answer the bare calls (a method by name, no
-        arguments) this worker has served once, back to back without Python between
-        them (:meth:`RingReader.serve`): ``getattr(target, name)()`` run with ``cancel``
-        armed, and when it returns None its cached reply published, unless the gate is
-        closed or a reply of ``max_reply`` bytes (>= 0) would be too long. A call the
-        core cannot finish comes back from :meth:`next` as a :class:`Ran` for the loop
-        to answer. Only while ``gate`` is not shared (no reply from another thread can
-        be under way): a worker whose method returned a Future keeps the Python loop.
-        The core waits for a request after a bare call (or one it ran); after any other
-        request the loop's plain wait does, which costs a call with arguments less."""
+                       max_reply: int, encoder: Encoder) -> None:
+        """From now on, let the ring core answer calls by name back to back without
+        Python between them (:meth:`RingReader.serve`): a bare call (no arguments) of a
+        name this worker has served once, known by its bytes, and any call by name with
+        arguments, decoded by this transport's decoder; ``getattr(target, name)(...)`` run
+        with ``cancel`` armed, and its reply published (a None result's cached bytes,
+        another value's frame when ``encoder`` makes one without its walk), unless the
+        gate is closed or a reply of ``max_reply`` bytes (>= 0) would be too long. A call
+        the core cannot finish comes back from :meth:`next` as a :class:`Ran` for the
+        loop to answer; any other request as the decoded message. Only while ``gate`` is
+        not shared (no reply from another thread can be under way): a worker whose method
+        returned a Future keeps the Python loop."""
         self._call_before = around_id(lambda i: Call(i, "m", None, [], {}))[0]
         self.request.answer_in_core(self.reply, self._call_before, self._bare_calls,
                                     none_reply_parts(self.rank), max_reply, target, cancel,
-                                    gate)
+                                    gate, self.ring_decoder.decode_header, Call,
+                                    partial(encoder.value_reply, self.rank))
         self._gate = gate
 
     def next(self) -> Next | Ran:
         gate = self._gate
-        if self._core_first and gate is not None and not gate.shared:
-            view = self.request.serve()
-            if view.__class__ is Ran:
-                return view
-        else:
-            view = self.request.read_frame()
-        if type(view) is bytes:  # one frame for every rank: almost every request,
-            try:                 # taken from the ring in one call (slot released)
-                msg = self.ring_decoder.decode_header(view)
+        got = self.request.serve() if gate is not None and not gate.shared else \
+            self.request.read_frame()
+        if type(got) is bytes:  # one frame for every rank, taken from the ring in one
+            try:                # call (slot released), not decoded by the core
+                msg = self.ring_decoder.decode_header(got)
             except UndecodableValue as e:
                 return e
             except MalformedMessage as e:
                 self.drop(e)
                 return None
-            if gate is not None:  # the core waits for the next request after a bare call
-                if msg.__class__ is Call and msg.fn is None and not msg.args and \
-                        not msg.kwargs and msg.value_rank < 0:
-                    self._core_first = True
-                    self._learn(msg.method)
-                else:
-                    self._core_first = False
-            return msg
-        if not isinstance(view, memoryview):  # pragma: no cover - no timeout was given
-            return None
+        elif isinstance(got, memoryview):
+            return self._packet(got)
+        elif got is None or got.__class__ is Ran:
+            return got
+        else:
+            msg = got  # decoded by the core
+        if gate is not None and msg.__class__ is Call and msg.fn is None and \
+                not msg.args and not msg.kwargs and msg.value_rank < 0:
+            self._learn(msg.method)  # the core answers the next calls of that name
+        return msg
+
+    def _packet(self, view: memoryview) -> Next:
+        """The request in a packet read in place (several frames, a long frame, a marker
+        for a request that went by ZeroMQ, or one for other ranks)."""
         try:
             if not packets.for_rank(view, self.rank):
                 return None
