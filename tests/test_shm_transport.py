@@ -486,3 +486,39 @@ def test_bare_calls_the_ring_core_answers_keep_every_outcome(future: bool) -> No
             with pytest.raises(RemoteError, match="no such thing"):
                 ex.collective_rpc("broken")
         assert ex.collective_rpc(lambda w: w.turns) == [206 + 2 * future] * 2
+
+
+@pytest.mark.parametrize("future", [False, True])
+def test_calls_with_arguments_the_ring_core_answers_keep_every_outcome(future: bool) -> None:
+    """A call by name with arguments is decoded and run by the worker's ring core, and
+    its reply written there when the value is plain data: the arguments as sent, values,
+    raises, an exit, a Future and values only the encoder's walk carries (a tuple, an int
+    beyond 64 bits) reach the driver as the request loop gives them; a call for one
+    rank's value and a callable still run in the loop."""
+    from workers import ShiftingWorker
+
+    from gpuexec import RemoteError
+
+    with Executor(ShiftingWorker, 2, device="cpu", transport="shm") as ex:
+        ex.collective_rpc("plan", args=("echo", "tuple", "raise", "value", "exit", "echo",
+                                        *(["future", "echo"] if future else [])))
+        assert ex.collective_rpc("turn", args=(1, "x"), kwargs={"c": [1.0, 2.0]}) == \
+            [{"args": [1, "x"], "kwargs": {"c": [1.0, 2.0]}}] * 2
+        assert ex.collective_rpc("turn", args=(1, (2, 3))) == [(1, (2, 3))] * 2
+        with pytest.raises(RemoteError, match="turn 3 broke") as broke:
+            ex.collective_rpc("turn", args=(0,))
+        assert broke.value.type_name == "ValueError" and "in turn" in \
+            broke.value.remote_traceback
+        assert ex.collective_rpc("turn", kwargs={"k": None}) == [4, 4]
+        with pytest.raises(RemoteError) as exited:  # SystemExit: the worker lives on
+            ex.collective_rpc("turn", args=(0,))
+        assert exited.value.type_name == "SystemExit"
+        assert ex.collective_rpc("turn", args=(2**70,)) == \
+            [{"args": [2**70], "kwargs": {}}] * 2
+        if future:
+            assert ex.collective_rpc("turn", args=(1,)) == ["later 7"] * 2
+            assert ex.collective_rpc("turn", args=(1,)) == [{"args": [1], "kwargs": {}}] * 2
+        assert ex.collective_rpc("turn", args=(5,), unique_reply_rank=1) is None
+        assert ex.collective_rpc(lambda w, n: w.turn(n), args=(6,)) == [None, None]
+        callers = ex.collective_rpc(lambda w: w.callers)
+    assert callers == [["serve"] * (6 + future) + ["_run"] * (1 + future) + ["<lambda>"]] * 2

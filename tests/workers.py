@@ -96,9 +96,10 @@ class SlowInit(Worker):
 
 
 class ShiftingWorker(Worker):
-    """``turn``: a method by name without arguments (which the ring core answers once the
-    worker served it) whose outcome changes from call to call, as ``plan`` says: every
-    outcome must still reach the driver as the request loop gives it."""
+    """``turn``: a method by name (which the ring core answers: without arguments once the
+    worker served it, with arguments at once) whose outcome changes from call to call, as
+    ``plan`` says: every outcome must still reach the driver as the request loop gives
+    it."""
 
     def __init__(self) -> None:
         self.turns = 0
@@ -108,7 +109,7 @@ class ShiftingWorker(Worker):
     def plan(self, *outcomes: str) -> None:
         self.outcomes = list(outcomes)
 
-    def turn(self) -> Any:
+    def turn(self, *args: Any, **kwargs: Any) -> Any:
         from concurrent.futures import Future
         from threading import Timer
 
@@ -117,6 +118,10 @@ class ShiftingWorker(Worker):
         what = self.outcomes.pop(0) if self.outcomes else "none"
         if what == "value":
             return self.turns
+        if what == "echo":
+            return {"args": list(args), "kwargs": kwargs}
+        if what == "tuple":
+            return args
         if what == "raise":
             raise ValueError(f"turn {self.turns} broke")
         if what == "exit":

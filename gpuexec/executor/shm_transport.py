@@ -187,6 +187,11 @@ class ShmTransport(Transport):
         deliver them under one take of the table's lock; ``call``'s own lone reply
         without an error is recorded without the general walk. A frame that does not
         decode is dropped and counted, the others delivered."""
+        if len(frames) == 1:  # one reply (a call to one rank: the common case)
+            reply = self._decode_frame(frames[0])
+            if reply is not None:
+                self._deliver_one(call, reply)
+            return
         if all(frames):  # (an empty frame is counted as such by _decode_frame)
             replies: list[Reply | Pong] = []
             it = iter(frames)
