@@ -539,12 +539,12 @@ def test_serve_answers_the_calls_it_can_and_leaves_the_rest(
     cannot answer comes back as the loop must see it: an unknown, hidden or
     queued-after-a-cancel call as its frame, untaken; a raise, a value that is not plain
     data, a closed gate, a full reply ring or a reply over the size limit as a Ran;
-    another kind of message as a held view. With one: a call by name with arguments runs with them, armed, its None
-    or plain value answered as the encoder writes it; what it cannot send as a Ran; what
-    it must not run (a bare call of a new name, a dunder, a call for one rank's value, a
-    hidden name, a call queued after a cancel) as the decoded message; a frame the
-    decoder refuses as its bytes. The forecast learns every answered call in order, and
-    the rings' positions are taken up."""
+    another kind of message as a held view. With one: a call by name with arguments runs
+    with them, armed, its None or plain value answered as the encoder writes it; what it
+    cannot send as a Ran; what it must not run (a bare call of a new name, a dunder, a
+    call for one rank's value, a hidden name, a call queued after a cancel) as the
+    decoded message; a frame the decoder refuses as its bytes. The forecast learns every
+    answered call in order, and the rings' positions are taken up."""
     import types
     from functools import partial
 

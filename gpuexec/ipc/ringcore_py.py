@@ -359,7 +359,7 @@ def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off:
           reply_slot_size: int, bell_view: memoryview | None, bell_base: int,
           call_before: bytes, calls: dict[bytes, str], reply_before: bytes,
           reply_after: bytes, max_reply: int, target: object, cancel: Any, gate: Any,
-          decode: Callable[[bytes], Any] | None, call_type: type,
+          decode: Callable[[bytes], Any] | None, call_type: type[Any],
           reply_frame: Callable[[int, Any], bytes | None] | None, first_spin: float
           ) -> tuple[tuple[Any, int] | bool | None,
                      tuple[int, str, Any, BaseException | None, int] | None,
@@ -453,7 +453,7 @@ def _runnable(target: object, name: str, cancel: Any) -> Callable[..., Any] | No
     return method if callable(method) else None
 
 
-def _servable_call(msg: Any, call_type: type, target: object, cancel: Any
+def _servable_call(msg: Any, call_type: type[Any], target: object, cancel: Any
                    ) -> tuple[int, str, Callable[..., Any], tuple[Any, ...],
                               dict[str, Any]] | None:
     """``(call_id, name, method, args, kwargs)`` of a decoded request serve() may run now:

@@ -172,8 +172,7 @@ class _Server:
             log.warning("dropped a malformed request (%s); counting further ones", e)
 
     def serve(self) -> None:
-        # Calls by name answered by the ring core from now on (see .transport).
-        cancel = self.cancel
+        cancel = self.cancel  # calls by name: answered by the ring core (see .transport)
         self.transport.answer_in_core(self.target, cancel, self.gate, self.max_message_size,
                                       self.encoder)
         next_request = self.transport.next

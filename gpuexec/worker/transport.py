@@ -46,7 +46,7 @@ import struct
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -185,13 +185,13 @@ class ShmWorkerTransport:
         elif got is None or got.__class__ is Ran:
             return got
         else:
-            msg = got  # decoded by the core
+            msg = cast(ToWorker, got)  # decoded by the core
         if gate is not None and msg.__class__ is Call and msg.fn is None and \
                 not msg.args and not msg.kwargs and msg.value_rank < 0:
             self._learn(msg.method)  # the core answers the next calls of that name
         return msg
 
-    def _packet(self, view: memoryview) -> Next:
+    def _packet(self, view: memoryview) -> Next | Ran:
         """The request in a packet read in place (several frames, a long frame, a marker
         for a request that went by ZeroMQ, or one for other ranks)."""
         try:
