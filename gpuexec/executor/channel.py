@@ -309,7 +309,7 @@ class DriverChannel:
                     with self._send_lock:
                         sent = not self._released and self._transport.send(ranks, frames)
                     if sent:
-                        self._transport.recv_for(call, _ms_left(call.deadline))
+                        self._transport.recv_for(call, call.deadline)
             except BaseException as e:
                 if not sent:  # (as _send and wait would: not known to be sent: no watch)
                     self._cancels.interrupted(call, "its sending was interrupted", e,
@@ -459,7 +459,7 @@ class DriverChannel:
                     # (every later wait and the shutdown would hang); ``with`` has no such
                     # gap. Losing the race to another pumper costs a wait for its slice.
                     with self._pump_lock:
-                        self._transport.recv_for(call, _ms_left(call.deadline))
+                        self._transport.recv_for(call, call.deadline)
                     if table.unsettled:
                         table.settle()
                 else:
@@ -544,12 +544,6 @@ class DriverChannel:
             if self._interrupter is not None:
                 self._interrupter.close()
         self._table.settle()
-
-
-def _ms_left(deadline: float | None) -> int:
-    """Milliseconds until ``deadline`` (``time.monotonic()``), at least 1; -1: none."""
-    return -1 if deadline is None else max(1, int((deadline - time.monotonic()) * 1000
-                                                  + 0.999))
 
 
 def _closed() -> ExecutorClosedError:

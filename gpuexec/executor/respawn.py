@@ -284,7 +284,7 @@ def _wait_regroup(wire: HeldWire, call: PendingCall) -> None:
         if remaining <= 0:
             table.expire(call)
             break
-        wire.transport.recv_for(call, max(1, int(remaining * 1000)))
+        wire.transport.recv_for(call, call.deadline)
     call.outcome()
 
 

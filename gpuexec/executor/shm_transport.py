@@ -101,44 +101,41 @@ class ShmTransport(Transport):
 
     # -- receiving -----------------------------------------------------------------
 
-    def recv_for(self, call: PendingCall, timeout_ms: int) -> None:
-        timeout = None if timeout_ms < 0 else timeout_ms / 1000
+    def recv_for(self, call: PendingCall, deadline: float | None) -> None:
         if self._shm.collect is not None:
-            self._collect(call, timeout)
+            self._collect(call, _INF if deadline is None else deadline)
         else:  # more ranks than the core's collect takes
-            self._recv(call, timeout)
+            self._recv(call, _INF if deadline is None else deadline)
 
     def pump(self, timeout_ms: int) -> list[int]:
-        self._recv(None, timeout_ms / 1000)
+        self._recv(None, time.monotonic() + timeout_ms / 1000)
         fired = [fd for fd, _ in self._sentinel_poller.poll(0)]
         for fd in fired:
             self._sentinel_poller.unregister(fd)
         return fired
 
     def drain(self) -> None:
-        self._recv(None, 0)
+        self._recv(None, time.monotonic())
 
-    def _collect(self, call: PendingCall, timeout: float | None) -> None:
+    def _collect(self, call: PendingCall, deadline: float) -> None:
         """The replies to ``call`` until it is done, spinning ``spin`` seconds after the
-        last one, then asleep on the doorbell; returns after ``timeout`` seconds at most
-        (None: no limit). The hot path: the wait across the rings of the ranks it awaits
-        is one call into the ring core (:meth:`ShmDriverPath.collect`, GIL released),
-        which also takes each None result by its bytes as it comes (no view, no decoding,
-        no Reply), and then copies out every other reply of one short frame; the None
-        results are recorded together (:meth:`CallTable.deliver_values`), the frames
-        decoded and delivered together (:meth:`_deliver_frames`). A ring holding
-        anything else (a long or several-frame reply, a ``BY_ZMQ`` marker) is read
-        here, and the wait for what is still owed goes on in :meth:`_recv`, across every
-        ring: a marker takes the next message from the shared reply socket, which may be
+        last one, then asleep on the doorbell; returns at ``deadline`` at the latest
+        (``time.monotonic()``; inf: none). The hot path: the wait across the rings of
+        the ranks it awaits is one call into the ring core (:meth:`ShmDriverPath.collect`,
+        GIL released), which also takes each None result by its bytes as it comes (no
+        view, no decoding, no Reply), and then copies out every other reply of one short
+        frame; the None results are recorded together (:meth:`CallTable.answered`), the
+        frames decoded and delivered together (:meth:`_deliver_frames`). A ring holding
+        anything else (a long or several-frame reply, a ``BY_ZMQ`` marker) is read here,
+        and the wait for what is still owed goes on in :meth:`_recv`, across every ring:
+        a marker takes the next message from the shared reply socket, which may be
         another rank's, whose own marker then sits in a ring this call does not await."""
         shm = self._shm
         table = self._table
         collect = shm.collect
         assert collect is not None
         epoch = shm.epoch
-        now = time.monotonic()
-        deadline = _INF if timeout is None else now + timeout
-        spin_until = now + shm.spin
+        spin_until = time.monotonic() + shm.spin
         if call.done:
             return
         call_id = _encode_id(call.call_id)
@@ -171,8 +168,7 @@ class ShmTransport(Transport):
             if other:  # read with every ring in view from here on (see above)
                 self._read_rings(other, call)
                 if not call.done:
-                    left = None if deadline == _INF else max(0.0, deadline - time.monotonic())
-                    self._recv(call, left)
+                    self._recv(call, deadline)
                 return
             if call.done:
                 return
@@ -231,10 +227,10 @@ class ShmTransport(Transport):
         else:
             self._table.deliver((reply,))
 
-    def _recv(self, call: PendingCall | None, timeout: float | None) -> None:
+    def _recv(self, call: PendingCall | None, deadline: float) -> None:
         """Replies from the reply rings until ``call`` is done (or one round when ``call``
         is None), spinning ``spin`` seconds after the last reply, then asleep on the
-        doorbell; returns after ``timeout`` seconds at most (None: no limit). The wait
+        doorbell; returns at ``deadline`` (``time.monotonic()``; inf: none). The wait
         across every ring is one call into the ring core (:meth:`ShmDriverPath.gather`,
         GIL released); it answers with the rings that hold a reply, as a bit mask, which
         :meth:`_read_rings` reads."""
@@ -242,9 +238,7 @@ class ShmTransport(Transport):
         table = self._table
         gather = shm.gather
         epoch = shm.epoch
-        now = time.monotonic()
-        deadline = _INF if timeout is None else now + timeout
-        spin_until = now + shm.spin
+        spin_until = time.monotonic() + shm.spin
         if call is not None and call.done:
             return
         while True:

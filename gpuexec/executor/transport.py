@@ -6,8 +6,9 @@ takes none itself::
 
     send(ranks, frames) -> bool   write one request for ``ranks`` (send lock held);
                                   False: no room now, the channel waits and retries
-    recv_for(call, timeout_ms)    receive replies into the call table until ``call`` is
-                                  done, or at most one wait of ``timeout_ms`` (pump lock)
+    recv_for(call, deadline)      receive replies into the call table until ``call`` is
+                                  done, or until ``deadline`` (``time.monotonic()``;
+                                  None: none) at the latest (pump lock)
     pump(timeout_ms) -> [fd]      the monitor's round: replies and the workers' sentinels
                                   together; returns the sentinels that fired (pump lock)
     drain()                       take the replies ready now, never waiting (pump lock)
@@ -48,7 +49,7 @@ class Transport(ABC):
     def send(self, ranks: Sequence[int], frames: list[Any]) -> bool: ...
 
     @abstractmethod
-    def recv_for(self, call: PendingCall, timeout_ms: int) -> None: ...
+    def recv_for(self, call: PendingCall, deadline: float | None) -> None: ...
 
     @abstractmethod
     def pump(self, timeout_ms: int) -> list[int]: ...

@@ -93,14 +93,16 @@ class ZmqTransport(Transport):
 
     # -- receiving -----------------------------------------------------------------
 
-    def recv_for(self, call: PendingCall, timeout_ms: int) -> None:
-        """Receive and dispatch replies until ``call`` is done (``timeout_ms`` -1), or
-        one message within ``timeout_ms`` (the caller then re-checks its deadline).
+    def recv_for(self, call: PendingCall, deadline: float | None) -> None:
+        """Receive and dispatch replies until ``call`` is done (``deadline`` None), or
+        one message before ``deadline`` (the caller then re-checks it).
 
         The hot path: one loop per reply, nothing re-computed inside it.
         """
         rep = self._rep
         dispatch = self.dispatch
+        timeout_ms = -1 if deadline is None else \
+            max(1, int((deadline - time.monotonic()) * 1000 + 0.999))
         if timeout_ms != self._rcvtimeo:
             rep.setsockopt(zmq.RCVTIMEO, timeout_ms)
             self._rcvtimeo = timeout_ms
