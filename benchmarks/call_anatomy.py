@@ -1,7 +1,9 @@
-"""Where a back-to-back no-op call's time goes over shared memory, hop by hop.
+"""Where a back-to-back call's time goes over shared memory, hop by hop.
 
 Timestamps on CLOCK_MONOTONIC (one clock for every process) at six points of each
-``collective_rpc("noop")``, p50 over ``--calls`` calls per world size:
+``collective_rpc("noop")`` (``--call noop``) or ``collective_rpc("small", (1, "x"),
+{"c": [1.0, 2.0]})`` (``--call small``: an int result), p50 over ``--calls`` calls per
+world size:
 
     a  the driver enters collective_rpc         q  a worker's reply is published (the
     b  the driver starts sending the request       stamp the ring core puts in its slot)
@@ -10,8 +12,8 @@ Timestamps on CLOCK_MONOTONIC (one clock for every process) at six points of eac
                                                 f  collective_rpc returns
 
 so ``a->b`` and ``e->f`` are the driver's Python around the rings, ``b->p`` its send, ``p->q``
-a worker's turn (its wait noticing the request, the method, the reply written: all in
-the worker's ring core once it has served that name), ``q->e`` the reply's hand-off (or,
+a worker's turn (its wait noticing the request, its decoding for a call with arguments,
+the method, the reply written: all in the worker's ring core), ``q->e`` the reply's hand-off (or,
 when the reply came before the driver waited, the driver's own Python in between). The
 points are taken by wrapping the shared-memory transport's entry points of this version
 and reading the slots' stamps (private attributes: the script describes this tree, not an
@@ -19,7 +21,7 @@ interface), so each hop carries a wrapper call (about 0.1 us); ``a->f`` is there
 little above what ``hot_path.py`` measures. Nothing runs in the workers but the calls.
 Diagnostic only: no target.
 
-Usage: ``python benchmarks/call_anatomy.py [--sizes 1,2,4,8] [--calls 20000]``.
+Usage: ``python benchmarks/call_anatomy.py [--call noop] [--sizes 1,2,4,8] [--calls 20000]``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ class NoopWorker(Worker):
     def noop(self) -> None:
         return None
 
+    def small(self, a: int, b: str, c: list[float] | None = None) -> int:
+        return a
+
+
+# --call: the call measured, as (method, args, kwargs)
+CALLS: dict[str, tuple[str, tuple[Any, ...], dict[str, Any] | None]] = {
+    "noop": ("noop", (), None),
+    "small": ("small", (1, "x"), {"c": [1.0, 2.0]}),
+}
+
 
 def _stamp(view: memoryview, slot_off: int) -> int:
     """The publish time the ring core stamped into the slot at ``slot_off``."""
@@ -68,7 +80,8 @@ def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None
     setattr(obj, name, wrapped)
 
 
-def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
+def measure(world: int, call: str, calls: int, warmup: int) -> dict[str, float]:
+    method, call_args, call_kwargs = CALLS[call]
     with Executor(NoopWorker, world, device="cpu", transport="shm") as ex:
         transport: Any = ex._channel._transport  # private: see the module docstring
         request, replies = transport._shm.request, transport._shm.replies
@@ -77,7 +90,7 @@ def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
         _wrap(transport, "send", sends, None)
         _wrap(transport._shm, "collect", None, waits)
         for _ in range(warmup):
-            ex.collective_rpc("noop")
+            ex.collective_rpc(method, call_args, call_kwargs)
         sends.clear()
         waits.clear()
         entered: list[int] = []
@@ -87,7 +100,7 @@ def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
         rpc = ex.collective_rpc
         for _ in range(calls):
             entered.append(ns())
-            rpc("noop")
+            rpc(method, call_args, call_kwargs)
             returned.append(ns())
             # Read once the call is done (no slot is written again before the next one):
             # the request's slot, and the slot of each ring's reply.
@@ -119,19 +132,25 @@ def measure(world: int, calls: int, warmup: int) -> dict[str, float]:
 
 def main() -> None:
     ap = arg_parser(__doc__)
+    ap.add_argument("--call", choices=sorted(CALLS), default="noop",
+                    help="the call measured (see above)")
     ap.add_argument("--sizes", default="1,2,4,8", help="world sizes, comma-separated")
     ap.add_argument("--calls", type=int, default=20000, help="timed calls per world size")
     ap.add_argument("--warmup", type=int, default=3000, help="untimed calls before them")
     add_out_option(ap)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = {str(world): measure(world, args.calls, args.warmup) for world in sizes}
+    results = {str(world): measure(world, args.call, args.calls, args.warmup)
+               for world in sizes}
     hops = list(next(iter(results.values())))
-    print("p50 of each hop of a back-to-back no-op call over shared memory (microseconds)")
+    print(f"p50 of each hop of a back-to-back {args.call} call over shared memory "
+          "(microseconds)")
     print_table(["hop", *(f"world {w}" for w in sizes)],
                 [[hop, *(f"{results[str(w)][hop]:.2f}" for w in sizes)] for hop in hops])
-    path = write_json("call_anatomy.json", {"machine": machine(), "calls": args.calls,
-                                            "p50_us": results}, args.out)
+    path = write_json("call_anatomy.json" if args.call == "noop" else
+                      f"call_anatomy_{args.call}.json",
+                      {"machine": machine(), "call": args.call, "calls": args.calls,
+                       "p50_us": results}, args.out)
     print(f"wrote {path}")
 
 

@@ -541,7 +541,8 @@ def test_serve_answers_the_calls_it_can_and_leaves_the_rest(
     data, a closed gate, a full reply ring or a reply over the size limit as a Ran;
     another kind of message as a held view. With one: a call by name with arguments runs
     with them, armed, its None or plain value answered as the encoder writes it; what it
-    cannot send as a Ran; what it must not run (a bare call of a new name, a dunder, a
+    cannot send as a Ran (with the reply's frame when only the ring's room or a slot's
+    size stopped it); what it must not run (a bare call of a new name, a dunder, a
     call for one rank's value, a hidden name, a call queued after a cancel) as the
     decoded message; a frame the decoder refuses as its bytes. The forecast learns every
     answered call in order, and the rings' positions are taken up."""
@@ -672,7 +673,15 @@ def test_serve_answers_the_calls_it_can_and_leaves_the_rest(
         cancel.recheck = 0
         assert requests.put_one(b"\xc1")  # msgpack's never-used byte: not decoded
         assert serve(decode=True) == b"\xc1"
-        assert [a[0] for a in armed] == [20, 21, 22, 24, 25]  # run: answered here or not
+        big = "x" * 100  # its reply is longer than a reply slot: handed back made
+        call(32, "echo", big)
+        assert serve(decode=True) == Ran(32, "echo", big, None, enc.value_reply(2, 32, big))
+        for call_id in range(33, 38):  # four fill the reply ring, the fifth finds no room
+            call(call_id, "echo", call_id)
+        assert serve(decode=True) == Ran(37, "echo", 37, None, enc.value_reply(2, 37, 37))
+        assert [from_worker.read_frame() for _ in range(4)] == \
+            [enc.value_reply(2, i, i) for i in range(33, 37)]
+        assert [a[0] for a in armed] == [20, 21, 22, 24, 25, *range(32, 38)]  # all run
         assert not from_worker.poll() and not reader.poll()
         armed.clear()
         for r in (reader, from_worker):

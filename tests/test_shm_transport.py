@@ -492,16 +492,17 @@ def test_bare_calls_the_ring_core_answers_keep_every_outcome(future: bool) -> No
 def test_calls_with_arguments_the_ring_core_answers_keep_every_outcome(future: bool) -> None:
     """A call by name with arguments is decoded and run by the worker's ring core, and
     its reply written there when the value is plain data: the arguments as sent, values,
-    raises, an exit, a Future and values only the encoder's walk carries (a tuple, an int
-    beyond 64 bits) reach the driver as the request loop gives them; a call for one
-    rank's value and a callable still run in the loop."""
+    raises, an exit, a Future, a reply longer than a ring slot (made there, sent by
+    ZeroMQ) and values only the encoder's walk carries (a tuple, an int beyond 64 bits)
+    reach the driver as the request loop gives them; a call for one rank's value and a
+    callable still run in the loop."""
     from workers import ShiftingWorker
 
     from gpuexec import RemoteError
 
     with Executor(ShiftingWorker, 2, device="cpu", transport="shm") as ex:
         ex.collective_rpc("plan", args=("echo", "tuple", "raise", "value", "exit", "echo",
-                                        *(["future", "echo"] if future else [])))
+                                        "big", *(["future", "echo"] if future else [])))
         assert ex.collective_rpc("turn", args=(1, "x"), kwargs={"c": [1.0, 2.0]}) == \
             [{"args": [1, "x"], "kwargs": {"c": [1.0, 2.0]}}] * 2
         assert ex.collective_rpc("turn", args=(1, (2, 3))) == [(1, (2, 3))] * 2
@@ -515,10 +516,11 @@ def test_calls_with_arguments_the_ring_core_answers_keep_every_outcome(future: b
         assert exited.value.type_name == "SystemExit"
         assert ex.collective_rpc("turn", args=(2**70,)) == \
             [{"args": [2**70], "kwargs": {}}] * 2
+        assert ex.collective_rpc("turn", args=(1,)) == [list(range(300_000))] * 2
         if future:
-            assert ex.collective_rpc("turn", args=(1,)) == ["later 7"] * 2
+            assert ex.collective_rpc("turn", args=(1,)) == ["later 8"] * 2
             assert ex.collective_rpc("turn", args=(1,)) == [{"args": [1], "kwargs": {}}] * 2
         assert ex.collective_rpc("turn", args=(5,), unique_reply_rank=1) is None
         assert ex.collective_rpc(lambda w, n: w.turn(n), args=(6,)) == [None, None]
         callers = ex.collective_rpc(lambda w: w.callers)
-    assert callers == [["serve"] * (6 + future) + ["_run"] * (1 + future) + ["<lambda>"]] * 2
+    assert callers == [["serve"] * (7 + future) + ["_run"] * (1 + future) + ["<lambda>"]] * 2

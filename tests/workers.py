@@ -122,6 +122,8 @@ class ShiftingWorker(Worker):
             return {"args": list(args), "kwargs": kwargs}
         if what == "tuple":
             return args
+        if what == "big":  # its reply is longer than a shared-memory slot
+            return list(range(300_000))
         if what == "raise":
             raise ValueError(f"turn {self.turns} broke")
         if what == "exit":

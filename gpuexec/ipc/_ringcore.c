@@ -1025,9 +1025,11 @@ static int put_reply(struct reply_ring *r, const char *a, Py_ssize_t a_len,
 /* Publish the reply to call ``id`` whose method returned ``value``: None's cached bytes
  * around the id, any other value's frame as ``reply_frame(id, value)`` makes it (None from
  * it, or an Exception: Python's encoder takes the value). 1 when published; 0 to leave it
- * to Python; -1 with a BaseException set that is no Exception (it propagates). */
+ * to Python, with the frame made in *made (a new reference) when only the ring's room or
+ * its slot's size stopped it (Python sends it as it is); -1 with a BaseException set that
+ * is no Exception (it propagates). */
 static int put_value_reply(struct reply_ring *r, uint64_t id, PyObject *id_obj,
-                           PyObject *value, PyObject *reply_frame) {
+                           PyObject *value, PyObject *reply_frame, PyObject **made) {
     if (value == Py_None) {
         unsigned char packed[9];
         Py_ssize_t id_len = pack_uint(id, packed);
@@ -1042,11 +1044,17 @@ static int put_value_reply(struct reply_ring *r, uint64_t id, PyObject *id_obj,
         PyErr_Clear();
         return 0;
     }
-    int put = 0;
-    if (PyBytes_Check(frame))
-        put = put_reply(r, PyBytes_AsString(frame), PyBytes_Size(frame), NULL, 0, NULL, 0);
-    Py_DECREF(frame);
-    return put;
+    Py_ssize_t n = PyBytes_Check(frame) ? PyBytes_Size(frame) : -1;
+    if (n < 0 || (r->max_reply >= 0 && n > r->max_reply)) { /* Python refuses it, saying why */
+        Py_DECREF(frame);
+        return 0;
+    }
+    if (put_reply(r, PyBytes_AsString(frame), n, NULL, 0, NULL, 0)) {
+        Py_DECREF(frame);
+        return 1;
+    }
+    *made = frame; /* no room now, or longer than a slot: Python sends it as it is */
+    return 0;
 }
 
 /* The name ``calls`` maps the method part of a bare call's header to (borrowed; the dict
@@ -1091,10 +1099,12 @@ static PyObject *cached_name(PyObject *calls, const unsigned char *rest, Py_ssiz
  * ``spin`` seconds only. ``got`` is what next_frame gives for the first request left to
  * Python, or (message, stamp) for one ``decode`` decoded that the loop must answer
  * ((frame, stamp) again when ``decode`` raised: the loop decodes it and deals with the
- * error), False when none came, None when ``ran`` = (call_id, name, value, error, stamp)
- * is a call whose method ran here and that Python must answer (it raised, the gate was
- * closed, the reply ring full, the reply over ``max_reply`` bytes when that is >= 0, the
- * value not made a frame here); ``records``: (published_ns, replied) of each call
+ * error), False when none came, None when ``ran`` = (call_id, name, value, error, stamp,
+ * frame) is a call whose method ran here and that Python must answer (it raised, the
+ * gate was closed, the reply ring full, the reply over ``max_reply`` bytes when that is
+ * >= 0 or longer than a slot, the value not made a frame here); ``frame``: the reply's
+ * frame when it was made here but found no room or no slot it fits (else None);
+ * ``records``: (published_ns, replied) of each call
  * answered here, the last RECORDS (None: none). The reader's read_seq and the reply
  * ring's write_seq are in the rings (the caller takes them up). Every argument but the
  * last stays the same from call to call (to bind them once). */
@@ -1213,10 +1223,11 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
         Py_XDECREF(call_args);
         Py_XDECREF(call_kwargs);
         int put = 0; /* 1: published here; 0: Python answers it; -1: failed */
+        PyObject *made = NULL;
         if (value != NULL) {
             int closed = attr_true(gate, S_CLOSED);
             put = closed < 0 ? -1 : closed ? 0 : put_value_reply(&r, id, id_obj, value,
-                                                                 reply_frame);
+                                                                 reply_frame, &made);
         }
         if ((value == NULL && error == NULL) || put < 0) {
             Py_XDECREF(id_obj);
@@ -1226,8 +1237,10 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
             goto done;
         }
         if (put == 0) {
-            ran = Py_BuildValue("(OOOOK)", id_obj, called, value ? value : Py_None,
-                                error ? error : Py_None, (unsigned long long)stamp);
+            ran = Py_BuildValue("(OOOOKO)", id_obj, called, value ? value : Py_None,
+                                error ? error : Py_None, (unsigned long long)stamp,
+                                made ? made : Py_None);
+            Py_XDECREF(made);
             Py_DECREF(id_obj);
             Py_XDECREF(value);
             Py_XDECREF(error);

@@ -76,7 +76,7 @@ class Core(Protocol):
               cancel: object, gate: object, decode: Callable[[bytes], Any] | None,
               call_type: type, reply_frame: Callable[[int, Any], bytes | None] | None,
               first_spin: float) -> tuple[tuple[Any, int] | bool | None,
-                         tuple[int, str, Any, BaseException | None, int] | None,
+                         tuple[int, str, Any, BaseException | None, int, bytes | None] | None,
                          list[tuple[int, float]] | None]: ...
 
 

@@ -362,7 +362,7 @@ def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off:
           decode: Callable[[bytes], Any] | None, call_type: type[Any],
           reply_frame: Callable[[int, Any], bytes | None] | None, first_spin: float
           ) -> tuple[tuple[Any, int] | bool | None,
-                     tuple[int, str, Any, BaseException | None, int] | None,
+                     tuple[int, str, Any, BaseException | None, int, bytes | None] | None,
                      list[tuple[int, float]] | None]:
     """The request loop's wait that answers the calls it can (see ``_ringcore.c`` and
     :meth:`~gpuexec.ipc.shm_ring.RingReader.serve`)."""
@@ -410,28 +410,27 @@ def serve(view: memoryview, base: int, reader_off: int, flag_off: int, data_off:
         except BaseException as e:  # the caller answers it, as the request loop does
             error = e
         cancel.armed = False
+        reply: bytes | None = None
         if error is None and not gate.closed:
             if value is None:
-                reply: bytes | None = reply_before + _pack_uint(call_id) + reply_after
-            elif reply_frame is None:
-                reply = None
-            else:
+                reply = reply_before + _pack_uint(call_id) + reply_after
+            elif reply_frame is not None:
                 try:
                     reply = reply_frame(call_id, value)
                 except Exception:  # Python's encoder takes the value
                     reply = None
-        else:
-            reply = None
+        if reply is not None and 0 <= max_reply < len(reply):
+            reply = None  # Python refuses it, saying why
+        made = reply if value is not None else None
         if reply is not None:
             room = reply_min_read + reply_n_slots > reply_seq
             if not room:
                 reply_min_read = min_read(reply_view, reply_base, ONE_READER_SEQ_OFF, 1)
                 room = reply_min_read + reply_n_slots > reply_seq
-            if not room or 0 <= max_reply < len(reply) or \
-                    len(reply) + _ONE_HEAD + SLOT_HEADER > reply_slot_size:
-                reply = None
+            if not room or len(reply) + _ONE_HEAD + SLOT_HEADER > reply_slot_size:
+                reply = None  # Python sends what was made as it is
         if reply is None:
-            return None, (call_id, name, value, error, stamp), list(records) or None
+            return None, (call_id, name, value, error, stamp, made), list(records) or None
         reply_seq += 1
         put_one(reply_view, reply_base,
                 reply_data_off + ((reply_seq - 1) % reply_n_slots) * reply_slot_size,

@@ -100,19 +100,22 @@ class RingSpec(msgspec.Struct, frozen=True):
 
 class Ran(NamedTuple):
     """A call whose method the ring core ran and that Python answers (see
-    :meth:`RingReader.serve`): what the method returned, or the exception it raised."""
+    :meth:`RingReader.serve`): what the method returned, or the exception it raised;
+    ``frame``: the reply the core made of the value but found no room for, or no slot it
+    fits (to send as it is; None: none made)."""
 
     call_id: int
     method: str
     value: Any
     error: BaseException | None
+    frame: bytes | None = None
 
 
 # What the core's serve() answers: (what next_frame would, or a message it decoded and
 # its publish time; a Ran's fields and publish time; (published_ns, replied) of each call
 # the core answered).
 _Served = tuple[tuple[Any, int] | bool | None,
-                tuple[int, str, Any, BaseException | None, int] | None,
+                tuple[int, str, Any, BaseException | None, int, bytes | None] | None,
                 list[tuple[int, float]] | None]
 
 
@@ -479,7 +482,8 @@ class RingReader:
         without it), or the message the decoder made of it; a :class:`Ran` for a call
         whose method ran in the core and that Python answers (it raised, returned a value
         the core did not send, the gate was closed, the reply ring was full or the reply
-        over ``max_reply`` (>= 0) bytes); None after a pass that answered calls and saw
+        over ``max_reply`` (>= 0) bytes or longer than a slot; with the reply's frame when
+        the core made one); None after a pass that answered calls and saw
         no further one within ``spin`` (the next wait then starts with its sleep, or with
         the forecast's window: what the core answered is learned first, the last
         :data:`~gpuexec.ipc.forecast.HISTORY` calls of it in order). With a forecast
@@ -514,7 +518,7 @@ class RingReader:
         if ran is not None:
             if forecast is not None:
                 self._arrived = ran[4]
-            return Ran(*ran[:4])
+            return Ran(*ran[:4], ran[5])
         if got is True:
             return self.try_read()
         if not got:  # False: after answering, nothing came (None comes with a Ran only)

@@ -182,8 +182,16 @@ class ShmWorkerTransport:
                 return None
         elif isinstance(got, memoryview):
             return self._packet(got)
-        elif got is None or got.__class__ is Ran:
-            return got
+        elif got is None:
+            return None
+        elif got.__class__ is Ran:
+            if got.frame is None:
+                return got
+            # Its reply, made by the core, found no room in the ring or is longer than a
+            # slot: sent from here as the loop would send it (the core saw the gate open).
+            self.send([got.frame])
+            self.served()
+            return None
         else:
             msg = cast(ToWorker, got)  # decoded by the core
         if gate is not None and msg.__class__ is Call and msg.fn is None and \
