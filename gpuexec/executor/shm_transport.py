@@ -206,13 +206,12 @@ class ShmTransport(Transport):
             self._deliver_one(call, replies[0])
         elif replies:
             call_id = call.call_id
-            if all(r.__class__ is Reply and r.call_id == call_id and r.error is None
-                   for r in replies):  # every one call's own result (values, each rank)
-                values = {r.rank: r.value for r in cast(list[Reply], replies)}
-                if len(values) == len(replies):  # (a rank twice: the walk counts it)
-                    self._table.answered(call, values)
-                    return
-            self._table.deliver(replies)
+            values = {r.rank: r.value for r in cast(list[Reply], replies)  # in one pass
+                      if r.__class__ is Reply and r.call_id == call_id and r.error is None}
+            if len(values) == len(replies):  # every one call's own result, each rank once
+                self._table.answered(call, values)  # (a rank twice: the walk counts it)
+            else:
+                self._table.deliver(replies)
 
     def _deliver_one(self, call: PendingCall | None, reply: Reply | Pong) -> None:
         """Deliver one reply: ``call``'s own without an error is recorded without the
