@@ -995,9 +995,10 @@ struct reply_ring {
     Py_ssize_t before_len, after_len, max_reply;
 };
 
-/* Write and publish one reply frame made of three parts (``c`` NULL: two) when it fits
- * and the ring has room: 1; 0 to leave it to Python (it waits for room, refuses what is
- * over max_message_size). */
+/* Write and publish one reply frame, the bytes at ``a``, ``m`` and ``c`` one after the
+ * other (a length 0: no part), when it fits in a slot, the ring has room and it is not
+ * over max_reply: 1; 0 to leave it to Python (it waits for room, sends a longer frame by
+ * ZeroMQ, refuses what is over max_message_size). */
 static int put_reply(struct reply_ring *r, const char *a, Py_ssize_t a_len,
                      const unsigned char *m, Py_ssize_t m_len, const char *c,
                      Py_ssize_t c_len) {
@@ -1104,10 +1105,10 @@ static PyObject *cached_name(PyObject *calls, const unsigned char *rest, Py_ssiz
  * gate was closed, the reply ring full, the reply over ``max_reply`` bytes when that is
  * >= 0 or longer than a slot, the value not made a frame here); ``frame``: the reply's
  * frame when it was made here but found no room or no slot it fits (else None);
- * ``records``: (published_ns, replied) of each call
- * answered here, the last RECORDS (None: none). The reader's read_seq and the reply
- * ring's write_seq are in the rings (the caller takes them up). Every argument but the
- * last stays the same from call to call (to bind them once). */
+ * ``records``: (published_ns, replied) of each call answered here, the last RECORDS
+ * (None: none). The reader's read_seq and the reply ring's write_seq are in the rings
+ * (the caller takes them up). Every argument but the last stays the same from call to
+ * call (to bind them once). */
 static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     uint64_t base, reader_off, flag_off, data_off, n_slots, slot_size, max_len;

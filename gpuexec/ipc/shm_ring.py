@@ -483,9 +483,9 @@ class RingReader:
         whose method ran in the core and that Python answers (it raised, returned a value
         the core did not send, the gate was closed, the reply ring was full or the reply
         over ``max_reply`` (>= 0) bytes or longer than a slot; with the reply's frame when
-        the core made one); None after a pass that answered calls and saw
-        no further one within ``spin`` (the next wait then starts with its sleep, or with
-        the forecast's window: what the core answered is learned first, the last
+        the core made one); None after a pass that answered calls and saw no further one
+        within ``spin`` (the next wait then starts with its sleep, or with the
+        forecast's window: what the core answered is learned first, the last
         :data:`~gpuexec.ipc.forecast.HISTORY` calls of it in order). With a forecast
         window open, the wait is :meth:`read_frame`'s and nothing is answered."""
         if self._holding:
