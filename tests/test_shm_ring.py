@@ -594,7 +594,7 @@ def test_serve_answers_the_calls_it_can_and_leaves_the_rest(
         def serve(max_reply: int = -1, decode: bool = False) -> object:
             reader.answer_in_core(replies, before, calls, none_reply_parts(2), max_reply,
                                   Target(), cancel, gate,
-                                  dec.decode_header if decode else None,  # type: ignore[arg-type]
+                                  dec.decode_header if decode else None,
                                   Call, partial(enc.value_reply, 2))
             return reader.serve()
 

@@ -204,11 +204,16 @@ class Encoder:
         data (:meth:`encode_with_segments`' fast path, the one frame it gives); None when
         it needs the walk (then :meth:`encode` takes it)."""
         if value.__class__ in _SCALARS or plain(value):
-            try:
-                return self._plain.encode(Reply(call_id, rank, value))
-            except (OverflowError, UnicodeEncodeError):
-                pass
+            return self._as_is(Reply(call_id, rank, value))
         return None
+
+    def _as_is(self, msg: Any) -> bytes | None:
+        """``msg``'s header encoded as it is (its values found plain); None when msgpack
+        refuses a scalar (an int beyond 64 bits, a lone surrogate): the walk takes it."""
+        try:
+            return self._plain.encode(msg)
+        except (OverflowError, UnicodeEncodeError):
+            return None
 
     def _around_id(self, key: str | int, make: Callable[[int], Any]) -> tuple[bytes, bytes]:
         """:func:`around_id`, cached under ``key``. Raises what msgpack raises for a
@@ -241,10 +246,9 @@ class Encoder:
         else:
             fast = True
         if fast:
-            try:
-                return [self._plain.encode(msg)], []
-            except (OverflowError, UnicodeEncodeError):
-                pass
+            header = self._as_is(msg)
+            if header is not None:
+                return [header], []
         with self._lock:
             frames: list[Frame] = [b""]
             self._frames = frames

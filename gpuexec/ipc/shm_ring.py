@@ -446,7 +446,7 @@ class RingReader:
 
     def answer_in_core(self, writer: RingWriter, call_before: bytes, calls: dict[bytes, str],
                        reply_parts: tuple[bytes, bytes], max_reply: int, target: object,
-                       cancel: object, gate: object, decode: Callable[[bytes], Any],
+                       cancel: object, gate: object, decode: Callable[[bytes], Any] | None,
                        call_type: type, reply_frame: Callable[[int, Any], bytes | None]
                        ) -> None:
         """Let :meth:`serve` answer requests in the core, without Python between them:
@@ -455,9 +455,10 @@ class RingReader:
           ``calls`` maps to a name; the dict is read at every request: the caller may
           add names) is taken without decoding and ``getattr(target, name)()`` run;
         * any other request of one frame for every rank is taken and given to
-          ``decode``; a ``call_type`` message by name with arguments (no callable, every
-          rank's value wanted, no dunder name) has ``getattr(target, method)(*args,
-          **kwargs)`` run; any other message is handed to the caller decoded;
+          ``decode`` (None: left to the caller undecoded); a ``call_type`` message by
+          name with arguments (no callable, every rank's value wanted, no dunder name)
+          has ``getattr(target, method)(*args, **kwargs)`` run; any other message is
+          handed to the caller decoded;
 
         each with ``cancel`` armed (its ``running``, ``method`` and ``armed``, as the
         request loop sets them; never while ``cancel.recheck``). Unless ``gate.closed``,
