@@ -57,13 +57,14 @@ $(STAMP): $(BASE_STAMP)
 	$(NO_CUDA_WHEELS)
 	touch $(STAMP)
 
-# The compiled ring core (gpuexec/ipc/_ringcore.c, C against the limited API): built by
+# The compiled core (gpuexec/ipc/_ringcore.c, the rings; gpuexec/executor/_calltable.c,
+# the call table's hot steps; C against the limited API): built by
 # the editable install above and again here whenever its source changes (by setup.py, or
 # where the venv has no setuptools, Python >= 3.12, by the editable install), with the C
 # compiler and Python headers of the machine (Debian/Ubuntu: build-essential python3-dev).
 # It is optional: without them the build says so and gpuexec runs its pure-Python twin.
 CORE := $(VENV)/.ringcore
-$(CORE): $(BASE_STAMP) gpuexec/ipc/_ringcore.c setup.py
+$(CORE): $(BASE_STAMP) gpuexec/ipc/_ringcore.c gpuexec/executor/_calltable.c setup.py
 	$(PY) setup.py -q build_ext --inplace 2>$(VENV)/ringcore-build.log || \
 	  $(PIP) install -q --no-deps -e . >>$(VENV)/ringcore-build.log 2>&1 || true
 	@$(PY) -c "from gpuexec.ipc import ringcore; print('gpuexec ring core:', ringcore.describe())"

@@ -1,4 +1,5 @@
-"""The compiled ring core (gpuexec/ipc/_ringcore.c): an optional extension.
+"""The compiled core: the ring core (gpuexec/ipc/_ringcore.c) and the call table's hot
+steps (gpuexec/executor/_calltable.c), optional extensions.
 
 Built against Python's limited API (one abi3 build for every CPython >= 3.10) with the C
 compiler and Python headers of the machine (Debian/Ubuntu: ``build-essential
@@ -12,13 +13,15 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "gpuexec.ipc._ringcore",
-            ["gpuexec/ipc/_ringcore.c"],
+            name,
+            [source],
             define_macros=[("Py_LIMITED_API", "0x030A0000")],
             extra_compile_args=["-O2", "-std=gnu11"],
             py_limited_api=True,
             optional=True,
         )
+        for name, source in (("gpuexec.ipc._ringcore", "gpuexec/ipc/_ringcore.c"),
+                             ("gpuexec.executor._calltable", "gpuexec/executor/_calltable.c"))
     ],
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

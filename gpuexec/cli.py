@@ -23,6 +23,7 @@ def doctor() -> int:
     """What this machine and this process look like to gpuexec."""
     from . import nvml
     from .cuda_state import cuda_state
+    from .executor.calls import describe_steps
     from .executor.config import visible_gpu_count
     from .executor.start_method import resolve_start_method
     from .ipc import ringcore
@@ -38,6 +39,7 @@ def doctor() -> int:
                        "not installed (tensor payloads and distributed_backend need it: "
                        "pip install 'gpuexec[torch]')"))
     print(f"shared-memory ring core: {ringcore.describe()}")
+    print(f"call table steps: {describe_steps()}")
     driver = load_driver()
     if driver is None:
         nodes = visible_gpu_count()

@@ -141,7 +141,7 @@ def test_demo_setup_installs_only_the_core_and_torch(tmp_path: Path) -> None:
     for goal, needs in (("demo", [".venv/.ringcore"]),
                         ("test", [".venv/.installed", ".venv/.ringcore"]),
                         (".venv/.ringcore", [".venv/.base", "gpuexec/ipc/_ringcore.c",
-                                             "setup.py"]),
+                                             "gpuexec/executor/_calltable.c", "setup.py"]),
                         (".venv/.installed", [".venv/.base"])):
         dry = subprocess.run(["make", "-C", str(ROOT), "-n", "-p", goal], capture_output=True,
                              text=True, timeout=60)
@@ -252,6 +252,7 @@ def test_wheel_holds_the_package_its_license_and_no_torch_requirement(
     assert "License-Expression: Apache-2.0" in meta and "Project-URL: " in meta
     # the compiled ring core, built against the limited API: one wheel for CPython >= 3.10
     assert "gpuexec/ipc/_ringcore.abi3.so" in names
+    assert "gpuexec/executor/_calltable.abi3.so" in names
     assert "-cp310-abi3-linux_" in no_torch_venv.wheel.name
 
 
@@ -259,6 +260,7 @@ def test_the_installed_wheel_runs_the_compiled_core(no_torch_venv: NoTorchVenv) 
     v = no_torch_venv
     r = v.run(str(v.python), "-m", "gpuexec", "doctor")
     assert "shared-memory ring core: compiled (C, abi3)" in r.stdout, r.stdout + r.stderr
+    assert "call table steps: compiled (C, abi3)" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_machine_without_a_compiler_still_installs(tmp_path: Path) -> None:
@@ -334,6 +336,40 @@ def test_without_the_compiled_core_one_log_line_and_the_same_results(tmp_path: P
     assert "core pure Python (the compiled core is not built: no compiler here)" in r.stdout
     assert "refused ConfigError GPUEXEC_CORE=compiled, but the compiled ring core is not " \
         "built (no compiler here)" in r.stdout
+
+
+NO_STEPS = FALLBACK.replace('"gpuexec.ipc._ringcore"', '"gpuexec.executor._calltable"')
+NO_STEPS += """
+from gpuexec.executor.calls import describe_steps
+print("steps", describe_steps())
+"""
+
+
+def test_without_the_compiled_table_steps_one_log_line_and_the_same_results(
+        tmp_path: Path) -> None:
+    """The ring core built, the call table's steps not (or stale): the table runs in
+    Python, said once."""
+    script = tmp_path / "no_steps.py"
+    script.write_text(NO_STEPS)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, env=_auto_core_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:3] == ["results [42]"] * 2 + ["core compiled (C, abi3)"]
+    logged = [ln for ln in r.stderr.splitlines() if ln.startswith("LOG ")]
+    assert logged == ["LOG gpuexec: the compiled call table steps are not built (no "
+                      "compiler here); the call table runs in Python (same behaviour, "
+                      "slower)"], r.stderr
+    assert "steps Python (the compiled steps are not built: no compiler here)" in r.stdout
+    stale = tmp_path / "stale_steps.py"
+    stale.write_text("import sys, types\n"  # a build from an older source
+                     "old = types.ModuleType('gpuexec.executor._calltable')\n"
+                     "old.API = 0\n"
+                     "sys.modules[old.__name__] = old\n" + NO_STEPS)
+    r = subprocess.run([sys.executable, str(stale)], capture_output=True, text=True,
+                       timeout=120, env=_auto_core_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == ["results [42]"] * 2
+    assert "the build found is stale" in r.stderr and "steps Python" in r.stdout
 
 
 STALE = """

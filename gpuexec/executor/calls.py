@@ -31,11 +31,23 @@ fails (see :mod:`.monitor`). Fields and the threads that touch them:
   :meth:`gpuexec.executor.channel.DriverChannel.snapshot` (best effort).
 * ``inflight``, ``slot_waiters``: any thread, under ``lock``; ``room`` (a condition
   on ``lock``) is notified when a slot is given back while someone waits for one.
+
+The hot path's two steps, a user's call made and entered (:attr:`CallTable.new_call`)
+and its end when every rank answered it at once (:attr:`CallTable.answered_all`), run in
+compiled code (``_calltable.c``) when this process runs the compiled ring core: the same
+writes to the same fields, a call made as one C struct with the same attributes, and the
+lock taken in the one way the GIL allows without calling it (found free, with nothing run
+in between; see the C file). What they do not handle (a held lock, a refusal, no free
+slot, a call that is not simply waiting for all of its ranks, a fold due) they hand to
+the general methods here, unchanged, which are also their pure-Python twin.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -43,14 +55,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 from ..errors import ExecutorClosedError, InflightLimitError, RpcTimeoutError
+from ..ipc import ringcore
 from ..ipc.messages import Failure, Pong, Reply
 from .failures import call_error
 from .metrics import CallMetrics
 
 _SLOT_WAIT_S = 0.1  # a caller waiting for a slot re-checks liveness this often
+
+log = logging.getLogger("gpuexec")
 
 
 @dataclass
@@ -192,6 +207,23 @@ class CallTable:
         self._on_deferred = on_deferred
         # Raises when the channel is closed or failed (set once by the channel).
         self.check_usable: Callable[[], None] = lambda: None
+        # The hot path's two steps (a user's call made and entered; its end when every
+        # rank answered at once): compiled when this process runs the compiled ring
+        # core, else the general methods below (see :func:`compiled_steps`).
+        steps = compiled_steps()
+        self.new_call: Callable[[str, Sequence[int], int | None, float | None,
+                                 Future[Any] | None], PendingCall] = \
+            self._new_call if steps is None else functools.partial(steps.enter_new, self)
+        self.answered_all: Callable[[PendingCall, dict[int, Any] | None], None] = \
+            self.answered if steps is None else functools.partial(steps.answered, self)
+
+    def _new_call(self, method: str, ranks: Sequence[int], unique_reply_rank: int | None,
+                  timeout: float | None, future: Future[Any] | None) -> PendingCall:
+        """A user's call, made and entered (:meth:`enter`: refused once the channel is
+        closed or failed)."""
+        call = PendingCall(next(self.ids), method, ranks, unique_reply_rank, timeout, future)
+        self.enter(call)
+        return call
 
     def take_slot(self, call: PendingCall) -> None:
         """Take one of the ``max_inflight_calls`` slots, waiting for one until the call's
@@ -241,7 +273,7 @@ class CallTable:
             if self.slot_waiters:
                 self.room.notify()
 
-    def enter(self, call: PendingCall, refused: Callable[[], BaseException],
+    def enter(self, call: PendingCall, refused: Callable[[], BaseException] | None = None,
               counted: bool = True) -> None:
         """Take a slot (see :meth:`take_slot`) and :meth:`register` ``call``: one take of
         the lock when a slot is free (the common case), before anything is encoded; a
@@ -254,7 +286,7 @@ class CallTable:
                 return
         self.take_slot(call)  # refused there or in register (see its docstring)
         try:
-            self.register(call, refused, counted)
+            self.register(call, refused or _shut_down, counted)
         except BaseException:
             self.release_slot(call)
             raise
@@ -597,6 +629,60 @@ class CallTable:
     def add_draining(self, n: int) -> None:
         with self.lock:
             self.draining += n
+
+
+_Pending = PendingCall  # (the protocol's attribute of that name hides the class)
+
+
+class TableSteps(Protocol):
+    """The compiled call table steps (``_calltable.c``): a user's call made and entered
+    (:meth:`CallTable._new_call`, stepping aside to :meth:`CallTable.enter`), and
+    :meth:`CallTable.answered`'s common case (stepping aside to it). The calls it makes
+    are its own ``PendingCall``: the same attributes, in a C struct."""
+
+    API: int
+    PendingCall: type
+
+    def enter_new(self, table: CallTable, method: str, ranks: Sequence[int],
+                  unique_reply_rank: int | None, timeout: float | None,
+                  future: Future[Any] | None) -> _Pending: ...
+    def answered(self, table: CallTable, call: _Pending,
+                 values: dict[int, Any] | None) -> None: ...
+
+
+STEPS_API = 1  # _calltable.c's CALLTABLE_API must be the same
+_steps_why_not: list[str] = []  # said once per process
+
+
+def compiled_steps() -> TableSteps | None:
+    """The compiled call table steps when this process runs the compiled ring core
+    (:func:`gpuexec.ipc.ringcore.current`; ``GPUEXEC_CORE=python`` runs neither), built
+    with it by the same install; None, said once in a log line, when they are missing or
+    stale while the ring core is not."""
+    if ringcore.current().NAME != "compiled":
+        return None
+    try:
+        module = importlib.import_module("gpuexec.executor._calltable")
+    except ImportError as e:
+        why = str(e) or type(e).__name__
+    else:
+        if getattr(module, "API", None) == STEPS_API:
+            return cast(TableSteps, module)
+        why = "the build found is stale; rebuild it with make or pip install -e ."
+    if not _steps_why_not:
+        _steps_why_not.append(why)
+        log.warning("gpuexec: the compiled call table steps are not built (%s); the call "
+                    "table runs in Python (same behaviour, slower)", why)
+    return None
+
+
+def describe_steps() -> str:
+    """Which call table steps run in this process (``gpuexec doctor``)."""
+    if compiled_steps() is not None:
+        return "compiled (C, abi3)"
+    if _steps_why_not:
+        return f"Python (the compiled steps are not built: {_steps_why_not[0]})"
+    return "Python (with the pure-Python ring core)"
 
 
 def settle_one(call: PendingCall) -> None:

@@ -257,10 +257,9 @@ class DriverChannel:
         """A call entered in the table with its frames, not sent yet (see :meth:`submit`)."""
         table = self._table
         future = CallFuture() if non_block else None
-        call = PendingCall(next(table.ids), method, ranks, unique_reply_rank, timeout, future)
+        call = table.new_call(method, ranks, unique_reply_rank, timeout, future)  # a slot
         if future is not None:
             future.bind(lambda: self._cancels.cancel(call, "Future.cancel()"))
-        table.enter(call, _closed)  # a slot and the table, one take of its lock
         try:
             # A call by name without arguments (the hot path's no-op): its cached header.
             header = None if fn_blob is not None or args or kwargs or \
@@ -289,8 +288,7 @@ class DriverChannel:
         form, checked by the caller): no Call is built or encoded, its header is the
         encoder's cached bytes (a name it does not cache takes :meth:`call`)."""
         table = self._table
-        call = PendingCall(next(table.ids), method, ranks, None, timeout, None)
-        table.enter(call, _closed)
+        call = table.new_call(method, ranks, None, timeout, None)
         header = self._encoder.bare_call(call.call_id, method)
         if header is None or len(header) > self._max_message_size >= 0:
             table.withdraw(call)  # the general path sends it, or explains why not

@@ -83,6 +83,9 @@ class MethodStats:
 class CallMetrics:
     """The driver's counters; see the module docstring (every field under the table lock)."""
 
+    fold_at = _FOLD  # (read by the compiled call table steps, which leave the fold to
+                     # finished())
+
     def __init__(self, world_size: int) -> None:
         self.replies = [0] * world_size          # calls each rank completed
         self.last_reply = [0.0] * world_size     # time.monotonic() of its last answer, 0: none

@@ -53,6 +53,7 @@ class ShmTransport(Transport):
                  sentinels: Sequence[int], shm: ShmDriverPath) -> None:
         self._zmq = ZmqTransport(ctx, req, rep, topics, table, sentinels)  # the overflow
         self._table = table
+        self._answered = table.answered_all
         self._stats = table.stats
         self._shm = shm
         self._n_ranks = len(topics)
@@ -155,7 +156,7 @@ class ShmTransport(Transport):
             if taken | framed:  # released by the core: the readers catch up when next used
                 self._moved |= taken | framed
                 if taken == every:  # every rank answered None (the common case)
-                    table.answered(call)
+                    self._answered(call, None)
                 elif taken:
                     ranks = []
                     while taken:
@@ -209,7 +210,7 @@ class ShmTransport(Transport):
             values = {r.rank: r.value for r in cast(list[Reply], replies)  # in one pass
                       if r.__class__ is Reply and r.call_id == call_id and r.error is None}
             if len(values) == len(replies):  # every one call's own result, each rank once
-                self._table.answered(call, values)  # (a rank twice: the walk counts it)
+                self._answered(call, values)  # (a rank twice: the walk counts it)
             else:
                 self._table.deliver(replies)
 
@@ -220,7 +221,7 @@ class ShmTransport(Transport):
         if call is not None and reply.__class__ is Reply and \
                 reply.call_id == call.call_id and reply.error is None:
             if len(call.owed) == 1:
-                self._table.answered(call, {reply.rank: reply.value})
+                self._answered(call, {reply.rank: reply.value})
             else:
                 self._table.deliver_values(call, (reply.rank,), reply.value)
         else:
