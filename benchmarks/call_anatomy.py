@@ -1,25 +1,26 @@
 """Where a back-to-back call's time goes over shared memory, hop by hop.
 
-Timestamps on CLOCK_MONOTONIC (one clock for every process) at six points of each
+Timestamps on CLOCK_MONOTONIC (one clock for every process) at five points of each
 ``collective_rpc("noop")`` (``--call noop``) or ``collective_rpc("small", (1, "x"),
 {"c": [1.0, 2.0]})`` (``--call small``: an int result), p50 over ``--calls`` calls per
 world size:
 
     a  the driver enters collective_rpc         q  a worker's reply is published (the
-    b  the driver starts sending the request       stamp the ring core puts in its slot)
-    p  the request is published (its slot's     e  the driver's wait in the ring core
-       stamp)                                      returns
+    p  the request is published (the stamp         stamp the ring core puts in its slot)
+       the core puts in its slot)               e  the driver's wait in the ring core
+                                                   returns
                                                 f  collective_rpc returns
 
-so ``a->b`` and ``e->f`` are the driver's Python around the rings, ``b->p`` its send, ``p->q``
-a worker's turn (its wait noticing the request, its decoding for a call with arguments,
-the method, the reply written: all in the worker's ring core), ``q->e`` the reply's hand-off (or,
-when the reply came before the driver waited, the driver's own Python in between). The
-points are taken by wrapping the shared-memory transport's entry points of this version
-and reading the slots' stamps (private attributes: the script describes this tree, not an
-interface), so each hop carries a wrapper call (about 0.1 us); ``a->f`` is therefore a
-little above what ``hot_path.py`` measures. Nothing runs in the workers but the calls.
-Diagnostic only: no target.
+so ``a->p`` is the driver until its request is published (the call made and entered,
+checked and encoded for arguments, sent: for a no-op on the compiled core all one call,
+the round trip of ``executor/_calltable.c``), ``p->q`` a worker's turn (its wait noticing
+the request, its decoding for a call with arguments, the method, the reply written: all
+in the worker's ring core), ``q->e`` the reply's hand-off (or, when the reply came before
+the driver waited, the driver's own steps in between) and ``e->f`` the driver after its
+wait (the call ended, for a value its reply decoded). The points are the slots' stamps
+and a wrapper around the rings' ``collect`` (private attributes: the script describes
+this tree, not an interface), whose call costs about 0.1 us in ``e->f``. Nothing runs in
+the workers but the calls. Diagnostic only: no target.
 
 Usage: ``python benchmarks/call_anatomy.py [--call noop] [--sizes 1,2,4,8] [--calls 20000]``.
 """
@@ -65,16 +66,13 @@ def _stamp(view: memoryview, slot_off: int) -> int:
     return int(_U64.unpack_from(view, slot_off + 8)[0])
 
 
-def _wrap(obj: Any, name: str, before: list[int] | None, after: list[int] | None) -> None:
-    """Stamp ``obj.name``'s entry (``before``) or its return (``after``)."""
+def _stamp_returns(obj: Any, name: str, into: list[int]) -> None:
+    """Stamp each return of ``obj.name`` into ``into``."""
     fn: Callable[..., Any] = getattr(obj, name)
 
     def wrapped(*args: Any) -> Any:
-        if before is not None:
-            before.append(ns())
         out = fn(*args)
-        if after is not None:
-            after.append(ns())
+        into.append(ns())
         return out
 
     setattr(obj, name, wrapped)
@@ -85,13 +83,10 @@ def measure(world: int, call: str, calls: int, warmup: int) -> dict[str, float]:
     with Executor(NoopWorker, world, device="cpu", transport="shm") as ex:
         transport: Any = ex._channel._transport  # private: see the module docstring
         request, replies = transport._shm.request, transport._shm.replies
-        sends: list[int] = []
         waits: list[int] = []
-        _wrap(transport, "send", sends, None)
-        _wrap(transport._shm, "collect", None, waits)
+        _stamp_returns(transport._shm, "collect", waits)
         for _ in range(warmup):
             ex.collective_rpc(method, call_args, call_kwargs)
-        sends.clear()
         waits.clear()
         entered: list[int] = []
         returned: list[int] = []
@@ -120,8 +115,8 @@ def measure(world: int, call: str, calls: int, warmup: int) -> dict[str, float]:
 
     rows = range(calls)
     return {
-        "a->b driver before the send": p50([sends[i] - entered[i] for i in rows]),
-        "b->p the send": p50([published[i] - sends[i] for i in rows]),
+        "a->p driver until the request is published": p50([published[i] - entered[i]
+                                                            for i in rows]),
         "p->q first worker's turn": p50([min(answered[i]) - published[i] for i in rows]),
         "p->q last worker's turn": p50([max(answered[i]) - published[i] for i in rows]),
         "q->e reply (the last)": p50([last_wait[i] - max(answered[i]) for i in rows]),

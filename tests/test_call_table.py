@@ -228,3 +228,40 @@ def test_a_future_and_a_one_rank_value_are_entered_and_end_by_the_general_steps(
     table.settle()
     assert future.result(0) == ["a", "b"]
     assert table.n_async == 0 and table.inflight == 0 and table.pending == {}
+
+
+def test_calls_by_name_from_threads_with_futures_in_flight_all_complete(
+        ring_core: str) -> None:
+    """Blocking calls by name (the compiled core's one-call round trip over shared
+    memory) from four threads at once, with futures in flight, values and None results:
+    each thread's call either runs its whole round trip or finds a lock taken and goes
+    on by the general steps; every call gets its own results, none is lost or late."""
+    from workers import EchoWorker
+
+    from gpuexec import Executor
+
+    with Executor(EchoWorker, 2, device="cpu", transport="shm") as ex:
+        ex.collective_rpc("whoami")  # (its header is then cached)
+        wrong: list[Any] = []
+
+        def caller(k: int) -> None:
+            for i in range(150):
+                futures = [ex.collective_rpc("noop", non_block=True) for _ in range(i % 3)]
+                if ex.collective_rpc("noop") != [None, None]:
+                    wrong.append(("noop", k, i))
+                if [w["rank"] for w in ex.collective_rpc("whoami")] != [0, 1]:
+                    wrong.append(("whoami", k, i))
+                if [f.result(60) for f in futures] != [[None, None]] * len(futures):
+                    wrong.append(("future", k, i))
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert wrong == []
+        stats = ex.stats()
+        assert stats.calls == 1 + 4 * (150 * 2 + 150) and stats.late_replies == 0
+        assert stats.malformed == 0
+        status = ex.status()
+        assert [(r.method, r.calls_completed) for r in status] == [(None, 1801)] * 2

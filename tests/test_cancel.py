@@ -254,6 +254,45 @@ def test_ctrl_c_in_a_waiting_call_cancels_it(ex: Executor, tmp_path: Path) -> No
     assert ex.stats().cancelled == 1
 
 
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_ctrl_c_and_a_timeout_in_a_call_by_name_cancel_it(transport: str,
+                                                          tmp_path: Path) -> None:
+    """A blocking call by name without arguments, the round trip the compiled core makes
+    in one call over shared memory: Ctrl-C while it waits, and its timeout, cancel it in
+    every rank and leave the executor usable (no lock left taken)."""
+    go, mark = tmp_path / "go", tmp_path / "mark"
+    with Executor(CancelWorker, 2, device="cpu", transport=transport,
+                  rpc_timeout=60) as ex:
+        ex.collective_rpc("plan", args=("sleep", str(go), str(mark)))
+        assert ex.collective_rpc("quiet") == [None, None]  # the next one blocks
+
+        def interrupt_when_started() -> None:
+            started(go, 2)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+        threading.Thread(target=interrupt_when_started, daemon=True).start()
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ex.collective_rpc("quiet")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert ex.collective_rpc("quiet") == [None, None]
+        assert marks(mark, 2) == ["CallCancelled quiet"] * 2
+        assert ex.stats().cancelled == 1
+    go, mark = tmp_path / "go2", tmp_path / "mark2"
+    with Executor(CancelWorker, 2, device="cpu", transport=transport,
+                  rpc_timeout=0.5) as ex:
+        ex.collective_rpc("plan", args=("sleep", str(go), str(mark)))
+        assert ex.collective_rpc("quiet") == [None, None]
+        with pytest.raises(RpcTimeoutError) as info:
+            ex.collective_rpc("quiet")
+        assert info.value.method == "quiet" and info.value.ranks == (0, 1)
+        assert ex.collective_rpc("quiet") == [None, None]
+        assert marks(mark, 2) == ["CallCancelled quiet"] * 2
+        assert ex.stats().timeouts == 1
+
+
 def test_shutdown_cancels_running_calls(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                         no_leaks: None) -> None:
     go, mark = tmp_path / "go", tmp_path / "mark"

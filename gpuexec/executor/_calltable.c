@@ -32,10 +32,12 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <math.h>
 #include <stddef.h>
+#include <string.h>
 #include <time.h>
 
-#define CALLTABLE_API 1 /* calls.py's API must be the same */
+#define CALLTABLE_API 2 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -457,6 +459,338 @@ static PyObject *answered(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyObject_CallMethodObjArgs(table, S_ANSWERED, call, values, NULL);
 }
 
+/* -- a blocking call's round trip over shared memory ------------------------------ */
+
+/* The lane: what round_trip() reads, fixed for the channel's life (see
+ * DriverChannel._lane), a tuple of these items. */
+enum {
+    L_TABLE,     /* the CallTable */
+    L_PUMP,      /* the channel's pump lock */
+    L_SEND,      /* its send lock */
+    L_CHANNEL,   /* the channel (its _released flag) */
+    L_TRANSPORT, /* the ShmTransport (its _moved mask; collect_more) */
+    L_WRITER,    /* the request ring's RingWriter (_seq, _min_read, _claimed) */
+    L_PUT,       /* (core.put_one, view, base, view_off... : see RingWriter.put_params) */
+    L_SHM,       /* the ShmDriverPath (collect, epoch, spin) */
+    L_IDS,       /* the encoder's cached headers: method name -> (before, after) */
+    L_MAX_SIZE,  /* max_message_size (-1: none) */
+    L_EVERY,     /* every rank, as a mask */
+    L_N_RANKS,
+    L_LEN
+};
+enum { P_FN, P_VIEW, P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_VIEW,
+       P_BELL_BASE, P_LEN };
+
+#define NOT_SENT 0 /* what round_trip() hands back: the call entered, not sent */
+#define SENT 1     /* sent, and not complete (or complete with an error) */
+
+static PyObject *S_ACQUIRE, *S_RELEASE, *S_RELEASED, *S_MOVED, *S_SEQ, *S_MIN_READ,
+    *S_CLAIMED, *S_COLLECT, *S_EPOCH, *S_SPIN, *S_CLOSING, *S_UNSETTLED, *S_SETTLE,
+    *S_COLLECT_MORE, *S_MIN_READ_SEQ;
+
+/* The msgpack form msgspec gives a non-negative int (its shortest), at ``out``. */
+static Py_ssize_t pack_uint(uint64_t v, unsigned char *out) {
+    if (v <= 0x7f) {
+        out[0] = (unsigned char)v;
+        return 1;
+    }
+    int n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffull ? 4 : 8;
+    out[0] = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
+    for (int i = 0; i < n; i++)
+        out[1 + i] = (unsigned char)(v >> (8 * (n - 1 - i)));
+    return 1 + n;
+}
+
+/* lock.acquire(False): 1 taken, 0 not, -1 error. */
+static int try_lock(PyObject *lock) {
+    PyObject *got = PyObject_CallMethodObjArgs(lock, S_ACQUIRE, Py_False, NULL);
+    if (got == NULL)
+        return -1;
+    int taken = got == Py_True;
+    Py_DECREF(got);
+    return taken;
+}
+
+static void unlock(PyObject *lock) {
+    /* A release of a lock this thread took cannot fail; an error is kept if one is set. */
+    PyObject *exc_type = NULL, *exc = NULL, *tb = NULL;
+    int pending = PyErr_Occurred() != NULL;
+    if (pending)
+        PyErr_Fetch(&exc_type, &exc, &tb);
+    PyObject *r = PyObject_CallMethodObjArgs(lock, S_RELEASE, NULL);
+    if (r == NULL)
+        PyErr_WriteUnraisable(lock);
+    Py_XDECREF(r);
+    if (pending)
+        PyErr_Restore(exc_type, exc, tb);
+}
+
+/* The exception being raised, taken as a value (with its traceback). */
+static PyObject *caught(void) {
+    PyObject *exc_type, *exc, *tb;
+    PyErr_Fetch(&exc_type, &exc, &tb);
+    PyErr_NormalizeException(&exc_type, &exc, &tb);
+    if (exc != NULL && tb != NULL)
+        PyException_SetTraceback(exc, tb);
+    Py_XDECREF(exc_type);
+    Py_XDECREF(tb);
+    return exc != NULL ? exc : Py_NewRef(Py_None);
+}
+
+/* (call, header, stage, error): what the caller goes on with; steals ``error``. */
+static PyObject *hand_back(Call *call, PyObject *header, int stage, PyObject *error) {
+    PyObject *st = PyLong_FromLong(stage);
+    PyObject *out = st == NULL ? NULL : PyTuple_Pack(4, (PyObject *)call, header, st,
+                                                      error != NULL ? error : Py_None);
+    Py_XDECREF(st);
+    Py_XDECREF(error);
+    return out;
+}
+
+/* Send ``header`` as the request ring's next packet when there is room (RingWriter.put_one
+ * without its wait): 1 sent, 0 no room now (or a claim open), -1 error. */
+static int put_header(PyObject *writer, PyObject *put, PyObject *header) {
+    PyObject *claimed = PyObject_GetAttr(writer, S_CLAIMED);
+    if (claimed == NULL)
+        return -1;
+    int busy = claimed != Py_None;
+    Py_DECREF(claimed);
+    long long seq = 0, min_read = 0, n_slots, slot_size, data, most;
+    if (busy || ((seq = long_attr(writer, S_SEQ)) == -1 && PyErr_Occurred()) ||
+        ((min_read = long_attr(writer, S_MIN_READ)) == -1 && PyErr_Occurred()))
+        return busy ? 0 : -1;
+    data = PyLong_AsLongLong(PyTuple_GetItem(put, P_DATA));
+    n_slots = PyLong_AsLongLong(PyTuple_GetItem(put, P_N_SLOTS));
+    slot_size = PyLong_AsLongLong(PyTuple_GetItem(put, P_SLOT_SIZE));
+    most = PyLong_AsLongLong(PyTuple_GetItem(put, P_MAX));
+    if (PyErr_Occurred())
+        return -1;
+    if (n_slots <= 0 || PyBytes_Size(header) + 9 > most)
+        return 0; /* the general send */
+    if (min_read <= seq - n_slots) { /* no room as last seen: look again (a call into the
+                                      * writer's Python, once every n_slots sends) */
+        PyObject *now_read = PyObject_CallMethodObjArgs(writer, S_MIN_READ_SEQ, NULL);
+        min_read = now_read == NULL ? -1 : PyLong_AsLongLong(now_read);
+        Py_XDECREF(now_read);
+        if (PyErr_Occurred())
+            return -1;
+        if (min_read <= seq - n_slots)
+            return 0; /* full: the general send waits for room */
+    }
+    PyObject *off = PyLong_FromLongLong(data + (seq % n_slots) * slot_size);
+    PyObject *next = PyLong_FromLongLong(seq + 1);
+    int rc = -1;
+    if (off != NULL && next != NULL && PyObject_SetAttr(writer, S_SEQ, next) == 0) {
+        PyObject *r = PyObject_CallFunctionObjArgs(
+            PyTuple_GetItem(put, P_FN), PyTuple_GetItem(put, P_VIEW),
+            PyTuple_GetItem(put, P_BASE), off, header, next, PyTuple_GetItem(put, P_READERS),
+            PyTuple_GetItem(put, P_BELL_VIEW), PyTuple_GetItem(put, P_BELL_BASE), NULL);
+        rc = r == NULL ? -1 : 1;
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(off);
+    Py_XDECREF(next);
+    return rc;
+}
+
+/* transport._moved |= mask (the reply rings the core released messages of). */
+static int mark_moved(PyObject *transport, PyObject *mask) {
+    PyObject *moved = PyObject_GetAttr(transport, S_MOVED);
+    if (moved == NULL)
+        return -1;
+    PyObject *both = PyNumber_Or(moved, mask);
+    Py_DECREF(moved);
+    if (both == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(transport, S_MOVED, both);
+    Py_DECREF(both);
+    return rc;
+}
+
+/* The first collect of the call's replies and what follows it, under the pump lock: 0
+ * done with this step (the call may still be owed: the caller waits), -1 error. */
+static int first_collect(PyObject *const *lane, Call *call, PyObject *middle) {
+    PyObject *table = lane[L_TABLE], *shm = lane[L_SHM], *transport = lane[L_TRANSPORT];
+    PyObject *collect = NULL, *epoch = NULL, *seen = NULL, *spin = NULL, *spin_until = NULL,
+             *deadline = NULL, *got = NULL, *closing = NULL, *moved = NULL;
+    int rc = -1;
+    double spin_s;
+    if ((collect = PyObject_GetAttr(shm, S_COLLECT)) == NULL ||
+        (epoch = PyObject_GetAttr(shm, S_EPOCH)) == NULL ||
+        (spin = PyObject_GetAttr(shm, S_SPIN)) == NULL ||
+        ((spin_s = PyFloat_AsDouble(spin)) == -1.0 && PyErr_Occurred()) ||
+        (spin_until = PyFloat_FromDouble(now_s() + spin_s)) == NULL)
+        goto done;
+    deadline = call->deadline == Py_None ? PyFloat_FromDouble(INFINITY)
+                                         : Py_NewRef(call->deadline);
+    if (deadline == NULL || collect == Py_None)
+        goto done_or_none;
+    /* The epoch before the check: a poke after it ends the wait (see ShmTransport). */
+    if ((seen = PyObject_CallNoArgs(epoch)) == NULL ||
+        (closing = PyObject_GetAttr(table, S_CLOSING)) == NULL)
+        goto done;
+    if (PyObject_IsTrue(closing)) {
+        rc = 0; /* the caller's wait sees the close */
+        goto done;
+    }
+    got = PyObject_CallFunctionObjArgs(collect, seen, spin_until, deadline, middle,
+                                       lane[L_EVERY], NULL);
+    if (got == NULL)
+        goto done;
+    if (!PyTuple_Check(got) || PyTuple_Size(got) != 4) {
+        PyErr_SetString(PyExc_TypeError, "collect() gave no (taken, framed, other, frames)");
+        goto done;
+    }
+    PyObject *taken = PyTuple_GetItem(got, 0), *framed = PyTuple_GetItem(got, 1),
+             *other = PyTuple_GetItem(got, 2), *frames = PyTuple_GetItem(got, 3);
+    if ((moved = PyNumber_Or(taken, framed)) == NULL)
+        goto done;
+    int any = PyObject_IsTrue(moved);
+    if (any < 0 || (any && mark_moved(transport, moved) < 0))
+        goto done;
+    int all = PyObject_RichCompareBool(taken, lane[L_EVERY], Py_EQ);
+    if (all < 0)
+        goto done;
+    if (all && PyObject_Not(other) == 1 && PyObject_Length(frames) == 0) {
+        PyObject *args[3] = {table, (PyObject *)call, Py_None}; /* the common case */
+        PyObject *r = answered(NULL, args, 3);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+        goto done;
+    }
+    { /* anything else: the transport's own steps from here */
+        PyObject *r = PyObject_CallMethodObjArgs(transport, S_COLLECT_MORE, (PyObject *)call,
+                                                 deadline, got, NULL);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    goto done;
+done_or_none:
+    if (!PyErr_Occurred()) { /* more ranks than collect takes: the transport's steps */
+        PyObject *r = PyObject_CallMethodObjArgs(transport, S_COLLECT_MORE, (PyObject *)call,
+                                                 deadline, Py_None, NULL);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+done:
+    Py_XDECREF(collect);
+    Py_XDECREF(epoch);
+    Py_XDECREF(seen);
+    Py_XDECREF(spin);
+    Py_XDECREF(spin_until);
+    Py_XDECREF(deadline);
+    Py_XDECREF(got);
+    Py_XDECREF(closing);
+    Py_XDECREF(moved);
+    return rc;
+}
+
+/* round_trip(lane, method, ranks, timeout): DriverChannel.call_bare's whole round trip
+ * over shared memory in one call: the call made and entered, its cached header written
+ * into the request ring under the pump and send locks, its replies collected and
+ * recorded, its list of results returned. None: not for this path (a name without a
+ * cached header, one over max_message_size, not every rank), nothing done. A tuple
+ * (call, header, stage, error): where the caller goes on (see call_bare): NOT_SENT (the
+ * pump or send lock is taken, the channel released, no room as last seen), SENT (a reply
+ * still owed, or the call ended with an error); ``error``, an exception raised while
+ * sending (NOT_SENT) or waiting (SENT: Ctrl-C), taken as a value with every lock given
+ * back, to be raised by the caller once it has dealt with the call. */
+static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyTuple_Check(args[0]) || PyTuple_Size(args[0]) != L_LEN) {
+        PyErr_SetString(PyExc_TypeError, "round_trip(lane, method, ranks, timeout)");
+        return NULL;
+    }
+    PyObject *lane[L_LEN];
+    for (Py_ssize_t i = 0; i < L_LEN; i++)
+        lane[i] = PyTuple_GetItem(args[0], i);
+    PyObject *method = args[1], *ranks = args[2];
+    PyObject *parts = PyDict_GetItemWithError(lane[L_IDS], method); /* borrowed */
+    if (parts == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    Py_ssize_t n_ranks = PyLong_AsSsize_t(lane[L_N_RANKS]);
+    long long most = PyLong_AsLongLong(lane[L_MAX_SIZE]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *before, *after;
+    if (!PyTuple_Check(parts) || PyTuple_Size(parts) != 2 ||
+        !PyBytes_Check(before = PyTuple_GetItem(parts, 0)) ||
+        !PyBytes_Check(after = PyTuple_GetItem(parts, 1)) || !PyList_Check(ranks) ||
+        PyList_Size(ranks) != n_ranks || !PyTuple_Check(lane[L_PUT]) ||
+        PyTuple_Size(lane[L_PUT]) != P_LEN ||
+        (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) > most))
+        return Py_NewRef(Py_None);
+    PyObject *enter_args[6] = {lane[L_TABLE], method, ranks, Py_None, args[3], Py_None};
+    Call *call = (Call *)enter_new(NULL, enter_args, 6);
+    if (call == NULL)
+        return NULL; /* refused: nothing was sent */
+    uint64_t id = PyLong_AsUnsignedLongLong(call->call_id);
+    unsigned char idb[9];
+    Py_ssize_t id_len = pack_uint(id, idb);
+    Py_ssize_t b_len = PyBytes_Size(before), a_len = PyBytes_Size(after);
+    PyObject *header = PyErr_Occurred() ? NULL
+                                        : PyBytes_FromStringAndSize(NULL, b_len + id_len + a_len);
+    PyObject *middle = header == NULL ? NULL : PyBytes_FromStringAndSize((char *)idb, id_len);
+    PyObject *out = NULL;
+    if (middle == NULL) {
+        out = hand_back(call, Py_None, NOT_SENT, caught());
+        goto done;
+    }
+    char *h = PyBytes_AsString(header);
+    memcpy(h, PyBytes_AsString(before), (size_t)b_len);
+    memcpy(h + b_len, idb, (size_t)id_len);
+    memcpy(h + b_len + id_len, PyBytes_AsString(after), (size_t)a_len);
+    /* The send, under the pump lock and the send lock, when both are free. */
+    int pumping = try_lock(lane[L_PUMP]);
+    if (pumping <= 0) {
+        out = hand_back(call, header, NOT_SENT, pumping < 0 ? caught() : NULL);
+        goto done;
+    }
+    int sending = try_lock(lane[L_SEND]);
+    int sent = 0;
+    if (sending > 0) {
+        PyObject *released = PyObject_GetAttr(lane[L_CHANNEL], S_RELEASED);
+        int gone = released == NULL ? -1 : PyObject_IsTrue(released);
+        Py_XDECREF(released);
+        sent = gone < 0 ? -1 : gone ? 0 : put_header(lane[L_WRITER], lane[L_PUT], header);
+        unlock(lane[L_SEND]);
+    } else if (sending < 0) {
+        sent = -1;
+    }
+    if (sent <= 0) {
+        PyObject *error = sent < 0 ? caught() : NULL;
+        unlock(lane[L_PUMP]);
+        out = hand_back(call, header, NOT_SENT, error);
+        goto done;
+    }
+    /* The replies, still under the pump lock. */
+    int rc = first_collect(lane, call, middle);
+    PyObject *error = rc < 0 ? caught() : NULL;
+    unlock(lane[L_PUMP]);
+    if (error != NULL) {
+        out = hand_back(call, header, SENT, error);
+        goto done;
+    }
+    PyObject *unsettled = PyObject_GetAttr(lane[L_TABLE], S_UNSETTLED);
+    int queued = unsettled == NULL ? -1 : PyObject_IsTrue(unsettled);
+    Py_XDECREF(unsettled);
+    if (queued > 0) {
+        PyObject *r = PyObject_CallMethodObjArgs(lane[L_TABLE], S_SETTLE, NULL);
+        queued = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    if (queued < 0)
+        goto done; /* (as the general path: an error of settle() is raised) */
+    if (call->done == Py_True && call->error == Py_None)
+        out = Py_NewRef(call->value);
+    else
+        out = hand_back(call, header, SENT, NULL);
+done:
+    Py_XDECREF(header);
+    Py_XDECREF(middle);
+    Py_DECREF(call);
+    return out;
+}
+
 /* -- the module --------------------------------------------------------------------- */
 
 static PyMethodDef table_functions[] = {
@@ -464,6 +798,8 @@ static PyMethodDef table_functions[] = {
      "A user's call made and entered in the table (CallTable._new_call)."},
     {"answered", (PyCFunction)(void (*)(void))answered, METH_FASTCALL,
      "CallTable.answered, its common case in compiled code."},
+    {"round_trip", (PyCFunction)(void (*)(void))round_trip, METH_FASTCALL,
+     "A blocking call by name over shared memory, sent and collected (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -482,7 +818,14 @@ static int intern_all(void) {
         {&S_LAST_REPLY, "last_reply"}, {&S_FAILING, "failing"},
         {&S_SLOT_WAITERS, "slot_waiters"}, {&S_FOLD_AT, "fold_at"},
         {&S_ANSWERED, "answered"},   {&S_ENTER, "enter"},
-        {&S_N_ASYNC, "n_async"},
+        {&S_N_ASYNC, "n_async"},     {&S_ACQUIRE, "acquire"},
+        {&S_RELEASE, "release"},     {&S_RELEASED, "_released"},
+        {&S_MOVED, "_moved"},        {&S_SEQ, "_seq"},
+        {&S_MIN_READ, "_min_read"},  {&S_CLAIMED, "_claimed"},
+        {&S_COLLECT, "collect"},     {&S_EPOCH, "epoch"},
+        {&S_SPIN, "spin"},           {&S_CLOSING, "closing"},
+        {&S_UNSETTLED, "unsettled"}, {&S_SETTLE, "settle"},
+        {&S_COLLECT_MORE, "collect_more"}, {&S_MIN_READ_SEQ, "_min_read_seq"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
@@ -504,7 +847,9 @@ PyMODINIT_FUNC PyInit__calltable(void) {
         return NULL;
     CallType = (PyTypeObject *)PyType_FromSpec(&call_spec);
     if (CallType == NULL || PyModule_AddObject(m, "PendingCall", Py_NewRef(CallType)) < 0 ||
-        PyModule_AddIntConstant(m, "API", CALLTABLE_API) < 0) {
+        PyModule_AddIntConstant(m, "API", CALLTABLE_API) < 0 ||
+        PyModule_AddIntConstant(m, "NOT_SENT", NOT_SENT) < 0 ||
+        PyModule_AddIntConstant(m, "SENT", SENT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

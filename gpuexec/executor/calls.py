@@ -210,7 +210,7 @@ class CallTable:
         # The hot path's two steps (a user's call made and entered; its end when every
         # rank answered at once): compiled when this process runs the compiled ring
         # core, else the general methods below (see :func:`compiled_steps`).
-        steps = compiled_steps()
+        self.steps = steps = compiled_steps()
         self.new_call: Callable[[str, Sequence[int], int | None, float | None,
                                  Future[Any] | None], PendingCall] = \
             self._new_call if steps is None else functools.partial(steps.enter_new, self)
@@ -636,9 +636,10 @@ _Pending = PendingCall  # (the protocol's attribute of that name hides the class
 
 class TableSteps(Protocol):
     """The compiled call table steps (``_calltable.c``): a user's call made and entered
-    (:meth:`CallTable._new_call`, stepping aside to :meth:`CallTable.enter`), and
-    :meth:`CallTable.answered`'s common case (stepping aside to it). The calls it makes
-    are its own ``PendingCall``: the same attributes, in a C struct."""
+    (:meth:`CallTable._new_call`, stepping aside to :meth:`CallTable.enter`),
+    :meth:`CallTable.answered`'s common case (stepping aside to it), and a blocking call's
+    whole round trip over shared memory (see :meth:`.channel.DriverChannel.call_bare`).
+    The calls it makes are its own ``PendingCall``: the same attributes, in a C struct."""
 
     API: int
     PendingCall: type
@@ -648,9 +649,12 @@ class TableSteps(Protocol):
                   future: Future[Any] | None) -> _Pending: ...
     def answered(self, table: CallTable, call: _Pending,
                  values: dict[int, Any] | None) -> None: ...
+    def round_trip(self, lane: tuple[Any, ...], method: str, ranks: list[int],
+                   timeout: float | None) -> Any: ...
 
 
-STEPS_API = 1  # _calltable.c's CALLTABLE_API must be the same
+STEPS_API = 2  # _calltable.c's CALLTABLE_API must be the same
+NOT_SENT = 0  # where round_trip() stopped: the call entered, not sent (its NOT_SENT)
 _steps_why_not: list[str] = []  # said once per process
 
 

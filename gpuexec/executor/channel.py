@@ -13,30 +13,29 @@ the monitor.
 
 The anatomy of a blocking call over shared memory (``transport="shm"``, the default),
 the hot path: ``collective_rpc("noop")`` to N ranks, no arguments, a None result, once
-each worker has served a call of that name (the first one takes its request loop)::
+each worker has served a call of that name (the first one takes its request loop), on
+the compiled core::
 
     driver thread                                          worker main thread (each rank)
     ─────────────                                          ──────────────────────────────
     rpc.collective_rpc (the bare form: no argument checks)  in the ring core, GIL held only
-      ─▶ channel.call_bare                                 around the method (core.serve,
-      PendingCall                  (owed set, values dict)  entered once per run of calls):
-      calls.enter     [table lock #1] slot + pending + counted
-      codec.bare_call      cached header: before + id + after
-      channel._round_trip  [pump lock]
-        [send lock] shm_transport.send ─▶ shm_ring.put_one
-          core.put_one: packet written into the slot, release store, 1 fence,
-          futex wake only if a reader sleeps ───────────────▶ the wait (spins, then
-        shm_transport.recv_for                                 futex; GIL released)
-          core.collect: the awaited rings in one C call        the header known by its
-          (spins, then sleeps on the doorbell;                   bytes: id, method name
-           GIL released), each None reply       ┌            the method looked up and run,
-           to the call known by its bytes and   │              armed for cancellation
-           released as it comes (no view, no    │            its None reply: the cached
-           decoding, no Reply) ◀────────────────┤              bytes around the id,
-          calls.answered   [table lock #2]      │              published: 1 fence,
-            records them all and ends the call  └────────      doorbell woken if asleep
-            (metrics under the same take)                    and the wait again
-      the list of results
+      ─▶ channel.call_bare ─▶ round_trip (one C call,       around the method (core.serve,
+         executor/_calltable.c; GIL held but while waiting)  entered once per run of calls):
+        the call made and entered   [table lock found free]
+        cached header around the id
+        [pump lock] [send lock] the packet written into the
+          request slot, release store, 1 fence, futex wake
+          only if a reader sleeps ────────────────────────▶ the wait (spins, then
+        [send lock given back]                                 futex; GIL released)
+        ring core's collect: the awaited rings in one call     the header known by its
+          (spins, then sleeps on the doorbell; GIL             bytes: id, method name
+           released), each None reply to the call known ┌    the method looked up and run,
+           by its bytes and released as it comes (no    │      armed for cancellation
+           view, no decoding, no Reply) ◀───────────────┤    its None reply: the cached
+        the call ended: results, metrics, slot back     │      bytes around the id,
+          [table lock found free]                       └──    published: 1 fence,
+        [pump lock given back]                                 doorbell woken if asleep
+      the list of results                                    and the wait again
 
 Counted on this design (the compiled core, 2-core host, traced with ``sys.setprofile``
 and a counting allocator hook on the object and memory domains, per call; "blocks":
@@ -46,35 +45,41 @@ every memory block Python allocates, ints above 256 and floats included;
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          14 / 14       10 / 10           33 / 42        table x2, pump, send;
-                                                                   1 (the publish)
-    worker (each)   1 / 1         0 / 0             4 / 8          none;
+    driver          2 / 2         2 / 2             15 / 17        pump, send (table:
+                                                                   found free); 1
+    worker (each)   1 / 1         0 / 0             2 / 8          none;
                     (the method)                                   1 (the publish)
     ==============  ============  ================  =============  =====================
 
-(A second rank costs the driver one more rank in the mask that collect answers, whose
+("found free": the compiled steps hold the GIL and run no Python code between their
+first read of the table and their last write, having found its lock free: under the GIL
+that is the lock taken and given back without the two calls; see ``_calltable.c``. A
+second rank costs the driver one more rank in the mask that collect answers, whose
 replies are recorded together; a worker's blocks are the call id's int, the bound method
 and, spread over a run, what the arrival forecast is given when the core hands back.)
-What is not on this path: no Call struct is built or encoded for a call without arguments
-(its header is cached per method name, the same bytes msgspec writes) and none is decoded
-by the worker (the core knows the header by its bytes); no Reply is built or encoded for a
-None result (its bytes are cached per rank) nor read or decoded by the driver (known by
-its bytes in the ring); no Python runs in the worker between two such calls but the
-method (the request loop, its decode, the reply gate and the arrival forecast are not
-entered; the forecast learns the calls afterwards, in order); no view of a slot is made
-on either side; no thread hand-off (the caller pumps its own replies); the send and the
-wait take the pump lock once; no check of the call table's state before entering it
-(``enter`` refuses a call to a closed or failed channel under its one take of the lock).
+What is not on this path: no Python frame in the driver below ``call_bare``; no Call
+struct is built or encoded for a call without arguments (its header is cached per method
+name, the same bytes msgspec writes) and none is decoded by the worker (the core knows
+the header by its bytes); no Reply is built or encoded for a None result (its bytes are
+cached per rank) nor read or decoded by the driver (known by its bytes in the ring); no
+Python runs in the worker between two such calls but the method (the request loop, its
+decode, the reply gate and the arrival forecast are not entered; the forecast learns the
+calls afterwards, in order); no view of a slot is made on either side; no thread
+hand-off (the caller pumps its own replies). Where the round trip cannot go on (the pump
+or send lock taken, the ring full, a reply that is not a None result, the deadline or a
+poke, Ctrl-C) it hands the call back to the Python steps below at the point it reached
+(:meth:`call_bare`).
 A call with arguments (``collective_rpc("small", (1, "x"), {"c": [1.0, 2.0]})``, an
-int result) is checked (:mod:`.validate`, its values found plain msgpack data once) and
-encodes one Call (``codec.encode_with_segments``); the worker's ring core decodes it with
-the transport's decoder, runs the method with its arguments, armed, and writes the
-reply frame the encoder makes of a plain value (``Encoder.value_reply``): three Python
-calls in the worker (the decode, the method, the reply's encoding), 12 / 17 blocks; the
-replies' frames are copied out of their rings by the same collect call, a lone one decoded
-and delivered at once, several decoded in one ``map`` and, when they are all the call's
-own results, recorded in one step as the None replies are. The driver: 23 Python calls,
-13 module crossings, 54 / 73 blocks at 1 / 2 workers.
+int result) is checked (:mod:`.validate`, its values found plain msgpack data once),
+made and entered by the compiled step, and encodes one Call
+(``codec.encode_with_segments``); the worker's ring core decodes it with the transport's
+decoder, runs the method with its arguments, armed, and writes the reply frame the
+encoder makes of a plain value (``Encoder.value_reply``): three Python calls in the
+worker (the decode, the method, the reply's encoding), 12 / 17 blocks; the replies'
+frames are copied out of their rings by the same collect call, a lone one decoded and
+delivered at once, several decoded in one ``map`` and, when they are all the call's own
+results, recorded in one compiled step as the None replies are. The driver: 18 / 19
+Python calls, 9 / 11 module crossings, 41 / 55 blocks at 1 / 2 workers.
 
 The pieces, each in its own module: :mod:`.transport` (the interface),
 :mod:`.zmq_transport` and :mod:`.shm_transport` (the two wires; the one place a wire is
@@ -101,7 +106,9 @@ listed after it)::
 
 * ``_pump_lock``: who reads replies (the transport's receiving side, the decoders).
   Taken by a blocking caller in :meth:`_round_trip` (around its send too) and
-  :meth:`wait`, by the monitor, and by :meth:`close`.
+  :meth:`wait`, by the monitor, and by :meth:`close`; by the compiled round trip
+  (:meth:`call_bare`) without waiting, with the send lock inside it, both given back
+  before it returns (also when it returns an exception).
 * ``_send_lock``: who writes requests (the transport's sending side). Held only while a
   request is written, never while waiting for room or for another lock.
 * ``_wake_lock``: the transport's wake-up and the monitor's poke pipe, against close.
@@ -134,7 +141,7 @@ from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError,
 from ..ipc.codec import Encoder
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
-from .calls import CallTable, ChannelStats, PendingCall
+from .calls import NOT_SENT, CallTable, ChannelStats, PendingCall
 from .cancel import CallFuture, Canceller, Interrupter
 from .launcher import WorkerHandle
 from .monitor import Monitor
@@ -190,6 +197,16 @@ class DriverChannel:
                                 stderr_tail, self._wake, self._cancels, cancel_grace)
         self._table.on_failure = self._on_deferred  # the monitor ends it in FAIL_FAST_S
         self._table.check_usable = self.check_usable
+        # What the compiled round trip of call_bare reads (shared memory on the compiled
+        # core; see _calltable.c's round_trip), or None: the steps in Python.
+        steps = self._table.steps
+        parts = None if steps is None else self._transport.core_lane()
+        self._lane = None if steps is None or parts is None else (
+            self._table, self._pump_lock, self._send_lock, self, *parts,
+            self._encoder.bare_headers, max_message_size, (1 << len(handles)) - 1,
+            len(handles))
+        self._core_round_trip = None if self._lane is None or steps is None \
+            else steps.round_trip
 
     # -- state ---------------------------------------------------------------------
 
@@ -283,10 +300,37 @@ class DriverChannel:
             raise
         return call, frames
 
-    def call_bare(self, method: str, ranks: Sequence[int], timeout: float | None) -> Any:
+    def call_bare(self, method: str, ranks: list[int], timeout: float | None) -> Any:
         """:meth:`call` of a call by name without arguments to ``ranks`` (the hot path's
         form, checked by the caller): no Call is built or encoded, its header is the
-        encoder's cached bytes (a name it does not cache takes :meth:`call`)."""
+        encoder's cached bytes (a name it does not cache takes :meth:`call`).
+
+        Over shared memory on the compiled core, the whole round trip is one call into
+        it (``round_trip``: the call made and entered, its header written into the
+        request ring under the pump and send locks, its replies collected and recorded),
+        which hands back where it stopped when anything is not the common case: the call
+        not sent (a lock taken, no room as last seen: :meth:`_round_trip` goes on as it
+        would have from the start), or sent and not complete (:meth:`wait`); an
+        exception raised while it sent or waited comes back as a value, every lock given
+        back, and is raised here once the call has been dealt with as
+        :meth:`_round_trip` deals with it."""
+        if self._core_round_trip is not None:
+            assert self._lane is not None
+            out = self._core_round_trip(self._lane, method, ranks, timeout)
+            if out.__class__ is list:
+                return out
+            if out is not None:
+                call, header, stage, error = out
+                if error is not None:
+                    if stage == NOT_SENT:
+                        self._cancels.interrupted(call, "its sending was interrupted", error,
+                                                  watch=False)
+                    elif not call.done:
+                        self._cancels.interrupted(call, "the waiting thread was interrupted")
+                    raise error
+                if stage == NOT_SENT:
+                    return self._round_trip(call, [header])
+                return self.wait(call)
         table = self._table
         call = table.new_call(method, ranks, None, timeout, None)
         header = self._encoder.bare_call(call.call_id, method)

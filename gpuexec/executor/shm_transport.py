@@ -30,7 +30,7 @@ from typing import Any, cast
 import msgspec
 import zmq
 
-from ..ipc import packets, shm_payload
+from ..ipc import packets, ringcore, shm_payload
 from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import Pong, Reply, ShmSpec, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
@@ -103,10 +103,16 @@ class ShmTransport(Transport):
     # -- receiving -----------------------------------------------------------------
 
     def recv_for(self, call: PendingCall, deadline: float | None) -> None:
-        if self._shm.collect is not None:
-            self._collect(call, _INF if deadline is None else deadline)
-        else:  # more ranks than the core's collect takes
-            self._recv(call, _INF if deadline is None else deadline)
+        self.collect_more(call, _INF if deadline is None else deadline)
+
+    def core_lane(self) -> tuple[Any, ...] | None:
+        """What the compiled round trip reads of this transport (``_moved``,
+        :meth:`collect_more`), of the request ring's writer and of the rings (``collect``,
+        ``epoch``, ``spin``); None on the pure-Python ring core."""
+        ring = self._shm.request
+        put = ring.put_params()
+        return None if put[0] is not ringcore.load("compiled").put_one else \
+            (self, ring, put, self._shm)
 
     def pump(self, timeout_ms: int) -> list[int]:
         self._recv(None, time.monotonic() + timeout_ms / 1000)
@@ -118,41 +124,49 @@ class ShmTransport(Transport):
     def drain(self) -> None:
         self._recv(None, time.monotonic())
 
-    def _collect(self, call: PendingCall, deadline: float) -> None:
+    def collect_more(self, call: PendingCall, deadline: float,
+                     collected: tuple[int, int, int, list[bytes] | tuple[()]] | None = None
+                     ) -> None:
         """The replies to ``call`` until it is done, spinning ``spin`` seconds after the
-        last one, then asleep on the doorbell; returns at ``deadline`` at the latest
-        (``time.monotonic()``; inf: none). The hot path: the wait across the rings of
-        the ranks it awaits is one call into the ring core (:meth:`ShmDriverPath.collect`,
-        GIL released), which also takes each None result by its bytes as it comes (no
-        view, no decoding, no Reply), and then copies out every other reply of one short
-        frame; the None results are recorded together (:meth:`CallTable.answered`), the
-        frames decoded and delivered together (:meth:`_deliver_frames`). A ring holding
-        anything else (a long or several-frame reply, a ``BY_ZMQ`` marker) is read here,
-        and the wait for what is still owed goes on in :meth:`_recv`, across every ring:
-        a marker takes the next message from the shared reply socket, which may be
-        another rank's, whose own marker then sits in a ring this call does not await."""
+        last one, then asleep on the doorbell, until ``deadline`` (``time.monotonic()``;
+        inf: none). The wait across the awaited rings is one call into the ring core
+        (:meth:`ShmDriverPath.collect`, GIL released), which takes each None result by
+        its bytes (no view, no decoding, no Reply) and copies out every other reply of one
+        short frame; the None results are recorded together, the frames decoded and
+        delivered together (:meth:`_deliver_frames`). A ring holding anything else (a
+        long reply, a ``BY_ZMQ`` marker) is read here, and the wait goes on in
+        :meth:`_recv`, across every ring: a marker takes the next message from the shared
+        socket, which may be another rank's, whose own marker sits in a ring this call
+        does not await. ``collected``: what a first collect gave (the compiled round
+        trip's), taken up first. Over 64 ranks: :meth:`_recv` does it all."""
         shm = self._shm
         table = self._table
         collect = shm.collect
-        assert collect is not None
+        if collect is None:
+            self._recv(call, deadline)
+            return
         epoch = shm.epoch
         spin_until = time.monotonic() + shm.spin
-        if call.done:
+        if call.done and collected is None:
             return
         call_id = _encode_id(call.call_id)
         every, n_ranks = self._every, self._n_ranks
         while True:
-            owed = call.owed  # the ranks still owed (a frame may be another call's reply)
-            if len(owed) == n_ranks:
-                want = every
+            if collected is None:
+                owed = call.owed  # the ranks still owed (a frame may be another's reply)
+                if len(owed) == n_ranks:
+                    want = every
+                else:
+                    want = 0
+                    for rank in owed:
+                        want |= 1 << rank
+                seen = epoch()  # before the checks: a poke after them ends the wait
+                if table.closing:
+                    return
+                taken, framed, other, frames = collect(seen, spin_until, deadline, call_id,
+                                                       want)
             else:
-                want = 0
-                for rank in owed:
-                    want |= 1 << rank
-            seen = epoch()  # before the checks: a poke after them ends the wait
-            if table.closing:
-                return
-            taken, framed, other, frames = collect(seen, spin_until, deadline, call_id, want)
+                (taken, framed, other, frames), collected = collected, None
             if taken | framed:  # released by the core: the readers catch up when next used
                 self._moved |= taken | framed
                 if taken == every:  # every rank answered None (the common case)
@@ -181,9 +195,8 @@ class ShmTransport(Transport):
 
     def _deliver_frames(self, call: PendingCall, frames: list[bytes] | tuple[()]) -> None:
         """Decode the replies in ``frames`` (one frame each, copied out by the core) and
-        deliver them under one take of the table's lock; ``call``'s own lone reply
-        without an error is recorded without the general walk. A frame that does not
-        decode is dropped and counted, the others delivered."""
+        deliver them together (``call``'s own without an error: without the general
+        walk). A frame that does not decode is dropped and counted."""
         if len(frames) == 1:  # one reply (a call to one rank: the common case)
             reply = self._decode_frame(frames[0])
             if reply is not None:
@@ -215,9 +228,8 @@ class ShmTransport(Transport):
                 self._table.deliver(replies)
 
     def _deliver_one(self, call: PendingCall | None, reply: Reply | Pong) -> None:
-        """Deliver one reply: ``call``'s own without an error is recorded without the
-        general walk (:meth:`CallTable.answered` when the call awaited it alone, else
-        :meth:`CallTable.deliver_values`)."""
+        """Deliver one reply (``call``'s own without an error: without the general walk,
+        by ``answered_all`` when the call awaited it alone, else ``deliver_values``)."""
         if call is not None and reply.__class__ is Reply and \
                 reply.call_id == call.call_id and reply.error is None:
             if len(call.owed) == 1:
@@ -257,10 +269,9 @@ class ShmTransport(Transport):
 
     def _read_rings(self, mask: int, call: PendingCall | None) -> None:
         """Read the next message of each reply ring in ``mask`` and deliver the replies
-        under one take of the table's lock (a list kept for it: none is made per pass;
-        one reply needs none). A frame of up to 16 KiB is taken out of its ring in one
-        core call; a longer one is decoded in place. ``call``'s own reply without an
-        error is recorded without the general walk."""
+        under one take of the table's lock (a list kept for it, none made per pass). A
+        frame of up to 16 KiB is taken out in one core call; a longer one is decoded in
+        place. ``call``'s own reply without an error skips the general walk."""
         if self._moved:
             self._catch_up()
         readers = self._shm.replies
@@ -302,8 +313,7 @@ class ShmTransport(Transport):
         return None if view is None else self._decode_packet(reader, view)
 
     def _decode_frame(self, frame: bytes | memoryview) -> Reply | Pong | None:
-        """The reply in a packet's only frame; None when it was dropped (counted). The
-        common case: nothing to walk, and no wake-up token (those come by ZeroMQ only)."""
+        """The reply in a packet's only frame; None when it was dropped (counted)."""
         try:
             if not frame:
                 raise MalformedMessage("empty frame", "empty")
@@ -333,12 +343,10 @@ class ShmTransport(Transport):
             reader.release()
 
     def _overflow(self) -> None:
-        """Receive and deliver the message a ``BY_ZMQ`` marker announced (caller holds
-        the pump lock): one a respawn's handshake already read (:meth:`dispatch`), else
-        the next from the reply socket. The wait ends when it arrives, shortly after any
-        worker's death (the monitor then fails the calls with ``WorkerDiedError``), when
-        the channel closes, or after a while (dropped and counted as
-        ``overflow_lost``)."""
+        """Deliver the message a ``BY_ZMQ`` marker announced (pump lock held): one a
+        respawn's handshake read (:meth:`dispatch`), else the next from the reply socket;
+        until it comes, a death (the monitor fails the calls), a close, or a while
+        (dropped, counted as ``overflow_lost``)."""
         if self._stash:
             self._zmq.dispatch(self._stash.popleft())
             return

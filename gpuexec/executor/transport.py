@@ -51,6 +51,11 @@ class Transport(ABC):
     @abstractmethod
     def recv_for(self, call: PendingCall, deadline: float | None) -> None: ...
 
+    def core_lane(self) -> tuple[Any, ...] | None:
+        """What the compiled round trip of a blocking call reads of this transport (see
+        :meth:`.shm_transport.ShmTransport.core_lane`); None: it has none."""
+        return None
+
     @abstractmethod
     def pump(self, timeout_ms: int) -> list[int]: ...
 

@@ -178,6 +178,13 @@ class Encoder:
         """``[header, *buffers]`` for ``msg`` (an encoder without shared-memory payloads)."""
         return self.encode_with_segments(msg)[0]
 
+    @property
+    def bare_headers(self) -> dict[str | int, tuple[bytes, bytes]]:
+        """The pieces :meth:`bare_call` puts around a call id, by method name (as it has
+        made them; the same dict for the encoder's life): the compiled round trip builds
+        the header from them itself."""
+        return self._ids
+
     def bare_call(self, call_id: int, method: str) -> bytes | None:
         """The header of ``Call(call_id, method, None, [], {})`` (a call by name without
         arguments: the no-op of the hot path), the very bytes :meth:`encode` gives,
