@@ -15,6 +15,7 @@ setup(
         Extension(
             name,
             [source],
+            depends=["gpuexec/ipc/_ring.h"],  # the ring's layout, shared by both
             define_macros=[("Py_LIMITED_API", "0x030A0000")],
             extra_compile_args=["-O2", "-std=gnu11"],
             py_limited_api=True,

@@ -1,10 +1,17 @@
-/* The call table's hot steps in compiled code: a user's call's entry, and its end when
- * every rank answered it at once (gpuexec.executor.calls: CallTable.enter and
- * CallTable.answered are the general forms, and the pure-Python twin of both steps).
+/* The driver's hot path in compiled code: the call table's steps, a user's call's entry
+ * and its end when every rank answered it at once (gpuexec.executor.calls:
+ * CallTable.enter and CallTable.answered are the general forms, and the pure-Python
+ * twin of both), and a blocking call's whole round trip over shared memory (its twin:
+ * DriverChannel.call_bare's Python steps, which take what it hands back).
  *
- *   enter_new(table, method, ranks,            a user's call made and entered
+ *   enter_new(table, fixed, method, ranks,     a user's call made and entered
  *             unique_reply_rank, timeout, future)
- *   answered(table, call, values)              the call ended with its results
+ *   answered(table, fixed, call, values)       the call ended with its results
+ *   round_trip(lane, method, ranks, timeout)   a blocking call by name over shared
+ *                                              memory, sent, collected and ended
+ *
+ * (``fixed``: CallTable.fixed, the table's objects that never change; ``lane``: what the
+ * round trip reads, DriverChannel._lane.)
  *
  * PendingCall here is the same record as calls.PendingCall (the same attributes, read and
  * written by the same Python code), with its fields in a C struct so that it is made in
@@ -17,7 +24,9 @@
  * and no release that could run a finalizer (ints, floats, None, the call itself still
  * held by the caller), so no other thread runs in between. Under the GIL that is the same
  * as taking the lock and releasing it, without the two calls. (abi3 builds load on GIL
- * builds only.)
+ * builds only.) The round trip takes the channel's pump lock and then its send lock as
+ * the channel's lock order says, each with acquire(False) (taken: it hands the call
+ * back), and gives both back before it returns, also when it returns an exception.
  *
  * What they do not handle they leave, having changed nothing, to the general Python
  * path: enter_new gives its call to table.enter(call) (a refusal, no free slot, the lock
@@ -34,10 +43,10 @@
 
 #include <math.h>
 #include <stddef.h>
-#include <string.h>
-#include <time.h>
 
-#define CALLTABLE_API 2 /* calls.py's API must be the same */
+#include "../ipc/_ring.h" /* the ring's layout and publish (now_s: time.monotonic()'s clock) */
+
+#define CALLTABLE_API 3 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -69,11 +78,6 @@ static PyObject **call_fields(Call *c) { return &c->call_id; }
 
 static PyTypeObject *CallType;
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* A call as calls.PendingCall.__init__ makes it (slot False), or NULL. */
 static Call *new_call(PyTypeObject *type, PyObject *call_id, PyObject *method,
@@ -185,17 +189,34 @@ static PyType_Spec call_spec = {
 
 /* -- the table's fields ------------------------------------------------------------- */
 
-static PyObject *S_LOCK, *S_LOCKED, *S_REFUSAL, *S_INFLIGHT, *S_MAX_INFLIGHT, *S_IDS,
-    *S_PENDING, *S_STATS, *S_CALLS, *S_METRICS, *S_METHODS, *S_RAW, *S_REQUEST_BYTES,
-    *S_REPLIES, *S_LAST_REPLY, *S_FAILING, *S_SLOT_WAITERS, *S_FOLD_AT, *S_ANSWERED, *S_ENTER, *S_N_ASYNC;
+static PyObject *S_LOCKED, *S_REFUSAL, *S_INFLIGHT, *S_MAX_INFLIGHT, *S_CALLS, *S_RAW,
+    *S_REQUEST_BYTES, *S_SLOT_WAITERS, *S_FOLD_AT, *S_ANSWERED, *S_ENTER, *S_N_ASYNC;
+
+/* The table's objects the steps use, each made once by CallTable.__init__ and never
+ * replaced, handed in as the tuple CallTable.fixed (no attribute lookup per call). */
+typedef struct {
+    PyObject *table, *lock, *ids, *pending, *stats, *metrics, *methods, *replies, *last,
+        *failing;
+} Refs;
+
+/* ``t`` from ``table`` and its tuple CallTable.fixed (the objects above, in order):
+ * borrowed, for as long as the caller holds the tuple. 0, or -1 with TypeError. */
+static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
+    if (!PyTuple_Check(fixed) || PyTuple_Size(fixed) != 9) {
+        PyErr_SetString(PyExc_TypeError, "the call table's fixed objects: a tuple of 9");
+        return -1;
+    }
+    PyObject **at[] = {&t->lock, &t->ids, &t->pending, &t->stats, &t->metrics,
+                       &t->methods, &t->replies, &t->last, &t->failing};
+    t->table = table;
+    for (Py_ssize_t i = 0; i < 9; i++)
+        *at[i] = PyTuple_GetItem(fixed, i);
+    return 0;
+}
 
 /* 1: table.lock is free (no thread is inside the table), 0: held, -1: error. */
-static int lock_free(PyObject *table) {
-    PyObject *lock = PyObject_GetAttr(table, S_LOCK);
-    if (lock == NULL)
-        return -1;
-    PyObject *held = PyObject_CallMethodObjArgs(lock, S_LOCKED, NULL);
-    Py_DECREF(lock);
+static int lock_free(const Refs *t) {
+    PyObject *held = PyObject_CallMethodObjArgs(t->lock, S_LOCKED, NULL);
     if (held == NULL)
         return -1;
     int free = held == Py_False;
@@ -226,35 +247,29 @@ static int add_to_attr(PyObject *o, PyObject *name, long delta) {
     return rc;
 }
 
-/* enter_new(table, method, ranks, unique_reply_rank, timeout, future): a user's call
- * made and entered in the table in one step, holding a slot and counted, as
- * CallTable.enter does it when the channel is usable and a slot is free; else (or the
- * lock is held) entered by CallTable.enter, which waits or raises. */
-static PyObject *enter_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "enter_new takes 6 arguments");
-        return NULL;
-    }
-    PyObject *table = args[0], *ids, *call_id, *pending = NULL, *stats = NULL, *calls = NULL,
-             *inflight = NULL, *refusal = NULL, *n_async = NULL;
-    int is_future = args[5] != Py_None;
+/* A user's call made and entered in the table in one step, holding a slot and counted,
+ * as CallTable.enter does it when the channel is usable and a slot is free; else (or the
+ * lock is held) entered by CallTable.enter, which waits or raises. NULL on an error. */
+static Call *enter_call(const Refs *t, PyObject *method, PyObject *ranks,
+                        PyObject *unique_reply_rank, PyObject *timeout, PyObject *future) {
+    PyObject *table = t->table, *call_id, *calls = NULL, *inflight = NULL, *refusal = NULL,
+             *n_async = NULL;
+    int is_future = future != Py_None;
     /* The call first (the objects the collector counts), with the next id. */
-    if ((ids = PyObject_GetAttr(table, S_IDS)) == NULL)
-        return NULL;
-    call_id = PyIter_Next(ids); /* itertools.count: no Python code */
-    Py_DECREF(ids);
+    call_id = PyIter_Next(t->ids); /* itertools.count: no Python code */
     if (call_id == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "the call table's ids ran out");
         return NULL;
     }
-    Call *call = new_call(CallType, call_id, args[1], args[2], args[3], args[4], args[5]);
+    Call *call = new_call(CallType, call_id, method, ranks, unique_reply_rank, timeout,
+                          future);
     Py_DECREF(call_id);
     if (call == NULL)
         return NULL;
     /* Then the lock's state, and the reads and writes with nothing run in between. */
     long n_inflight, most, n_calls, futures = 0;
-    int free = lock_free(table);
+    int free = lock_free(t);
     if (free < 0 || (refusal = PyObject_GetAttr(table, S_REFUSAL)) == NULL ||
         ((n_inflight = long_attr(table, S_INFLIGHT)) == -1 && PyErr_Occurred()) ||
         ((most = long_attr(table, S_MAX_INFLIGHT)) == -1 && PyErr_Occurred()))
@@ -268,17 +283,15 @@ static PyObject *enter_new(PyObject *self, PyObject *const *args, Py_ssize_t nar
         Py_DECREF(entered);
         goto done;
     }
-    if ((pending = PyObject_GetAttr(table, S_PENDING)) == NULL ||
-        (stats = PyObject_GetAttr(table, S_STATS)) == NULL ||
-        ((n_calls = long_attr(stats, S_CALLS)) == -1 && PyErr_Occurred()) ||
+    if (((n_calls = long_attr(t->stats, S_CALLS)) == -1 && PyErr_Occurred()) ||
         (is_future && (futures = long_attr(table, S_N_ASYNC)) == -1 && PyErr_Occurred()) ||
         (inflight = PyLong_FromLong(n_inflight + 1)) == NULL ||
         (calls = PyLong_FromLong(n_calls + 1)) == NULL ||
-        (n_async = PyLong_FromLong(futures + 1)) == NULL)
+        (n_async = PyLong_FromLong(futures + 1)) == NULL || !PyDict_Check(t->pending))
         goto error;
-    if (PyDict_SetItem(pending, call->call_id, (PyObject *)call) < 0 ||
+    if (PyDict_SetItem(t->pending, call->call_id, (PyObject *)call) < 0 ||
         PyObject_SetAttr(table, S_INFLIGHT, inflight) < 0 ||
-        PyObject_SetAttr(stats, S_CALLS, calls) < 0 ||
+        PyObject_SetAttr(t->stats, S_CALLS, calls) < 0 ||
         (is_future && PyObject_SetAttr(table, S_N_ASYNC, n_async) < 0))
         goto error;
     SET_FIELD(call->slot, Py_NewRef(Py_True));
@@ -286,13 +299,24 @@ static PyObject *enter_new(PyObject *self, PyObject *const *args, Py_ssize_t nar
 error:
     Py_CLEAR(call);
 done:
-    Py_XDECREF(pending);
-    Py_XDECREF(stats);
     Py_XDECREF(refusal);
     Py_XDECREF(inflight);
     Py_XDECREF(calls);
     Py_XDECREF(n_async);
-    return (PyObject *)call;
+    return call;
+}
+
+/* enter_new(table, fixed, method, ranks, unique_reply_rank, timeout, future):
+ * enter_call. */
+static PyObject *enter_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Refs t;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "enter_new takes 7 arguments");
+        return NULL;
+    }
+    if (refs_from(args[0], args[1], &t) < 0)
+        return NULL;
+    return (PyObject *)enter_call(&t, args[2], args[3], args[4], args[5], args[6]);
 }
 
 /* -- answered ----------------------------------------------------------------------- */
@@ -344,11 +368,10 @@ static int count_in(PyObject *counts, PyObject *rank) {
 /* The end of a simple call (see simple_call), as CallTable.answered writes it: each rank
  * counted, the latency and request bytes of its method, the results in rank order, done,
  * out of the table, its slot back. 1: ended, 0: not for this path (nothing changed). */
-static int end_simple(PyObject *table, Call *call, PyObject *values) {
+static int end_simple(const Refs *t, Call *call, PyObject *values) {
     int ok = 0;
-    PyObject *metrics = NULL, *methods = NULL, *mstats = NULL, *raw = NULL, *failing = NULL,
-             *replies = NULL, *last = NULL, *now = NULL, *latency = NULL, *result = NULL,
-             *pending = NULL, *nbytes = NULL, *old_bytes = NULL;
+    PyObject *table = t->table, *mstats = NULL, *raw = NULL, *now = NULL, *latency = NULL,
+             *result = NULL, *nbytes = NULL, *old_bytes = NULL;
     /* The results' list first (the one object the collector counts). */
     Py_ssize_t n = PyList_Size(call->ranks);
     if ((result = PyList_New(n)) == NULL)
@@ -361,23 +384,18 @@ static int end_simple(PyObject *table, Call *call, PyObject *values) {
     }
     /* Then the lock's state, and the reads and writes with nothing run in between. */
     long waiters, fold_at;
-    int free = lock_free(table);
+    int free = lock_free(t);
     if (free < 0 || ((waiters = long_attr(table, S_SLOT_WAITERS)) == -1 && PyErr_Occurred()))
         goto error;
     if (!free || (waiters != 0 && call->slot == Py_True))
         goto done; /* the general path waits for the lock, or notifies a slot's waiter */
-    if ((metrics = PyObject_GetAttr(table, S_METRICS)) == NULL ||
-        (methods = PyObject_GetAttr(metrics, S_METHODS)) == NULL ||
-        (failing = PyObject_GetAttr(table, S_FAILING)) == NULL ||
-        (pending = PyObject_GetAttr(table, S_PENDING)) == NULL ||
-        (replies = PyObject_GetAttr(metrics, S_REPLIES)) == NULL ||
-        (last = PyObject_GetAttr(metrics, S_LAST_REPLY)) == NULL ||
-        ((fold_at = long_attr(metrics, S_FOLD_AT)) == -1 && PyErr_Occurred()))
+    if (((fold_at = long_attr(t->metrics, S_FOLD_AT)) == -1 && PyErr_Occurred()))
         goto error;
-    if (!PyDict_Check(methods) || !PyDict_Check(failing) || PyDict_Size(failing) != 0 ||
-        !PyDict_Check(pending) || !PyList_Check(replies) || !PyList_Check(last))
+    if (!PyDict_Check(t->methods) || !PyDict_Check(t->failing) ||
+        PyDict_Size(t->failing) != 0 || !PyDict_Check(t->pending) ||
+        !PyList_Check(t->replies) || !PyList_Check(t->last))
         goto done; /* a failing call to drop: the general path */
-    mstats = PyDict_GetItemWithError(methods, call->method); /* borrowed */
+    mstats = PyDict_GetItemWithError(t->methods, call->method); /* borrowed */
     if (mstats == NULL) {
         if (PyErr_Occurred())
             goto error;
@@ -390,18 +408,18 @@ static int end_simple(PyObject *table, Call *call, PyObject *values) {
     if (!PyList_Check(raw) || PyList_Size(raw) + 1 >= fold_at || !PyLong_Check(old_bytes) ||
         !PyLong_Check(call->nbytes))
         goto done; /* to be folded: the general path */
-    double t = now_s();
+    double at = now_s();
     double started = PyFloat_AsDouble(call->started);
-    if ((started == -1.0 && PyErr_Occurred()) || (now = PyFloat_FromDouble(t)) == NULL ||
-        (latency = PyFloat_FromDouble(t - started)) == NULL ||
+    if ((started == -1.0 && PyErr_Occurred()) || (now = PyFloat_FromDouble(at)) == NULL ||
+        (latency = PyFloat_FromDouble(at - started)) == NULL ||
         (nbytes = PyNumber_Add(old_bytes, call->nbytes)) == NULL)
         goto error;
     /* The writes (only memory errors can fail them, as they would the general path). */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *rank = PyList_GetItem(call->ranks, i);
         Py_ssize_t r = PyLong_AsSsize_t(rank);
-        if ((r == -1 && PyErr_Occurred()) || count_in(replies, rank) < 0 ||
-            PyList_SetItem(last, r, Py_NewRef(now)) < 0)
+        if ((r == -1 && PyErr_Occurred()) || count_in(t->replies, rank) < 0 ||
+            PyList_SetItem(t->last, r, Py_NewRef(now)) < 0)
             goto error;
     }
     if (PySet_Clear(call->owed) < 0 || PyList_Append(raw, latency) < 0 ||
@@ -410,7 +428,7 @@ static int end_simple(PyObject *table, Call *call, PyObject *values) {
     SET_FIELD(call->value, result);
     result = NULL;
     SET_FIELD(call->done, Py_NewRef(Py_True));
-    if (PyDict_DelItem(pending, call->call_id) < 0)
+    if (PyDict_DelItem(t->pending, call->call_id) < 0)
         PyErr_Clear(); /* not in the table (the general path pops it the same way) */
     if (call->slot == Py_True) {
         SET_FIELD(call->slot, Py_NewRef(Py_False));
@@ -422,41 +440,42 @@ static int end_simple(PyObject *table, Call *call, PyObject *values) {
 error:
     ok = -1;
 done:
-    Py_XDECREF(metrics);
-    Py_XDECREF(methods);
     Py_XDECREF(mstats);
     Py_XDECREF(raw);
     Py_XDECREF(old_bytes);
-    Py_XDECREF(failing);
-    Py_XDECREF(replies);
-    Py_XDECREF(last);
     Py_XDECREF(now);
     Py_XDECREF(latency);
     Py_XDECREF(result);
-    Py_XDECREF(pending);
     Py_XDECREF(nbytes);
     return ok;
 }
 
-/* answered(table, call, values): every rank ``call`` was sent to answered it at once,
- * without an error (values None: None each; else values[rank]); CallTable.answered. */
-static PyObject *answered(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "answered takes 3 arguments");
-        return NULL;
-    }
-    PyObject *table = args[0], *call = args[1], *values = args[2];
+/* CallTable.answered(call, values), its common case here. */
+static PyObject *answer(const Refs *t, PyObject *call, PyObject *values) {
     int simple = 0;
     if (Py_TYPE(call) == CallType) {
         simple = simple_call((Call *)call, values);
         if (simple > 0)
-            simple = end_simple(table, (Call *)call, values);
+            simple = end_simple(t, (Call *)call, values);
         if (simple < 0)
             return NULL;
     }
     if (simple)
         return Py_NewRef(Py_None);
-    return PyObject_CallMethodObjArgs(table, S_ANSWERED, call, values, NULL);
+    return PyObject_CallMethodObjArgs(t->table, S_ANSWERED, call, values, NULL);
+}
+
+/* answered(table, fixed, call, values): every rank ``call`` was sent to answered it at
+ * once, without an error (values None: None each; else values[rank]). */
+static PyObject *answered(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Refs t;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "answered takes 4 arguments");
+        return NULL;
+    }
+    if (refs_from(args[0], args[1], &t) < 0)
+        return NULL;
+    return answer(&t, args[2], args[3]);
 }
 
 /* -- a blocking call's round trip over shared memory ------------------------------ */
@@ -470,12 +489,13 @@ enum {
     L_CHANNEL,   /* the channel (its _released flag) */
     L_TRANSPORT, /* the ShmTransport (its _moved mask; collect_more) */
     L_WRITER,    /* the request ring's RingWriter (_seq, _min_read, _claimed) */
-    L_PUT,       /* (core.put_one, view, base, view_off... : see RingWriter.put_params) */
+    L_PUT,       /* the request ring's geometry (RingWriter.put_params) */
     L_SHM,       /* the ShmDriverPath (collect, epoch, spin) */
     L_IDS,       /* the encoder's cached headers: method name -> (before, after) */
     L_MAX_SIZE,  /* max_message_size (-1: none) */
     L_EVERY,     /* every rank, as a mask */
     L_N_RANKS,
+    L_FIXED,     /* CallTable.fixed (see Refs) */
     L_LEN
 };
 enum { P_FN, P_VIEW, P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_VIEW,
@@ -577,20 +597,22 @@ static int put_header(PyObject *writer, PyObject *put, PyObject *header) {
         if (min_read <= seq - n_slots)
             return 0; /* full: the general send waits for room */
     }
-    PyObject *off = PyLong_FromLongLong(data + (seq % n_slots) * slot_size);
-    PyObject *next = PyLong_FromLongLong(seq + 1);
-    int rc = -1;
-    if (off != NULL && next != NULL && PyObject_SetAttr(writer, S_SEQ, next) == 0) {
-        PyObject *r = PyObject_CallFunctionObjArgs(
-            PyTuple_GetItem(put, P_FN), PyTuple_GetItem(put, P_VIEW),
-            PyTuple_GetItem(put, P_BASE), off, header, next, PyTuple_GetItem(put, P_READERS),
-            PyTuple_GetItem(put, P_BELL_VIEW), PyTuple_GetItem(put, P_BELL_BASE), NULL);
-        rc = r == NULL ? -1 : 1;
-        Py_XDECREF(r);
+    unsigned long long base = PyLong_AsUnsignedLongLong(PyTuple_GetItem(put, P_BASE));
+    unsigned long long readers = PyLong_AsUnsignedLongLong(PyTuple_GetItem(put, P_READERS));
+    unsigned long long bell = PyLong_AsUnsignedLongLong(PyTuple_GetItem(put, P_BELL_BASE));
+    PyObject *next = PyErr_Occurred() ? NULL : PyLong_FromLongLong(seq + 1);
+    if (next == NULL || PyObject_SetAttr(writer, S_SEQ, next) < 0) {
+        Py_XDECREF(next);
+        return -1;
     }
-    Py_XDECREF(off);
-    Py_XDECREF(next);
-    return rc;
+    Py_DECREF(next);
+    /* As the ring core's put_one: the packet written, then published (_ring.h). */
+    uint64_t off = (uint64_t)(data + (seq % n_slots) * slot_size);
+    Py_ssize_t length = PyBytes_Size(header);
+    memcpy(one_packet_head((uintptr_t)base, off, (uint32_t)length), PyBytes_AsString(header),
+           (size_t)length);
+    publish_at((uintptr_t)base, off, (uint64_t)seq + 1, (uint64_t)readers, (uintptr_t)bell);
+    return 1;
 }
 
 /* transport._moved |= mask (the reply rings the core released messages of). */
@@ -609,7 +631,8 @@ static int mark_moved(PyObject *transport, PyObject *mask) {
 
 /* The first collect of the call's replies and what follows it, under the pump lock: 0
  * done with this step (the call may still be owed: the caller waits), -1 error. */
-static int first_collect(PyObject *const *lane, Call *call, PyObject *middle) {
+static int first_collect(PyObject *const *lane, const Refs *t, Call *call,
+                         PyObject *middle) {
     PyObject *table = lane[L_TABLE], *shm = lane[L_SHM], *transport = lane[L_TRANSPORT];
     PyObject *collect = NULL, *epoch = NULL, *seen = NULL, *spin = NULL, *spin_until = NULL,
              *deadline = NULL, *got = NULL, *closing = NULL, *moved = NULL;
@@ -652,8 +675,7 @@ static int first_collect(PyObject *const *lane, Call *call, PyObject *middle) {
     if (all < 0)
         goto done;
     if (all && PyObject_Not(other) == 1 && PyObject_Length(frames) == 0) {
-        PyObject *args[3] = {table, (PyObject *)call, Py_None}; /* the common case */
-        PyObject *r = answered(NULL, args, 3);
+        PyObject *r = answer(t, (PyObject *)call, Py_None); /* the common case */
         rc = r == NULL ? -1 : 0;
         Py_XDECREF(r);
         goto done;
@@ -719,8 +741,10 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyTuple_Size(lane[L_PUT]) != P_LEN ||
         (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) > most))
         return Py_NewRef(Py_None);
-    PyObject *enter_args[6] = {lane[L_TABLE], method, ranks, Py_None, args[3], Py_None};
-    Call *call = (Call *)enter_new(NULL, enter_args, 6);
+    Refs t;
+    if (refs_from(lane[L_TABLE], lane[L_FIXED], &t) < 0)
+        return NULL;
+    Call *call = enter_call(&t, method, ranks, Py_None, args[3], Py_None);
     if (call == NULL)
         return NULL; /* refused: nothing was sent */
     uint64_t id = PyLong_AsUnsignedLongLong(call->call_id);
@@ -763,7 +787,7 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
         goto done;
     }
     /* The replies, still under the pump lock. */
-    int rc = first_collect(lane, call, middle);
+    int rc = first_collect(lane, &t, call, middle);
     PyObject *error = rc < 0 ? caught() : NULL;
     unlock(lane[L_PUMP]);
     if (error != NULL) {
@@ -808,14 +832,10 @@ static int intern_all(void) {
         PyObject **at;
         const char *name;
     } names[] = {
-        {&S_LOCK, "lock"},           {&S_LOCKED, "locked"},
-        {&S_REFUSAL, "refusal"},     {&S_INFLIGHT, "inflight"},
-        {&S_MAX_INFLIGHT, "max_inflight"}, {&S_IDS, "ids"},
-        {&S_PENDING, "pending"},     {&S_STATS, "stats"},
-        {&S_CALLS, "calls"},         {&S_METRICS, "metrics"},
-        {&S_METHODS, "methods"},     {&S_RAW, "raw"},
-        {&S_REQUEST_BYTES, "request_bytes"}, {&S_REPLIES, "replies"},
-        {&S_LAST_REPLY, "last_reply"}, {&S_FAILING, "failing"},
+        {&S_LOCKED, "locked"},       {&S_REFUSAL, "refusal"},
+        {&S_INFLIGHT, "inflight"},   {&S_MAX_INFLIGHT, "max_inflight"},
+        {&S_CALLS, "calls"},         {&S_RAW, "raw"},
+        {&S_REQUEST_BYTES, "request_bytes"},
         {&S_SLOT_WAITERS, "slot_waiters"}, {&S_FOLD_AT, "fold_at"},
         {&S_ANSWERED, "answered"},   {&S_ENTER, "enter"},
         {&S_N_ASYNC, "n_async"},     {&S_ACQUIRE, "acquire"},

@@ -211,11 +211,17 @@ class CallTable:
         # rank answered at once): compiled when this process runs the compiled ring
         # core, else the general methods below (see :func:`compiled_steps`).
         self.steps = steps = compiled_steps()
+        # The objects they use, made above and never replaced (in the order they take).
+        self.fixed = (self.lock, self.ids, self.pending, self.stats, self.metrics,
+                      self.metrics.methods, self.metrics.replies, self.metrics.last_reply,
+                      self.failing)
         self.new_call: Callable[[str, Sequence[int], int | None, float | None,
                                  Future[Any] | None], PendingCall] = \
-            self._new_call if steps is None else functools.partial(steps.enter_new, self)
+            self._new_call if steps is None else \
+            functools.partial(steps.enter_new, self, self.fixed)
         self.answered_all: Callable[[PendingCall, dict[int, Any] | None], None] = \
-            self.answered if steps is None else functools.partial(steps.answered, self)
+            self.answered if steps is None else \
+            functools.partial(steps.answered, self, self.fixed)
 
     def _new_call(self, method: str, ranks: Sequence[int], unique_reply_rank: int | None,
                   timeout: float | None, future: Future[Any] | None) -> PendingCall:
@@ -644,16 +650,16 @@ class TableSteps(Protocol):
     API: int
     PendingCall: type
 
-    def enter_new(self, table: CallTable, method: str, ranks: Sequence[int],
-                  unique_reply_rank: int | None, timeout: float | None,
-                  future: Future[Any] | None) -> _Pending: ...
-    def answered(self, table: CallTable, call: _Pending,
+    def enter_new(self, table: CallTable, fixed: tuple[Any, ...], method: str,
+                  ranks: Sequence[int], unique_reply_rank: int | None,
+                  timeout: float | None, future: Future[Any] | None) -> _Pending: ...
+    def answered(self, table: CallTable, fixed: tuple[Any, ...], call: _Pending,
                  values: dict[int, Any] | None) -> None: ...
     def round_trip(self, lane: tuple[Any, ...], method: str, ranks: list[int],
                    timeout: float | None) -> Any: ...
 
 
-STEPS_API = 2  # _calltable.c's CALLTABLE_API must be the same
+STEPS_API = 3  # _calltable.c's CALLTABLE_API must be the same
 NOT_SENT = 0  # where round_trip() stopped: the call entered, not sent (its NOT_SENT)
 _steps_why_not: list[str] = []  # said once per process
 

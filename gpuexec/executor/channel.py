@@ -45,13 +45,15 @@ every memory block Python allocates, ints above 256 and floats included;
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          2 / 2         2 / 2             15 / 17        pump, send (table:
+    driver          2 / 2         2 / 2             13 / 15        pump, send (table:
                                                                    found free); 1
     worker (each)   1 / 1         0 / 0             2 / 8          none;
                     (the method)                                   1 (the publish)
     ==============  ============  ================  =============  =====================
 
-("found free": the compiled steps hold the GIL and run no Python code between their
+(At 2 ranks on the 2-core host the replies often come in two passes of collect, the
+second taken by the transport's Python steps: up to 26 blocks. "found free": the
+compiled steps hold the GIL and run no Python code between their
 first read of the table and their last write, having found its lock free: under the GIL
 that is the lock taken and given back without the two calls; see ``_calltable.c``. A
 second rank costs the driver one more rank in the mask that collect answers, whose
@@ -79,7 +81,7 @@ worker (the decode, the method, the reply's encoding), 12 / 17 blocks; the repli
 frames are copied out of their rings by the same collect call, a lone one decoded and
 delivered at once, several decoded in one ``map`` and, when they are all the call's own
 results, recorded in one compiled step as the None replies are. The driver: 18 / 19
-Python calls, 9 / 11 module crossings, 41 / 55 blocks at 1 / 2 workers.
+Python calls, 9 / 11 module crossings, 42 / 55-60 blocks at 1 / 2 workers.
 
 The pieces, each in its own module: :mod:`.transport` (the interface),
 :mod:`.zmq_transport` and :mod:`.shm_transport` (the two wires; the one place a wire is
@@ -204,7 +206,7 @@ class DriverChannel:
         self._lane = None if steps is None or parts is None else (
             self._table, self._pump_lock, self._send_lock, self, *parts,
             self._encoder.bare_headers, max_message_size, (1 << len(handles)) - 1,
-            len(handles))
+            len(handles), self._table.fixed)
         self._core_round_trip = None if self._lane is None or steps is None \
             else steps.round_trip
 
