@@ -46,7 +46,7 @@
 
 #include "../ipc/_ring.h" /* the ring's layout and publish (now_s: time.monotonic()'s clock) */
 
-#define CALLTABLE_API 3 /* calls.py's API must be the same */
+#define CALLTABLE_API 4 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -501,12 +501,12 @@ enum {
 enum { P_FN, P_VIEW, P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_VIEW,
        P_BELL_BASE, P_LEN };
 
-#define NOT_SENT 0 /* what round_trip() hands back: the call entered, not sent */
+#define NOT_SENT 0 /* where round_trip() hands a call back: entered, not sent */
 #define SENT 1     /* sent, and not complete (or complete with an error) */
 
 static PyObject *S_ACQUIRE, *S_RELEASE, *S_RELEASED, *S_MOVED, *S_SEQ, *S_MIN_READ,
     *S_CLAIMED, *S_COLLECT, *S_EPOCH, *S_SPIN, *S_CLOSING, *S_UNSETTLED, *S_SETTLE,
-    *S_COLLECT_MORE, *S_MIN_READ_SEQ;
+    *S_COLLECT_MORE, *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
 
 /* The msgpack form msgspec gives a non-negative int (its shortest), at ``out``. */
 static Py_ssize_t pack_uint(uint64_t v, unsigned char *out) {
@@ -557,11 +557,16 @@ static PyObject *caught(void) {
     return exc != NULL ? exc : Py_NewRef(Py_None);
 }
 
-/* (call, header, stage, error): what the caller goes on with; steals ``error``. */
-static PyObject *hand_back(Call *call, PyObject *header, int stage, PyObject *error) {
+/* channel._go_on(call, header, stage, error): where the channel's Python steps take the
+ * call up (what it returns or raises is the call's); steals ``error``. */
+static PyObject *hand_back(PyObject *channel, Call *call, PyObject *header, int stage,
+                           PyObject *error) {
     PyObject *st = PyLong_FromLong(stage);
-    PyObject *out = st == NULL ? NULL : PyTuple_Pack(4, (PyObject *)call, header, st,
-                                                      error != NULL ? error : Py_None);
+    PyObject *out = st == NULL ? NULL
+                               : PyObject_CallMethodObjArgs(channel, S_GO_ON, (PyObject *)call,
+                                                            header, st,
+                                                            error != NULL ? error : Py_None,
+                                                            NULL);
     Py_XDECREF(st);
     Py_XDECREF(error);
     return out;
@@ -707,16 +712,16 @@ done:
     return rc;
 }
 
-/* round_trip(lane, method, ranks, timeout): DriverChannel.call_bare's whole round trip
- * over shared memory in one call: the call made and entered, its cached header written
- * into the request ring under the pump and send locks, its replies collected and
- * recorded, its list of results returned. None: not for this path (a name without a
- * cached header, one over max_message_size, not every rank), nothing done. A tuple
- * (call, header, stage, error): where the caller goes on (see call_bare): NOT_SENT (the
- * pump or send lock is taken, the channel released, no room as last seen), SENT (a reply
- * still owed, or the call ended with an error); ``error``, an exception raised while
- * sending (NOT_SENT) or waiting (SENT: Ctrl-C), taken as a value with every lock given
- * back, to be raised by the caller once it has dealt with the call. */
+/* round_trip(lane, method, ranks, timeout): DriverChannel.call_bare, the whole round trip
+ * of a blocking call by name over shared memory in one call: the call made and entered,
+ * its cached header written into the request ring under the pump and send locks, its
+ * replies collected and recorded, its list of results returned. A name without a cached
+ * header (or one over max_message_size, or not every rank): channel._call_bare does it
+ * all. Anything else that is not the common case is handed to channel._go_on(call,
+ * header, stage, error), whose outcome is the call's: NOT_SENT (the pump or send lock
+ * taken, the channel released, the ring full), SENT (a reply still owed, or the call
+ * ended with an error); ``error``: an exception raised while it sent (NOT_SENT) or
+ * waited (SENT: Ctrl-C), taken as a value with every lock given back first. */
 static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4 || !PyTuple_Check(args[0]) || PyTuple_Size(args[0]) != L_LEN) {
         PyErr_SetString(PyExc_TypeError, "round_trip(lane, method, ranks, timeout)");
@@ -727,20 +732,21 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
         lane[i] = PyTuple_GetItem(args[0], i);
     PyObject *method = args[1], *ranks = args[2];
     PyObject *parts = PyDict_GetItemWithError(lane[L_IDS], method); /* borrowed */
-    if (parts == NULL)
-        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (parts == NULL && PyErr_Occurred())
+        return NULL;
     Py_ssize_t n_ranks = PyLong_AsSsize_t(lane[L_N_RANKS]);
     long long most = PyLong_AsLongLong(lane[L_MAX_SIZE]);
     if (PyErr_Occurred())
         return NULL;
     PyObject *before, *after;
-    if (!PyTuple_Check(parts) || PyTuple_Size(parts) != 2 ||
+    if (parts == NULL || !PyTuple_Check(parts) || PyTuple_Size(parts) != 2 ||
         !PyBytes_Check(before = PyTuple_GetItem(parts, 0)) ||
         !PyBytes_Check(after = PyTuple_GetItem(parts, 1)) || !PyList_Check(ranks) ||
         PyList_Size(ranks) != n_ranks || !PyTuple_Check(lane[L_PUT]) ||
         PyTuple_Size(lane[L_PUT]) != P_LEN ||
         (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) > most))
-        return Py_NewRef(Py_None);
+        return PyObject_CallMethodObjArgs(lane[L_CHANNEL], S_CALL_BARE, method, ranks, args[3],
+                                          NULL); /* not for this path: nothing done */
     Refs t;
     if (refs_from(lane[L_TABLE], lane[L_FIXED], &t) < 0)
         return NULL;
@@ -756,7 +762,7 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *middle = header == NULL ? NULL : PyBytes_FromStringAndSize((char *)idb, id_len);
     PyObject *out = NULL;
     if (middle == NULL) {
-        out = hand_back(call, Py_None, NOT_SENT, caught());
+        out = hand_back(lane[L_CHANNEL], call, Py_None, NOT_SENT, caught());
         goto done;
     }
     char *h = PyBytes_AsString(header);
@@ -766,7 +772,7 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
     /* The send, under the pump lock and the send lock, when both are free. */
     int pumping = try_lock(lane[L_PUMP]);
     if (pumping <= 0) {
-        out = hand_back(call, header, NOT_SENT, pumping < 0 ? caught() : NULL);
+        out = hand_back(lane[L_CHANNEL], call, header, NOT_SENT, pumping < 0 ? caught() : NULL);
         goto done;
     }
     int sending = try_lock(lane[L_SEND]);
@@ -783,7 +789,7 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (sent <= 0) {
         PyObject *error = sent < 0 ? caught() : NULL;
         unlock(lane[L_PUMP]);
-        out = hand_back(call, header, NOT_SENT, error);
+        out = hand_back(lane[L_CHANNEL], call, header, NOT_SENT, error);
         goto done;
     }
     /* The replies, still under the pump lock. */
@@ -791,7 +797,7 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *error = rc < 0 ? caught() : NULL;
     unlock(lane[L_PUMP]);
     if (error != NULL) {
-        out = hand_back(call, header, SENT, error);
+        out = hand_back(lane[L_CHANNEL], call, header, SENT, error);
         goto done;
     }
     PyObject *unsettled = PyObject_GetAttr(lane[L_TABLE], S_UNSETTLED);
@@ -807,7 +813,7 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (call->done == Py_True && call->error == Py_None)
         out = Py_NewRef(call->value);
     else
-        out = hand_back(call, header, SENT, NULL);
+        out = hand_back(lane[L_CHANNEL], call, header, SENT, NULL);
 done:
     Py_XDECREF(header);
     Py_XDECREF(middle);
@@ -846,6 +852,7 @@ static int intern_all(void) {
         {&S_SPIN, "spin"},           {&S_CLOSING, "closing"},
         {&S_UNSETTLED, "unsettled"}, {&S_SETTLE, "settle"},
         {&S_COLLECT_MORE, "collect_more"}, {&S_MIN_READ_SEQ, "_min_read_seq"},
+        {&S_GO_ON, "_go_on"},        {&S_CALL_BARE, "_call_bare"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)

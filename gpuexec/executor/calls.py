@@ -644,7 +644,7 @@ class TableSteps(Protocol):
     """The compiled call table steps (``_calltable.c``): a user's call made and entered
     (:meth:`CallTable._new_call`, stepping aside to :meth:`CallTable.enter`),
     :meth:`CallTable.answered`'s common case (stepping aside to it), and a blocking call's
-    whole round trip over shared memory (see :meth:`.channel.DriverChannel.call_bare`).
+    whole round trip over shared memory (see :attr:`.channel.DriverChannel.call_bare`).
     The calls it makes are its own ``PendingCall``: the same attributes, in a C struct."""
 
     API: int
@@ -659,8 +659,8 @@ class TableSteps(Protocol):
                    timeout: float | None) -> Any: ...
 
 
-STEPS_API = 3  # _calltable.c's CALLTABLE_API must be the same
-NOT_SENT = 0  # where round_trip() stopped: the call entered, not sent (its NOT_SENT)
+STEPS_API = 4  # _calltable.c's CALLTABLE_API must be the same
+NOT_SENT = 0  # where round_trip() hands a call back: entered, not sent (its NOT_SENT)
 _steps_why_not: list[str] = []  # said once per process
 
 

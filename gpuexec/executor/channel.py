@@ -19,7 +19,7 @@ the compiled core::
     driver thread                                          worker main thread (each rank)
     ─────────────                                          ──────────────────────────────
     rpc.collective_rpc (the bare form: no argument checks)  in the ring core, GIL held only
-      ─▶ channel.call_bare ─▶ round_trip (one C call,       around the method (core.serve,
+      ─▶ channel.call_bare: round_trip (one C call,         around the method (core.serve,
          executor/_calltable.c; GIL held but while waiting)  entered once per run of calls):
         the call made and entered   [table lock found free]
         cached header around the id
@@ -45,7 +45,7 @@ every memory block Python allocates, ints above 256 and floats included;
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          2 / 2         2 / 2             13 / 15        pump, send (table:
+    driver          1 / 1         1 / 1             13 / 15        pump, send (table:
                                                                    found free); 1
     worker (each)   1 / 1         0 / 0             2 / 8          none;
                     (the method)                                   1 (the publish)
@@ -59,7 +59,7 @@ that is the lock taken and given back without the two calls; see ``_calltable.c`
 second rank costs the driver one more rank in the mask that collect answers, whose
 replies are recorded together; a worker's blocks are the call id's int, the bound method
 and, spread over a run, what the arrival forecast is given when the core hands back.)
-What is not on this path: no Python frame in the driver below ``call_bare``; no Call
+What is not on this path: no Python frame in the driver below ``collective_rpc``; no Call
 struct is built or encoded for a call without arguments (its header is cached per method
 name, the same bytes msgspec writes) and none is decoded by the worker (the core knows
 the header by its bytes); no Reply is built or encoded for a None result (its bytes are
@@ -70,7 +70,7 @@ calls afterwards, in order); no view of a slot is made on either side; no thread
 hand-off (the caller pumps its own replies). Where the round trip cannot go on (the pump
 or send lock taken, the ring full, a reply that is not a None result, the deadline or a
 poke, Ctrl-C) it hands the call back to the Python steps below at the point it reached
-(:meth:`call_bare`).
+(:meth:`_go_on`).
 A call with arguments (``collective_rpc("small", (1, "x"), {"c": [1.0, 2.0]})``, an
 int result) is checked (:mod:`.validate`, its values found plain msgpack data once),
 made and entered by the compiled step, and encodes one Call
@@ -109,8 +109,8 @@ listed after it)::
 * ``_pump_lock``: who reads replies (the transport's receiving side, the decoders).
   Taken by a blocking caller in :meth:`_round_trip` (around its send too) and
   :meth:`wait`, by the monitor, and by :meth:`close`; by the compiled round trip
-  (:meth:`call_bare`) without waiting, with the send lock inside it, both given back
-  before it returns (also when it returns an exception).
+  (:attr:`call_bare`) without waiting, with the send lock inside it, both given back
+  before it returns or hands the call back.
 * ``_send_lock``: who writes requests (the transport's sending side). Held only while a
   request is written, never while waiting for room or for another lock.
 * ``_wake_lock``: the transport's wake-up and the monitor's poke pipe, against close.
@@ -130,6 +130,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -203,12 +204,19 @@ class DriverChannel:
         # core; see _calltable.c's round_trip), or None: the steps in Python.
         steps = self._table.steps
         parts = None if steps is None else self._transport.core_lane()
-        self._lane = None if steps is None or parts is None else (
+        lane = None if steps is None or parts is None else (
             self._table, self._pump_lock, self._send_lock, self, *parts,
             self._encoder.bare_headers, max_message_size, (1 << len(handles)) - 1,
             len(handles), self._table.fixed)
-        self._core_round_trip = None if self._lane is None or steps is None \
-            else steps.round_trip
+        # A blocking call by name without arguments (``rpc``'s bare form): over shared
+        # memory on the compiled core, its whole round trip is one call into it (the call
+        # made and entered, its header written into the request ring under the pump and
+        # send locks, its replies collected and recorded), which hands back to _go_on
+        # where it stopped when anything is not the common case, and to _call_bare a
+        # name whose header is not cached yet; elsewhere _call_bare.
+        self.call_bare: Callable[[str, list[int], float | None], Any] = \
+            self._call_bare if steps is None or lane is None else \
+            functools.partial(steps.round_trip, lane)
 
     # -- state ---------------------------------------------------------------------
 
@@ -302,37 +310,11 @@ class DriverChannel:
             raise
         return call, frames
 
-    def call_bare(self, method: str, ranks: list[int], timeout: float | None) -> Any:
+    def _call_bare(self, method: str, ranks: list[int], timeout: float | None) -> Any:
         """:meth:`call` of a call by name without arguments to ``ranks`` (the hot path's
-        form, checked by the caller): no Call is built or encoded, its header is the
-        encoder's cached bytes (a name it does not cache takes :meth:`call`).
-
-        Over shared memory on the compiled core, the whole round trip is one call into
-        it (``round_trip``: the call made and entered, its header written into the
-        request ring under the pump and send locks, its replies collected and recorded),
-        which hands back where it stopped when anything is not the common case: the call
-        not sent (a lock taken, no room as last seen: :meth:`_round_trip` goes on as it
-        would have from the start), or sent and not complete (:meth:`wait`); an
-        exception raised while it sent or waited comes back as a value, every lock given
-        back, and is raised here once the call has been dealt with as
-        :meth:`_round_trip` deals with it."""
-        if self._core_round_trip is not None:
-            assert self._lane is not None
-            out = self._core_round_trip(self._lane, method, ranks, timeout)
-            if out.__class__ is list:
-                return out
-            if out is not None:
-                call, header, stage, error = out
-                if error is not None:
-                    if stage == NOT_SENT:
-                        self._cancels.interrupted(call, "its sending was interrupted", error,
-                                                  watch=False)
-                    elif not call.done:
-                        self._cancels.interrupted(call, "the waiting thread was interrupted")
-                    raise error
-                if stage == NOT_SENT:
-                    return self._round_trip(call, [header])
-                return self.wait(call)
+        form, checked by the caller; :attr:`call_bare` is this, or the compiled round
+        trip): no Call is built or encoded, its header is the encoder's cached bytes (a
+        name it does not cache takes :meth:`call`)."""
         table = self._table
         call = table.new_call(method, ranks, None, timeout, None)
         header = self._encoder.bare_call(call.call_id, method)
@@ -341,6 +323,24 @@ class DriverChannel:
             return self.call(method, None, [], {}, ranks, None, timeout, True)
         call.nbytes = len(header)
         return self._round_trip(call, [header])
+
+    def _go_on(self, call: PendingCall, header: bytes, stage: int,
+               error: BaseException | None) -> Any:
+        """Where the compiled round trip hands a call back (see :attr:`call_bare`): not
+        sent (:meth:`_round_trip` goes on as it would have from the start), or sent and
+        not complete (:meth:`wait`); an exception raised while it sent or waited, every
+        lock given back, is raised once the call is dealt with as :meth:`_round_trip`
+        deals with it."""
+        if error is not None:
+            if stage == NOT_SENT:
+                self._cancels.interrupted(call, "its sending was interrupted", error,
+                                          watch=False)
+            elif not call.done:
+                self._cancels.interrupted(call, "the waiting thread was interrupted")
+            raise error
+        if stage == NOT_SENT:
+            return self._round_trip(call, [header])
+        return self.wait(call)
 
     def _round_trip(self, call: PendingCall, frames: list[Any]) -> Any:
         """Send a blocking ``call`` entered in the table and wait for it: its result. The
