@@ -196,6 +196,10 @@ def test_metrics_endpoint_over_http(transport: str, tmp_path: Path, no_leaks: No
         assert got[("gpuexec_request_bytes_total", (("method", "ok"),))] > 0
         assert got[("gpuexec_worker_resident_bytes", (("rank", "1"),))] > 0
         assert got[("gpuexec_worker_deaths_total", (("rank", "0"),))] == 0
+        for _ in range(3):
+            ex.collective_rpc("ok")
+        again, sent = _scrape(host, port), ("gpuexec_request_bytes_total", (("method", "ok"),))
+        assert again[sent] == 2 * got[sent]  # every call's request counted, however sent
     with pytest.raises(OSError):  # the server stopped with the executor
         _scrape(host, port)
 

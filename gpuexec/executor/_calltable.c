@@ -765,6 +765,12 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
         out = hand_back(lane[L_CHANNEL], call, Py_None, NOT_SENT, caught());
         goto done;
     }
+    PyObject *nbytes = PyLong_FromSsize_t(b_len + id_len + a_len); /* (the metrics') */
+    if (nbytes == NULL) {
+        out = hand_back(lane[L_CHANNEL], call, Py_None, NOT_SENT, caught());
+        goto done;
+    }
+    SET_FIELD(call->nbytes, nbytes);
     char *h = PyBytes_AsString(header);
     memcpy(h, PyBytes_AsString(before), (size_t)b_len);
     memcpy(h + b_len, idb, (size_t)id_len);

@@ -52,13 +52,13 @@ every memory block Python allocates, ints above 256 and floats included;
     ==============  ============  ================  =============  =====================
 
 (At 2 ranks on the 2-core host the replies often come in two passes of collect, the
-second taken by the transport's Python steps: up to 26 blocks. "found free": the
-compiled steps hold the GIL and run no Python code between their
-first read of the table and their last write, having found its lock free: under the GIL
-that is the lock taken and given back without the two calls; see ``_calltable.c``. A
-second rank costs the driver one more rank in the mask that collect answers, whose
-replies are recorded together; a worker's blocks are the call id's int, the bound method
-and, spread over a run, what the arrival forecast is given when the core hands back.)
+second taken by the transport's Python steps: up to 26 blocks. "Found free": the
+compiled steps hold the GIL and run no Python code between their first read of the
+table and their last write, having found its lock free: under the GIL that is the lock
+taken and given back without the two calls; see ``_calltable.c``. A second rank costs
+the driver one more rank in the mask that collect answers, whose replies are recorded
+together; a worker's blocks are the call id's int, the bound method and, spread over a
+run, what the arrival forecast is given when the core hands back.)
 What is not on this path: no Python frame in the driver below ``collective_rpc``; no Call
 struct is built or encoded for a call without arguments (its header is cached per method
 name, the same bytes msgspec writes) and none is decoded by the worker (the core knows
