@@ -30,17 +30,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
-#include <limits.h>
-#include <linux/futex.h>
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "_ring.h"
+#include "_ring.h" /* the layout, the clock, the futex and the publish (shared) */
 
 /* -- argument parsing ------------------------------------------------------------- */
 
@@ -69,7 +61,7 @@ static int as_double(PyObject *o, double *out) {
     return 1;
 }
 
-/* -- the ring ---------------------------------------------------------------------- */
+/* -- the ring (its publish_at and one_packet_head: _ring.h) ------------------------ */
 
 static PyObject *core_fence(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
