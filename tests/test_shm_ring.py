@@ -265,8 +265,9 @@ def test_collect_takes_the_awaited_replies_by_their_bytes_then_short_frames(
         reader_core: Callable[[str], None]) -> None:
     """The driver's wait for a call's replies in one core call: each wanted ring's reply
     that is exactly the expected bytes is released as it comes; it returns when every
-    wanted ring gave that or holds another message, at its deadline, when the doorbell
-    is poked, and when a publish rings the doorbell it sleeps on. Then every other
+    wanted ring gave that or holds another message (once its spin is over, when any
+    holds another message), at its deadline, when the doorbell is poked, and when a
+    publish rings the doorbell it sleeps on. Then every other
     message of one frame up to ``max_len`` is copied out and released (in ring order);
     anything else (several frames, a longer frame) is left in place and reported;
     unwanted rings are not touched."""
@@ -329,6 +330,14 @@ def test_collect_takes_the_awaited_replies_by_their_bytes_then_short_frames(
         assert time.monotonic() - started < 30  # woken by the publish, not the deadline
         th.join()
         readers[2].catch_up()
+        # Once its spin is over, another message in any wanted ring ends the wait: a
+        # failure must reach the driver while the other ranks still run the call.
+        assert writers[0].put_one(b"<0|20|0> failed")
+        started = time.monotonic()
+        got = collect(bell.epoch(), started + 0.2, started + 60, b"20", 0b011)
+        assert (*got[:3], list(got[3])) == (0, 0b001, 0, [b"<0|20|0> failed"])
+        assert 0.2 <= time.monotonic() - started < 30  # after its spin, not its deadline
+        readers[0].catch_up()
         with pytest.raises(ValueError, match="a part for each"):
             now_collect(0b1000)  # a ring it was not given
         for r in readers:

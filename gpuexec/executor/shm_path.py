@@ -120,7 +120,8 @@ class ShmDriverPath:
         # frames): the same wait for the rings in the mask ``want``, taking from each the
         # None reply to the call whose msgpack-encoded id is ``id`` (known by its bytes,
         # see codec.none_reply_parts) as it comes, until each holds that or another
-        # message; then the other messages of one frame up to TAKEN_MAX are copied out
+        # message (once its spin is over: until any holds another message, a failure
+        # perhaps); then the other messages of one frame up to TAKEN_MAX are copied out
         # (``framed``, ``frames``), and ``other``: rings holding anything else, left in
         # place. None above 64 ranks (the core's limit): the caller gathers instead.
         self.collect: Callable[[int, float, float, bytes, int],

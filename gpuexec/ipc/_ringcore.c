@@ -417,23 +417,24 @@ static PyObject *mask_to_int(const uint64_t *mask, Py_ssize_t words) {
     return out;
 }
 
-/* Wait on the doorbell at ``b`` until ``ready(ctx)`` says so: spin (GIL released) until
- * ``spin_until``, then sleep with the handshake until ``sleep_until``. 1 once ready; 0
- * when that passes, or at once when the counter is no longer ``epoch`` (poked); -1 when
- * a signal handler raised. Called with the GIL held; returns with it held. */
-typedef int (*ready_fn)(void *ctx);
+/* Wait on the doorbell at ``b`` until ``ready(ctx, settled)`` says so: spin (GIL
+ * released) until ``spin_until``, then sleep with the handshake until ``sleep_until``
+ * (``settled``: 0 while spinning, 1 from then on). 1 once ready; 0 when that passes, or
+ * at once when the counter is no longer ``epoch`` (poked); -1 when a signal handler
+ * raised. Called with the GIL held; returns with it held. */
+typedef int (*ready_fn)(void *ctx, int settled);
 
 static int wait_bell(uintptr_t b, uint32_t epoch, double spin_until, double sleep_until,
                      ready_fn ready, void *ctx) {
     uint32_t *counter = u32_at(b, BELL_COUNTER);
     uint32_t *sleeping = u32_at(b, BELL_SLEEPING);
-    if (ready(ctx))
+    if (ready(ctx, 0))
         return 1;
     int got = 0, failed = 0;
     PyThreadState *ts = PyEval_SaveThread();
     double check_at = now_s() + SLICE_S;
     for (unsigned k = 0;; k++) {
-        if ((got = ready(ctx)))
+        if ((got = ready(ctx, 0)))
             break;
         if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != epoch)
             break;
@@ -455,10 +456,10 @@ static int wait_bell(uintptr_t b, uint32_t epoch, double spin_until, double slee
         __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         uint32_t expected = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
-        if (expected == epoch && !ready(ctx))
+        if (expected == epoch && !(got = ready(ctx, 1)))
             futex_wait(counter, expected, left < SLICE_S ? left : SLICE_S);
         __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
-        if ((got = ready(ctx)))
+        if (got || (got = ready(ctx, 1)))
             break;
         if (check_signals(&ts) < 0)
             failed = 1;
@@ -474,7 +475,8 @@ struct rings {
     Py_ssize_t words;
 };
 
-static int any_ready(void *ctx) {
+static int any_ready(void *ctx, int settled) {
+    (void)settled;
     struct rings *r = ctx;
     return ready_mask(r->bases, r->n, r->mask, r->words);
 }
@@ -560,8 +562,10 @@ static int is_expected(const struct awaited *w, Py_ssize_t i, uint64_t seq) {
 
 /* Take what has come: each awaited ring's expected reply is released (``taken``), any
  * other message marks its ring (``other``: left for the caller). Ready once every
- * awaited ring is one or the other. */
-static int scan_awaited(void *ctx) {
+ * awaited ring is one or the other, or, once the spin is over (``settled``), as soon as
+ * one holds another message: it may be a failure, which must reach the driver while the
+ * other ranks still run the call (they are cancelled on it), not when they end. */
+static int scan_awaited(void *ctx, int settled) {
     struct awaited *w = ctx;
     uint64_t open = w->want & ~(w->taken | w->other);
     while (open) {
@@ -578,7 +582,7 @@ static int scan_awaited(void *ctx) {
             w->other |= 1ull << i;
         }
     }
-    return (w->taken | w->other) == w->want;
+    return (w->taken | w->other) == w->want || (settled && w->other != 0);
 }
 
 /* collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, max_len,
@@ -587,7 +591,8 @@ static int scan_awaited(void *ctx) {
  * of one reader, all of that shape), releasing in each the reply that is exactly
  * ``befores[i] + middle + afters[i]`` (the awaited call's None result, known by its
  * bytes) as it comes (bit set in ``taken``), until every wanted ring gave that reply or
- * holds another message, the deadline passes or the doorbell is poked. Then each ring
+ * holds another message (after ``spin_until``: until any holds another message), the
+ * deadline passes or the doorbell is poked. Then each ring
  * holding another message that is a packet of one frame of at most ``max_len`` bytes
  * has that frame copied out and released (bit set in ``framed``, the frames in
  * ``frames`` in ring order, as take_frame gives them); any other message is left in
@@ -1217,7 +1222,7 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 8
+#define CORE_API 9
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     if ((S_RECHECK = PyUnicode_InternFromString("recheck")) == NULL ||

@@ -31,7 +31,7 @@ CHOICES = ("auto", "compiled", "python")
 # The interface below; ``_ringcore.c``'s CORE_API must be the same. A build from an older
 # source (an editable install after a pull, before make rebuilt it) is refused: it would
 # be called with the wrong arguments.
-API = 8
+API = 9
 
 
 class Core(Protocol):

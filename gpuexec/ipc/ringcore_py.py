@@ -215,13 +215,13 @@ def _ready(views: tuple[memoryview, ...]) -> int:
 
 
 def _wait_bell(bell_view: memoryview, bell_base: int, epoch: int, spin_until: float,
-               sleep_until: float, ready: Callable[[], bool]) -> bool:
-    """Until ``ready()``: spin until ``spin_until``, then sleep on the doorbell until
-    ``sleep_until``; False when that passes or at once when the doorbell's counter is
-    no longer ``epoch``."""
+               sleep_until: float, ready: Callable[[bool], bool]) -> bool:
+    """Until ``ready(settled)``: spin until ``spin_until``, then sleep on the doorbell
+    until ``sleep_until`` (``settled``: False while spinning, True from then on); False
+    when that passes or at once when the doorbell's counter is no longer ``epoch``."""
     monotonic = time.monotonic
     while True:
-        if ready():
+        if ready(False):
             return True
         if _u32(bell_view, BELL_COUNTER)[0] != epoch or monotonic() >= spin_until:
             break
@@ -235,7 +235,7 @@ def _wait_bell(bell_view: memoryview, bell_base: int, epoch: int, spin_until: fl
         fence()
         expected = _u32(bell_view, BELL_COUNTER)[0]
         try:
-            if expected == epoch and not ready():
+            if expected == epoch and not ready(True):
                 nap = _SLICE_S if math.isinf(left) else min(left, _SLICE_S)
                 if futex.available():
                     futex.wait(bell_base + BELL_COUNTER, expected, nap)
@@ -243,7 +243,7 @@ def _wait_bell(bell_view: memoryview, bell_base: int, epoch: int, spin_until: fl
                     time.sleep(min(nap, 1e-3))
         finally:
             _U32.pack_into(bell_view, BELL_SLEEPING, 0)
-        if ready():
+        if ready(True):
             return True
 
 
@@ -254,7 +254,7 @@ def gather(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: mem
     or at once when the doorbell's counter is no longer ``epoch``."""
     mask = 0
 
-    def ready() -> bool:
+    def ready(settled: bool) -> bool:
         nonlocal mask
         mask = _ready(views)
         return mask != 0
@@ -272,16 +272,17 @@ def collect(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: me
             want: int) -> tuple[int, int, int, list[bytes] | tuple[()]]:
     """``(taken, framed, other, frames)``: wait as :func:`gather` does for the rings in
     ``want``, taking from each the reply ``befores[i] + middle + afters[i]`` as it comes
-    (bit set in ``taken``), until every wanted ring gave it or holds another message;
-    then each such message that :func:`take_frame` would take is taken (bit set in
-    ``framed``, its frame in ``frames``, in ring order), any other left in place (bit
-    set in ``other``)."""
+    (bit set in ``taken``), until every wanted ring gave it or holds another message
+    (once the spin is over: until any holds another message, which may be a failure the
+    other ranks are cancelled on); then each such message that :func:`take_frame` would
+    take is taken (bit set in ``framed``, its frame in ``frames``, in ring order), any
+    other left in place (bit set in ``other``)."""
     if len(views) > 64 or len(befores) != len(views) or len(afters) != len(views) or \
             want >> len(views) or not n_slots:
         raise ValueError("collect(): up to 64 rings, a part for each")
     taken = other = 0
 
-    def ready() -> bool:
+    def ready(settled: bool) -> bool:
         nonlocal taken, other
         open_ = want & ~(taken | other)
         while open_:
@@ -293,7 +294,7 @@ def collect(views: tuple[memoryview, ...], bases: tuple[int, ...], bell_view: me
                 taken |= low
             elif published(views[i], bases[i]) > _u64(views[i], ONE_READER_SEQ_OFF)[0]:
                 other |= low
-        return taken | other == want
+        return taken | other == want or (settled and other != 0)
 
     _wait_bell(bell_view, bell_base, epoch, spin_until, sleep_until, ready)
     framed = 0
