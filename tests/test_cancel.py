@@ -13,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cancel_workers import CancelWorker
@@ -233,8 +234,8 @@ def test_a_cancel_signal_that_went_astray_is_sent_again(ex: Executor, tmp_path: 
     assert stats.cancel_kills == 0 and stats.cancelled_replies == 2
 
 
-def test_ctrl_c_in_a_waiting_call_cancels_it(ex: Executor, tmp_path: Path) -> None:
-    go, mark = tmp_path / "go", tmp_path / "mark"
+def ctrl_c_once_started(go: Path, call: Callable[[], Any]) -> None:
+    """Run ``call`` and press Ctrl-C once both ranks started: it raises KeyboardInterrupt."""
 
     def interrupt_when_started() -> None:
         started(go, 2)
@@ -246,9 +247,15 @@ def test_ctrl_c_in_a_waiting_call_cancels_it(ex: Executor, tmp_path: Path) -> No
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            ex.collective_rpc("block", args=("sleep", str(go), str(mark)))
+            call()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_a_waiting_call_cancels_it(ex: Executor, tmp_path: Path) -> None:
+    go, mark = tmp_path / "go", tmp_path / "mark"
+    ctrl_c_once_started(go, lambda: ex.collective_rpc("block",
+                                                      args=("sleep", str(go), str(mark))))
     assert ex.collective_rpc("noop") == [0, 1]
     assert marks(mark, 2) == ["CallCancelled block"] * 2
     assert ex.stats().cancelled == 1
@@ -265,18 +272,7 @@ def test_ctrl_c_and_a_timeout_in_a_call_by_name_cancel_it(transport: str,
                   rpc_timeout=60) as ex:
         ex.collective_rpc("plan", args=("sleep", str(go), str(mark)))
         assert ex.collective_rpc("quiet") == [None, None]  # the next one blocks
-
-        def interrupt_when_started() -> None:
-            started(go, 2)
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
-
-        threading.Thread(target=interrupt_when_started, daemon=True).start()
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                ex.collective_rpc("quiet")
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        ctrl_c_once_started(go, lambda: ex.collective_rpc("quiet"))
         assert ex.collective_rpc("quiet") == [None, None]
         assert marks(mark, 2) == ["CallCancelled quiet"] * 2
         assert ex.stats().cancelled == 1

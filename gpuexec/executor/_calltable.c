@@ -508,19 +508,6 @@ static PyObject *S_ACQUIRE, *S_RELEASE, *S_RELEASED, *S_MOVED, *S_SEQ, *S_MIN_RE
     *S_CLAIMED, *S_COLLECT, *S_EPOCH, *S_SPIN, *S_CLOSING, *S_UNSETTLED, *S_SETTLE,
     *S_COLLECT_MORE, *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
 
-/* The msgpack form msgspec gives a non-negative int (its shortest), at ``out``. */
-static Py_ssize_t pack_uint(uint64_t v, unsigned char *out) {
-    if (v <= 0x7f) {
-        out[0] = (unsigned char)v;
-        return 1;
-    }
-    int n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffull ? 4 : 8;
-    out[0] = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
-    for (int i = 0; i < n; i++)
-        out[1 + i] = (unsigned char)(v >> (8 * (n - 1 - i)));
-    return 1 + n;
-}
-
 /* lock.acquire(False): 1 taken, 0 not, -1 error. */
 static int try_lock(PyObject *lock) {
     PyObject *got = PyObject_CallMethodObjArgs(lock, S_ACQUIRE, Py_False, NULL);

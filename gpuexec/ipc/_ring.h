@@ -1,6 +1,6 @@
-/* The ring's layout and its writer's publish, shared by the two compiled parts: the ring
- * core (_ringcore.c, every function of the rings) and the driver's round trip
- * (../executor/_calltable.c, which writes a request packet itself). Static inline: each
+/* The ring's layout, its writer's publish and the msgpack form of a call id, shared by
+ * the two compiled parts: the ring core (_ringcore.c, every function of the rings) and
+ * the driver's round trip (../executor/_calltable.c, which writes a request itself). Static inline: each
  * extension has its own copy; the layout is drawn in shm_ring.py, and ringcore_py.py
  * names the same numbers. Include after Python.h. */
 #ifndef GPUEXEC_RING_H
@@ -116,6 +116,20 @@ static inline unsigned char *one_packet_head(uintptr_t b, uint64_t slot_off, uin
     memcpy(head + 3, &one, 2);
     memcpy(head + 5, &length, 4);
     return head + ONE_HEAD;
+}
+
+/* The msgpack form msgspec gives a non-negative int (its shortest): its length, written
+ * at ``out`` (9 bytes at most). */
+static inline Py_ssize_t pack_uint(uint64_t v, unsigned char *out) {
+    if (v <= 0x7f) {
+        out[0] = (unsigned char)v;
+        return 1;
+    }
+    int n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffull ? 4 : 8;
+    out[0] = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
+    for (int i = 0; i < n; i++)
+        out[1 + i] = (unsigned char)(v >> (8 * (n - 1 - i)));
+    return 1 + n;
 }
 
 #endif /* GPUEXEC_RING_H */

@@ -688,20 +688,6 @@ fail:
 static PyObject *S_RECHECK, *S_RUNNING, *S_METHOD, *S_ARMED, *S_CLOSED, *S_FN, *S_VALUE_RANK,
     *S_ARGS, *S_KWARGS, *S_CALL_ID, *S_DUNDER;
 
-/* The msgpack form msgspec gives a non-negative int (its shortest): its length, written
- * at ``out`` (9 bytes at most). */
-static Py_ssize_t pack_uint(uint64_t v, unsigned char *out) {
-    if (v <= 0x7f) {
-        out[0] = (unsigned char)v;
-        return 1;
-    }
-    int n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffull ? 4 : 8;
-    out[0] = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
-    for (int i = 0; i < n; i++)
-        out[1 + i] = (unsigned char)(v >> (8 * (n - 1 - i)));
-    return 1 + n;
-}
-
 /* The non-negative msgpack int at ``p`` (``left`` bytes there): its length, 0 if none. */
 static Py_ssize_t unpack_uint(const unsigned char *p, Py_ssize_t left, uint64_t *v) {
     if (left < 1)
