@@ -8,6 +8,7 @@ import dataclasses
 import enum
 import importlib
 import math
+import os
 import sys
 from collections import deque, namedtuple
 from decimal import Decimal
@@ -157,8 +158,12 @@ class Untypeable(Exception):
 def ghost(directory: str, name: str) -> Any:
     """An instance of a class from module ``name``, written into ``directory`` (which
     only this process has on its path)."""
-    Path(directory, f"{name}.py").write_text(
+    # Every rank writes the file: each its own copy, moved into place whole, so that no
+    # rank imports a file another rank has just truncated.
+    mine = Path(directory, f"{name}.py.{os.getpid()}")
+    mine.write_text(
         "class Ghost:\n    def __eq__(self, other):\n        return type(other) is Ghost\n")
+    os.replace(mine, Path(directory, f"{name}.py"))
     if directory not in sys.path:
         sys.path.insert(0, directory)
     return importlib.import_module(name).Ghost()
