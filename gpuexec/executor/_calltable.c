@@ -46,7 +46,7 @@
 
 #include "../ipc/_ring.h" /* the ring's layout and publish (now_s: time.monotonic()'s clock) */
 
-#define CALLTABLE_API 4 /* calls.py's API must be the same */
+#define CALLTABLE_API 5 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -77,7 +77,6 @@ static PyMemberDef call_members[] = {
 static PyObject **call_fields(Call *c) { return &c->call_id; }
 
 static PyTypeObject *CallType;
-
 
 /* A call as calls.PendingCall.__init__ makes it (slot False), or NULL. */
 static Call *new_call(PyTypeObject *type, PyObject *call_id, PyObject *method,
@@ -498,8 +497,7 @@ enum {
     L_FIXED,     /* CallTable.fixed (see Refs) */
     L_LEN
 };
-enum { P_FN, P_VIEW, P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_VIEW,
-       P_BELL_BASE, P_LEN };
+enum { P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_BASE, P_LEN };
 
 #define NOT_SENT 0 /* where round_trip() hands a call back: entered, not sent */
 #define SENT 1     /* sent, and not complete (or complete with an error) */

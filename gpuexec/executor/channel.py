@@ -332,11 +332,7 @@ class DriverChannel:
         lock given back, is raised once the call is dealt with as :meth:`_round_trip`
         deals with it."""
         if error is not None:
-            if stage == NOT_SENT:
-                self._cancels.interrupted(call, "its sending was interrupted", error,
-                                          watch=False)
-            elif not call.done:
-                self._cancels.interrupted(call, "the waiting thread was interrupted")
+            self._interrupted(call, stage != NOT_SENT, error)
             raise error
         if stage == NOT_SENT:
             return self._round_trip(call, [header])
@@ -360,11 +356,7 @@ class DriverChannel:
                     if sent:
                         self._transport.recv_for(call, call.deadline)
             except BaseException as e:
-                if not sent:  # (as _send and wait would: not known to be sent: no watch)
-                    self._cancels.interrupted(call, "its sending was interrupted", e,
-                                              watch=False)
-                elif not call.done:
-                    self._cancels.interrupted(call, "the waiting thread was interrupted")
+                self._interrupted(call, sent, e)
                 raise
             if table.unsettled:
                 table.settle()
@@ -373,6 +365,15 @@ class DriverChannel:
         if not sent:
             self._send(ranks, frames, call.deadline, call)
         return self.wait(call)
+
+    def _interrupted(self, call: PendingCall, sent: bool, error: BaseException) -> None:
+        """``error`` was raised in the caller's thread while ``call`` was being sent (not
+        known to be sent: no rank is watched, as :meth:`_send` does it) or waited for
+        (cancelled in the ranks that still run it, as :meth:`wait` does it)."""
+        if not sent:
+            self._cancels.interrupted(call, "its sending was interrupted", error, watch=False)
+        elif not call.done:
+            self._cancels.interrupted(call, "the waiting thread was interrupted")
 
     def check_encodable(self, method: str, fn_blob: bytes | None, args: list[Any],
                         kwargs: dict[str, Any], value_rank: int, plain: bool) -> None:

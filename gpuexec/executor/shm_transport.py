@@ -30,7 +30,7 @@ from typing import Any, cast
 import msgspec
 import zmq
 
-from ..ipc import packets, ringcore, shm_payload
+from ..ipc import packets, shm_payload
 from ..ipc.codec import Decoder, MalformedMessage
 from ..ipc.messages import Pong, Reply, ShmSpec, ToDriver
 from ..ipc.shm_ring import RingReader, RingTimeout
@@ -111,8 +111,7 @@ class ShmTransport(Transport):
         ``epoch``, ``spin``); None on the pure-Python ring core."""
         ring = self._shm.request
         put = ring.put_params()
-        return None if put[0] is not ringcore.load("compiled").put_one else \
-            (self, ring, put, self._shm)
+        return None if put is None else (self, ring, put, self._shm)
 
     def pump(self, timeout_ms: int) -> list[int]:
         self._recv(None, time.monotonic() + timeout_ms / 1000)

@@ -255,16 +255,18 @@ class RingWriter:
             self._wait_for_space(seq, timeout, alive)
         return self._data + (seq % self._n_slots) * self._slot_size
 
-    def put_params(self) -> tuple[Any, ...]:
+    def put_params(self) -> tuple[int, ...] | None:
         """What a compiled sender needs to write this ring's next one-frame packet itself,
-        as :meth:`put_one` does when there is room as last seen: the core's ``put_one``,
-        the view and base, the data offset, ``n_slots``, ``slot_size``, ``max_message``,
-        ``n_readers`` and the doorbell (fixed for the writer's life). It reads ``_seq``,
-        ``_min_read`` and ``_claimed``, calls ``_min_read_seq`` and advances ``_seq`` as
-        :meth:`put_one` does (the driver's round trip, ``executor/_calltable.c``)."""
-        return (self._core.put_one, self._view, self._base, self._data, self._n_slots,
-                self._slot_size, self.max_message, self._n_readers, self._bell_view,
-                self._bell_base)
+        as :meth:`put_one` does when there is room: the base address, the data offset,
+        ``n_slots``, ``slot_size``, ``max_message``, ``n_readers`` and the doorbell's base
+        (fixed for the writer's life); None when this writer runs on the pure-Python core.
+        It reads ``_seq``, ``_min_read`` and ``_claimed``, calls ``_min_read_seq`` and
+        advances ``_seq`` as :meth:`put_one` does (the driver's round trip,
+        ``executor/_calltable.c``)."""
+        if self._core.NAME != "compiled":
+            return None
+        return (self._base, self._data, self._n_slots, self._slot_size, self.max_message,
+                self._n_readers, self._bell_base)
 
     def catch_up(self) -> None:
         """The core published messages of this writer itself (a reader's serve()): take
