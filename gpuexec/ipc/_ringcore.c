@@ -33,6 +33,7 @@
 #include <math.h>
 
 #include "_ring.h" /* the layout, the clock, the futex and the publish (shared) */
+#include "_plain.h" /* plain msgpack data: a call's arguments and results (shared) */
 
 /* -- argument parsing ------------------------------------------------------------- */
 
@@ -1156,6 +1157,60 @@ done:
     return out;
 }
 
+/* -- plain msgpack data (_plain.h) --------------------------------------------------- */
+
+/* pack_plain(value) -> bytes | None: msgspec's bytes for a plain value, None for any
+ * other (see _plain.h). */
+static PyObject *core_pack_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!nargs_ok(nargs, 1, "pack_plain"))
+        return NULL;
+    Py_ssize_t cap = 64;
+    for (;;) {
+        PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+        if (out == NULL)
+            return NULL;
+        unsigned char *at = (unsigned char *)PyBytes_AsString(out);
+        Room r = {at, at + cap, 0};
+        int rc = put_plain(&r, args[0], 0);
+        if (rc > 0) {
+            PyObject *exact = PyBytes_FromStringAndSize((const char *)at, r.at - at);
+            Py_DECREF(out);
+            return exact;
+        }
+        Py_DECREF(out);
+        if (rc < 0)
+            return NULL;
+        if (!r.full || cap > (PY_SSIZE_T_MAX >> 2)) /* not plain */
+            Py_RETURN_NONE;
+        cap *= 4; /* no room: again, with more */
+    }
+}
+
+/* unpack_plain(frame) -> (value,) | None: the plain value that is the whole of
+ * ``frame``, as msgspec reads it; None when it is not one (see _plain.h). */
+static PyObject *core_unpack_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    char *data;
+    Py_ssize_t n;
+    if (!nargs_ok(nargs, 1, "unpack_plain") || PyBytes_AsStringAndSize(args[0], &data, &n) < 0)
+        return NULL;
+    Text t = {(const unsigned char *)data, (const unsigned char *)data + n};
+    PyObject *value;
+    int rc = get_plain(&t, 0, &value);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        Py_RETURN_NONE;
+    if (t.at != t.end) {
+        Py_DECREF(value);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyTuple_Pack(1, value);
+    Py_DECREF(value);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"fence", (PyCFunction)(void (*)(void))core_fence, METH_FASTCALL, "A full memory barrier."},
     {"published", (PyCFunction)(void (*)(void))core_published, METH_FASTCALL,
@@ -1197,6 +1252,10 @@ static PyMethodDef methods[] = {
      "bell_view, bell_base, call_before, calls, reply_before, reply_after, max_reply, "
      "target, cancel, gate, decode, call_type, reply_frame, first_spin) -> (got, ran, "
      "records): wait for the next request, answering the calls it can."},
+    {"pack_plain", (PyCFunction)(void (*)(void))core_pack_plain, METH_FASTCALL,
+     "pack_plain(value) -> bytes | None: msgspec's bytes for a plain value."},
+    {"unpack_plain", (PyCFunction)(void (*)(void))core_unpack_plain, METH_FASTCALL,
+     "unpack_plain(frame) -> (value,) | None: the plain value a frame holds."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1208,7 +1267,7 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 9
+#define CORE_API 10
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     if ((S_RECHECK = PyUnicode_InternFromString("recheck")) == NULL ||

@@ -31,7 +31,7 @@ CHOICES = ("auto", "compiled", "python")
 # The interface below; ``_ringcore.c``'s CORE_API must be the same. A build from an older
 # source (an editable install after a pull, before make rebuilt it) is refused: it would
 # be called with the wrong arguments.
-API = 9
+API = 10
 
 
 class Core(Protocol):
@@ -78,6 +78,8 @@ class Core(Protocol):
               first_spin: float) -> tuple[tuple[Any, int] | bool | None,
                          tuple[int, str, Any, BaseException | None, int, bytes | None] | None,
                          list[tuple[int, float]] | None]: ...
+    def pack_plain(self, value: object) -> bytes | None: ...
+    def unpack_plain(self, frame: bytes) -> tuple[Any] | None: ...
 
 
 _current: Core | None = None

@@ -17,7 +17,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
+
+import msgspec
 
 from . import futex
 
@@ -466,3 +468,48 @@ def _servable_call(msg: Any, call_type: type[Any], target: object, cancel: Any
     if method is None:
         return None
     return msg.call_id, msg.method, method, tuple(msg.args), msg.kwargs
+
+
+# -- plain msgpack data (the compiled twin: _plain.h) ---------------------------------
+
+_PLAIN_DEPTH = 32  # containers nested deeper are left to the codec's walk
+_PLAIN_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
+
+
+def _plain_at(v: object, depth: int) -> bool:
+    """Whether ``v`` is plain msgpack data (``values.plain``) nested at most
+    :data:`_PLAIN_DEPTH` levels; ints out of range and lone surrogates are left to the
+    encoder, which refuses them."""
+    t = type(v)
+    if t in _PLAIN_SCALARS:
+        return True
+    if depth >= _PLAIN_DEPTH:
+        return False
+    if t is list:
+        return all(_plain_at(x, depth + 1) for x in cast(list[Any], v))
+    if t is dict:
+        return all(type(k) is str and _plain_at(x, depth + 1)
+                   for k, x in cast(dict[Any, Any], v).items())
+    return False
+
+
+def pack_plain(value: object) -> bytes | None:
+    """msgspec's bytes for a plain value; None for any other (the codec's walk takes it)."""
+    if not _plain_at(value, 0):
+        return None
+    try:
+        return _pack(value)
+    except (OverflowError, UnicodeEncodeError):  # an int beyond 64 bits, a lone surrogate
+        return None
+
+
+def unpack_plain(frame: bytes) -> tuple[Any] | None:
+    """``(value,)``, the plain value that is the whole of ``frame`` as msgspec reads it;
+    None when it is not one (an extension type, a key that is not a str, not msgpack)."""
+    try:
+        value = _unpack(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return (value,) if _plain_at(value, 0) else None
