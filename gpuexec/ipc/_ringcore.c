@@ -729,6 +729,93 @@ static int bare_call_at(uintptr_t b, uint64_t slot, uint64_t slot_size, const ch
     return 1;
 }
 
+/* The method name at t->at (a msgpack str), the last one read when the bytes are the
+ * same (*last: owned, kept across calls: a loop calls one method or a few): a new
+ * reference; NULL with no exception set when there is no str there. */
+static PyObject *name_at(Text *t, PyObject **last) {
+    uint64_t n;
+    unsigned char c = t->at < t->end ? *t->at : 0;
+    if (c >= 0xa0 && c <= 0xbf) {
+        n = c & 0x1f;
+        t->at += 1;
+    } else if (c == 0xd9 && t->end - t->at >= 2) {
+        n = t->at[1];
+        t->at += 2;
+    } else {
+        return NULL;
+    }
+    if ((uint64_t)(t->end - t->at) < n)
+        return NULL;
+    Py_ssize_t had_len;
+    const char *had = *last == NULL ? NULL : PyUnicode_AsUTF8AndSize(*last, &had_len);
+    if (had != NULL && (uint64_t)had_len == n && memcmp(had, t->at, n) == 0) {
+        t->at += n;
+        return Py_NewRef(*last);
+    }
+    PyErr_Clear();
+    PyObject *name = PyUnicode_DecodeUTF8((const char *)t->at, (Py_ssize_t)n, NULL);
+    if (name == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            PyErr_Clear(); /* the decoder counts it */
+        return NULL;
+    }
+    t->at += n;
+    Py_XDECREF(*last);
+    *last = Py_NewRef(name);
+    return name;
+}
+
+/* A call by name with plain arguments in the slot at ``slot``, a packet of one frame of
+ * at most ``max_len`` bytes for every rank: ``before`` + id + the method's name (no
+ * dunder) + nil (no callable) + its arguments + its keyword arguments (not both empty:
+ * the request loop learns the names of bare calls) + -1 (every rank's value), read as
+ * msgspec reads it (_plain.h) without the Python decoder. 1 with *id and new references
+ * in *name, *call_args (a tuple) and *call_kwargs (a dict; NULL when empty); 0 for any
+ * other message (the Python decoder's); -1 with an exception set. */
+static int plain_call_at(uintptr_t b, uint64_t slot, uint64_t slot_size, uint64_t max_len,
+                         const char *before, Py_ssize_t before_len, PyObject **last,
+                         uint64_t *id, PyObject **name, PyObject **call_args,
+                         PyObject **call_kwargs) {
+    uint32_t length;
+    const unsigned char *frame = one_frame_at(b, slot, slot_size, max_len, &length);
+    if (frame == NULL || (Py_ssize_t)length <= before_len ||
+        memcmp(frame, before, (size_t)before_len))
+        return 0;
+    Text t = {frame + before_len, frame + length};
+    Py_ssize_t n = unpack_uint(t.at, t.end - t.at, id);
+    if (n == 0)
+        return 0;
+    t.at += n;
+    PyObject *nm = name_at(&t, last), *a = NULL, *k = NULL;
+    if (nm == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    int rc = 0;
+    if (PyUnicode_Tailmatch(nm, S_DUNDER, 0, PY_SSIZE_T_MAX, -1) != 0 || t.at >= t.end ||
+        *t.at++ != 0xc0)
+        goto end;
+    if ((rc = get_args(&t, &a)) <= 0)
+        goto end;
+    unsigned char c = t.at < t.end ? *t.at : 0;
+    if (!((c >= 0x80 && c <= 0x8f) || c == 0xde || c == 0xdf) ||
+        (rc = get_plain(&t, 0, &k)) <= 0)
+        goto end;
+    rc = 0;
+    if (t.end - t.at != 1 || *t.at != 0xff || (PyTuple_Size(a) == 0 && PyDict_Size(k) == 0))
+        goto end;
+    *name = nm;
+    *call_args = a;
+    *call_kwargs = PyDict_Size(k) ? Py_NewRef(k) : NULL;
+    Py_DECREF(k);
+    return 1;
+end:
+    if (PyErr_Occurred() && rc >= 0)
+        PyErr_Clear(); /* (the dunder check cannot fail on a str) */
+    Py_DECREF(nm);
+    Py_XDECREF(a);
+    Py_XDECREF(k);
+    return rc < 0 ? -1 : 0;
+}
+
 #define RECORDS 33 /* arrivals kept for the forecast: its history (32 gaps) and one */
 
 /* What serve() keeps of the calls it answered: when each request was published and
@@ -878,6 +965,17 @@ struct reply_ring {
     Py_ssize_t before_len, after_len, max_reply;
 };
 
+/* Whether the reply ring has a free slot (its reader's position looked at again only
+ * when it seemed full). */
+static int ring_room(struct reply_ring *r) {
+    if (r->min_read + r->n_slots <= r->seq) {
+        r->min_read = load_acq(r->b, ONE_READER_SEQ_OFF);
+        if (r->min_read + r->n_slots <= r->seq)
+            return 0;
+    }
+    return 1;
+}
+
 /* Write and publish one reply frame, the bytes at ``a``, ``m`` and ``c`` one after the
  * other (a length 0: no part), when it fits in a slot, the ring has room and it is not
  * over max_reply: 1; 0 to leave it to Python (it waits for room, sends a longer frame by
@@ -889,11 +987,8 @@ static int put_reply(struct reply_ring *r, const char *a, Py_ssize_t a_len,
     if ((r->max_reply >= 0 && n > (uint64_t)r->max_reply) ||
         n + ONE_HEAD + SLOT_HEADER > r->slot_size)
         return 0;
-    if (r->min_read + r->n_slots <= r->seq) {
-        r->min_read = load_acq(r->b, ONE_READER_SEQ_OFF);
-        if (r->min_read + r->n_slots <= r->seq)
-            return 0;
-    }
+    if (!ring_room(r))
+        return 0;
     uint64_t slot = r->data_off + (r->seq % r->n_slots) * r->slot_size;
     unsigned char *at = one_packet_head(r->b, slot, (uint32_t)n);
     memcpy(at, a, (size_t)a_len);
@@ -901,6 +996,36 @@ static int put_reply(struct reply_ring *r, const char *a, Py_ssize_t a_len,
         memcpy(at + a_len, m, (size_t)m_len);
     if (c_len)
         memcpy(at + a_len + m_len, c, (size_t)c_len);
+    r->seq += 1;
+    publish_at(r->b, slot, r->seq, 1, r->bell);
+    return 1;
+}
+
+/* The reply ``Reply(id, rank, value)`` of a plain ``value`` written into the next slot
+ * as msgspec writes it (_plain.h: the reply's cached bytes around the id, the value,
+ * nil) and published: 1; 0 when it is not plain, or the ring has no room now, or it is
+ * over max_reply or a slot (Python's encoder takes it: see put_value_reply); -1 with an
+ * exception set. */
+static int put_plain_reply(struct reply_ring *r, uint64_t id, PyObject *value) {
+    Py_ssize_t rank_len = r->after_len - 2; /* the reply's after: rank, nil, nil */
+    if (rank_len < 1 || !ring_room(r))
+        return 0;
+    uint64_t slot = r->data_off + (r->seq % r->n_slots) * r->slot_size;
+    unsigned char *frame = (unsigned char *)(r->b + slot + SLOT_HEADER + ONE_HEAD);
+    uint64_t cap = r->slot_size - SLOT_HEADER - ONE_HEAD;
+    if (r->max_reply >= 0 && (uint64_t)r->max_reply < cap)
+        cap = (uint64_t)r->max_reply;
+    Room room = {frame, frame + cap, 0};
+    if (!put_bytes(&room, r->before, r->before_len) || !room_for(&room, 9))
+        return 0;
+    room.at += pack_uint(id, room.at);
+    int rc = put_bytes(&room, r->after, rank_len);
+    if (rc > 0)
+        rc = put_plain(&room, value, 0);
+    if (rc <= 0 || !room_for(&room, 1))
+        return rc < 0 ? -1 : 0;
+    *room.at++ = 0xc0; /* no error */
+    one_packet_head(r->b, slot, (uint32_t)(room.at - frame));
     r->seq += 1;
     publish_at(r->b, slot, r->seq, 1, r->bell);
     return 1;
@@ -919,8 +1044,13 @@ static int put_value_reply(struct reply_ring *r, uint64_t id, PyObject *id_obj,
         Py_ssize_t id_len = pack_uint(id, packed);
         return put_reply(r, r->before, r->before_len, packed, id_len, r->after, r->after_len);
     }
-    if (reply_frame == Py_None)
-        return 0;
+    int plain = put_plain_reply(r, id, value);
+    if (plain < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear(); /* (no memory for the value's objects) Python's encoder tries */
+        plain = 0;
+    }
+    if (plain != 0 || reply_frame == Py_None)
+        return plain;
     PyObject *frame = PyObject_CallFunctionObjArgs(reply_frame, id_obj, value, NULL);
     if (frame == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_Exception))
@@ -1034,7 +1164,8 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
     uintptr_t b = (uintptr_t)base;
     struct records rec;
     rec.n = 0;
-    PyObject *key = NULL, *name = NULL, *got = NULL, *ran = NULL, *out = NULL;
+    PyObject *key = NULL, *name = NULL, *last_name = NULL, *got = NULL, *ran = NULL,
+             *out = NULL;
     uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
     double start = load_acq(b, WRITE_SEQ_OFF) > seq ? 0.0 : now_s();
     double spin_until = start + (first_spin < timeout ? first_spin : timeout);
@@ -1056,10 +1187,19 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
                          &rest_len) &&
             (called = cached_name(calls, rest, rest_len, &key, &name)) != NULL)
             method = runnable(target, called, cancel);
+        if (method != NULL) {
+            Py_INCREF(called); /* (borrowed from ``calls``) */
+        } else if (!PyErr_Occurred() &&
+                   plain_call_at(b, slot, slot_size, max_len, call_before, call_before_len,
+                                 &last_name, &id, &called, &call_args, &call_kwargs) > 0 &&
+                   (method = runnable(target, called, cancel)) == NULL) {
+            Py_CLEAR(called); /* not runnable now: the request loop's (decoded again) */
+            Py_CLEAR(call_args);
+            Py_CLEAR(call_kwargs);
+        }
         if (PyErr_Occurred())
             goto done;
-        if (method != NULL) { /* a bare call: taken */
-            Py_INCREF(called);
+        if (method != NULL) { /* a bare call, or one with plain arguments: taken */
             stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
             seq += 1;
             __atomic_store_n(u64_at(b, reader_off), seq, __ATOMIC_RELEASE);
@@ -1154,6 +1294,7 @@ done:
     Py_XDECREF(ran);
     Py_XDECREF(key);
     Py_XDECREF(name);
+    Py_XDECREF(last_name);
     return out;
 }
 
