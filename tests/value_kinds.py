@@ -173,6 +173,17 @@ class ValueWorker(Worker):
     def echo(self, *args: Any, **kwargs: Any) -> Any:
         return [list(args), kwargs]
 
+    def profile(self, on: bool) -> list[str]:
+        """Record the names of the Python functions this worker's main thread calls from
+        now on (``on``), or stop and give them."""
+        if on:
+            self._seen: list[str] = []
+            sys.setprofile(lambda frame, event, arg: self._seen.append(frame.f_code.co_name)
+                           if event == "call" else None)
+            return []
+        sys.setprofile(None)
+        return self._seen
+
     def identity(self, value: Any) -> Any:
         return value
 

@@ -45,8 +45,9 @@
 #include <stddef.h>
 
 #include "../ipc/_ring.h" /* the ring's layout and publish (now_s: time.monotonic()'s clock) */
+#include "../ipc/_plain.h" /* plain msgpack data: a call's arguments and results */
 
-#define CALLTABLE_API 5 /* calls.py's API must be the same */
+#define CALLTABLE_API 6 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -495,6 +496,8 @@ enum {
     L_EVERY,     /* every rank, as a mask */
     L_N_RANKS,
     L_FIXED,     /* CallTable.fixed (see Refs) */
+    L_LEARN,     /* the encoder's bare_call (it caches a name's pieces in L_IDS) */
+    L_REPLIES,   /* each rank's (before, after): the bytes around the id of its None reply */
     L_LEN
 };
 enum { P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_BASE, P_LEN };
@@ -542,10 +545,49 @@ static PyObject *caught(void) {
     return exc != NULL ? exc : Py_NewRef(Py_None);
 }
 
+/* A request frame in pieces, written into the slot one after the other. */
+struct frame {
+    const char *at[4];
+    Py_ssize_t len[4];
+    int n;
+    Py_ssize_t size;
+};
+
+static void add_piece(struct frame *f, const char *at, Py_ssize_t len) {
+    f->at[f->n] = at;
+    f->len[f->n++] = len;
+    f->size += len;
+}
+
+/* The whole frame as bytes (for the Python steps it is handed to). */
+static PyObject *frame_bytes(const struct frame *f) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, f->size);
+    if (out == NULL)
+        return NULL;
+    char *at = PyBytes_AsString(out);
+    for (int i = 0; i < f->n; i++) {
+        memcpy(at, f->at[i], (size_t)f->len[i]);
+        at += f->len[i];
+    }
+    return out;
+}
+
 /* channel._go_on(call, header, stage, error): where the channel's Python steps take the
- * call up (what it returns or raises is the call's); steals ``error``. */
-static PyObject *hand_back(PyObject *channel, Call *call, PyObject *header, int stage,
+ * call up (what it returns or raises is the call's); ``header``: the request's frame
+ * ``f`` as bytes when it was not sent (None once sent: the Python steps only wait;
+ * where no memory is left for it, the call is handed back with that error). Steals
+ * ``error``. */
+static PyObject *hand_back(PyObject *channel, Call *call, const struct frame *f, int stage,
                            PyObject *error) {
+    PyObject *header = f == NULL ? Py_NewRef(Py_None) : frame_bytes(f);
+    if (header == NULL) {
+        PyObject *no_memory = caught();
+        if (error == NULL)
+            error = no_memory;
+        else
+            Py_DECREF(no_memory);
+        header = Py_NewRef(Py_None);
+    }
     PyObject *st = PyLong_FromLong(stage);
     PyObject *out = st == NULL ? NULL
                                : PyObject_CallMethodObjArgs(channel, S_GO_ON, (PyObject *)call,
@@ -553,13 +595,15 @@ static PyObject *hand_back(PyObject *channel, Call *call, PyObject *header, int 
                                                             error != NULL ? error : Py_None,
                                                             NULL);
     Py_XDECREF(st);
+    Py_DECREF(header);
     Py_XDECREF(error);
     return out;
 }
 
-/* Send ``header`` as the request ring's next packet when there is room (RingWriter.put_one
- * without its wait): 1 sent, 0 no room now (or a claim open), -1 error. */
-static int put_header(PyObject *writer, PyObject *put, PyObject *header) {
+/* Send frame ``f`` as the request ring's next packet when there is room
+ * (RingWriter.put_one without its wait): 1 sent, 0 no room now (or a claim open), -1
+ * error. */
+static int put_frame(PyObject *writer, PyObject *put, const struct frame *f) {
     PyObject *claimed = PyObject_GetAttr(writer, S_CLAIMED);
     if (claimed == NULL)
         return -1;
@@ -575,7 +619,7 @@ static int put_header(PyObject *writer, PyObject *put, PyObject *header) {
     most = PyLong_AsLongLong(PyTuple_GetItem(put, P_MAX));
     if (PyErr_Occurred())
         return -1;
-    if (n_slots <= 0 || PyBytes_Size(header) + 9 > most)
+    if (n_slots <= 0 || f->size + ONE_HEAD > most)
         return 0; /* the general send */
     if (min_read <= seq - n_slots) { /* no room as last seen: look again (a call into the
                                       * writer's Python, once every n_slots sends) */
@@ -598,9 +642,11 @@ static int put_header(PyObject *writer, PyObject *put, PyObject *header) {
     Py_DECREF(next);
     /* As the ring core's put_one: the packet written, then published (_ring.h). */
     uint64_t off = (uint64_t)(data + (seq % n_slots) * slot_size);
-    Py_ssize_t length = PyBytes_Size(header);
-    memcpy(one_packet_head((uintptr_t)base, off, (uint32_t)length), PyBytes_AsString(header),
-           (size_t)length);
+    char *at = (char *)one_packet_head((uintptr_t)base, off, (uint32_t)f->size);
+    for (int i = 0; i < f->n; i++) {
+        memcpy(at, f->at[i], (size_t)f->len[i]);
+        at += f->len[i];
+    }
     publish_at((uintptr_t)base, off, (uint64_t)seq + 1, (uint64_t)readers, (uintptr_t)bell);
     return 1;
 }
@@ -619,13 +665,98 @@ static int mark_moved(PyObject *transport, PyObject *mask) {
     return rc;
 }
 
-/* The first collect of the call's replies and what follows it, under the pump lock: 0
- * done with this step (the call may still be owed: the caller waits), -1 error. */
+/* The reply in ``frame`` when it is ``Reply(id, rank, value)`` of a plain value (the
+ * bytes around the id of rank's None reply, ``parts``: (before, after), with the value
+ * in place of after's first nil; see _plain.h): 1 with *value; 0 for any other frame
+ * (the transport's Python steps decode it); -1 with an exception set. */
+static int plain_result(PyObject *frame, PyObject *parts, PyObject *middle,
+                        PyObject **value) {
+    char *at, *before, *after, *id;
+    Py_ssize_t n, b_len, a_len, id_len;
+    if (!PyBytes_Check(frame) || !PyTuple_Check(parts) || PyTuple_Size(parts) != 2 ||
+        PyBytes_AsStringAndSize(frame, &at, &n) < 0 ||
+        PyBytes_AsStringAndSize(PyTuple_GetItem(parts, 0), &before, &b_len) < 0 ||
+        PyBytes_AsStringAndSize(PyTuple_GetItem(parts, 1), &after, &a_len) < 0 ||
+        PyBytes_AsStringAndSize(middle, &id, &id_len) < 0)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_ssize_t rank_len = a_len - 2; /* after: rank, nil (the value), nil (no error) */
+    if (rank_len < 1 || n < b_len + id_len + rank_len + 2 ||
+        memcmp(at, before, (size_t)b_len) || memcmp(at + b_len, id, (size_t)id_len) ||
+        memcmp(at + b_len + id_len, after, (size_t)rank_len) || at[n - 1] != (char)0xc0)
+        return 0;
+    const unsigned char *start = (const unsigned char *)at + b_len + id_len + rank_len;
+    Text text = {start, (const unsigned char *)at + n - 1};
+    int rc = get_plain(&text, 0, value);
+    if (rc > 0 && text.at != text.end) {
+        Py_CLEAR(*value);
+        return 0;
+    }
+    return rc;
+}
+
+/* What the collects of one call took so far, across passes (a rank that answers later
+ * than the others' spin makes another pass). */
+struct gathered {
+    unsigned long long taken, framed; /* the ranks that answered None / by a frame */
+    PyObject *frames;                 /* every frame taken, in the order taken */
+    PyObject *values;                 /* rank -> its result, while every frame is plain */
+};
+
+/* One collect's ``taken``, ``framed`` and ``frames`` (in rank order) added to ``g``:
+ * each frame kept, and read when every frame so far was the call's own plain result
+ * (g->values NULL from the first that is not: the transport's steps decode them all).
+ * 0, or -1 with an exception set. */
+static int gather_pass(struct gathered *g, PyObject *const *lane, unsigned long long taken,
+                       unsigned long long framed, PyObject *frames, PyObject *middle) {
+    PyObject *parts = lane[L_REPLIES];
+    if (g->frames == NULL &&
+        ((g->frames = PyList_New(0)) == NULL || (g->values = PyDict_New()) == NULL))
+        return -1;
+    g->taken |= taken;
+    g->framed |= framed;
+    Py_ssize_t k = 0;
+    for (int rank = 0; rank < 64 && ((taken | framed) >> rank); rank++) {
+        int is_frame = (framed >> rank) & 1;
+        if (!is_frame && !((taken >> rank) & 1))
+            continue;
+        PyObject *frame = is_frame ? PyList_GetItem(frames, k++) : NULL;
+        if (is_frame && (frame == NULL || PyList_Append(g->frames, frame) < 0))
+            return -1;
+        if (g->values == NULL)
+            continue;
+        PyObject *value = NULL, *key = PyLong_FromLong(rank);
+        int rc = key == NULL ? -1 : 1;
+        if (rc > 0 && is_frame)
+            rc = plain_result(frame, PyTuple_GetItem(parts, rank), middle, &value);
+        else if (rc > 0)
+            value = Py_NewRef(Py_None);
+        if (rc > 0 && PyDict_SetItem(g->values, key, value) < 0)
+            rc = -1;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (rc < 0)
+            return -1;
+        if (rc == 0)
+            Py_CLEAR(g->values);
+    }
+    return 0;
+}
+
+/* The replies to ``call`` collected and the call ended, under the pump lock: every
+ * rank's None result known by its bytes (the common case: one collect), or plain results
+ * read here, over as many collects as the ranks take to answer; anything else (a failure,
+ * a value the codec must read, a message left in a ring, nothing before the deadline or a
+ * poke, the table closing) handed with what was taken to the transport's own steps
+ * (collect_more). 0 done with this step (the call may still be owed: the caller waits),
+ * -1 error. */
 static int first_collect(PyObject *const *lane, const Refs *t, Call *call,
                          PyObject *middle) {
     PyObject *table = lane[L_TABLE], *shm = lane[L_SHM], *transport = lane[L_TRANSPORT];
     PyObject *collect = NULL, *epoch = NULL, *seen = NULL, *spin = NULL, *spin_until = NULL,
-             *deadline = NULL, *got = NULL, *closing = NULL, *moved = NULL;
+             *deadline = NULL, *got = NULL, *closing = NULL, *moved = NULL, *want = NULL,
+             *result = NULL, *more = NULL;
+    struct gathered g = {0, 0, NULL, NULL};
+    unsigned long long every = 0, left = 0;
     int rc = -1;
     double spin_s;
     if ((collect = PyObject_GetAttr(shm, S_COLLECT)) == NULL ||
@@ -636,54 +767,83 @@ static int first_collect(PyObject *const *lane, const Refs *t, Call *call,
         goto done;
     deadline = call->deadline == Py_None ? PyFloat_FromDouble(INFINITY)
                                          : Py_NewRef(call->deadline);
-    if (deadline == NULL || collect == Py_None)
-        goto done_or_none;
-    /* The epoch before the check: a poke after it ends the wait (see ShmTransport). */
-    if ((seen = PyObject_CallNoArgs(epoch)) == NULL ||
-        (closing = PyObject_GetAttr(table, S_CLOSING)) == NULL)
+    if (deadline == NULL)
         goto done;
-    if (PyObject_IsTrue(closing)) {
-        rc = 0; /* the caller's wait sees the close */
+    if (collect == Py_None)
+        goto to_python; /* more ranks than collect takes: the transport's steps */
+    every = PyLong_AsUnsignedLongLong(lane[L_EVERY]);
+    if (PyErr_Occurred())
         goto done;
+    want = Py_NewRef(lane[L_EVERY]);
+    for (;;) {
+        /* The epoch before the check: a poke after it ends the wait (see ShmTransport). */
+        SET_FIELD(seen, PyObject_CallNoArgs(epoch));
+        SET_FIELD(closing, PyObject_GetAttr(table, S_CLOSING));
+        int closed = seen == NULL || closing == NULL ? -1 : PyObject_IsTrue(closing);
+        if (closed < 0)
+            goto done;
+        if (closed && g.frames == NULL) {
+            rc = 0; /* the caller's wait sees the close */
+            goto done;
+        }
+        if (closed)
+            goto to_python; /* what was taken is delivered there */
+        SET_FIELD(got, PyObject_CallFunctionObjArgs(collect, seen, spin_until, deadline,
+                                                    middle, want, NULL));
+        if (got == NULL)
+            goto done;
+        if (!PyTuple_Check(got) || PyTuple_Size(got) != 4) {
+            PyErr_SetString(PyExc_TypeError, "collect() gave no (taken, framed, other, frames)");
+            goto done;
+        }
+        unsigned long long took = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 0)),
+                           copied = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 1));
+        left = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 2));
+        if (PyErr_Occurred())
+            goto done;
+        if (took | copied) { /* released by the core: the readers catch up when next used */
+            SET_FIELD(moved, PyLong_FromUnsignedLongLong(took | copied));
+            if (moved == NULL || mark_moved(transport, moved) < 0)
+                goto done;
+        }
+        if (g.frames == NULL && took == every && !left && !copied) {
+            result = answer(t, (PyObject *)call, Py_None); /* the common case */
+            rc = result == NULL ? -1 : 0;
+            goto done;
+        }
+        if ((took | copied) &&
+            gather_pass(&g, lane, took, copied, PyTuple_GetItem(got, 3), middle) < 0)
+            goto done;
+        if (left || !(took | copied) || g.values == NULL)
+            goto to_python; /* a message left in place, nothing came, a frame to decode */
+        if ((g.taken | g.framed) == every) { /* results, each rank's own, read here */
+            result = answer(t, (PyObject *)call, g.values);
+            rc = result == NULL ? -1 : 0;
+            goto done;
+        }
+        /* Ranks still owed: another collect of theirs, spinning afresh. */
+        SET_FIELD(want, PyLong_FromUnsignedLongLong(every & ~(g.taken | g.framed)));
+        SET_FIELD(spin_until, PyFloat_FromDouble(now_s() + spin_s));
+        if (want == NULL || spin_until == NULL)
+            goto done;
     }
-    got = PyObject_CallFunctionObjArgs(collect, seen, spin_until, deadline, middle,
-                                       lane[L_EVERY], NULL);
-    if (got == NULL)
-        goto done;
-    if (!PyTuple_Check(got) || PyTuple_Size(got) != 4) {
-        PyErr_SetString(PyExc_TypeError, "collect() gave no (taken, framed, other, frames)");
-        goto done;
+to_python: /* the transport's own steps from here, with what was taken */
+    if (g.frames != NULL) {
+        PyObject *a = PyLong_FromUnsignedLongLong(g.taken),
+                 *b = PyLong_FromUnsignedLongLong(g.framed),
+                 *c = PyLong_FromUnsignedLongLong(left);
+        more = a == NULL || b == NULL || c == NULL ? NULL : PyTuple_Pack(4, a, b, c, g.frames);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(c);
+        if (more == NULL)
+            goto done;
+    } else if (got != NULL) {
+        more = Py_NewRef(got);
     }
-    PyObject *taken = PyTuple_GetItem(got, 0), *framed = PyTuple_GetItem(got, 1),
-             *other = PyTuple_GetItem(got, 2), *frames = PyTuple_GetItem(got, 3);
-    if ((moved = PyNumber_Or(taken, framed)) == NULL)
-        goto done;
-    int any = PyObject_IsTrue(moved);
-    if (any < 0 || (any && mark_moved(transport, moved) < 0))
-        goto done;
-    int all = PyObject_RichCompareBool(taken, lane[L_EVERY], Py_EQ);
-    if (all < 0)
-        goto done;
-    if (all && PyObject_Not(other) == 1 && PyObject_Length(frames) == 0) {
-        PyObject *r = answer(t, (PyObject *)call, Py_None); /* the common case */
-        rc = r == NULL ? -1 : 0;
-        Py_XDECREF(r);
-        goto done;
-    }
-    { /* anything else: the transport's own steps from here */
-        PyObject *r = PyObject_CallMethodObjArgs(transport, S_COLLECT_MORE, (PyObject *)call,
-                                                 deadline, got, NULL);
-        rc = r == NULL ? -1 : 0;
-        Py_XDECREF(r);
-    }
-    goto done;
-done_or_none:
-    if (!PyErr_Occurred()) { /* more ranks than collect takes: the transport's steps */
-        PyObject *r = PyObject_CallMethodObjArgs(transport, S_COLLECT_MORE, (PyObject *)call,
-                                                 deadline, Py_None, NULL);
-        rc = r == NULL ? -1 : 0;
-        Py_XDECREF(r);
-    }
+    result = PyObject_CallMethodObjArgs(transport, S_COLLECT_MORE, (PyObject *)call, deadline,
+                                        more != NULL ? more : Py_None, NULL);
+    rc = result == NULL ? -1 : 0;
 done:
     Py_XDECREF(collect);
     Py_XDECREF(epoch);
@@ -694,77 +854,29 @@ done:
     Py_XDECREF(got);
     Py_XDECREF(closing);
     Py_XDECREF(moved);
+    Py_XDECREF(want);
+    Py_XDECREF(result);
+    Py_XDECREF(more);
+    Py_XDECREF(g.frames);
+    Py_XDECREF(g.values);
     return rc;
 }
 
-/* round_trip(lane, method, ranks, timeout): DriverChannel.call_bare, the whole round trip
- * of a blocking call by name over shared memory in one call: the call made and entered,
- * its cached header written into the request ring under the pump and send locks, its
- * replies collected and recorded, its list of results returned. A name without a cached
- * header (or one over max_message_size, or not every rank): channel._call_bare does it
- * all. Anything else that is not the common case is handed to channel._go_on(call,
- * header, stage, error), whose outcome is the call's: NOT_SENT (the pump or send lock
- * taken, the channel released, the ring full), SENT (a reply still owed, or the call
- * ended with an error); ``error``: an exception raised while it sent (NOT_SENT) or
- * waited (SENT: Ctrl-C), taken as a value with every lock given back first. */
-static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyTuple_Check(args[0]) || PyTuple_Size(args[0]) != L_LEN) {
-        PyErr_SetString(PyExc_TypeError, "round_trip(lane, method, ranks, timeout)");
-        return NULL;
-    }
-    PyObject *lane[L_LEN];
-    for (Py_ssize_t i = 0; i < L_LEN; i++)
-        lane[i] = PyTuple_GetItem(args[0], i);
-    PyObject *method = args[1], *ranks = args[2];
-    PyObject *parts = PyDict_GetItemWithError(lane[L_IDS], method); /* borrowed */
-    if (parts == NULL && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t n_ranks = PyLong_AsSsize_t(lane[L_N_RANKS]);
-    long long most = PyLong_AsLongLong(lane[L_MAX_SIZE]);
-    if (PyErr_Occurred())
-        return NULL;
-    PyObject *before, *after;
-    if (parts == NULL || !PyTuple_Check(parts) || PyTuple_Size(parts) != 2 ||
-        !PyBytes_Check(before = PyTuple_GetItem(parts, 0)) ||
-        !PyBytes_Check(after = PyTuple_GetItem(parts, 1)) || !PyList_Check(ranks) ||
-        PyList_Size(ranks) != n_ranks || !PyTuple_Check(lane[L_PUT]) ||
-        PyTuple_Size(lane[L_PUT]) != P_LEN ||
-        (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) > most))
-        return PyObject_CallMethodObjArgs(lane[L_CHANNEL], S_CALL_BARE, method, ranks, args[3],
-                                          NULL); /* not for this path: nothing done */
-    Refs t;
-    if (refs_from(lane[L_TABLE], lane[L_FIXED], &t) < 0)
-        return NULL;
-    Call *call = enter_call(&t, method, ranks, Py_None, args[3], Py_None);
-    if (call == NULL)
-        return NULL; /* refused: nothing was sent */
-    uint64_t id = PyLong_AsUnsignedLongLong(call->call_id);
-    unsigned char idb[9];
-    Py_ssize_t id_len = pack_uint(id, idb);
-    Py_ssize_t b_len = PyBytes_Size(before), a_len = PyBytes_Size(after);
-    PyObject *header = PyErr_Occurred() ? NULL
-                                        : PyBytes_FromStringAndSize(NULL, b_len + id_len + a_len);
-    PyObject *middle = header == NULL ? NULL : PyBytes_FromStringAndSize((char *)idb, id_len);
-    PyObject *out = NULL;
-    if (middle == NULL) {
-        out = hand_back(lane[L_CHANNEL], call, Py_None, NOT_SENT, caught());
-        goto done;
-    }
-    PyObject *nbytes = PyLong_FromSsize_t(b_len + id_len + a_len); /* (the metrics') */
-    if (nbytes == NULL) {
-        out = hand_back(lane[L_CHANNEL], call, Py_None, NOT_SENT, caught());
-        goto done;
-    }
+/* The rest of a blocking call's round trip once it is entered and its request frame
+ * ``f`` made: sent under the pump and send locks when both are free, its replies
+ * collected and the call ended; its list of results, or what channel._go_on gives for
+ * what is handed back (see round_trip). */
+static PyObject *trip(PyObject *const *lane, const Refs *t, Call *call,
+                      const struct frame *f, PyObject *middle) {
+    PyObject *nbytes = PyLong_FromSsize_t(f->size); /* (the metrics') */
+    if (nbytes == NULL)
+        return hand_back(lane[L_CHANNEL], call, f, NOT_SENT, caught());
     SET_FIELD(call->nbytes, nbytes);
-    char *h = PyBytes_AsString(header);
-    memcpy(h, PyBytes_AsString(before), (size_t)b_len);
-    memcpy(h + b_len, idb, (size_t)id_len);
-    memcpy(h + b_len + id_len, PyBytes_AsString(after), (size_t)a_len);
     /* The send, under the pump lock and the send lock, when both are free. */
     int pumping = try_lock(lane[L_PUMP]);
     if (pumping <= 0) {
-        out = hand_back(lane[L_CHANNEL], call, header, NOT_SENT, pumping < 0 ? caught() : NULL);
-        goto done;
+        PyObject *error = pumping < 0 ? caught() : NULL;
+        return hand_back(lane[L_CHANNEL], call, f, NOT_SENT, error);
     }
     int sending = try_lock(lane[L_SEND]);
     int sent = 0;
@@ -772,7 +884,7 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyObject *released = PyObject_GetAttr(lane[L_CHANNEL], S_RELEASED);
         int gone = released == NULL ? -1 : PyObject_IsTrue(released);
         Py_XDECREF(released);
-        sent = gone < 0 ? -1 : gone ? 0 : put_header(lane[L_WRITER], lane[L_PUT], header);
+        sent = gone < 0 ? -1 : gone ? 0 : put_frame(lane[L_WRITER], lane[L_PUT], f);
         unlock(lane[L_SEND]);
     } else if (sending < 0) {
         sent = -1;
@@ -780,17 +892,14 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (sent <= 0) {
         PyObject *error = sent < 0 ? caught() : NULL;
         unlock(lane[L_PUMP]);
-        out = hand_back(lane[L_CHANNEL], call, header, NOT_SENT, error);
-        goto done;
+        return hand_back(lane[L_CHANNEL], call, f, NOT_SENT, error);
     }
     /* The replies, still under the pump lock. */
-    int rc = first_collect(lane, &t, call, middle);
+    int rc = first_collect(lane, t, call, middle);
     PyObject *error = rc < 0 ? caught() : NULL;
     unlock(lane[L_PUMP]);
-    if (error != NULL) {
-        out = hand_back(lane[L_CHANNEL], call, header, SENT, error);
-        goto done;
-    }
+    if (error != NULL)
+        return hand_back(lane[L_CHANNEL], call, NULL, SENT, error);
     PyObject *unsettled = PyObject_GetAttr(lane[L_TABLE], S_UNSETTLED);
     int queued = unsettled == NULL ? -1 : PyObject_IsTrue(unsettled);
     Py_XDECREF(unsettled);
@@ -800,15 +909,171 @@ static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t na
         Py_XDECREF(r);
     }
     if (queued < 0)
-        goto done; /* (as the general path: an error of settle() is raised) */
+        return NULL; /* (as the general path: an error of settle() is raised) */
     if (call->done == Py_True && call->error == Py_None)
-        out = Py_NewRef(call->value);
-    else
-        out = hand_back(lane[L_CHANNEL], call, header, SENT, NULL);
-done:
-    Py_XDECREF(header);
+        return Py_NewRef(call->value);
+    return hand_back(lane[L_CHANNEL], call, NULL, SENT, NULL);
+}
+
+/* The lane's items as an array (borrowed); 0, or -1 with TypeError. */
+static int lane_items(PyObject *tuple, PyObject **lane) {
+    if (!PyTuple_Check(tuple) || PyTuple_Size(tuple) != L_LEN) {
+        PyErr_SetString(PyExc_TypeError, "the round trip's lane: a tuple of its items");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < L_LEN; i++)
+        lane[i] = PyTuple_GetItem(tuple, i);
+    return 0;
+}
+
+/* The cached pieces around the id of a call by name without arguments to ``method``
+ * (the encoder's, made by its bare_call when ``learn``), when the call may take the
+ * round trip (to every rank, ``ranks`` a list of them, its geometry known): 1 with new
+ * references in *before, *after (the encoder may clear its dict while another thread
+ * runs); 0 not; -1 with an exception set. */
+static int pieces_for(PyObject *const *lane, PyObject *method, PyObject *ranks, int learn,
+                      PyObject **before, PyObject **after) {
+    PyObject *parts = PyDict_GetItemWithError(lane[L_IDS], method); /* borrowed */
+    if (parts == NULL && !PyErr_Occurred() && learn && PyUnicode_CheckExact(method)) {
+        PyObject *zero = PyLong_FromLong(0);
+        PyObject *made = zero == NULL ? NULL
+                                      : PyObject_CallFunctionObjArgs(lane[L_LEARN], zero,
+                                                                     method, NULL);
+        Py_XDECREF(zero);
+        Py_XDECREF(made);
+        if (made == NULL)
+            return -1;
+        parts = PyDict_GetItemWithError(lane[L_IDS], method);
+    }
+    if (parts == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_ssize_t n_ranks = PyLong_AsSsize_t(lane[L_N_RANKS]);
+    if (n_ranks == -1 && PyErr_Occurred())
+        return -1;
+    if (!(PyTuple_Check(parts) && PyTuple_Size(parts) == 2 &&
+          PyBytes_Check(*before = PyTuple_GetItem(parts, 0)) &&
+          PyBytes_Check(*after = PyTuple_GetItem(parts, 1)) && PyList_Check(ranks) &&
+          PyList_Size(ranks) == n_ranks && PyTuple_Check(lane[L_PUT]) &&
+          PyTuple_Size(lane[L_PUT]) == P_LEN))
+        return 0;
+    Py_INCREF(*before);
+    Py_INCREF(*after);
+    return 1;
+}
+
+/* The call entered and its request made of ``before`` + its id + ``after`` (its last
+ * ``drop`` bytes left out) + ``body``, then trip(). ``method``..``timeout``: enter_call's. */
+static PyObject *enter_and_trip(PyObject *const *lane, PyObject *method, PyObject *ranks,
+                                PyObject *timeout, PyObject *before, PyObject *after,
+                                Py_ssize_t drop, const char *body, Py_ssize_t body_len) {
+    Refs t;
+    if (refs_from(lane[L_TABLE], lane[L_FIXED], &t) < 0)
+        return NULL;
+    Call *call = enter_call(&t, method, ranks, Py_None, timeout, Py_None);
+    if (call == NULL)
+        return NULL; /* refused: nothing was sent */
+    unsigned char idb[9];
+    uint64_t id = PyLong_AsUnsignedLongLong(call->call_id);
+    Py_ssize_t id_len = pack_uint(id, idb);
+    struct frame f = {{NULL}, {0}, 0, 0};
+    add_piece(&f, PyBytes_AsString(before), PyBytes_Size(before));
+    add_piece(&f, (const char *)idb, id_len);
+    add_piece(&f, PyBytes_AsString(after), PyBytes_Size(after) - drop);
+    if (body_len)
+        add_piece(&f, body, body_len);
+    PyObject *middle = PyErr_Occurred() ? NULL
+                                        : PyBytes_FromStringAndSize((char *)idb, id_len);
+    PyObject *out = middle == NULL
+                        ? hand_back(lane[L_CHANNEL], call, &f, NOT_SENT, caught())
+                        : trip(lane, &t, call, &f, middle);
     Py_XDECREF(middle);
     Py_DECREF(call);
+    return out;
+}
+
+/* round_trip(lane, method, ranks, timeout): DriverChannel.call_bare, the whole round trip
+ * of a blocking call by name over shared memory in one call: the call made and entered,
+ * its cached header written into the request ring under the pump and send locks, its
+ * replies collected (None results known by their bytes, plain values read here) and
+ * recorded, its list of results returned. A name without a cached header (or one over
+ * max_message_size, or not every rank): channel._call_bare does it all. Anything else
+ * that is not the common case is handed to channel._go_on(call, header, stage, error),
+ * whose outcome is the call's: NOT_SENT (the pump or send lock taken, the channel
+ * released, the ring full), SENT (a reply still owed, or not read here, or the call ended
+ * with an error); ``error``: an exception raised while it sent (NOT_SENT) or waited
+ * (SENT: Ctrl-C), taken as a value with every lock given back first. */
+static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *lane[L_LEN], *before = NULL, *after = NULL;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "round_trip(lane, method, ranks, timeout)");
+        return NULL;
+    }
+    if (lane_items(args[0], lane) < 0)
+        return NULL;
+    int ok = pieces_for(lane, args[1], args[2], 0, &before, &after);
+    long long most = PyLong_AsLongLong(lane[L_MAX_SIZE]);
+    PyObject *out = NULL;
+    if (ok < 0 || (most == -1 && PyErr_Occurred()))
+        goto done;
+    if (!ok || (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) > most))
+        out = PyObject_CallMethodObjArgs(lane[L_CHANNEL], S_CALL_BARE, args[1], args[2],
+                                         args[3], NULL); /* not for this path: nothing done */
+    else
+        out = enter_and_trip(lane, args[1], args[2], args[3], before, after, 0, NULL, 0);
+done:
+    Py_XDECREF(before);
+    Py_XDECREF(after);
+    return out;
+}
+
+#define BODY_MAX 8192 /* a call's arguments written here first: longer ones are Python's */
+
+/* call_plain(lane, method, args, kwargs, ranks, timeout): DriverChannel.call_plain, the
+ * round trip of a blocking call by name with plain arguments (``args`` a tuple or list,
+ * ``kwargs`` None or a dict with str keys, every value plain msgpack data: _plain.h) to
+ * every rank over shared memory, as round_trip does it, its request written as msgspec
+ * writes Call(id, method, None, args, kwargs): its list of results. None, having done
+ * nothing, for any other call (a value that is not plain, arguments over BODY_MAX bytes
+ * or max_message_size, a name the encoder cannot write): the caller's general path. */
+static PyObject *call_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *lane[L_LEN], *before = NULL, *after = NULL;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "call_plain(lane, method, args, kwargs, ranks, timeout)");
+        return NULL;
+    }
+    if (lane_items(args[0], lane) < 0)
+        return NULL;
+    PyObject *call_args = args[2], *call_kwargs = args[3];
+    if (!(PyTuple_CheckExact(call_args) || PyList_CheckExact(call_args)) ||
+        !(call_kwargs == Py_None || PyDict_CheckExact(call_kwargs)))
+        Py_RETURN_NONE;
+    /* The arguments first, into a buffer: a value that is not plain costs nothing else. */
+    unsigned char body[BODY_MAX];
+    Room room = {body, body + BODY_MAX, 0};
+    int rc = put_items(&room, call_args, 0);
+    if (rc > 0)
+        rc = call_kwargs == Py_None ? put_bytes(&room, "\x80", 1) : put_map(&room, call_kwargs, 0);
+    if (rc > 0)
+        rc = put_bytes(&room, "\xff", 1); /* value_rank -1: every rank's value */
+    if (rc <= 0)
+        return rc < 0 ? NULL : Py_NewRef(Py_None);
+    int ok = pieces_for(lane, args[1], args[4], 1, &before, &after);
+    long long most = PyLong_AsLongLong(lane[L_MAX_SIZE]);
+    Py_ssize_t body_len = room.at - body;
+    PyObject *out = NULL;
+    if (ok < 0 || (most == -1 && PyErr_Occurred()))
+        goto done;
+    /* The bare header's after ends with its arguments: [] {} -1 (0x90 0x80 0xff). */
+    if (!ok || PyBytes_Size(after) < 3 ||
+        (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) - 3 + body_len > most))
+        out = Py_NewRef(Py_None);
+    else
+        out = enter_and_trip(lane, args[1], args[4], args[5], before, after, 3,
+                             (const char *)body, body_len);
+done:
+    Py_XDECREF(before);
+    Py_XDECREF(after);
     return out;
 }
 
@@ -821,6 +1086,8 @@ static PyMethodDef table_functions[] = {
      "CallTable.answered, its common case in compiled code."},
     {"round_trip", (PyCFunction)(void (*)(void))round_trip, METH_FASTCALL,
      "A blocking call by name over shared memory, sent and collected (see the source)."},
+    {"call_plain", (PyCFunction)(void (*)(void))call_plain, METH_FASTCALL,
+     "round_trip of a call with plain arguments, or None (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

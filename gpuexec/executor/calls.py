@@ -659,7 +659,7 @@ class TableSteps(Protocol):
                    timeout: float | None) -> Any: ...
 
 
-STEPS_API = 5  # _calltable.c's CALLTABLE_API must be the same
+STEPS_API = 6  # _calltable.c's CALLTABLE_API must be the same
 NOT_SENT = 0  # where round_trip() hands a call back: entered, not sent (its NOT_SENT)
 _steps_why_not: list[str] = []  # said once per process
 

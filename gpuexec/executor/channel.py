@@ -141,7 +141,7 @@ from typing import Any
 import zmq
 
 from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError, WorkerDiedError
-from ..ipc.codec import Encoder
+from ..ipc.codec import Encoder, none_reply_parts
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
 from .calls import NOT_SENT, CallTable, ChannelStats, PendingCall
@@ -207,7 +207,8 @@ class DriverChannel:
         lane = None if steps is None or parts is None else (
             self._table, self._pump_lock, self._send_lock, self, *parts,
             self._encoder.bare_headers, max_message_size, (1 << len(handles)) - 1,
-            len(handles), self._table.fixed)
+            len(handles), self._table.fixed, self._encoder.bare_call,
+            tuple(none_reply_parts(rank) for rank in range(len(handles))))
         # A blocking call by name without arguments (``rpc``'s bare form): over shared
         # memory on the compiled core, its whole round trip is one call into it (the call
         # made and entered, its header written into the request ring under the pump and
@@ -217,6 +218,14 @@ class DriverChannel:
         self.call_bare: Callable[[str, list[int], float | None], Any] = \
             self._call_bare if steps is None or lane is None else \
             functools.partial(steps.round_trip, lane)
+        # A blocking call by name with plain arguments (``rpc``'s small form: a tuple or
+        # list of them, a dict of keyword arguments or None): the same round trip with
+        # the arguments written by the compiled step, or None when it did nothing (a value
+        # that is not plain, long arguments, the Python steps): the caller's general path.
+        self.call_plain: Callable[[str, Sequence[Any], dict[str, Any] | None, list[int],
+                                   float | None], Any] = \
+            _not_plain if steps is None or lane is None else \
+            functools.partial(steps.call_plain, lane)
 
     # -- state ---------------------------------------------------------------------
 
@@ -598,3 +607,9 @@ class DriverChannel:
 
 def _closed() -> ExecutorClosedError:
     return ExecutorClosedError("the executor is shut down")
+
+
+def _not_plain(method: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
+               ranks: list[int], timeout: float | None) -> None:
+    """:attr:`DriverChannel.call_plain` where no compiled round trip runs: nothing done."""
+    return None

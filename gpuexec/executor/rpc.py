@@ -95,13 +95,20 @@ class RpcMethods:
         ``timeout`` (default ``rpc_timeout``) passes, ``WorkerDiedError`` when a worker
         died, ``ExecutorClosedError`` after shutdown.
         """
-        if method.__class__ is str and args.__class__ is tuple and not args and \
-                kwargs is None and ranks is None and unique_reply_rank is None and \
+        if method.__class__ is str and ranks is None and unique_reply_rank is None and \
                 timeout is None and non_block is False and method and \
                 not self._owner.foreign and not self._gate.holding:
-            # The hot path's form (a method by name, nothing else given): every check of
-            # _submit passes by construction, so it is skipped.
-            return self._channel.call_bare(method, self._all_ranks, self._config.rpc_timeout)
+            # The hot path's forms (a method by name, arguments at most, the rest left to
+            # its default): every check of _submit passes by construction for a call
+            # without arguments, and for plain ones (found so by the compiled step, which
+            # otherwise does nothing), so they are skipped.
+            if args.__class__ is tuple and not args and kwargs is None:
+                return self._channel.call_bare(method, self._all_ranks,
+                                               self._config.rpc_timeout)
+            out = self._channel.call_plain(method, args, kwargs, self._all_ranks,
+                                           self._config.rpc_timeout)
+            if out is not None:
+                return out
         if non_block is False:
             return self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank,
                                 False, wait=True)

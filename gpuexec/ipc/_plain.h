@@ -369,7 +369,7 @@ static int get_plain(Text *t, int depth, PyObject **out) {
 }
 
 /* A call's arguments (a msgpack array) into a new tuple: as get_plain. */
-static int get_args(Text *t, PyObject **out) {
+static inline int get_args(Text *t, PyObject **out) {
     uint64_t n;
     if (t->at >= t->end)
         return 0;

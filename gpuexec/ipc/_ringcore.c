@@ -1189,13 +1189,17 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
             method = runnable(target, called, cancel);
         if (method != NULL) {
             Py_INCREF(called); /* (borrowed from ``calls``) */
-        } else if (!PyErr_Occurred() &&
-                   plain_call_at(b, slot, slot_size, max_len, call_before, call_before_len,
-                                 &last_name, &id, &called, &call_args, &call_kwargs) > 0 &&
-                   (method = runnable(target, called, cancel)) == NULL) {
-            Py_CLEAR(called); /* not runnable now: the request loop's (decoded again) */
-            Py_CLEAR(call_args);
-            Py_CLEAR(call_kwargs);
+        } else if (!PyErr_Occurred()) {
+            int plain = plain_call_at(b, slot, slot_size, max_len, call_before,
+                                      call_before_len, &last_name, &id, &called, &call_args,
+                                      &call_kwargs);
+            if (plain < 0 && PyErr_ExceptionMatches(PyExc_Exception))
+                PyErr_Clear(); /* (no memory for its objects) the decoder's, as below */
+            if (plain > 0 && (method = runnable(target, called, cancel)) == NULL) {
+                Py_CLEAR(called); /* not runnable now: the request loop's (decoded again) */
+                Py_CLEAR(call_args);
+                Py_CLEAR(call_kwargs);
+            }
         }
         if (PyErr_Occurred())
             goto done;
