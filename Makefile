@@ -64,8 +64,8 @@ $(STAMP): $(BASE_STAMP)
 # compiler and Python headers of the machine (Debian/Ubuntu: build-essential python3-dev).
 # It is optional: without them the build says so and gpuexec runs its pure-Python twin.
 CORE := $(VENV)/.ringcore
-$(CORE): $(BASE_STAMP) gpuexec/ipc/_ringcore.c gpuexec/ipc/_ring.h gpuexec/executor/_calltable.c \
-  setup.py
+$(CORE): $(BASE_STAMP) gpuexec/ipc/_ringcore.c gpuexec/ipc/_ring.h gpuexec/ipc/_plain.h \
+  gpuexec/executor/_calltable.c setup.py
 	$(PY) setup.py -q build_ext --inplace 2>$(VENV)/ringcore-build.log || \
 	  $(PIP) install -q --no-deps -e . >>$(VENV)/ringcore-build.log 2>&1 || true
 	@$(PY) -c "from gpuexec.ipc import ringcore; print('gpuexec ring core:', ringcore.describe())"

@@ -15,7 +15,8 @@ setup(
         Extension(
             name,
             [source],
-            depends=["gpuexec/ipc/_ring.h"],  # the ring's layout, shared by both
+            # shared by both: the ring's layout; plain msgpack data
+            depends=["gpuexec/ipc/_ring.h", "gpuexec/ipc/_plain.h"],
             define_macros=[("Py_LIMITED_API", "0x030A0000")],
             extra_compile_args=["-O2", "-std=gnu11"],
             py_limited_api=True,

@@ -52,7 +52,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -644,7 +644,8 @@ class TableSteps(Protocol):
     """The compiled call table steps (``_calltable.c``): a user's call made and entered
     (:meth:`CallTable._new_call`, stepping aside to :meth:`CallTable.enter`),
     :meth:`CallTable.answered`'s common case (stepping aside to it), and a blocking call's
-    whole round trip over shared memory (see :attr:`.channel.DriverChannel.call_bare`).
+    whole round trip over shared memory, without arguments or with plain ones (see
+    :attr:`.channel.DriverChannel.call_bare` and ``call_plain``).
     The calls it makes are its own ``PendingCall``: the same attributes, in a C struct."""
 
     API: int
@@ -656,6 +657,9 @@ class TableSteps(Protocol):
     def answered(self, table: CallTable, fixed: tuple[Any, ...], call: _Pending,
                  values: dict[int, Any] | None) -> None: ...
     def round_trip(self, lane: tuple[Any, ...], method: str, ranks: list[int],
+                   timeout: float | None) -> Any: ...
+    def call_plain(self, lane: tuple[Any, ...], method: str, args: Sequence[Any],
+                   kwargs: Mapping[str, Any] | None, ranks: list[int],
                    timeout: float | None) -> Any: ...
 
 

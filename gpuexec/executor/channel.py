@@ -51,8 +51,8 @@ every memory block Python allocates, ints above 256 and floats included;
                     (the method)                                   1 (the publish)
     ==============  ============  ================  =============  =====================
 
-(At 2 ranks on the 2-core host the replies often come in two passes of collect, the
-second taken by the transport's Python steps: up to 26 blocks. "Found free": the
+(At 2 ranks a rank that answers after the other's spin costs one more collect, still
+in the round trip. "Found free": the
 compiled steps hold the GIL and run no Python code between their first read of the
 table and their last write, having found its lock free: under the GIL that is the lock
 taken and given back without the two calls; see ``_calltable.c``. A second rank costs
@@ -71,17 +71,22 @@ hand-off (the caller pumps its own replies). Where the round trip cannot go on (
 or send lock taken, the ring full, a reply that is not a None result, the deadline or a
 poke, Ctrl-C) it hands the call back to the Python steps below at the point it reached
 (:meth:`_go_on`).
-A call with arguments (``collective_rpc("small", (1, "x"), {"c": [1.0, 2.0]})``, an
-int result) is checked (:mod:`.validate`, its values found plain msgpack data once),
-made and entered by the compiled step, and encodes one Call
-(``codec.encode_with_segments``); the worker's ring core decodes it with the transport's
-decoder, runs the method with its arguments, armed, and writes the reply frame the
-encoder makes of a plain value (``Encoder.value_reply``): three Python calls in the
-worker (the decode, the method, the reply's encoding), 12 / 17 blocks; the replies'
-frames are copied out of their rings by the same collect call, a lone one decoded and
-delivered at once, several decoded in one ``map`` and, when they are all the call's own
-results, recorded in one compiled step as the None replies are. The driver: 18 / 19
-Python calls, 9 / 11 module crossings, 42 / 55-60 blocks at 1 / 2 workers.
+A call with plain arguments (``collective_rpc("small", (1, "x"), {"c": [1.0, 2.0]})``,
+an int result; plain: what msgpack carries as it is, see :mod:`gpuexec.ipc.values`)
+takes the same round trip (``channel.call_plain``, one C call): the arguments are
+written as msgspec writes them (``ipc/_plain.h``) while they are found plain, into a
+buffer first (a value that is not plain costs nothing else: the call takes the
+executor's checks and the codec), then after the cached header and the id into the
+request slot; the worker's ring core reads them from the slot into the method's tuple
+and dict, runs it, armed, and writes a plain result into the reply slot the same way;
+the driver reads each reply frame the collect copied out as the call's own result
+(``Reply(id, rank, value)``, the None reply's bytes around the value) and ends the call
+with the compiled step. No Call, Reply or codec on either side: the driver 1 Python call
+(``collective_rpc``), 1 crossing, 17 / 20 blocks at 1 / 2 workers; the worker 1 Python
+call (the method), 5 / 11 blocks. Anything else (arguments that are not plain or longer
+than 8 KiB, a result that is not plain or longer than a slot, a failure) takes the
+Python steps where it is met, with nothing lost: the codec's walk, the transport's
+``collect_more``, the request loop.
 
 The pieces, each in its own module: :mod:`.transport` (the interface),
 :mod:`.zmq_transport` and :mod:`.shm_transport` (the two wires; the one place a wire is
@@ -135,7 +140,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -222,8 +227,8 @@ class DriverChannel:
         # list of them, a dict of keyword arguments or None): the same round trip with
         # the arguments written by the compiled step, or None when it did nothing (a value
         # that is not plain, long arguments, the Python steps): the caller's general path.
-        self.call_plain: Callable[[str, Sequence[Any], dict[str, Any] | None, list[int],
-                                   float | None], Any] = \
+        self.call_plain: Callable[[str, Sequence[Any], Mapping[str, Any] | None,
+                                   list[int], float | None], Any] = \
             _not_plain if steps is None or lane is None else \
             functools.partial(steps.call_plain, lane)
 
@@ -609,7 +614,7 @@ def _closed() -> ExecutorClosedError:
     return ExecutorClosedError("the executor is shut down")
 
 
-def _not_plain(method: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
+def _not_plain(method: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
                ranks: list[int], timeout: float | None) -> None:
     """:attr:`DriverChannel.call_plain` where no compiled round trip runs: nothing done."""
     return None
