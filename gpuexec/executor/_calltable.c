@@ -47,7 +47,7 @@
 #include "../ipc/_ring.h" /* the ring's layout and publish (now_s: time.monotonic()'s clock) */
 #include "../ipc/_plain.h" /* plain msgpack data: a call's arguments and results */
 
-#define CALLTABLE_API 6 /* calls.py's API must be the same */
+#define CALLTABLE_API 7 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -196,20 +196,20 @@ static PyObject *S_LOCKED, *S_REFUSAL, *S_INFLIGHT, *S_MAX_INFLIGHT, *S_CALLS, *
  * replaced, handed in as the tuple CallTable.fixed (no attribute lookup per call). */
 typedef struct {
     PyObject *table, *lock, *ids, *pending, *stats, *metrics, *methods, *replies, *last,
-        *failing;
+        *failing, *by_all; /* by_all: CallMetrics.answered_by_all (u64 calls, f64 time) */
 } Refs;
 
 /* ``t`` from ``table`` and its tuple CallTable.fixed (the objects above, in order):
  * borrowed, for as long as the caller holds the tuple. 0, or -1 with TypeError. */
 static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
-    if (!PyTuple_Check(fixed) || PyTuple_Size(fixed) != 9) {
-        PyErr_SetString(PyExc_TypeError, "the call table's fixed objects: a tuple of 9");
+    if (!PyTuple_Check(fixed) || PyTuple_Size(fixed) != 10) {
+        PyErr_SetString(PyExc_TypeError, "the call table's fixed objects: a tuple of 10");
         return -1;
     }
     PyObject **at[] = {&t->lock, &t->ids, &t->pending, &t->stats, &t->metrics,
-                       &t->methods, &t->replies, &t->last, &t->failing};
+                       &t->methods, &t->replies, &t->last, &t->failing, &t->by_all};
     t->table = table;
-    for (Py_ssize_t i = 0; i < 9; i++)
+    for (Py_ssize_t i = 0; i < 10; i++)
         *at[i] = PyTuple_GetItem(fixed, i);
     return 0;
 }
@@ -410,17 +410,30 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
         goto done; /* to be folded: the general path */
     double at = now_s();
     double started = PyFloat_AsDouble(call->started);
-    if ((started == -1.0 && PyErr_Occurred()) || (now = PyFloat_FromDouble(at)) == NULL ||
+    /* A call to every rank (its ranks are distinct) is counted once for all of them. */
+    int by_all = n == PyList_Size(t->replies) && PyByteArray_Check(t->by_all) &&
+                 PyByteArray_Size(t->by_all) == 16;
+    if ((started == -1.0 && PyErr_Occurred()) ||
+        (!by_all && (now = PyFloat_FromDouble(at)) == NULL) ||
         (latency = PyFloat_FromDouble(at - started)) == NULL ||
         (nbytes = PyNumber_Add(old_bytes, call->nbytes)) == NULL)
         goto error;
     /* The writes (only memory errors can fail them, as they would the general path). */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *rank = PyList_GetItem(call->ranks, i);
-        Py_ssize_t r = PyLong_AsSsize_t(rank);
-        if ((r == -1 && PyErr_Occurred()) || count_in(t->replies, rank) < 0 ||
-            PyList_SetItem(t->last, r, Py_NewRef(now)) < 0)
-            goto error;
+    if (by_all) {
+        char *all = PyByteArray_AsString(t->by_all);
+        uint64_t calls;
+        memcpy(&calls, all, 8);
+        calls += 1;
+        memcpy(all, &calls, 8);
+        memcpy(all + 8, &at, 8);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *rank = PyList_GetItem(call->ranks, i);
+            Py_ssize_t r = PyLong_AsSsize_t(rank);
+            if ((r == -1 && PyErr_Occurred()) || count_in(t->replies, rank) < 0 ||
+                PyList_SetItem(t->last, r, Py_NewRef(now)) < 0)
+                goto error;
+        }
     }
     if (PySet_Clear(call->owed) < 0 || PyList_Append(raw, latency) < 0 ||
         PyObject_SetAttr(mstats, S_REQUEST_BYTES, nbytes) < 0)

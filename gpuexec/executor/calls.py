@@ -214,7 +214,7 @@ class CallTable:
         # The objects they use, made above and never replaced (in the order they take).
         self.fixed = (self.lock, self.ids, self.pending, self.stats, self.metrics,
                       self.metrics.methods, self.metrics.replies, self.metrics.last_reply,
-                      self.failing)
+                      self.failing, self.metrics.answered_by_all)
         self.new_call: Callable[[str, Sequence[int], int | None, float | None,
                                  Future[Any] | None], PendingCall] = \
             self._new_call if steps is None else \
@@ -663,7 +663,7 @@ class TableSteps(Protocol):
                    timeout: float | None) -> Any: ...
 
 
-STEPS_API = 6  # _calltable.c's CALLTABLE_API must be the same
+STEPS_API = 7  # _calltable.c's CALLTABLE_API must be the same
 NOT_SENT = 0  # where round_trip() hands a call back: entered, not sent (its NOT_SENT)
 _steps_why_not: list[str] = []  # said once per process
 

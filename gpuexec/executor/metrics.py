@@ -38,6 +38,7 @@ gpuexec_worker_cpu_seconds_total      rank       CPU time of the worker process 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,6 +81,9 @@ class MethodStats:
         self.seconds += float(values.sum())
 
 
+_BY_ALL = struct.Struct("=Qd")  # CallMetrics.answered_by_all: calls, last time (native)
+
+
 class CallMetrics:
     """The driver's counters; see the module docstring (every field under the table lock)."""
 
@@ -87,8 +91,13 @@ class CallMetrics:
                      # finished())
 
     def __init__(self, world_size: int) -> None:
-        self.replies = [0] * world_size          # calls each rank completed
-        self.last_reply = [0.0] * world_size     # time.monotonic() of its last answer, 0: none
+        self._replies = [0] * world_size         # calls each rank completed
+        self._last_reply = [0.0] * world_size    # time.monotonic() of its last answer, 0: none
+        # Calls every rank answered at once that the compiled call table step ended, not
+        # in the two lists above yet: their count and the time of the last (_BY_ALL), so
+        # that such a call costs the step one write, not one per rank; folded into the
+        # lists whenever they are read (under the table lock, as every field).
+        self.answered_by_all = bytearray(_BY_ALL.size)
         self.errors: list[dict[str, int]] = [{} for _ in range(world_size)]
         self.timeouts = [0] * world_size
         self.cancellations = [0] * world_size
@@ -100,6 +109,32 @@ class CallMetrics:
         self.methods: dict[str, MethodStats] = {}
         self.suspend = [0, 0.0]                  # [count, seconds]
         self.resume = [0, 0.0]
+
+    @property
+    def replies(self) -> list[int]:
+        self._fold()
+        return self._replies
+
+    @replies.setter
+    def replies(self, value: list[int]) -> None:
+        self._fold()
+        self._replies = value
+
+    @property
+    def last_reply(self) -> list[float]:
+        self._fold()
+        return self._last_reply
+
+    def _fold(self) -> None:
+        """The calls every rank answered at once (``answered_by_all``) into the lists."""
+        count, at = _BY_ALL.unpack_from(self.answered_by_all)
+        if count:
+            self.answered_by_all[:] = bytes(_BY_ALL.size)
+            replies, last = self._replies, self._last_reply
+            for rank in range(len(replies)):
+                replies[rank] += count
+                if at > last[rank]:
+                    last[rank] = at
 
     def finished(self, method: str, seconds: float, nbytes: int, error: str | None) -> None:
         """A call ended (its latency, its request size, the type name of the error raised
