@@ -246,8 +246,8 @@ class VllmExecutor(_VllmExecutorBase):
             raise RuntimeError("Executor failed.")
         aggregators = [a for a in (kv_output_aggregator, ec_output_aggregator) if a]
         reply_rank = None if aggregators else unique_reply_rank
-        packed = (Packed((method, tuple(args), dict(kwargs or {})),
-                         by_value=not isinstance(method, str)),)
+        call = (Packed((method, tuple(args), dict(kwargs or {})),
+                       by_value=not isinstance(method, str)),)
 
         def result(packed: Any) -> Any:
             if reply_rank is not None:
@@ -262,9 +262,9 @@ class VllmExecutor(_VllmExecutorBase):
             return merged
 
         if not non_block:  # the calling thread collects its own replies: no hand-off
-            return result(gx.collective_rpc("vllm_call", args=packed, timeout=timeout,
+            return result(gx.collective_rpc("vllm_call", args=call, timeout=timeout,
                                             unique_reply_rank=reply_rank))
-        return _chain(gx.collective_rpc("vllm_call", args=packed, timeout=timeout,
+        return _chain(gx.collective_rpc("vllm_call", args=call, timeout=timeout,
                                         unique_reply_rank=reply_rank, non_block=True), result)
 
     def _step(self, method: str, args: tuple[Any, ...], non_block: bool,
