@@ -164,3 +164,31 @@ def test_a_plain_call_runs_no_python_in_the_driver_and_the_rest_does() -> None:
         worker_seen = ex.collective_rpc("profile", args=(False,))
         assert "_submit" in seen and "encode_with_segments" in seen
         assert all("decode_header" in s and "value_reply" in s for s in worker_seen)
+
+
+def test_a_broken_call_frame_is_dropped_and_counted_by_the_worker() -> None:
+    """Request frames the worker's ring core reads itself when they are calls with plain
+    arguments: cut short anywhere, a name or a text that is not UTF-8, a keyword that is
+    not a str, bytes after the end. Each is dropped and counted as the decoder counts
+    it, and the worker goes on answering."""
+    from gpuexec import testing
+    from gpuexec.ipc.codec import Encoder
+    from gpuexec.ipc.messages import Call
+
+    frame = Encoder(allow_pickle=False).encode(
+        Call(2**62, "echo", None, [1, "é", [1.5]], {"k": b"x"}))[0]
+    broken = [frame[:n] for n in range(1, len(frame))]
+    broken.append(frame.replace(b"echo", b"\xff\xfe\xfd\xfc"))
+    broken.append(frame.replace("é".encode(), b"\xc3\x28"))
+    broken.append(frame.replace(b"\x81\xa1k", b"\x81\x07"))  # {7: b"x"}
+    broken.append(frame + b"\xc0")
+    with Executor(ValueWorker, 2, device="cpu", transport="shm") as ex:
+        assert ex.collective_rpc("echo", args=(1,)) == [[[1], {}]] * 2
+        for f in broken:
+            testing.send_raw(ex, [f])
+        ex.check_health()
+        dropped = [sum(n for n in reasons.values())
+                   for reasons in ex.stats().worker_malformed.values()]
+        assert dropped == [len(broken)] * 2
+        assert ex.collective_rpc("echo", args=(2, "é"), kwargs={"k": [None]}) == \
+            [[[2, "é"], {"k": [None]}]] * 2
