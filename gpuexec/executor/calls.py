@@ -352,6 +352,7 @@ class CallTable:
         now = time.monotonic()
         with self.lock:
             pending = self.pending
+            counts, last = metrics.replies, metrics.last_reply  # (folded once, here)
             for reply in replies:
                 call = pending.get(reply.call_id)
                 if call is None or reply.rank not in call.owed:
@@ -366,12 +367,12 @@ class CallTable:
                     metrics.late(reply.rank, reply.call_id, now)
                     continue
                 call.owed.discard(reply.rank)
-                metrics.last_reply[reply.rank] = now
+                last[reply.rank] = now
                 if isinstance(reply, Pong):
                     stats.worker_malformed[reply.rank] = dict(reply.dropped)
                     call.values[reply.rank] = None
                 elif reply.error is not None:
-                    metrics.replies[reply.rank] += 1
+                    counts[reply.rank] += 1
                     if call.failures is None:
                         call.failures = {}
                         if call.owed and call.slot:  # a user's call (not a respawn's)
@@ -380,7 +381,7 @@ class CallTable:
                     call.failures[reply.rank] = reply.error
                     metrics.failed(reply.rank, reply.error.type_name)
                 else:
-                    metrics.replies[reply.rank] += 1
+                    counts[reply.rank] += 1
                     call.values[reply.rank] = reply.value
                 if not call.owed and self._end(call, None, None, now):
                     if complete is None:
@@ -409,11 +410,12 @@ class CallTable:
         late: list[int] | None = None
         with self.lock:
             owed, values = call.owed, call.values
+            counts, last = metrics.replies, metrics.last_reply  # (folded once, here)
             for rank in ranks:
                 if rank in owed and not call.done:
                     owed.discard(rank)
-                    metrics.last_reply[rank] = now
-                    metrics.replies[rank] += 1
+                    last[rank] = now
+                    counts[rank] += 1
                     values[rank] = value
                 elif late is None:
                     late = [rank]
