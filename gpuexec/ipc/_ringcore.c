@@ -1103,13 +1103,16 @@ static PyObject *cached_name(PyObject *calls, const unsigned char *rest, Py_ssiz
  * also answers the requests it can without the request loop:
  *   - a bare call (``call_before`` + id + a method part that ``calls`` maps to a method
  *     name) is taken and its method ``getattr(target, name)`` run, without decoding;
+ *   - a call by name with plain arguments (see plain_call_at) is taken and its method
+ *     run with them, read here as msgspec reads them, without ``decode``;
  *   - any other request of one frame for every rank is taken and given to ``decode``
  *     (None: not done); a call by name with arguments (see servable_call) has its method
  *     run with them;
  * each armed for cancellation; when it returns None, ``reply_before`` + id +
  * ``reply_after`` is published into the reply ring (of one reader, whose only writer the
- * caller is: its position is read from the ring) with the doorbell rung, and any other
- * value as ``reply_frame(id, value)`` makes its frame; then the wait goes on, spinning
+ * caller is: its position is read from the ring) with the doorbell rung, a plain value's
+ * reply as msgspec writes it (put_plain_reply), and any other value as
+ * ``reply_frame(id, value)`` makes its frame; then the wait goes on, spinning
  * ``spin`` seconds only. ``got`` is what next_frame gives for the first request left to
  * Python, or (message, stamp) for one ``decode`` decoded that the loop must answer
  * ((frame, stamp) again when ``decode`` raised: the loop decodes it and deals with the

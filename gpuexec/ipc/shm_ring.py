@@ -467,6 +467,8 @@ class RingReader:
         * a bare call the core knows by its bytes (``call_before`` + an id + a method part
           ``calls`` maps to a name; the dict is read at every request: the caller may
           add names) is taken without decoding and ``getattr(target, name)()`` run;
+        * a call by name whose arguments are plain msgpack data is read by the core
+          itself (the objects ``decode`` would give) and run the same way;
         * any other request of one frame for every rank is taken and given to
           ``decode`` (None: left to the caller undecoded); a ``call_type`` message by
           name with arguments (no callable, every rank's value wanted, no dunder name)
@@ -476,8 +478,9 @@ class RingReader:
         each with ``cancel`` armed (its ``running``, ``method`` and ``armed``, as the
         request loop sets them; never while ``cancel.recheck``). Unless ``gate.closed``,
         a None result's reply ``reply_parts[0]`` + id + ``reply_parts[1]`` (what the
-        encoder's ``none_reply`` gives), or any other value's frame as
-        ``reply_frame(id, value)`` makes it (None: left to Python), is published into
+        encoder's ``none_reply`` gives), a plain value's reply as the encoder writes it
+        (written by the core), or any other value's frame as ``reply_frame(id, value)``
+        makes it (None: left to Python), is published into
         ``writer``'s ring (a ring of one reader; the caller makes sure nobody else writes
         it while :meth:`serve` runs). Bound once: the rings' shapes, this reader's spin
         and the objects above."""

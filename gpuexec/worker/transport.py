@@ -153,8 +153,9 @@ class ShmWorkerTransport:
         """From now on, let the ring core answer calls by name back to back without
         Python between them (:meth:`RingReader.serve`): a bare call (no arguments) of a
         name this worker has served once, known by its bytes, and any call by name with
-        arguments, decoded by this transport's decoder; ``getattr(target, name)(...)`` run
-        with ``cancel`` armed, and its reply published (a None result's cached bytes,
+        arguments (plain ones read by the core itself, others decoded by this transport's
+        decoder); ``getattr(target, name)(...)`` run with ``cancel`` armed, and its reply
+        published (a None result's cached bytes, a plain value written by the core,
         another value's frame when ``encoder`` makes one without its walk), unless the
         gate is closed or a reply of ``max_reply`` bytes (>= 0) would be too long. A call
         the core cannot finish comes back from :meth:`next` as a :class:`Ran` for the
