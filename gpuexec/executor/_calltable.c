@@ -9,9 +9,13 @@
  *   answered(table, fixed, call, values)       the call ended with its results
  *   round_trip(lane, method, ranks, timeout)   a blocking call by name over shared
  *                                              memory, sent, collected and ended
+ *   call_plain(lane, method, args, kwargs,     the same with plain arguments (written
+ *              ranks, timeout)                 here: ../ipc/_plain.h), or None
  *
  * (``fixed``: CallTable.fixed, the table's objects that never change; ``lane``: what the
- * round trip reads, DriverChannel._lane.)
+ * round trip reads, built in DriverChannel.__init__.) A round trip reads its replies'
+ * plain results itself (a None result by its bytes, any other plain value from its frame
+ * as msgspec reads it), across as many collects as the ranks take.
  *
  * PendingCall here is the same record as calls.PendingCall (the same attributes, read and
  * written by the same Python code), with its fields in a C struct so that it is made in
@@ -493,8 +497,8 @@ static PyObject *answered(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 /* -- a blocking call's round trip over shared memory ------------------------------ */
 
-/* The lane: what round_trip() reads, fixed for the channel's life (see
- * DriverChannel._lane), a tuple of these items. */
+/* The lane: what round_trip() reads, fixed for the channel's life (built in
+ * DriverChannel.__init__), a tuple of these items. */
 enum {
     L_TABLE,     /* the CallTable */
     L_PUMP,      /* the channel's pump lock */
