@@ -146,7 +146,7 @@ from typing import Any
 import zmq
 
 from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError, WorkerDiedError
-from ..ipc.codec import Encoder, none_reply_parts
+from ..ipc.codec import Encoder
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.zap import ZapHandler
 from .calls import NOT_SENT, CallTable, ChannelStats, PendingCall
@@ -213,7 +213,7 @@ class DriverChannel:
             self._table, self._pump_lock, self._send_lock, self, *parts,
             self._encoder.bare_headers, max_message_size, (1 << len(handles)) - 1,
             len(handles), self._table.fixed, self._encoder.bare_call,
-            tuple(none_reply_parts(rank) for rank in range(len(handles))))
+            None if shm is None else shm.reply_parts)
         # A blocking call by name without arguments (``rpc``'s bare form): over shared
         # memory on the compiled core, its whole round trip is one call into it (the call
         # made and entered, its header written into the request ring under the pump and
@@ -225,11 +225,12 @@ class DriverChannel:
             functools.partial(steps.round_trip, lane)
         # A blocking call by name with plain arguments (``rpc``'s small form: a tuple or
         # list of them, a dict of keyword arguments or None): the same round trip with
-        # the arguments written by the compiled step, or None when it did nothing (a value
-        # that is not plain, long arguments, the Python steps): the caller's general path.
+        # the arguments written by the compiled step, which answers None when it did
+        # nothing (a value that is not plain, long arguments, the Python steps): the
+        # caller's general path. None where no compiled round trip runs.
         self.call_plain: Callable[[str, Sequence[Any], Mapping[str, Any] | None,
-                                   list[int], float | None], Any] = \
-            _not_plain if steps is None or lane is None else \
+                                   list[int], float | None], Any] | None = \
+            None if steps is None or lane is None else \
             functools.partial(steps.call_plain, lane)
 
     # -- state ---------------------------------------------------------------------
@@ -612,9 +613,3 @@ class DriverChannel:
 
 def _closed() -> ExecutorClosedError:
     return ExecutorClosedError("the executor is shut down")
-
-
-def _not_plain(method: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
-               ranks: list[int], timeout: float | None) -> None:
-    """:attr:`DriverChannel.call_plain` where no compiled round trip runs: nothing done."""
-    return None

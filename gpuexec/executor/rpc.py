@@ -105,10 +105,12 @@ class RpcMethods:
             if args.__class__ is tuple and not args and kwargs is None:
                 return self._channel.call_bare(method, self._all_ranks,
                                                self._config.rpc_timeout)
-            out = self._channel.call_plain(method, args, kwargs, self._all_ranks,
-                                           self._config.rpc_timeout)
-            if out is not None:
-                return out
+            call_plain = self._channel.call_plain
+            if call_plain is not None:
+                out = call_plain(method, args, kwargs, self._all_ranks,
+                                 self._config.rpc_timeout)
+                if out is not None:
+                    return out
         if non_block is False:
             return self._submit(method, args, kwargs, timeout, ranks, unique_reply_rank,
                                 False, wait=True)

@@ -98,6 +98,9 @@ class ShmDriverPath:
             self.close()
             raise
         self.spin = spin
+        # Each rank's None reply, as the bytes before and after its call id (known by
+        # them on arrival: collect, and the driver's compiled round trip).
+        self.reply_parts = tuple(none_reply_parts(rank) for rank in range(world_size))
         ringcore.announce()  # one line if the pure-Python core runs for want of a build
         self._bind_gather()
 
@@ -127,7 +130,7 @@ class ShmDriverPath:
         self.collect: Callable[[int, float, float, bytes, int],
                                tuple[int, int, int, list[bytes] | tuple[()]]] | None = None
         if 0 < len(self.replies) <= 64:
-            parts = [none_reply_parts(rank) for rank in range(len(self.replies))]
+            parts = self.reply_parts
             self.collect = partial(
                 core.collect, views, bases, bell.view, bell.base, *self.replies[0].shape,
                 TAKEN_MAX, tuple(p[0] for p in parts), tuple(p[1] for p in parts))
