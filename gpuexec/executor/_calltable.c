@@ -7,13 +7,17 @@
  *   enter_new(table, fixed, method, ranks,     a user's call made and entered
  *             unique_reply_rank, timeout, future)
  *   answered(table, fixed, call, values)       the call ended with its results
- *   round_trip(lane, method, ranks, timeout)   a blocking call by name over shared
+ *   Lane(items)                                what a channel's round trips read, made
+ *                                              once (DriverChannel.__init__)
+ *   lane.round_trip(method, ranks, timeout)    a blocking call by name over shared
  *                                              memory, sent, collected and ended
- *   call_plain(lane, method, args, kwargs,     the same with plain arguments (written
- *              ranks, timeout)                 here: ../ipc/_plain.h), or None
+ *   lane.call_plain(method, args, kwargs,      the same with plain arguments (written
+ *                   ranks, timeout)            here: ../ipc/_plain.h), or None
  *
- * (``fixed``: CallTable.fixed, the table's objects that never change; ``lane``: what the
- * round trip reads, built in DriverChannel.__init__.) A round trip reads its replies'
+ * (``fixed``: CallTable.fixed, the table's objects that never change.) The Lane reads
+ * once what never changes for the channel (the request ring's geometry, the spin, the
+ * doorbell, the locks' methods bound), so a call reads only what does (the writer's
+ * position, the table's counters, the flags of a close). A round trip reads its replies'
  * plain results itself (a None result by its bytes, any other plain value from its frame
  * as msgspec reads it), across as many collects as the ranks take.
  *
@@ -51,7 +55,7 @@
 #include "../ipc/_ring.h" /* the ring's layout and publish (now_s: time.monotonic()'s clock) */
 #include "../ipc/_plain.h" /* plain msgpack data: a call's arguments and results */
 
-#define CALLTABLE_API 7 /* calls.py's API must be the same */
+#define CALLTABLE_API 8 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -201,6 +205,7 @@ static PyObject *S_LOCKED, *S_REFUSAL, *S_INFLIGHT, *S_MAX_INFLIGHT, *S_CALLS, *
 typedef struct {
     PyObject *table, *lock, *ids, *pending, *stats, *metrics, *methods, *replies, *last,
         *failing, *by_all; /* by_all: CallMetrics.answered_by_all (u64 calls, f64 time) */
+    PyObject *locked;      /* lock.locked bound once (a Lane's), or NULL: looked up */
 } Refs;
 
 /* ``t`` from ``table`` and its tuple CallTable.fixed (the objects above, in order):
@@ -213,6 +218,7 @@ static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
     PyObject **at[] = {&t->lock, &t->ids, &t->pending, &t->stats, &t->metrics,
                        &t->methods, &t->replies, &t->last, &t->failing, &t->by_all};
     t->table = table;
+    t->locked = NULL;
     for (Py_ssize_t i = 0; i < 10; i++)
         *at[i] = PyTuple_GetItem(fixed, i);
     return 0;
@@ -220,7 +226,8 @@ static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
 
 /* 1: table.lock is free (no thread is inside the table), 0: held, -1: error. */
 static int lock_free(const Refs *t) {
-    PyObject *held = PyObject_CallMethodObjArgs(t->lock, S_LOCKED, NULL);
+    PyObject *held = t->locked != NULL ? PyObject_CallNoArgs(t->locked)
+                                       : PyObject_CallMethodObjArgs(t->lock, S_LOCKED, NULL);
     if (held == NULL)
         return -1;
     int free = held == Py_False;
@@ -291,7 +298,8 @@ static Call *enter_call(const Refs *t, PyObject *method, PyObject *ranks,
         (is_future && (futures = long_attr(table, S_N_ASYNC)) == -1 && PyErr_Occurred()) ||
         (inflight = PyLong_FromLong(n_inflight + 1)) == NULL ||
         (calls = PyLong_FromLong(n_calls + 1)) == NULL ||
-        (n_async = PyLong_FromLong(futures + 1)) == NULL || !PyDict_Check(t->pending))
+        (is_future && (n_async = PyLong_FromLong(futures + 1)) == NULL) ||
+        !PyDict_Check(t->pending))
         goto error;
     if (PyDict_SetItem(t->pending, call->call_id, (PyObject *)call) < 0 ||
         PyObject_SetAttr(table, S_INFLIGHT, inflight) < 0 ||
@@ -497,8 +505,10 @@ static PyObject *answered(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 /* -- a blocking call's round trip over shared memory ------------------------------ */
 
-/* The lane: what round_trip() reads, fixed for the channel's life (built in
- * DriverChannel.__init__), a tuple of these items. */
+/* The lane: what a round trip reads, fixed for the channel's life, given once to Lane()
+ * by DriverChannel.__init__ as a tuple of these items (in this order); the Lane keeps
+ * them, and what it reads of them on every call it reads once here: the request ring's
+ * geometry, the lane's numbers, the locks' methods bound (no lookup per call). */
 enum {
     L_TABLE,     /* the CallTable */
     L_PUMP,      /* the channel's pump lock */
@@ -515,20 +525,40 @@ enum {
     L_FIXED,     /* CallTable.fixed (see Refs) */
     L_LEARN,     /* the encoder's bare_call (it caches a name's pieces in L_IDS) */
     L_REPLIES,   /* each rank's (before, after): the bytes around the id of its None reply */
+    L_BELL,      /* the doorbell's base address (its epoch: the count of its pokes) */
+    L_UNSETTLED, /* the table's unsettled futures (a deque, never replaced) */
     L_LEN
 };
+/* The methods a Lane binds once: the locks' (pump, send, the table's) and (False,). */
+enum { B_PUMP_ACQUIRE, B_PUMP_RELEASE, B_SEND_ACQUIRE, B_SEND_RELEASE, B_LOCKED, B_NO_WAIT,
+       B_LEN };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *items[L_LEN]; /* as given */
+    PyObject *bound[B_LEN];
+    Refs t;                 /* the table's (borrowed from items[L_FIXED]) */
+    uintptr_t base, bell_base, bell; /* the request ring, its doorbell (none: 0); ours */
+    long long data, n_slots, slot_size, most; /* the request ring's geometry */
+    unsigned long long readers, every;
+    long long max_size; /* max_message_size (-1: none) */
+    Py_ssize_t n_ranks;
+    double spin_s; /* the reply rings' spin (ShmDriverPath.spin) */
+} Lane;
 enum { P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_BASE, P_LEN };
 
 #define NOT_SENT 0 /* where round_trip() hands a call back: entered, not sent */
 #define SENT 1     /* sent, and not complete (or complete with an error) */
 
 static PyObject *S_ACQUIRE, *S_RELEASE, *S_RELEASED, *S_MOVED, *S_SEQ, *S_MIN_READ,
-    *S_CLAIMED, *S_COLLECT, *S_EPOCH, *S_SPIN, *S_CLOSING, *S_UNSETTLED, *S_SETTLE,
-    *S_COLLECT_MORE, *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
+    *S_CLAIMED, *S_COLLECT, *S_SPIN, *S_CLOSING, *S_SETTLE, *S_COLLECT_MORE,
+    *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
+static PyObject *INF; /* float('inf'): the deadline of a call without one */
 
-/* lock.acquire(False): 1 taken, 0 not, -1 error. */
-static int try_lock(PyObject *lock) {
-    PyObject *got = PyObject_CallMethodObjArgs(lock, S_ACQUIRE, Py_False, NULL);
+/* lock.acquire(False) (``acquire`` bound, ``no_wait``: (False,)): 1 taken, 0 not, -1
+ * error. */
+static int try_lock(PyObject *acquire, PyObject *no_wait) {
+    PyObject *got = PyObject_Call(acquire, no_wait, NULL);
     if (got == NULL)
         return -1;
     int taken = got == Py_True;
@@ -536,15 +566,15 @@ static int try_lock(PyObject *lock) {
     return taken;
 }
 
-static void unlock(PyObject *lock) {
+static void unlock(PyObject *release) {
     /* A release of a lock this thread took cannot fail; an error is kept if one is set. */
     PyObject *exc_type = NULL, *exc = NULL, *tb = NULL;
     int pending = PyErr_Occurred() != NULL;
     if (pending)
         PyErr_Fetch(&exc_type, &exc, &tb);
-    PyObject *r = PyObject_CallMethodObjArgs(lock, S_RELEASE, NULL);
+    PyObject *r = PyObject_CallNoArgs(release);
     if (r == NULL)
-        PyErr_WriteUnraisable(lock);
+        PyErr_WriteUnraisable(release);
     Py_XDECREF(r);
     if (pending)
         PyErr_Restore(exc_type, exc, tb);
@@ -620,23 +650,18 @@ static PyObject *hand_back(PyObject *channel, Call *call, const struct frame *f,
 /* Send frame ``f`` as the request ring's next packet when there is room
  * (RingWriter.put_one without its wait): 1 sent, 0 no room now (or a claim open), -1
  * error. */
-static int put_frame(PyObject *writer, PyObject *put, const struct frame *f) {
+static int put_frame(const Lane *lane, const struct frame *f) {
+    PyObject *writer = lane->items[L_WRITER];
     PyObject *claimed = PyObject_GetAttr(writer, S_CLAIMED);
     if (claimed == NULL)
         return -1;
     int busy = claimed != Py_None;
     Py_DECREF(claimed);
-    long long seq = 0, min_read = 0, n_slots, slot_size, data, most;
+    long long seq = 0, min_read = 0, n_slots = lane->n_slots;
     if (busy || ((seq = long_attr(writer, S_SEQ)) == -1 && PyErr_Occurred()) ||
         ((min_read = long_attr(writer, S_MIN_READ)) == -1 && PyErr_Occurred()))
         return busy ? 0 : -1;
-    data = PyLong_AsLongLong(PyTuple_GetItem(put, P_DATA));
-    n_slots = PyLong_AsLongLong(PyTuple_GetItem(put, P_N_SLOTS));
-    slot_size = PyLong_AsLongLong(PyTuple_GetItem(put, P_SLOT_SIZE));
-    most = PyLong_AsLongLong(PyTuple_GetItem(put, P_MAX));
-    if (PyErr_Occurred())
-        return -1;
-    if (n_slots <= 0 || f->size + ONE_HEAD > most)
+    if (n_slots <= 0 || f->size + ONE_HEAD > lane->most)
         return 0; /* the general send */
     if (min_read <= seq - n_slots) { /* no room as last seen: look again (a call into the
                                       * writer's Python, once every n_slots sends) */
@@ -648,33 +673,36 @@ static int put_frame(PyObject *writer, PyObject *put, const struct frame *f) {
         if (min_read <= seq - n_slots)
             return 0; /* full: the general send waits for room */
     }
-    unsigned long long base = PyLong_AsUnsignedLongLong(PyTuple_GetItem(put, P_BASE));
-    unsigned long long readers = PyLong_AsUnsignedLongLong(PyTuple_GetItem(put, P_READERS));
-    unsigned long long bell = PyLong_AsUnsignedLongLong(PyTuple_GetItem(put, P_BELL_BASE));
-    PyObject *next = PyErr_Occurred() ? NULL : PyLong_FromLongLong(seq + 1);
+    PyObject *next = PyLong_FromLongLong(seq + 1);
     if (next == NULL || PyObject_SetAttr(writer, S_SEQ, next) < 0) {
         Py_XDECREF(next);
         return -1;
     }
     Py_DECREF(next);
     /* As the ring core's put_one: the packet written, then published (_ring.h). */
-    uint64_t off = (uint64_t)(data + (seq % n_slots) * slot_size);
-    char *at = (char *)one_packet_head((uintptr_t)base, off, (uint32_t)f->size);
+    uint64_t off = (uint64_t)(lane->data + (seq % n_slots) * lane->slot_size);
+    char *at = (char *)one_packet_head(lane->base, off, (uint32_t)f->size);
     for (int i = 0; i < f->n; i++) {
         memcpy(at, f->at[i], (size_t)f->len[i]);
         at += f->len[i];
     }
-    publish_at((uintptr_t)base, off, (uint64_t)seq + 1, (uint64_t)readers, (uintptr_t)bell);
+    publish_at(lane->base, off, (uint64_t)seq + 1, (uint64_t)lane->readers, lane->bell_base);
     return 1;
 }
 
-/* transport._moved |= mask (the reply rings the core released messages of). */
-static int mark_moved(PyObject *transport, PyObject *mask) {
+/* transport._moved |= mask (the reply rings the core released messages of; written
+ * only when that adds a ring: it stays set until the transport's readers catch up). */
+static int mark_moved(PyObject *transport, unsigned long long mask) {
     PyObject *moved = PyObject_GetAttr(transport, S_MOVED);
     if (moved == NULL)
         return -1;
-    PyObject *both = PyNumber_Or(moved, mask);
+    unsigned long long was = PyLong_AsUnsignedLongLong(moved);
     Py_DECREF(moved);
+    if (was == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if ((was | mask) == was)
+        return 0;
+    PyObject *both = PyLong_FromUnsignedLongLong(was | mask);
     if (both == NULL)
         return -1;
     int rc = PyObject_SetAttr(transport, S_MOVED, both);
@@ -723,9 +751,9 @@ struct gathered {
  * each frame kept, and read when every frame so far was the call's own plain result
  * (g->values NULL from the first that is not: the transport's steps decode them all).
  * 0, or -1 with an exception set. */
-static int gather_pass(struct gathered *g, PyObject *const *lane, unsigned long long taken,
+static int gather_pass(struct gathered *g, const Lane *lane, unsigned long long taken,
                        unsigned long long framed, PyObject *frames, PyObject *middle) {
-    PyObject *parts = lane[L_REPLIES];
+    PyObject *parts = lane->items[L_REPLIES];
     if (g->frames == NULL &&
         ((g->frames = PyList_New(0)) == NULL || (g->values = PyDict_New()) == NULL))
         return -1;
@@ -766,35 +794,27 @@ static int gather_pass(struct gathered *g, PyObject *const *lane, unsigned long 
  * poke, the table closing) handed with what was taken to the transport's own steps
  * (collect_more). 0 done with this step (the call may still be owed: the caller waits),
  * -1 error. */
-static int first_collect(PyObject *const *lane, const Refs *t, Call *call,
-                         PyObject *middle) {
-    PyObject *table = lane[L_TABLE], *shm = lane[L_SHM], *transport = lane[L_TRANSPORT];
-    PyObject *collect = NULL, *epoch = NULL, *seen = NULL, *spin = NULL, *spin_until = NULL,
-             *deadline = NULL, *got = NULL, *closing = NULL, *moved = NULL, *want = NULL,
-             *result = NULL, *more = NULL;
+static int first_collect(const Lane *lane, Call *call, PyObject *middle) {
+    PyObject *table = lane->items[L_TABLE], *transport = lane->items[L_TRANSPORT];
+    PyObject *collect = NULL, *seen = NULL, *spin_until = NULL, *deadline = NULL,
+             *got = NULL, *closing = NULL, *want = NULL, *result = NULL, *more = NULL;
     struct gathered g = {0, 0, NULL, NULL};
-    unsigned long long every = 0, left = 0;
+    unsigned long long every = lane->every, left = 0;
     int rc = -1;
-    double spin_s;
-    if ((collect = PyObject_GetAttr(shm, S_COLLECT)) == NULL ||
-        (epoch = PyObject_GetAttr(shm, S_EPOCH)) == NULL ||
-        (spin = PyObject_GetAttr(shm, S_SPIN)) == NULL ||
-        ((spin_s = PyFloat_AsDouble(spin)) == -1.0 && PyErr_Occurred()) ||
+    double spin_s = lane->spin_s;
+    /* collect: bound to the reply rings anew when a rank is replaced, so read each time */
+    if ((collect = PyObject_GetAttr(lane->items[L_SHM], S_COLLECT)) == NULL ||
         (spin_until = PyFloat_FromDouble(now_s() + spin_s)) == NULL)
         goto done;
-    deadline = call->deadline == Py_None ? PyFloat_FromDouble(INFINITY)
-                                         : Py_NewRef(call->deadline);
-    if (deadline == NULL)
-        goto done;
+    deadline = Py_NewRef(call->deadline == Py_None ? INF : call->deadline);
     if (collect == Py_None)
         goto to_python; /* more ranks than collect takes: the transport's steps */
-    every = PyLong_AsUnsignedLongLong(lane[L_EVERY]);
-    if (PyErr_Occurred())
-        goto done;
-    want = Py_NewRef(lane[L_EVERY]);
+    want = Py_NewRef(lane->items[L_EVERY]);
     for (;;) {
-        /* The epoch before the check: a poke after it ends the wait (see ShmTransport). */
-        SET_FIELD(seen, PyObject_CallNoArgs(epoch));
+        /* The epoch before the check: a poke after it ends the wait (see ShmTransport;
+         * ShmDriverPath.epoch reads the same word). */
+        SET_FIELD(seen, PyLong_FromUnsignedLong(__atomic_load_n(
+                            u32_at(lane->bell, BELL_COUNTER), __ATOMIC_ACQUIRE)));
         SET_FIELD(closing, PyObject_GetAttr(table, S_CLOSING));
         int closed = seen == NULL || closing == NULL ? -1 : PyObject_IsTrue(closing);
         if (closed < 0)
@@ -818,13 +838,11 @@ static int first_collect(PyObject *const *lane, const Refs *t, Call *call,
         left = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 2));
         if (PyErr_Occurred())
             goto done;
-        if (took | copied) { /* released by the core: the readers catch up when next used */
-            SET_FIELD(moved, PyLong_FromUnsignedLongLong(took | copied));
-            if (moved == NULL || mark_moved(transport, moved) < 0)
-                goto done;
-        }
+        /* released by the core: the readers catch up when next used */
+        if ((took | copied) && mark_moved(transport, took | copied) < 0)
+            goto done;
         if (g.frames == NULL && took == every && !left && !copied) {
-            result = answer(t, (PyObject *)call, Py_None); /* the common case */
+            result = answer(&lane->t, (PyObject *)call, Py_None); /* the common case */
             rc = result == NULL ? -1 : 0;
             goto done;
         }
@@ -834,7 +852,7 @@ static int first_collect(PyObject *const *lane, const Refs *t, Call *call,
         if (left || !(took | copied) || g.values == NULL)
             goto to_python; /* a message left in place, nothing came, a frame to decode */
         if ((g.taken | g.framed) == every) { /* results, each rank's own, read here */
-            result = answer(t, (PyObject *)call, g.values);
+            result = answer(&lane->t, (PyObject *)call, g.values);
             rc = result == NULL ? -1 : 0;
             goto done;
         }
@@ -863,14 +881,11 @@ to_python: /* the transport's own steps from here, with what was taken */
     rc = result == NULL ? -1 : 0;
 done:
     Py_XDECREF(collect);
-    Py_XDECREF(epoch);
     Py_XDECREF(seen);
-    Py_XDECREF(spin);
     Py_XDECREF(spin_until);
     Py_XDECREF(deadline);
     Py_XDECREF(got);
     Py_XDECREF(closing);
-    Py_XDECREF(moved);
     Py_XDECREF(want);
     Py_XDECREF(result);
     Py_XDECREF(more);
@@ -882,46 +897,45 @@ done:
 /* The rest of a blocking call's round trip once it is entered and its request frame
  * ``f`` made: sent under the pump and send locks when both are free, its replies
  * collected and the call ended; its list of results, or what channel._go_on gives for
- * what is handed back (see round_trip). */
-static PyObject *trip(PyObject *const *lane, const Refs *t, Call *call,
-                      const struct frame *f, PyObject *middle) {
+ * what is handed back (see Lane.round_trip). */
+static PyObject *trip(const Lane *lane, Call *call, const struct frame *f,
+                      PyObject *middle) {
+    PyObject *channel = lane->items[L_CHANNEL], *no_wait = lane->bound[B_NO_WAIT];
     PyObject *nbytes = PyLong_FromSsize_t(f->size); /* (the metrics') */
     if (nbytes == NULL)
-        return hand_back(lane[L_CHANNEL], call, f, NOT_SENT, caught());
+        return hand_back(channel, call, f, NOT_SENT, caught());
     SET_FIELD(call->nbytes, nbytes);
     /* The send, under the pump lock and the send lock, when both are free. */
-    int pumping = try_lock(lane[L_PUMP]);
+    int pumping = try_lock(lane->bound[B_PUMP_ACQUIRE], no_wait);
     if (pumping <= 0) {
         PyObject *error = pumping < 0 ? caught() : NULL;
-        return hand_back(lane[L_CHANNEL], call, f, NOT_SENT, error);
+        return hand_back(channel, call, f, NOT_SENT, error);
     }
-    int sending = try_lock(lane[L_SEND]);
+    int sending = try_lock(lane->bound[B_SEND_ACQUIRE], no_wait);
     int sent = 0;
     if (sending > 0) {
-        PyObject *released = PyObject_GetAttr(lane[L_CHANNEL], S_RELEASED);
+        PyObject *released = PyObject_GetAttr(channel, S_RELEASED);
         int gone = released == NULL ? -1 : PyObject_IsTrue(released);
         Py_XDECREF(released);
-        sent = gone < 0 ? -1 : gone ? 0 : put_frame(lane[L_WRITER], lane[L_PUT], f);
-        unlock(lane[L_SEND]);
+        sent = gone < 0 ? -1 : gone ? 0 : put_frame(lane, f);
+        unlock(lane->bound[B_SEND_RELEASE]);
     } else if (sending < 0) {
         sent = -1;
     }
     if (sent <= 0) {
         PyObject *error = sent < 0 ? caught() : NULL;
-        unlock(lane[L_PUMP]);
-        return hand_back(lane[L_CHANNEL], call, f, NOT_SENT, error);
+        unlock(lane->bound[B_PUMP_RELEASE]);
+        return hand_back(channel, call, f, NOT_SENT, error);
     }
     /* The replies, still under the pump lock. */
-    int rc = first_collect(lane, t, call, middle);
+    int rc = first_collect(lane, call, middle);
     PyObject *error = rc < 0 ? caught() : NULL;
-    unlock(lane[L_PUMP]);
+    unlock(lane->bound[B_PUMP_RELEASE]);
     if (error != NULL)
-        return hand_back(lane[L_CHANNEL], call, NULL, SENT, error);
-    PyObject *unsettled = PyObject_GetAttr(lane[L_TABLE], S_UNSETTLED);
-    int queued = unsettled == NULL ? -1 : PyObject_IsTrue(unsettled);
-    Py_XDECREF(unsettled);
+        return hand_back(channel, call, NULL, SENT, error);
+    int queued = PyObject_IsTrue(lane->items[L_UNSETTLED]);
     if (queued > 0) {
-        PyObject *r = PyObject_CallMethodObjArgs(lane[L_TABLE], S_SETTLE, NULL);
+        PyObject *r = PyObject_CallMethodObjArgs(lane->items[L_TABLE], S_SETTLE, NULL);
         queued = r == NULL ? -1 : 0;
         Py_XDECREF(r);
     }
@@ -929,49 +943,35 @@ static PyObject *trip(PyObject *const *lane, const Refs *t, Call *call,
         return NULL; /* (as the general path: an error of settle() is raised) */
     if (call->done == Py_True && call->error == Py_None)
         return Py_NewRef(call->value);
-    return hand_back(lane[L_CHANNEL], call, NULL, SENT, NULL);
-}
-
-/* The lane's items as an array (borrowed); 0, or -1 with TypeError. */
-static int lane_items(PyObject *tuple, PyObject **lane) {
-    if (!PyTuple_Check(tuple) || PyTuple_Size(tuple) != L_LEN) {
-        PyErr_SetString(PyExc_TypeError, "the round trip's lane: a tuple of its items");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < L_LEN; i++)
-        lane[i] = PyTuple_GetItem(tuple, i);
-    return 0;
+    return hand_back(channel, call, NULL, SENT, NULL);
 }
 
 /* The cached pieces around the id of a call by name without arguments to ``method``
  * (the encoder's, made by its bare_call when ``learn``), when the call may take the
- * round trip (to every rank, ``ranks`` a list of them, its geometry known): 1 with new
- * references in *before, *after (the encoder may clear its dict while another thread
- * runs); 0 not; -1 with an exception set. */
-static int pieces_for(PyObject *const *lane, PyObject *method, PyObject *ranks, int learn,
+ * round trip (to every rank, ``ranks`` a list of them): 1 with new references in
+ * *before, *after (the encoder may clear its dict while another thread runs); 0 not; -1
+ * with an exception set. */
+static int pieces_for(const Lane *lane, PyObject *method, PyObject *ranks, int learn,
                       PyObject **before, PyObject **after) {
-    PyObject *parts = PyDict_GetItemWithError(lane[L_IDS], method); /* borrowed */
+    PyObject *ids = lane->items[L_IDS];
+    PyObject *parts = PyDict_GetItemWithError(ids, method); /* borrowed */
     if (parts == NULL && !PyErr_Occurred() && learn && PyUnicode_CheckExact(method)) {
         PyObject *zero = PyLong_FromLong(0);
         PyObject *made = zero == NULL ? NULL
-                                      : PyObject_CallFunctionObjArgs(lane[L_LEARN], zero,
-                                                                     method, NULL);
+                                      : PyObject_CallFunctionObjArgs(lane->items[L_LEARN],
+                                                                     zero, method, NULL);
         Py_XDECREF(zero);
         Py_XDECREF(made);
         if (made == NULL)
             return -1;
-        parts = PyDict_GetItemWithError(lane[L_IDS], method);
+        parts = PyDict_GetItemWithError(ids, method);
     }
     if (parts == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    Py_ssize_t n_ranks = PyLong_AsSsize_t(lane[L_N_RANKS]);
-    if (n_ranks == -1 && PyErr_Occurred())
-        return -1;
     if (!(PyTuple_Check(parts) && PyTuple_Size(parts) == 2 &&
           PyBytes_Check(*before = PyTuple_GetItem(parts, 0)) &&
           PyBytes_Check(*after = PyTuple_GetItem(parts, 1)) && PyList_Check(ranks) &&
-          PyList_Size(ranks) == n_ranks && PyTuple_Check(lane[L_PUT]) &&
-          PyTuple_Size(lane[L_PUT]) == P_LEN))
+          PyList_Size(ranks) == lane->n_ranks))
         return 0;
     Py_INCREF(*before);
     Py_INCREF(*after);
@@ -980,13 +980,10 @@ static int pieces_for(PyObject *const *lane, PyObject *method, PyObject *ranks, 
 
 /* The call entered and its request made of ``before`` + its id + ``after`` (its last
  * ``drop`` bytes left out) + ``body``, then trip(). ``method``..``timeout``: enter_call's. */
-static PyObject *enter_and_trip(PyObject *const *lane, PyObject *method, PyObject *ranks,
+static PyObject *enter_and_trip(const Lane *lane, PyObject *method, PyObject *ranks,
                                 PyObject *timeout, PyObject *before, PyObject *after,
                                 Py_ssize_t drop, const char *body, Py_ssize_t body_len) {
-    Refs t;
-    if (refs_from(lane[L_TABLE], lane[L_FIXED], &t) < 0)
-        return NULL;
-    Call *call = enter_call(&t, method, ranks, Py_None, timeout, Py_None);
+    Call *call = enter_call(&lane->t, method, ranks, Py_None, timeout, Py_None);
     if (call == NULL)
         return NULL; /* refused: nothing was sent */
     unsigned char idb[9];
@@ -1001,14 +998,14 @@ static PyObject *enter_and_trip(PyObject *const *lane, PyObject *method, PyObjec
     PyObject *middle = PyErr_Occurred() ? NULL
                                         : PyBytes_FromStringAndSize((char *)idb, id_len);
     PyObject *out = middle == NULL
-                        ? hand_back(lane[L_CHANNEL], call, &f, NOT_SENT, caught())
-                        : trip(lane, &t, call, &f, middle);
+                        ? hand_back(lane->items[L_CHANNEL], call, &f, NOT_SENT, caught())
+                        : trip(lane, call, &f, middle);
     Py_XDECREF(middle);
     Py_DECREF(call);
     return out;
 }
 
-/* round_trip(lane, method, ranks, timeout): DriverChannel.call_bare, the whole round trip
+/* Lane.round_trip(method, ranks, timeout): DriverChannel.call_bare, the whole round trip
  * of a blocking call by name over shared memory in one call: the call made and entered,
  * its cached header written into the request ring under the pump and send locks, its
  * replies collected (None results known by their bytes, plain values read here) and
@@ -1019,25 +1016,23 @@ static PyObject *enter_and_trip(PyObject *const *lane, PyObject *method, PyObjec
  * released, the ring full), SENT (a reply still owed, or not read here, or the call ended
  * with an error); ``error``: an exception raised while it sent (NOT_SENT) or waited
  * (SENT: Ctrl-C), taken as a value with every lock given back first. */
-static PyObject *round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *lane[L_LEN], *before = NULL, *after = NULL;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "round_trip(lane, method, ranks, timeout)");
+static PyObject *lane_round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Lane *lane = (Lane *)self;
+    PyObject *before = NULL, *after = NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "round_trip(method, ranks, timeout)");
         return NULL;
     }
-    if (lane_items(args[0], lane) < 0)
+    int ok = pieces_for(lane, args[0], args[1], 0, &before, &after);
+    if (ok < 0)
         return NULL;
-    int ok = pieces_for(lane, args[1], args[2], 0, &before, &after);
-    long long most = PyLong_AsLongLong(lane[L_MAX_SIZE]);
-    PyObject *out = NULL;
-    if (ok < 0 || (most == -1 && PyErr_Occurred()))
-        goto done;
-    if (!ok || (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) > most))
-        out = PyObject_CallMethodObjArgs(lane[L_CHANNEL], S_CALL_BARE, args[1], args[2],
-                                         args[3], NULL); /* not for this path: nothing done */
+    PyObject *out;
+    if (!ok || (lane->max_size >= 0 &&
+                PyBytes_Size(before) + 9 + PyBytes_Size(after) > lane->max_size))
+        out = PyObject_CallMethodObjArgs(lane->items[L_CHANNEL], S_CALL_BARE, args[0],
+                                         args[1], args[2], NULL); /* nothing done here */
     else
-        out = enter_and_trip(lane, args[1], args[2], args[3], before, after, 0, NULL, 0);
-done:
+        out = enter_and_trip(lane, args[0], args[1], args[2], before, after, 0, NULL, 0);
     Py_XDECREF(before);
     Py_XDECREF(after);
     return out;
@@ -1045,23 +1040,21 @@ done:
 
 #define BODY_MAX 8192 /* a call's arguments written here first: longer ones are Python's */
 
-/* call_plain(lane, method, args, kwargs, ranks, timeout): DriverChannel.call_plain, the
+/* Lane.call_plain(method, args, kwargs, ranks, timeout): DriverChannel.call_plain, the
  * round trip of a blocking call by name with plain arguments (``args`` a tuple or list,
  * ``kwargs`` None or a dict with str keys, every value plain msgpack data: _plain.h) to
  * every rank over shared memory, as round_trip does it, its request written as msgspec
  * writes Call(id, method, None, args, kwargs): its list of results. None, having done
  * nothing, for any other call (a value that is not plain, arguments over BODY_MAX bytes
  * or max_message_size, a name the encoder cannot write): the caller's general path. */
-static PyObject *call_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *lane[L_LEN], *before = NULL, *after = NULL;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "call_plain(lane, method, args, kwargs, ranks, timeout)");
+static PyObject *lane_call_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Lane *lane = (Lane *)self;
+    PyObject *before = NULL, *after = NULL;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "call_plain(method, args, kwargs, ranks, timeout)");
         return NULL;
     }
-    if (lane_items(args[0], lane) < 0)
-        return NULL;
-    PyObject *call_args = args[2], *call_kwargs = args[3];
+    PyObject *call_args = args[1], *call_kwargs = args[2];
     if (!(PyTuple_CheckExact(call_args) || PyList_CheckExact(call_args)) ||
         !(call_kwargs == Py_None || PyDict_CheckExact(call_kwargs)))
         Py_RETURN_NONE;
@@ -1075,24 +1068,146 @@ static PyObject *call_plain(PyObject *self, PyObject *const *args, Py_ssize_t na
         rc = put_bytes(&room, "\xff", 1); /* value_rank -1: every rank's value */
     if (rc <= 0)
         return rc < 0 ? NULL : Py_NewRef(Py_None);
-    int ok = pieces_for(lane, args[1], args[4], 1, &before, &after);
-    long long most = PyLong_AsLongLong(lane[L_MAX_SIZE]);
+    int ok = pieces_for(lane, args[0], args[3], 1, &before, &after);
+    if (ok < 0)
+        return NULL;
     Py_ssize_t body_len = room.at - body;
-    PyObject *out = NULL;
-    if (ok < 0 || (most == -1 && PyErr_Occurred()))
-        goto done;
+    PyObject *out;
     /* The bare header's after ends with its arguments: [] {} -1 (0x90 0x80 0xff). */
     if (!ok || PyBytes_Size(after) < 3 ||
-        (most >= 0 && PyBytes_Size(before) + 9 + PyBytes_Size(after) - 3 + body_len > most))
+        (lane->max_size >= 0 &&
+         PyBytes_Size(before) + 9 + PyBytes_Size(after) - 3 + body_len > lane->max_size))
         out = Py_NewRef(Py_None);
     else
-        out = enter_and_trip(lane, args[1], args[4], args[5], before, after, 3,
+        out = enter_and_trip(lane, args[0], args[3], args[4], before, after, 3,
                              (const char *)body, body_len);
-done:
     Py_XDECREF(before);
     Py_XDECREF(after);
     return out;
 }
+
+/* -- the Lane ----------------------------------------------------------------------- */
+
+/* The unsigned int ``o`` (an address, a size) into ``*v``; 0, or -1 with an error. */
+static int lane_number(PyObject *o, unsigned long long *v) {
+    *v = PyLong_AsUnsignedLongLong(o);
+    return *v == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int lane_clear(PyObject *self) {
+    Lane *lane = (Lane *)self;
+    for (int i = 0; i < L_LEN; i++)
+        Py_CLEAR(lane->items[i]);
+    for (int i = 0; i < B_LEN; i++)
+        Py_CLEAR(lane->bound[i]);
+    lane->t.table = NULL; /* (borrowed from the items) */
+    return 0;
+}
+
+static int lane_traverse(PyObject *self, visitproc visit, void *arg) {
+    Lane *lane = (Lane *)self;
+    for (int i = 0; i < L_LEN; i++)
+        Py_VISIT(lane->items[i]);
+    for (int i = 0; i < B_LEN; i++)
+        Py_VISIT(lane->bound[i]);
+    Py_VISIT((PyObject *)Py_TYPE(self)); /* a heap type */
+    return 0;
+}
+
+static void lane_dealloc(PyObject *self) {
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    lane_clear(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+/* Lane(items): the tuple of the L_ items above. */
+static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "O!:Lane", &PyTuple_Type, &items))
+        return NULL;
+    if (PyTuple_Size(items) != L_LEN) {
+        PyErr_SetString(PyExc_TypeError, "Lane(items): a tuple of the round trip's items");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    Lane *lane = (Lane *)alloc(type, 0);
+    if (lane == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < L_LEN; i++)
+        lane->items[i] = Py_NewRef(PyTuple_GetItem(items, i));
+    PyObject *put = lane->items[L_PUT], *spin = NULL;
+    unsigned long long at[P_LEN], bell, every, n_ranks;
+    long long max_size;
+    if (refs_from(lane->items[L_TABLE], lane->items[L_FIXED], &lane->t) < 0)
+        goto error;
+    if (!PyTuple_Check(put) || PyTuple_Size(put) != P_LEN) {
+        PyErr_SetString(PyExc_TypeError, "Lane: the request ring's geometry, a tuple of 7");
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < P_LEN; i++)
+        if (lane_number(PyTuple_GetItem(put, i), &at[i]) < 0)
+            goto error;
+    if (lane_number(lane->items[L_BELL], &bell) < 0 ||
+        lane_number(lane->items[L_EVERY], &every) < 0 ||
+        lane_number(lane->items[L_N_RANKS], &n_ranks) < 0 ||
+        ((max_size = PyLong_AsLongLong(lane->items[L_MAX_SIZE])) == -1 && PyErr_Occurred()) ||
+        (spin = PyObject_GetAttr(lane->items[L_SHM], S_SPIN)) == NULL ||
+        ((lane->spin_s = PyFloat_AsDouble(spin)) == -1.0 && PyErr_Occurred()))
+        goto error;
+    Py_CLEAR(spin);
+    lane->base = (uintptr_t)at[P_BASE];
+    lane->data = (long long)at[P_DATA];
+    lane->n_slots = (long long)at[P_N_SLOTS];
+    lane->slot_size = (long long)at[P_SLOT_SIZE];
+    lane->most = (long long)at[P_MAX];
+    lane->readers = at[P_READERS];
+    lane->bell_base = (uintptr_t)at[P_BELL_BASE];
+    lane->bell = (uintptr_t)bell;
+    lane->every = every;
+    lane->n_ranks = (Py_ssize_t)n_ranks;
+    lane->max_size = max_size;
+    PyObject *pump = lane->items[L_PUMP], *send = lane->items[L_SEND];
+    if ((lane->bound[B_PUMP_ACQUIRE] = PyObject_GetAttr(pump, S_ACQUIRE)) == NULL ||
+        (lane->bound[B_PUMP_RELEASE] = PyObject_GetAttr(pump, S_RELEASE)) == NULL ||
+        (lane->bound[B_SEND_ACQUIRE] = PyObject_GetAttr(send, S_ACQUIRE)) == NULL ||
+        (lane->bound[B_SEND_RELEASE] = PyObject_GetAttr(send, S_RELEASE)) == NULL ||
+        (lane->bound[B_LOCKED] = PyObject_GetAttr(lane->t.lock, S_LOCKED)) == NULL ||
+        (lane->bound[B_NO_WAIT] = PyTuple_Pack(1, Py_False)) == NULL)
+        goto error;
+    lane->t.locked = lane->bound[B_LOCKED];
+    return (PyObject *)lane;
+error:
+    Py_XDECREF(spin);
+    Py_DECREF(lane);
+    return NULL;
+}
+
+static PyMethodDef lane_methods[] = {
+    {"round_trip", (PyCFunction)(void (*)(void))lane_round_trip, METH_FASTCALL,
+     "A blocking call by name over shared memory, sent and collected (see the source)."},
+    {"call_plain", (PyCFunction)(void (*)(void))lane_call_plain, METH_FASTCALL,
+     "round_trip of a call with plain arguments, or None (see the source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot lane_slots[] = {
+    {Py_tp_doc, "What a channel's round trips read over shared memory, fixed for its life "
+                "(DriverChannel.__init__ makes it; see the source)."},
+    {Py_tp_new, lane_new},
+    {Py_tp_dealloc, lane_dealloc},
+    {Py_tp_traverse, lane_traverse},
+    {Py_tp_clear, lane_clear},
+    {Py_tp_methods, lane_methods},
+    {0, NULL},
+};
+
+static PyType_Spec lane_spec = {
+    "gpuexec.executor._calltable.Lane", sizeof(Lane), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, lane_slots,
+};
 
 /* -- the module --------------------------------------------------------------------- */
 
@@ -1101,10 +1216,6 @@ static PyMethodDef table_functions[] = {
      "A user's call made and entered in the table (CallTable._new_call)."},
     {"answered", (PyCFunction)(void (*)(void))answered, METH_FASTCALL,
      "CallTable.answered, its common case in compiled code."},
-    {"round_trip", (PyCFunction)(void (*)(void))round_trip, METH_FASTCALL,
-     "A blocking call by name over shared memory, sent and collected (see the source)."},
-    {"call_plain", (PyCFunction)(void (*)(void))call_plain, METH_FASTCALL,
-     "round_trip of a call with plain arguments, or None (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1123,9 +1234,8 @@ static int intern_all(void) {
         {&S_RELEASE, "release"},     {&S_RELEASED, "_released"},
         {&S_MOVED, "_moved"},        {&S_SEQ, "_seq"},
         {&S_MIN_READ, "_min_read"},  {&S_CLAIMED, "_claimed"},
-        {&S_COLLECT, "collect"},     {&S_EPOCH, "epoch"},
-        {&S_SPIN, "spin"},           {&S_CLOSING, "closing"},
-        {&S_UNSETTLED, "unsettled"}, {&S_SETTLE, "settle"},
+        {&S_COLLECT, "collect"},     {&S_SPIN, "spin"},
+        {&S_CLOSING, "closing"},     {&S_SETTLE, "settle"},
         {&S_COLLECT_MORE, "collect_more"}, {&S_MIN_READ_SEQ, "_min_read_seq"},
         {&S_GO_ON, "_go_on"},        {&S_CALL_BARE, "_call_bare"},
     };
@@ -1148,7 +1258,10 @@ PyMODINIT_FUNC PyInit__calltable(void) {
     if (m == NULL)
         return NULL;
     CallType = (PyTypeObject *)PyType_FromSpec(&call_spec);
+    PyObject *lane_type = PyType_FromSpec(&lane_spec);
     if (CallType == NULL || PyModule_AddObject(m, "PendingCall", Py_NewRef(CallType)) < 0 ||
+        lane_type == NULL || PyModule_AddObject(m, "Lane", lane_type) < 0 ||
+        (INF = PyFloat_FromDouble(INFINITY)) == NULL ||
         PyModule_AddIntConstant(m, "API", CALLTABLE_API) < 0 ||
         PyModule_AddIntConstant(m, "NOT_SENT", NOT_SENT) < 0 ||
         PyModule_AddIntConstant(m, "SENT", SENT) < 0) {

@@ -658,14 +658,19 @@ class TableSteps(Protocol):
                   timeout: float | None, future: Future[Any] | None) -> _Pending: ...
     def answered(self, table: CallTable, fixed: tuple[Any, ...], call: _Pending,
                  values: dict[int, Any] | None) -> None: ...
-    def round_trip(self, lane: tuple[Any, ...], method: str, ranks: list[int],
-                   timeout: float | None) -> Any: ...
-    def call_plain(self, lane: tuple[Any, ...], method: str, args: Sequence[Any],
-                   kwargs: Mapping[str, Any] | None, ranks: list[int],
-                   timeout: float | None) -> Any: ...
+    def Lane(self, items: tuple[Any, ...]) -> Lane: ...  # (a type)
 
 
-STEPS_API = 7  # _calltable.c's CALLTABLE_API must be the same
+class Lane(Protocol):
+    """What a channel's round trips read over shared memory, fixed for its life (made
+    once by :class:`.channel.DriverChannel`; the order of ``items``: ``_calltable.c``)."""
+
+    def round_trip(self, method: str, ranks: list[int], timeout: float | None) -> Any: ...
+    def call_plain(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
+                   ranks: list[int], timeout: float | None) -> Any: ...
+
+
+STEPS_API = 8  # _calltable.c's CALLTABLE_API must be the same
 NOT_SENT = 0  # where round_trip() hands a call back: entered, not sent (its NOT_SENT)
 _steps_why_not: list[str] = []  # said once per process
 

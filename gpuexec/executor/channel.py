@@ -135,7 +135,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import threading
@@ -209,11 +208,12 @@ class DriverChannel:
         # core; see _calltable.c's round_trip), or None: the steps in Python.
         steps = self._table.steps
         parts = None if steps is None else self._transport.core_lane()
-        lane = None if steps is None or parts is None else (
+        lane = None if steps is None or parts is None else steps.Lane((
             self._table, self._pump_lock, self._send_lock, self, *parts,
             self._encoder.bare_headers, max_message_size, (1 << len(handles)) - 1,
             len(handles), self._table.fixed, self._encoder.bare_call,
-            None if shm is None else shm.reply_parts)
+            None if shm is None else shm.reply_parts,
+            None if shm is None else shm.doorbell.base, self._table.unsettled))
         # A blocking call by name without arguments (``rpc``'s bare form): over shared
         # memory on the compiled core, its whole round trip is one call into it (the call
         # made and entered, its header written into the request ring under the pump and
@@ -222,7 +222,7 @@ class DriverChannel:
         # name whose header is not cached yet; elsewhere _call_bare.
         self.call_bare: Callable[[str, list[int], float | None], Any] = \
             self._call_bare if steps is None or lane is None else \
-            functools.partial(steps.round_trip, lane)
+            lane.round_trip
         # A blocking call by name with plain arguments (``rpc``'s small form: a tuple or
         # list of them, a dict of keyword arguments or None): the same round trip with
         # the arguments written by the compiled step, which answers None when it did
@@ -231,7 +231,7 @@ class DriverChannel:
         self.call_plain: Callable[[str, Sequence[Any], Mapping[str, Any] | None,
                                    list[int], float | None], Any] | None = \
             None if steps is None or lane is None else \
-            functools.partial(steps.call_plain, lane)
+            lane.call_plain
 
     # -- state ---------------------------------------------------------------------
 
