@@ -65,7 +65,7 @@ $(STAMP): $(BASE_STAMP)
 # It is optional: without them the build says so and gpuexec runs its pure-Python twin.
 CORE := $(VENV)/.ringcore
 $(CORE): $(BASE_STAMP) gpuexec/ipc/_ringcore.c gpuexec/ipc/_ring.h gpuexec/ipc/_plain.h \
-  gpuexec/executor/_calltable.c setup.py
+  gpuexec/ipc/_collect.h gpuexec/executor/_calltable.c setup.py
 	$(PY) setup.py -q build_ext --inplace 2>$(VENV)/ringcore-build.log || \
 	  $(PIP) install -q --no-deps -e . >>$(VENV)/ringcore-build.log 2>&1 || true
 	@$(PY) -c "from gpuexec.ipc import ringcore; print('gpuexec ring core:', ringcore.describe())"

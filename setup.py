@@ -15,8 +15,8 @@ setup(
         Extension(
             name,
             [source],
-            # shared by both: the ring's layout; plain msgpack data
-            depends=["gpuexec/ipc/_ring.h", "gpuexec/ipc/_plain.h"],
+            # shared by both: the ring's layout; plain msgpack data; the wait for replies
+            depends=["gpuexec/ipc/_ring.h", "gpuexec/ipc/_plain.h", "gpuexec/ipc/_collect.h"],
             define_macros=[("Py_LIMITED_API", "0x030A0000")],
             extra_compile_args=["-O2", "-std=gnu11"],
             py_limited_api=True,

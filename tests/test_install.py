@@ -142,6 +142,7 @@ def test_demo_setup_installs_only_the_core_and_torch(tmp_path: Path) -> None:
                         ("test", [".venv/.installed", ".venv/.ringcore"]),
                         (".venv/.ringcore", [".venv/.base", "gpuexec/ipc/_ringcore.c",
                                              "gpuexec/ipc/_ring.h", "gpuexec/ipc/_plain.h",
+                                             "gpuexec/ipc/_collect.h",
                                              "gpuexec/executor/_calltable.c", "setup.py"]),
                         (".venv/.installed", [".venv/.base"])):
         dry = subprocess.run(["make", "-C", str(ROOT), "-n", "-p", goal], capture_output=True,

@@ -54,6 +54,7 @@
 
 #include "../ipc/_ring.h" /* the ring's layout and publish (now_s: time.monotonic()'s clock) */
 #include "../ipc/_plain.h" /* plain msgpack data: a call's arguments and results */
+#include "../ipc/_collect.h" /* the wait for a call's replies (the ring core's) */
 
 #define CALLTABLE_API 8 /* calls.py's API must be the same */
 
@@ -527,6 +528,7 @@ enum {
     L_REPLIES,   /* each rank's (before, after): the bytes around the id of its None reply */
     L_BELL,      /* the doorbell's base address (its epoch: the count of its pokes) */
     L_UNSETTLED, /* the table's unsettled futures (a deque, never replaced) */
+    L_TAKEN_MAX, /* the longest reply frame a collect copies out (shm_path.TAKEN_MAX) */
     L_LEN
 };
 /* The methods a Lane binds once: the locks' (pump, send, the table's) and (False,). */
@@ -544,14 +546,26 @@ typedef struct {
     long long max_size; /* max_message_size (-1: none) */
     Py_ssize_t n_ranks;
     double spin_s; /* the reply rings' spin (ShmDriverPath.spin) */
+    uint64_t max_len;       /* items[L_TAKEN_MAX] */
+    /* The reply rings as the wait reads them, for shm.replies as last read (a strong
+     * reference, so that a new tuple is known by its identity; see lane_rings). Used
+     * under the pump lock only. */
+    PyObject *replies_seen;
+    struct awaited aw;
 } Lane;
+
+/* The unsigned int ``o`` (an address, a size) into ``*v``; 0, or -1 with an error. */
+static int lane_number(PyObject *o, unsigned long long *v) {
+    *v = PyLong_AsUnsignedLongLong(o);
+    return *v == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
 enum { P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_BASE, P_LEN };
 
 #define NOT_SENT 0 /* where round_trip() hands a call back: entered, not sent */
 #define SENT 1     /* sent, and not complete (or complete with an error) */
 
 static PyObject *S_ACQUIRE, *S_RELEASE, *S_RELEASED, *S_MOVED, *S_SEQ, *S_MIN_READ,
-    *S_CLAIMED, *S_COLLECT, *S_SPIN, *S_CLOSING, *S_SETTLE, *S_COLLECT_MORE,
+    *S_CLAIMED, *S_REPLIES, *S_SHAPE, *S_ADDRESS, *S_SPIN, *S_CLOSING, *S_SETTLE, *S_COLLECT_MORE,
     *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
 static PyObject *INF; /* float('inf'): the deadline of a call without one */
 
@@ -787,36 +801,112 @@ static int gather_pass(struct gathered *g, const Lane *lane, unsigned long long 
     return 0;
 }
 
+/* The reply rings of shm.replies in lane->aw (bases, and each rank's None-reply bytes),
+ * read again when that tuple is not the one read last (a rank was replaced; under the
+ * pump lock, as the replacement is). 1 ready; 0 the transport's steps collect (no ring,
+ * or more than the 64 the wait takes); -1 with an exception set. */
+static int lane_rings(Lane *lane) {
+    PyObject *replies = PyObject_GetAttr(lane->items[L_SHM], S_REPLIES), *shape = NULL;
+    if (replies == NULL)
+        return -1;
+    if (replies == lane->replies_seen) {
+        Py_DECREF(replies);
+        return lane->aw.n > 0;
+    }
+    struct awaited *w = &lane->aw;
+    PyObject *parts = lane->items[L_REPLIES];
+    Py_CLEAR(lane->replies_seen);
+    w->n = 0;
+    int rc = -1;
+    if (!PyTuple_Check(replies) || !PyTuple_Check(parts)) {
+        PyErr_SetString(PyExc_TypeError, "Lane: the reply rings and their parts, tuples");
+        goto done;
+    }
+    Py_ssize_t n = PyTuple_Size(replies);
+    if (n == 0 || n > 64 || PyTuple_Size(parts) != n) {
+        rc = 0;
+        goto done;
+    }
+    uint64_t at[3];
+    if ((shape = PyObject_GetAttr(PyTuple_GetItem(replies, 0), S_SHAPE)) == NULL)
+        goto done;
+    if (!PyTuple_Check(shape) || PyTuple_Size(shape) != 3) {
+        PyErr_SetString(PyExc_TypeError, "Lane: a reply ring's shape, a tuple of 3");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < 3; i++)
+        if (lane_number(PyTuple_GetItem(shape, i), (unsigned long long *)&at[i]) < 0)
+            goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *address = PyObject_GetAttr(PyTuple_GetItem(replies, i), S_ADDRESS);
+        PyObject *part = PyTuple_GetItem(parts, i);
+        unsigned long long base = 0;
+        char *before, *after;
+        int ok = address != NULL && PyTuple_Check(address) && PyTuple_Size(address) == 2 &&
+                 lane_number(PyTuple_GetItem(address, 1), &base) == 0 &&
+                 PyTuple_Check(part) && PyTuple_Size(part) == 2 &&
+                 PyBytes_AsStringAndSize(PyTuple_GetItem(part, 0), &before,
+                                         &w->before_len[i]) == 0 &&
+                 PyBytes_AsStringAndSize(PyTuple_GetItem(part, 1), &after,
+                                         &w->after_len[i]) == 0;
+        Py_XDECREF(address);
+        if (!ok) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Lane: a reply ring's address or parts");
+            goto done;
+        }
+        w->bases[i] = (uintptr_t)base;
+        w->before[i] = before;
+        w->after[i] = after;
+    }
+    w->data_off = at[0];
+    w->n_slots = at[1];
+    w->slot_size = at[2];
+    if (w->n_slots == 0) {
+        rc = 0;
+        goto done;
+    }
+    w->n = n;
+    lane->replies_seen = Py_NewRef(replies);
+    rc = 1;
+done:
+    Py_XDECREF(shape);
+    Py_DECREF(replies);
+    return rc;
+}
+
 /* The replies to ``call`` collected and the call ended, under the pump lock: every
  * rank's None result known by its bytes (the common case: one collect), or plain results
  * read here, over as many collects as the ranks take to answer; anything else (a failure,
  * a value the codec must read, a message left in a ring, nothing before the deadline or a
  * poke, the table closing) handed with what was taken to the transport's own steps
- * (collect_more). 0 done with this step (the call may still be owed: the caller waits),
- * -1 error. */
-static int first_collect(const Lane *lane, Call *call, PyObject *middle) {
+ * (collect_more). The wait is the ring core's (../ipc/_collect.h), run here on the
+ * lane's rings with no call through Python. 0 done with this step (the call may still be
+ * owed: the caller waits), -1 error. */
+static int first_collect(Lane *lane, Call *call, PyObject *middle) {
     PyObject *table = lane->items[L_TABLE], *transport = lane->items[L_TRANSPORT];
-    PyObject *collect = NULL, *seen = NULL, *spin_until = NULL, *deadline = NULL,
-             *got = NULL, *closing = NULL, *want = NULL, *result = NULL, *more = NULL;
+    PyObject *deadline = NULL, *closing = NULL, *frames = NULL, *result = NULL, *more = NULL;
     struct gathered g = {0, 0, NULL, NULL};
-    unsigned long long every = lane->every, left = 0;
-    int rc = -1;
-    double spin_s = lane->spin_s;
-    /* collect: bound to the reply rings anew when a rank is replaced, so read each time */
-    if ((collect = PyObject_GetAttr(lane->items[L_SHM], S_COLLECT)) == NULL ||
-        (spin_until = PyFloat_FromDouble(now_s() + spin_s)) == NULL)
-        goto done;
+    struct awaited *w = &lane->aw;
+    unsigned long long every = lane->every, want = every, left = 0;
+    int rc = -1, passed = 0;
+    double deadline_s = INFINITY;
+    char *id;
+    Py_ssize_t id_len;
     deadline = Py_NewRef(call->deadline == Py_None ? INF : call->deadline);
-    if (collect == Py_None)
-        goto to_python; /* more ranks than collect takes: the transport's steps */
-    want = Py_NewRef(lane->items[L_EVERY]);
+    if ((deadline_s = PyFloat_AsDouble(deadline)) == -1.0 && PyErr_Occurred())
+        goto done;
+    int rings = lane_rings(lane);
+    if (rings < 0 || PyBytes_AsStringAndSize(middle, &id, &id_len) < 0)
+        goto done;
+    if (rings == 0)
+        goto to_python; /* more ranks than the wait takes: the transport's steps */
     for (;;) {
         /* The epoch before the check: a poke after it ends the wait (see ShmTransport;
          * ShmDriverPath.epoch reads the same word). */
-        SET_FIELD(seen, PyLong_FromUnsignedLong(__atomic_load_n(
-                            u32_at(lane->bell, BELL_COUNTER), __ATOMIC_ACQUIRE)));
+        uint32_t seen = __atomic_load_n(u32_at(lane->bell, BELL_COUNTER), __ATOMIC_ACQUIRE);
         SET_FIELD(closing, PyObject_GetAttr(table, S_CLOSING));
-        int closed = seen == NULL || closing == NULL ? -1 : PyObject_IsTrue(closing);
+        int closed = closing == NULL ? -1 : PyObject_IsTrue(closing);
         if (closed < 0)
             goto done;
         if (closed && g.frames == NULL) {
@@ -825,19 +915,18 @@ static int first_collect(const Lane *lane, Call *call, PyObject *middle) {
         }
         if (closed)
             goto to_python; /* what was taken is delivered there */
-        SET_FIELD(got, PyObject_CallFunctionObjArgs(collect, seen, spin_until, deadline,
-                                                    middle, want, NULL));
-        if (got == NULL)
+        w->middle = id;
+        w->middle_len = id_len;
+        w->want = want;
+        w->taken = w->other = 0;
+        uint64_t copied;
+        Py_CLEAR(frames);
+        if (collect_run(w, lane->bell, seen, now_s() + lane->spin_s, deadline_s,
+                        lane->max_len, &copied, &frames) < 0)
             goto done;
-        if (!PyTuple_Check(got) || PyTuple_Size(got) != 4) {
-            PyErr_SetString(PyExc_TypeError, "collect() gave no (taken, framed, other, frames)");
-            goto done;
-        }
-        unsigned long long took = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 0)),
-                           copied = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 1));
-        left = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 2));
-        if (PyErr_Occurred())
-            goto done;
+        passed = 1;
+        unsigned long long took = w->taken;
+        left = w->other;
         /* released by the core: the readers catch up when next used */
         if ((took | copied) && mark_moved(transport, took | copied) < 0)
             goto done;
@@ -846,8 +935,7 @@ static int first_collect(const Lane *lane, Call *call, PyObject *middle) {
             rc = result == NULL ? -1 : 0;
             goto done;
         }
-        if ((took | copied) &&
-            gather_pass(&g, lane, took, copied, PyTuple_GetItem(got, 3), middle) < 0)
+        if ((took | copied) && gather_pass(&g, lane, took, copied, frames, middle) < 0)
             goto done;
         if (left || !(took | copied) || g.values == NULL)
             goto to_python; /* a message left in place, nothing came, a frame to decode */
@@ -857,36 +945,30 @@ static int first_collect(const Lane *lane, Call *call, PyObject *middle) {
             goto done;
         }
         /* Ranks still owed: another collect of theirs, spinning afresh. */
-        SET_FIELD(want, PyLong_FromUnsignedLongLong(every & ~(g.taken | g.framed)));
-        SET_FIELD(spin_until, PyFloat_FromDouble(now_s() + spin_s));
-        if (want == NULL || spin_until == NULL)
-            goto done;
+        want = every & ~(g.taken | g.framed);
     }
 to_python: /* the transport's own steps from here, with what was taken */
-    if (g.frames != NULL) {
+    if (passed) {
         PyObject *a = PyLong_FromUnsignedLongLong(g.taken),
                  *b = PyLong_FromUnsignedLongLong(g.framed),
-                 *c = PyLong_FromUnsignedLongLong(left);
-        more = a == NULL || b == NULL || c == NULL ? NULL : PyTuple_Pack(4, a, b, c, g.frames);
+                 *c = PyLong_FromUnsignedLongLong(left),
+                 *d = g.frames != NULL ? Py_NewRef(g.frames) : PyTuple_New(0);
+        more = a == NULL || b == NULL || c == NULL || d == NULL ? NULL
+                                                                 : PyTuple_Pack(4, a, b, c, d);
         Py_XDECREF(a);
         Py_XDECREF(b);
         Py_XDECREF(c);
+        Py_XDECREF(d);
         if (more == NULL)
             goto done;
-    } else if (got != NULL) {
-        more = Py_NewRef(got);
     }
     result = PyObject_CallMethodObjArgs(transport, S_COLLECT_MORE, (PyObject *)call, deadline,
                                         more != NULL ? more : Py_None, NULL);
     rc = result == NULL ? -1 : 0;
 done:
-    Py_XDECREF(collect);
-    Py_XDECREF(seen);
-    Py_XDECREF(spin_until);
     Py_XDECREF(deadline);
-    Py_XDECREF(got);
     Py_XDECREF(closing);
-    Py_XDECREF(want);
+    Py_XDECREF(frames);
     Py_XDECREF(result);
     Py_XDECREF(more);
     Py_XDECREF(g.frames);
@@ -898,7 +980,7 @@ done:
  * ``f`` made: sent under the pump and send locks when both are free, its replies
  * collected and the call ended; its list of results, or what channel._go_on gives for
  * what is handed back (see Lane.round_trip). */
-static PyObject *trip(const Lane *lane, Call *call, const struct frame *f,
+static PyObject *trip(Lane *lane, Call *call, const struct frame *f,
                       PyObject *middle) {
     PyObject *channel = lane->items[L_CHANNEL], *no_wait = lane->bound[B_NO_WAIT];
     PyObject *nbytes = PyLong_FromSsize_t(f->size); /* (the metrics') */
@@ -980,7 +1062,7 @@ static int pieces_for(const Lane *lane, PyObject *method, PyObject *ranks, int l
 
 /* The call entered and its request made of ``before`` + its id + ``after`` (its last
  * ``drop`` bytes left out) + ``body``, then trip(). ``method``..``timeout``: enter_call's. */
-static PyObject *enter_and_trip(const Lane *lane, PyObject *method, PyObject *ranks,
+static PyObject *enter_and_trip(Lane *lane, PyObject *method, PyObject *ranks,
                                 PyObject *timeout, PyObject *before, PyObject *after,
                                 Py_ssize_t drop, const char *body, Py_ssize_t body_len) {
     Call *call = enter_call(&lane->t, method, ranks, Py_None, timeout, Py_None);
@@ -1088,18 +1170,14 @@ static PyObject *lane_call_plain(PyObject *self, PyObject *const *args, Py_ssize
 
 /* -- the Lane ----------------------------------------------------------------------- */
 
-/* The unsigned int ``o`` (an address, a size) into ``*v``; 0, or -1 with an error. */
-static int lane_number(PyObject *o, unsigned long long *v) {
-    *v = PyLong_AsUnsignedLongLong(o);
-    return *v == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
-}
-
 static int lane_clear(PyObject *self) {
     Lane *lane = (Lane *)self;
     for (int i = 0; i < L_LEN; i++)
         Py_CLEAR(lane->items[i]);
     for (int i = 0; i < B_LEN; i++)
         Py_CLEAR(lane->bound[i]);
+    Py_CLEAR(lane->replies_seen);
+    lane->aw.n = 0;
     lane->t.table = NULL; /* (borrowed from the items) */
     return 0;
 }
@@ -1110,6 +1188,7 @@ static int lane_traverse(PyObject *self, visitproc visit, void *arg) {
         Py_VISIT(lane->items[i]);
     for (int i = 0; i < B_LEN; i++)
         Py_VISIT(lane->bound[i]);
+    Py_VISIT(lane->replies_seen);
     Py_VISIT((PyObject *)Py_TYPE(self)); /* a heap type */
     return 0;
 }
@@ -1139,7 +1218,7 @@ static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     for (Py_ssize_t i = 0; i < L_LEN; i++)
         lane->items[i] = Py_NewRef(PyTuple_GetItem(items, i));
     PyObject *put = lane->items[L_PUT], *spin = NULL;
-    unsigned long long at[P_LEN], bell, every, n_ranks;
+    unsigned long long at[P_LEN], bell, every, n_ranks, max_len;
     long long max_size;
     if (refs_from(lane->items[L_TABLE], lane->items[L_FIXED], &lane->t) < 0)
         goto error;
@@ -1153,6 +1232,7 @@ static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     if (lane_number(lane->items[L_BELL], &bell) < 0 ||
         lane_number(lane->items[L_EVERY], &every) < 0 ||
         lane_number(lane->items[L_N_RANKS], &n_ranks) < 0 ||
+        lane_number(lane->items[L_TAKEN_MAX], &max_len) < 0 ||
         ((max_size = PyLong_AsLongLong(lane->items[L_MAX_SIZE])) == -1 && PyErr_Occurred()) ||
         (spin = PyObject_GetAttr(lane->items[L_SHM], S_SPIN)) == NULL ||
         ((lane->spin_s = PyFloat_AsDouble(spin)) == -1.0 && PyErr_Occurred()))
@@ -1169,6 +1249,7 @@ static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     lane->every = every;
     lane->n_ranks = (Py_ssize_t)n_ranks;
     lane->max_size = max_size;
+    lane->max_len = max_len;
     PyObject *pump = lane->items[L_PUMP], *send = lane->items[L_SEND];
     if ((lane->bound[B_PUMP_ACQUIRE] = PyObject_GetAttr(pump, S_ACQUIRE)) == NULL ||
         (lane->bound[B_PUMP_RELEASE] = PyObject_GetAttr(pump, S_RELEASE)) == NULL ||
@@ -1234,7 +1315,8 @@ static int intern_all(void) {
         {&S_RELEASE, "release"},     {&S_RELEASED, "_released"},
         {&S_MOVED, "_moved"},        {&S_SEQ, "_seq"},
         {&S_MIN_READ, "_min_read"},  {&S_CLAIMED, "_claimed"},
-        {&S_COLLECT, "collect"},     {&S_SPIN, "spin"},
+        {&S_REPLIES, "replies"},     {&S_SHAPE, "shape"},
+        {&S_ADDRESS, "address"},     {&S_SPIN, "spin"},
         {&S_CLOSING, "closing"},     {&S_SETTLE, "settle"},
         {&S_COLLECT_MORE, "collect_more"}, {&S_MIN_READ_SEQ, "_min_read_seq"},
         {&S_GO_ON, "_go_on"},        {&S_CALL_BARE, "_call_bare"},

@@ -147,6 +147,7 @@ import zmq
 from ..errors import ExecutorClosedError, InvalidArgumentError, RpcTimeoutError, WorkerDiedError
 from ..ipc.codec import Encoder
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
+from ..ipc.shm_ring import TAKEN_MAX
 from ..ipc.zap import ZapHandler
 from .calls import NOT_SENT, CallTable, ChannelStats, PendingCall
 from .cancel import CallFuture, Canceller, Interrupter
@@ -213,7 +214,7 @@ class DriverChannel:
             self._encoder.bare_headers, max_message_size, (1 << len(handles)) - 1,
             len(handles), self._table.fixed, self._encoder.bare_call,
             None if shm is None else shm.reply_parts,
-            None if shm is None else shm.doorbell.base, self._table.unsettled))
+            None if shm is None else shm.doorbell.base, self._table.unsettled, TAKEN_MAX))
         # A blocking call by name without arguments (``rpc``'s bare form): over shared
         # memory on the compiled core, its whole round trip is one call into it (the call
         # made and entered, its header written into the request ring under the pump and

@@ -34,6 +34,7 @@
 
 #include "_ring.h" /* the layout, the clock, the futex and the publish (shared) */
 #include "_plain.h" /* plain msgpack data: a call's arguments and results (shared) */
+#include "_collect.h" /* the driver's wait for replies (shared) */
 
 /* -- argument parsing ------------------------------------------------------------- */
 
@@ -152,44 +153,6 @@ static PyObject *core_min_read(PyObject *self, PyObject *const *args, Py_ssize_t
  * ``max_len`` bytes for every rank: its frame copied out (bytes), its publish time, and
  * the slot released at once. None, leaving it where it is, for any other message (a
  * longer or truncated one too: a long frame is better read in place) or none. */
-/* The core of take_frame (GIL held): 1 with *frame (new bytes) and *stamp set and the
- * slot released; 0 when the next message is not such a packet, or there is none; -1 with
- * an exception set (no memory: the message left in place). */
-/* The frame of the message in the slot at ``slot`` when it is a packet of one frame of
- * at most ``max_len`` bytes for every rank whose lengths agree: its first byte, its length
- * in *length; NULL for any other message. */
-static const unsigned char *one_frame_at(uintptr_t b, uint64_t slot, uint64_t slot_size,
-                                         uint64_t max_len, uint32_t *length) {
-    uint32_t total;
-    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
-    memcpy(&total, u32_at(b, slot), 4);
-    if (total < ONE_HEAD || total > slot_size - SLOT_HEADER || total - ONE_HEAD > max_len)
-        return NULL;
-    memcpy(length, head + 5, 4);
-    if (*length != total - ONE_HEAD || memcmp(head, ONE_PACKET, 5) != 0)
-        return NULL;
-    return head + ONE_HEAD;
-}
-
-static int take_frame_at(uintptr_t b, uint64_t reader_off, uint64_t data_off,
-                         uint64_t n_slots, uint64_t slot_size, uint64_t max_len,
-                         PyObject **frame, uint64_t *stamp) {
-    uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
-    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
-        return 0;
-    uint32_t length;
-    uint64_t slot = data_off + (seq % n_slots) * slot_size;
-    const unsigned char *at = one_frame_at(b, slot, slot_size, max_len, &length);
-    if (at == NULL)
-        return 0;
-    *stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
-    *frame = PyBytes_FromStringAndSize((const char *)at, length);
-    if (*frame == NULL)
-        return -1;
-    __atomic_store_n(u64_at(b, reader_off), seq + 1, __ATOMIC_RELEASE);
-    return 1;
-}
-
 /* (frame, published_ns) for a frame take_frame_at copied out; the reference to
  * ``frame`` is consumed. The slot is released: on failure the message is lost with it. */
 static PyObject *taken_pair(PyObject *frame, uint64_t stamp) {
@@ -217,29 +180,6 @@ static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize
         Py_RETURN_NONE;
     }
     return taken_pair(frame, stamp);
-}
-
-/* Take the GIL back for a moment and run signal handlers: -1 when one raised. */
-static int check_signals(PyThreadState **ts) {
-    PyEval_RestoreThread(*ts);
-    int r = PyErr_CheckSignals();
-    *ts = PyEval_SaveThread();
-    return r;
-}
-
-/* One check of a spin loop, made every few iterations: 0 to go on spinning; 1 once
- * ``spin_until`` has passed; -1 when a Python signal handler raised (checked at most
- * every SLICE_S, taking the GIL back for it). */
-static int spin_tick(double spin_until, double *check_at, PyThreadState **ts) {
-    double t = now_s();
-    if (t >= spin_until)
-        return 1;
-    if (t >= *check_at) {
-        if (check_signals(ts) < 0)
-            return -1;
-        *check_at = t + SLICE_S;
-    }
-    return 0;
 }
 
 /* Wait until write_seq > seq: spin (GIL released) until ``spin_until``, then sleep on
@@ -418,57 +358,6 @@ static PyObject *mask_to_int(const uint64_t *mask, Py_ssize_t words) {
     return out;
 }
 
-/* Wait on the doorbell at ``b`` until ``ready(ctx, settled)`` says so: spin (GIL
- * released) until ``spin_until``, then sleep with the handshake until ``sleep_until``
- * (``settled``: 0 while spinning, 1 from then on). 1 once ready; 0 when that passes, or
- * at once when the counter is no longer ``epoch`` (poked); -1 when a signal handler
- * raised. Called with the GIL held; returns with it held. */
-typedef int (*ready_fn)(void *ctx, int settled);
-
-static int wait_bell(uintptr_t b, uint32_t epoch, double spin_until, double sleep_until,
-                     ready_fn ready, void *ctx) {
-    uint32_t *counter = u32_at(b, BELL_COUNTER);
-    uint32_t *sleeping = u32_at(b, BELL_SLEEPING);
-    if (ready(ctx, 0))
-        return 1;
-    int got = 0, failed = 0;
-    PyThreadState *ts = PyEval_SaveThread();
-    double check_at = now_s() + SLICE_S;
-    for (unsigned k = 0;; k++) {
-        if ((got = ready(ctx, 0)))
-            break;
-        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != epoch)
-            break;
-        if ((k & 15) == 0) {
-            int tick = spin_tick(spin_until, &check_at, &ts);
-            if (tick != 0) {
-                failed = tick < 0;
-                break;
-            }
-        }
-        CPU_RELAX();
-    }
-    while (!got && !failed) {
-        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) != epoch)
-            break;
-        double left = sleep_until - now_s();
-        if (left <= 0)
-            break;
-        __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        uint32_t expected = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
-        if (expected == epoch && !(got = ready(ctx, 1)))
-            futex_wait(counter, expected, left < SLICE_S ? left : SLICE_S);
-        __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
-        if (got || (got = ready(ctx, 1)))
-            break;
-        if (check_signals(&ts) < 0)
-            failed = 1;
-    }
-    PyEval_RestoreThread(ts);
-    return failed ? -1 : got;
-}
-
 struct rings {
     const uintptr_t *bases;
     Py_ssize_t n;
@@ -530,62 +419,6 @@ done:
     return out;
 }
 
-/* What collect() waits for: the awaited call's replies in up to 64 reply rings. */
-struct awaited {
-    uintptr_t bases[64];
-    Py_ssize_t n;
-    uint64_t data_off, n_slots, slot_size;
-    const char *before[64], *after[64], *middle; /* per ring: before + middle + after */
-    Py_ssize_t before_len[64], after_len[64], middle_len;
-    uint64_t want, taken, other;
-};
-
-/* Whether ring i's next message is the one-frame packet before_i + middle + after_i. */
-static int is_expected(const struct awaited *w, Py_ssize_t i, uint64_t seq) {
-    uintptr_t b = w->bases[i];
-    uint64_t slot = w->data_off + (seq % w->n_slots) * w->slot_size;
-    const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
-    uint64_t want = (uint64_t)w->before_len[i] + (uint64_t)w->middle_len +
-                    (uint64_t)w->after_len[i];
-    uint32_t total, length;
-    if (want + ONE_HEAD + SLOT_HEADER > w->slot_size)
-        return 0;
-    memcpy(&total, u32_at(b, slot), 4);
-    memcpy(&length, head + 5, 4);
-    if (total != want + ONE_HEAD || length != want || memcmp(head, ONE_PACKET, 5) != 0)
-        return 0;
-    const unsigned char *at = head + ONE_HEAD;
-    return memcmp(at, w->before[i], (size_t)w->before_len[i]) == 0 &&
-           memcmp(at + w->before_len[i], w->middle, (size_t)w->middle_len) == 0 &&
-           memcmp(at + w->before_len[i] + w->middle_len, w->after[i],
-                  (size_t)w->after_len[i]) == 0;
-}
-
-/* Take what has come: each awaited ring's expected reply is released (``taken``), any
- * other message marks its ring (``other``: left for the caller). Ready once every
- * awaited ring is one or the other, or, once the spin is over (``settled``), as soon as
- * one holds another message: it may be a failure, which must reach the driver while the
- * other ranks still run the call (they are cancelled on it), not when they end. */
-static int scan_awaited(void *ctx, int settled) {
-    struct awaited *w = ctx;
-    uint64_t open = w->want & ~(w->taken | w->other);
-    while (open) {
-        Py_ssize_t i = __builtin_ctzll(open);
-        open &= open - 1;
-        uintptr_t b = w->bases[i];
-        uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
-        if (load_acq(b, WRITE_SEQ_OFF) <= seq)
-            continue;
-        if (is_expected(w, i, seq)) {
-            __atomic_store_n(u64_at(b, ONE_READER_SEQ_OFF), seq + 1, __ATOMIC_RELEASE);
-            w->taken |= 1ull << i;
-        } else {
-            w->other |= 1ull << i;
-        }
-    }
-    return (w->taken | w->other) == w->want || (settled && w->other != 0);
-}
-
 /* collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, max_len,
  * befores, afters, epoch, spin_until, sleep_until, middle, want) -> (taken, framed, other,
  * frames): wait as gather() does for the reply rings in the mask ``want`` (up to 64 rings
@@ -638,36 +471,11 @@ static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t 
         w.after[i] = after;
     }
     w.taken = w.other = 0;
-    /* The bytes objects stay alive: the caller holds them, and the GIL is released only
-     * inside this call, whose arguments it keeps. */
-    if (wait_bell((uintptr_t)bell, (uint32_t)epoch, spin_until, sleep_until, scan_awaited,
-                  &w) < 0)
+    uint64_t framed;
+    PyObject *frames, *out = NULL;
+    if (collect_run(&w, (uintptr_t)bell, (uint32_t)epoch, spin_until, sleep_until, max_len,
+                    &framed, &frames) < 0)
         return NULL;
-    /* A failure from here on (no memory) raises with this pass's replies released and
-     * lost, as take_frame loses its message: the call ends by its timeout or a close. */
-    uint64_t framed = 0;
-    PyObject *frames = NULL, *out = NULL;
-    for (uint64_t open = w.other; open; open &= open - 1) {
-        Py_ssize_t i = __builtin_ctzll(open);
-        PyObject *frame;
-        uint64_t stamp;
-        int got = take_frame_at(w.bases[i], ONE_READER_SEQ_OFF, w.data_off, w.n_slots,
-                                w.slot_size, max_len, &frame, &stamp);
-        if (got < 0)
-            goto fail;
-        if (got == 0)
-            continue;
-        if (frames == NULL && (frames = PyList_New(0)) == NULL) {
-            Py_DECREF(frame);
-            goto fail;
-        }
-        int appended = PyList_Append(frames, frame);
-        Py_DECREF(frame);
-        if (appended < 0)
-            goto fail;
-        framed |= 1ull << i;
-    }
-    w.other &= ~framed;
     PyObject *taken = PyLong_FromUnsignedLongLong(w.taken);
     PyObject *framed_int = PyLong_FromUnsignedLongLong(framed);
     PyObject *other = PyLong_FromUnsignedLongLong(w.other);
@@ -678,7 +486,6 @@ static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_XDECREF(taken);
     Py_XDECREF(framed_int);
     Py_XDECREF(other);
-fail:
     Py_XDECREF(frames);
     return out;
 }
