@@ -19,7 +19,7 @@ the compiled core::
     driver thread                                          worker main thread (each rank)
     ─────────────                                          ──────────────────────────────
     rpc.collective_rpc (the bare form: no argument checks)  in the ring core, GIL held only
-      ─▶ channel.call_bare: round_trip (one C call,         around the method (core.serve,
+      ─▶ channel.call_bare: Lane.round_trip (one C call,    around the method (core.serve,
          executor/_calltable.c; GIL held but while waiting)  entered once per run of calls):
         the call made and entered   [table lock found free]
         cached header around the id
@@ -27,11 +27,12 @@ the compiled core::
           request slot, release store, 1 fence, futex wake
           only if a reader sleeps ────────────────────────▶ the wait (spins, then
         [send lock given back]                                 futex; GIL released)
-        ring core's collect: the awaited rings in one call     the header known by its
-          (spins, then sleeps on the doorbell; GIL             bytes: id, method name
-           released), each None reply to the call known ┌    the method looked up and run,
-           by its bytes and released as it comes (no    │      armed for cancellation
-           view, no decoding, no Reply) ◀───────────────┤    its None reply: the cached
+        the ring core's wait (ipc/_collect.h, compiled        the header known by its
+          in) on the awaited rings (spins, then sleeps         bytes: id, method name
+          on the doorbell; GIL released), each None     ┌    the method looked up and run,
+          reply to the call known by its bytes and      │      armed for cancellation
+          released as it comes (no view, no decoding,   │
+          no Reply) ◀───────────────────────────────────┤    its None reply: the cached
         the call ended: results, metrics, slot back     │      bytes around the id,
           [table lock found free]                       └──    published: 1 fence,
         [pump lock given back]                                 doorbell woken if asleep
@@ -45,7 +46,7 @@ every memory block Python allocates, ints above 256 and floats included;
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          1 / 1         1 / 1             13 / 15        pump, send (table:
+    driver          1 / 1         1 / 1             11 / 12        pump, send (table:
                                                                    found free); 1
     worker (each)   1 / 1         0 / 0             2 / 8          none;
                     (the method)                                   1 (the publish)
@@ -56,7 +57,7 @@ in the round trip. "Found free": the
 compiled steps hold the GIL and run no Python code between their first read of the
 table and their last write, having found its lock free: under the GIL that is the lock
 taken and given back without the two calls; see ``_calltable.c``. A second rank costs
-the driver one more rank in the mask that collect answers, whose replies are recorded
+the driver one more rank in the mask the wait answers, whose replies are recorded
 together; a worker's blocks are the call id's int, the bound method and, spread over a
 run, what the arrival forecast is given when the core hands back.)
 What is not on this path: no Python frame in the driver below ``collective_rpc``; no Call
@@ -82,7 +83,7 @@ and dict, runs it, armed, and writes a plain result into the reply slot the same
 the driver reads each reply frame the collect copied out as the call's own result
 (``Reply(id, rank, value)``, the None reply's bytes around the value) and ends the call
 with the compiled step. No Call, Reply or codec on either side: the driver 1 Python call
-(``collective_rpc``), 1 crossing, 17 / 20 blocks at 1 / 2 workers; the worker 1 Python
+(``collective_rpc``), 1 crossing, 15 / 17 blocks at 1 / 2 workers; the worker 1 Python
 call (the method), 5 / 11 blocks. Anything else (arguments that are not plain or longer
 than 8 KiB, a result that is not plain or longer than a slot, a failure) takes the
 Python steps where it is met, with nothing lost: the codec's walk, the transport's

@@ -108,7 +108,9 @@ class ShmDriverPath:
         """Bind :attr:`gather` and :attr:`epoch` to the reply rings and the doorbell (one
         C call per wait, no Python frame around it). The binding holds the rings'
         addresses: whoever replaces a reply ring in :attr:`replies` (a tuple, so that it
-        cannot change unnoticed) calls this again before the next wait."""
+        cannot change unnoticed) calls this again before the next wait. (The compiled
+        round trip's Lane, ``executor/_calltable.c``, binds the same rings itself and
+        knows a new tuple by its identity.)"""
         core, bell = ringcore.current(), self.doorbell
         # gather(epoch, spin_until, sleep_until) -> mask: bit r set when rank r's reply
         # ring holds a reply; spins until ``spin_until``, then sleeps on the doorbell
