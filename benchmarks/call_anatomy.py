@@ -19,8 +19,11 @@ in the worker's ring core), ``q->e`` the reply's hand-off (or, when the reply ca
 the driver waited, the driver's own steps in between) and ``e->f`` the driver after its
 wait (the call ended, for a value its reply decoded). The points are the slots' stamps
 and a wrapper around the rings' ``collect`` (private attributes: the script describes
-this tree, not an interface), whose call costs about 0.1 us in ``e->f``. Nothing runs in
-the workers but the calls. Diagnostic only: no target.
+this tree, not an interface), whose call costs about 0.1 us in ``e->f``. Where the
+driver's wait runs inside its compiled round trip (a no-op or a call with plain
+arguments on the compiled core), there is no ``e`` to stamp: the table shows ``q->f``,
+the reply's hand-off and the driver after it, as one hop. Nothing runs in the workers
+but the calls. Diagnostic only: no target.
 
 Usage: ``python benchmarks/call_anatomy.py [--call noop] [--sizes 1,2,4,8] [--calls 20000]``.
 """
@@ -103,26 +106,32 @@ def measure(world: int, call: str, calls: int, warmup: int) -> dict[str, float]:
                 (request._seq - 1) % request._n_slots) * request._slot_size))
             answered.append([_stamp(r._view, r._lengths[
                 (_U64.unpack_from(r._view, r._off)[0] - 1) % r._n_slots]) for r in replies])
-    # The last wait that returned before each call did (a call may wait more than once).
-    last_wait, k = [], 0
-    for i in range(calls):
-        while k + 1 < len(waits) and waits[k + 1] <= returned[i]:
-            k += 1
-        last_wait.append(waits[k])
 
     def p50(values: list[int]) -> float:
         return statistics.median(values) / 1000
 
     rows = range(calls)
-    return {
+    hops = {
         "a->p driver until the request is published": p50([published[i] - entered[i]
                                                             for i in rows]),
         "p->q first worker's turn": p50([min(answered[i]) - published[i] for i in rows]),
         "p->q last worker's turn": p50([max(answered[i]) - published[i] for i in rows]),
-        "q->e reply (the last)": p50([last_wait[i] - max(answered[i]) for i in rows]),
-        "e->f driver after the wait": p50([returned[i] - last_wait[i] for i in rows]),
-        "a->f whole call": p50([returned[i] - entered[i] for i in rows]),
     }
+    if len(waits) < calls:  # the wait ran inside the compiled round trip: no e
+        hops["q->f reply (the last) and the driver after it"] = p50(
+            [returned[i] - max(answered[i]) for i in rows])
+    else:
+        # The last wait that returned before each call did (a call may wait more than
+        # once).
+        last_wait, k = [], 0
+        for i in range(calls):
+            while k + 1 < len(waits) and waits[k + 1] <= returned[i]:
+                k += 1
+            last_wait.append(waits[k])
+        hops["q->e reply (the last)"] = p50([last_wait[i] - max(answered[i]) for i in rows])
+        hops["e->f driver after the wait"] = p50([returned[i] - last_wait[i] for i in rows])
+    hops["a->f whole call"] = p50([returned[i] - entered[i] for i in rows])
+    return hops
 
 
 def main() -> None:
@@ -137,11 +146,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {str(world): measure(world, args.call, args.calls, args.warmup)
                for world in sizes}
-    hops = list(next(iter(results.values())))
+    hops = list(dict.fromkeys(h for r in results.values() for h in r))
     print(f"p50 of each hop of a back-to-back {args.call} call over shared memory "
           "(microseconds)")
     print_table(["hop", *(f"world {w}" for w in sizes)],
-                [[hop, *(f"{results[str(w)][hop]:.2f}" for w in sizes)] for hop in hops])
+                [[hop, *(f"{results[str(w)][hop]:.2f}" if hop in results[str(w)] else "-"
+                        for w in sizes)] for hop in hops])
     path = write_json("call_anatomy.json" if args.call == "noop" else
                       f"call_anatomy_{args.call}.json",
                       {"machine": machine(), "call": args.call, "calls": args.calls,
