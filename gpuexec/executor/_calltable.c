@@ -72,16 +72,70 @@ typedef struct {
     PyObject *call_id, *deadline, *done, *error, *event, *failures, *future, *method,
         *nbytes, *owed, *ping, *ranks, *segments, *slot, *started, *timeout,
         *unique_reply_rank, *value, *values;
+    int answered_all; /* ended by end_simple while ``owed`` was never made: none owed */
 } Call;
 
 #define N_FIELDS 19
 #define FIELD(name) {#name, T_OBJECT_EX, offsetof(Call, name), 0, NULL}
 static PyMemberDef call_members[] = {
     FIELD(call_id), FIELD(deadline), FIELD(done), FIELD(error), FIELD(event),
-    FIELD(failures), FIELD(future), FIELD(method), FIELD(nbytes), FIELD(owed),
-    FIELD(ping), FIELD(ranks), FIELD(segments), FIELD(slot), FIELD(started),
-    FIELD(timeout), FIELD(unique_reply_rank), FIELD(value), FIELD(values),
-    {NULL, 0, 0, 0, NULL},
+    FIELD(failures), FIELD(future), FIELD(method), FIELD(nbytes), FIELD(ping),
+    FIELD(ranks), FIELD(slot), FIELD(started), FIELD(timeout), FIELD(unique_reply_rank),
+    FIELD(value), {NULL, 0, 0, 0, NULL},
+};
+
+/* owed, values and segments are made when first read: a call whose every rank answers at
+ * once in the compiled steps never needs them (three containers fewer to make and free
+ * per call). Until then owed is every rank of ``ranks`` (none once answered_all), values
+ * {} and segments []; read or set from Python they are the same objects as ever. */
+static PyObject *call_owed(PyObject *self, void *unused) {
+    Call *c = (Call *)self;
+    if (c->owed == NULL && (c->owed = PySet_New(c->answered_all ? NULL : c->ranks)) == NULL)
+        return NULL;
+    return Py_NewRef(c->owed);
+}
+
+static PyObject *call_values(PyObject *self, void *unused) {
+    Call *c = (Call *)self;
+    if (c->values == NULL && (c->values = PyDict_New()) == NULL)
+        return NULL;
+    return Py_NewRef(c->values);
+}
+
+static PyObject *call_segments(PyObject *self, void *unused) {
+    Call *c = (Call *)self;
+    if (c->segments == NULL && (c->segments = PyList_New(0)) == NULL)
+        return NULL;
+    return Py_NewRef(c->segments);
+}
+
+/* A setter for the three (deleting one is refused: PendingCall has no such state). */
+static int set_lazy(PyObject **field, PyObject *value) {
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a PendingCall's field cannot be deleted");
+        return -1;
+    }
+    SET_FIELD(*field, Py_NewRef(value));
+    return 0;
+}
+
+static int call_set_owed(PyObject *self, PyObject *value, void *unused) {
+    return set_lazy(&((Call *)self)->owed, value);
+}
+
+static int call_set_values(PyObject *self, PyObject *value, void *unused) {
+    return set_lazy(&((Call *)self)->values, value);
+}
+
+static int call_set_segments(PyObject *self, PyObject *value, void *unused) {
+    return set_lazy(&((Call *)self)->segments, value);
+}
+
+static PyGetSetDef call_getset[] = {
+    {"owed", call_owed, call_set_owed, "Ranks that still owe a reply.", NULL},
+    {"values", call_values, call_set_values, "rank -> its result, as they come.", NULL},
+    {"segments", call_segments, call_set_segments, "Payload segments to close.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyObject **call_fields(Call *c) { return &c->call_id; }
@@ -118,11 +172,7 @@ static Call *new_call(PyTypeObject *type, PyObject *call_id, PyObject *method,
     c->started = PyFloat_FromDouble(started);
     c->deadline = timeout == Py_None ? Py_NewRef(Py_None) : PyFloat_FromDouble(started + seconds);
     c->nbytes = PyLong_FromLong(0);
-    c->owed = PySet_New(ranks);
-    c->values = PyDict_New();
-    c->segments = PyList_New(0);
-    if (c->started == NULL || c->deadline == NULL || c->nbytes == NULL || c->owed == NULL ||
-        c->values == NULL || c->segments == NULL) {
+    if (c->started == NULL || c->deadline == NULL || c->nbytes == NULL) {
         Py_DECREF(c);
         return NULL;
     }
@@ -187,6 +237,7 @@ static PyType_Slot call_slots[] = {
     {Py_tp_traverse, call_traverse},
     {Py_tp_clear, call_clear},
     {Py_tp_members, call_members},
+    {Py_tp_getset, call_getset},
     {Py_tp_methods, call_methods},
     {0, NULL},
 };
@@ -340,13 +391,15 @@ static PyObject *enter_new(PyObject *self, PyObject *const *args, Py_ssize_t nar
 static int simple_call(Call *call, PyObject *values) {
     if (call->done != Py_False || call->failures != Py_None || call->future != Py_None ||
         call->unique_reply_rank != Py_None || call->event != Py_None ||
-        call->ranks == NULL || call->owed == NULL || call->segments == NULL ||
-        call->started == NULL || call->nbytes == NULL || call->call_id == NULL ||
-        call->method == NULL || !PyList_Check(call->ranks) || !PySet_Check(call->owed) ||
-        !PyList_Check(call->segments) || PyList_Size(call->segments) != 0)
+        call->ranks == NULL || call->started == NULL || call->nbytes == NULL ||
+        call->call_id == NULL || call->method == NULL || !PyList_Check(call->ranks) ||
+        call->answered_all ||
+        (call->owed != NULL && !PySet_Check(call->owed)) ||
+        (call->segments != NULL &&
+         (!PyList_Check(call->segments) || PyList_Size(call->segments) != 0)))
         return 0;
     Py_ssize_t n = PyList_Size(call->ranks);
-    if (PySet_Size(call->owed) != n)
+    if (call->owed != NULL && PySet_Size(call->owed) != n)
         return 0;
     if (values == Py_None)
         return 1;
@@ -354,7 +407,7 @@ static int simple_call(Call *call, PyObject *values) {
         return 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *rank = PyList_GetItem(call->ranks, i);
-        int has = PySet_Contains(call->owed, rank);
+        int has = call->owed == NULL ? 1 : PySet_Contains(call->owed, rank);
         if (has <= 0)
             return has;
         if (PyDict_GetItemWithError(values, rank) == NULL)
@@ -448,7 +501,8 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
                 goto error;
         }
     }
-    if (PySet_Clear(call->owed) < 0 || PyList_Append(raw, latency) < 0 ||
+    if ((call->owed != NULL ? PySet_Clear(call->owed) : (call->answered_all = 1, 0)) < 0 ||
+        PyList_Append(raw, latency) < 0 ||
         PyObject_SetAttr(mstats, S_REQUEST_BYTES, nbytes) < 0)
         goto error;
     SET_FIELD(call->value, result);
