@@ -778,19 +778,26 @@ static int mark_moved(PyObject *transport, unsigned long long mask) {
     return rc;
 }
 
+/* A call id as msgpack writes it (pack_uint): the bytes between the cached pieces of
+ * its request, and of its None replies. */
+struct id_text {
+    unsigned char at[9];
+    Py_ssize_t len;
+};
+
 /* The reply in ``frame`` when it is ``Reply(id, rank, value)`` of a plain value (the
  * bytes around the id of rank's None reply, ``parts``: (before, after), with the value
  * in place of after's first nil; see _plain.h): 1 with *value; 0 for any other frame
  * (the transport's Python steps decode it); -1 with an exception set. */
-static int plain_result(PyObject *frame, PyObject *parts, PyObject *middle,
+static int plain_result(PyObject *frame, PyObject *parts, const struct id_text *middle,
                         PyObject **value) {
-    char *at, *before, *after, *id;
-    Py_ssize_t n, b_len, a_len, id_len;
+    char *at, *before, *after;
+    const unsigned char *id = middle->at;
+    Py_ssize_t n, b_len, a_len, id_len = middle->len;
     if (!PyBytes_Check(frame) || !PyTuple_Check(parts) || PyTuple_Size(parts) != 2 ||
         PyBytes_AsStringAndSize(frame, &at, &n) < 0 ||
         PyBytes_AsStringAndSize(PyTuple_GetItem(parts, 0), &before, &b_len) < 0 ||
-        PyBytes_AsStringAndSize(PyTuple_GetItem(parts, 1), &after, &a_len) < 0 ||
-        PyBytes_AsStringAndSize(middle, &id, &id_len) < 0)
+        PyBytes_AsStringAndSize(PyTuple_GetItem(parts, 1), &after, &a_len) < 0)
         return PyErr_Occurred() ? -1 : 0;
     Py_ssize_t rank_len = a_len - 2; /* after: rank, nil (the value), nil (no error) */
     if (rank_len < 1 || n < b_len + id_len + rank_len + 2 ||
@@ -820,7 +827,8 @@ struct gathered {
  * (g->values NULL from the first that is not: the transport's steps decode them all).
  * 0, or -1 with an exception set. */
 static int gather_pass(struct gathered *g, const Lane *lane, unsigned long long taken,
-                       unsigned long long framed, PyObject *frames, PyObject *middle) {
+                       unsigned long long framed, PyObject *frames,
+                       const struct id_text *middle) {
     PyObject *parts = lane->items[L_REPLIES];
     if (g->frames == NULL &&
         ((g->frames = PyList_New(0)) == NULL || (g->values = PyDict_New()) == NULL))
@@ -937,7 +945,7 @@ done:
  * (collect_more). The wait is the ring core's (../ipc/_collect.h), run here on the
  * lane's rings with no call through Python. 0 done with this step (the call may still be
  * owed: the caller waits), -1 error. */
-static int first_collect(Lane *lane, Call *call, PyObject *middle) {
+static int first_collect(Lane *lane, Call *call, const struct id_text *middle) {
     PyObject *table = lane->items[L_TABLE], *transport = lane->items[L_TRANSPORT];
     PyObject *deadline = NULL, *closing = NULL, *frames = NULL, *result = NULL, *more = NULL;
     struct gathered g = {0, 0, NULL, NULL};
@@ -945,13 +953,11 @@ static int first_collect(Lane *lane, Call *call, PyObject *middle) {
     unsigned long long every = lane->every, want = every, left = 0;
     int rc = -1, passed = 0;
     double deadline_s = INFINITY;
-    char *id;
-    Py_ssize_t id_len;
     deadline = Py_NewRef(call->deadline == Py_None ? INF : call->deadline);
     if ((deadline_s = PyFloat_AsDouble(deadline)) == -1.0 && PyErr_Occurred())
         goto done;
     int rings = lane_rings(lane);
-    if (rings < 0 || PyBytes_AsStringAndSize(middle, &id, &id_len) < 0)
+    if (rings < 0)
         goto done;
     if (rings == 0)
         goto to_python; /* more ranks than the wait takes: the transport's steps */
@@ -969,8 +975,8 @@ static int first_collect(Lane *lane, Call *call, PyObject *middle) {
         }
         if (closed)
             goto to_python; /* what was taken is delivered there */
-        w->middle = id;
-        w->middle_len = id_len;
+        w->middle = (const char *)middle->at;
+        w->middle_len = middle->len;
         w->want = want;
         w->taken = w->other = 0;
         uint64_t copied;
@@ -1035,7 +1041,7 @@ done:
  * collected and the call ended; its list of results, or what channel._go_on gives for
  * what is handed back (see Lane.round_trip). */
 static PyObject *trip(Lane *lane, Call *call, const struct frame *f,
-                      PyObject *middle) {
+                      const struct id_text *middle) {
     PyObject *channel = lane->items[L_CHANNEL], *no_wait = lane->bound[B_NO_WAIT];
     PyObject *nbytes = PyLong_FromSsize_t(f->size); /* (the metrics') */
     if (nbytes == NULL)
@@ -1122,21 +1128,18 @@ static PyObject *enter_and_trip(Lane *lane, PyObject *method, PyObject *ranks,
     Call *call = enter_call(&lane->t, method, ranks, Py_None, timeout, Py_None);
     if (call == NULL)
         return NULL; /* refused: nothing was sent */
-    unsigned char idb[9];
+    struct id_text middle;
     uint64_t id = PyLong_AsUnsignedLongLong(call->call_id);
-    Py_ssize_t id_len = pack_uint(id, idb);
+    middle.len = pack_uint(id, middle.at);
     struct frame f = {{NULL}, {0}, 0, 0};
     add_piece(&f, PyBytes_AsString(before), PyBytes_Size(before));
-    add_piece(&f, (const char *)idb, id_len);
+    add_piece(&f, (const char *)middle.at, middle.len);
     add_piece(&f, PyBytes_AsString(after), PyBytes_Size(after) - drop);
     if (body_len)
         add_piece(&f, body, body_len);
-    PyObject *middle = PyErr_Occurred() ? NULL
-                                        : PyBytes_FromStringAndSize((char *)idb, id_len);
-    PyObject *out = middle == NULL
+    PyObject *out = PyErr_Occurred()
                         ? hand_back(lane->items[L_CHANNEL], call, &f, NOT_SENT, caught())
-                        : trip(lane, call, &f, middle);
-    Py_XDECREF(middle);
+                        : trip(lane, call, &f, &middle);
     Py_DECREF(call);
     return out;
 }
