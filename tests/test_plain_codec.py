@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from value_kinds import ValueWorker, same
 
-from gpuexec import Executor, ValueNotCarriedError
+from gpuexec import Executor, RemoteError, ValueNotCarriedError
 from gpuexec.ipc import ringcore
 
 CORES = [ringcore.load("python")]
@@ -164,6 +164,31 @@ def test_a_plain_call_runs_no_python_in_the_driver_and_the_rest_does() -> None:
         worker_seen = ex.collective_rpc("profile", args=(False,))
         assert "_submit" in seen and "encode_with_segments" in seen
         assert all("decode_header" in s and "value_reply" in s for s in worker_seen)
+
+
+@pytest.mark.parametrize("kinds", [["int", "tuple"], ["tuple", "int"], ["int", "raise"],
+                                   ["raise", "int"], ["int", "int"]])
+@pytest.mark.parametrize("late_rank", [-1, 0, 1])
+def test_results_of_every_kind_from_ranks_that_answer_apart(kinds: list[str],
+                                                            late_rank: int) -> None:
+    """A plain call's replies over shared memory: the plain results the driver's round
+    trip reads where they lie, a value only the codec carries or a failure from another
+    rank, at once or from a rank that answers after the driver's spin (a second wait):
+    every result arrives as sent, with its type, the failure is raised as the rank's, and
+    nothing is left behind in a ring (the next call's results are its own)."""
+    with Executor(ValueWorker, 2, device="cpu", transport="shm") as ex:
+        for _ in range(2):
+            if "raise" in kinds:
+                with pytest.raises(RemoteError) as info:
+                    ex.collective_rpc("by_rank", (kinds, late_rank, 0.05))
+                assert info.value.rank == kinds.index("raise")
+                assert f"rank {kinds.index('raise')} raised" in str(info.value)
+            else:
+                got = ex.collective_rpc("by_rank", (kinds, late_rank, 0.05))
+                want = [(7,) if k == "tuple" else 7 for k in kinds]
+                assert got == want and [type(g) for g in got] == [type(w) for w in want]
+            assert ex.collective_rpc("by_rank", (["int", "int"],)) == [7, 7]
+            assert ex.collective_rpc("identity", ("x",)) == ["x", "x"]
 
 
 def test_a_broken_call_frame_is_dropped_and_counted_by_the_worker() -> None:

@@ -10,6 +10,7 @@ import importlib
 import math
 import os
 import sys
+import time
 from collections import deque, namedtuple
 from decimal import Decimal
 from pathlib import Path
@@ -186,6 +187,17 @@ class ValueWorker(Worker):
 
     def identity(self, value: Any) -> Any:
         return value
+
+    def by_rank(self, kinds: list[str], late_rank: int = -1, late_s: float = 0.0) -> Any:
+        """This rank's kind of result (``kinds[rank]``): ``"int"`` 7, ``"tuple"`` (7,) (a
+        value the codec must carry), ``"raise"`` a ValueError; rank ``late_rank`` answers
+        ``late_s`` seconds late."""
+        if self.rank == late_rank:
+            time.sleep(late_s)
+        kind = kinds[self.rank]
+        if kind == "raise":
+            raise ValueError(f"rank {self.rank} raised")
+        return (7,) if kind == "tuple" else 7
 
     def build(self, blob: bytes) -> Any:
         """A result built here (from a pickle sent as plain bytes)."""

@@ -387,7 +387,8 @@ static PyObject *enter_new(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 /* Whether ``call`` simply waits for every rank it was sent to, with nothing else to do at
  * its end (no future, no waiter's event, no payload, no failure, every rank's value), and
- * ``values`` (None or a dict) holds a value for each of them: 1, 0 (not simple), -1. */
+ * ``values`` (None; a dict: rank -> value; or a list, values[i] rank i's, for a call to
+ * the ranks 0..n-1 in order) holds a value for each of them: 1, 0 (not simple), -1. */
 static int simple_call(Call *call, PyObject *values) {
     if (call->done != Py_False || call->failures != Py_None || call->future != Py_None ||
         call->unique_reply_rank != Py_None || call->event != Py_None ||
@@ -403,15 +404,22 @@ static int simple_call(Call *call, PyObject *values) {
         return 0;
     if (values == Py_None)
         return 1;
-    if (!PyDict_Check(values) || PyDict_Size(values) != n)
+    int in_order = PyList_Check(values); /* values[i]: rank i's (the ranks 0..n-1) */
+    if (!(in_order || PyDict_Check(values)) ||
+        (in_order ? PyList_Size(values) : PyDict_Size(values)) != n)
         return 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *rank = PyList_GetItem(call->ranks, i);
         int has = call->owed == NULL ? 1 : PySet_Contains(call->owed, rank);
         if (has <= 0)
             return has;
-        if (PyDict_GetItemWithError(values, rank) == NULL)
+        if (in_order) {
+            Py_ssize_t r = PyLong_AsSsize_t(rank);
+            if (r != i)
+                return r == -1 && PyErr_Occurred() ? -1 : 0;
+        } else if (PyDict_GetItemWithError(values, rank) == NULL) {
             return PyErr_Occurred() ? -1 : 0;
+        }
     }
     return 1;
 }
@@ -444,7 +452,9 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
         return -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *value = Py_None;
-        if (values != Py_None) /* present: simple_call looked */
+        if (PyList_Check(values)) /* present: simple_call looked */
+            value = PyList_GetItem(values, i);
+        else if (values != Py_None)
             value = PyDict_GetItemWithError(values, PyList_GetItem(call->ranks, i));
         PyList_SetItem(result, i, Py_NewRef(value)); /* a new list: cannot fail */
     }
@@ -530,7 +540,8 @@ done:
     return ok;
 }
 
-/* CallTable.answered(call, values), its common case here. */
+/* CallTable.answered(call, values), its common case here (values: None, a dict, or a
+ * list in rank order from the round trip, given to the general path as a dict). */
 static PyObject *answer(const Refs *t, PyObject *call, PyObject *values) {
     int simple = 0;
     if (Py_TYPE(call) == CallType) {
@@ -542,7 +553,21 @@ static PyObject *answer(const Refs *t, PyObject *call, PyObject *values) {
     }
     if (simple)
         return Py_NewRef(Py_None);
-    return PyObject_CallMethodObjArgs(t->table, S_ANSWERED, call, values, NULL);
+    if (!PyList_Check(values))
+        return PyObject_CallMethodObjArgs(t->table, S_ANSWERED, call, values, NULL);
+    /* The general path takes rank -> value (a list is only ever given for ranks 0..n-1). */
+    PyObject *by_rank = PyDict_New(), *out = NULL;
+    for (Py_ssize_t i = 0; by_rank != NULL && i < PyList_Size(values); i++) {
+        PyObject *rank = PyLong_FromSsize_t(i);
+        int bad = rank == NULL || PyDict_SetItem(by_rank, rank, PyList_GetItem(values, i)) < 0;
+        Py_XDECREF(rank);
+        if (bad)
+            Py_CLEAR(by_rank);
+    }
+    if (by_rank != NULL)
+        out = PyObject_CallMethodObjArgs(t->table, S_ANSWERED, call, by_rank, NULL);
+    Py_XDECREF(by_rank);
+    return out;
 }
 
 /* answered(table, fixed, call, values): every rank ``call`` was sent to answered it at
@@ -621,7 +646,8 @@ enum { P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_BASE, P_
 static PyObject *S_ACQUIRE, *S_RELEASE, *S_RELEASED, *S_MOVED, *S_SEQ, *S_MIN_READ,
     *S_CLAIMED, *S_REPLIES, *S_SHAPE, *S_ADDRESS, *S_SPIN, *S_CLOSING, *S_SETTLE, *S_COLLECT_MORE,
     *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
-static PyObject *INF; /* float('inf'): the deadline of a call without one */
+static PyObject *INF;      /* float('inf'): the deadline of a call without one */
+static PyObject *INT_ZERO; /* 0 */
 
 /* lock.acquire(False) (``acquire`` bound, ``no_wait``: (False,)): 1 taken, 0 not, -1
  * error. */
@@ -785,23 +811,18 @@ struct id_text {
     Py_ssize_t len;
 };
 
-/* The reply in ``frame`` when it is ``Reply(id, rank, value)`` of a plain value (the
- * bytes around the id of rank's None reply, ``parts``: (before, after), with the value
- * in place of after's first nil; see _plain.h): 1 with *value; 0 for any other frame
- * (the transport's Python steps decode it); -1 with an exception set. */
-static int plain_result(PyObject *frame, PyObject *parts, const struct id_text *middle,
-                        PyObject **value) {
-    char *at, *before, *after;
-    const unsigned char *id = middle->at;
-    Py_ssize_t n, b_len, a_len, id_len = middle->len;
-    if (!PyBytes_Check(frame) || !PyTuple_Check(parts) || PyTuple_Size(parts) != 2 ||
-        PyBytes_AsStringAndSize(frame, &at, &n) < 0 ||
-        PyBytes_AsStringAndSize(PyTuple_GetItem(parts, 0), &before, &b_len) < 0 ||
-        PyBytes_AsStringAndSize(PyTuple_GetItem(parts, 1), &after, &a_len) < 0)
-        return PyErr_Occurred() ? -1 : 0;
+/* The plain result in the reply frame of ``n`` bytes at ``at`` when it is
+ * ``Reply(id, rank, value)`` of a plain value: the bytes around the id of rank's None
+ * reply (``before``, ``after``: see codec.none_reply_parts), with the value in place of
+ * after's first nil (see _plain.h). 1 with *value; 0 for any other frame (the
+ * transport's Python steps decode it); -1 with an exception set. */
+static int plain_reply(const char *at, Py_ssize_t n, const char *before, Py_ssize_t b_len,
+                       const char *after, Py_ssize_t a_len, const struct id_text *middle,
+                       PyObject **value) {
+    Py_ssize_t id_len = middle->len;
     Py_ssize_t rank_len = a_len - 2; /* after: rank, nil (the value), nil (no error) */
     if (rank_len < 1 || n < b_len + id_len + rank_len + 2 ||
-        memcmp(at, before, (size_t)b_len) || memcmp(at + b_len, id, (size_t)id_len) ||
+        memcmp(at, before, (size_t)b_len) || memcmp(at + b_len, middle->at, (size_t)id_len) ||
         memcmp(at + b_len + id_len, after, (size_t)rank_len) || at[n - 1] != (char)0xc0)
         return 0;
     const unsigned char *start = (const unsigned char *)at + b_len + id_len + rank_len;
@@ -814,53 +835,30 @@ static int plain_result(PyObject *frame, PyObject *parts, const struct id_text *
     return rc;
 }
 
-/* What the collects of one call took so far, across passes (a rank that answers later
- * than the others' spin makes another pass). */
-struct gathered {
-    unsigned long long taken, framed; /* the ranks that answered None / by a frame */
-    PyObject *frames;                 /* every frame taken, in the order taken */
-    PyObject *values;                 /* rank -> its result, while every frame is plain */
-};
+/* The plain result of the message ring ``i`` of ``w`` holds next (a packet of one frame,
+ * the call's own plain Reply: plain_reply), read where it lies: 1 with *value, the
+ * message left in place (release_next releases it); 0 when it is anything else; -1
+ * with an exception set. */
+static int peek_plain(const struct awaited *w, Py_ssize_t i, uint64_t max_len,
+                      const struct id_text *middle, PyObject **value) {
+    uintptr_t b = w->bases[i];
+    uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
+    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
+        return 0;
+    uint32_t length;
+    const unsigned char *at = one_frame_at(b, w->data_off + (seq % w->n_slots) * w->slot_size,
+                                           w->slot_size, max_len, &length);
+    if (at == NULL)
+        return 0;
+    return plain_reply((const char *)at, (Py_ssize_t)length, w->before[i], w->before_len[i],
+                       w->after[i], w->after_len[i], middle, value);
+}
 
-/* One collect's ``taken``, ``framed`` and ``frames`` (in rank order) added to ``g``:
- * each frame kept, and read when every frame so far was the call's own plain result
- * (g->values NULL from the first that is not: the transport's steps decode them all).
- * 0, or -1 with an exception set. */
-static int gather_pass(struct gathered *g, const Lane *lane, unsigned long long taken,
-                       unsigned long long framed, PyObject *frames,
-                       const struct id_text *middle) {
-    PyObject *parts = lane->items[L_REPLIES];
-    if (g->frames == NULL &&
-        ((g->frames = PyList_New(0)) == NULL || (g->values = PyDict_New()) == NULL))
-        return -1;
-    g->taken |= taken;
-    g->framed |= framed;
-    Py_ssize_t k = 0;
-    for (int rank = 0; rank < 64 && ((taken | framed) >> rank); rank++) {
-        int is_frame = (framed >> rank) & 1;
-        if (!is_frame && !((taken >> rank) & 1))
-            continue;
-        PyObject *frame = is_frame ? PyList_GetItem(frames, k++) : NULL;
-        if (is_frame && (frame == NULL || PyList_Append(g->frames, frame) < 0))
-            return -1;
-        if (g->values == NULL)
-            continue;
-        PyObject *value = NULL, *key = PyLong_FromLong(rank);
-        int rc = key == NULL ? -1 : 1;
-        if (rc > 0 && is_frame)
-            rc = plain_result(frame, PyTuple_GetItem(parts, rank), middle, &value);
-        else if (rc > 0)
-            value = Py_NewRef(Py_None);
-        if (rc > 0 && PyDict_SetItem(g->values, key, value) < 0)
-            rc = -1;
-        Py_XDECREF(key);
-        Py_XDECREF(value);
-        if (rc < 0)
-            return -1;
-        if (rc == 0)
-            Py_CLEAR(g->values);
-    }
-    return 0;
+/* Release the message reply ring ``i`` of ``w`` holds next (one peek_plain read). */
+static void release_next(const struct awaited *w, Py_ssize_t i) {
+    uintptr_t b = w->bases[i];
+    uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
+    __atomic_store_n(u64_at(b, ONE_READER_SEQ_OFF), seq + 1, __ATOMIC_RELEASE);
 }
 
 /* The reply rings of shm.replies in lane->aw (bases, and each rank's None-reply bytes),
@@ -938,21 +936,22 @@ done:
 }
 
 /* The replies to ``call`` collected and the call ended, under the pump lock: every
- * rank's None result known by its bytes (the common case: one collect), or plain results
- * read here, over as many collects as the ranks take to answer; anything else (a failure,
- * a value the codec must read, a message left in a ring, nothing before the deadline or a
- * poke, the table closing) handed with what was taken to the transport's own steps
- * (collect_more). The wait is the ring core's (../ipc/_collect.h), run here on the
- * lane's rings with no call through Python. 0 done with this step (the call may still be
- * owed: the caller waits), -1 error. */
+ * rank's None result known by its bytes and released as it comes (the common case: one
+ * wait), or plain results read where they lie and released once every rank answered,
+ * over as many waits as the ranks take to answer; anything else (a failure, a value the
+ * codec must read, nothing before the deadline or a poke, the table closing) handed to
+ * the transport's own steps (collect_more) with the None results taken so far, every
+ * other reply left in its ring for them to read. The wait is the ring core's
+ * (../ipc/_collect.h), run here on the lane's rings with no call through Python. 0 done
+ * with this step (the call may still be owed: the caller waits), -1 error. */
 static int first_collect(Lane *lane, Call *call, const struct id_text *middle) {
     PyObject *table = lane->items[L_TABLE], *transport = lane->items[L_TRANSPORT];
-    PyObject *deadline = NULL, *closing = NULL, *frames = NULL, *result = NULL, *more = NULL;
-    struct gathered g = {0, 0, NULL, NULL};
+    PyObject *deadline = NULL, *closing = NULL, *result = NULL, *more = NULL;
+    PyObject *vals[64] = {NULL}; /* each peeked rank's plain result */
     struct awaited *w = &lane->aw;
-    unsigned long long every = lane->every, want = every, left = 0;
+    unsigned long long every = lane->every, want = every, taken = 0, peeked = 0, left = 0;
     int rc = -1, passed = 0;
-    double deadline_s = INFINITY;
+    double deadline_s;
     deadline = Py_NewRef(call->deadline == Py_None ? INF : call->deadline);
     if ((deadline_s = PyFloat_AsDouble(deadline)) == -1.0 && PyErr_Occurred())
         goto done;
@@ -969,7 +968,7 @@ static int first_collect(Lane *lane, Call *call, const struct id_text *middle) {
         int closed = closing == NULL ? -1 : PyObject_IsTrue(closing);
         if (closed < 0)
             goto done;
-        if (closed && g.frames == NULL) {
+        if (closed && !passed) {
             rc = 0; /* the caller's wait sees the close */
             goto done;
         }
@@ -979,44 +978,58 @@ static int first_collect(Lane *lane, Call *call, const struct id_text *middle) {
         w->middle_len = middle->len;
         w->want = want;
         w->taken = w->other = 0;
-        uint64_t copied;
-        Py_CLEAR(frames);
-        if (collect_run(w, lane->bell, seen, now_s() + lane->spin_s, deadline_s,
-                        lane->max_len, &copied, &frames) < 0)
+        if (wait_bell(lane->bell, seen, now_s() + lane->spin_s, deadline_s, scan_awaited,
+                      w) < 0)
             goto done;
         passed = 1;
-        unsigned long long took = w->taken;
-        left = w->other;
+        unsigned long long took = w->taken, other = w->other;
+        taken |= took;
         /* released by the core: the readers catch up when next used */
-        if ((took | copied) && mark_moved(transport, took | copied) < 0)
+        if (took && mark_moved(transport, took) < 0)
             goto done;
-        if (g.frames == NULL && took == every && !left && !copied) {
+        if (taken == every && !peeked) {
             result = answer(&lane->t, (PyObject *)call, Py_None); /* the common case */
             rc = result == NULL ? -1 : 0;
             goto done;
         }
-        if ((took | copied) && gather_pass(&g, lane, took, copied, frames, middle) < 0)
-            goto done;
-        if (left || !(took | copied) || g.values == NULL)
-            goto to_python; /* a message left in place, nothing came, a frame to decode */
-        if ((g.taken | g.framed) == every) { /* results, each rank's own, read here */
-            result = answer(&lane->t, (PyObject *)call, g.values);
+        for (unsigned long long open = other; open; open &= open - 1) {
+            int i = __builtin_ctzll(open);
+            int got = peek_plain(w, i, lane->max_len, middle, &vals[i]);
+            if (got < 0)
+                goto done;
+            if (got)
+                peeked |= 1ull << i;
+            else
+                left |= 1ull << i;
+        }
+        if (left || !(took | other))
+            goto to_python; /* a reply the codec must read, or nothing came */
+        if ((taken | peeked) == every) { /* results, each rank's own, read here */
+            PyObject *values = PyList_New(lane->n_ranks);
+            if (values == NULL)
+                goto done;
+            for (Py_ssize_t i = 0; i < lane->n_ranks; i++)
+                PyList_SetItem(values, i, Py_NewRef(vals[i] != NULL ? vals[i] : Py_None));
+            for (unsigned long long open = peeked; open; open &= open - 1)
+                release_next(w, __builtin_ctzll(open));
+            result = mark_moved(transport, peeked) < 0
+                         ? NULL
+                         : answer(&lane->t, (PyObject *)call, values);
+            Py_DECREF(values);
             rc = result == NULL ? -1 : 0;
             goto done;
         }
-        /* Ranks still owed: another collect of theirs, spinning afresh. */
-        want = every & ~(g.taken | g.framed);
+        /* Ranks still owed: another wait for theirs, spinning afresh. */
+        want = every & ~(taken | peeked);
     }
-to_python: /* the transport's own steps from here, with what was taken */
+to_python: /* the transport's own steps from here: the None results taken so far, and
+            * every other reply still in its ring (a plain one read here too: read again
+            * there) */
     if (passed) {
-        PyObject *a = PyLong_FromUnsignedLongLong(g.taken),
-                 *b = PyLong_FromUnsignedLongLong(g.framed),
-                 *c = PyLong_FromUnsignedLongLong(left),
-                 *d = g.frames != NULL ? Py_NewRef(g.frames) : PyTuple_New(0);
-        more = a == NULL || b == NULL || c == NULL || d == NULL ? NULL
-                                                                 : PyTuple_Pack(4, a, b, c, d);
+        PyObject *a = PyLong_FromUnsignedLongLong(taken),
+                 *c = PyLong_FromUnsignedLongLong(left | peeked), *d = PyTuple_New(0);
+        more = a == NULL || c == NULL || d == NULL ? NULL : PyTuple_Pack(4, a, INT_ZERO, c, d);
         Py_XDECREF(a);
-        Py_XDECREF(b);
         Py_XDECREF(c);
         Py_XDECREF(d);
         if (more == NULL)
@@ -1026,13 +1039,12 @@ to_python: /* the transport's own steps from here, with what was taken */
                                         more != NULL ? more : Py_None, NULL);
     rc = result == NULL ? -1 : 0;
 done:
+    for (int i = 0; i < 64; i++)
+        Py_XDECREF(vals[i]);
     Py_XDECREF(deadline);
     Py_XDECREF(closing);
-    Py_XDECREF(frames);
     Py_XDECREF(result);
     Py_XDECREF(more);
-    Py_XDECREF(g.frames);
-    Py_XDECREF(g.values);
     return rc;
 }
 
@@ -1401,6 +1413,7 @@ PyMODINIT_FUNC PyInit__calltable(void) {
     if (CallType == NULL || PyModule_AddObject(m, "PendingCall", Py_NewRef(CallType)) < 0 ||
         lane_type == NULL || PyModule_AddObject(m, "Lane", lane_type) < 0 ||
         (INF = PyFloat_FromDouble(INFINITY)) == NULL ||
+        (INT_ZERO = PyLong_FromLong(0)) == NULL ||
         PyModule_AddIntConstant(m, "API", CALLTABLE_API) < 0 ||
         PyModule_AddIntConstant(m, "NOT_SENT", NOT_SENT) < 0 ||
         PyModule_AddIntConstant(m, "SENT", SENT) < 0) {

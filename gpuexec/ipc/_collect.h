@@ -5,16 +5,15 @@
  *
  *   wait_bell(bell, epoch, spin_until, sleep_until, ready, ctx)
  *       spin (GIL released), then sleep on the doorbell, until ready() says so
- *   collect_run(w, bell, epoch, spin_until, sleep_until, max_len, &framed, &frames)
- *       the awaited replies: None results by their bytes (w->taken), other one-frame
- *       messages copied out (framed, frames), anything else left (w->other)
+ *   scan_awaited (a ready() over struct awaited)
+ *       the awaited rings: each None result to the call known by its bytes and
+ *       released (w->taken), any other message marked (w->other) and left in place
+ *   one_frame_at(b, slot, slot_size, max_len, &length)
+ *       the frame of a one-frame packet in a slot, where it lies
  */
 #ifndef GPUEXEC_COLLECT_H
 #define GPUEXEC_COLLECT_H
 
-/* The core of take_frame (GIL held): 1 with *frame (new bytes) and *stamp set and the
- * slot released; 0 when the next message is not such a packet, or there is none; -1 with
- * an exception set (no memory: the message left in place). */
 /* The frame of the message in the slot at ``slot`` when it is a packet of one frame of
  * at most ``max_len`` bytes for every rank whose lengths agree: its first byte, its length
  * in *length; NULL for any other message. */
@@ -30,26 +29,6 @@ static const unsigned char *one_frame_at(uintptr_t b, uint64_t slot, uint64_t sl
         return NULL;
     return head + ONE_HEAD;
 }
-
-static int take_frame_at(uintptr_t b, uint64_t reader_off, uint64_t data_off,
-                         uint64_t n_slots, uint64_t slot_size, uint64_t max_len,
-                         PyObject **frame, uint64_t *stamp) {
-    uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
-    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
-        return 0;
-    uint32_t length;
-    uint64_t slot = data_off + (seq % n_slots) * slot_size;
-    const unsigned char *at = one_frame_at(b, slot, slot_size, max_len, &length);
-    if (at == NULL)
-        return 0;
-    *stamp = __atomic_load_n(u64_at(b, slot + PUBLISHED_OFF), __ATOMIC_RELAXED);
-    *frame = PyBytes_FromStringAndSize((const char *)at, length);
-    if (*frame == NULL)
-        return -1;
-    __atomic_store_n(u64_at(b, reader_off), seq + 1, __ATOMIC_RELEASE);
-    return 1;
-}
-
 
 /* Take the GIL back for a moment and run signal handlers: -1 when one raised. */
 static int check_signals(PyThreadState **ts) {
@@ -183,48 +162,5 @@ static int scan_awaited(void *ctx, int settled) {
     return (w->taken | w->other) == w->want || (settled && w->other != 0);
 }
 
-
-/* The wait of collect() for the rings in w->want (w filled by the caller, w->taken and
- * w->other cleared), then each ring holding another message that is a packet of one
- * frame of at most ``max_len`` bytes has that frame copied out and released (bit set in
- * *framed, the frames appended to *frames in ring order, a new list made when the first
- * comes: NULL if none); any other message is left in place (w->other). 0, or -1 with an
- * exception set: a signal handler raised, or no memory (then this pass's replies are
- * released and lost, as take_frame loses its message: the call ends by its timeout or a
- * close). The strings w points to stay alive: the caller holds them, and the GIL is
- * released only inside this call. */
-static int collect_run(struct awaited *w, uintptr_t bell, uint32_t epoch, double spin_until,
-                       double sleep_until, uint64_t max_len, uint64_t *framed,
-                       PyObject **frames) {
-    *framed = 0;
-    *frames = NULL;
-    if (wait_bell(bell, epoch, spin_until, sleep_until, scan_awaited, w) < 0)
-        return -1;
-    for (uint64_t open = w->other; open; open &= open - 1) {
-        Py_ssize_t i = __builtin_ctzll(open);
-        PyObject *frame;
-        uint64_t stamp;
-        int got = take_frame_at(w->bases[i], ONE_READER_SEQ_OFF, w->data_off, w->n_slots,
-                                w->slot_size, max_len, &frame, &stamp);
-        if (got < 0)
-            goto fail;
-        if (got == 0)
-            continue;
-        if (*frames == NULL && (*frames = PyList_New(0)) == NULL) {
-            Py_DECREF(frame);
-            goto fail;
-        }
-        int appended = PyList_Append(*frames, frame);
-        Py_DECREF(frame);
-        if (appended < 0)
-            goto fail;
-        *framed |= 1ull << i;
-    }
-    w->other &= ~*framed;
-    return 0;
-fail:
-    Py_CLEAR(*frames);
-    return -1;
-}
 
 #endif /* GPUEXEC_COLLECT_H */
