@@ -46,7 +46,7 @@ every memory block Python allocates, ints above 256 and floats included;
     ==============  ============  ================  =============  =====================
     N = 1 / 2       Python calls  module crossings  memory blocks  locks; fences
     ==============  ============  ================  =============  =====================
-    driver          1 / 1         1 / 1             11 / 12        pump, send (table:
+    driver          1 / 1         1 / 1             8 / 8          pump, send (table:
                                                                    found free); 1
     worker (each)   1 / 1         0 / 0             2 / 8          none;
                     (the method)                                   1 (the publish)
@@ -80,10 +80,12 @@ buffer first (a value that is not plain costs nothing else: the call takes the
 executor's checks and the codec), then after the cached header and the id into the
 request slot; the worker's ring core reads them from the slot into the method's tuple
 and dict, runs it, armed, and writes a plain result into the reply slot the same way;
-the driver reads each reply frame the collect copied out as the call's own result
-(``Reply(id, rank, value)``, the None reply's bytes around the value) and ends the call
-with the compiled step. No Call, Reply or codec on either side: the driver 1 Python call
-(``collective_rpc``), 1 crossing, 15 / 17 blocks at 1 / 2 workers; the worker 1 Python
+the driver reads each reply where it lies, in its slot, as the call's own result
+(``Reply(id, rank, value)``, the None reply's bytes around the value), releases the
+slots once every rank answered and ends the call with the compiled step (a reply it
+cannot read so is left in its ring, with the others, for the transport's steps). No
+Call, Reply or codec on either side, and no reply copied out: the driver 1 Python call
+(``collective_rpc``), 1 crossing, 9 / 9 blocks at 1 / 2 workers; the worker 1 Python
 call (the method), 5 / 11 blocks. Anything else (arguments that are not plain or longer
 than 8 KiB, a result that is not plain or longer than a slot, a failure) takes the
 Python steps where it is met, with nothing lost: the codec's walk, the transport's
