@@ -17,9 +17,10 @@
  * (``fixed``: CallTable.fixed, the table's objects that never change.) The Lane reads
  * once what never changes for the channel (the request ring's geometry, the spin, the
  * doorbell, the locks' methods bound), so a call reads only what does (the writer's
- * position, the table's counters, the flags of a close). A round trip reads its replies'
- * plain results itself (a None result by its bytes, any other plain value from its frame
- * as msgspec reads it), across as many collects as the ranks take.
+ * position, the table's counters, the flags of a close). A round trip waits for its
+ * replies with the ring core's wait (../ipc/_collect.h, compiled in here) and reads
+ * their plain results itself where they lie (a None result by its bytes, any other plain
+ * value from its slot as msgspec reads it), across as many waits as the ranks take.
  *
  * PendingCall here is the same record as calls.PendingCall (the same attributes, read and
  * written by the same Python code), with its fields in a C struct so that it is made in
@@ -597,7 +598,7 @@ enum {
     L_TRANSPORT, /* the ShmTransport (its _moved mask; collect_more) */
     L_WRITER,    /* the request ring's RingWriter (_seq, _min_read, _claimed) */
     L_PUT,       /* the request ring's geometry (RingWriter.put_params) */
-    L_SHM,       /* the ShmDriverPath (collect, epoch, spin) */
+    L_SHM,       /* the ShmDriverPath (its replies, spin) */
     L_IDS,       /* the encoder's cached headers: method name -> (before, after) */
     L_MAX_SIZE,  /* max_message_size (-1: none) */
     L_EVERY,     /* every rank, as a mask */
@@ -607,7 +608,7 @@ enum {
     L_REPLIES,   /* each rank's (before, after): the bytes around the id of its None reply */
     L_BELL,      /* the doorbell's base address (its epoch: the count of its pokes) */
     L_UNSETTLED, /* the table's unsettled futures (a deque, never replaced) */
-    L_TAKEN_MAX, /* the longest reply frame a collect copies out (shm_path.TAKEN_MAX) */
+    L_TAKEN_MAX, /* the longest reply frame read in its slot (shm_ring.TAKEN_MAX) */
     L_LEN
 };
 /* The methods a Lane binds once: the locks' (pump, send, the table's) and (False,). */

@@ -107,8 +107,8 @@ class ShmTransport(Transport):
 
     def core_lane(self) -> tuple[Any, ...] | None:
         """What the compiled round trip reads of this transport (``_moved``,
-        :meth:`collect_more`), of the request ring's writer and of the rings (``collect``,
-        ``epoch``, ``spin``); None on the pure-Python ring core."""
+        :meth:`collect_more`), of the request ring's writer and of the rings
+        (``replies``, ``spin``); None on the pure-Python ring core."""
         ring = self._shm.request
         put = ring.put_params()
         return None if put is None else (self, ring, put, self._shm)
