@@ -210,6 +210,32 @@ def test_the_compiled_call_is_the_same_record() -> None:
     assert gone() is None
 
 
+def test_the_compiled_calls_containers_are_made_when_read() -> None:
+    """A compiled call's ``owed``, ``values`` and ``segments`` exist once read (then the
+    same objects on every read, and settable as before); a call ended by the compiled
+    step without them owes nothing; the round trip's results in rank order end a call to
+    the ranks in order there, and any other call through the general step, by rank."""
+    steps = compiled_steps() if ringcore.current().NAME == "compiled" else None
+    if steps is None:
+        pytest.skip("the compiled core does not run in this process")
+    made = steps.PendingCall(3, "m", [0, 2], None, None, None)
+    owed = made.owed
+    assert owed == {0, 2} and made.owed is owed and made.values is made.values
+    made.segments = [5]
+    assert made.segments == [5]
+    with pytest.raises(AttributeError):
+        del made.owed
+    table = CallTable(8, world_size=2)
+    table.answered_all(table.new_call("m", [0, 1], None, None, None), None)  # (its stats)
+    ended = table.new_call("m", [0, 1], None, None, None)
+    table.answered_all(ended, ["a", "b"])
+    assert ended.outcome() == ["a", "b"] and ended.owed == set() and ended.done
+    reversed_ranks = table.new_call("m", [1, 0], None, None, None)
+    table.answered_all(reversed_ranks, ["a", "b"])  # values[i]: rank i's
+    assert reversed_ranks.outcome() == ["b", "a"] and reversed_ranks.owed == set()
+    assert table.pending == {} and table.inflight == 0
+
+
 def test_a_future_and_a_one_rank_value_are_entered_and_end_by_the_general_steps(
         steps: str) -> None:
     from concurrent.futures import Future
