@@ -82,8 +82,8 @@ request slot; the worker's ring core reads them from the slot into the method's 
 and dict, runs it, armed, and writes a plain result into the reply slot the same way;
 the driver reads each reply where it lies, in its slot, as the call's own result
 (``Reply(id, rank, value)``, the None reply's bytes around the value), releases the
-slots once every rank answered and ends the call with the compiled step (a reply it
-cannot read so is left in its ring, with the others, for the transport's steps). No
+slots once every rank answered and ends the call with the compiled step (a reply that
+is not such a result is left in its ring, with the others, for the transport's steps). No
 Call, Reply or codec on either side, and no reply copied out: the driver 1 Python call
 (``collective_rpc``), 1 crossing, 9 / 9 blocks at 1 / 2 workers; the worker 1 Python
 call (the method), 5 / 11 blocks. Anything else (arguments that are not plain or longer
