@@ -842,13 +842,12 @@ static int plain_reply(const char *at, Py_ssize_t n, const char *before, Py_ssiz
  * with an exception set. */
 static int peek_plain(const struct awaited *w, Py_ssize_t i, uint64_t max_len,
                       const struct id_text *middle, PyObject **value) {
-    uintptr_t b = w->bases[i];
-    uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
-    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
-        return 0;
+    uint64_t seq, slot;
     uint32_t length;
-    const unsigned char *at = one_frame_at(b, w->data_off + (seq % w->n_slots) * w->slot_size,
-                                           w->slot_size, max_len, &length);
+    if (!next_slot(w->bases[i], ONE_READER_SEQ_OFF, w->data_off, w->n_slots, w->slot_size,
+                   &seq, &slot))
+        return 0;
+    const unsigned char *at = one_frame_at(w->bases[i], slot, w->slot_size, max_len, &length);
     if (at == NULL)
         return 0;
     return plain_reply((const char *)at, (Py_ssize_t)length, w->before[i], w->before_len[i],
@@ -888,7 +887,7 @@ static int lane_rings(Lane *lane) {
         rc = 0;
         goto done;
     }
-    uint64_t at[3];
+    unsigned long long at[3];
     if ((shape = PyObject_GetAttr(PyTuple_GetItem(replies, 0), S_SHAPE)) == NULL)
         goto done;
     if (!PyTuple_Check(shape) || PyTuple_Size(shape) != 3) {
@@ -896,7 +895,7 @@ static int lane_rings(Lane *lane) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < 3; i++)
-        if (lane_number(PyTuple_GetItem(shape, i), (unsigned long long *)&at[i]) < 0)
+        if (lane_number(PyTuple_GetItem(shape, i), &at[i]) < 0)
             goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *address = PyObject_GetAttr(PyTuple_GetItem(replies, i), S_ADDRESS);
@@ -948,7 +947,7 @@ done:
 static int first_collect(Lane *lane, Call *call, const struct id_text *middle) {
     PyObject *table = lane->items[L_TABLE], *transport = lane->items[L_TRANSPORT];
     PyObject *deadline = NULL, *closing = NULL, *result = NULL, *more = NULL;
-    PyObject *vals[64] = {NULL}; /* each peeked rank's plain result */
+    PyObject *vals[64]; /* each peeked rank's plain result (set for the bits of peeked) */
     struct awaited *w = &lane->aw;
     unsigned long long every = lane->every, want = every, taken = 0, peeked = 0, left = 0;
     int rc = -1, passed = 0;
@@ -995,13 +994,16 @@ static int first_collect(Lane *lane, Call *call, const struct id_text *middle) {
         }
         for (unsigned long long open = other; open; open &= open - 1) {
             int i = __builtin_ctzll(open);
-            int got = peek_plain(w, i, lane->max_len, middle, &vals[i]);
+            PyObject *value = NULL;
+            int got = peek_plain(w, i, lane->max_len, middle, &value);
             if (got < 0)
                 goto done;
-            if (got)
+            if (got) {
+                vals[i] = value;
                 peeked |= 1ull << i;
-            else
+            } else {
                 left |= 1ull << i;
+            }
         }
         if (left || !(took | other))
             goto to_python; /* a reply the codec must read, or nothing came */
@@ -1010,7 +1012,7 @@ static int first_collect(Lane *lane, Call *call, const struct id_text *middle) {
             if (values == NULL)
                 goto done;
             for (Py_ssize_t i = 0; i < lane->n_ranks; i++)
-                PyList_SetItem(values, i, Py_NewRef(vals[i] != NULL ? vals[i] : Py_None));
+                PyList_SetItem(values, i, Py_NewRef((peeked >> i) & 1 ? vals[i] : Py_None));
             for (unsigned long long open = peeked; open; open &= open - 1)
                 release_next(w, __builtin_ctzll(open));
             result = mark_moved(transport, peeked) < 0
@@ -1040,8 +1042,8 @@ to_python: /* the transport's own steps from here: the None results taken so far
                                         more != NULL ? more : Py_None, NULL);
     rc = result == NULL ? -1 : 0;
 done:
-    for (int i = 0; i < 64; i++)
-        Py_XDECREF(vals[i]);
+    for (unsigned long long open = peeked; open; open &= open - 1)
+        Py_DECREF(vals[__builtin_ctzll(open)]);
     Py_XDECREF(deadline);
     Py_XDECREF(closing);
     Py_XDECREF(result);

@@ -8,11 +8,25 @@
  *   scan_awaited (a ready() over struct awaited)
  *       the awaited rings: each None result to the call known by its bytes and
  *       released (w->taken), any other message marked (w->other) and left in place
+ *   next_slot(b, reader_off, ..., &seq, &slot)
+ *       where a reader's next message lies
  *   one_frame_at(b, slot, slot_size, max_len, &length)
  *       the frame of a one-frame packet in a slot, where it lies
  */
 #ifndef GPUEXEC_COLLECT_H
 #define GPUEXEC_COLLECT_H
+
+/* The next message the reader at ``reader_off`` of ring ``b`` has not released: 1 with
+ * its sequence number in *seq and its slot's offset in *slot; 0 when there is none. */
+static inline int next_slot(uintptr_t b, uint64_t reader_off, uint64_t data_off,
+                            uint64_t n_slots, uint64_t slot_size, uint64_t *seq,
+                            uint64_t *slot) {
+    *seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
+    if (load_acq(b, WRITE_SEQ_OFF) <= *seq)
+        return 0;
+    *slot = data_off + (*seq % n_slots) * slot_size;
+    return 1;
+}
 
 /* The frame of the message in the slot at ``slot`` when it is a packet of one frame of
  * at most ``max_len`` bytes for every rank whose lengths agree: its first byte, its length
@@ -117,9 +131,8 @@ struct awaited {
 };
 
 /* Whether ring i's next message is the one-frame packet before_i + middle + after_i. */
-static int is_expected(const struct awaited *w, Py_ssize_t i, uint64_t seq) {
+static int is_expected(const struct awaited *w, Py_ssize_t i, uint64_t slot) {
     uintptr_t b = w->bases[i];
-    uint64_t slot = w->data_off + (seq % w->n_slots) * w->slot_size;
     const unsigned char *head = (const unsigned char *)(b + slot + SLOT_HEADER);
     uint64_t want = (uint64_t)w->before_len[i] + (uint64_t)w->middle_len +
                     (uint64_t)w->after_len[i];
@@ -149,10 +162,11 @@ static int scan_awaited(void *ctx, int settled) {
         Py_ssize_t i = __builtin_ctzll(open);
         open &= open - 1;
         uintptr_t b = w->bases[i];
-        uint64_t seq = __atomic_load_n(u64_at(b, ONE_READER_SEQ_OFF), __ATOMIC_RELAXED);
-        if (load_acq(b, WRITE_SEQ_OFF) <= seq)
+        uint64_t seq, slot;
+        if (!next_slot(b, ONE_READER_SEQ_OFF, w->data_off, w->n_slots, w->slot_size, &seq,
+                       &slot))
             continue;
-        if (is_expected(w, i, seq)) {
+        if (is_expected(w, i, slot)) {
             __atomic_store_n(u64_at(b, ONE_READER_SEQ_OFF), seq + 1, __ATOMIC_RELEASE);
             w->taken |= 1ull << i;
         } else {

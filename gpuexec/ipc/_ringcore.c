@@ -159,11 +159,10 @@ static PyObject *core_min_read(PyObject *self, PyObject *const *args, Py_ssize_t
 static int take_frame_at(uintptr_t b, uint64_t reader_off, uint64_t data_off,
                          uint64_t n_slots, uint64_t slot_size, uint64_t max_len,
                          PyObject **frame, uint64_t *stamp) {
-    uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
-    if (load_acq(b, WRITE_SEQ_OFF) <= seq)
+    uint64_t seq, slot;
+    if (!next_slot(b, reader_off, data_off, n_slots, slot_size, &seq, &slot))
         return 0;
     uint32_t length;
-    uint64_t slot = data_off + (seq % n_slots) * slot_size;
     const unsigned char *at = one_frame_at(b, slot, slot_size, max_len, &length);
     if (at == NULL)
         return 0;
@@ -441,49 +440,6 @@ done:
     return out;
 }
 
-/* The wait of collect() for the rings in w->want (w filled by the caller, w->taken and
- * w->other cleared), then each ring holding another message that is a packet of one
- * frame of at most ``max_len`` bytes has that frame copied out and released (bit set in
- * *framed, the frames appended to *frames in ring order, a new list made when the first
- * comes: NULL if none); any other message is left in place (w->other). 0, or -1 with an
- * exception set: a signal handler raised, or no memory (then this pass's replies are
- * released and lost, as take_frame loses its message: the call ends by its timeout or a
- * close). The strings w points to stay alive: the caller holds them, and the GIL is
- * released only inside this call. */
-static int collect_run(struct awaited *w, uintptr_t bell, uint32_t epoch, double spin_until,
-                       double sleep_until, uint64_t max_len, uint64_t *framed,
-                       PyObject **frames) {
-    *framed = 0;
-    *frames = NULL;
-    if (wait_bell(bell, epoch, spin_until, sleep_until, scan_awaited, w) < 0)
-        return -1;
-    for (uint64_t open = w->other; open; open &= open - 1) {
-        Py_ssize_t i = __builtin_ctzll(open);
-        PyObject *frame;
-        uint64_t stamp;
-        int got = take_frame_at(w->bases[i], ONE_READER_SEQ_OFF, w->data_off, w->n_slots,
-                                w->slot_size, max_len, &frame, &stamp);
-        if (got < 0)
-            goto fail;
-        if (got == 0)
-            continue;
-        if (*frames == NULL && (*frames = PyList_New(0)) == NULL) {
-            Py_DECREF(frame);
-            goto fail;
-        }
-        int appended = PyList_Append(*frames, frame);
-        Py_DECREF(frame);
-        if (appended < 0)
-            goto fail;
-        *framed |= 1ull << i;
-    }
-    w->other &= ~*framed;
-    return 0;
-fail:
-    Py_CLEAR(*frames);
-    return -1;
-}
-
 /* collect(views, bases, bell_view, bell_base, data_off, n_slots, slot_size, max_len,
  * befores, afters, epoch, spin_until, sleep_until, middle, want) -> (taken, framed, other,
  * frames): wait as gather() does for the reply rings in the mask ``want`` (up to 64 rings
@@ -536,11 +492,36 @@ static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t 
         w.after[i] = after;
     }
     w.taken = w.other = 0;
-    uint64_t framed;
-    PyObject *frames, *out = NULL;
-    if (collect_run(&w, (uintptr_t)bell, (uint32_t)epoch, spin_until, sleep_until, max_len,
-                    &framed, &frames) < 0)
+    /* The bytes objects stay alive: the caller holds them, and the GIL is released only
+     * inside this call, whose arguments it keeps. */
+    if (wait_bell((uintptr_t)bell, (uint32_t)epoch, spin_until, sleep_until, scan_awaited,
+                  &w) < 0)
         return NULL;
+    /* A failure from here on (no memory) raises with this pass's replies released and
+     * lost, as take_frame loses its message: the call ends by its timeout or a close. */
+    uint64_t framed = 0;
+    PyObject *frames = NULL, *out = NULL;
+    for (uint64_t open = w.other; open; open &= open - 1) {
+        Py_ssize_t i = __builtin_ctzll(open);
+        PyObject *frame;
+        uint64_t stamp;
+        int got = take_frame_at(w.bases[i], ONE_READER_SEQ_OFF, w.data_off, w.n_slots,
+                                w.slot_size, max_len, &frame, &stamp);
+        if (got < 0)
+            goto fail;
+        if (got == 0)
+            continue;
+        if (frames == NULL && (frames = PyList_New(0)) == NULL) {
+            Py_DECREF(frame);
+            goto fail;
+        }
+        int appended = PyList_Append(frames, frame);
+        Py_DECREF(frame);
+        if (appended < 0)
+            goto fail;
+        framed |= 1ull << i;
+    }
+    w.other &= ~framed;
     PyObject *taken = PyLong_FromUnsignedLongLong(w.taken);
     PyObject *framed_int = PyLong_FromUnsignedLongLong(framed);
     PyObject *other = PyLong_FromUnsignedLongLong(w.other);
@@ -551,6 +532,7 @@ static PyObject *core_collect(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_XDECREF(taken);
     Py_XDECREF(framed_int);
     Py_XDECREF(other);
+fail:
     Py_XDECREF(frames);
     return out;
 }
