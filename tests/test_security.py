@@ -23,7 +23,7 @@ from fuzz_workers import SafeWorker
 from gpuexec import ConfigError, Executor, RemoteError, testing
 from gpuexec.errors import CallRefusedError, InflightLimitError, RpcTimeoutError
 from gpuexec.ipc import values
-from gpuexec.ipc.codec import Decoder, Encoder, MalformedMessage
+from gpuexec.ipc.codec import Decoder, Encoder, MalformedMessage, UndecodableValue
 from gpuexec.ipc.messages import Call, Reply, ToWorker
 
 FORGED = "forged"
@@ -382,3 +382,24 @@ def test_codec_checks_declared_sizes() -> None:
         with pytest.raises(MalformedMessage) as info:
             dec.decode(frames)
         assert info.value.reason == reason, frames
+
+
+@pytest.mark.filterwarnings("error")  # numpy warns of some aliases: never reached
+@pytest.mark.parametrize("dtype", ["a", "|a5", "S", "f8", "=f8", "float64", "<f8 ", "|O8",
+                                   "<T16", "<f8[ns]", "<" + "9" * 12, ""])
+def test_codec_refuses_dtypes_a_sender_never_writes(dtype: str) -> None:
+    """Only ``dtype.str`` forms travel: an alias is a broken message, refused before numpy
+    reads it, while a well-formed dtype this numpy does not know is the call's error."""
+    dec: Decoder[Any] = Decoder(ToWorker, allow_pickle=False)
+
+    def frames(dt: str) -> list[bytes]:
+        ext = msgspec.msgpack.Ext(1, msgspec.msgpack.encode([dt, [1], 0]))
+        return [msgspec.msgpack.encode(["call", 1, "m", None, [ext], {}, -1]), b"\0" * 8]
+
+    with pytest.raises(MalformedMessage, match="refused numpy dtype") as info:
+        dec.decode(frames(dtype))
+    assert info.value.reason == "bad_buffer"
+    msg = dec.decode(frames("<f8"))
+    assert msg.args[0].dtype == np.dtype("<f8") and msg.args[0].tolist() == [0.0]
+    with pytest.raises(UndecodableValue, match="no numpy dtype '<f7'"):
+        dec.decode(frames("<f7"))  # well-formed, no such dtype here: the call's error

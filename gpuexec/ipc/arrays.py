@@ -12,12 +12,20 @@ array built by the receiver would be, whether or not the sender's was.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
 from .values import Refused, Unrebuilt
 
 MAX_NDIM = 64
+# The form of what a sender writes, ``dtype.str``: byte order, kind, item size and a
+# datetime unit. Anything else (an alias such as 'a' or 'float64', which numpy may warn
+# about or read differently from release to release) is a broken message, refused
+# before numpy parses it.
+_DTYPE_STR = re.compile(r"[<>|](?:[biufcSUV][0-9]{1,9}|[mM]8(?:\[[0-9]{0,9}[A-Za-z]{1,2}\])?)")
+_KNOWN_DTYPES: dict[str, Any] = {}  # dtype.str -> numpy dtype, as checked on arrival
+_KNOWN_MAX = 256
 
 
 class BadBuffer(ValueError):
@@ -74,16 +82,7 @@ def check_size(dtype: str, shape: list[int], nbytes: int, tensor: bool, where: s
             raise Unrebuilt("a tensor", "torch.Tensor", f"{where} has no torch dtype {dtype!r}")
         itemsize = tdtype.itemsize
     else:
-        import numpy as np
-
-        try:
-            npdtype = np.dtype(dtype)
-        except Exception:
-            raise Unrebuilt("an array", "numpy.ndarray",
-                            f"{where} has no numpy dtype {dtype!r}") from None
-        if npdtype.hasobject or npdtype.fields is not None or npdtype.itemsize == 0:
-            raise BadBuffer(f"refused numpy dtype {dtype!r}")
-        itemsize = npdtype.itemsize
+        itemsize = _numpy_dtype(dtype, where).itemsize
     count = 1
     for d in shape:
         count *= d
@@ -92,13 +91,38 @@ def check_size(dtype: str, shape: list[int], nbytes: int, tensor: bool, where: s
                         f"{nbytes} bytes")
 
 
+def _numpy_dtype(dtype: str, where: str) -> Any:
+    """The numpy dtype a sender wrote as ``dtype.str`` (see :data:`_DTYPE_STR`), one
+    that raw bytes carry whole. Raises :class:`BadBuffer` for any other string or dtype,
+    :class:`Unrebuilt` for one this process's numpy does not know (another release)."""
+    npdtype = _KNOWN_DTYPES.get(dtype)
+    if npdtype is not None:
+        return npdtype
+    if not _DTYPE_STR.fullmatch(dtype):
+        raise BadBuffer(f"refused numpy dtype {dtype[:32]!r}")
+    import numpy as np
+
+    try:
+        npdtype = np.dtype(dtype)
+    except Exception:
+        raise Unrebuilt("an array", "numpy.ndarray",
+                        f"{where} has no numpy dtype {dtype!r}") from None
+    if npdtype.str != dtype or npdtype.hasobject or npdtype.fields is not None or \
+            npdtype.itemsize == 0:
+        raise BadBuffer(f"refused numpy dtype {dtype!r}")
+    if len(_KNOWN_DTYPES) >= _KNOWN_MAX:  # item sizes made up by a sender: stay bounded
+        _KNOWN_DTYPES.clear()
+    _KNOWN_DTYPES[dtype] = npdtype
+    return npdtype
+
+
 def build(dtype: str, shape: list[int], buf: Any, tensor: bool) -> Any:
     """A numpy array or CPU tensor over ``buf`` (checked by :func:`check_size`), without
     copying it."""
     if not tensor:
         import numpy as np
 
-        arr = np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+        arr = np.frombuffer(buf, dtype=_numpy_dtype(dtype, "")).reshape(shape)
         # arrays arrive writable, whatever memory carried them (a read-only frame)
         return arr if arr.flags.writeable else arr.copy()
     import torch
