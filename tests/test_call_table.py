@@ -7,6 +7,7 @@ that is not simply waiting for all of its ranks)."""
 from __future__ import annotations
 
 import gc
+import signal
 import threading
 import time
 import weakref
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from gpuexec.errors import ExecutorClosedError, InflightLimitError
-from gpuexec.executor.calls import CallTable, PendingCall, compiled_steps
+from gpuexec.executor.calls import CallTable, PendingCall, compiled_steps, make_lock
 from gpuexec.executor.metrics import LATENCY_BUCKETS
 from gpuexec.ipc import ringcore
 
@@ -139,6 +140,29 @@ def test_a_call_waits_for_a_slot_and_a_waiter_gets_the_one_given_back(steps: str
     assert first.outcome() == [None] and len(got) == 1 and got[0].slot
     assert table.inflight == 1 and list(table.pending) == [got[0].call_id]
     assert table.stats.inflight_waits == 2
+
+
+def test_the_counters_python_sets_are_the_ones_the_steps_read(steps: str) -> None:
+    """The compiled steps keep the table's counters in a C struct that Python reads and
+    writes as attributes: a limit lowered from Python binds them, and a counter deleted
+    from Python is an AttributeError there too, with nothing entered."""
+    table = CallTable(8, world_size=1)
+    table.max_inflight = 1
+    first = table.new_call("noop", [0], None, None, None)
+    assert table.inflight == 1
+    with pytest.raises(InflightLimitError):
+        table.new_call("noop", [0], None, 0.05, None)
+    first.nbytes = 1
+    table.answered_all(first, None)
+    assert first.outcome() == [None] and table.inflight == 0 and table.pending == {}
+    table.inflight = 1  # (as a slot taken by another step)
+    with pytest.raises(InflightLimitError):
+        table.new_call("noop", [0], None, 0.05, None)
+    table.inflight = 0
+    del table.inflight
+    with pytest.raises(AttributeError, match="inflight"):
+        table.new_call("noop", [0], None, None, None)
+    assert table.pending == {} and table.stats.calls == 1
 
 
 def test_answers_that_are_not_one_of_each_rank_are_counted_as_the_walk_counts_them(
@@ -291,3 +315,74 @@ def test_calls_by_name_from_threads_with_futures_in_flight_all_complete(
         assert stats.malformed == 0
         status = ex.status()
         assert [(r.method, r.calls_completed) for r in status] == [(None, 1801)] * 2
+
+
+@pytest.mark.parametrize("make", [make_lock, threading.Lock], ids=["make_lock", "threading"])
+def test_the_tables_lock_behaves_as_threading_lock(make: Any) -> None:
+    """The table's and the channel's locks (the compiled steps' where built, which read
+    their state with no call) do what threading.Lock does, the same for both."""
+    lock = make()
+    assert not lock.locked() and lock.acquire() and lock.locked()
+    assert lock.acquire(False) is False and lock.acquire(blocking=False) is False
+    started = time.monotonic()
+    assert lock.acquire(timeout=0.05) is False and time.monotonic() - started >= 0.04
+    with pytest.raises(ValueError):
+        lock.acquire(False, 1.0)
+    with pytest.raises(ValueError):
+        lock.acquire(timeout=-2)
+    with pytest.raises(ValueError):
+        lock.acquire(timeout=float("nan"))
+    lock.release()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="release unlocked lock"):
+        lock.release()
+    with lock:
+        assert lock.locked()
+    assert not lock.locked()
+    # another thread waits for it, and gets it once given back
+    got: list[float] = []
+    lock.acquire()
+    waiter = threading.Thread(target=lambda: (lock.acquire(timeout=5), got.append(1.0),
+                                              lock.release()))
+    waiter.start()
+    time.sleep(0.05)
+    assert got == []
+    lock.release()
+    waiter.join(5)
+    assert got == [1.0] and not lock.locked()
+    # a condition over it (the table's ``room``)
+    room = threading.Condition(lock)
+    with room:
+        assert room.wait(0.01) is False and lock.locked()
+    assert not lock.locked()
+
+
+@pytest.mark.parametrize("make", [make_lock, threading.Lock], ids=["make_lock", "threading"])
+def test_a_wait_for_the_tables_lock_is_interrupted_by_a_signal(make: Any) -> None:
+    """A signal's handler that raises (Ctrl-C's) ends a blocking wait, as it ends one for
+    a threading.Lock; a handler that returns lets the wait go on."""
+
+    class Interrupted(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        calls.append(signum)
+        if len(calls) == 2:
+            raise Interrupted
+
+    lock = make()
+    lock.acquire()
+    before = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        started = time.monotonic()
+        with pytest.raises(Interrupted):
+            lock.acquire()
+        assert calls == [signal.SIGALRM] * 2 and time.monotonic() - started < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, before)
+    assert lock.locked()  # still the first holder's
+    lock.release()

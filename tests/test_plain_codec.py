@@ -107,6 +107,10 @@ def _cases() -> Iterator[tuple[str, Any, Any]]:
     yield "deep", (_nested(30),), {"d": {"a": {"b": [None, True, False]}}}
     yield "list args", [1, "x"], {"c": [1.0, 2.0]}
     yield "kwargs only", (), {"k": None}
+    yield "other keywords", (1,), {"d": 2, "c": [3]}
+    yield "fifteen keywords", (), {f"key{i}": i for i in range(15)}
+    yield "sixteen keywords", (1,), {f"key{i}": i for i in range(16)}
+    yield "33 positional and a keyword", tuple(range(33)), {"c": 1}
     for i, value in enumerate(NOT_PLAIN):
         yield f"not plain {i}", (1, value), None
     yield "not plain kwarg", (1,), {"k": (1, 2)}
@@ -166,6 +170,31 @@ def test_a_plain_call_runs_no_python_in_the_driver_and_the_rest_does() -> None:
         assert all("decode_header" in s and "value_reply" in s for s in worker_seen)
 
 
+def test_keywords_are_passed_by_name_and_a_repeated_one_as_the_decoder_reads_it() -> None:
+    """The worker's ring core passes up to 15 plain keyword arguments by name (their names
+    interned and kept from call to call, no dict); more take the dict. A map that names a
+    keyword twice (no driver writes one) is read by the decoder, which keeps the last, as
+    a dict does."""
+    if ringcore.current().NAME != "compiled":
+        pytest.skip("needs the compiled core (this process runs the pure-Python one)")
+    from gpuexec import testing
+    from gpuexec.ipc.codec import Encoder
+    from gpuexec.ipc.messages import Call
+
+    with Executor(ValueWorker, 2, device="cpu", transport="shm") as ex:
+        for names in (["alpha", "beta"], ["alpha", "beta"], ["beta", "alpha"], ["gamma"]):
+            assert ex.collective_rpc("keep", kwargs={n: 1 for n in names}) == \
+                [[True] * len(names)] * 2
+        many = {f"key{i}": i for i in range(16)}
+        assert ex.collective_rpc("keep", kwargs=many) == [[False] * 16] * 2
+        frame = Encoder(allow_pickle=False).encode(
+            Call(2**62, "keep", None, [], {"kk": 1, "kx": 2}))[0]
+        testing.send_raw(ex, [frame.replace(b"\xa2kx", b"\xa2kk")])  # {"kk": 1, "kk": 2}
+        ex.check_health()
+        assert ex.collective_rpc("kept") == [{"kk": 2}] * 2
+        assert sum(sum(r.values()) for r in ex.stats().worker_malformed.values()) == 0
+
+
 @pytest.mark.parametrize("kinds", [["int", "tuple"], ["tuple", "int"], ["int", "raise"],
                                    ["raise", "int"], ["int", "int"]])
 @pytest.mark.parametrize("late_rank", [-1, 0, 1])
@@ -206,6 +235,7 @@ def test_a_broken_call_frame_is_dropped_and_counted_by_the_worker() -> None:
     broken.append(frame.replace(b"echo", b"\xff\xfe\xfd\xfc"))
     broken.append(frame.replace("é".encode(), b"\xc3\x28"))
     broken.append(frame.replace(b"\x81\xa1k", b"\x81\x07"))  # {7: b"x"}
+    broken.append(frame.replace(b"\x81\xa1k", b"\x81\xa1\xff"))  # a name not UTF-8
     broken.append(frame + b"\xc0")
     with Executor(ValueWorker, 2, device="cpu", transport="shm") as ex:
         assert ex.collective_rpc("echo", args=(1,)) == [[[1], {}]] * 2

@@ -188,6 +188,16 @@ class ValueWorker(Worker):
     def identity(self, value: Any) -> Any:
         return value
 
+    def keep(self, **kwargs: Any) -> list[bool]:
+        """Keep ``kwargs`` (see ``kept``); whether each name came interned, as names the
+        worker's ring core passes by name are (the interned str equal to a new copy of
+        the name is the name itself)."""
+        self._kept = kwargs
+        return [sys.intern((name + ".")[:-1]) is name for name in kwargs]
+
+    def kept(self) -> Any:
+        return self._kept
+
     def by_rank(self, kinds: list[str], late_rank: int = -1, late_s: float = 0.0) -> Any:
         """This rank's kind of result (``kinds[rank]``): ``"int"`` 7, ``"tuple"`` (7,) (a
         value the codec must carry), ``"raise"`` a ValueError; rank ``late_rank`` answers

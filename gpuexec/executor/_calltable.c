@@ -16,11 +16,13 @@
  *
  * (``fixed``: CallTable.fixed, the table's objects that never change.) The Lane reads
  * once what never changes for the channel (the request ring's geometry, the spin, the
- * doorbell, the locks' methods bound), so a call reads only what does (the writer's
- * position, the table's counters, the flags of a close). A round trip waits for its
- * replies with the ring core's wait (../ipc/_collect.h, compiled in here) and reads
- * their plain results itself where they lie (a None result by its bytes, any other plain
- * value from its slot as msgspec reads it), across as many waits as the ranks take.
+ * doorbell, the locks' methods bound), so a call reads only what does: the writer's
+ * position and the table's counters, kept in C structs (the base classes of RingWriter
+ * and CallTable: WriterFields in ../ipc/_ring.h, TableFields here), and the flags of a
+ * close. A round trip waits for its replies with the ring core's wait
+ * (../ipc/_collect.h, compiled in here) and reads their plain results itself where they
+ * lie (a None result by its bytes, any other plain value from its slot as msgspec reads
+ * it), across as many waits as the ranks take.
  *
  * PendingCall here is the same record as calls.PendingCall (the same attributes, read and
  * written by the same Python code), with its fields in a C struct so that it is made in
@@ -34,8 +36,9 @@
  * held by the caller), so no other thread runs in between. Under the GIL that is the same
  * as taking the lock and releasing it, without the two calls. (abi3 builds load on GIL
  * builds only.) The round trip takes the channel's pump lock and then its send lock as
- * the channel's lock order says, each with acquire(False) (taken: it hands the call
- * back), and gives both back before it returns, also when it returns an exception.
+ * the channel's lock order says, each without waiting and with no call (they are Locks,
+ * below; held by another thread: it hands the call back), and gives both back before it
+ * returns, also when it returns an exception.
  *
  * What they do not handle they leave, having changed nothing, to the general Python
  * path: enter_new gives its call to table.enter(call) (a refusal, no free slot, the lock
@@ -57,7 +60,7 @@
 #include "../ipc/_plain.h" /* plain msgpack data: a call's arguments and results */
 #include "../ipc/_collect.h" /* the wait for a call's replies (the ring core's) */
 
-#define CALLTABLE_API 8 /* calls.py's API must be the same */
+#define CALLTABLE_API 9 /* calls.py's API must be the same */
 
 #define SET_FIELD(field, value) /* Py_SETREF, which the limited API lacks before 3.12 */ \
     do {                                                                               \
@@ -192,27 +195,16 @@ static PyObject *call_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
 }
 
 static int call_traverse(PyObject *self, visitproc visit, void *arg) {
-    PyObject **f = call_fields((Call *)self);
-    for (int i = 0; i < N_FIELDS; i++)
-        Py_VISIT(f[i]);
-    Py_VISIT((PyObject *)Py_TYPE(self)); /* a heap type */
-    return 0;
+    return visit_fields(self, call_fields((Call *)self), N_FIELDS, visit, arg);
 }
 
 static int call_clear(PyObject *self) {
-    PyObject **f = call_fields((Call *)self);
-    for (int i = 0; i < N_FIELDS; i++)
-        Py_CLEAR(f[i]);
+    clear_fields(call_fields((Call *)self), N_FIELDS);
     return 0;
 }
 
 static void call_dealloc(PyObject *self) {
-    PyTypeObject *type = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    call_clear(self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
-    tp_free(self);
-    Py_DECREF(type);
+    free_fields(self, call_fields((Call *)self), N_FIELDS);
 }
 
 /* outcome(): the result, or raise the error (calls.PendingCall.outcome). */
@@ -248,45 +240,201 @@ static PyType_Spec call_spec = {
     Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, call_slots,
 };
 
+/* -- Lock ---------------------------------------------------------------------------- */
+
+/* threading.Lock's interface over the same kind of lock (PyThread's), whose state the
+ * compiled steps read and change with no call: the call table's lock and the channel's
+ * pump and send locks are these where the steps are built (calls.make_lock). ``held``
+ * is written with the GIL held, after the lock is taken and before it is given back:
+ * while it is 0 no thread runs Python code inside the lock (a thread that has just
+ * taken it sets it before it returns to Python), which is what the steps' "found free"
+ * needs (see the locking paragraph above). Blocking waits release the GIL and run
+ * signal handlers as threading.Lock's do (Ctrl-C interrupts a wait). */
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock;
+    int held;
+} Lock;
+
+static PyTypeObject *LockType;
+
+/* Take ``l`` without waiting: 1 taken, 0 held by someone. */
+static int lock_try(Lock *l) {
+    if (PyThread_acquire_lock(l->lock, NOWAIT_LOCK) != PY_LOCK_ACQUIRED)
+        return 0;
+    l->held = 1;
+    return 1;
+}
+
+static void lock_give(Lock *l) {
+    l->held = 0;
+    PyThread_release_lock(l->lock);
+}
+
+static PyObject *lock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    if (!PyArg_ParseTuple(args, ":Lock") || (kwargs != NULL && PyDict_Size(kwargs) != 0)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "Lock() takes no arguments");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    Lock *l = (Lock *)alloc(type, 0);
+    if (l == NULL)
+        return NULL;
+    l->held = 0;
+    if ((l->lock = PyThread_allocate_lock()) == NULL) {
+        Py_DECREF(l);
+        PyErr_SetString(PyExc_MemoryError, "cannot allocate a lock");
+        return NULL;
+    }
+    return (PyObject *)l;
+}
+
+static void lock_dealloc(PyObject *self) {
+    Lock *l = (Lock *)self;
+    PyTypeObject *type = Py_TYPE(self);
+    if (l->lock != NULL) {
+        if (l->held) /* (PyThread's locks must be free when freed) */
+            PyThread_release_lock(l->lock);
+        PyThread_free_lock(l->lock);
+    }
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+/* acquire(blocking=True, timeout=-1) -> bool, as threading.Lock's. */
+static PyObject *lock_acquire(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"blocking", "timeout", NULL};
+    Lock *l = (Lock *)self;
+    int blocking = 1;
+    double timeout = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pd:acquire", kwlist, &blocking, &timeout))
+        return NULL;
+    if (!blocking && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
+        return NULL;
+    }
+    if ((timeout < 0 && timeout != -1) || isnan(timeout)) {
+        PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
+        return NULL;
+    }
+    if (lock_try(l))
+        Py_RETURN_TRUE;
+    if (!blocking || timeout == 0)
+        Py_RETURN_FALSE;
+    double until = timeout < 0 ? INFINITY : now_s() + timeout;
+    for (;;) {
+        double left = until - now_s(); /* (waits of an hour at most: the loop goes on) */
+        long long us = isinf(until) ? -1 : left <= 0 ? 0 : (long long)(fmin(left, 3600) * 1e6);
+        PyLockStatus r;
+        Py_BEGIN_ALLOW_THREADS
+        r = PyThread_acquire_lock_timed(l->lock, us, 1);
+        Py_END_ALLOW_THREADS
+        if (r == PY_LOCK_ACQUIRED) {
+            l->held = 1;
+            Py_RETURN_TRUE;
+        }
+        if (r == PY_LOCK_FAILURE)
+            Py_RETURN_FALSE;
+        if (PyErr_CheckSignals() < 0) /* interrupted: its handler raised (Ctrl-C) */
+            return NULL;
+    }
+}
+
+static PyObject *lock_release(PyObject *self, PyObject *unused) {
+    Lock *l = (Lock *)self;
+    if (!l->held) {
+        PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
+        return NULL;
+    }
+    lock_give(l);
+    Py_RETURN_NONE;
+}
+
+static PyObject *lock_locked(PyObject *self, PyObject *unused) {
+    return PyBool_FromLong(((Lock *)self)->held);
+}
+
+static PyObject *lock_enter(PyObject *self, PyObject *unused) {
+    PyObject *empty = PyTuple_New(0);
+    PyObject *out = empty == NULL ? NULL : lock_acquire(self, empty, NULL);
+    Py_XDECREF(empty);
+    return out;
+}
+
+static PyObject *lock_exit(PyObject *self, PyObject *args) {
+    return lock_release(self, NULL);
+}
+
+static PyMethodDef lock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_VARARGS | METH_KEYWORDS,
+     "acquire(blocking=True, timeout=-1) -> bool, as threading.Lock's."},
+    {"release", lock_release, METH_NOARGS, "Give the lock back (RuntimeError if free)."},
+    {"locked", lock_locked, METH_NOARGS, "Whether the lock is held."},
+    {"__enter__", lock_enter, METH_NOARGS, "acquire()"},
+    {"__exit__", lock_exit, METH_VARARGS, "release()"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot lock_slots[] = {
+    {Py_tp_doc, "threading.Lock's interface, its state read by the compiled steps with no "
+                "call (see _calltable.c)."},
+    {Py_tp_new, lock_new},
+    {Py_tp_dealloc, lock_dealloc},
+    {Py_tp_methods, lock_methods},
+    {0, NULL},
+};
+
+static PyType_Spec lock_spec = {
+    "gpuexec.executor._calltable.Lock", sizeof(Lock), 0, Py_TPFLAGS_DEFAULT, lock_slots,
+};
+
 /* -- the table's fields ------------------------------------------------------------- */
 
-static PyObject *S_LOCKED, *S_REFUSAL, *S_INFLIGHT, *S_MAX_INFLIGHT, *S_CALLS, *S_RAW,
-    *S_REQUEST_BYTES, *S_SLOT_WAITERS, *S_FOLD_AT, *S_ANSWERED, *S_ENTER, *S_N_ASYNC;
+static PyObject *S_LOCKED, *S_CALLS, *S_RAW, *S_REQUEST_BYTES, *S_FOLD_AT, *S_ANSWERED,
+    *S_ENTER;
+
+/* The table's counters and its refusal: calls.CallTable's ``inflight``,
+ * ``max_inflight``, ``slot_waiters``, ``n_async`` (ints) and ``refusal`` (None or a
+ * callable), the fields of its base class TableFields (attributes kept in a C struct,
+ * ../ipc/_ring.h), which the steps read and write with no attribute lookup. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *inflight, *max_inflight, *slot_waiters, *n_async, *refusal;
+} TableFields;
+#define TABLE_FIELDS 5
+
+#define TABLE_FIELD(name) {#name, T_OBJECT_EX, offsetof(TableFields, name), 0, NULL}
+static PyMemberDef table_members[] = {
+    TABLE_FIELD(inflight), TABLE_FIELD(max_inflight), TABLE_FIELD(slot_waiters),
+    TABLE_FIELD(n_async), TABLE_FIELD(refusal), {NULL, 0, 0, 0, NULL},
+};
+
+FIELDS_TYPE(table, TableFields, inflight, TABLE_FIELDS,
+            "gpuexec.executor._calltable.TableFields",
+            "The call table's counters in a C struct (the base of calls.CallTable when "
+            "these steps are built).");
+
+static PyTypeObject *TableFieldsType;
+
+/* The int field ``v`` (a table counter) as a C long: -1 with an error set when it is
+ * unset (AttributeError, as reading it would) or not an int. */
+static long field_long(PyObject *v, const char *name) {
+    if (v == NULL) {
+        PyErr_Format(PyExc_AttributeError, "the call table has no %s", name);
+        return -1;
+    }
+    return PyLong_AsLong(v);
+}
 
 /* The table's objects the steps use, each made once by CallTable.__init__ and never
  * replaced, handed in as the tuple CallTable.fixed (no attribute lookup per call). */
 typedef struct {
     PyObject *table, *lock, *ids, *pending, *stats, *metrics, *methods, *replies, *last,
         *failing, *by_all; /* by_all: CallMetrics.answered_by_all (u64 calls, f64 time) */
-    PyObject *locked;      /* lock.locked bound once (a Lane's), or NULL: looked up */
+    long fold_at;          /* CallMetrics.fold_at (a constant of the class) */
 } Refs;
-
-/* ``t`` from ``table`` and its tuple CallTable.fixed (the objects above, in order):
- * borrowed, for as long as the caller holds the tuple. 0, or -1 with TypeError. */
-static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
-    if (!PyTuple_Check(fixed) || PyTuple_Size(fixed) != 10) {
-        PyErr_SetString(PyExc_TypeError, "the call table's fixed objects: a tuple of 10");
-        return -1;
-    }
-    PyObject **at[] = {&t->lock, &t->ids, &t->pending, &t->stats, &t->metrics,
-                       &t->methods, &t->replies, &t->last, &t->failing, &t->by_all};
-    t->table = table;
-    t->locked = NULL;
-    for (Py_ssize_t i = 0; i < 10; i++)
-        *at[i] = PyTuple_GetItem(fixed, i);
-    return 0;
-}
-
-/* 1: table.lock is free (no thread is inside the table), 0: held, -1: error. */
-static int lock_free(const Refs *t) {
-    PyObject *held = t->locked != NULL ? PyObject_CallNoArgs(t->locked)
-                                       : PyObject_CallMethodObjArgs(t->lock, S_LOCKED, NULL);
-    if (held == NULL)
-        return -1;
-    int free = held == Py_False;
-    Py_DECREF(held);
-    return free;
-}
 
 /* The int attribute ``name`` of ``o`` as a C long (-1 with an error set on failure). */
 static long long_attr(PyObject *o, PyObject *name) {
@@ -298,17 +446,38 @@ static long long_attr(PyObject *o, PyObject *name) {
     return n;
 }
 
-/* ``o.name += delta`` for an int attribute; -1 on error. */
-static int add_to_attr(PyObject *o, PyObject *name, long delta) {
-    long n = long_attr(o, name);
-    if (n == -1 && PyErr_Occurred())
+/* ``t`` from ``table`` and its tuple CallTable.fixed (the objects above, in order):
+ * borrowed, for as long as the caller holds the tuple; the class's fold_at. 0, or -1 with
+ * TypeError (a table these steps did not build) or the error of reading fold_at. */
+static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
+    if (!PyTuple_Check(fixed) || PyTuple_Size(fixed) != 10) {
+        PyErr_SetString(PyExc_TypeError, "the call table's fixed objects: a tuple of 10");
         return -1;
-    PyObject *v = PyLong_FromLong(n + delta);
-    if (v == NULL)
+    }
+    if (!PyObject_TypeCheck(table, TableFieldsType)) {
+        PyErr_SetString(PyExc_TypeError, "a call table of these steps' TableFields");
         return -1;
-    int rc = PyObject_SetAttr(o, name, v);
-    Py_DECREF(v);
-    return rc;
+    }
+    PyObject **at[] = {&t->lock, &t->ids, &t->pending, &t->stats, &t->metrics,
+                       &t->methods, &t->replies, &t->last, &t->failing, &t->by_all};
+    t->table = table;
+    for (Py_ssize_t i = 0; i < 10; i++)
+        *at[i] = PyTuple_GetItem(fixed, i);
+    if ((t->fold_at = long_attr(t->metrics, S_FOLD_AT)) == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+/* 1: table.lock is free (no thread is inside the table), 0: held, -1: error. */
+static int lock_free(const Refs *t) {
+    if (Py_TYPE(t->lock) == LockType)
+        return !((Lock *)t->lock)->held;
+    PyObject *held = PyObject_CallMethodObjArgs(t->lock, S_LOCKED, NULL);
+    if (held == NULL)
+        return -1;
+    int free = held == Py_False;
+    Py_DECREF(held);
+    return free;
 }
 
 /* A user's call made and entered in the table in one step, holding a slot and counted,
@@ -316,8 +485,7 @@ static int add_to_attr(PyObject *o, PyObject *name, long delta) {
  * lock is held) entered by CallTable.enter, which waits or raises. NULL on an error. */
 static Call *enter_call(const Refs *t, PyObject *method, PyObject *ranks,
                         PyObject *unique_reply_rank, PyObject *timeout, PyObject *future) {
-    PyObject *table = t->table, *call_id, *calls = NULL, *inflight = NULL, *refusal = NULL,
-             *n_async = NULL;
+    PyObject *table = t->table, *call_id, *calls = NULL, *inflight = NULL, *n_async = NULL;
     int is_future = future != Py_None;
     /* The call first (the objects the collector counts), with the next id. */
     call_id = PyIter_Next(t->ids); /* itertools.count: no Python code */
@@ -332,13 +500,14 @@ static Call *enter_call(const Refs *t, PyObject *method, PyObject *ranks,
     if (call == NULL)
         return NULL;
     /* Then the lock's state, and the reads and writes with nothing run in between. */
+    TableFields *tf = (TableFields *)table;
     long n_inflight, most, n_calls, futures = 0;
     int free = lock_free(t);
-    if (free < 0 || (refusal = PyObject_GetAttr(table, S_REFUSAL)) == NULL ||
-        ((n_inflight = long_attr(table, S_INFLIGHT)) == -1 && PyErr_Occurred()) ||
-        ((most = long_attr(table, S_MAX_INFLIGHT)) == -1 && PyErr_Occurred()))
+    if (free < 0 ||
+        ((n_inflight = field_long(tf->inflight, "inflight")) == -1 && PyErr_Occurred()) ||
+        ((most = field_long(tf->max_inflight, "max_inflight")) == -1 && PyErr_Occurred()))
         goto error;
-    if (!free || refusal != Py_None || n_inflight >= most) {
+    if (!free || tf->refusal != Py_None || n_inflight >= most) {
         /* The general path, with this call: it waits for the lock or a slot, or raises
          * the refusal. */
         PyObject *entered = PyObject_CallMethodObjArgs(table, S_ENTER, (PyObject *)call, NULL);
@@ -348,23 +517,27 @@ static Call *enter_call(const Refs *t, PyObject *method, PyObject *ranks,
         goto done;
     }
     if (((n_calls = long_attr(t->stats, S_CALLS)) == -1 && PyErr_Occurred()) ||
-        (is_future && (futures = long_attr(table, S_N_ASYNC)) == -1 && PyErr_Occurred()) ||
+        (is_future && (futures = field_long(tf->n_async, "n_async")) == -1 &&
+         PyErr_Occurred()) ||
         (inflight = PyLong_FromLong(n_inflight + 1)) == NULL ||
         (calls = PyLong_FromLong(n_calls + 1)) == NULL ||
         (is_future && (n_async = PyLong_FromLong(futures + 1)) == NULL) ||
         !PyDict_Check(t->pending))
         goto error;
     if (PyDict_SetItem(t->pending, call->call_id, (PyObject *)call) < 0 ||
-        PyObject_SetAttr(table, S_INFLIGHT, inflight) < 0 ||
-        PyObject_SetAttr(t->stats, S_CALLS, calls) < 0 ||
-        (is_future && PyObject_SetAttr(table, S_N_ASYNC, n_async) < 0))
+        PyObject_SetAttr(t->stats, S_CALLS, calls) < 0)
         goto error;
+    SET_FIELD(tf->inflight, inflight);
+    inflight = NULL;
+    if (is_future) {
+        SET_FIELD(tf->n_async, n_async);
+        n_async = NULL;
+    }
     SET_FIELD(call->slot, Py_NewRef(Py_True));
     goto done;
 error:
     Py_CLEAR(call);
 done:
-    Py_XDECREF(refusal);
     Py_XDECREF(inflight);
     Py_XDECREF(calls);
     Py_XDECREF(n_async);
@@ -445,8 +618,8 @@ static int count_in(PyObject *counts, PyObject *rank) {
  * out of the table, its slot back. 1: ended, 0: not for this path (nothing changed). */
 static int end_simple(const Refs *t, Call *call, PyObject *values) {
     int ok = 0;
-    PyObject *table = t->table, *mstats = NULL, *raw = NULL, *now = NULL, *latency = NULL,
-             *result = NULL, *nbytes = NULL, *old_bytes = NULL;
+    PyObject *mstats = NULL, *raw = NULL, *now = NULL, *latency = NULL, *result = NULL,
+             *nbytes = NULL, *old_bytes = NULL, *inflight = NULL;
     /* The results' list first (the one object the collector counts). */
     Py_ssize_t n = PyList_Size(call->ranks);
     if ((result = PyList_New(n)) == NULL)
@@ -460,14 +633,14 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
         PyList_SetItem(result, i, Py_NewRef(value)); /* a new list: cannot fail */
     }
     /* Then the lock's state, and the reads and writes with nothing run in between. */
-    long waiters, fold_at;
+    TableFields *tf = (TableFields *)t->table;
+    long waiters, n_inflight = 0;
     int free = lock_free(t);
-    if (free < 0 || ((waiters = long_attr(table, S_SLOT_WAITERS)) == -1 && PyErr_Occurred()))
+    if (free < 0 ||
+        ((waiters = field_long(tf->slot_waiters, "slot_waiters")) == -1 && PyErr_Occurred()))
         goto error;
     if (!free || (waiters != 0 && call->slot == Py_True))
         goto done; /* the general path waits for the lock, or notifies a slot's waiter */
-    if (((fold_at = long_attr(t->metrics, S_FOLD_AT)) == -1 && PyErr_Occurred()))
-        goto error;
     if (!PyDict_Check(t->methods) || !PyDict_Check(t->failing) ||
         PyDict_Size(t->failing) != 0 || !PyDict_Check(t->pending) ||
         !PyList_Check(t->replies) || !PyList_Check(t->last))
@@ -482,7 +655,7 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
     if ((raw = PyObject_GetAttr(mstats, S_RAW)) == NULL ||
         (old_bytes = PyObject_GetAttr(mstats, S_REQUEST_BYTES)) == NULL)
         goto error;
-    if (!PyList_Check(raw) || PyList_Size(raw) + 1 >= fold_at || !PyLong_Check(old_bytes) ||
+    if (!PyList_Check(raw) || PyList_Size(raw) + 1 >= t->fold_at || !PyLong_Check(old_bytes) ||
         !PyLong_Check(call->nbytes))
         goto done; /* to be folded: the general path */
     double at = now_s();
@@ -493,7 +666,10 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
     if ((started == -1.0 && PyErr_Occurred()) ||
         (!by_all && (now = PyFloat_FromDouble(at)) == NULL) ||
         (latency = PyFloat_FromDouble(at - started)) == NULL ||
-        (nbytes = PyNumber_Add(old_bytes, call->nbytes)) == NULL)
+        (nbytes = PyNumber_Add(old_bytes, call->nbytes)) == NULL ||
+        (call->slot == Py_True &&
+         (((n_inflight = field_long(tf->inflight, "inflight")) == -1 && PyErr_Occurred()) ||
+          (inflight = PyLong_FromLong(n_inflight - 1)) == NULL)))
         goto error;
     /* The writes (only memory errors can fail them, as they would the general path). */
     if (by_all) {
@@ -523,8 +699,8 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
         PyErr_Clear(); /* not in the table (the general path pops it the same way) */
     if (call->slot == Py_True) {
         SET_FIELD(call->slot, Py_NewRef(Py_False));
-        if (add_to_attr(table, S_INFLIGHT, -1) < 0)
-            goto error;
+        SET_FIELD(tf->inflight, inflight);
+        inflight = NULL;
     }
     ok = 1;
     goto done;
@@ -538,6 +714,7 @@ done:
     Py_XDECREF(latency);
     Py_XDECREF(result);
     Py_XDECREF(nbytes);
+    Py_XDECREF(inflight);
     return ok;
 }
 
@@ -594,7 +771,7 @@ enum {
     L_TABLE,     /* the CallTable */
     L_PUMP,      /* the channel's pump lock */
     L_SEND,      /* its send lock */
-    L_CHANNEL,   /* the channel (its _released flag) */
+    L_CHANNEL,   /* the channel (its _go_on and _call_bare) */
     L_TRANSPORT, /* the ShmTransport (its _moved mask; collect_more) */
     L_WRITER,    /* the request ring's RingWriter (_seq, _min_read, _claimed) */
     L_PUT,       /* the request ring's geometry (RingWriter.put_params) */
@@ -612,13 +789,11 @@ enum {
     L_LEN
 };
 /* The methods a Lane binds once: the locks' (pump, send, the table's) and (False,). */
-enum { B_PUMP_ACQUIRE, B_PUMP_RELEASE, B_SEND_ACQUIRE, B_SEND_RELEASE, B_LOCKED, B_NO_WAIT,
-       B_LEN };
-
 typedef struct {
     PyObject_HEAD
     PyObject *items[L_LEN]; /* as given */
-    PyObject *bound[B_LEN];
+    Lock *pump, *send;      /* items[L_PUMP], items[L_SEND] (checked: Locks) */
+    int released;           /* set by release() (DriverChannel.close, under both locks) */
     Refs t;                 /* the table's (borrowed from items[L_FIXED]) */
     uintptr_t base, bell_base, bell; /* the request ring, its doorbell (none: 0); ours */
     long long data, n_slots, slot_size, most; /* the request ring's geometry */
@@ -644,36 +819,10 @@ enum { P_BASE, P_DATA, P_N_SLOTS, P_SLOT_SIZE, P_MAX, P_READERS, P_BELL_BASE, P_
 #define NOT_SENT 0 /* where round_trip() hands a call back: entered, not sent */
 #define SENT 1     /* sent, and not complete (or complete with an error) */
 
-static PyObject *S_ACQUIRE, *S_RELEASE, *S_RELEASED, *S_MOVED, *S_SEQ, *S_MIN_READ,
-    *S_CLAIMED, *S_REPLIES, *S_SHAPE, *S_ADDRESS, *S_SPIN, *S_CLOSING, *S_SETTLE, *S_COLLECT_MORE,
-    *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
+static PyObject *S_MOVED, *S_REPLIES, *S_SHAPE, *S_ADDRESS, *S_SPIN, *S_CLOSING,
+    *S_SETTLE, *S_COLLECT_MORE, *S_MIN_READ_SEQ, *S_GO_ON, *S_CALL_BARE;
 static PyObject *INF;      /* float('inf'): the deadline of a call without one */
 static PyObject *INT_ZERO; /* 0 */
-
-/* lock.acquire(False) (``acquire`` bound, ``no_wait``: (False,)): 1 taken, 0 not, -1
- * error. */
-static int try_lock(PyObject *acquire, PyObject *no_wait) {
-    PyObject *got = PyObject_Call(acquire, no_wait, NULL);
-    if (got == NULL)
-        return -1;
-    int taken = got == Py_True;
-    Py_DECREF(got);
-    return taken;
-}
-
-static void unlock(PyObject *release) {
-    /* A release of a lock this thread took cannot fail; an error is kept if one is set. */
-    PyObject *exc_type = NULL, *exc = NULL, *tb = NULL;
-    int pending = PyErr_Occurred() != NULL;
-    if (pending)
-        PyErr_Fetch(&exc_type, &exc, &tb);
-    PyObject *r = PyObject_CallNoArgs(release);
-    if (r == NULL)
-        PyErr_WriteUnraisable(release);
-    Py_XDECREF(r);
-    if (pending)
-        PyErr_Restore(exc_type, exc, tb);
-}
 
 /* The exception being raised, taken as a value (with its traceback). */
 static PyObject *caught(void) {
@@ -747,17 +896,14 @@ static PyObject *hand_back(PyObject *channel, Call *call, const struct frame *f,
  * error. */
 static int put_frame(const Lane *lane, const struct frame *f) {
     PyObject *writer = lane->items[L_WRITER];
-    PyObject *claimed = PyObject_GetAttr(writer, S_CLAIMED);
-    if (claimed == NULL)
+    WriterFields *w = (WriterFields *)writer; /* (checked by lane_new) */
+    long long seq, min_read, n_slots = lane->n_slots;
+    if (w->seq == NULL || w->min_read == NULL || w->claimed != Py_None ||
+        n_slots <= 0 || f->size + ONE_HEAD > lane->most)
+        return 0; /* a claim open (or a writer not set up): the general send */
+    if (((seq = PyLong_AsLongLong(w->seq)) == -1 && PyErr_Occurred()) ||
+        ((min_read = PyLong_AsLongLong(w->min_read)) == -1 && PyErr_Occurred()))
         return -1;
-    int busy = claimed != Py_None;
-    Py_DECREF(claimed);
-    long long seq = 0, min_read = 0, n_slots = lane->n_slots;
-    if (busy || ((seq = long_attr(writer, S_SEQ)) == -1 && PyErr_Occurred()) ||
-        ((min_read = long_attr(writer, S_MIN_READ)) == -1 && PyErr_Occurred()))
-        return busy ? 0 : -1;
-    if (n_slots <= 0 || f->size + ONE_HEAD > lane->most)
-        return 0; /* the general send */
     if (min_read <= seq - n_slots) { /* no room as last seen: look again (a call into the
                                       * writer's Python, once every n_slots sends) */
         PyObject *now_read = PyObject_CallMethodObjArgs(writer, S_MIN_READ_SEQ, NULL);
@@ -769,11 +915,9 @@ static int put_frame(const Lane *lane, const struct frame *f) {
             return 0; /* full: the general send waits for room */
     }
     PyObject *next = PyLong_FromLongLong(seq + 1);
-    if (next == NULL || PyObject_SetAttr(writer, S_SEQ, next) < 0) {
-        Py_XDECREF(next);
+    if (next == NULL)
         return -1;
-    }
-    Py_DECREF(next);
+    SET_FIELD(w->seq, next);
     /* As the ring core's put_one: the packet written, then published (_ring.h). */
     uint64_t off = (uint64_t)(lane->data + (seq % n_slots) * lane->slot_size);
     char *at = (char *)one_packet_head(lane->base, off, (uint32_t)f->size);
@@ -1057,37 +1201,28 @@ done:
  * what is handed back (see Lane.round_trip). */
 static PyObject *trip(Lane *lane, Call *call, const struct frame *f,
                       const struct id_text *middle) {
-    PyObject *channel = lane->items[L_CHANNEL], *no_wait = lane->bound[B_NO_WAIT];
+    PyObject *channel = lane->items[L_CHANNEL];
     PyObject *nbytes = PyLong_FromSsize_t(f->size); /* (the metrics') */
     if (nbytes == NULL)
         return hand_back(channel, call, f, NOT_SENT, caught());
     SET_FIELD(call->nbytes, nbytes);
     /* The send, under the pump lock and the send lock, when both are free. */
-    int pumping = try_lock(lane->bound[B_PUMP_ACQUIRE], no_wait);
-    if (pumping <= 0) {
-        PyObject *error = pumping < 0 ? caught() : NULL;
-        return hand_back(channel, call, f, NOT_SENT, error);
-    }
-    int sending = try_lock(lane->bound[B_SEND_ACQUIRE], no_wait);
+    if (!lock_try(lane->pump))
+        return hand_back(channel, call, f, NOT_SENT, NULL);
     int sent = 0;
-    if (sending > 0) {
-        PyObject *released = PyObject_GetAttr(channel, S_RELEASED);
-        int gone = released == NULL ? -1 : PyObject_IsTrue(released);
-        Py_XDECREF(released);
-        sent = gone < 0 ? -1 : gone ? 0 : put_frame(lane, f);
-        unlock(lane->bound[B_SEND_RELEASE]);
-    } else if (sending < 0) {
-        sent = -1;
+    if (lock_try(lane->send)) {
+        sent = lane->released ? 0 : put_frame(lane, f); /* released: _go_on raises */
+        lock_give(lane->send);
     }
     if (sent <= 0) {
         PyObject *error = sent < 0 ? caught() : NULL;
-        unlock(lane->bound[B_PUMP_RELEASE]);
+        lock_give(lane->pump);
         return hand_back(channel, call, f, NOT_SENT, error);
     }
     /* The replies, still under the pump lock. */
     int rc = first_collect(lane, call, middle);
     PyObject *error = rc < 0 ? caught() : NULL;
-    unlock(lane->bound[B_PUMP_RELEASE]);
+    lock_give(lane->pump);
     if (error != NULL)
         return hand_back(channel, call, NULL, SENT, error);
     int queued = PyObject_IsTrue(lane->items[L_UNSETTLED]);
@@ -1246,8 +1381,7 @@ static int lane_clear(PyObject *self) {
     Lane *lane = (Lane *)self;
     for (int i = 0; i < L_LEN; i++)
         Py_CLEAR(lane->items[i]);
-    for (int i = 0; i < B_LEN; i++)
-        Py_CLEAR(lane->bound[i]);
+    lane->pump = lane->send = NULL; /* (borrowed from the items) */
     Py_CLEAR(lane->replies_seen);
     lane->aw.n = 0;
     lane->t.table = NULL; /* (borrowed from the items) */
@@ -1258,8 +1392,6 @@ static int lane_traverse(PyObject *self, visitproc visit, void *arg) {
     Lane *lane = (Lane *)self;
     for (int i = 0; i < L_LEN; i++)
         Py_VISIT(lane->items[i]);
-    for (int i = 0; i < B_LEN; i++)
-        Py_VISIT(lane->bound[i]);
     Py_VISIT(lane->replies_seen);
     Py_VISIT((PyObject *)Py_TYPE(self)); /* a heap type */
     return 0;
@@ -1275,6 +1407,26 @@ static void lane_dealloc(PyObject *self) {
 }
 
 /* Lane(items): the tuple of the L_ items above. */
+/* 0 when ``writer`` keeps its position in the ring core's WriterFields (the struct of
+ * ../ipc/_ring.h, which put_frame reads), else -1 with TypeError. */
+static int writer_checked(PyObject *writer) {
+    PyObject *core = PyImport_ImportModule("gpuexec.ipc._ringcore");
+    PyObject *type = core == NULL ? NULL : PyObject_GetAttrString(core, "WriterFields");
+    PyObject *size = type == NULL ? NULL : PyObject_GetAttrString(type, "__basicsize__");
+    int ok = size != NULL && PyType_Check(type) &&
+             PyObject_TypeCheck(writer, (PyTypeObject *)type) &&
+             PyLong_AsSsize_t(size) == (Py_ssize_t)sizeof(WriterFields);
+    Py_XDECREF(core);
+    Py_XDECREF(type);
+    Py_XDECREF(size);
+    if (ok)
+        return 0;
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "Lane: a request ring writer of the ring core's "
+                                         "WriterFields");
+    return -1;
+}
+
 static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     PyObject *items;
     if (!PyArg_ParseTuple(args, "O!:Lane", &PyTuple_Type, &items))
@@ -1292,7 +1444,8 @@ static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     PyObject *put = lane->items[L_PUT], *spin = NULL;
     unsigned long long at[P_LEN], bell, every, n_ranks, max_len;
     long long max_size;
-    if (refs_from(lane->items[L_TABLE], lane->items[L_FIXED], &lane->t) < 0)
+    if (refs_from(lane->items[L_TABLE], lane->items[L_FIXED], &lane->t) < 0 ||
+        writer_checked(lane->items[L_WRITER]) < 0)
         goto error;
     if (!PyTuple_Check(put) || PyTuple_Size(put) != P_LEN) {
         PyErr_SetString(PyExc_TypeError, "Lane: the request ring's geometry, a tuple of 7");
@@ -1323,14 +1476,13 @@ static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     lane->max_size = max_size;
     lane->max_len = max_len;
     PyObject *pump = lane->items[L_PUMP], *send = lane->items[L_SEND];
-    if ((lane->bound[B_PUMP_ACQUIRE] = PyObject_GetAttr(pump, S_ACQUIRE)) == NULL ||
-        (lane->bound[B_PUMP_RELEASE] = PyObject_GetAttr(pump, S_RELEASE)) == NULL ||
-        (lane->bound[B_SEND_ACQUIRE] = PyObject_GetAttr(send, S_ACQUIRE)) == NULL ||
-        (lane->bound[B_SEND_RELEASE] = PyObject_GetAttr(send, S_RELEASE)) == NULL ||
-        (lane->bound[B_LOCKED] = PyObject_GetAttr(lane->t.lock, S_LOCKED)) == NULL ||
-        (lane->bound[B_NO_WAIT] = PyTuple_Pack(1, Py_False)) == NULL)
+    if (Py_TYPE(pump) != LockType || Py_TYPE(send) != LockType ||
+        Py_TYPE(lane->t.lock) != LockType) {
+        PyErr_SetString(PyExc_TypeError, "Lane: the pump, send and table locks are Locks");
         goto error;
-    lane->t.locked = lane->bound[B_LOCKED];
+    }
+    lane->pump = (Lock *)pump;
+    lane->send = (Lock *)send;
     return (PyObject *)lane;
 error:
     Py_XDECREF(spin);
@@ -1338,7 +1490,17 @@ error:
     return NULL;
 }
 
+/* release(): the channel released its transport (DriverChannel.close, holding the pump
+ * and send locks): no round trip writes into its rings from now on (each hands its call
+ * back, whose general path finds the channel closed). */
+static PyObject *lane_release(PyObject *self, PyObject *unused) {
+    ((Lane *)self)->released = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef lane_methods[] = {
+    {"release", lane_release, METH_NOARGS,
+     "The channel released its transport: no round trip writes into its rings."},
     {"round_trip", (PyCFunction)(void (*)(void))lane_round_trip, METH_FASTCALL,
      "A blocking call by name over shared memory, sent and collected (see the source)."},
     {"call_plain", (PyCFunction)(void (*)(void))lane_call_plain, METH_FASTCALL,
@@ -1377,16 +1539,11 @@ static int intern_all(void) {
         PyObject **at;
         const char *name;
     } names[] = {
-        {&S_LOCKED, "locked"},       {&S_REFUSAL, "refusal"},
-        {&S_INFLIGHT, "inflight"},   {&S_MAX_INFLIGHT, "max_inflight"},
-        {&S_CALLS, "calls"},         {&S_RAW, "raw"},
-        {&S_REQUEST_BYTES, "request_bytes"},
-        {&S_SLOT_WAITERS, "slot_waiters"}, {&S_FOLD_AT, "fold_at"},
-        {&S_ANSWERED, "answered"},   {&S_ENTER, "enter"},
-        {&S_N_ASYNC, "n_async"},     {&S_ACQUIRE, "acquire"},
-        {&S_RELEASE, "release"},     {&S_RELEASED, "_released"},
-        {&S_MOVED, "_moved"},        {&S_SEQ, "_seq"},
-        {&S_MIN_READ, "_min_read"},  {&S_CLAIMED, "_claimed"},
+        {&S_LOCKED, "locked"},       {&S_CALLS, "calls"},
+        {&S_RAW, "raw"},             {&S_REQUEST_BYTES, "request_bytes"},
+        {&S_FOLD_AT, "fold_at"},     {&S_ANSWERED, "answered"},
+        {&S_ENTER, "enter"},
+        {&S_MOVED, "_moved"},
         {&S_REPLIES, "replies"},     {&S_SHAPE, "shape"},
         {&S_ADDRESS, "address"},     {&S_SPIN, "spin"},
         {&S_CLOSING, "closing"},     {&S_SETTLE, "settle"},
@@ -1412,8 +1569,13 @@ PyMODINIT_FUNC PyInit__calltable(void) {
     if (m == NULL)
         return NULL;
     CallType = (PyTypeObject *)PyType_FromSpec(&call_spec);
+    TableFieldsType = (PyTypeObject *)PyType_FromSpec(&table_spec);
+    LockType = (PyTypeObject *)PyType_FromSpec(&lock_spec);
     PyObject *lane_type = PyType_FromSpec(&lane_spec);
     if (CallType == NULL || PyModule_AddObject(m, "PendingCall", Py_NewRef(CallType)) < 0 ||
+        TableFieldsType == NULL ||
+        PyModule_AddObject(m, "TableFields", Py_NewRef(TableFieldsType)) < 0 ||
+        LockType == NULL || PyModule_AddObject(m, "Lock", Py_NewRef(LockType)) < 0 ||
         lane_type == NULL || PyModule_AddObject(m, "Lane", lane_type) < 0 ||
         (INF = PyFloat_FromDouble(INFINITY)) == NULL ||
         (INT_ZERO = PyLong_FromLong(0)) == NULL ||

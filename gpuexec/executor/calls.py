@@ -55,7 +55,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..errors import ExecutorClosedError, InflightLimitError, RpcTimeoutError
 from ..ipc import ringcore
@@ -168,12 +168,48 @@ class PendingCall:
         return self.value
 
 
-class CallTable:
+STEPS_API = 9  # _calltable.c's CALLTABLE_API must be the same
+
+
+def _built() -> tuple[Any, str]:
+    """The compiled steps' module where it is built from this source (its API), whichever
+    steps run (see :func:`compiled_steps`), else None and why: the types below are its
+    where it is, so that the steps can read their state with no lookup or call."""
+    try:
+        module = importlib.import_module("gpuexec.executor._calltable")
+    except ImportError as e:
+        return None, str(e) or type(e).__name__
+    if getattr(module, "API", None) != STEPS_API:
+        return None, "the build found is stale; rebuild it with make or pip install -e ."
+    return module, ""
+
+
+_module, _why_not_built = _built()
+_Lock: Callable[[], threading.Lock] = threading.Lock if _module is None else _module.Lock
+
+
+def make_lock() -> threading.Lock:
+    """The call table's lock and the channel's pump and send locks: the compiled steps'
+    ``Lock`` where they are built (threading.Lock's interface and behaviour, a blocking
+    acquire interrupted by a signal's handler as its is; its state read and changed by
+    the steps with no call), else a ``threading.Lock``."""
+    return _Lock()
+
+
+if TYPE_CHECKING:
+    _TableFields = object
+else:  # ``inflight``, ``max_inflight``, ``slot_waiters``, ``n_async`` and ``refusal`` in
+    # a C struct where the steps are built (they read and write them with no lookup;
+    # Python reads and writes them as attributes), else plain attributes
+    _TableFields = object if _module is None else _module.TableFields
+
+
+class CallTable(_TableFields):
     """The calls in flight; see the module docstring."""
 
     def __init__(self, max_inflight_calls: int,
                  on_deferred: Callable[[], None] = lambda: None, world_size: int = 0) -> None:
-        self.lock = threading.Lock()
+        self.lock = make_lock()
         self.max_inflight = max_inflight_calls
         self.inflight = 0       # slots taken
         self.slot_waiters = 0   # callers waiting on ``room`` for a slot
@@ -668,9 +704,9 @@ class Lane(Protocol):
     def round_trip(self, method: str, ranks: list[int], timeout: float | None) -> Any: ...
     def call_plain(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
                    ranks: list[int], timeout: float | None) -> Any: ...
+    def release(self) -> None: ...  # the channel released its transport (close)
 
 
-STEPS_API = 8  # _calltable.c's CALLTABLE_API must be the same
 NOT_SENT = 0  # where round_trip() hands a call back: entered, not sent (its NOT_SENT)
 _steps_why_not: list[str] = []  # said once per process
 
@@ -682,18 +718,12 @@ def compiled_steps() -> TableSteps | None:
     stale while the ring core is not."""
     if ringcore.current().NAME != "compiled":
         return None
-    try:
-        module = importlib.import_module("gpuexec.executor._calltable")
-    except ImportError as e:
-        why = str(e) or type(e).__name__
-    else:
-        if getattr(module, "API", None) == STEPS_API:
-            return cast(TableSteps, module)
-        why = "the build found is stale; rebuild it with make or pip install -e ."
+    if _module is not None:
+        return cast(TableSteps, _module)
     if not _steps_why_not:
-        _steps_why_not.append(why)
+        _steps_why_not.append(_why_not_built)
         log.warning("gpuexec: the compiled call table steps are not built (%s); the call "
-                    "table runs in Python (same behaviour, slower)", why)
+                    "table runs in Python (same behaviour, slower)", _why_not_built)
     return None
 
 

@@ -86,7 +86,7 @@ slots once every rank answered and ends the call with the compiled step (a reply
 is not such a result is left in its ring, with the others, for the transport's steps). No
 Call, Reply or codec on either side, and no reply copied out: the driver 1 Python call
 (``collective_rpc``), 1 crossing, 9 / 9 blocks at 1 / 2 workers; the worker 1 Python
-call (the method), 5 / 11 blocks. Anything else (arguments that are not plain or longer
+call (the method), 4 / 10 blocks. Anything else (arguments that are not plain or longer
 than 8 KiB, a result that is not plain or longer than a slot, a failure) takes the
 Python steps where it is met, with nothing lost: the codec's walk, the transport's
 ``collect_more``, the request loop.
@@ -124,11 +124,16 @@ listed after it)::
 * ``_wake_lock``: the transport's wake-up and the monitor's poke pipe, against close.
 * ``table.lock`` (:mod:`.calls`): the pending calls, the state flags, the death record.
 
+``_pump_lock``, ``_send_lock`` and ``table.lock`` are made by :func:`.calls.make_lock`:
+threading.Lock's interface and behaviour and, where the compiled steps are built, a lock
+whose state they read and change with no call (the round trip takes the pump and send
+locks without waiting; the steps find the table's free).
+
 Fields and the threads that may touch them:
 
 * ``_transport``: see the locks above; ``_released``: set by :meth:`close` under all
-  three; read under any of them (a thread that gets a lock after close must not touch
-  the transport).
+  three, with the compiled round trip's own flag (``_lane.release()``); read under any of
+  them (a thread that gets a lock after close must not touch the transport).
 * ``_table``, ``_monitor``: see their modules. ``_encoder``, ``_topics``: read-only after
   construction (the encoder keeps no state between calls).
 * ``_auth``: the owner's thread (start, close).
@@ -152,7 +157,7 @@ from ..ipc.codec import Encoder
 from ..ipc.messages import Call, Ping, Shutdown, rank_topic
 from ..ipc.shm_ring import TAKEN_MAX
 from ..ipc.zap import ZapHandler
-from .calls import NOT_SENT, CallTable, ChannelStats, PendingCall
+from .calls import NOT_SENT, CallTable, ChannelStats, PendingCall, make_lock
 from .cancel import CallFuture, Canceller, Interrupter
 from .launcher import WorkerHandle
 from .monitor import Monitor
@@ -197,8 +202,8 @@ class DriverChannel:
         # refused at encode time, before anything is sent.
         self._encoder = Encoder(allow_pickle=allow_pickle,
                                 shm_payloads=self._transport.carries_shm_payloads)
-        self._pump_lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        self._pump_lock = make_lock()  # (the compiled round trip takes these two itself)
+        self._send_lock = make_lock()
         self._wake_lock = threading.Lock()
         self._released = False  # close() released the transport
         # interrupter None: workers are not interrupted (Ray actors); see .cancel
@@ -236,6 +241,7 @@ class DriverChannel:
                                    list[int], float | None], Any] | None = \
             None if steps is None or lane is None else \
             lane.call_plain
+        self._lane = lane  # told when close() releases the transport (its own flag)
 
     # -- state ---------------------------------------------------------------------
 
@@ -605,6 +611,8 @@ class DriverChannel:
             if self._released:
                 return
             self._released = True
+            if self._lane is not None:
+                self._lane.release()
             self._transport.close()
             if self._auth is not None:
                 self._auth.stop()

@@ -132,4 +132,72 @@ static inline Py_ssize_t pack_uint(uint64_t v, unsigned char *out) {
     return 1 + n;
 }
 
+/* -- attributes kept in a C struct ----------------------------------------------------
+ * A base class whose instances keep a few attributes as object fields of a C struct
+ * (members, T_OBJECT_EX: NULL until set, like an attribute never assigned), so that
+ * compiled code reads and writes them with no attribute lookup while Python reads and
+ * writes them as attributes. Python subclasses it (the instance's other attributes stay
+ * in its __dict__). Each such type's GC slots are these, over its ``n`` fields from
+ * ``first`` on. */
+static inline int visit_fields(PyObject *self, PyObject **first, int n, visitproc visit,
+                               void *arg) {
+    for (int i = 0; i < n; i++)
+        Py_VISIT(first[i]);
+    Py_VISIT((PyObject *)Py_TYPE(self)); /* a heap type */
+    return 0;
+}
+
+static inline void clear_fields(PyObject **first, int n) {
+    for (int i = 0; i < n; i++)
+        Py_CLEAR(first[i]);
+}
+
+static inline void free_fields(PyObject *self, PyObject **first, int n) {
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    clear_fields(first, n);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+/* Such a type: ``prefix``_spec (for PyType_FromSpec), named ``name``, for the struct
+ * ``Struct`` whose ``n`` object fields start at ``first``, with ``prefix``_members (its
+ * PyMemberDef table, defined before) and ``doc``. */
+#define FIELDS_TYPE(prefix, Struct, first, n, name, doc)                                   \
+    static int prefix##_traverse(PyObject *self, visitproc visit, void *arg) {             \
+        return visit_fields(self, &((Struct *)self)->first, n, visit, arg);                \
+    }                                                                                      \
+    static int prefix##_clear(PyObject *self) {                                            \
+        clear_fields(&((Struct *)self)->first, n);                                         \
+        return 0;                                                                          \
+    }                                                                                      \
+    static void prefix##_dealloc(PyObject *self) {                                         \
+        free_fields(self, &((Struct *)self)->first, n);                                    \
+    }                                                                                      \
+    static PyType_Slot prefix##_slots[] = {                                                \
+        {Py_tp_doc, doc},                                                                  \
+        {Py_tp_new, PyType_GenericNew},                                                    \
+        {Py_tp_dealloc, prefix##_dealloc},                                                 \
+        {Py_tp_traverse, prefix##_traverse},                                               \
+        {Py_tp_clear, prefix##_clear},                                                     \
+        {Py_tp_members, prefix##_members},                                                 \
+        {0, NULL},                                                                         \
+    };                                                                                     \
+    static PyType_Spec prefix##_spec = {                                                   \
+        name, sizeof(Struct), 0,                                                           \
+        Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE, prefix##_slots,     \
+    }
+
+/* The writer of a request ring, its position: shm_ring.RingWriter's ``_seq`` (messages
+ * published: the ring's write_seq), ``_min_read`` (the slowest reader's read_seq when
+ * last looked at) and ``_claimed`` (an open claim's view, or None), the fields of its
+ * base class WriterFields (the ring core's), which the driver's round trip
+ * (../executor/_calltable.c) reads and advances as RingWriter.put_one does. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *seq, *min_read, *claimed;
+} WriterFields;
+#define WRITER_FIELDS 3
+
 #endif /* GPUEXEC_RING_H */

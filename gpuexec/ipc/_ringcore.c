@@ -29,7 +29,9 @@
 #define Py_LIMITED_API 0x030A0000
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
+#include <dlfcn.h>
 #include <math.h>
 
 #include "_ring.h" /* the layout, the clock, the futex and the publish (shared) */
@@ -206,9 +208,12 @@ static PyObject *core_take_frame(PyObject *self, PyObject *const *args, Py_ssize
 /* Wait until write_seq > seq: spin (GIL released) until ``spin_until``, then sleep on
  * the futex word with the Dekker handshake on this reader's flag at ``flag_off`` until
  * ``sleep_until`` (monotonic seconds; inf: no limit). 1 once it is; 0 when that passes
- * first; -1 when a signal handler raised. Called with the GIL held; returns with it. */
+ * first; -1 when a signal handler raised. Called with the GIL held; returns with it.
+ * ``slot`` (0: none) is where the message waited for lies: its first two cache lines
+ * are fetched as it arrives, while the GIL is taken back (a request with arguments spans
+ * two: fetched one after the other, they would be two misses in a row). */
 static int wait_seq(uintptr_t b, uint64_t seq, uint64_t flag_off, double spin_until,
-                    double sleep_until) {
+                    double sleep_until, uint64_t slot) {
     if (load_acq(b, WRITE_SEQ_OFF) > seq)
         return 1;
     int ok = 0, failed = 0;
@@ -247,6 +252,10 @@ static int wait_seq(uintptr_t b, uint64_t seq, uint64_t flag_off, double spin_un
         if (check_signals(&ts) < 0)
             failed = 1;
     }
+    if (ok && slot) {
+        __builtin_prefetch((const void *)(b + slot));
+        __builtin_prefetch((const void *)(b + slot + 64));
+    }
     PyEval_RestoreThread(ts);
     return failed ? -1 : ok;
 }
@@ -261,7 +270,7 @@ static PyObject *core_wait(PyObject *self, PyObject *const *args, Py_ssize_t nar
         !as_u64(args[3], &flag_off) || !as_double(args[4], &spin_until) ||
         !as_double(args[5], &sleep_until))
         return NULL;
-    int got = wait_seq((uintptr_t)base, seq, flag_off, spin_until, sleep_until);
+    int got = wait_seq((uintptr_t)base, seq, flag_off, spin_until, sleep_until, 0);
     if (got < 0)
         return NULL;
     return PyBool_FromLong(got);
@@ -293,7 +302,7 @@ static PyObject *core_next_frame(PyObject *self, PyObject *const *args, Py_ssize
     double start = load_acq(b, WRITE_SEQ_OFF) > seq ? 0.0 : now_s(); /* no clock if there */
     double sleep_until = start + timeout; /* inf stays inf */
     int got = wait_seq(b, seq, flag_off, start + (spin < timeout ? spin : timeout),
-                       sleep_until);
+                       sleep_until, data_off + (seq % n_slots) * slot_size);
     if (got <= 0) {
         if (got < 0)
             return NULL;
@@ -543,6 +552,72 @@ fail:
 static PyObject *S_RECHECK, *S_RUNNING, *S_METHOD, *S_ARMED, *S_CLOSED, *S_FN, *S_VALUE_RANK,
     *S_ARGS, *S_KWARGS, *S_CALL_ID, *S_DUNDER;
 
+/* The worker's cancellation point (worker/cancel.py: CancelPoint's ``running``,
+ * ``method``, ``armed``, ``recheck``) and its reply gate's ``closed`` (worker/deferred.py:
+ * ReplyGate), the fields of their base classes CancelFields and GateFields (attributes
+ * kept in a C struct, _ring.h) where this core is built: serve() reads and writes them
+ * per call with no attribute lookup. Any other object's attributes it reads and writes
+ * as attributes (fields_of). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *running, *method, *armed, *recheck;
+} CancelFields;
+#define CANCEL_FIELDS 4
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *closed;
+} GateFields;
+#define GATE_FIELDS 1
+
+static PyTypeObject *CancelFieldsType, *GateFieldsType;
+
+/* Where serve() finds the attributes it reads and writes: for each of its objects, the
+ * address of each field when the object is one of this core's field types, else NULL
+ * (the attribute, by name). */
+struct fields_of {
+    PyObject *cancel, *gate;
+    PyObject **running, **method, **armed, **recheck, **closed;
+};
+
+static void find_fields(struct fields_of *f, PyObject *cancel, PyObject *gate) {
+    int c = PyObject_TypeCheck(cancel, CancelFieldsType);
+    int g = PyObject_TypeCheck(gate, GateFieldsType);
+    CancelFields *cf = (CancelFields *)cancel;
+    f->cancel = cancel;
+    f->gate = gate;
+    f->running = c ? &cf->running : NULL;
+    f->method = c ? &cf->method : NULL;
+    f->armed = c ? &cf->armed : NULL;
+    f->recheck = c ? &cf->recheck : NULL;
+    f->closed = g ? &((GateFields *)gate)->closed : NULL;
+}
+
+/* ``obj.name``, from its field when ``field`` is not NULL: whether it is true, 1 or 0;
+ * -1 with an exception set (AttributeError for an unset field, as reading it raises). */
+static int true_at(PyObject *obj, PyObject **field, PyObject *name) {
+    PyObject *v = field == NULL ? PyObject_GetAttr(obj, name) : Py_XNewRef(*field);
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_AttributeError, name);
+        return -1;
+    }
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* ``obj.name = value``, into its field when ``field`` is not NULL: 0, or -1 with an
+ * exception set. */
+static int set_at(PyObject *obj, PyObject **field, PyObject *name, PyObject *value) {
+    if (field == NULL)
+        return PyObject_SetAttr(obj, name, value);
+    PyObject *old = *field;
+    *field = Py_NewRef(value);
+    Py_XDECREF(old);
+    return 0;
+}
+
 /* The non-negative msgpack int at ``p`` (``left`` bytes there): its length, 0 if none. */
 static Py_ssize_t unpack_uint(const unsigned char *p, Py_ssize_t left, uint64_t *v) {
     if (left < 1)
@@ -576,7 +651,9 @@ static int bare_call_at(uintptr_t b, uint64_t slot, uint64_t slot_size, const ch
     const unsigned char *at = frame + before_len;
     Py_ssize_t left = (Py_ssize_t)length - before_len;
     Py_ssize_t n = unpack_uint(at, left, id);
-    if (n == 0)
+    /* a bare call's header ends with no arguments ([] {}) and every rank's value (-1):
+     * any other call (one with arguments) is not looked up in ``calls`` */
+    if (n == 0 || left - n < 4 || memcmp(frame + length - 3, "\x90\x80\xff", 3) != 0)
         return 0;
     *rest = at + n;
     *rest_len = left - n;
@@ -619,6 +696,116 @@ static PyObject *name_at(Text *t, PyObject **last) {
     return name;
 }
 
+/* -- keyword arguments by name ----------------------------------------------------------
+ * The limited API this build targets (3.10) passes keyword arguments as a dict, which
+ * CPython turns back into a tuple of names and a row of values on every call.
+ * PyObject_Vectorcall takes those directly (the stable ABI from 3.12; exported with the
+ * same signature since 3.9): found at import (NULL: the dict), it lets a call with plain
+ * keyword arguments pass their values as read and their names as a tuple kept from call
+ * to call (a loop calls one method or a few). The names are interned, so the method
+ * finds its parameters by identity, as for names written in code; a process interns at
+ * most NAMES_INTERNED names this way (names made up at run time, from a dict of data
+ * passed as keywords, would otherwise be kept for good from 3.12 on), then it stops. */
+typedef PyObject *(*vectorcall_fn)(PyObject *, PyObject *const *, size_t, PyObject *);
+static vectorcall_fn vectorcall;
+#define VECTORCALL_OFFSET ((size_t)1 << (8 * sizeof(size_t) - 1)) /* its ARGUMENTS_OFFSET */
+#define KW_MAX 15         /* keyword arguments passed by name at most (a fixmap) */
+#define POSITIONAL_MAX 32 /* with at most this many positional ones (more: the dict) */
+#define NAMES_INTERNED 4096
+static long names_interned;
+
+/* A call's keyword arguments read for vectorcall: ``n`` values (owned) and their names. */
+struct keywords {
+    Py_ssize_t n;
+    PyObject *names; /* a tuple (owned), also kept in the loop's cache */
+    PyObject *values[KW_MAX];
+};
+
+static void keywords_clear(struct keywords *kw) {
+    for (Py_ssize_t i = 0; i < kw->n; i++)
+        Py_CLEAR(kw->values[i]);
+    Py_CLEAR(kw->names);
+    kw->n = 0;
+}
+
+/* The str at t->at (fixstr or str 8, as msgspec writes a keyword's name): 1 with its
+ * bytes at *at, *len, t->at moved past them; 0 for anything else. */
+static int name_bytes(Text *t, const unsigned char **at, Py_ssize_t *len) {
+    unsigned char c = t->at < t->end ? *t->at : 0;
+    Py_ssize_t head = c >= 0xa0 && c <= 0xbf ? 1 : c == 0xd9 && t->end - t->at >= 2 ? 2 : 0;
+    if (head == 0)
+        return 0;
+    *len = head == 1 ? (Py_ssize_t)(c & 0x1f) : (Py_ssize_t)t->at[1];
+    if (t->end - t->at - head < *len)
+        return 0;
+    *at = t->at + head;
+    t->at += head + *len;
+    return 1;
+}
+
+/* The ``n`` pairs of a map of keyword arguments at t->at into ``kw``: each value read as
+ * get_plain reads it; the names the tuple in *cache when they are its (by their bytes),
+ * else a new tuple of them, interned, which replaces it. 1; 0 when the map is not plain
+ * data, or names a keyword twice (the decoder takes it: a dict keeps the last); -1 with
+ * an exception set. */
+static int get_keywords(Text *t, Py_ssize_t n, PyObject **cache, struct keywords *kw) {
+    const unsigned char *at[KW_MAX];
+    Py_ssize_t len[KW_MAX];
+    int same = *cache != NULL && PyTuple_Size(*cache) == n;
+    kw->n = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!name_bytes(t, &at[i], &len[i]))
+            goto not_plain;
+        if (same) {
+            Py_ssize_t had_len;
+            const char *had = PyUnicode_AsUTF8AndSize(PyTuple_GetItem(*cache, i), &had_len);
+            same = had != NULL && had_len == len[i] && memcmp(had, at[i], (size_t)len[i]) == 0;
+        }
+        int rc = get_plain(t, 1, &kw->values[i]);
+        if (rc <= 0) {
+            keywords_clear(kw);
+            return rc;
+        }
+        kw->n = i + 1;
+    }
+    if (same) {
+        kw->names = Py_NewRef(*cache);
+        return 1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (Py_ssize_t j = 0; j < i; j++)
+            if (len[i] == len[j] && memcmp(at[i], at[j], (size_t)len[i]) == 0)
+                goto not_plain; /* named twice */
+    PyObject *names = PyTuple_New(n);
+    for (Py_ssize_t i = 0; names != NULL && i < n; i++) {
+        PyObject *name = PyUnicode_DecodeUTF8((const char *)at[i], len[i], NULL);
+        if (name == NULL) {
+            Py_CLEAR(names);
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear(); /* not UTF-8: the decoder counts it */
+                goto not_plain;
+            }
+            break;
+        }
+        if (names_interned < NAMES_INTERNED) {
+            names_interned++;
+            PyUnicode_InternInPlace(&name);
+        }
+        PyTuple_SetItem(names, i, name); /* steals it; a new tuple: cannot fail */
+    }
+    if (names == NULL) {
+        keywords_clear(kw);
+        return -1;
+    }
+    Py_XDECREF(*cache);
+    *cache = Py_NewRef(names); /* the loop's, for the next call */
+    kw->names = names;
+    return 1;
+not_plain:
+    keywords_clear(kw);
+    return 0;
+}
+
 /* A call by name with plain arguments in the slot at ``slot``, a packet of one frame of
  * at most ``max_len`` bytes for every rank: ``before`` + id + the method's name (no
  * dunder) + nil (no callable) + its arguments + its keyword arguments (not both empty:
@@ -628,8 +815,8 @@ static PyObject *name_at(Text *t, PyObject **last) {
  * other message (the Python decoder's); -1 with an exception set. */
 static int plain_call_at(uintptr_t b, uint64_t slot, uint64_t slot_size, uint64_t max_len,
                          const char *before, Py_ssize_t before_len, PyObject **last,
-                         uint64_t *id, PyObject **name, PyObject **call_args,
-                         PyObject **call_kwargs) {
+                         PyObject **names, uint64_t *id, PyObject **name,
+                         PyObject **call_args, PyObject **call_kwargs, struct keywords *kw) {
     uint32_t length;
     const unsigned char *frame = one_frame_at(b, slot, slot_size, max_len, &length);
     if (frame == NULL || (Py_ssize_t)length <= before_len ||
@@ -650,16 +837,23 @@ static int plain_call_at(uintptr_t b, uint64_t slot, uint64_t slot_size, uint64_
     if ((rc = get_args(&t, &a)) <= 0)
         goto end;
     unsigned char c = t.at < t.end ? *t.at : 0;
-    if (!((c >= 0x80 && c <= 0x8f) || c == 0xde || c == 0xdf) ||
-        (rc = get_plain(&t, 0, &k)) <= 0)
+    if (vectorcall != NULL && c > 0x80 && c <= 0x80 + KW_MAX &&
+        PyTuple_Size(a) <= POSITIONAL_MAX) { /* keywords by name (see get_keywords) */
+        t.at++;
+        if ((rc = get_keywords(&t, c & 0x0f, names, kw)) <= 0)
+            goto end;
+    } else if (!((c >= 0x80 && c <= 0x8f) || c == 0xde || c == 0xdf) ||
+               (rc = get_plain(&t, 0, &k)) <= 0) {
         goto end;
+    }
     rc = 0;
-    if (t.end - t.at != 1 || *t.at != 0xff || (PyTuple_Size(a) == 0 && PyDict_Size(k) == 0))
+    if (t.end - t.at != 1 || *t.at != 0xff ||
+        (PyTuple_Size(a) == 0 && kw->n == 0 && (k == NULL || PyDict_Size(k) == 0)))
         goto end;
     *name = nm;
     *call_args = a;
-    *call_kwargs = PyDict_Size(k) ? Py_NewRef(k) : NULL;
-    Py_DECREF(k);
+    *call_kwargs = k != NULL && PyDict_Size(k) ? Py_NewRef(k) : NULL;
+    Py_XDECREF(k);
     return 1;
 end:
     if (PyErr_Occurred() && rc >= 0)
@@ -667,6 +861,7 @@ end:
     Py_DECREF(nm);
     Py_XDECREF(a);
     Py_XDECREF(k);
+    keywords_clear(kw);
     return rc < 0 ? -1 : 0;
 }
 
@@ -697,21 +892,11 @@ static PyObject *records_list(const struct records *r) {
     return out;
 }
 
-/* Whether attribute ``name`` of ``obj`` is true: 1, 0, or -1 with an exception set. */
-static int attr_true(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    int t = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return t;
-}
-
 /* The bound method ``name`` of ``target`` when it is one a bare call may run now (the
  * serving loop's state allows it and it is callable): a new reference; NULL with no
  * exception set when the call must be left to Python; NULL with one set on failure. */
-static PyObject *runnable(PyObject *target, PyObject *name, PyObject *cancel) {
-    int recheck = attr_true(cancel, S_RECHECK); /* a cancelled call may be queued */
+static PyObject *runnable(PyObject *target, PyObject *name, const struct fields_of *f) {
+    int recheck = true_at(f->cancel, f->recheck, S_RECHECK); /* a cancelled call queued? */
     if (recheck != 0)
         return NULL;
     PyObject *method = PyObject_GetAttr(target, name);
@@ -728,14 +913,27 @@ static PyObject *runnable(PyObject *target, PyObject *name, PyObject *cancel) {
  * NULL: none) and ``call_kwargs`` (a dict; NULL: none): its result, or NULL with the
  * exception it raised moved into *error. */
 static PyObject *run_armed(PyObject *method, PyObject *call_args, PyObject *call_kwargs,
-                           PyObject *cancel, PyObject *id, PyObject *name, PyObject **error) {
+                           const struct keywords *kw, const struct fields_of *f,
+                           PyObject *id, PyObject *name, PyObject **error) {
     *error = NULL;
-    if (PyObject_SetAttr(cancel, S_RUNNING, id) < 0 ||
-        PyObject_SetAttr(cancel, S_METHOD, name) < 0 ||
-        PyObject_SetAttr(cancel, S_ARMED, Py_True) < 0)
+    PyObject *cancel = f->cancel;
+    if (set_at(cancel, f->running, S_RUNNING, id) < 0 ||
+        set_at(cancel, f->method, S_METHOD, name) < 0 ||
+        set_at(cancel, f->armed, S_ARMED, Py_True) < 0)
         return NULL;
-    PyObject *value = call_args == NULL ? PyObject_CallNoArgs(method)
-                                        : PyObject_Call(method, call_args, call_kwargs);
+    PyObject *value;
+    if (kw->n > 0) { /* keywords by name (get_keywords): one row, the first slot spare */
+        PyObject *row[1 + POSITIONAL_MAX + KW_MAX];
+        Py_ssize_t n_pos = PyTuple_Size(call_args);
+        for (Py_ssize_t i = 0; i < n_pos; i++)
+            row[1 + i] = PyTuple_GetItem(call_args, i);
+        for (Py_ssize_t i = 0; i < kw->n; i++)
+            row[1 + n_pos + i] = kw->values[i];
+        value = vectorcall(method, row + 1, (size_t)n_pos | VECTORCALL_OFFSET, kw->names);
+    } else {
+        value = call_args == NULL ? PyObject_CallNoArgs(method)
+                                  : PyObject_Call(method, call_args, call_kwargs);
+    }
     PyObject *type = NULL, *tb = NULL;
     if (value == NULL) {
         PyErr_Fetch(&type, error, &tb);
@@ -745,7 +943,7 @@ static PyObject *run_armed(PyObject *method, PyObject *call_args, PyObject *call
         Py_XDECREF(type);
         Py_XDECREF(tb);
     }
-    if (PyObject_SetAttr(cancel, S_ARMED, Py_False) < 0) {
+    if (set_at(cancel, f->armed, S_ARMED, Py_False) < 0) {
         Py_XDECREF(value);
         Py_CLEAR(*error);
         return NULL;
@@ -760,8 +958,8 @@ static PyObject *run_armed(PyObject *method, PyObject *call_args, PyObject *call
  * (NULL when empty); 0 to give ``msg`` to the request loop (a call without arguments too:
  * the loop learns its name for serve's bare calls); -1 with an exception set. */
 static int servable_call(PyObject *msg, PyObject *call_type, PyObject *target,
-                         PyObject *cancel, uint64_t *id, PyObject **name, PyObject **method,
-                         PyObject **call_args, PyObject **call_kwargs) {
+                         const struct fields_of *f, uint64_t *id, PyObject **name,
+                         PyObject **method, PyObject **call_args, PyObject **call_kwargs) {
     if ((PyObject *)Py_TYPE(msg) != call_type)
         return 0;
     PyObject *fn = NULL, *rank = NULL, *a = NULL, *k = NULL, *nm = NULL, *cid = NULL;
@@ -784,7 +982,7 @@ static int servable_call(PyObject *msg, PyObject *call_type, PyObject *target,
     unsigned long long call_id = PyLong_AsUnsignedLongLong(cid);
     if (call_id == (unsigned long long)-1 && PyErr_Occurred())
         goto failed;
-    if ((*method = runnable(target, nm, cancel)) == NULL) {
+    if ((*method = runnable(target, nm, f)) == NULL) {
         out = PyErr_Occurred() ? -1 : 0;
         goto end;
     }
@@ -958,7 +1156,8 @@ static PyObject *cached_name(PyObject *calls, const unsigned char *rest, Py_ssiz
  *   - a bare call (``call_before`` + id + a method part that ``calls`` maps to a method
  *     name) is taken and its method ``getattr(target, name)`` run, without decoding;
  *   - a call by name with plain arguments (see plain_call_at) is taken and its method
- *     run with them, read here as msgspec reads them, without ``decode``;
+ *     run with them, read here as msgspec reads them, without ``decode`` (keyword
+ *     arguments passed by name: see get_keywords);
  *   - any other request of one frame for every rank is taken and given to ``decode``
  *     (None: not done); a call by name with arguments (see servable_call) has its method
  *     run with them;
@@ -1010,6 +1209,8 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
     r.max_reply = max_reply < 0 ? -1 : (Py_ssize_t)max_reply;
     PyObject *calls = args[18], *target = args[22], *cancel = args[23], *gate = args[24];
     PyObject *decode = args[25], *call_type = args[26], *reply_frame = args[27];
+    struct fields_of fields;
+    find_fields(&fields, cancel, gate);
     if (n_slots == 0 || r.n_slots == 0 || !PyDict_Check(calls)) {
         PyErr_SetString(PyExc_ValueError, "serve(): rings with slots and a dict of calls");
         return NULL;
@@ -1021,14 +1222,15 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
     uintptr_t b = (uintptr_t)base;
     struct records rec;
     rec.n = 0;
-    PyObject *key = NULL, *name = NULL, *last_name = NULL, *got = NULL, *ran = NULL,
-             *out = NULL;
+    PyObject *key = NULL, *name = NULL, *last_name = NULL, *names = NULL, *got = NULL,
+             *ran = NULL, *out = NULL;
     uint64_t seq = __atomic_load_n(u64_at(b, reader_off), __ATOMIC_RELAXED);
     double start = load_acq(b, WRITE_SEQ_OFF) > seq ? 0.0 : now_s();
     double spin_until = start + (first_spin < timeout ? first_spin : timeout);
     double sleep_until = start + timeout;
     for (;;) {
-        int waited = wait_seq(b, seq, flag_off, spin_until, sleep_until);
+        int waited = wait_seq(b, seq, flag_off, spin_until, sleep_until,
+                              data_off + (seq % n_slots) * slot_size);
         if (waited < 0)
             goto done;
         if (waited == 0) {
@@ -1040,22 +1242,24 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
         const unsigned char *rest;
         Py_ssize_t rest_len;
         PyObject *called = NULL, *method = NULL, *call_args = NULL, *call_kwargs = NULL;
+        struct keywords kw = {0, NULL, {NULL}};
         if (bare_call_at(b, slot, slot_size, call_before, call_before_len, &id, &rest,
                          &rest_len) &&
             (called = cached_name(calls, rest, rest_len, &key, &name)) != NULL)
-            method = runnable(target, called, cancel);
+            method = runnable(target, called, &fields);
         if (method != NULL) {
             Py_INCREF(called); /* (borrowed from ``calls``) */
         } else if (!PyErr_Occurred()) {
             int plain = plain_call_at(b, slot, slot_size, max_len, call_before,
-                                      call_before_len, &last_name, &id, &called, &call_args,
-                                      &call_kwargs);
+                                      call_before_len, &last_name, &names, &id, &called,
+                                      &call_args, &call_kwargs, &kw);
             if (plain < 0 && PyErr_ExceptionMatches(PyExc_Exception))
                 PyErr_Clear(); /* (no memory for its objects) the decoder's, as below */
-            if (plain > 0 && (method = runnable(target, called, cancel)) == NULL) {
+            if (plain > 0 && (method = runnable(target, called, &fields)) == NULL) {
                 Py_CLEAR(called); /* not runnable now: the request loop's (decoded again) */
                 Py_CLEAR(call_args);
                 Py_CLEAR(call_kwargs);
+                keywords_clear(&kw);
             }
         }
         if (PyErr_Occurred())
@@ -1088,7 +1292,7 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
                 break;
             }
             Py_DECREF(frame);
-            int can = servable_call(msg, call_type, target, cancel, &id, &called, &method,
+            int can = servable_call(msg, call_type, target, &fields, &id, &called, &method,
                                     &call_args, &call_kwargs);
             if (can <= 0) {
                 if (can == 0)
@@ -1103,14 +1307,16 @@ static PyObject *core_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
         PyObject *id_obj = PyLong_FromUnsignedLongLong(id), *error = NULL, *value = NULL;
         if (id_obj != NULL)
-            value = run_armed(method, call_args, call_kwargs, cancel, id_obj, called, &error);
+            value = run_armed(method, call_args, call_kwargs, &kw, &fields, id_obj, called,
+                              &error);
         Py_DECREF(method);
         Py_XDECREF(call_args);
         Py_XDECREF(call_kwargs);
+        keywords_clear(&kw);
         int put = 0; /* 1: published here; 0: Python answers it; -1: failed */
         PyObject *made = NULL;
         if (value != NULL) {
-            int closed = attr_true(gate, S_CLOSED);
+            int closed = true_at(gate, fields.closed, S_CLOSED);
             put = closed < 0 ? -1 : closed ? 0 : put_value_reply(&r, id, id_obj, value,
                                                                  reply_frame, &made);
         }
@@ -1156,6 +1362,7 @@ done:
     Py_XDECREF(key);
     Py_XDECREF(name);
     Py_XDECREF(last_name);
+    Py_XDECREF(names);
     return out;
 }
 
@@ -1213,6 +1420,42 @@ static PyObject *core_unpack_plain(PyObject *self, PyObject *const *args, Py_ssi
     return out;
 }
 
+/* -- the request writer's position (WriterFields, _ring.h) --------------------------- */
+
+static PyMemberDef writer_members[] = {
+    {"_seq", T_OBJECT_EX, offsetof(WriterFields, seq), 0, NULL},
+    {"_min_read", T_OBJECT_EX, offsetof(WriterFields, min_read), 0, NULL},
+    {"_claimed", T_OBJECT_EX, offsetof(WriterFields, claimed), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+FIELDS_TYPE(writer, WriterFields, seq, WRITER_FIELDS,
+            "gpuexec.ipc._ringcore.WriterFields",
+            "A ring writer's position in a C struct (the base of shm_ring.RingWriter when "
+            "the compiled core is built; see _ring.h).");
+
+/* -- the worker's cancellation point and reply gate (CancelFields, GateFields) ------- */
+
+#define CANCEL_FIELD(name) {#name, T_OBJECT_EX, offsetof(CancelFields, name), 0, NULL}
+static PyMemberDef cancel_members[] = {
+    CANCEL_FIELD(running), CANCEL_FIELD(method), CANCEL_FIELD(armed), CANCEL_FIELD(recheck),
+    {NULL, 0, 0, 0, NULL},
+};
+
+FIELDS_TYPE(cancel, CancelFields, running, CANCEL_FIELDS,
+            "gpuexec.ipc._ringcore.CancelFields",
+            "A worker's cancellation state in a C struct (the base of "
+            "worker.cancel.CancelPoint when the compiled core is built).");
+
+static PyMemberDef gate_members[] = {
+    {"closed", T_OBJECT_EX, offsetof(GateFields, closed), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+FIELDS_TYPE(gate, GateFields, closed, GATE_FIELDS, "gpuexec.ipc._ringcore.GateFields",
+            "A worker's reply gate's state in a C struct (the base of "
+            "worker.deferred.ReplyGate when the compiled core is built).");
+
 static PyMethodDef methods[] = {
     {"fence", (PyCFunction)(void (*)(void))core_fence, METH_FASTCALL, "A full memory barrier."},
     {"published", (PyCFunction)(void (*)(void))core_published, METH_FASTCALL,
@@ -1269,7 +1512,7 @@ static struct PyModuleDef module = {
 
 /* The interface version: ringcore.py's API must match, so that a build left over from an
  * older source (an editable install after a pull) is refused, not called wrongly. */
-#define CORE_API 10
+#define CORE_API 12
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     if ((S_RECHECK = PyUnicode_InternFromString("recheck")) == NULL ||
@@ -1285,10 +1528,23 @@ PyMODINIT_FUNC PyInit__ringcore(void) {
         (S_DUNDER = PyUnicode_InternFromString("__")) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && (PyModule_AddStringConstant(m, "NAME", "compiled") < 0 ||
-                      PyModule_AddIntConstant(m, "API", CORE_API) < 0)) {
+    if (m == NULL)
+        return NULL;
+    vectorcall = (vectorcall_fn)dlsym(RTLD_DEFAULT, "PyObject_Vectorcall");
+    PyObject *writer_type = PyType_FromSpec(&writer_spec);
+    CancelFieldsType = (PyTypeObject *)PyType_FromSpec(&cancel_spec);
+    GateFieldsType = (PyTypeObject *)PyType_FromSpec(&gate_spec);
+    if (PyModule_AddStringConstant(m, "NAME", "compiled") < 0 ||
+        PyModule_AddIntConstant(m, "API", CORE_API) < 0 || writer_type == NULL ||
+        PyModule_AddObject(m, "WriterFields", Py_NewRef(writer_type)) < 0 ||
+        CancelFieldsType == NULL ||
+        PyModule_AddObject(m, "CancelFields", Py_NewRef(CancelFieldsType)) < 0 ||
+        GateFieldsType == NULL ||
+        PyModule_AddObject(m, "GateFields", Py_NewRef(GateFieldsType)) < 0) {
+        Py_XDECREF(writer_type);
         Py_DECREF(m);
         return NULL;
     }
+    Py_DECREF(writer_type); /* (the module holds it) */
     return m;
 }

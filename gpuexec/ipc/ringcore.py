@@ -31,13 +31,16 @@ CHOICES = ("auto", "compiled", "python")
 # The interface below; ``_ringcore.c``'s CORE_API must be the same. A build from an older
 # source (an editable install after a pull, before make rebuilt it) is refused: it would
 # be called with the wrong arguments.
-API = 10
+API = 12
 
 
 class Core(Protocol):
     """The functions both cores define (see ``_ringcore.c`` for each one's contract)."""
 
     NAME: str
+    WriterFields: type  # base classes (see fields)
+    CancelFields: type
+    GateFields: type
 
     def fence(self) -> None: ...
     def published(self, view: memoryview, base: int) -> int: ...
@@ -129,6 +132,18 @@ def select(choice: str) -> Core:
     global _current
     _current = load(choice)
     return _current
+
+
+def fields(name: str) -> type:
+    """The base class ``name`` (``WriterFields``, ``CancelFields``, ``GateFields``) of
+    the objects whose hot attributes the compiled core keeps in a C struct, where it is
+    built, whichever core runs: a ring's writer (its position, which the driver's compiled
+    round trip reads and advances), a worker's cancellation point and its reply gate
+    (which its serve() reads and writes per call), each with no attribute lookup; Python
+    reads and writes them as attributes. Else the pure-Python twin's (plain attributes)."""
+    core = _compiled() or cast(Core, importlib.import_module("gpuexec.ipc.ringcore_py"))
+    base: type = getattr(core, name)
+    return base
 
 
 def describe() -> str:

@@ -47,6 +47,24 @@ WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686
 _fence_lock = threading.Lock()
 
 
+# The base classes of the objects whose few hot attributes the compiled core keeps in a
+# C struct (see ringcore.fields), where it is not built: ordinary attributes.
+
+
+class WriterFields:
+    """The base of :class:`~gpuexec.ipc.shm_ring.RingWriter` (``_seq``, ``_min_read``,
+    ``_claimed``)."""
+
+
+class CancelFields:
+    """The base of :class:`~gpuexec.worker.cancel.CancelPoint` (``running``, ``method``,
+    ``armed``, ``recheck``)."""
+
+
+class GateFields:
+    """The base of :class:`~gpuexec.worker.deferred.ReplyGate` (``closed``)."""
+
+
 def fence() -> None:
     """A full memory barrier: taking and releasing a lock is an atomic read-modify-write
     (``lock``-prefixed on x86; an acquire/release pair on ARM, CPython's mutexes)."""

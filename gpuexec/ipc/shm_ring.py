@@ -64,7 +64,7 @@ import struct
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -136,8 +136,18 @@ def segment_size(n_slots: int, slot_size: int, n_readers: int) -> int:
     return _data_offset(n_readers) + n_slots * slot_size
 
 
-class RingWriter:
-    """The single writer of a ring. Not thread-safe: one thread writes (the caller's lock)."""
+if TYPE_CHECKING:
+    _WriterFields = object
+else:  # its position in a C struct when the compiled core is built (see ringcore.fields)
+    _WriterFields = ringcore.fields("WriterFields")
+
+
+class RingWriter(_WriterFields):
+    """The single writer of a ring. Not thread-safe: one thread writes (the caller's lock).
+
+    Its position (``_seq``, ``_min_read``, ``_claimed``) lives in its base class's C
+    struct when the compiled core is built, where the driver's compiled round trip
+    reads and advances it as :meth:`put_one` does (:func:`.ringcore.fields`)."""
 
     def __init__(self, n_readers: int, *, n_slots: int = 8, slot_size: int = 1 << 20) -> None:
         if n_readers < 1 or n_slots < 2 or slot_size < 64:

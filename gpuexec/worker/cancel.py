@@ -23,8 +23,9 @@ Exactly one ``CallCancelled`` per call: the handler disarms before it raises, so
 second signal (or one racing with the method's return) cannot raise again, and the
 request loop catches the one raise wherever it lands between arming and disarming
 (see ``_Server.serve``). The request loop's cost per call: one attribute test and
-four attribute stores, and a board read only for the calls that follow a cancellation
-(``recheck``).
+four attribute stores (on the compiled core, whose serving loop answers most calls, four
+stores and a test of the fields of a C struct, the base class ``CancelFields``), and a
+board read only for the calls that follow a cancellation (``recheck``).
 
 State, on the main thread only (the handler runs there too):
 
@@ -42,13 +43,21 @@ import contextlib
 import signal
 from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..errors import CallCancelled
+from ..ipc import ringcore
 from ..ipc.cancel_board import BoardReader
 from ..ipc.signals import CANCEL_SIGNAL
 
+if TYPE_CHECKING:
+    _CancelFields = object
+else:  # running, method, armed and recheck in a C struct where the compiled core is
+    # built, which its serving loop writes per call with no lookup (see ringcore.fields)
+    _CancelFields = ringcore.fields("CancelFields")
 
-class CancelPoint:
+
+class CancelPoint(_CancelFields):
     """A worker's side of cancellation; see the module docstring."""
 
     def __init__(self, board: BoardReader | None, recheck_calls: int) -> None:

@@ -26,10 +26,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ..ipc import ringcore
+
+if TYPE_CHECKING:
+    _GateFields = object
+else:  # ``closed`` in a C struct where the compiled core is built (see ringcore.fields)
+    _GateFields = ringcore.fields("GateFields")
 
 
-class ReplyGate:
+class ReplyGate(_GateFields):
     """The one way out for a worker's replies, safe to call from any thread.
 
     Lock order: ``_lock`` is the innermost lock of the worker; ``send`` (called with it
