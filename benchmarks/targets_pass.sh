@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every hot-path target measured in one run on one host (README: Performance): the CUDA
-# tests, the targets table (no-op against the pure-Python floor and vLLM's queue, small
-# arguments against the no-op, worker CPU with calls 5 ms apart), where a call's time
-# goes (no-op and small arguments), and this tree against a baseline package, A/B.
+# Every hot-path target measured in one run on one host (README: Performance): the
+# targets table (no-op against the pure-Python floor and vLLM's queue, small arguments
+# against the no-op, worker CPU with calls 5 ms apart), where a call's time goes (no-op
+# and small arguments), this tree against a baseline package, A/B, and the CUDA tests.
 #
 #   benchmarks/targets_pass.sh OUT VLLM_SHM_DIR BASELINE_DIR [SIZES]
 #
@@ -10,10 +10,11 @@
 # copied out of a vLLM install (benchmarks/copy_vllm_shm.py); BASELINE_DIR: a directory
 # holding the baseline's gpuexec package, built; SIZES: world sizes (default 1,2,4,8).
 # PYTHON picks the interpreter (default python3). Each step's output goes to its own
-# file under OUT; a step that fails is reported and the others still run.
+# file under OUT; a step that fails is reported and the others still run. The targets
+# come first, the CUDA tests last, so that a pass cut short by a time limit keeps them.
 set -u
 if [ $# -lt 3 ]; then
-    sed -n '2,13p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
 fi
 out=$1 vllm=$2 base=$3 sizes=${4:-1,2,4,8}
@@ -32,7 +33,6 @@ step() {  # step NAME COMMAND...: run it, its output into OUT/NAME.txt
         status=1
     fi
 }
-step cuda "$py" -m pytest -m cuda -q -p no:cacheprovider
 step hot_path "$py" benchmarks/hot_path.py --sizes "$sizes" --calls 4000 \
     --vllm-path "$vllm" --out "$out"
 step call_anatomy "$py" benchmarks/call_anatomy.py --sizes 1,2,8 --calls 20000 \
@@ -41,4 +41,5 @@ step call_anatomy_small "$py" benchmarks/call_anatomy.py --call small --sizes 1,
     --calls 20000 --out "$out/small"
 step ab_rpc "$py" benchmarks/ab_rpc.py --baseline-dir "$base" --rounds 6 --restart-every 2 \
     --sizes "$sizes" --spaced-rounds 2 --transports shm --out "$out"
+step cuda "$py" -m pytest -m cuda -q -p no:cacheprovider
 exit $status
