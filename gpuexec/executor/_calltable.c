@@ -392,7 +392,7 @@ static PyType_Spec lock_spec = {
 
 /* -- the table's fields ------------------------------------------------------------- */
 
-static PyObject *S_LOCKED, *S_CALLS, *S_RAW, *S_REQUEST_BYTES, *S_FOLD_AT, *S_ANSWERED,
+static PyObject *S_CALLS, *S_RAW, *S_REQUEST_BYTES, *S_FOLD_AT, *S_ANSWERED,
     *S_ENTER;
 
 /* The table's counters and its refusal: calls.CallTable's ``inflight``,
@@ -448,7 +448,9 @@ static long long_attr(PyObject *o, PyObject *name) {
 
 /* ``t`` from ``table`` and its tuple CallTable.fixed (the objects above, in order):
  * borrowed, for as long as the caller holds the tuple; the class's fold_at. 0, or -1 with
- * TypeError (a table these steps did not build) or the error of reading fold_at. */
+ * TypeError (a table these steps did not build: its fields or its lock, which
+ * calls.make_lock makes a Lock wherever these steps are built) or the error of reading
+ * fold_at. */
 static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
     if (!PyTuple_Check(fixed) || PyTuple_Size(fixed) != 10) {
         PyErr_SetString(PyExc_TypeError, "the call table's fixed objects: a tuple of 10");
@@ -463,21 +465,18 @@ static int refs_from(PyObject *table, PyObject *fixed, Refs *t) {
     t->table = table;
     for (Py_ssize_t i = 0; i < 10; i++)
         *at[i] = PyTuple_GetItem(fixed, i);
+    if (Py_TYPE(t->lock) != LockType) {
+        PyErr_SetString(PyExc_TypeError, "the call table's lock: a Lock of these steps");
+        return -1;
+    }
     if ((t->fold_at = long_attr(t->metrics, S_FOLD_AT)) == -1 && PyErr_Occurred())
         return -1;
     return 0;
 }
 
-/* 1: table.lock is free (no thread is inside the table), 0: held, -1: error. */
+/* 1: table.lock is free (no thread is inside the table), 0: held. */
 static int lock_free(const Refs *t) {
-    if (Py_TYPE(t->lock) == LockType)
-        return !((Lock *)t->lock)->held;
-    PyObject *held = PyObject_CallMethodObjArgs(t->lock, S_LOCKED, NULL);
-    if (held == NULL)
-        return -1;
-    int free = held == Py_False;
-    Py_DECREF(held);
-    return free;
+    return !((Lock *)t->lock)->held; /* (a Lock: refs_from) */
 }
 
 /* A user's call made and entered in the table in one step, holding a slot and counted,
@@ -503,8 +502,7 @@ static Call *enter_call(const Refs *t, PyObject *method, PyObject *ranks,
     TableFields *tf = (TableFields *)table;
     long n_inflight, most, n_calls, futures = 0;
     int free = lock_free(t);
-    if (free < 0 ||
-        ((n_inflight = field_long(tf->inflight, "inflight")) == -1 && PyErr_Occurred()) ||
+    if (((n_inflight = field_long(tf->inflight, "inflight")) == -1 && PyErr_Occurred()) ||
         ((most = field_long(tf->max_inflight, "max_inflight")) == -1 && PyErr_Occurred()))
         goto error;
     if (!free || tf->refusal != Py_None || n_inflight >= most) {
@@ -636,8 +634,7 @@ static int end_simple(const Refs *t, Call *call, PyObject *values) {
     TableFields *tf = (TableFields *)t->table;
     long waiters, n_inflight = 0;
     int free = lock_free(t);
-    if (free < 0 ||
-        ((waiters = field_long(tf->slot_waiters, "slot_waiters")) == -1 && PyErr_Occurred()))
+    if ((waiters = field_long(tf->slot_waiters, "slot_waiters")) == -1 && PyErr_Occurred())
         goto error;
     if (!free || (waiters != 0 && call->slot == Py_True))
         goto done; /* the general path waits for the lock, or notifies a slot's waiter */
@@ -788,7 +785,6 @@ enum {
     L_TAKEN_MAX, /* the longest reply frame read in its slot (shm_ring.TAKEN_MAX) */
     L_LEN
 };
-/* The methods a Lane binds once: the locks' (pump, send, the table's) and (False,). */
 typedef struct {
     PyObject_HEAD
     PyObject *items[L_LEN]; /* as given */
@@ -1406,7 +1402,6 @@ static void lane_dealloc(PyObject *self) {
     Py_DECREF(type);
 }
 
-/* Lane(items): the tuple of the L_ items above. */
 /* 0 when ``writer`` keeps its position in the ring core's WriterFields (the struct of
  * ../ipc/_ring.h, which put_frame reads), else -1 with TypeError. */
 static int writer_checked(PyObject *writer) {
@@ -1427,6 +1422,7 @@ static int writer_checked(PyObject *writer) {
     return -1;
 }
 
+/* Lane(items): the tuple of the L_ items above. */
 static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     PyObject *items;
     if (!PyArg_ParseTuple(args, "O!:Lane", &PyTuple_Type, &items))
@@ -1476,9 +1472,8 @@ static PyObject *lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     lane->max_size = max_size;
     lane->max_len = max_len;
     PyObject *pump = lane->items[L_PUMP], *send = lane->items[L_SEND];
-    if (Py_TYPE(pump) != LockType || Py_TYPE(send) != LockType ||
-        Py_TYPE(lane->t.lock) != LockType) {
-        PyErr_SetString(PyExc_TypeError, "Lane: the pump, send and table locks are Locks");
+    if (Py_TYPE(pump) != LockType || Py_TYPE(send) != LockType) { /* (the table's: refs_from) */
+        PyErr_SetString(PyExc_TypeError, "Lane: the pump and send locks are Locks");
         goto error;
     }
     lane->pump = (Lock *)pump;
@@ -1539,10 +1534,9 @@ static int intern_all(void) {
         PyObject **at;
         const char *name;
     } names[] = {
-        {&S_LOCKED, "locked"},       {&S_CALLS, "calls"},
-        {&S_RAW, "raw"},             {&S_REQUEST_BYTES, "request_bytes"},
-        {&S_FOLD_AT, "fold_at"},     {&S_ANSWERED, "answered"},
-        {&S_ENTER, "enter"},
+        {&S_CALLS, "calls"},         {&S_RAW, "raw"},
+        {&S_REQUEST_BYTES, "request_bytes"}, {&S_FOLD_AT, "fold_at"},
+        {&S_ANSWERED, "answered"},   {&S_ENTER, "enter"},
         {&S_MOVED, "_moved"},
         {&S_REPLIES, "replies"},     {&S_SHAPE, "shape"},
         {&S_ADDRESS, "address"},     {&S_SPIN, "spin"},
